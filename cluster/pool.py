@@ -1,0 +1,308 @@
+"""A pool of named Ray actors that never loses work.
+
+`ActorPool` dispatches keyed work items to the least-loaded live actor (at most `max_inflight` per actor:
+backpressure, the rest waits in a FIFO queue), and returns exactly one result per key. When an actor dies
+(killed by name, OOM, node lost), its in-flight items go back to the front of the queue, a replacement with the
+same name is started (and `on_start` runs on it before it serves: e.g. pushing the current weights), and the
+items are answered by whichever actor takes them next. An application error may be repaired by `on_error`
+(e.g. a rollout worker with stale weights is resynced) and the item retried; other errors are returned as
+`WorkFailed` for that key, never raised out of the pool, never lost.
+
+The pool is driven from one thread (the driver loop). It only calls actor methods through the callables it is
+given; creating actors (`spawn`) is cluster/topology.py's job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+logger = logging.getLogger(__name__)
+
+Call = Callable[[Any], "ray.ObjectRef"]  # actor handle -> ObjectRef of the method's result
+_DEATH = (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+@dataclass
+class WorkFailed:
+    """The result of a key whose call raised an application error that was not repaired."""
+
+    key: Hashable
+    error: BaseException
+    attempts: int
+
+
+@dataclass
+class _Item:
+    key: Hashable
+    call: Call
+    attempts: int = 0
+
+
+@dataclass
+class _Member:
+    name: str
+    handle: Any
+    inflight: dict = field(default_factory=dict)  # ObjectRef -> _Item
+    ready_ref: Any = None  # on_start still running: serves only once this resolves
+    draining: bool = False
+    deaths: int = 0  # consecutive deaths of this name without a completed item (crash-loop detection)
+
+
+class PoolError(RuntimeError):
+    """The pool cannot make progress: an actor keeps dying before it finishes any work (crash loop)."""
+
+
+@dataclass
+class PoolStats:
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    retries: int = 0
+    restarts: int = 0
+
+
+class ActorPool:
+    def __init__(
+        self,
+        prefix: str,
+        spawn: Callable[[str], Any],
+        size: int,
+        *,
+        max_inflight: int = 2,
+        on_start: Callable[[Any], list] | None = None,
+        on_error: Callable[[Any, BaseException], bool] | None = None,
+        max_attempts: int = 5,
+        max_consecutive_deaths: int = 3,
+    ):
+        if size < 1:
+            raise ValueError(f"{prefix} pool size must be >= 1, got {size}")
+        self.prefix = prefix
+        self._spawn = spawn
+        self._on_start = on_start
+        self._on_error = on_error
+        self.max_inflight = max_inflight
+        self.max_attempts = max_attempts
+        self.max_consecutive_deaths = max_consecutive_deaths
+        self.stats = PoolStats()
+        self._queue: deque[_Item] = deque()
+        self._members: dict[str, _Member] = {}
+        self._done: deque[tuple[Hashable, Any]] = deque()
+        self._next_index = 0
+        for _ in range(size):
+            self._add_member()
+
+    # -- public API --------------------------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        """Actors that take new work (draining ones excluded)."""
+        return sum(not m.draining for m in self._members.values())
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(n for n, m in self._members.items() if not m.draining)
+
+    @property
+    def pending(self) -> int:
+        """Items submitted and not yet returned (queued + in flight + finished but not collected)."""
+        inflight = sum(len(m.inflight) for m in self._members.values())
+        return len(self._queue) + inflight + len(self._done)
+
+    def handles(self) -> dict[str, Any]:
+        return {n: m.handle for n, m in self._members.items() if not m.draining}
+
+    def submit(self, key: Hashable, call: Call) -> None:
+        self._queue.append(_Item(key, call))
+        self.stats.submitted += 1
+        self._dispatch()
+
+    def poll(self, timeout: float | None = 0.0) -> list[tuple[Hashable, Any]]:
+        """Results that are ready within `timeout` seconds (None: wait for at least one)."""
+        self._dispatch()
+        if not self._done:
+            refs = self._all_refs()
+            if refs:
+                ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+                if ready:  # collect everything already finished, not just the first
+                    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                    self._collect(ready)
+        out = list(self._done)
+        self._done.clear()
+        self._dispatch()
+        return out
+
+    def map(
+        self, items: Iterable[tuple[Hashable, Call]], timeout: float | None = None
+    ) -> dict[Hashable, Any]:
+        """Submit every item and wait for all of them; results keyed as submitted."""
+        keys = []
+        for key, call in items:
+            self.submit(key, call)
+            keys.append(key)
+        wanted = set(keys)
+        results: dict[Hashable, Any] = {}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while wanted - results.keys():
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{self.prefix} pool: {len(wanted - results.keys())} items unanswered")
+            for key, value in self.poll(timeout=1.0):
+                results[key] = value
+        return results
+
+    def resize(self, n: int) -> None:
+        """Grow to n actors (new ones run on_start before serving) or shrink by draining the newest ones."""
+        if n < 1:
+            raise ValueError(f"{self.prefix} pool cannot shrink below 1 actor (asked {n})")
+        while self.size < n:
+            self._add_member()
+        active = sorted((m for m in self._members.values() if not m.draining), key=lambda m: _index(m.name))
+        for member in active[n:]:
+            member.draining = True
+            logger.info("%s: draining %s", self.prefix, member.name)
+        self._reap_drained()
+        self._dispatch()
+
+    def broadcast(self, call: Call) -> dict[str, Any]:
+        """Run `call` on every live actor and wait (e.g. a weight update); a dead actor is restarted instead."""
+        refs = {name: call(m.handle) for name, m in self._members.items()}
+        out = {}
+        for name, ref in refs.items():
+            try:
+                out[name] = ray.get(ref)
+            except _DEATH as err:
+                self._replace(name, err)
+        return out
+
+    def shutdown(self) -> None:
+        for m in self._members.values():
+            ray.kill(m.handle, no_restart=True)
+        self._members.clear()
+
+    # -- internals ---------------------------------------------------------------------------------------------
+    def _add_member(self, name: str | None = None) -> None:
+        if name is None:
+            name = f"{self.prefix}-{self._next_index}"
+            self._next_index += 1
+        handle = self._spawn(name)
+        member = _Member(name, handle)
+        if self._on_start is not None:
+            refs = self._on_start(handle)
+            member.ready_ref = refs[-1] if refs else None
+        self._members[name] = member
+
+    def _replace(self, name: str, cause: BaseException | None = None) -> None:
+        """The actor `name` died: requeue its work first (order kept), then start a replacement."""
+        member = self._members.pop(name)
+        if member.deaths + 1 >= self.max_consecutive_deaths:
+            raise PoolError(
+                f"{self.prefix} pool: actor {name} died {member.deaths + 1} times in a row without finishing any "
+                f"work; giving up. Last error: {cause}"
+            ) from cause
+        for item in reversed(list(member.inflight.values())):
+            item.attempts += 1
+            self.stats.retries += 1
+            self._queue.appendleft(item)
+        try:
+            ray.kill(member.handle, no_restart=True)
+        except Exception:  # already gone
+            pass
+        self.stats.restarts += 1
+        if member.draining:
+            return
+        logger.warning(
+            "%s: actor %s died; restarting it and re-issuing %d items",
+            self.prefix,
+            name,
+            len(member.inflight),
+        )
+        self._add_member(name)
+        self._members[name].deaths = member.deaths + 1
+
+    def _all_refs(self) -> list:
+        refs = []
+        for m in self._members.values():
+            refs.extend(m.inflight)
+            if m.ready_ref is not None:
+                refs.append(m.ready_ref)
+        return refs
+
+    def _dispatch(self) -> None:
+        while self._queue:
+            member = self._least_loaded()
+            if member is None:
+                return
+            item = self._queue.popleft()
+            member.inflight[item.call(member.handle)] = item
+
+    def _least_loaded(self) -> _Member | None:
+        best = None
+        for m in self._members.values():
+            if m.draining or len(m.inflight) >= self.max_inflight:
+                continue
+            if m.ready_ref is not None and not _resolved(m.ready_ref):
+                continue
+            if best is None or len(m.inflight) < len(best.inflight):
+                best = m
+        return best
+
+    def _collect(self, ready: list) -> None:
+        for ref in ready:
+            owner = next((m for m in self._members.values() if ref in m.inflight or ref is m.ready_ref), None)
+            if owner is None:
+                continue
+            if ref is owner.ready_ref:
+                self._finish_start(owner)
+                continue
+            item = owner.inflight.pop(ref)
+            try:
+                value = ray.get(ref)
+            except _DEATH as err:
+                owner.inflight[ref] = item  # requeued with the rest of the dead actor's work
+                self._replace(owner.name, err)
+                continue
+            except Exception as err:  # application error inside the actor
+                self._handle_error(owner, item, err)
+                continue
+            self.stats.completed += 1
+            owner.deaths = 0
+            self._done.append((item.key, value))
+        self._reap_drained()
+
+    def _finish_start(self, member: _Member) -> None:
+        try:
+            ray.get(member.ready_ref)
+            member.ready_ref = None
+        except _DEATH as err:
+            self._replace(member.name, err)
+
+    def _handle_error(self, member: _Member, item: _Item, err: BaseException) -> None:
+        item.attempts += 1
+        repaired = self._on_error is not None and self._on_error(member.handle, err)
+        if repaired and item.attempts < self.max_attempts:
+            self.stats.retries += 1
+            self._queue.appendleft(item)
+            return
+        self.stats.failed += 1
+        self._done.append((item.key, WorkFailed(item.key, err, item.attempts)))
+
+    def _reap_drained(self) -> None:
+        for name in [n for n, m in self._members.items() if m.draining and not m.inflight]:
+            member = self._members.pop(name)
+            ray.kill(member.handle, no_restart=True)
+            logger.info("%s: removed %s", self.prefix, name)
+
+
+def _resolved(ref) -> bool:
+    ready, _ = ray.wait([ref], timeout=0)
+    return bool(ready)
+
+
+def _index(name: str) -> int:
+    return int(name.rsplit("-", 1)[1])

