@@ -1,0 +1,301 @@
+"""Loading a Qwen2.5-VL policy folder and encoding prompts, without torchvision.
+
+transformers' default Qwen2.5-VL processor builds a video processor that needs torchvision, which cannot be
+installed on the CPU machines. `SegR1Processor` is the same processor with images only: the PIL image processor
+(`Qwen2VLImageProcessorPil`), the folder's tokenizer and its chat template. It reads the files of a real
+Qwen2.5-VL-7B folder (preprocessor_config.json, tokenizer.json / vocab.json + merges.txt, tokenizer_config.json,
+chat_template.json or chat_template.jinja) as well as the tiny folders of `cluster.tiny_models`.
+
+Used by the HF rollout engine (`encode_prompts` -> `model.generate`) and by the learner (`append_completions`
+-> forward over prompt + completion, logprobs of the completion tokens). Always pass `mm_token_type_ids` with
+`image_grid_thw` to the model: without them Qwen2.5-VL cannot compute its 3D (mrope) positions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+from transformers.processing_utils import ProcessorMixin
+
+from actors.prompting import ImageLike, load_image
+
+VISION_TOKENS: tuple[str, ...] = (
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+STOP_TOKENS: tuple[str, ...] = ("<|im_end|>", "<|endoftext|>")
+# Keys of an encoded batch that the model's forward / generate take.
+MODEL_INPUT_KEYS: tuple[str, ...] = (
+    "input_ids",
+    "attention_mask",
+    "mm_token_type_ids",
+    "pixel_values",
+    "image_grid_thw",
+)
+
+
+class SegR1Processor(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL processor for images only (no video processor, hence no torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+def _read_chat_template(folder: Path, tokenizer) -> str:
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    js = folder / "chat_template.json"
+    if js.is_file():
+        template = json.loads(js.read_text(encoding="utf-8")).get("chat_template")
+        if isinstance(template, str) and template:
+            return template
+    if isinstance(getattr(tokenizer, "chat_template", None), str) and tokenizer.chat_template:
+        return tokenizer.chat_template
+    raise FileNotFoundError(
+        f"{folder}: no chat template (looked for chat_template.jinja, chat_template.json and "
+        "tokenizer_config.json's chat_template); copy chat_template.json from the Qwen2.5-VL release"
+    )
+
+
+def resolve_folder(path: str | Path) -> Path:
+    """A local folder as is; otherwise a hub id resolved through the local Hugging Face cache (or a download
+    where the hub is reachable and HF_HUB_OFFLINE is unset)."""
+    folder = Path(path)
+    if folder.is_dir():
+        return folder
+    text = str(path)
+    if text.count("/") != 1 or text.startswith((".", "/")):
+        raise FileNotFoundError(f"{path}: no such model folder; build one with `segr1 models tiny --out DIR`")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text))
+    except Exception as err:
+        raise FileNotFoundError(
+            f"{path}: not a local folder and not in the Hugging Face cache ({type(err).__name__}); "
+            "download it where the hub is reachable, or pass a local folder"
+        ) from err
+
+
+def load_processor(path: str | Path) -> SegR1Processor:
+    """The image-only processor of a Qwen2.5-VL folder (tiny or real) or cached hub id; tokenizer pads left."""
+    folder = resolve_folder(path)
+    if not (folder / "preprocessor_config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder}/preprocessor_config.json not found: `path` must be a local Qwen2.5-VL folder "
+            "(e.g. one written by `segr1 models tiny --out DIR`, then DIR/policy)"
+        )
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    missing = [t for t in (*VISION_TOKENS, *STOP_TOKENS) if t not in tokenizer.get_vocab()]
+    if missing:
+        raise ValueError(f"{folder}: tokenizer lacks the Qwen2.5-VL special tokens {missing}")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = "<|endoftext|>"
+    template = _read_chat_template(folder, tokenizer)
+    return SegR1Processor(image_processor, tokenizer, chat_template=template)
+
+
+# Files besides the weights that make a policy folder loadable by load_processor / vLLM / AutoProcessor.
+PROCESSOR_FILES: tuple[str, ...] = (
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+def copy_processor_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the tokenizer / processor / chat-template / generation files of policy folder `src` into `dst`
+    (a checkpoint written with `model.save_pretrained(dst)`), so `dst` is a complete Hugging Face folder.
+    Returns the names copied."""
+    import shutil
+
+    src_dir, dst_dir = resolve_folder(src), Path(dst)
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in PROCESSOR_FILES:
+        if (src_dir / name).is_file():
+            shutil.copyfile(src_dir / name, dst_dir / name)
+            copied.append(name)
+    return copied
+
+
+def vision_token_ids(tokenizer) -> list[int]:
+    """Ids of the vision special tokens, to suppress while sampling (a random model would emit them)."""
+    vocab = tokenizer.get_vocab()
+    return sorted(vocab[t] for t in VISION_TOKENS if t in vocab)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Ids that end a completion: <|im_end|> (the chat turn end) and <|endoftext|>."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[t] for t in STOP_TOKENS if t in vocab]
+
+
+def suppress_token_ids(tokenizer, vocab_size: int) -> list[int]:
+    """Vision tokens plus the ids the model has but the tokenizer does not (Qwen pads its embedding matrix)."""
+    return vision_token_ids(tokenizer) + list(range(len(tokenizer), vocab_size))
+
+
+def encode_prompts(
+    processor: SegR1Processor,
+    images: Sequence[ImageLike],
+    messages_list: Sequence[list[dict]],
+) -> dict[str, Any]:
+    """One row per (image, messages), left-padded for generation.
+
+    Returns a dict of tensors: input_ids (B, T), attention_mask (B, T), mm_token_type_ids (B, T),
+    pixel_values (P, C*2*14*14) (the patches of all images, row after row), image_grid_thw (B, 3), and
+    prompt_lengths (B,) (unpadded prompt length of each row). Images go in as given: resize them first with
+    `actors.prompting.resize_for_policy`. Pass `model_inputs(batch)` to the model.
+    """
+    if len(images) != len(messages_list):
+        raise ValueError(
+            f"{len(images)} images but {len(messages_list)} message lists; give one image per row"
+        )
+    if not images:
+        raise ValueError("encode_prompts needs at least one row")
+    texts = [
+        processor.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True)
+        for m in messages_list
+    ]
+    pil = [load_image(im) for im in images]
+    enc = processor(images=pil, text=texts, padding=True, padding_side="left", return_tensors="pt")
+    batch = {k: enc[k] for k in MODEL_INPUT_KEYS if k in enc}
+    batch["prompt_lengths"] = batch["attention_mask"].sum(dim=1)  # (B,)
+    return batch
+
+
+def model_inputs(batch: dict[str, Any], device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The keys of an encoded batch that the model takes (drops prompt_lengths, completion_mask, ...)."""
+    out = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+    if device is not None:
+        out = {k: v.to(device) for k, v in out.items()}
+    return out
+
+
+def _patch_offsets(image_grid_thw: torch.Tensor) -> list[int]:
+    counts = image_grid_thw.prod(dim=1).tolist()  # patches per image
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + int(c))
+    return offsets
+
+
+def select_rows(batch: dict[str, Any], index: Sequence[int]) -> dict[str, Any]:
+    """Rows `index` of an encoded prompt batch (repeats allowed, e.g. each prompt G times), pixel_values included.
+
+    Assumes one image per row (as `encode_prompts` makes)."""
+    idx = torch.as_tensor(list(index), dtype=torch.long)
+    out: dict[str, Any] = {}
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "prompt_lengths", "image_grid_thw"):
+        if key in batch:
+            out[key] = batch[key][idx]
+    if "pixel_values" in batch:
+        off = _patch_offsets(batch["image_grid_thw"])
+        out["pixel_values"] = torch.cat([batch["pixel_values"][off[i] : off[i + 1]] for i in idx.tolist()])
+    return out
+
+
+def append_completions(
+    prompts: dict[str, Any],
+    completions: Sequence[Sequence[int]],
+    prompt_index: Sequence[int] | None = None,
+    pad_token_id: int = 0,
+) -> dict[str, Any]:
+    """Prompt + completion rows for recomputing logprobs (learner) or SFT, left-padded like generation.
+
+    `prompts` is an `encode_prompts` batch; completion i belongs to prompt row `prompt_index[i]` (default: i).
+    Returns input_ids (N, T), attention_mask (N, T), mm_token_type_ids (N, T), pixel_values, image_grid_thw
+    (N, 3), prompt_lengths (N,), completion_lengths (N,) and completion_mask (N, T) (1 on completion tokens).
+    The logits predicting completion token t sit at position t-1: logits[:, :-1] vs input_ids[:, 1:] masked by
+    completion_mask[:, 1:].
+    """
+    n = len(completions)
+    index = list(range(n)) if prompt_index is None else list(prompt_index)
+    if len(index) != n:
+        raise ValueError(f"{n} completions but {len(index)} prompt_index entries; give one per completion")
+    rows = select_rows(prompts, index)
+    p_ids, p_mask, p_type = rows["input_ids"], rows["attention_mask"], rows.get("mm_token_type_ids")
+    seqs, types = [], []
+    for r, comp in enumerate(completions):
+        keep = p_mask[r].bool()  # drop the prompt's left padding
+        c = torch.as_tensor(list(comp), dtype=p_ids.dtype)
+        seqs.append((p_ids[r][keep], c))
+        if p_type is not None:
+            types.append(p_type[r][keep])
+    width = max(len(p) + len(c) for p, c in seqs)
+    input_ids = torch.full((n, width), pad_token_id, dtype=p_ids.dtype)  # (N, T)
+    attention_mask = torch.zeros((n, width), dtype=p_mask.dtype)  # (N, T)
+    completion_mask = torch.zeros((n, width), dtype=p_mask.dtype)  # (N, T)
+    mm_types = torch.zeros((n, width), dtype=p_type.dtype) if p_type is not None else None  # (N, T)
+    for r, (p, c) in enumerate(seqs):
+        start = width - len(p) - len(c)
+        input_ids[r, start:] = torch.cat([p, c])
+        attention_mask[r, start:] = 1
+        completion_mask[r, start + len(p) :] = 1
+        if mm_types is not None:
+            mm_types[r, start : start + len(p)] = types[r]
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+    if mm_types is not None:
+        out["mm_token_type_ids"] = mm_types
+    for key in ("pixel_values", "image_grid_thw", "prompt_lengths"):
+        if key in rows:
+            out[key] = rows[key]
+    out["completion_lengths"] = torch.tensor([len(c) for _, c in seqs], dtype=torch.long)  # (N,)
+    return out
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    """'auto': bfloat16 on CUDA, float32 elsewhere; or one of float32 / bfloat16 / float16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype={dtype!r} is not one of auto, {', '.join(names)}")
+    return names[dtype]
+
+
+def load_policy(
+    path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", **kwargs: Any
+):
+    """Qwen2_5_VLForConditionalGeneration.from_pretrained(path), the same call that loads Qwen2.5-VL-7B.
+
+    `kwargs` go to from_pretrained (e.g. attn_implementation="sdpa"). Returned in eval mode on `device`; the
+    learner calls `.train()` itself."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    folder = resolve_folder(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder}/config.json not found: the policy must be a local Hugging Face folder "
+            "(`segr1 models tiny --out DIR` writes DIR/policy)"
+        )
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        str(folder), dtype=resolve_dtype(dtype, device), **kwargs
+    )
+    return model.to(device).eval()
