@@ -16,7 +16,7 @@ export OMP_WAIT_POLICY := PASSIVE
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: demo test install lint bench clean help
+.PHONY: demo test install lint bench clean help prometheus
 
 help:
 	@echo "make demo   - set up .venv, build tiny models and synthetic data, run the embedded demo job"
@@ -35,8 +35,16 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) prometheus
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Debian's prometheus (server + promtool) for tests/integration/test_prometheus.py and the dashboard's PromQL check.
+# Idempotent; installs only when missing and only as root (CI) or through sudo; otherwise those tests skip.
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else \
+	    echo "prometheus not installed and not root: the Prometheus tests will be skipped"; exit 0; fi; \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus; }
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -87,6 +87,12 @@ class RolloutConfig(BaseModel):
         True, description="vLLM prefix caching (the G samples share a prompt)."
     )
     max_batch_groups: int = Field(8, ge=1, le=4096, description="Groups one generate call may batch.")
+    max_model_len: int | None = Field(
+        None, ge=64, le=1_048_576, description="vLLM context length (prompt + completion); None: 8192."
+    )
+    enforce_eager: bool | None = Field(
+        None, description="vLLM without torch.compile / CUDA graphs; None: eager on CPU (fast start), compiled on GPU."
+    )
 
 
 class RewardWeights(BaseModel):
@@ -192,6 +198,10 @@ class LearnerConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     num_gpus: int = Field(0, ge=0, le=1024, description="GPUs of the learner; >1 uses FSDP2 data parallel.")
+    lora_rank: int = Field(
+        0, ge=0, le=4096, description="LoRA rank (needs the peft package); 0 trains every parameter."
+    )
+    lora_alpha: float = Field(16.0, gt=0.0, le=1e6, description="LoRA scaling numerator (scale = alpha / rank).")
     resources: Resources = Field(default_factory=Resources)
 
 

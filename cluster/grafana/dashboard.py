@@ -1,0 +1,501 @@
+"""The Grafana dashboard of a training job, generated from one table of panels into cluster/grafana/segr1.json.
+
+    python -m cluster.grafana.dashboard            # rewrite segr1.json
+    python -m cluster.grafana.dashboard --check    # exit 1 when segr1.json is not what this file generates
+    python -m cluster.grafana.dashboard --metrics-table   # the metric reference of docs/kubernetes.md
+
+Every query goes through the `${datasource}` template variable (no data source UID is written anywhere), so the
+JSON imports as is into any Grafana with a Prometheus data source. The `$cluster` variable filters on the
+`ray_io_cluster` label that cluster/k8s/podmonitor.yaml adds; series without it (a local run) always match.
+
+How Ray 2.60 exports a metric declared through cluster/metrics.py (ray.util.metrics -> the node's metrics agent
+-> OpenTelemetry's Prometheus exporter with namespace "ray" and unit "1", which adds no unit suffix; read in Ray's
+_private/telemetry/open_telemetry_metric_recorder.py and checked against a live metrics agent):
+  gauge     segr1_x                        -> ray_segr1_x
+  counter   segr1_x or segr1_x_total       -> ray_segr1_x_total
+  histogram segr1_x                        -> ray_segr1_x_bucket{le=...}, ray_segr1_x_sum, ray_segr1_x_count
+Each series carries the metric's own labels (pool, worker, term, reason, ...) plus Ray's (Component, NodeAddress,
+SessionName, Version, WorkerId) and, on Kubernetes, the PodMonitor's (ray_io_cluster, ray_group, pod).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DASHBOARD_PATH = Path(__file__).with_name("segr1.json")
+DASHBOARD_UID = "segr1-training"
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+RAY_PREFIX = "ray_"
+
+# Ray's own node metrics used by the health row (ray.dashboard.modules.reporter.reporter_agent.METRICS_GAUGES).
+RAY_BUILTIN_METRICS: tuple[str, ...] = ("ray_node_gpus_utilization", "ray_node_gram_used")
+
+
+def exported_names(name: str, kind: str) -> tuple[str, ...]:
+    """The Prometheus series names under which Ray 2.60 exports a metric of this name and kind."""
+    base = RAY_PREFIX + name
+    if kind == "gauge":
+        return (base,)
+    if kind == "counter":
+        return (base.removesuffix("_total") + "_total",)
+    if kind == "histogram":
+        return (base + "_bucket", base + "_sum", base + "_count")
+    raise ValueError(f"unknown metric kind {kind!r} of {name}; expected counter, gauge or histogram")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# PromQL helpers: every series is filtered by the $cluster variable; `metric` is the exported name.
+
+RATE = "[$__rate_interval]"
+
+
+def sel(**matchers: str) -> str:
+    """Label selector: the $cluster filter plus exact matchers."""
+    parts = ['ray_io_cluster=~"$cluster"'] + [f'{k}="{v}"' for k, v in matchers.items()]
+    return "{" + ", ".join(parts) + "}"
+
+
+def _by(labels: str) -> str:
+    return f" by ({labels})" if labels else ""
+
+
+def rate(metric: str, by: str = "", **matchers: str) -> str:
+    """sum [by (labels)] (rate(metric{...}[interval])): per-second rate of a counter."""
+    return f"sum{_by(by)} (rate({metric}{sel(**matchers)}{RATE}))"
+
+
+def hist_mean(metric: str, by: str = "", **matchers: str) -> str:
+    """Mean of a histogram's observations over the interval (`metric` without the _sum/_count suffix)."""
+    return f"{rate(metric + '_sum', by, **matchers)} / {rate(metric + '_count', by, **matchers)}"
+
+
+def hist_quantile(q: float, metric: str, by: str = "") -> str:
+    keep = f"le, {by}" if by else "le"
+    return f"histogram_quantile({q}, sum by ({keep}) (rate({metric}_bucket{sel()}{RATE})))"
+
+
+def last(metric: str, agg: str = "max", by: str = "", **matchers: str) -> str:
+    """agg [by (labels)] (gauge{...})."""
+    return f"{agg}{_by(by)} ({metric}{sel(**matchers)})"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The panels
+
+
+@dataclass
+class Panel:
+    title: str
+    targets: list[tuple[str, str]]  # (PromQL, legend)
+    unit: str = "short"
+    kind: str = "timeseries"  # timeseries | stat
+    width: int = 8
+    height: int = 8
+    description: str = ""
+
+
+@dataclass
+class Row:
+    title: str
+    panels: list[Panel] = field(default_factory=list)
+
+
+def _stat(title: str, expr: str, unit: str, description: str = "") -> Panel:
+    return Panel(title, [(expr, title)], unit, "stat", 6, 4, description)
+
+
+def _workers(metric: str) -> str:
+    """Live workers of a pool: one series per worker of a per-worker gauge."""
+    return f"count (count by (worker) ({metric}{sel()}))"
+
+
+def reward_throughput_row() -> Row:
+    masks, groups = "ray_segr1_reward_masks_scored_total", "ray_segr1_reward_groups_scored_total"
+    return Row(
+        "Reward throughput",
+        [
+            _stat(
+                "Masks / s",
+                rate(masks),
+                "cps",
+                "Completions scored per second (one mask each), whole reward pool.",
+            ),
+            _stat(
+                "Groups / s", rate(groups), "cps", "Groups (G completions of one image) scored per second."
+            ),
+            _stat(
+                "Mean total reward",
+                hist_mean("ray_segr1_reward_value", term="total"),
+                "short",
+                "format + segmentation, 0..2.",
+            ),
+            _stat("Reward workers", _workers("ray_segr1_reward_queue_depth"), "short", "Live reward actors."),
+            Panel(
+                "Masks / s and groups / s",
+                [(rate(masks), "masks/s"), (rate(groups), "groups/s")],
+                "cps",
+                width=12,
+            ),
+            Panel("Masks / s per reward worker", [(rate(masks, "worker"), "{{worker}}")], "cps", width=12),
+        ],
+    )
+
+
+def reward_quality_row() -> Row:
+    failures = rate("ray_segr1_reward_parse_failures_total", "reason")
+    scored = rate("ray_segr1_reward_masks_scored_total")
+    stages = [(stage, f"ray_segr1_reward_{stage}_seconds") for stage in ("encode", "decode", "total")]
+    return Row(
+        "Reward quality",
+        [
+            Panel(
+                "Mean reward per term",
+                [(hist_mean("ray_segr1_reward_value", "term"), "{{term}}")],
+                description="format, iou, s_measure, segmentation, total (SEG-R1: total = format + segmentation).",
+            ),
+            Panel(
+                "Parse failures per completion, by reason",
+                [(f"{failures} / ignoring(reason) group_left() {scored}", "{{reason}}")],
+                "percentunit",
+                description="Completions that scored 0 because the answer did not parse, by the parser's reason.",
+            ),
+            Panel(
+                "Reward call time p50 / p95: encode, decode, total",
+                [
+                    (hist_quantile(q, metric), f"p{int(q * 100)} {stage}")
+                    for stage, metric in stages
+                    for q in (0.5, 0.95)
+                ],
+                "s",
+                description="One score call: image encodes (once per distinct image), prompt decodes, whole call.",
+            ),
+        ],
+    )
+
+
+def rollout_row() -> Row:
+    return Row(
+        "Rollout",
+        [
+            Panel(
+                "Tokens / s",
+                [
+                    (rate("ray_segr1_rollout_tokens_total"), "all workers"),
+                    (rate("ray_segr1_rollout_tokens_total", "worker"), "{{worker}}"),
+                ],
+                "short",
+            ),
+            Panel(
+                "Requests in flight per worker",
+                [(last("ray_segr1_rollout_requests_in_flight", "sum", "worker"), "{{worker}}")],
+            ),
+            Panel(
+                "Policy version: learner and each rollout worker",
+                [
+                    (last("ray_segr1_learner_policy_version"), "learner"),
+                    (last("ray_segr1_rollout_policy_version", "max", "worker"), "{{worker}}"),
+                ],
+                description="A rollout worker below the learner is generating with older weights (async mode).",
+            ),
+            Panel(
+                "Generate time per batch p50 / p95",
+                [
+                    (hist_quantile(0.5, "ray_segr1_rollout_generate_seconds"), "p50"),
+                    (hist_quantile(0.95, "ray_segr1_rollout_generate_seconds"), "p95"),
+                ],
+                "s",
+            ),
+            Panel(
+                "Staleness of trained groups",
+                [
+                    (hist_mean("ray_segr1_driver_staleness"), "mean"),
+                    (hist_quantile(0.95, "ray_segr1_driver_staleness"), "p95"),
+                ],
+                description="Policy versions between generating a group and training on it (<= grpo.max_staleness).",
+            ),
+            Panel(
+                "Groups / s: generated, trained, dropped stale, filtered",
+                [
+                    (rate("ray_segr1_driver_groups_generated_total"), "generated"),
+                    (rate("ray_segr1_driver_groups_trained_total"), "trained"),
+                    (rate("ray_segr1_driver_groups_dropped_stale_total"), "dropped stale"),
+                    (rate("ray_segr1_driver_groups_filtered_total"), "filtered (zero variance)"),
+                ],
+                "cps",
+            ),
+        ],
+    )
+
+
+def learner_row() -> Row:
+    return Row(
+        "Learner",
+        [
+            Panel(
+                "Step time",
+                [
+                    (hist_mean("ray_segr1_learner_step_seconds"), "mean"),
+                    (hist_quantile(0.95, "ray_segr1_learner_step_seconds"), "p95"),
+                ],
+                "s",
+                width=6,
+            ),
+            Panel("Loss", [(last("ray_segr1_learner_loss"), "loss")], width=6),
+            Panel("KL to the reference (k3)", [(last("ray_segr1_learner_kl"), "kl")], width=6),
+            Panel(
+                "Clip fraction",
+                [(last("ray_segr1_learner_clip_fraction", "max", "side"), "{{side}}")],
+                "percentunit",
+                width=6,
+            ),
+        ],
+    )
+
+
+def weight_sync_row() -> Row:
+    seconds, sent = "ray_segr1_weight_sync_seconds", "ray_segr1_weight_sync_bytes_total"
+    return Row(
+        "Weight sync",
+        [
+            Panel(
+                "Seconds per sync",
+                [(hist_mean(seconds), "mean"), (hist_quantile(0.95, seconds), "p95")],
+                "s",
+                width=8,
+            ),
+            Panel(
+                "Bytes per sync",
+                [(f"{rate(sent)} / {rate(seconds + '_count')}", "bytes/sync")],
+                "bytes",
+                width=8,
+            ),
+            Panel("Bytes / s sent", [(rate(sent), "bytes/s")], "Bps", width=8),
+            Panel(
+                "Weight load into each rollout engine (p95)",
+                [(hist_quantile(0.95, "ray_segr1_rollout_weight_load_seconds", "worker"), "{{worker}}")],
+                "s",
+                width=24,
+                description="Receiver side: applying a complete new version to the engine, after the transfer.",
+            ),
+        ],
+    )
+
+
+def health_row() -> Row:
+    return Row(
+        "Per-worker health",
+        [
+            Panel(
+                "Queue depth per worker",
+                [
+                    (last("ray_segr1_reward_queue_depth", "max", "worker"), "{{worker}}"),
+                    (last("ray_segr1_rollout_requests_in_flight", "max", "worker"), "{{worker}}"),
+                ],
+                description="Groups a reward worker holds unanswered; requests a rollout worker is generating.",
+            ),
+            Panel(
+                "Actor restarts",
+                [
+                    (
+                        f"sum by (pool) (increase(ray_segr1_driver_actor_restarts_total{sel()}[$__range]))",
+                        "{{pool}}",
+                    )
+                ],
+                description="Dead actors the pools replaced during the time range (their work was re-issued).",
+            ),
+            Panel(
+                "Workers per pool",
+                [
+                    (_workers("ray_segr1_rollout_policy_version"), "rollout"),
+                    (_workers("ray_segr1_reward_queue_depth"), "reward"),
+                ],
+            ),
+            Panel(
+                "GPU utilisation per worker group",
+                [(last("ray_node_gpus_utilization", "avg", "ray_group"), "{{ray_group}}")],
+                "percent",
+                width=12,
+                description="Ray's node metric; ray_group comes from the PodMonitor (KubeRay's ray.io/group).",
+            ),
+            Panel(
+                "GPU memory used per worker group",
+                [(last("ray_node_gram_used", "sum", "ray_group"), "{{ray_group}}")],
+                "decmbytes",
+                width=12,
+            ),
+        ],
+    )
+
+
+def rows() -> list[Row]:
+    """Top to bottom: reward throughput first, then quality, rollout, learner, weight sync, health."""
+    return [
+        reward_throughput_row(),
+        reward_quality_row(),
+        rollout_row(),
+        learner_row(),
+        weight_sync_row(),
+        health_row(),
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Grafana JSON
+
+
+def _panel_json(panel: Panel, pid: int, x: int, y: int) -> dict:
+    targets = [
+        {"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": expr, "legendFormat": legend}
+        for i, (expr, legend) in enumerate(panel.targets)
+    ]
+    out = {
+        "id": pid,
+        "type": panel.kind,
+        "title": panel.title,
+        "description": panel.description,
+        "datasource": DATASOURCE,
+        "gridPos": {"h": panel.height, "w": panel.width, "x": x, "y": y},
+        "targets": targets,
+        "fieldConfig": {"defaults": {"unit": panel.unit}, "overrides": []},
+    }
+    if panel.kind == "stat":
+        out["options"] = {
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "colorMode": "value",
+            "graphMode": "area",
+            "justifyMode": "auto",
+            "orientation": "auto",
+            "textMode": "auto",
+        }
+    else:
+        out["options"] = {
+            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+            "tooltip": {"mode": "multi", "sort": "desc"},
+        }
+    return out
+
+
+def _layout(all_rows: list[Row]) -> list[dict]:
+    panels: list[dict] = []
+    pid, y = 1, 0
+    for row in all_rows:
+        panels.append(
+            {
+                "id": pid,
+                "type": "row",
+                "title": row.title,
+                "collapsed": False,
+                "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+                "panels": [],
+            }
+        )
+        pid, y = pid + 1, y + 1
+        x, line_height = 0, 0
+        for panel in row.panels:
+            if x + panel.width > 24:
+                x, y, line_height = 0, y + line_height, 0
+            panels.append(_panel_json(panel, pid, x, y))
+            pid, x, line_height = pid + 1, x + panel.width, max(line_height, panel.height)
+        y += line_height
+    return panels
+
+
+def _templating() -> dict:
+    return {
+        "list": [
+            {
+                "name": "datasource",
+                "label": "Data source",
+                "type": "datasource",
+                "query": "prometheus",
+                "current": {},
+                "hide": 0,
+                "refresh": 1,
+                "regex": "",
+                "options": [],
+            },
+            {
+                "name": "cluster",
+                "label": "Ray cluster",
+                "type": "query",
+                "datasource": DATASOURCE,
+                "query": {"query": "label_values(ray_io_cluster)", "refId": "cluster"},
+                "definition": "label_values(ray_io_cluster)",
+                "includeAll": True,
+                "allValue": ".*",
+                "multi": True,
+                "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+                "hide": 0,
+                "refresh": 2,
+                "sort": 1,
+                "options": [],
+            },
+        ]
+    }
+
+
+def build() -> dict:
+    """The dashboard as Grafana's JSON model (schema 39, Grafana 10+)."""
+    return {
+        "title": "Seg-R1 training",
+        "uid": DASHBOARD_UID,
+        "description": "Seg-R1 GRPO on Ray: reward throughput, reward quality, rollout, learner, weight sync, health.",
+        "tags": ["segr1", "ray", "grpo"],
+        "editable": True,
+        "graphTooltip": 1,
+        "schemaVersion": 39,
+        "version": 1,
+        "refresh": "10s",
+        "time": {"from": "now-1h", "to": "now"},
+        "timezone": "browser",
+        "annotations": {"list": []},
+        "links": [],
+        "templating": _templating(),
+        "panels": _layout(rows()),
+    }
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2) + "\n"
+
+
+def metrics_table() -> str:
+    """The metric reference (docs/kubernetes.md) as a Markdown table, from every metric the code declares."""
+    from cluster.metrics import load_all
+
+    lines = ["| Prometheus series | Kind | Labels | Meaning |", "|---|---|---|---|"]
+    for name, metric in sorted(load_all().items()):
+        names = exported_names(name, metric.kind)
+        series = f"`{names[0]}`" if len(names) == 1 else f"`{RAY_PREFIX}{name}_{{bucket,sum,count}}`"
+        labels = ", ".join(metric.labels) or "-"
+        lines.append(f"| {series} | {metric.kind} | {labels} | {metric.doc.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if segr1.json differs from the generator")
+    parser.add_argument("--out", type=Path, default=DASHBOARD_PATH)
+    parser.add_argument("--metrics-table", action="store_true", help="print the metric reference as Markdown")
+    args = parser.parse_args(argv)
+    if args.metrics_table:
+        print(metrics_table(), end="")
+        return 0
+    text = render()
+    if args.check:
+        current = args.out.read_text() if args.out.is_file() else ""
+        if current != text:
+            print(f"{args.out} is out of date: run `python -m cluster.grafana.dashboard`", file=sys.stderr)
+            return 1
+        return 0
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
