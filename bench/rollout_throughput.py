@@ -1,0 +1,270 @@
+"""Rollout throughput: output tokens per second of the transformers engine and the vLLM engine.
+
+    python bench/rollout_throughput.py --quick --out bench/results/rollout_throughput_cpu.json
+    python bench/rollout_throughput.py --gpu --out bench/results/rollout_throughput_h100.json     # CUDA only
+
+CPU (always): the same tiny text-only Qwen2 (`cluster.tiny_models.build_tiny_text_policy`: hidden 64, 2 layers,
+byte-level tokenizer) in both engines, the same requests (Seg-R1 prompt without an image, ~470 prompt tokens with
+the byte-level tokenizer), G = 8 completions per request, temperature 1.0, fixed seeds. Each engine gets one
+warm-up call, then `--rounds` timed calls, interleaved (hf, vllm, hf, vllm, ...) so that load from other processes
+spreads over both. Tokens are every generated token (stop tokens included); completions stop at <|im_end|> at
+random (random weights), so both engines generate about, not exactly, the same number of tokens. Besides wall
+clock the JSON has tokens per second of this process's CPU time (`*_tokens_per_cpu_s`): on a shared machine the
+wall clock mostly measures the other jobs. vLLM runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), eager.
+
+GPU (`--gpu`, unverified on the CPU machines): the transformers engine with a random Qwen2.5-VL-3B-shaped model
+(bf16, built in memory, the tiny byte-level tokenizer: ids the tokenizer lacks are suppressed) on 768x768 images,
+same G; vLLM is not measured there (it needs the real tokenizer/processor files; run `segr1 generate --engine vllm`
+on a real checkpoint instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+GROUP_SIZE = 8
+
+# Qwen2.5-VL-3B-Instruct's config.json (text and vision towers).
+QWEN25_VL_3B = {
+    "text": dict(
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=128000,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
+    ),
+    "vision": dict(
+        depth=32,
+        hidden_size=1280,
+        intermediate_size=3420,
+        num_heads=16,
+        out_hidden_size=2048,
+        fullatt_block_indexes=[7, 15, 23, 31],
+        window_size=112,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        tokens_per_second=2,
+    ),
+}
+
+
+def _requests(n: int, max_tokens: int):
+    from protos import RolloutRequest, SamplingConfig
+
+    return [
+        RolloutRequest(
+            request_id=f"bench-{i}",
+            sample_id=f"bench-{i}",
+            instruction=f"Identify and segment the object number {i} in the image.",
+            group_size=GROUP_SIZE,
+            sampling=SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=max_tokens, seed=1000 + i),
+        )
+        for i in range(n)
+    ]
+
+
+def _timed(engine, requests, images) -> dict:
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    batch = engine.generate_batch(requests, images)
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    tokens = sum(len(c.token_ids) for g in batch.completions for c in g)
+    return {"tokens": tokens, "wall_s": wall, "cpu_s": cpu, "prompt_tokens": batch.prompt_tokens}
+
+
+def _summary(runs: list[dict]) -> dict:
+    tokens = sum(r["tokens"] for r in runs)
+    wall = sum(r["wall_s"] for r in runs)
+    cpu = sum(r["cpu_s"] for r in runs)
+    return {
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "cpu_s": round(cpu, 3),
+        "tokens_per_s": round(tokens / wall, 1),
+        "tokens_per_cpu_s": round(tokens / cpu, 1) if cpu > 0 else None,
+        "runs": [
+            {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "prompt_tokens"}
+            for r in runs
+        ],
+    }
+
+
+def bench_cpu(args) -> dict:
+    import torch
+
+    from actors.hf_engine import HFEngine
+    from cluster.tiny_models import build_tiny_text_policy
+
+    torch.set_num_threads(args.threads)
+    folder = build_tiny_text_policy(Path(tempfile.mkdtemp(prefix="segr1-bench-")) / "text-policy", seed=0)
+    requests = _requests(args.requests, args.max_tokens)
+    images = [None] * len(requests)
+    hf = HFEngine(folder, device="cpu")
+    t0 = time.perf_counter()
+    from actors.vllm_engine import VLLMEngine
+
+    vllm = VLLMEngine(folder, max_model_len=2048, seed=0)
+    vllm_init_s = time.perf_counter() - t0
+    torch.set_num_threads(args.threads)
+    warm = _requests(1, 8)
+    hf.generate_batch(warm, [None])
+    vllm.generate_batch(warm, [None])
+    runs: dict[str, list[dict]] = {"hf": [], "vllm": []}
+    prompt_tokens = None
+    for _ in range(args.rounds):
+        for name, engine in (("hf", hf), ("vllm", vllm)):
+            r = _timed(engine, requests, images)
+            prompt_tokens = r["prompt_tokens"]
+            runs[name].append(r)
+    vllm.close()
+    hf_s, vllm_s = _summary(runs["hf"]), _summary(runs["vllm"])
+    return {
+        "device": "cpu",
+        "model": "tiny text-only Qwen2 (hidden 64, 2 layers, head dim 32, vocab 270), random weights, float32",
+        "batch": {
+            "requests": len(requests),
+            "group_size": GROUP_SIZE,
+            "rows": len(requests) * GROUP_SIZE,
+            "max_tokens": args.max_tokens,
+            "prompt_tokens": prompt_tokens,
+            "temperature": 1.0,
+        },
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "hf_tokens_per_s": hf_s["tokens_per_s"],
+        "vllm_tokens_per_s": vllm_s["tokens_per_s"],
+        "hf_tokens_per_cpu_s": hf_s["tokens_per_cpu_s"],
+        "vllm_tokens_per_cpu_s": vllm_s["tokens_per_cpu_s"],
+        "vllm_init_s": round(vllm_init_s, 2),
+        "hf": hf_s,
+        "vllm": vllm_s,
+    }
+
+
+def _qwen3b_engine():
+    """HFEngine around a random Qwen2.5-VL-3B-shaped model in bf16 on CUDA, with the tiny tokenizer/processor."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from actors.hf_engine import HFEngine
+    from actors.processor import load_processor
+    from cluster.tiny_models import SPECIAL_IDS, build_tiny_policy
+
+    tiny = build_tiny_policy(Path(tempfile.mkdtemp(prefix="segr1-bench-")) / "policy", seed=0)
+    ids = dict(
+        bos_token_id=SPECIAL_IDS["<|endoftext|>"],
+        eos_token_id=SPECIAL_IDS["<|im_end|>"],
+        pad_token_id=SPECIAL_IDS["<|endoftext|>"],
+    )
+    config = Qwen2_5_VLConfig(
+        text_config={**QWEN25_VL_3B["text"], **ids},
+        vision_config=QWEN25_VL_3B["vision"],
+        image_token_id=SPECIAL_IDS["<|image_pad|>"],
+        video_token_id=SPECIAL_IDS["<|video_pad|>"],
+        vision_start_token_id=SPECIAL_IDS["<|vision_start|>"],
+        vision_end_token_id=SPECIAL_IDS["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    with torch.device("cuda"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    processor = load_processor(tiny)
+    return HFEngine.from_model(
+        model, processor.tokenizer, processor, image_size=768, name="qwen2.5-vl-3b-shaped"
+    )
+
+
+def bench_gpu(args) -> dict:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    engine = _qwen3b_engine()
+    requests = _requests(args.requests, args.max_tokens)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (768, 768, 3), dtype=np.uint8)) for _ in requests]
+    engine.generate_batch(_requests(1, 8), images[:1])
+    torch.cuda.synchronize()
+    runs = []
+    for _ in range(args.rounds):
+        runs.append(_timed(engine, requests, images))
+        torch.cuda.synchronize()
+    s = _summary(runs)
+    return {
+        "device": torch.cuda.get_device_name(0),
+        "model": "Qwen2.5-VL-3B-shaped, random weights, bf16, sdpa",
+        "batch": {"requests": len(requests), "group_size": GROUP_SIZE, "rows": len(requests) * GROUP_SIZE,
+                  "max_tokens": args.max_tokens, "image_size": 768, "prompt_tokens": runs[0]["prompt_tokens"]},
+        "hf_tokens_per_s": s["tokens_per_s"],
+        "hf": s,
+        "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+    }  # fmt: skip
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--quick", action="store_true", help="8 requests x G=8, 128 tokens, 2 rounds (under a minute)"
+    )
+    p.add_argument("--gpu", action="store_true", help="also the Qwen2.5-VL-3B-shaped HF run on CUDA")
+    p.add_argument("--requests", type=int, default=None, help="requests per call (default 8 quick, 16 full)")
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens per completion (128 quick, 256 full)")
+    p.add_argument("--rounds", type=int, default=None, help="timed calls per engine (2 quick, 3 full)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    args = p.parse_args(argv)
+    args.requests = args.requests or (8 if args.quick else 16)
+    args.max_tokens = args.max_tokens or (128 if args.quick else 256)
+    args.rounds = args.rounds or (2 if args.quick else 3)
+    t0 = time.perf_counter()
+    load_before = os.getloadavg()
+    result: dict = {"cpu": bench_cpu(args)}
+    if args.gpu:
+        result["gpu"] = bench_gpu(args)
+    result["host"] = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+    }
+    result["command"] = "python bench/rollout_throughput.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    result["total_s"] = round(time.perf_counter() - t0, 1)
+    # The headline keys at the top level (README's table reads these).
+    result["hf_tokens_per_s"] = result["cpu"]["hf_tokens_per_s"]
+    result["vllm_tokens_per_s"] = result["cpu"]["vllm_tokens_per_s"]
+    result["batch"] = result["cpu"]["batch"]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    c = result["cpu"]
+    print(
+        f"cpu: hf {c['hf_tokens_per_s']} tok/s ({c['hf_tokens_per_cpu_s']} per cpu-s), "
+        f"vllm {c['vllm_tokens_per_s']} tok/s ({c['vllm_tokens_per_cpu_s']} per cpu-s); "
+        f"batch {c['batch']['requests']}x{GROUP_SIZE}, {c['batch']['max_tokens']} tokens -> {out}"
+    )
+    if "gpu" in result:
+        print(f"gpu: {result['gpu']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

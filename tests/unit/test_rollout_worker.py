@@ -1,0 +1,169 @@
+"""RolloutWorker in-process with the transformers engine on the tiny Qwen2.5-VL."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from actors import metrics as M
+from actors.engine import StaleWeightsError
+from actors.weight_receiver import receive_and_load
+from actors.worker import RolloutWorker
+from cluster.config import build_config
+from cluster.tiny_models import build_tiny_policy
+from learner.weight_sync import InProcessChannel
+from protos import RolloutRequest, Sample, SamplingConfig
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    folder = build_tiny_policy(tmp_path_factory.mktemp("models") / "policy", seed=0)
+    return build_config(
+        {
+            "model": {"policy": str(folder)},
+            "rollout": {"engine": "hf"},
+            "data": {"image_size": 56},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def worker(cfg) -> RolloutWorker:
+    return RolloutWorker(cfg, name="rollout-test")
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _sample(i: int, size: tuple[int, int] = (90, 70)) -> Sample:
+    rng = np.random.default_rng(i)
+    h, w = size
+    return Sample(
+        id=f"s-{i}",
+        source="synthetic",
+        split="train",
+        task="foreground",
+        instruction="Identify and segment all the primary objects in the image.",
+        image=_png(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)),
+        mask=_png((rng.random((h, w)) > 0.5).astype(np.uint8)),
+        width=w,
+        height=h,
+    )
+
+
+def _request(sample: Sample, min_version: int = 0, g: int = 3) -> RolloutRequest:
+    return RolloutRequest(
+        request_id=f"req-{sample.id}",
+        sample_id=sample.id,
+        instruction=sample.instruction,
+        group_size=g,
+        sampling=SamplingConfig(temperature=1.0, max_tokens=8, seed=1),
+        min_policy_version=min_version,
+    )
+
+
+def test_generate_stamps_groups(worker):
+    samples = [_sample(0), _sample(1, size=(40, 120))]
+    tokens_before = M.TOKENS.value(worker="rollout-test")
+    groups = worker.generate([_request(s) for s in samples], *samples)
+    assert [g.group_id for g in groups] == ["req-s-0", "req-s-1"]
+    assert [g.sample_id for g in groups] == ["s-0", "s-1"]
+    for g in groups:
+        assert g.worker == "rollout-test" and g.policy_version == worker.policy_version == 0
+        assert g.group_size == 3 and g.prompt_tokens > 4 and g.generate_s > 0
+    generated = sum(len(c.token_ids) for g in groups for c in g.completions)
+    assert M.TOKENS.value(worker="rollout-test") - tokens_before == generated
+    assert M.REQUESTS_IN_FLIGHT.value(worker="rollout-test") == 0
+    assert M.POLICY_VERSION.value(worker="rollout-test") == 0
+    assert M.GENERATE_SECONDS.value(worker="rollout-test") >= 1
+    assert worker.ping()["policy_version"] == 0 and worker.ping()["engine"] == "HFEngine"
+
+
+def test_request_for_newer_weights_is_refused_until_resynced(worker):
+    s = _sample(2)
+    stale_before = M.STALE_REQUESTS.value(worker="rollout-test")
+    needed = worker.policy_version + 1
+    with pytest.raises(StaleWeightsError, match="holds policy version") as err:
+        worker.generate([_request(s, min_version=needed)], s)
+    assert err.value.needed == needed and err.value.held == needed - 1
+    assert M.STALE_REQUESTS.value(worker="rollout-test") == stale_before + 1
+    # The pool's repair: push the current weights, then retry.
+    named = [(n, p.detach().clone()) for n, p in worker.engine.model.named_parameters()]
+    assert worker.load_weights(named, needed) == needed
+    groups = worker.generate([_request(s, min_version=needed)], s)
+    assert groups[0].policy_version == needed
+    assert M.POLICY_VERSION.value(worker="rollout-test") == needed
+
+
+def test_stale_error_survives_pickling():
+    err = pickle.loads(pickle.dumps(StaleWeightsError("rollout-3", 4, 7)))
+    assert isinstance(err, StaleWeightsError) and (err.worker, err.held, err.needed) == ("rollout-3", 4, 7)
+
+
+def test_mismatched_samples_are_rejected(worker):
+    a, b = _sample(3), _sample(4)
+    with pytest.raises(ValueError, match="requests but 1 samples"):
+        worker.generate([_request(a), _request(b)], a)
+    with pytest.raises(ValueError, match="same order"):
+        worker.generate([_request(a), _request(b)], b, a)
+
+
+def test_weights_from_the_in_process_channel(worker):
+    channel = InProcessChannel(bucket_mb=1)
+    receiver = channel.receiver()
+    version = worker.policy_version + 1
+    g = torch.Generator().manual_seed(0)
+    named = [
+        (n, p.detach() + 0.01 * torch.randn(p.shape, generator=g))
+        for n, p in worker.engine.model.named_parameters()
+    ]
+    channel.sender().send(named, version)
+    assert receive_and_load(receiver, worker) == version
+    assert worker.policy_version == version
+    params = dict(worker.engine.model.named_parameters())
+    assert all(torch.equal(params[n], t) for n, t in named)
+    s = _sample(5)
+    assert worker.generate([_request(s)], s)[0].policy_version == version
+
+
+def test_weights_over_the_gloo_weight_sync_group(worker):
+    """The learner's sender (rank 0) and this worker's receiver (rank 1) in two threads of one process."""
+    import threading
+
+    from learner.weight_sync import DistributedWeightSender
+
+    sender = DistributedWeightSender(backend="gloo", bucket_mb=1, timeout_s=60, use_shm=False)
+    info = sender.prepare([worker.name])
+    joined = {}
+    t = threading.Thread(target=lambda: joined.setdefault("rank", worker.weight_sync_join(info)))
+    t.start()
+    sender.connect()
+    t.join(timeout=60)
+    assert joined["rank"] == 1
+    version = worker.policy_version + 1
+    named = [(n, p.detach() * 0.9) for n, p in worker.engine.model.named_parameters()]
+    got = {}
+    t = threading.Thread(target=lambda: got.setdefault("version", worker.weight_sync_receive()))
+    t.start()
+    sender.send(named, version)
+    t.join(timeout=60)
+    sender.close()
+    assert got["version"] == version == worker.policy_version
+    params = dict(worker.engine.model.named_parameters())
+    assert all(torch.equal(params[n], t) for n, t in named)
