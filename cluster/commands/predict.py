@@ -1,10 +1,126 @@
-"""`segr1 predict`: masks and overlays for your own images."""
+"""`segr1 predict --checkpoint DIR IMAGE... --out DIR [--instruction TEXT]`: masks and overlays for your images.
+
+For each IMAGE writes, in --out: `<stem>_mask.png` (0/255, the image's size), `<stem>_overlay.png` (the mask in
+red, boxes yellow, foreground points green, background points magenta) and `<stem>.txt` (the raw completion).
+Runs the policy and the configured segmenter in this process (no Ray); greedy unless --sample.
+"""
 
 from __future__ import annotations
 
-from cluster.commands.common import not_built
+import argparse
+import sys
+
+from cluster.commands.common import CommandError, load_config_from_args
 
 
 def register(sub) -> None:
-    p = sub.add_parser("predict", help="masks and overlays for your own images")
-    p.set_defaults(func=not_built("segr1 predict", "the datasets-and-evaluation issue"))
+    p = sub.add_parser(
+        "predict",
+        help="masks and overlays for your own images",
+        description="Segment your own images with a checkpoint: mask PNG, overlay PNG and raw completion each.",
+    )
+    p.add_argument("--config", help="YAML config (see cluster/configs/); defaults when omitted")
+    p.add_argument("--checkpoint", required=True, help="policy folder, step-* checkpoint, or checkpoint root")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="IMAGE",
+        help="image files; key.sub=value items are config overrides (e.g. reward.segmenter=grabcut)",
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--instruction",
+        help="what to segment, e.g. 'Identify and segment the red car.' (default: the foreground instruction)",
+    )
+    p.add_argument(
+        "--sample", action="store_true", help="configured sampling (rollout.sampling) instead of greedy"
+    )
+    p.set_defaults(func=run)
+
+
+def _sample_for(path, instruction: str):
+    """A Sample for an image file (the mask is an empty placeholder: nothing is scored)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from cluster.data.images import CorruptSampleError, decode_image, encode_png
+    from protos import Sample
+
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+        rgb = decode_image(data, str(p))  # (H, W, 3) uint8
+    except (OSError, CorruptSampleError) as err:
+        raise CommandError(f"cannot read image {p}: {err}") from None
+    h, w = rgb.shape[:2]
+    if not (data[:8] == b"\x89PNG\r\n\x1a\n" or data[:3] == b"\xff\xd8\xff"):
+        data = encode_png(rgb)
+    task = "foreground" if instruction.strip() == _foreground() else "referring"
+    placeholder = encode_png(np.zeros((h, w), bool))
+    sample = Sample(id=p.stem, source="predict", split="predict", task=task, instruction=instruction,
+                    image=data, mask=placeholder, width=w, height=h)  # fmt: skip
+    return sample, rgb
+
+
+def _foreground() -> str:
+    from actors.prompting import default_instruction
+
+    return default_instruction("foreground")
+
+
+def _split_inputs(args: argparse.Namespace) -> None:
+    """IMAGE... may be mixed with key.sub=value overrides: an existing file is an image, `a.b=c` an override."""
+    from pathlib import Path
+
+    args.images, args.overrides = [], []
+    for item in args.inputs:
+        if Path(item).is_file() or "=" not in item:
+            args.images.append(item)
+        else:
+            args.overrides.append(item)
+    if not args.images:
+        raise CommandError("give at least one IMAGE file", exit_code=2)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from cluster.data.images import encode_png
+    from cluster.eval_job import EvalScorer, make_requests, overlay, resolve_policy, settings_from_config
+
+    _split_inputs(args)
+    cfg = load_config_from_args(args)
+    try:
+        cfg.model.policy = resolve_policy(args.checkpoint)
+    except FileNotFoundError as err:
+        raise CommandError(str(err), exit_code=2) from None
+    instruction = args.instruction or _foreground()
+    stems = [Path(i).stem for i in args.images]
+    if len(set(stems)) != len(stems):
+        raise CommandError("two IMAGE files share a file name stem; their outputs would collide")
+    pairs = [_sample_for(i, instruction) for i in args.images]
+    samples = [s for s, _ in pairs]
+    settings = settings_from_config(cfg, greedy=not args.sample)
+
+    from actors.worker import RolloutWorker
+
+    rollout, scorer = RolloutWorker(cfg, name="rollout-0"), EvalScorer(cfg, name="eval-0")
+    requests = make_requests(samples, 0, settings["group_size"], settings["sampling"], settings["seed"])
+    groups = rollout.generate(requests, *samples)
+    preds = scorer.predict(groups, *samples)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for (sample, rgb), group, per_group in zip(pairs, groups, preds, strict=True):
+        pred = per_group[0]
+        mask = pred.mask if pred.mask is not None else np.zeros(rgb.shape[:2], bool)
+        (out / f"{sample.id}.txt").write_text(group.completions[0].text + "\n")
+        (out / f"{sample.id}_mask.png").write_bytes(encode_png(mask.astype(np.uint8) * 255))
+        pic = overlay(rgb, pred.mask, pred.boxes, pred.points, pred.labels)
+        (out / f"{sample.id}_overlay.png").write_bytes(encode_png(pic))
+        note = "" if pred.mask is not None else f" (no usable answer: {pred.failure}; empty mask)"
+        print(f"{sample.id}: {int(mask.sum())} mask pixels{note}", file=sys.stderr if note else sys.stdout)
+    print(f"wrote {len(samples)} x (mask, overlay, completion) to {out}")
+    return 0
