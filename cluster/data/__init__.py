@@ -1,0 +1,1 @@
+"""Data sets: synthetic generation (synth), image/mask codecs (images), Parquet reading (reader)."""
