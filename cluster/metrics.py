@@ -70,7 +70,8 @@ class Metric:
         key = self._key(labels)
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + value
-        self._forward("inc", value, labels)
+        if value > 0:  # Ray's Counter.inc refuses 0
+            self._forward("inc", value, labels)
 
     def set(self, value: float, **labels: str) -> None:
         if self.kind != "gauge":

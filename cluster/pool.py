@@ -54,6 +54,7 @@ class _Member:
     ready_ref: Any = None  # on_start still running: serves only once this resolves
     draining: bool = False
     deaths: int = 0  # consecutive deaths of this name without a completed item (crash-loop detection)
+    dispatched: int = 0  # items ever sent: ties in load go to the actor that has had the least work
 
 
 class PoolError(RuntimeError):
@@ -240,6 +241,7 @@ class ActorPool:
                 return
             item = self._queue.popleft()
             member.inflight[item.call(member.handle)] = item
+            member.dispatched += 1
 
     def _least_loaded(self) -> _Member | None:
         best = None
@@ -248,7 +250,7 @@ class ActorPool:
                 continue
             if m.ready_ref is not None and not _resolved(m.ready_ref):
                 continue
-            if best is None or len(m.inflight) < len(best.inflight):
+            if best is None or (len(m.inflight), m.dispatched) < (len(best.inflight), best.dispatched):
                 best = m
         return best
 

@@ -125,3 +125,12 @@ def test_crash_looping_actor_gives_a_clear_error(ray_local):
     )
     with pytest.raises(PoolError, match="(?s)broken-0 died 3 times .*cannot load model"):
         pool.map([(0, lambda a: a.work.remote(1))], timeout=120)
+
+
+def test_ties_spread_work_over_every_actor(ray_local):
+    pool = ActorPool("spread", _spawner(ray_local, []), 2, max_inflight=2)
+    served = []
+    for i in range(4):  # one item at a time: every actor is idle at each dispatch
+        served.extend(v[0] for v in pool.map([(i, lambda a, i=i: a.work.remote(i))]).values())
+    assert sorted(set(served)) == ["spread-0", "spread-1"]
+    pool.shutdown()
