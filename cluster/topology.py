@@ -13,6 +13,7 @@ find, inspect or kill one by name.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -95,7 +96,33 @@ def spawn_reward_actor(cfg: TrainConfig, name: str) -> Any:
 def spawn_rollout_actor(cfg: TrainConfig, name: str) -> Any:
     from actors.worker import RolloutWorker
 
-    return _spawn_named(RolloutWorker, actor_options(cfg, "rollout", cfg.rollout.resources, name), cfg, name)
+    options = actor_options(cfg, "rollout", cfg.rollout.resources, name)
+    options["max_concurrency"] = (
+        2  # a weight receive runs beside a generate; the engine's lock keeps it atomic
+    )
+    return _spawn_named(RolloutWorker, options, cfg, name)
+
+
+# The driver lands on the head node in disaggregated mode (the head advertises it; cluster/k8s/).
+DRIVER_RESOURCE = "segr1_driver"
+
+
+def spawn_driver_actor(cfg: TrainConfig, resume: bool = False) -> Any:
+    """The training driver as an actor, so `ray job submit` needs no resources on the submitting machine.
+    max_concurrency 2: request_stop / request_resize arrive while run() is executing."""
+    from cluster.driver import TrainDriver
+
+    custom = {DRIVER_RESOURCE: 0.01} if cfg.placement.mode == "disaggregated" else {}
+    options = {
+        "num_cpus": 0,
+        "resources": custom,
+        "namespace": cfg.placement.namespace,
+        "name": "driver",
+        "max_concurrency": 2,
+        "max_restarts": 0,
+        "runtime_env": {"env_vars": {**_WORKER_ENV, "OMP_NUM_THREADS": "1"}},
+    }
+    return _spawn_named(TrainDriver, options, cfg, resume)
 
 
 def spawn_learner_actor(cfg: TrainConfig, name: str = "learner-0") -> Any:
@@ -148,6 +175,22 @@ def run_remote_function(
     return ray.remote(num_cpus=num_cpus, resources=resources or {}, max_retries=0)(fn).remote(*args)
 
 
+def requested_cpus(cfg: TrainConfig) -> float:
+    """Logical CPUs the three pools ask for (the driver asks for none)."""
+    return (
+        cfg.rollout.num_workers * cfg.rollout.resources.num_cpus
+        + cfg.reward.num_workers * cfg.reward.resources.num_cpus
+        + cfg.learner.resources.num_cpus
+    )
+
+
+def local_num_cpus(cfg: TrainConfig) -> int:
+    """A local Ray advertises at least what the pools ask for, so the demo's four workers and learner start
+    on a 2-core machine: logical CPUs then exceed cores, and the workers share them (OMP_WAIT_POLICY=PASSIVE,
+    one thread each)."""
+    return max(os.cpu_count() or 1, math.ceil(requested_cpus(cfg)))
+
+
 def init_ray(cfg: TrainConfig) -> None:
     """Connect to RAY_ADDRESS / placement.ray_address, or start a local Ray bound to loopback."""
     if ray.is_initialized():
@@ -158,6 +201,7 @@ def init_ray(cfg: TrainConfig) -> None:
         return
     ray.init(
         address="local",
+        num_cpus=local_num_cpus(cfg),
         namespace=cfg.placement.namespace,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 
-from cluster.commands.common import CommandError, add_config_args, load_config_from_args
+from cluster.commands.common import add_config_args, load_config_from_args
 
 
 def register(sub) -> None:
@@ -24,6 +25,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dump_config(cfg), end="")
         return 0
-    raise CommandError(
-        "training is not built yet (the training-job issue); use --dry-run to check a config", 2
-    )
+    from cluster.train import run_training
+
+    summary = run_training(cfg, resume=args.resume)
+    print(json.dumps(summary, indent=1))
+    return 0 if summary["groups_lost"] == 0 else 1

@@ -1,0 +1,92 @@
+"""Publishing the learner's weights to the rollout pool, as the driver sees it.
+
+Backends (weight_sync.backend; `auto` is resolved by the learner: nccl on GPU, gloo on CPU, cuda-ipc when
+colocated on one GPU):
+- a process group (gloo / nccl / cuda-ipc): the learner's rank 0 and every rollout worker. Parameters go in flat
+  buckets (learner/weight_sync.py); a worker switches version only when every bucket arrived. The group is
+  formed again (a new generation) whenever the pool's membership changes: a worker added, removed or restarted.
+- object-store: the learner exports CPU copies once per version, put in Ray's object store, and every worker
+  loads them. Also the path by which a new or restarted worker catches up before it serves, and the fallback
+  when a broadcast fails because a member died mid-transfer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import ray
+
+from cluster.config import TrainConfig
+from cluster.pool import ActorPool
+
+logger = logging.getLogger(__name__)
+
+
+class WeightPublisher:
+    def __init__(self, cfg: TrainConfig, learner: Any):
+        self.cfg = cfg
+        self.learner = learner
+        self.backend: str = ray.get(learner.weight_sync_backend.remote())
+        self.version = 0
+        self._members: tuple[str, ...] = ()
+        self._restarts_at_setup = -1
+        self._export: tuple[int, Any] | None = None  # (version, ObjectRef of the CPU weights)
+
+    @property
+    def collective(self) -> bool:
+        return self.backend != "object-store"
+
+    def setup(self, pool: ActorPool) -> None:
+        """(Re)form the weight-sync group for the pool's current members; a no-op when nothing changed."""
+        if not self.collective:
+            return
+        names = tuple(pool.names)
+        if names == self._members and pool.stats.restarts == self._restarts_at_setup:
+            return
+        info = ray.get(self.learner.weight_sync_prepare.remote(list(names)))
+        joins = [h.weight_sync_join.remote(info) for h in pool.handles().values()]
+        ray.get([self.learner.weight_sync_connect.remote(), *joins])
+        self._members, self._restarts_at_setup = names, pool.stats.restarts
+        logger.info("weight sync (%s): group formed with %s", self.backend, ", ".join(names))
+
+    def publish(self, pool: ActorPool, version: int) -> dict:
+        """Bring every rollout worker to `version` (the learner's current policy); returns timing figures."""
+        t0 = time.perf_counter()
+        self.version = version
+        if self.collective:
+            try:
+                self.setup(pool)
+                stats = self._broadcast(pool)
+                return {**stats, "seconds": time.perf_counter() - t0, "backend": self.backend}
+            except Exception as err:  # a member died mid-transfer: re-form the group next time
+                logger.warning(
+                    "weight broadcast of version %d failed (%s); sending it through the object store",
+                    version,
+                    err,
+                )
+                self._members = ()
+        pool.broadcast(lambda a: a.load_weights.remote(self._exported(), version))
+        return {"seconds": time.perf_counter() - t0, "backend": "object-store"}
+
+    def _broadcast(self, pool: ActorPool) -> dict:
+        receivers = [h.weight_sync_receive.remote() for h in pool.handles().values()]
+        stats = ray.get(self.learner.broadcast_weights.remote())
+        versions = ray.get(receivers)
+        if any(v != self.version for v in versions):
+            raise RuntimeError(
+                f"workers report versions {versions} after broadcasting version {self.version}"
+            )
+        return stats
+
+    def on_start(self, handle: Any) -> list:
+        """Run on a new or restarted rollout worker before it serves: load the current weights."""
+        if self.version == 0:
+            return [handle.ping.remote()]  # it loaded the starting policy from model.policy itself
+        return [handle.load_weights.remote(self._exported(), self.version)]
+
+    def _exported(self) -> Any:
+        if self._export is None or self._export[0] != self.version:
+            self._export = (self.version, self.learner.export_weights.remote())
+        return self._export[1]
