@@ -140,7 +140,7 @@ class TrainDriver:
         """Generate and score every chunk; scoring of a chunk starts as soon as its rollout returns."""
         scored: list[tuple[ScoredGroup, Sample]] = []
         while self.rollout.pending or self.reward.pending:
-            self._pump(scored, timeout=0.05)
+            self._pump(scored, timeout=0.5)
         return scored
 
     # -- async mode ------------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ class TrainDriver:
                 for c in self._issue(min(g.batch_size, capacity - outstanding)):
                     chunks[c.chunk_id] = c
             scored: list[tuple[ScoredGroup, Sample]] = []
-            self._pump(scored, timeout=0.02)
+            self._pump(scored, timeout=0.5, also=() if learner_ref is None else (learner_ref,))
             ready.extend(scored)
             if learner_ref is None and not self._done():
                 batch = self._take_fresh(ready, chunks)
@@ -179,6 +179,10 @@ class TrainDriver:
             self.acct.groups_dropped_stale += 1
             DM.GROUPS_DROPPED_STALE.inc()
             self._close(sg, chunks)
+        if g.filter_zero_variance:  # counted and closed like in sync mode
+            kept = self._filter(list(ready), chunks)
+            ready.clear()
+            ready.extend(kept)
         if len(ready) < g.batch_size:
             return None
         batch = [ready.popleft() for _ in range(g.batch_size)]
@@ -220,14 +224,21 @@ class TrainDriver:
                 temperature=s.temperature,
                 top_p=s.top_p,
                 max_tokens=s.max_tokens,
-                seed=(self.cfg.seed * 1_000_003 + chunk_id * 1009 + i) % (2**31),
+                # completion j uses seed + j (actors/engine.py): space the requests G apart so no two
+                # completions of a chunk share a random stream
+                seed=((self.cfg.seed * 1_000_003 + chunk_id) * 4096 + i) * g.group_size % (2**31),
             ),
             min_policy_version=min_version,
         )
 
-    def _pump(self, out: list, timeout: float) -> None:
-        """Move finished rollouts to the reward pool and finished scores to `out` as (ScoredGroup, Sample)."""
-        for chunk, result in self.rollout.poll(timeout=timeout):
+    def _pump(self, out: list, timeout: float, also: tuple = ()) -> None:
+        """Block until a rollout, a score or one of `also` finishes (at most `timeout` s; one ray.wait over both
+        pools, no busy loop), then move finished rollouts to the reward pool and finished scores to `out` as
+        (ScoredGroup, Sample)."""
+        refs = [*self.rollout.waitables(), *self.reward.waitables(), *also]
+        if refs:
+            ray.wait(refs, num_returns=1, timeout=timeout)
+        for chunk, result in self.rollout.poll(timeout=0):
             if isinstance(result, WorkFailed):
                 raise RuntimeError(
                     f"rollout of chunk {chunk.chunk_id} failed: {result.error}"
@@ -236,7 +247,7 @@ class TrainDriver:
             self.acct.groups_generated += len(groups)
             DM.GROUPS_GENERATED.inc(len(groups))
             self.reward.submit(chunk, lambda a, gs=groups, refs=chunk.refs: a.score.remote(gs, *refs))
-        for chunk, result in self.reward.poll(timeout=0 if out else timeout):
+        for chunk, result in self.reward.poll(timeout=0):
             if isinstance(result, WorkFailed):
                 logger.error("scoring chunk %s failed for good: %s", chunk.chunk_id, result.error)
                 self.acct.groups_failed += len(chunk.samples)
@@ -245,12 +256,12 @@ class TrainDriver:
         self._record_restarts()
 
     def _train_and_publish(self, scored: list, chunks: list[_Chunk], t0: float) -> None:
-        kept = self._filter(scored)
+        kept = self._filter(scored, {c.chunk_id: c for c in chunks})
         if kept:
             stats = ray.get(self.learner.step.remote([s for s, _ in kept], [x for _, x in kept]))
             self._finish_step(stats, kept, chunks, t0)
 
-    def _filter(self, scored: list) -> list:
+    def _filter(self, scored: list, chunks: dict[int, _Chunk]) -> list:
         if not self.cfg.grpo.filter_zero_variance:
             return scored
         kept = []
@@ -258,6 +269,7 @@ class TrainDriver:
             if max(sg.totals) - min(sg.totals) < 1e-9:
                 self.acct.groups_filtered += 1
                 DM.GROUPS_FILTERED.inc()
+                self._close(sg, chunks)  # a filtered group is done: the checkpoint cursor may pass its chunk
             else:
                 kept.append((sg, sample))
         return kept
@@ -307,7 +319,11 @@ class TrainDriver:
         chunk still in the pipeline (its samples are generated again after a resume)."""
         pending = [c for c in (open_chunks or []) if c.open > 0]
         cursor = min(pending, key=lambda c: c.chunk_id).cursor_before if pending else self.reader.state_dict()
-        extra = {"accounting": asdict(self.acct), "actor_restarts": self._restarts()}
+        extra = {
+            "accounting": asdict(self.acct),
+            "actor_restarts": self._restarts(),
+            "chunk_seq": self._chunk_seq,
+        }
         return ray.get(self.learner.save_checkpoint.remote(data_cursor=cursor, extra=extra))
 
     def _resume(self) -> None:
@@ -318,6 +334,10 @@ class TrainDriver:
         acct = state.get("extra", {}).get("accounting")
         if acct:
             self.acct = Accounting(**acct)
+        # sampling seeds derive from chunk ids: continue the numbering so a resumed run draws what an
+        # uninterrupted one would have drawn
+        self._chunk_seq = int(state.get("extra", {}).get("chunk_seq", 0))
+        _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         logger.info("resumed at step %d (policy version %d)", self.step, self.version)
 
     # -- reporting ---------------------------------------------------------------------------------------------
@@ -334,6 +354,7 @@ class TrainDriver:
         failures = sum(not c.parse_ok for sg, _ in batch for c in sg.scores)
         line = {
             "step": self.step,
+            "time": time.time(),  # wall clock (Unix seconds) when the step finished
             "policy_version": self.version,
             "reward_total": sum(r.total for r in rewards) / n,
             "reward_format": sum(r.format for r in rewards) / n,
@@ -356,6 +377,7 @@ class TrainDriver:
             "step_s": step_s,
             "groups": len(batch),
             "actor_restarts": self._restarts(),
+            "sample_ids": [x.id for _, x in batch],  # what this step trained on (resume / data-order checks)
         }
         self._metrics_file.write(json.dumps(line) + "\n")
         self._metrics_file.flush()
@@ -384,6 +406,7 @@ class TrainDriver:
     def close(self) -> None:
         self.rollout.shutdown()
         self.reward.shutdown()
+        ray.get(self.learner.close.remote())  # removes the weight-sync shared-memory segments
         ray.kill(self.learner, no_restart=True)
 
     # -- scaling -----------------------------------------------------------------------------------------------
@@ -404,3 +427,20 @@ class TrainDriver:
         self.rollout.resize(self._resize_to)
         self._resize_to = None
         self.weights.setup(self.rollout)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop the lines of steps after the checkpoint (they are trained again) and a line cut short by
+    a killed driver, so metrics.jsonl keeps one line per step."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = []
+    for ln in lines:
+        try:
+            if json.loads(ln).get("step", 0) <= step:
+                kept.append(ln)
+        except json.JSONDecodeError:
+            continue
+    if len(kept) != len(lines):
+        path.write_text("".join(ln + "\n" for ln in kept))

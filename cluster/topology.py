@@ -207,3 +207,10 @@ def init_ray(cfg: TrainConfig) -> None:
         _node_ip_address="127.0.0.1",
         _metrics_export_port=cfg.metrics.port or None,
     )
+
+
+def make_weight_receiver_actor(name: str, num_cpus: float = 0) -> Any:
+    """A bare weight-receiving endpoint (no engine) as an actor: the broadcast tests and benchmark."""
+    from actors.weight_receiver import WeightReceiverEndpoint
+
+    return ray.remote(WeightReceiverEndpoint).options(name=f"weights-{name}", num_cpus=num_cpus).remote(name)

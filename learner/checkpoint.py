@@ -1,0 +1,211 @@
+"""Checkpoints: the policy as a plain Hugging Face folder, optimiser state, and a JSON of the run state.
+
+Layout of `<checkpoint.dir>/step-000050/`:
+    policy/              config.json + model.safetensors + tokenizer/processor files: transformers and vLLM load
+                         it as is (`from_pretrained(".../policy")`)
+    optimizer.safetensors  every tensor of the optimiser state ("<param index>/<key>")
+    optimizer.json       the rest of the optimiser state (param groups, hyper-parameters)
+    state.json           step, policy_version, data cursor, RNG states (python, numpy, torch, cuda), extra
+
+Written atomically: everything goes to a hidden temporary folder that is renamed into place last, so a
+`step-*` folder is always complete (a crash leaves only a `.tmp-*` folder, removed by the next save).
+Nothing is ever unpickled: tensors are safetensors, everything else JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+# Files of a source model folder that are weights (never copied next to freshly saved weights).
+_WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.safetensors\.index\.json|\.bin\.index\.json)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message names the path and what to do."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# RNG states as JSON
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def rng_state() -> dict:
+    """Python, numpy (global), torch and CUDA generator states, JSON-safe."""
+    py = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": _b64(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Optimiser state as safetensors + JSON
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, entry in sd["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}/{key}"] = value
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    meta = {"param_groups": sd["param_groups"], "scalars": scalars, "class": type(optimizer).__name__}
+    (folder / "optimizer.json").write_text(json.dumps(meta, indent=1))
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    meta = json.loads((folder / "optimizer.json").read_text())
+    if meta.get("class") != type(optimizer).__name__:
+        raise CheckpointError(
+            f"{folder}/optimizer.json holds {meta.get('class')} state but the learner uses "
+            f"{type(optimizer).__name__}; resume with the same optimiser or start fresh"
+        )
+    state: dict[int, dict[str, Any]] = {}
+    for flat, value in list(load_file(str(folder / "optimizer.safetensors")).items()) + list(
+        meta["scalars"].items()
+    ):
+        pid, key = flat.split("/", 1)
+        state.setdefault(int(pid), {})[key] = value
+    groups = meta["param_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The policy folder
+
+
+def save_policy(model, folder: Path, source: str | None = None, processor=None) -> None:
+    """model.save_pretrained (safetensors) + the tokenizer/processor files of the source folder (copied as is,
+    so the saved folder loads exactly like the one training started from), else processor.save_pretrained."""
+    from transformers.utils import logging as hf_logging
+
+    folder.mkdir(parents=True, exist_ok=True)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(str(folder))  # safetensors
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    src = Path(source) if source else None
+    if src is not None and src.is_dir():
+        for f in src.iterdir():
+            if f.is_file() and not _WEIGHT_FILE.search(f.name) and not (folder / f.name).exists():
+                shutil.copy2(f, folder / f.name)
+    elif processor is not None:
+        processor.save_pretrained(str(folder))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Whole checkpoints
+
+
+def step_dirs(root: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under root, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    dirs = step_dirs(root)
+    return dirs[-1][1] if dirs else None
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    state: dict,
+    write_policy,
+    optimizer: torch.optim.Optimizer | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write `<root>/step-<step>` atomically and keep the newest `keep` checkpoints.
+
+    state: JSON-safe dict (step, policy_version, data_cursor, ...); the RNG states are added here.
+    write_policy(folder): writes the HF policy folder (e.g. `lambda f: save_policy(model, f, source)`).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.glob(".tmp-step-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write_policy(tmp / "policy")
+        if optimizer is not None:
+            save_optimizer(optimizer, tmp)
+        full = {"format_version": FORMAT_VERSION, **state, "step": step, "rng": rng_state()}
+        (tmp / "state.json").write_text(json.dumps(full, indent=1))
+        if final.exists():  # re-saving the same step: move the old one aside, then replace it
+            old = root / f".tmp-step-old-{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for _, old in step_dirs(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_state(path: str | Path) -> dict:
+    """state.json of a checkpoint folder (step, policy_version, data_cursor, rng, ...)."""
+    p = Path(path) / "state.json"
+    if not p.is_file():
+        raise CheckpointError(
+            f"{path} is not a checkpoint (no state.json); pass a step-* folder under checkpoint.dir"
+        )
+    state = json.loads(p.read_text())
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{p}: checkpoint format {state.get('format_version')} is not {FORMAT_VERSION} (written by another "
+            "version of this project); start from its policy/ folder instead (model.policy=.../policy)"
+        )
+    return state

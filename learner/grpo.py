@@ -1,0 +1,162 @@
+"""GRPO maths as pure functions: group-relative advantages and the clipped policy loss with a k3 KL term.
+
+Shapes: B groups (prompts), G completions per group, N = B*G sequences, T completion tokens (padded).
+Nothing here knows about models, Ray or configs; learner/learner.py calls these per micro-batch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Aggregation = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
+AGGREGATIONS: tuple[str, ...] = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+
+# exp() of a log-ratio above this overflows float32 in the k3 term; the clamp changes nothing for any sane policy.
+_MAX_LOG_RATIO = 20.0
+
+
+def group_advantages(rewards: torch.Tensor, normalize_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """(r - group mean) / (group std + eps) per group; a group whose rewards are all equal gives zeros.
+
+    rewards: (B, G) -> advantages (B, G). The std is the sample std (unbiased, as the reference and TRL).
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"group_advantages: rewards must be (B, G), got shape {tuple(rewards.shape)}")
+    if rewards.shape[1] < 2:
+        raise ValueError(
+            f"group_advantages: group size G={rewards.shape[1]}; every group-relative advantage of a single "
+            "completion is zero, so training would be a silent no-op. Set grpo.group_size >= 2."
+        )
+    rewards = rewards.float()
+    mean = rewards.mean(dim=1, keepdim=True)  # (B, 1)
+    centred = rewards - mean  # (B, G)
+    if normalize_std:
+        std = rewards.std(dim=1, keepdim=True)  # (B, 1)
+        centred = centred / (std + eps)
+    constant = rewards.max(dim=1, keepdim=True).values == rewards.min(dim=1, keepdim=True).values  # (B, 1)
+    return torch.where(constant, torch.zeros_like(centred), centred)  # (B, G)
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1, >= 0. (N, T) -> (N, T)."""
+    d = (ref_logprobs - logprobs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)  # (N, T)
+    return torch.exp(d) - d - 1.0
+
+
+def aggregate(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    aggregation: str,
+    max_length: int | None = None,
+    total_sequences: float | None = None,
+    total_tokens: float | None = None,
+) -> torch.Tensor:
+    """Reduce per-token values (N, T) under mask (N, T) to a scalar.
+
+    seq-mean-token-mean: mean over each sequence's tokens, then over sequences (the reference).
+    token-mean: mean over all tokens of the batch (DAPO).
+    seq-mean-token-sum-norm: sum of each sequence's tokens / max_length, mean over sequences (Dr. GRPO).
+    total_sequences / total_tokens: the denominators of the WHOLE batch when this is one micro-batch of it, so
+    that the sum of micro-batch losses equals the full-batch loss (gradient accumulation).
+    """
+    mask = mask.to(per_token.dtype)  # (N, T)
+    n_seq = float(per_token.shape[0]) if total_sequences is None else float(total_sequences)
+    if aggregation == "seq-mean-token-mean":
+        seq = (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # (N,)
+        return seq.sum() / max(n_seq, 1.0)
+    if aggregation == "token-mean":
+        n_tok = float(mask.sum().item()) if total_tokens is None else float(total_tokens)
+        return (per_token * mask).sum() / max(n_tok, 1.0)
+    if aggregation == "seq-mean-token-sum-norm":
+        norm = float(per_token.shape[1] if max_length is None else max_length)
+        if norm <= 0:
+            raise ValueError(
+                f"aggregate: max_length must be > 0 for seq-mean-token-sum-norm, got {max_length}"
+            )
+        seq = (per_token * mask).sum(dim=1) / norm  # (N,)
+        return seq.sum() / max(n_seq, 1.0)
+    raise ValueError(f"unknown loss aggregation {aggregation!r}; use one of {', '.join(AGGREGATIONS)}")
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    beta: float = 0.04,
+    aggregation: str = "seq-mean-token-mean",
+    max_length: int | None = None,
+    total_sequences: float | None = None,
+    total_tokens: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The GRPO loss: PPO-min clipped ratio times advantage, plus beta * k3 KL to the reference.
+
+    logprobs: (N, T) of the policy being trained (carries the gradient).
+    old_logprobs: (N, T) behaviour logprobs recorded at rollout (Completion.logprobs), so stale samples of the
+      asynchronous mode are importance-corrected against the policy that actually wrote them.
+    ref_logprobs: (N, T) of the frozen reference, or None when beta == 0.
+    advantages: (N,) or (N, 1), broadcast over tokens.  mask: (N, T), 1 on completion tokens.
+    Returns (scalar loss, stats); stats are means over masked tokens of this call.
+    """
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("policy_loss: beta > 0 needs ref_logprobs (the frozen reference's logprobs)")
+    if logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape:
+        raise ValueError(
+            f"policy_loss: logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)} and "
+            f"mask {tuple(mask.shape)} must have the same (N, T) shape"
+        )
+    adv = advantages.reshape(-1, 1).to(logprobs.dtype)  # (N, 1)
+    log_ratio = (logprobs - old_logprobs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)  # (N, T)
+    ratio = torch.exp(log_ratio)  # (N, T)
+    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # (N, T)
+    per_token = -torch.minimum(ratio * adv, clipped * adv)  # (N, T)
+    kl = None
+    if beta > 0:
+        kl = k3_kl(logprobs, ref_logprobs)  # (N, T)
+        per_token = per_token + beta * kl
+    loss = aggregate(per_token, mask, aggregation, max_length, total_sequences, total_tokens)
+    return loss, _loss_stats(logprobs, ratio, adv, mask, kl, logprobs.new_tensor([clip_low, clip_high]))
+
+
+@torch.no_grad()
+def _loss_stats(
+    logprobs: torch.Tensor,
+    ratio: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    kl: torch.Tensor | None,
+    clip: torch.Tensor,
+) -> dict[str, float]:
+    """Token means under mask. Clip fractions count tokens whose clipped term is the one the min picked."""
+    m = mask.to(ratio.dtype)  # (N, T)
+    n = m.sum().clamp(min=1.0)
+    low = ((ratio < 1.0 - clip[0]) & (adv < 0)).to(m.dtype) * m  # (N, T)
+    high = ((ratio > 1.0 + clip[1]) & (adv > 0)).to(m.dtype) * m  # (N, T)
+    stats = {
+        "clip_fraction_low": float(low.sum() / n),
+        "clip_fraction_high": float(high.sum() / n),
+        "ratio_mean": float((ratio.detach() * m).sum() / n),
+        "kl": float((kl.detach() * m).sum() / n) if kl is not None else 0.0,
+        # -log p of the sampled tokens: an unbiased estimate of the per-token entropy for on-policy samples.
+        "entropy": float((-logprobs.detach() * m).sum() / n),
+        "num_tokens": float(m.sum()),
+    }
+    stats["clip_fraction"] = stats["clip_fraction_low"] + stats["clip_fraction_high"]
+    return stats
+
+
+def masked_logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0):
+    """log softmax(logits / T) gathered at tokens: logits (N, T, V), tokens (N, T) -> (N, T) in float32.
+
+    Temperature: the rollout engine sampled from softmax(logits / T), so ratios compare like with like only when
+    the learner scores tokens at the same temperature (T == 0, greedy, scores at T = 1).
+    """
+    t = temperature if temperature > 0 else 1.0
+    logits = logits.float() / t  # (N, T, V)
+    picked = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1)  # (N, T)
+    return picked - torch.logsumexp(logits, dim=-1)  # (N, T)

@@ -1,0 +1,427 @@
+"""The learner: one GRPO optimiser step per batch of scored groups, weight export/broadcast, checkpoints.
+
+A plain class (`ray.remote` is applied in cluster/topology.py only), usable in-process by tests and on the GPU
+machine without Ray.
+
+    learner = Learner(cfg)
+    stats = learner.step(scored_groups, samples)      # sample i belongs to group i; policy_version += 1
+    info = learner.weight_sync_prepare(["rollout-0", "rollout-1"])   # then, concurrently:
+    learner.weight_sync_connect()  ||  receiver_i.join(info)         # (actors/weight_receiver.py)
+    learner.broadcast_weights()    ||  receive_and_load(receiver_i, engine)
+    learner.save_checkpoint(data_cursor=reader.cursor())
+
+Data parallel over several GPUs (learner.num_gpus > 1) shards the policy with torch FSDP2 (`fully_shard`), one
+Learner process per GPU (rank, world_size, init_method), each rank training on its slice of the completions.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from cluster.config import TrainConfig
+from learner import metrics as M
+from learner.checkpoint import (
+    latest_checkpoint,
+    load_optimizer,
+    read_state,
+    save_checkpoint,
+    save_optimizer,  # noqa: F401  (re-exported for callers that save only the optimiser)
+    save_policy,
+    set_rng_state,
+)
+from learner.grpo import group_advantages, policy_loss
+from learner.policy import Policy, learner_device, right_align
+from learner.weight_sync import CudaIpcSender, DistributedWeightSender, GroupInfo, SendStats
+from protos import Sample, ScoredGroup, StepStats
+
+_STAT_KEYS = ("clip_fraction", "clip_fraction_low", "clip_fraction_high", "ratio_mean", "kl", "entropy")
+
+
+def lr_multiplier(step: int, warmup: int, schedule: str, total_steps: int) -> float:
+    """Linear warm-up over `warmup` steps, then constant / cosine / linear decay to 0 at total_steps."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, max(0.0, (step - warmup) / max(1, total_steps - warmup)))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - progress
+    raise ValueError(f"unknown learner.schedule {schedule!r}; use constant, cosine or linear")
+
+
+def _set_threads() -> None:
+    n = os.environ.get("SEGR1_NUM_THREADS")
+    if n:
+        torch.set_num_threads(max(1, int(n)))
+
+
+class Learner:
+    """GRPO learner over a Qwen2.5-VL policy folder (cfg.model.policy)."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        rank: int = 0,
+        world_size: int = 1,
+        init_method: str | None = None,
+        total_steps: int | None = None,
+    ):
+        _set_threads()
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        torch.manual_seed(cfg.seed)
+        self.policy = Policy(cfg, learner_device(cfg, rank))
+        if world_size > 1:
+            _setup_fsdp2(self.policy.model, rank, world_size, init_method)
+            self.policy.share_vision = False  # FSDP2 unshards root params only in the root forward
+        self.params = self.policy.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay
+        )
+        self.total_steps = total_steps if total_steps is not None else cfg.grpo.steps
+        self.step_count = 0
+        self.policy_version = 0
+        self._sender: DistributedWeightSender | None = None
+        self._sender_backend = ""
+        M.POLICY_VERSION.set(0)
+
+    # -- the optimiser step ---------------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        lc = self.cfg.learner
+        return lc.lr * lr_multiplier(step, lc.warmup_steps, lc.schedule, self.total_steps)
+
+    def step(self, groups: Sequence[ScoredGroup], samples: Sequence[Sample]) -> StepStats:
+        """One optimiser step on B scored groups (sample i is group i's image): advantages from the rewards,
+        GRPO loss over micro-batches with gradient accumulation, grad clipping, AdamW; policy_version += 1."""
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, stats, counts = self._accumulate(groups, samples, backward=True)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.learner.grad_clip)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP2
+        lr = self.lr_at(self.step_count)
+        skipped = not math.isfinite(grad_norm)
+        if skipped:  # a poisoned batch must not poison the weights; counted and reported
+            M.SKIPPED_GROUPS.inc(len(groups), reason="non_finite_grad")
+        else:
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        self.policy_version += 1
+        out = StepStats(
+            step=self.step_count,
+            policy_version=self.policy_version,
+            loss=loss,
+            grad_norm=grad_norm if not skipped else 0.0,
+            lr=lr,
+            step_s=time.perf_counter() - t0,
+            skipped_non_finite=skipped,
+            **counts,
+            **stats,
+        )
+        self._record(out)
+        return out
+
+    @torch.no_grad()
+    def loss_on(self, groups: Sequence[ScoredGroup], samples: Sequence[Sample]) -> float:
+        """The loss step() would minimise on this batch, without updating anything."""
+        return self._accumulate(groups, samples, backward=False)[0]
+
+    def _accumulate(self, groups, samples, backward: bool) -> tuple[float, dict, dict]:
+        """Forward (+ backward) over micro-batches; loss denominators are the whole batch's, so the summed
+        micro-batch losses equal the full-batch loss."""
+        _check_batch(groups, samples)
+        g = self.cfg.grpo
+        prompts = self.policy.encode(samples)
+        rows = [(i, c) for i, sg in enumerate(groups) for c in sg.group.completions]
+        adv = torch.cat(
+            [group_advantages(torch.tensor([sg.totals]), g.normalize_std)[0] for sg in groups]
+        )  # (N,)
+        n_tokens = sum(len(c.token_ids) for _, c in rows)
+        mine = self._my_chunks(len(rows))
+        total, acc, acc_tokens = 0.0, dict.fromkeys(_STAT_KEYS, 0.0), 0.0
+        for chunk in mine:
+            if not chunk:  # only under FSDP2 with fewer completions than ranks x micro-batches
+                continue
+            batch = self.policy.batch(
+                prompts, [rows[r][1].token_ids for r in chunk], [rows[r][0] for r in chunk]
+            )
+            logp, mask = self.policy.logprobs(batch)  # (n, T), (n, T)
+            if mask.numel() == 0:
+                continue
+            old = right_align([rows[r][1].logprobs for r in chunk], mask.shape[1]).to(mask.device)  # (n, T)
+            ref = self.policy.reference_logprobs(batch) if g.beta > 0 else None
+            loss, st = policy_loss(
+                logp,
+                old,
+                ref,
+                adv[chunk].to(mask.device),
+                mask,
+                g.clip_low,
+                g.clip_high,
+                g.beta,
+                g.loss_aggregation,
+                max_length=self.cfg.rollout.sampling.max_tokens,
+                total_sequences=len(rows),
+                total_tokens=n_tokens,
+            )
+            if backward:
+                (loss * self.world_size).backward()  # FSDP averages gradients over ranks; the loss is a sum
+            total += float(loss.detach())
+            for k in _STAT_KEYS:
+                acc[k] += st[k] * st["num_tokens"]
+            acc_tokens += st["num_tokens"]
+        stats = {k: v / max(acc_tokens, 1.0) for k, v in acc.items()}
+        stats.update(_batch_stats(groups, adv, self.policy_version))
+        counts = {"num_groups": len(groups), "num_completions": len(rows), "num_tokens": n_tokens}
+        return total, stats, counts
+
+    def _my_chunks(self, n: int) -> list[list[int]]:
+        """Micro-batches of row indices for this rank: rows are split over ranks, then into micro-batches of
+        learner.micro_batch_size (or into learner.grad_accumulation micro-batches when set). Every rank gets the
+        same number of micro-batches (FSDP2 runs collectives in each forward/backward)."""
+        lc = self.cfg.learner
+        rows = list(range(self.rank, n, self.world_size))
+        most = math.ceil(n / self.world_size)  # rows of the busiest rank
+        count = lc.grad_accumulation or math.ceil(most / lc.micro_batch_size)
+        count = max(1, min(count, most))
+        size, extra = divmod(len(rows), count)
+        chunks, start = [], 0
+        for k in range(count):
+            end = start + size + (1 if k < extra else 0)
+            chunks.append(rows[start:end])
+            start = end
+        return chunks
+
+    def _record(self, s: StepStats) -> None:
+        M.STEP_SECONDS.observe(s.step_s)
+        M.LOSS.set(s.loss)
+        M.KL.set(s.kl)
+        M.CLIP_FRACTION.set(s.clip_fraction_low, side="low")
+        M.CLIP_FRACTION.set(s.clip_fraction_high, side="high")
+        M.GRAD_NORM.set(s.grad_norm)
+        M.LR.set(s.lr)
+        M.POLICY_VERSION.set(s.policy_version)
+        M.STEPS.inc()
+        M.TOKENS.inc(s.num_tokens)
+
+    # -- weights --------------------------------------------------------------------------------------------
+    def export_dtype(self) -> torch.dtype:
+        """The rollout engine's dtype (model.dtype; auto: bf16 on a GPU rollout worker, float32 on CPU)."""
+        from actors.processor import resolve_dtype
+
+        rollout_device = "cuda" if self.cfg.rollout.resources.num_gpus > 0 else "cpu"
+        return resolve_dtype(self.cfg.model.dtype, rollout_device)
+
+    def named_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """(HF name, tensor) of every policy parameter in the rollout dtype, on the learner's device."""
+        return self.policy.named_weights(self.export_dtype())
+
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        """CPU copies of named_weights() (the object-store transport; tests)."""
+        return {n: t.detach().to("cpu", copy=True) for n, t in self.named_weights()}
+
+    def weight_sync_backend(self) -> str:
+        ws = self.cfg.weight_sync.backend
+        if ws != "auto":
+            return ws
+        if self.policy.device.type != "cuda":
+            return "gloo"
+        fractional = (
+            0 < self.cfg.rollout.resources.num_gpus < 1 and 0 < self.cfg.learner.resources.num_gpus < 1
+        )
+        return "cuda-ipc" if fractional and self.cfg.placement.mode == "colocated" else "nccl"
+
+    def weight_sync_prepare(self, members: Sequence[str], host: str | None = None) -> dict:
+        """Open a new generation of the weight-sync group for `members` (rollout worker names); returns the
+        GroupInfo (as a dict) each member passes to `DistributedWeightReceiver.join`. Non-blocking."""
+        backend = self.weight_sync_backend()
+        if backend == "object-store":
+            raise RuntimeError("weight_sync.backend=object-store has no group: ship export_weights() instead")
+        if self._sender is None or self._sender_backend != backend:
+            cls = CudaIpcSender if backend == "cuda-ipc" else DistributedWeightSender
+            kw = {} if backend == "cuda-ipc" else {"backend": backend}
+            self._sender = cls(host=host or _node_ip(), bucket_mb=self.cfg.weight_sync.bucket_mb, **kw)
+            self._sender_backend = backend
+        return self._sender.prepare(list(members)).to_dict()
+
+    def weight_sync_connect(self) -> None:
+        """Blocks until every member joined the prepared generation."""
+        self._sender.connect()
+
+    def broadcast_weights(self) -> dict:
+        """Send the current policy (version policy_version) to every member; returns SendStats as a dict."""
+        if self._sender is None:
+            raise RuntimeError("broadcast_weights before weight_sync_prepare/connect")
+        s: SendStats = self._sender.send(self.named_weights(), self.policy_version)
+        M.SYNC_SECONDS.observe(s.seconds, backend=self._sender_backend)
+        M.SYNC_BYTES.inc(s.nbytes, backend=self._sender_backend)
+        M.SYNC_VERSION.set(s.version)
+        return {"version": s.version, "bytes": s.nbytes, "buckets": s.buckets, "seconds": s.seconds}
+
+    def weight_sync_group(self) -> GroupInfo | None:
+        return self._sender.info if self._sender is not None else None
+
+    def close(self) -> None:
+        if self._sender is not None:
+            self._sender.close()
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def save_checkpoint(
+        self, data_cursor: dict | None = None, extra: dict | None = None, root: str | None = None
+    ) -> str:
+        """Write `<checkpoint.dir>/step-<n>` atomically (policy HF folder, optimiser, state JSON), keep K."""
+        t0 = time.perf_counter()
+        cc = self.cfg.checkpoint
+        state = {
+            "policy_version": self.policy_version,
+            "data_cursor": data_cursor,
+            "extra": extra or {},
+            "policy_source": self.cfg.model.policy,
+        }
+        path = save_checkpoint(
+            root or cc.dir, self.step_count, state, self._write_policy, self.optimizer, cc.keep
+        )
+        if self.policy.lora:
+            _save_lora_adapter(self.policy.model, path)
+        M.CHECKPOINT_SECONDS.observe(time.perf_counter() - t0)
+        return str(path)
+
+    def _write_policy(self, folder: Path) -> None:
+        if self.policy.lora:  # a plain HF folder: adapters merged, checkpoint names
+            save_policy(_MergedWeights(self.policy), folder, self.cfg.model.policy, self.policy.processor)
+        else:
+            save_policy(self.policy.hf_model(), folder, self.cfg.model.policy, self.policy.processor)
+
+    def load_checkpoint(self, path: str | None = None) -> dict:
+        """Restore policy weights, optimiser, step, policy_version and RNG states from a checkpoint folder
+        (default: the newest under checkpoint.dir). Returns its state (data_cursor for the driver's reader)."""
+        folder = Path(path) if path else latest_checkpoint(self.cfg.checkpoint.dir)
+        if folder is None:
+            raise FileNotFoundError(f"no checkpoint under {self.cfg.checkpoint.dir} (step-* folders)")
+        state = read_state(folder)
+        if self.policy.lora:
+            _load_lora_adapter(self.policy.model, folder)
+        else:
+            _load_policy_weights(self.policy.model, folder / "policy")
+        load_optimizer(self.optimizer, folder)
+        set_rng_state(state["rng"])
+        self.step_count, self.policy_version = int(state["step"]), int(state["policy_version"])
+        M.POLICY_VERSION.set(self.policy_version)
+        return state
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _check_batch(groups: Sequence[ScoredGroup], samples: Sequence[Sample]) -> None:
+    if len(groups) != len(samples):
+        raise ValueError(
+            f"Learner.step got {len(groups)} groups but {len(samples)} samples; pass one per group"
+        )
+    if not groups:
+        raise ValueError("Learner.step needs at least one scored group")
+    for i, (sg, s) in enumerate(zip(groups, samples, strict=True)):
+        if sg.group.sample_id != s.id:
+            raise ValueError(
+                f"group {i} ({sg.group.group_id!r}) is for sample {sg.group.sample_id!r}, "
+                f"but samples[{i}] is {s.id!r}; keep the two lists in the same order"
+            )
+        if sg.group.group_size < 2:
+            raise ValueError(
+                f"group {sg.group.group_id!r} has G={sg.group.group_size}: a single completion gets a "
+                "zero advantage, training would be a silent no-op; use grpo.group_size >= 2"
+            )
+
+
+def _batch_stats(groups: Sequence[ScoredGroup], adv: torch.Tensor, version: int) -> dict:
+    rewards = [r for sg in groups for r in sg.totals]
+    zero_var = sum(1 for sg in groups if max(sg.totals) == min(sg.totals))
+    stale = [version - sg.group.policy_version for sg in groups]
+    return {
+        "reward_mean": sum(rewards) / len(rewards),
+        "zero_variance_groups": zero_var,
+        "advantage_abs_mean": float(adv.abs().mean()),
+        "staleness_max": max(stale),
+        "staleness_mean": sum(stale) / len(stale),
+    }
+
+
+def _node_ip() -> str:
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return ray.util.get_node_ip_address()
+    return "127.0.0.1"
+
+
+@torch.no_grad()
+def _load_policy_weights(model, folder: Path) -> None:
+    """Copy a saved HF folder's weights into the live model (the optimiser keeps its parameter objects)."""
+    from actors.processor import load_policy
+
+    saved = load_policy(folder, dtype=torch.float32, device="cpu")
+    own = dict(model.named_parameters())
+    for name, p in saved.named_parameters():
+        if name not in own:
+            raise RuntimeError(f"{folder}: parameter {name!r} is not in the live policy; wrong checkpoint?")
+        own[name].copy_(p)
+
+
+class _MergedWeights:
+    """save_policy() adapter for the LoRA path: config + merged weights under their checkpoint names."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+
+    def save_pretrained(self, folder: str, **_k) -> None:
+        from safetensors.torch import save_file
+
+        base = self.policy.hf_model()
+        base.config.save_pretrained(folder)
+        if getattr(base, "generation_config", None) is not None:
+            base.generation_config.save_pretrained(folder)
+        tensors = {n: t.detach().cpu().contiguous() for n, t in self.policy.named_weights()}
+        save_file(tensors, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _save_lora_adapter(model, path: Path) -> None:
+    import peft
+    from safetensors.torch import save_file
+
+    sd = peft.get_peft_model_state_dict(model)
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(Path(path) / "adapter.safetensors")
+    )
+
+
+def _load_lora_adapter(model, folder: Path) -> None:
+    import peft
+    from safetensors.torch import load_file
+
+    peft.set_peft_model_state_dict(model, load_file(str(folder / "adapter.safetensors")))
+
+
+def _setup_fsdp2(model, rank: int, world_size: int, init_method: str | None) -> None:
+    """FSDP2 data parallel: one process per GPU, decoder layers and vision blocks sharded, then the root.
+    UNVERIFIED on these machines (no GPUs): a code path for learner.num_gpus > 1."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world_size)
+    inner = model.model
+    for layer in inner.language_model.layers:
+        fully_shard(layer)
+    for block in inner.visual.blocks:
+        fully_shard(block)
+    fully_shard(model)

@@ -1,0 +1,246 @@
+"""The policy wrapper: log-probabilities of completion tokens given image + prompt, for a Qwen2.5-VL HF folder.
+
+Prompts are rendered exactly as the rollout workers render them (actors/prompting.py + actors/processor.py): the
+image resized to data.image_size x data.image_size, `build_messages(instruction, reward.answer_format,
+image_size)`, the folder's chat template. Tokens are scored at the sampling temperature (log softmax(logits / T))
+so the GRPO ratio compares like with like.
+
+Precision: the trained parameters are float32 master weights; on a GPU the forward runs under bf16 autocast
+(learner.precision auto|bf16), so a 1e-6 update is not lost to bf16 rounding. The frozen reference (only loaded
+when grpo.beta > 0) is kept in model.dtype (bf16 on GPU). Weights are exported to the rollout workers in the
+rollout engine's dtype. Vision features are computed once per image and shared by the G completions of a group
+(when the installed transformers supports `mm_encoder_outputs`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from actors.processor import append_completions, encode_prompts, load_policy, load_processor, resolve_dtype
+from actors.prompting import build_messages, resize_for_policy
+from cluster.config import TrainConfig
+from learner.grpo import masked_logprobs_from_logits
+from learner.weight_sync import checkpoint_names
+from protos import Sample
+
+LORA_TARGETS_DEFAULT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def learner_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
+    if cfg.learner.num_gpus > 0:
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"learner.num_gpus={cfg.learner.num_gpus} but CUDA is not available in the learner process; "
+                "set learner.num_gpus=0 to train on CPU, or give the learner actor a GPU (learner.resources.num_gpus)"
+            )
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """Autocast dtype of the forward: bf16 on GPU (auto|bf16), float32 on CPU (auto) or when asked (fp32)."""
+    if cfg.learner.precision == "fp32":
+        return torch.float32
+    if cfg.learner.precision == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def render_prompt(sample: Sample, cfg: TrainConfig) -> tuple[Any, list[dict]]:
+    """(image, messages) exactly as the rollout workers render them."""
+    size = cfg.data.image_size
+    return resize_for_policy(sample.image, size), build_messages(
+        sample.instruction, cfg.reward.answer_format, size
+    )
+
+
+def right_align(rows: Sequence[Sequence[float]], width: int, fill: float = 0.0) -> torch.Tensor:
+    """Per-completion values (e.g. behaviour logprobs) right-aligned in (N, width), like completion tokens."""
+    out = torch.full((len(rows), width), fill, dtype=torch.float32)  # (N, T)
+    for r, vals in enumerate(rows):
+        if len(vals):
+            out[r, width - len(vals) :] = torch.as_tensor(list(vals), dtype=torch.float32)
+    return out
+
+
+def _has_mm_encoder_outputs(model) -> bool:
+    return "mm_encoder_outputs" in inspect.signature(model.forward).parameters
+
+
+class Policy:
+    """The trained model (+ optional frozen reference) and how to score completions with it."""
+
+    def __init__(
+        self, cfg: TrainConfig, device: torch.device | None = None, load_reference: bool | None = None
+    ):
+        self.cfg = cfg
+        self.device = device if device is not None else learner_device(cfg)
+        self.compute_dtype = compute_dtype(cfg, self.device)
+        self.temperature = cfg.rollout.sampling.temperature
+        self.processor = load_processor(cfg.model.policy)
+        self.pad_token_id = int(self.processor.tokenizer.pad_token_id)
+        self.model = load_policy(cfg.model.policy, dtype=torch.float32, device=self.device).train()
+        self.model.config.use_cache = False
+        if cfg.learner.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._names = checkpoint_names(self.model)  # in-memory -> checkpoint names, taken before LoRA wraps
+        self.lora = cfg.learner.lora_rank > 0
+        if self.lora:
+            self.model = _apply_lora(self.model, cfg)
+        want_ref = cfg.grpo.beta > 0 if load_reference is None else load_reference
+        self.reference = None
+        if want_ref and not (
+            self.lora and cfg.model.reference is None
+        ):  # LoRA: the base model IS the reference
+            ref_dtype = resolve_dtype(cfg.model.dtype, self.device)
+            self.reference = load_policy(
+                cfg.model.reference or cfg.model.policy, dtype=ref_dtype, device=self.device
+            )
+            self.reference.requires_grad_(False)
+        self.share_vision = _has_mm_encoder_outputs(self.model)
+
+    # -- prompts ---------------------------------------------------------------------------------------------
+    def encode(self, samples: Sequence[Sample]) -> dict[str, Any]:
+        """encode_prompts of the samples (one row each), images resized as the rollout workers do."""
+        rendered = [render_prompt(s, self.cfg) for s in samples]
+        return encode_prompts(self.processor, [r[0] for r in rendered], [r[1] for r in rendered])
+
+    def batch(self, prompts: dict, completions: Sequence[Sequence[int]], prompt_index: Sequence[int]) -> dict:
+        """Prompt + completion rows (N, W), left-padded; completion tokens are the last ones of each row."""
+        out = append_completions(prompts, completions, prompt_index, pad_token_id=self.pad_token_id)
+        out["row_image"] = torch.as_tensor(list(prompt_index), dtype=torch.long)  # (N,) which prompt/image
+        return out
+
+    # -- scoring ---------------------------------------------------------------------------------------------
+    def autocast(self):
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def logprobs(self, batch: dict, model=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logprobs (N, T), mask (N, T)) of the completion tokens of `batch`, right-aligned, T = longest
+        completion. Gradients flow when called outside no_grad."""
+        model = self.model if model is None else model
+        t = int(batch["completion_lengths"].max()) if len(batch["completion_lengths"]) else 0
+        n = batch["input_ids"].shape[0]
+        if t == 0:
+            empty = torch.zeros((n, 0), device=self.device)
+            return empty, empty
+        inputs = self._model_inputs(batch, model)
+        with self.autocast():
+            out = model(**inputs, logits_to_keep=t + 1, use_cache=False)
+        logits = out.logits[:, :-1]  # (N, T, V): position W-T-1+j predicts completion slot j
+        tokens = inputs["input_ids"][:, -t:]  # (N, T)
+        mask = batch["completion_mask"][:, -t:].to(self.device, torch.float32)  # (N, T)
+        return masked_logprobs_from_logits(logits, tokens, self.temperature), mask
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: dict) -> torch.Tensor:
+        """(N, T) logprobs under the frozen reference (the LoRA base model when LoRA is on)."""
+        if self.reference is not None:
+            return self.logprobs(batch, self.reference)[0]
+        if self.lora:
+            with self.model.disable_adapter():
+                return self.logprobs(batch)[0]
+        raise RuntimeError("reference_logprobs: no reference model was loaded (grpo.beta == 0)")
+
+    def _model_inputs(self, batch: dict, model) -> dict[str, torch.Tensor]:
+        keys = ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw")
+        inputs = {k: batch[k].to(self.device) for k in keys if k in batch}
+        if "pixel_values" not in batch:
+            return inputs
+        pixels = batch["pixel_values"].to(self.device)
+        if not (self.share_vision and "row_image" in batch):
+            inputs["pixel_values"] = pixels
+            return inputs
+        inputs["mm_encoder_outputs"] = {"image": self._shared_image_features(batch, pixels, model)}
+        return inputs
+
+    def _shared_image_features(self, batch: dict, pixels: torch.Tensor, model):
+        """Vision tower once per distinct image of the micro-batch; rows of one group share the output."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        grid = batch["image_grid_thw"].to(self.device)  # (N, 3)
+        counts = grid.prod(dim=1).tolist()
+        offsets = [0]
+        for c in counts:
+            offsets.append(offsets[-1] + int(c))
+        first: dict[int, int] = {}
+        for row, img in enumerate(batch["row_image"]):
+            first.setdefault(int(img), row)
+        rows = list(first.values())
+        uniq_pixels = torch.cat([pixels[offsets[r] : offsets[r + 1]] for r in rows])  # (P', C*2*14*14)
+        with self.autocast():
+            feats = model.get_image_features(uniq_pixels, grid[rows], return_dict=True).pooler_output
+        by_image = {img: feats[i] for i, img in enumerate(first)}
+        return BaseModelOutputWithPooling(pooler_output=tuple(by_image[int(i)] for i in batch["row_image"]))
+
+    # -- weights ---------------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def hf_model(self):
+        """The transformers model itself (under LoRA: the base model, adapters injected; see named_weights)."""
+        return self.model.get_base_model() if self.lora else self.model
+
+    def named_weights(self, dtype: torch.dtype | None = None) -> list[tuple[str, torch.Tensor]]:
+        """(checkpoint name, tensor) of every parameter, named as in the saved model.safetensors, in `dtype`.
+
+        LoRA: the adapters are merged into the exported tensors (the model itself is left unmerged)."""
+        if self.lora:
+            return [(self._names[n], t) for n, t in _merged_lora_weights(self.model, dtype)]
+        out = []
+        for name, p in self.model.named_parameters():
+            t = p.detach()
+            t = t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2 shards: gather (all ranks call)
+            out.append((self._names[name], t.to(dtype) if dtype is not None and t.is_floating_point() else t))
+        return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Optional LoRA (peft), imported lazily
+
+
+def _require_peft():
+    try:
+        import peft
+    except ImportError as err:
+        raise RuntimeError(
+            "learner.lora_rank > 0 needs the `peft` package, which is not installed; "
+            "`pip install -c constraints.txt peft`, or set learner.lora_rank=0 for full fine-tuning"
+        ) from err
+    return peft
+
+
+def _apply_lora(model, cfg: TrainConfig):
+    peft = _require_peft()
+    lcfg = peft.LoraConfig(
+        r=cfg.learner.lora_rank,
+        lora_alpha=cfg.learner.lora_alpha,
+        target_modules=list(LORA_TARGETS_DEFAULT),
+        lora_dropout=0.0,
+        bias="none",
+    )
+    return peft.get_peft_model(model, lcfg)
+
+
+@torch.no_grad()
+def _merged_lora_weights(model, dtype: torch.dtype | None) -> list[tuple[str, torch.Tensor]]:
+    """Base names and W + scale * B @ A for every LoRA-wrapped linear; adapters themselves are not exported."""
+    model.merge_adapter()
+    try:
+        out = []
+        for name, p in model.get_base_model().named_parameters():
+            if "lora_" in name:
+                continue
+            clean = name.replace(".base_layer", "")
+            t = p.detach().clone()
+            out.append((clean, t.to(dtype) if dtype is not None and t.is_floating_point() else t))
+        return out
+    finally:
+        model.unmerge_adapter()

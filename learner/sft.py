@@ -1,0 +1,239 @@
+"""SFT warm-up: supervised training on (image, target answer) pairs derived from ground-truth masks.
+
+The target answer of a sample is written in the policy's NxN pixel space (data.image_size), exactly in the format
+the reward parser reads (actors.prompting.format_answer):
+- box: the mask's bounding box (x2, y2 exclusive edges, clamped to N);
+- foreground points: the deepest mask pixel (distance transform maximum), then random mask pixels;
+- background points: pixels inside the box but off the mask when there are any, else anywhere off the mask;
+- think: a short templated sentence from the mask (where the object is, how large it is).
+The pre-RL format (reward.answer_format=points) writes only points and labels.
+
+It lets a tiny random policy learn the answer format in minutes, so the demo's RL stage has something to improve.
+Loss: token-mean cross entropy over the answer tokens and the closing <|im_end|>, at temperature 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from actors.prompting import format_answer
+from cluster.config import TrainConfig
+from cluster.data.images import decode_mask
+from learner.checkpoint import save_policy
+from learner.learner import lr_multiplier
+from learner.policy import Policy
+from protos import Sample
+
+_ROWS = ("top", "middle", "bottom")
+_COLS = ("left", "centre", "right")
+
+
+@dataclass(frozen=True)
+class SftTarget:
+    """An answer derived from a mask, in the policy's NxN pixel space."""
+
+    text: str
+    box: tuple[int, int, int, int] | None
+    points: list[tuple[int, int]]
+    labels: list[int]
+
+
+def mask_in_policy_space(sample: Sample, size: int) -> np.ndarray:
+    """The sample's mask resized (nearest) to size x size, as the policy sees the image. # (N, N) bool"""
+    mask = decode_mask(sample.mask, f"sample {sample.id!r}: mask")  # (H, W) bool
+    return cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
+
+
+def _think(mask: np.ndarray, box: tuple[int, int, int, int]) -> str:
+    n = mask.shape[0]
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    where = f"{_ROWS[min(2, int(3 * cy / n))]} {_COLS[min(2, int(3 * cx / n))]}"
+    frac = mask.mean()
+    size = "small" if frac < 0.05 else "medium" if frac < 0.2 else "large"
+    return f"a {size} object at the {where}"
+
+
+def _pick(rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray, k: int) -> list[tuple[int, int]]:
+    if len(xs) == 0 or k <= 0:
+        return []
+    idx = rng.choice(len(xs), size=min(k, len(xs)), replace=False)
+    return [(int(xs[i]), int(ys[i])) for i in idx]
+
+
+def sft_target(
+    sample: Sample, size: int, answer_format: str = "full", n_fg: int = 2, n_bg: int = 1, seed: int = 0
+) -> SftTarget | None:
+    """The answer a perfect policy would write for `sample`; None when the mask is empty."""
+    mask = mask_in_policy_space(sample, size)  # (N, N)
+    if not mask.any():
+        return None
+    rng = np.random.default_rng(
+        int.from_bytes(hashlib.sha256(f"{seed}:{sample.id}".encode()).digest()[:8], "little")
+    )
+    ys, xs = np.nonzero(mask)
+    box = (int(xs.min()), int(ys.min()), min(size, int(xs.max()) + 1), min(size, int(ys.max()) + 1))
+    dist = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 3)  # (N, N) float32
+    cy, cx = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    fg = [(int(cx), int(cy))]
+    rest = (ys != cy) | (xs != cx)
+    fg += _pick(rng, ys[rest], xs[rest], n_fg - 1)
+    off = ~mask
+    in_box = np.zeros_like(mask)
+    in_box[box[1] : box[3], box[0] : box[2]] = True
+    bys, bxs = np.nonzero(off & in_box)
+    if len(bxs) == 0:
+        bys, bxs = np.nonzero(off)
+    bg = _pick(rng, bys, bxs, n_bg)
+    points, labels = fg + bg, [1] * len(fg) + [0] * len(bg)
+    if answer_format == "points":
+        return SftTarget(format_answer(None, [], points, labels), None, points, labels)
+    return SftTarget(format_answer(_think(mask, box), [box], points, labels), box, points, labels)
+
+
+@dataclass
+class SftResult:
+    steps: int
+    first_loss: float
+    last_loss: float
+    seconds: float
+    out_dir: str | None
+    skipped_empty_masks: int
+
+
+class SftTrainer:
+    """Cross-entropy on mask-derived answers; the policy is the same wrapper the GRPO learner uses."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        lr: float = 3e-3,
+        batch_size: int = 16,
+        micro_batch_size: int | None = None,
+        warmup_steps: int = 10,
+        total_steps: int = 100,
+        n_fg: int = 2,
+        n_bg: int = 1,
+    ):
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.lr, self.batch_size = cfg, lr, batch_size
+        self.micro = micro_batch_size or cfg.learner.micro_batch_size
+        self.warmup, self.total_steps, self.n_fg, self.n_bg = warmup_steps, total_steps, n_fg, n_bg
+        self.policy = Policy(cfg, load_reference=False)
+        self.policy.temperature = 1.0  # plain cross entropy
+        tok = self.policy.processor.tokenizer
+        self.end_id = int(tok.convert_tokens_to_ids("<|im_end|>"))
+        self.optimizer = torch.optim.AdamW(
+            self.policy.trainable_parameters(), lr=lr, weight_decay=cfg.learner.weight_decay
+        )
+        self.step_count, self.skipped = 0, 0
+
+    def targets(self, samples: list[Sample]) -> tuple[list[Sample], list[list[int]]]:
+        tok, keep, ids = self.policy.processor.tokenizer, [], []
+        for s in samples:
+            t = sft_target(
+                s,
+                self.cfg.data.image_size,
+                self.cfg.reward.answer_format,
+                self.n_fg,
+                self.n_bg,
+                self.cfg.seed,
+            )
+            if t is None:
+                self.skipped += 1
+                continue
+            keep.append(s)
+            ids.append(tok.encode(t.text, add_special_tokens=False) + [self.end_id])
+        return keep, ids
+
+    def step(self, samples: list[Sample]) -> float:
+        """One optimiser step on a batch; returns the token-mean cross entropy."""
+        samples, ids = self.targets(samples)
+        if not samples:
+            return float("nan")
+        prompts = self.policy.encode(samples)
+        n_tok = sum(len(i) for i in ids)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for start in range(0, len(samples), self.micro):
+            rows = list(range(start, min(start + self.micro, len(samples))))
+            batch = self.policy.batch(prompts, [ids[r] for r in rows], rows)
+            logp, mask = self.policy.logprobs(batch)  # (n, T), (n, T)
+            loss = -(logp * mask).sum() / n_tok
+            loss.backward()
+            total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), self.cfg.learner.grad_clip)
+        lr = self.lr * lr_multiplier(self.step_count, self.warmup, "cosine", self.total_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        self.step_count += 1
+        return total
+
+    def save(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        save_policy(self.policy.hf_model(), out, self.cfg.model.policy, self.policy.processor)
+        return out
+
+
+def run_sft(
+    cfg: TrainConfig,
+    steps: int,
+    out_dir: str | Path | None,
+    lr: float = 3e-3,
+    batch_size: int = 16,
+    progress: Callable[[int, float], None] | None = None,
+    time_limit_s: float | None = None,
+    **kw,
+) -> SftResult:
+    """SFT for `steps` optimiser steps on cfg.data.train (stops early at time_limit_s), then saves the policy
+    as an HF folder in out_dir (when given)."""
+    from cluster.data.reader import DatasetReader
+
+    t0 = time.perf_counter()
+    trainer = SftTrainer(cfg, lr=lr, batch_size=batch_size, total_steps=steps, **kw)
+    reader = DatasetReader.from_config(cfg)
+    first = last = math.nan
+    for i in range(steps):
+        last = trainer.step(reader.next_batch(batch_size))
+        first = last if i == 0 else first
+        if progress is not None:
+            progress(i + 1, last)
+        if time_limit_s is not None and time.perf_counter() - t0 > time_limit_s:
+            break
+    saved = str(trainer.save(out_dir)) if out_dir is not None else None
+    return SftResult(trainer.step_count, first, last, time.perf_counter() - t0, saved, trainer.skipped)
+
+
+@torch.no_grad()
+def greedy_answers(policy: Policy, samples: list[Sample], max_new_tokens: int = 128) -> list[str]:
+    """Greedy completions of the policy for the samples (a quick look at what SFT taught; tests)."""
+    from actors.processor import model_inputs, stop_token_ids, suppress_token_ids
+
+    tok = policy.processor.tokenizer
+    model = policy.hf_model()
+    batch = policy.encode(samples)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(
+            **model_inputs(batch, policy.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stop_token_ids(tok),
+            pad_token_id=policy.pad_token_id,
+            suppress_tokens=suppress_token_ids(tok, model.config.get_text_config().vocab_size),
+            use_cache=True,
+        )
+    finally:
+        model.train(was_training)
+    new = out[:, batch["input_ids"].shape[1] :]  # (B, new)
+    return [tok.decode(row, skip_special_tokens=True) for row in new]

@@ -1,0 +1,112 @@
+"""Weight broadcast on a real local Ray: 3 receiver actors (WeightReceiverEndpoint) join the learner's gloo
+group, get bit-identical tensors, switch versions atomically (one load_weights per complete version; a transfer
+cut half-way leaves every engine on the previous version), and a 4th actor joins mid-run."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import ray
+import torch
+
+from cluster.topology import make_weight_receiver_actor
+from learner.weight_sync import (
+    DistributedWeightSender,
+    WeightsManifest,
+    pack_bucket,
+    plan_manifest,
+    send_header,
+)
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def _receiver_actor(name: str):
+    return make_weight_receiver_actor(name)
+
+
+def _model(seed: int) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = [
+        (f"model.layers.{i}.mlp.weight", torch.randn(64, 48, generator=g).to(torch.bfloat16))
+        for i in range(6)
+    ]
+    out += [("model.norm.weight", torch.randn(48, generator=g)), ("visual.scale", torch.tensor(float(seed)))]
+    return out
+
+
+def _digests(named) -> dict[str, str]:
+    return {
+        n: hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+        for n, t in named
+    }
+
+
+def _form_group(sender, actors: dict) -> None:
+    info = sender.prepare(list(actors))
+    joins = [a.join.remote(info.to_dict()) for a in actors.values()]
+    sender.connect()
+    ray.get(joins, timeout=60)
+
+
+def _send(sender, actors: dict, named, version: int) -> list:
+    pending = [a.receive.remote() for a in actors.values()]  # every actor blocks in its receive first
+    sender.send(named, version)
+    return ray.get(pending, timeout=60)
+
+
+class _CutSender(DistributedWeightSender):
+    """Announces a version, sends its first bucket, then vanishes (a learner dying mid-transfer)."""
+
+    def send_first_bucket_only(self, named, version):
+        manifest: WeightsManifest = plan_manifest(named, version, self.bucket_mb)
+        assert len(manifest.bucket_nbytes) > 1
+        send_header(self._pg, self.device, {"op": "weights", "manifest": manifest.model_dump(mode="json")})
+        from learner.weight_sync import broadcast
+
+        broadcast(self._pg, pack_bucket(manifest, 0, dict(named))).wait()
+        self._pg = None  # drop the group without sending the rest
+
+
+def test_three_ray_actors_bit_identical_atomic_versions_and_a_late_joiner():
+    actors = {f"rollout-{i}": _receiver_actor(f"rollout-{i}") for i in range(3)}
+    sender = DistributedWeightSender("gloo", bucket_mb=0.004, timeout_s=60, use_shm=False)
+    try:
+        _form_group(sender, actors)
+        for version in (1, 2):
+            assert _send(sender, actors, _model(version), version) == [version] * 3
+            states = ray.get([a.state.remote() for a in actors.values()])
+            for st in states:
+                assert st["version"] == version and st["loads"] == version  # one load_weights per version
+                assert st["digests"] == _digests(_model(version))  # bit-identical
+
+        # a new worker joins at the version boundary: new generation, everyone re-joins, current weights re-sent
+        actors["rollout-3"] = _receiver_actor("rollout-3")
+        _form_group(sender, actors)
+        assert _send(sender, actors, _model(2), 2) == [2] * 4
+        assert _send(sender, actors, _model(3), 3) == [3] * 4
+        for st in ray.get([a.state.remote() for a in actors.values()]):
+            assert st["version"] == 3 and st["digests"] == _digests(_model(3))
+    finally:
+        sender.close()
+        for a in actors.values():
+            ray.kill(a)
+
+
+def test_a_transfer_cut_half_way_leaves_every_engine_on_the_previous_version():
+    actors = {f"cut-{i}": _receiver_actor(f"cut-{i}") for i in range(2)}
+    sender = _CutSender("gloo", bucket_mb=0.004, timeout_s=60, use_shm=False)
+    try:
+        _form_group(sender, actors)
+        assert _send(sender, actors, _model(1), 1) == [1, 1]
+        pending = [a.receive.remote() for a in actors.values()]
+        sender.send_first_bucket_only(_model(2), 2)
+        for ref in pending:
+            with pytest.raises(ray.exceptions.RayTaskError):
+                ray.get(ref, timeout=60)
+        for st in ray.get([a.state.remote() for a in actors.values()]):
+            assert st["version"] == 1 and st["loads"] == 1 and st["digests"] == _digests(_model(1))
+    finally:
+        for a in actors.values():
+            ray.kill(a)

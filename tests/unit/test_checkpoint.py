@@ -1,0 +1,167 @@
+"""Checkpoints: atomic, keep-K, plain HF policy folder, pickle-free optimiser/RNG state, and exact resume
+(same next batch, same next loss, same weights) with the tiny policy and the real data reader."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from cluster.config import TrainConfig
+from cluster.data.reader import DatasetReader
+from cluster.data.synth import write_synthetic
+from learner.checkpoint import (
+    latest_checkpoint,
+    load_optimizer,
+    read_state,
+    rng_state,
+    save_checkpoint,
+    save_optimizer,
+    set_rng_state,
+    step_dirs,
+)
+from learner.learner import Learner
+from learner.synthetic import scored_groups
+
+torch.set_num_threads(2)
+
+
+def _noop_policy(folder):
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+
+
+def test_rng_state_round_trips_through_json():
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    state = json.loads(json.dumps(rng_state()))
+    want = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
+
+
+def test_optimizer_state_round_trips_without_pickle(tmp_path):
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    opt = torch.optim.AdamW([p], lr=0.1, betas=(0.8, 0.9))
+    for _ in range(2):
+        p.grad = torch.randn(3, 2)
+        opt.step()
+    save_optimizer(opt, tmp_path)
+    assert {f.name for f in tmp_path.iterdir()} == {"optimizer.safetensors", "optimizer.json"}
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = torch.optim.AdamW([q], lr=0.5)
+    load_optimizer(opt2, tmp_path)
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"]
+    for key in ("step", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(s1["state"][0][key], s2["state"][0][key])
+
+
+def test_keep_k_atomic_and_crash_leftovers(tmp_path):
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, {"policy_version": step}, _noop_policy, keep=2)
+    assert [s for s, _ in step_dirs(tmp_path)] == [2, 3]
+    assert read_state(latest_checkpoint(tmp_path))["policy_version"] == 3
+
+    def crash(folder):
+        folder.mkdir()
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(tmp_path, 4, {}, crash, keep=2)
+    assert [s for s, _ in step_dirs(tmp_path)] == [2, 3]  # no half-written step-4
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_read_state_names_a_folder_that_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(Exception, match="state.json"):
+        read_state(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Exact resume with the tiny policy
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from cluster.tiny_models import build_tiny_policy
+
+    root = tmp_path_factory.mktemp("resume")
+    policy = build_tiny_policy(root / "policy", seed=0, preset="test")
+    write_synthetic(root / "data", n=12, seed=0, size=64)
+    cfg = TrainConfig.model_validate(
+        {
+            "model": {"policy": str(policy)},
+            "data": {"train": str(root / "data"), "image_size": 56},
+            "rollout": {"sampling": {"max_tokens": 32}},
+            "grpo": {"group_size": 4, "beta": 0.04, "steps": 3},
+            "learner": {"lr": 1e-4, "micro_batch_size": 4, "warmup_steps": 2, "schedule": "cosine"},
+            "checkpoint": {"dir": str(root / "ckpt"), "keep": 1},
+        }
+    )
+    return cfg
+
+
+def _train(learner: Learner, reader: DatasetReader, steps: int) -> list:
+    out = []
+    for _ in range(steps):
+        samples = reader.next_batch(2)
+        groups = scored_groups(learner.policy, samples, 4, seed=learner.step_count, max_tokens=24)
+        next_loss = learner.loss_on(groups, samples)
+        stats = learner.step(groups, samples)
+        out.append(([s.id for s in samples], next_loss, stats.loss))
+    return out
+
+
+def test_resume_gives_the_same_next_batch_loss_and_weights(setup):
+    cfg = setup
+    full = Learner(cfg)
+    reference = _train(full, DatasetReader.from_config(cfg), 3)
+    torch.manual_seed(123)  # the RNG state at the moment of the step-2 save, replayed below
+    marker = torch.rand(3)
+
+    first = Learner(cfg)
+    reader = DatasetReader.from_config(cfg)
+    assert _train(first, reader, 2) == reference[:2]
+    torch.manual_seed(123)
+    path = first.save_checkpoint(data_cursor=reader.state_dict())
+    del first
+
+    resumed = Learner(cfg)
+    state = resumed.load_checkpoint()  # newest under checkpoint.dir
+    assert str(latest_checkpoint(cfg.checkpoint.dir)) == path
+    assert torch.equal(torch.rand(3), marker)  # RNG states restored
+    assert (resumed.step_count, resumed.policy_version) == (2, 2)
+    reader2 = DatasetReader.from_config(cfg)
+    reader2.load_state_dict(state["data_cursor"])
+    third = _train(resumed, reader2, 1)[0]
+    assert third[0] == reference[2][0]  # same next batch
+    assert third[1] == reference[2][1] and third[2] == reference[2][2]  # same next loss
+    for (n, a), (_, b) in zip(
+        full.policy.model.named_parameters(), resumed.policy.model.named_parameters(), strict=True
+    ):
+        assert torch.equal(a, b), n
+
+
+def test_checkpoint_policy_is_a_plain_hf_folder(setup):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from actors.processor import load_policy, load_processor
+
+    cfg = setup
+    learner = Learner(cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"keep": 3})}))
+    path = learner.save_checkpoint(data_cursor=None)
+    folder = f"{path}/policy"
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder)
+    assert load_processor(folder).tokenizer is not None
+    live = dict(learner.policy.model.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p, live[name]), name
+    assert load_policy(folder) is not None

@@ -1,0 +1,115 @@
+"""The Learner on the tiny Qwen2.5-VL policy (built offline): one step changes every parameter and lowers the
+loss on the same batch; micro-batching equals the full batch; exported names are the checkpoint's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from cluster.config import TrainConfig
+from cluster.data.synth import generate_samples
+from learner.learner import Learner, lr_multiplier
+from learner.synthetic import scored_groups
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    from cluster.tiny_models import build_tiny_policy
+
+    return build_tiny_policy(tmp_path_factory.mktemp("tiny") / "policy", seed=0, preset="test")
+
+
+def make_cfg(policy_dir, **learner) -> TrainConfig:
+    return TrainConfig.model_validate(
+        {
+            "model": {"policy": str(policy_dir)},
+            "data": {"image_size": 56},
+            "rollout": {"sampling": {"temperature": 1.0, "max_tokens": 48}},
+            "grpo": {"group_size": 4, "beta": learner.pop("beta", 0.04)},
+            "learner": {"lr": 1e-4, "micro_batch_size": 8, **learner},
+            "checkpoint": {"dir": str(policy_dir.parent / "ckpt")},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def batch(policy_dir):
+    samples = list(generate_samples(2, seed=0, size=64))
+    learner = Learner(make_cfg(policy_dir))
+    return samples, scored_groups(learner.policy, samples, group_size=4, seed=1, max_tokens=32)
+
+
+def test_one_step_changes_every_trainable_parameter_and_lowers_the_loss(policy_dir, batch):
+    samples, groups = batch
+    learner = Learner(make_cfg(policy_dir))
+    before = {n: p.detach().clone() for n, p in learner.policy.model.named_parameters()}
+    loss0 = learner.loss_on(groups, samples)
+    stats = learner.step(groups, samples)
+    assert stats.policy_version == 1 and learner.policy_version == 1 and stats.step == 1
+    assert stats.loss == pytest.approx(loss0, abs=1e-6)
+    assert abs(stats.ratio_mean - 1.0) < 1e-4 and stats.clip_fraction == 0.0  # on-policy batch
+    assert stats.grad_norm > 0 and stats.num_completions == 8 and stats.num_groups == 2
+    unchanged = [n for n, p in learner.policy.model.named_parameters() if torch.equal(p, before[n])]
+    assert unchanged == []
+    assert learner.loss_on(groups, samples) < loss0
+    assert learner.policy.reference is not None  # beta > 0: frozen reference loaded
+
+
+def test_micro_batches_give_the_same_gradient_as_one_batch(policy_dir, batch):
+    samples, groups = batch
+    a = Learner(make_cfg(policy_dir, micro_batch_size=3))
+    b = Learner(make_cfg(policy_dir, micro_batch_size=64))
+    la, _, _ = a._accumulate(groups, samples, backward=True)
+    lb, _, _ = b._accumulate(groups, samples, backward=True)
+    assert la == pytest.approx(lb, abs=1e-6)
+    for (n, pa), (_, pb) in zip(
+        a.policy.model.named_parameters(), b.policy.model.named_parameters(), strict=True
+    ):
+        assert torch.allclose(pa.grad, pb.grad, rtol=1e-4, atol=1e-8), n
+
+
+def test_beta_zero_loads_no_reference_model(policy_dir, batch):
+    samples, groups = batch
+    learner = Learner(make_cfg(policy_dir, beta=0.0))
+    assert learner.policy.reference is None
+    assert learner.step(groups, samples).kl == 0.0
+
+
+def test_exported_weights_carry_the_checkpoint_names_and_values(policy_dir):
+    learner = Learner(make_cfg(policy_dir, beta=0.0))
+    exported = learner.export_weights()
+    with safe_open(str(policy_dir / "model.safetensors"), "pt") as f:
+        assert set(exported) == set(f.keys())
+        for name in f.keys():
+            assert torch.equal(exported[name], f.get_tensor(name)), name
+
+
+def test_groups_and_samples_must_pair_up(policy_dir, batch):
+    samples, groups = batch
+    learner = Learner(make_cfg(policy_dir, beta=0.0))
+    with pytest.raises(ValueError, match="samples"):
+        learner.step(groups, samples[:1])
+    with pytest.raises(ValueError, match="same order"):
+        learner.step(groups, samples[::-1])
+
+
+def test_lr_schedule_warmup_then_decay():
+    assert [lr_multiplier(s, 4, "constant", 10) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lr_multiplier(4, 4, "cosine", 10) == pytest.approx(1.0)
+    assert lr_multiplier(10, 4, "cosine", 10) == pytest.approx(0.0)
+    assert lr_multiplier(7, 4, "linear", 10) == pytest.approx(0.5)
+
+
+def test_shared_vision_features_match_per_row_images(policy_dir, batch):
+    samples, groups = batch
+    learner = Learner(make_cfg(policy_dir, beta=0.0))
+    prompts = learner.policy.encode(samples)
+    rows = [(i, c.token_ids) for i, g in enumerate(groups) for c in g.group.completions]
+    b = learner.policy.batch(prompts, [r[1] for r in rows], [r[0] for r in rows])
+    with torch.no_grad():
+        shared, mask = learner.policy.logprobs(b)
+        plain, _ = learner.policy.logprobs({k: v for k, v in b.items() if k != "row_image"})
+    assert torch.allclose(shared * mask, plain * mask, atol=1e-5)

@@ -1,0 +1,211 @@
+"""Weight broadcast: bucket layout, packing round trip, in-process channel, and the gloo wire protocol between
+real processes (learner rank 0 + 2 receivers), including a membership change mid-run."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import threading
+
+import pytest
+import torch
+
+from actors.weight_receiver import BackgroundWeightLoader, DistributedWeightReceiver, receive_and_load
+from learner.weight_sync import (
+    DistributedWeightSender,
+    InProcessChannel,
+    WeightSyncError,
+    bucket_views,
+    pack_bucket,
+    plan_manifest,
+)
+
+
+def _model(seed: int = 0) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        ("embed.weight", torch.randn(50, 16, generator=g).to(torch.bfloat16)),
+        ("layer.0.w", torch.randn(16, 16, generator=g)),
+        ("layer.0.b", torch.randn(16, generator=g).to(torch.bfloat16)),
+        ("layer.1.w", torch.randn(3, 5, 7, generator=g)),
+        ("scalar", torch.tensor(3.5)),
+        ("empty", torch.zeros(0, 4)),
+        ("ids", torch.arange(10, dtype=torch.int64)),
+    ]
+
+
+class _Engine:
+    """A stand-in rollout engine that records what load_weights got (a real class, not a mock)."""
+
+    def __init__(self):
+        self.version = -1
+        self.weights: dict[str, torch.Tensor] = {}
+        self.calls = 0
+
+    def load_weights(self, named_tensors, version: int) -> None:
+        self.weights = {n: t.clone() for n, t in named_tensors}
+        self.version = version
+        self.calls += 1
+
+
+def test_manifest_one_dtype_per_bucket_and_size_limit():
+    named = _model()
+    m = plan_manifest(named, version=3, bucket_mb=1200 / 2**20)  # 1200-byte buckets
+    assert m.version == 3
+    dtypes: dict[int, set] = {}
+    for spec in m.tensors:
+        dtypes.setdefault(spec.bucket, set()).add(spec.dtype)
+        assert spec.offset % 64 == 0
+    assert all(len(d) == 1 for d in dtypes.values())
+    # embed (1600 B) is larger than a bucket: it gets a bucket of its own; other buckets stay within the limit
+    embed = next(s for s in m.tensors if s.name == "embed.weight")
+    assert m.bucket_nbytes[embed.bucket] == 1600
+    assert all(n <= 1200 for i, n in enumerate(m.bucket_nbytes) if i != embed.bucket)
+    assert m.total_bytes >= sum(t.numel() * t.element_size() for _, t in named)
+
+
+def test_pack_and_views_round_trip_bit_identical():
+    named = _model()
+    m = plan_manifest(named, version=0, bucket_mb=0.001)
+    buffers = [pack_bucket(m, i, dict(named)).clone() for i in range(len(m.bucket_nbytes))]
+    out = dict(bucket_views(m, buffers))
+    for name, t in named:
+        assert out[name].dtype == t.dtype and out[name].shape == t.shape
+        assert torch.equal(out[name], t)
+
+
+def test_in_process_channel_atomic_versions_and_late_joiner():
+    ch = InProcessChannel(bucket_mb=0.001)
+    sender, early = ch.sender(), ch.receiver()
+    engine = _Engine()
+    sender.send(_model(0), version=1)
+    sender.send(_model(1), version=2)
+    assert receive_and_load(early, engine) == 1
+    assert torch.equal(engine.weights["layer.0.w"], dict(_model(0))["layer.0.w"])
+    assert receive_and_load(early, engine) == 2 and engine.calls == 2
+    late = ch.receiver()  # joins after version 2: starts from the current weights
+    late_engine = _Engine()
+    assert receive_and_load(late, late_engine) == 2
+    for name, t in _model(1):
+        assert torch.equal(late_engine.weights[name], t)
+    sender.close(notify=True)
+    assert early.receive() is None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Real processes over gloo
+
+
+def _receiver_proc(name: str, info_q, result_q) -> None:
+    torch.set_num_threads(1)
+    receiver = DistributedWeightReceiver(name)
+    engine = _Engine()
+    try:
+        while True:
+            info = info_q.get()
+            if info is None:
+                return
+            receiver.join(info)
+            while (v := receive_and_load(receiver, engine)) is not None:
+                result_q.put((name, v, {n: t for n, t in engine.weights.items()}))
+            result_q.put((name, "closed", None))
+    except Exception as err:  # report to the test instead of hanging it
+        result_q.put((name, "error", repr(err)))
+
+
+def _start(ctx, name):
+    info_q, result_q = ctx.Queue(), ctx.Queue()
+    p = ctx.Process(target=_receiver_proc, args=(name, info_q, result_q), daemon=True)
+    p.start()
+    return p, info_q, result_q
+
+
+def _expect(result_q, name, version, model):
+    got_name, got_version, weights = result_q.get(timeout=60)
+    assert (got_name, got_version) == (name, version), weights
+    for n, t in model:
+        assert weights[n].dtype == t.dtype and torch.equal(weights[n], t), n
+
+
+def _connect(sender, members, queues):
+    info = sender.prepare(members)
+    for q in queues:
+        q.put(info)
+    sender.connect()
+
+
+@pytest.mark.parametrize("use_shm", [None, False], ids=["shared-memory", "tcp"])
+def test_gloo_broadcast_two_receivers_bit_identical_then_a_third_joins(use_shm, monkeypatch):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setattr("learner.weight_sync.SHM_CHUNK_BYTES", 256)  # several shared-memory chunks per bucket
+    ctx = mp.get_context("spawn")
+    procs = {n: _start(ctx, n) for n in ("rollout-0", "rollout-1")}
+    sender = DistributedWeightSender("gloo", bucket_mb=0.002, timeout_s=60, use_shm=use_shm)
+    try:
+        _connect(sender, list(procs), [p[1] for p in procs.values()])
+        assert sender.shm_active is (use_shm is None)  # same machine: the probe finds shared memory
+        for version, seed in ((1, 1), (2, 2)):
+            stats = sender.send(_model(seed), version)
+            assert stats.version == version and stats.buckets > 1
+            for n, (_, _, rq) in procs.items():
+                _expect(rq, n, version, _model(seed))
+        # a new worker joins at a version boundary: new generation, everyone rejoins, current weights re-sent
+        procs["rollout-2"] = _start(ctx, "rollout-2")
+        sender.close(notify=True)
+        for n in ("rollout-0", "rollout-1"):
+            assert procs[n][2].get(timeout=60)[1] == "closed"
+        _connect(sender, list(procs), [p[1] for p in procs.values()])
+        assert sender.info.generation == 2 and sender.info.world_size == 4
+        sender.send(_model(2), 2)
+        sender.send(_model(3), 3)
+        for n, (_, _, rq) in procs.items():
+            _expect(rq, n, 2, _model(2))
+            _expect(rq, n, 3, _model(3))
+        sender.close(notify=True)
+    finally:
+        for p, iq, _ in procs.values():
+            iq.put(None)
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+
+
+def test_receiver_refuses_a_group_without_its_name():
+    sender = DistributedWeightSender("gloo", timeout_s=5)
+    info = sender.prepare(["rollout-0"])
+    with pytest.raises(WeightSyncError, match="rollout-9"):
+        DistributedWeightReceiver("rollout-9").join(info)
+
+
+def test_background_loader_switches_under_the_engine_lock():
+    ch = InProcessChannel(bucket_mb=0.01)
+    sender, engine = ch.sender(), _Engine()
+    loader = BackgroundWeightLoader(ch.receiver(), engine, threading.Lock())
+    with loader.lock:  # a "generation" in progress: the new version must wait for it
+        loader.start()
+        sender.send(_model(5), 1)
+        sender.close(notify=True)
+        assert engine.version == -1
+    loader.join(timeout=30)
+    assert loader.loaded_version == 1 and engine.version == 1
+
+
+def test_orphan_segments_of_dead_learners_are_removed():
+    from multiprocessing import shared_memory
+
+    from learner.weight_sync import SHM_PREFIX, remove_orphan_segments
+
+    dead = shared_memory.SharedMemory(name=f"{SHM_PREFIX}999999999-test-0", create=True, size=8)
+    mine = shared_memory.SharedMemory(name=f"{SHM_PREFIX}{os.getpid()}-test-0", create=True, size=8)
+    try:
+        removed = remove_orphan_segments(min_age_s=0)
+        assert dead.name.lstrip("/") in removed and mine.name.lstrip("/") not in removed
+    finally:
+        for seg in (dead, mine):
+            seg.close()
+            try:
+                seg.unlink()
+            except FileNotFoundError:  # removed as an orphan: tell this process's tracker too
+                from multiprocessing import resource_tracker
+
+                resource_tracker.unregister(seg._name, "shared_memory")
