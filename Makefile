@@ -50,10 +50,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 demo: $(STAMP)
-	$(VENV)/bin/segr1 models tiny --out runs/models
-	$(VENV)/bin/segr1 data synth --out runs/data/train --n 512 --seed 0
-	$(VENV)/bin/segr1 data synth --out runs/data/eval --n 128 --seed 1
-	$(VENV)/bin/segr1 train --config cluster/configs/demo.yaml --dry-run
+	$(PY) -m cluster.demo --out $(DEMO_DIR)
 
 bench: $(STAMP)
 	mkdir -p bench/results

@@ -29,7 +29,7 @@ DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
 
 def build_assets(
-    cfg: TrainConfig, root: Path, seed: int, n_train: int, n_eval: int
+    cfg: TrainConfig, root: Path, seed: int, n_train: int, n_eval: int, kind: str = "salient"
 ) -> tuple[Path, Path, Path]:
     """Tiny models and synthetic data sets (cached: rebuilt only when missing)."""
     from cluster.data.synth import write_synthetic
@@ -39,9 +39,9 @@ def build_assets(
     if not (models / "config.json").is_file():
         build_tiny_policy(models, seed=seed, preset="demo")
     if not any(train.glob("*.parquet")):
-        write_synthetic(train, n=n_train, seed=seed, split="train")
+        write_synthetic(train, n=n_train, seed=seed, kind=kind, split="train")
     if not any(held_out.glob("*.parquet")):
-        write_synthetic(held_out, n=n_eval, seed=10_000 + seed, split="val")
+        write_synthetic(held_out, n=n_eval, seed=10_000 + seed, kind=kind, split="val")
     return models, train, held_out
 
 
@@ -59,7 +59,7 @@ def run_sft_stage(cfg: TrainConfig, out: Path, steps: int, time_limit_s: float) 
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
 
-    result = run_sft(cfg, steps, folder, progress=progress, time_limit_s=time_limit_s)
+    result = run_sft(cfg, steps, folder, lr=3e-3, progress=progress, time_limit_s=time_limit_s)
     bar.close()
     logger.info(
         "SFT: %d steps in %.0f s, loss %.3f -> %.3f",
@@ -204,10 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=str(DEMO_CONFIG))
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sft-steps", type=int, default=300)
+    p.add_argument("--sft-steps", type=int, default=400)
     p.add_argument("--sft-time-limit", type=float, default=300.0, help="seconds; SFT stops early and saves")
     p.add_argument("--n-train", type=int, default=2048)
     p.add_argument("--n-eval", type=int, default=128)
+    p.add_argument(
+        "--kind",
+        default="salient",
+        choices=("salient", "camouflaged", "mixed"),
+        help="synthetic data kind (salient: the most learnable for a ~1M-parameter policy)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

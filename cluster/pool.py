@@ -116,6 +116,11 @@ class ActorPool:
         inflight = sum(len(m.inflight) for m in self._members.values())
         return len(self._queue) + inflight + len(self._done)
 
+    def waitables(self) -> list:
+        """ObjectRefs the pool waits on (calls in flight, actors starting): `ray.wait` them together with other
+        pools' to block until any of them has news, then `poll(timeout=0)` each."""
+        return self._all_refs()
+
     def handles(self) -> dict[str, Any]:
         return {n: m.handle for n, m in self._members.items() if not m.draining}
 

@@ -24,16 +24,20 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     driver = spawn_driver_actor(cfg, resume)
     run_ref = driver.run.remote()
     try:
-        summary = ray.get(run_ref)
-    except KeyboardInterrupt:
-        print(
-            "\nstopping: finishing the current step and writing a checkpoint (Ctrl-C again to abort)",
-            file=sys.stderr,
-        )
-        ray.get(driver.request_stop.remote())
-        summary = ray.get(run_ref)
-    ray.get(driver.close.remote())
-    ray.kill(driver, no_restart=True)
+        try:
+            summary = ray.get(run_ref)
+        except KeyboardInterrupt:
+            print(
+                "\nstopping: finishing the current step and writing a checkpoint (Ctrl-C again to abort)",
+                file=sys.stderr,
+            )
+            ray.get(driver.request_stop.remote())
+            summary = ray.get(run_ref)
+    finally:  # also when run() failed: free the actor names (`driver`, `rollout-0`, ...) for the next job
+        try:
+            ray.get(driver.close.remote(), timeout=120)
+        finally:
+            ray.kill(driver, no_restart=True)
     return summary
 
 

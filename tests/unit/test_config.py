@@ -71,3 +71,10 @@ def test_cli_dry_run_prints_resolved_config(tmp_path, capsys):
 def test_cli_rejects_group_size_one(capsys):
     assert main(["train", "--dry-run", "grpo.group_size=1"]) == 2
     assert "group_size" in capsys.readouterr().err
+
+
+def test_readme_config_reference_is_current():
+    from cluster.config_doc import config_table
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert config_table() in readme, "README's configuration reference is stale: paste `python -m cluster.config_doc`"

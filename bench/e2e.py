@@ -1,0 +1,371 @@
+"""End-to-end throughput: samples/s of the demo's GRPO stage, synchronous and asynchronous on local Ray, against
+a plain single-process loop, measured in the same run.
+
+    python bench/e2e.py --quick --out bench/results/e2e_cpu.json
+    python bench/e2e.py --out bench/results/e2e_cpu_full.json [--policy runs/demo/sft-policy]
+
+What is compared (same policy, data, reward, B, G, sampling and seeds in all three):
+- single_process: one Python process runs generate -> score -> update -> load the new weights, step after step,
+  with the plain classes (actors.worker.RolloutWorker, reward_service.worker.RewardWorker, learner.learner.Learner)
+  and torch using every core (torch.set_num_threads(os.cpu_count())), GrabCut on a thread per core.
+- sync / async: `cluster.train.run_training` with cluster/configs/demo.yaml (two rollout workers, two reward
+  workers, the learner, the driver actor; gloo weight broadcast), grpo.mode=sync / async (max_staleness 1).
+A sample is one prompt (image) trained on; completions/s is samples/s x G. Throughput is steady state: the first
+`--warmup` steps (engine start, first weight sync, pipeline fill) are excluded; for the Ray modes the time is the sum
+of metrics.jsonl `step_s` after the warm-up (in async mode step_s is the time between two learner steps).
+The JSON also has the mean seconds per step of each stage (generate, score, learner, weight sync) to show where the
+time goes, and the load average, since every process shares the machine's cores with whatever else runs.
+
+Policy: by default a tiny policy built offline and taught the answer format by a short SFT (so that completions
+parse and GrabCut runs, as in the demo): --quick uses the 0.2M-parameter test preset, 56-px images and the
+points-only answer format (SFT ~1 min); without --quick the demo preset and the demo's full answer format
+(SFT of --sft-steps, several minutes), or --policy DIR (e.g. the demo's runs/demo/sft-policy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DEMO_CONFIG = REPO / "cluster" / "configs" / "demo.yaml"
+
+QUICK = dict(
+    preset="test",
+    image_px=64,
+    image_size=56,
+    answer_format="points",
+    max_tokens=48,
+    sft_steps=100,
+    sft_lr=1e-2,
+    steps=14,
+    warmup=2,
+    n_train=256,
+)
+FULL = dict(
+    preset="demo",
+    image_px=128,
+    image_size=112,
+    answer_format="full",
+    max_tokens=128,
+    sft_steps=300,
+    sft_lr=3e-3,
+    steps=20,
+    warmup=3,
+    n_train=1024,
+)
+
+
+def build_policy(work: Path, s: dict, policy: str | None) -> tuple[Path, Path]:
+    """(policy folder, training data folder): the tiny model, synthetic data and a short SFT, cached in work."""
+    from cluster.data.synth import write_synthetic
+    from cluster.tiny_models import build_tiny_policy
+
+    data = work / "data" / "train"
+    if not any(data.glob("*.parquet")):
+        write_synthetic(data, n=s["n_train"], seed=0, size=s["image_px"], split="train")
+    if policy:
+        return Path(policy), data
+    sft = work / "models" / "sft-policy"
+    if (sft / "config.json").is_file():
+        return sft, data
+    import torch
+
+    from learner.sft import run_sft
+
+    base = build_tiny_policy(work / "models" / "policy", seed=0, preset=s["preset"])
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = bench_config(Path(base), data, work / "sft", s, [])
+    t0 = time.perf_counter()
+    r = run_sft(cfg, s["sft_steps"], sft, lr=s["sft_lr"], batch_size=16, warmup_steps=5, n_fg=1, n_bg=1)
+    print(
+        f"SFT: {r.steps} steps in {time.perf_counter() - t0:.0f} s, loss {r.first_loss:.2f} -> {r.last_loss:.2f}"
+    )
+    return sft, data
+
+
+def bench_config(policy: Path, data: Path, run_dir: Path, s: dict, overrides: list[str]):
+    from cluster.config import load_config
+
+    base = [
+        f"model.policy={policy}",
+        f"data.train={data}",
+        "data.eval=null",
+        f"data.image_size={s['image_size']}",
+        f"reward.answer_format={s['answer_format']}",
+        f"rollout.sampling.max_tokens={s['max_tokens']}",
+        f"grpo.steps={s['steps']}",
+        "metrics.port=0",
+        f"metrics.run_dir={run_dir}",
+        f"checkpoint.dir={run_dir / 'checkpoints'}",
+        "checkpoint.every=0",
+    ]
+    return load_config(DEMO_CONFIG, [*base, *overrides])
+
+
+# -- the plain single-process loop ----------------------------------------------------------------------------------
+def single_process(cfg, warmup: int) -> dict:
+    """generate -> score -> update -> load weights, in this process, with the same seeds as the driver."""
+    import torch
+
+    from actors.worker import RolloutWorker
+    from cluster.data.reader import DatasetReader
+    from learner.learner import Learner
+    from reward_service.worker import RewardWorker
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    reader = DatasetReader.from_config(cfg)
+    rollout, reward, learner = RolloutWorker(cfg, "rollout-0"), RewardWorker(cfg, "reward-0"), Learner(cfg)
+    times = {"generate_s": [], "score_s": [], "learner_s": [], "weight_sync_s": [], "step_s": []}
+    rewards, cpu_at = [], []
+    for step in range(cfg.grpo.steps):
+        cpu_at.append(time.process_time())
+        t0 = time.perf_counter()
+        samples = reader.next_batch(cfg.grpo.batch_size)
+        groups = rollout.generate(_requests(cfg, step, samples), *samples)
+        t1 = time.perf_counter()
+        scored = reward.score(groups, *samples)
+        t2 = time.perf_counter()
+        stats = learner.step(scored, samples)
+        t3 = time.perf_counter()
+        rollout.load_weights(learner.named_weights(), stats.policy_version)
+        t4 = time.perf_counter()
+        for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0), strict=True):
+            times[key].append(value)
+        rewards.append(sum(t for sg in scored for t in sg.totals) / (len(scored) * cfg.grpo.group_size))
+    out = _figures(cfg, times, [cfg.grpo.batch_size] * cfg.grpo.steps, warmup, rewards)
+    cpu = time.process_time() - cpu_at[warmup]
+    out["cpu_s_per_step"] = {"bench process": round(cpu / out["timed_steps"], 3)}
+    out["cpu_utilisation"] = round(cpu / out["timed_s"], 2)
+    return out
+
+
+def _requests(cfg, step: int, samples: list) -> list:
+    """The requests the sync driver sends at `step` (one chunk per step here; seeds spaced G apart)."""
+    from protos import RolloutRequest, SamplingConfig
+
+    s, g = cfg.rollout.sampling, cfg.grpo
+    return [
+        RolloutRequest(
+            request_id=f"c{step}-{i}",
+            sample_id=x.id,
+            instruction=x.instruction,
+            group_size=g.group_size,
+            sampling=SamplingConfig(
+                temperature=s.temperature,
+                top_p=s.top_p,
+                max_tokens=s.max_tokens,
+                seed=((cfg.seed * 1_000_003 + step) * 4096 + i) * g.group_size % (2**31),
+            ),
+            min_policy_version=0,
+        )
+        for i, x in enumerate(samples)
+    ]
+
+
+# -- where the CPU goes -----------------------------------------------------------------------------------------------
+class CpuSampler:
+    """Samples, every `every` s, the CPU seconds (utime + stime from /proc) of this process and all its
+    descendants: a local Ray's gcs_server, raylet and worker processes (ray::Learner, ray::RolloutWorker, ...).
+    `between(t0, t1)` gives the CPU seconds each kind of process used in that wall-clock window."""
+
+    def __init__(self, every: float = 0.25):
+        import threading
+
+        self.every = every
+        self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._tick = os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.time(), self._snapshot()))
+            self._stop.wait(self.every)
+
+    def _snapshot(self) -> dict[int, tuple[str, float]]:
+        stats = {}
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                try:
+                    fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                    stats[int(proc.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / self._tick)
+                except (OSError, IndexError, ValueError):
+                    continue
+        mine, frontier = {os.getpid()}, [os.getpid()]
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _) in stats.items():
+            children.setdefault(ppid, []).append(pid)
+        while frontier:
+            for child in children.get(frontier.pop(), []):
+                if child not in mine:
+                    mine.add(child)
+                    frontier.append(child)
+        return {pid: (_kind(pid), stats[pid][1]) for pid in mine if pid in stats}
+
+    def between(self, t0: float, t1: float) -> dict[str, float]:
+        before = min(self.samples, key=lambda s: abs(s[0] - t0), default=None)
+        after = min(self.samples, key=lambda s: abs(s[0] - t1), default=None)
+        if before is None or after is None or after[0] <= before[0]:
+            return {}
+        used: dict[str, float] = {}
+        for pid, (kind, cpu) in after[1].items():
+            start = before[1].get(pid, (kind, 0.0))[1]
+            used[kind] = used.get(kind, 0.0) + max(0.0, cpu - start)
+        return {k: round(v, 3) for k, v in sorted(used.items(), key=lambda kv: -kv[1])}
+
+
+def _kind(pid: int) -> str:
+    """ray::Learner / ray::RolloutWorker / ray::RewardWorker / ray::TrainDriver / raylet / gcs_server / ..."""
+    if pid == os.getpid():
+        return "bench process"
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    first = argv[0].decode(errors="replace")
+    if first.startswith("ray::"):
+        return first.split()[0].split(".")[0]
+    for arg in argv[:4]:
+        name = Path(arg.decode(errors="replace")).name
+        if name and not name.startswith(("python", "-")):
+            return name.removesuffix(".py")
+    return "other"
+
+
+# -- the Ray modes ---------------------------------------------------------------------------------------------------
+def ray_mode(cfg, warmup: int) -> dict:
+    from cluster.train import run_training
+
+    t0 = time.perf_counter()
+    with CpuSampler() as cpu:
+        summary = run_training(cfg)
+    wall = time.perf_counter() - t0
+    rows = [
+        json.loads(x) for x in (Path(cfg.metrics.run_dir) / "metrics.jsonl").read_text().splitlines() if x
+    ]
+    keys = ("generate_s", "score_s", "learner_s", "weight_sync_s", "step_s")
+    times = {k: [r[k] for r in rows] for k in keys}
+    out = _figures(cfg, times, [r["groups"] for r in rows], warmup, [r["reward_total"] for r in rows])
+    if len(rows) > warmup:
+        t_from, t_to = (
+            rows[warmup - 1]["time"] if warmup else rows[0]["time"] - rows[0]["step_s"],
+            rows[-1]["time"],
+        )
+        used = cpu.between(t_from, t_to)
+        out["cpu_s_per_step"] = {k: round(v / out["timed_steps"], 3) for k, v in used.items()}
+        out["cpu_utilisation"] = round(
+            sum(used.values()) / (t_to - t_from), 2
+        )  # cores busy, of os.cpu_count()
+    out["staleness_max"] = max((r["staleness_max"] for r in rows), default=0)
+    out["groups_lost"] = summary["groups_lost"]
+    out["groups_dropped_stale"] = summary["groups_dropped_stale"]
+    out["job_wall_s"] = wall  # Ray actors' start included
+    return out
+
+
+def _figures(cfg, times: dict, groups: list[int], warmup: int, rewards: list[float]) -> dict:
+    timed = slice(warmup, None)
+    seconds = sum(times["step_s"][timed])
+    samples = sum(groups[timed])
+    return {
+        "samples_per_s": samples / seconds if seconds > 0 else 0.0,
+        "completions_per_s": samples * cfg.grpo.group_size / seconds if seconds > 0 else 0.0,
+        "timed_steps": len(times["step_s"][timed]),
+        "timed_s": seconds,
+        "mean_s": {k: _mean(v[timed]) for k, v in times.items()},
+        "reward_total_first_last": [rewards[0], rewards[-1]] if rewards else None,
+    }
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="test-preset policy, 56-px images, 14 steps (~3-4 min)")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--policy", default=None, help="an SFT'd policy folder to use instead of building one")
+    p.add_argument("--work", default=None, help="folder for models, data and runs (default: a temp dir)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--modes", default="single_process,sync,async")
+    args = p.parse_args(argv)
+    s = dict(QUICK if args.quick else FULL)
+    if args.steps:
+        s["steps"] = args.steps
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="segr1-bench-e2e-"))
+    policy, data = build_policy(work, s, args.policy)
+    modes = args.modes.split(",")
+    result: dict = {"config": _describe(s, policy, work), "load_avg_start": os.getloadavg()}
+    if "single_process" in modes:
+        result["single_process"] = single_process(
+            bench_config(policy, data, work / "single", s, []), s["warmup"]
+        )
+        print("single_process", json.dumps(result["single_process"]))
+    for mode in ("sync", "async"):
+        if mode in modes:
+            cfg = bench_config(policy, data, work / mode, s, [f"grpo.mode={mode}"])
+            _init_ray(cfg)
+            result[mode] = ray_mode(cfg, s["warmup"])
+            print(mode, json.dumps(result[mode]))
+    result["load_avg_end"] = os.getloadavg()
+    base = result.get("single_process", {}).get("samples_per_s")
+    if base:
+        result["speedup_vs_single_process"] = {
+            m: result[m]["samples_per_s"] / base for m in ("sync", "async") if m in result
+        }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result.get("speedup_vs_single_process"), indent=1))
+    return 0
+
+
+def _init_ray(cfg) -> None:
+    from cluster.topology import init_ray
+
+    init_ray(cfg)
+
+
+def _describe(s: dict, policy: Path, work: Path) -> dict:
+    from cluster.config import load_config
+
+    demo = load_config(DEMO_CONFIG)
+    return {
+        **s,
+        "policy": str(policy),
+        "work": str(work),
+        "config": str(DEMO_CONFIG.relative_to(REPO)),
+        "batch_size": demo.grpo.batch_size,
+        "group_size": demo.grpo.group_size,
+        "rollout_workers": demo.rollout.num_workers,
+        "reward_workers": demo.reward.num_workers,
+        "segmenter": demo.reward.segmenter,
+        "max_staleness": demo.grpo.max_staleness,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Shared fixtures of the end-to-end tests: tiny models, synthetic data and a short SFT warm-up, built ONCE per
+session in a temporary folder, plus helpers to configure and observe a training run.
+
+Every run uses cluster/configs/demo.yaml (two rollout and two reward workers, GrabCut, the learner) with the sizes
+overridden down to seconds per step. Runs share the session's local Ray (tests/conftest.py `ray_local`); each
+test's named actors are killed afterwards, so a failed test cannot block the next one's actor names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cluster.config import TrainConfig, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_CONFIG = REPO / "cluster" / "configs" / "demo.yaml"
+
+# The keys every metrics.jsonl line must carry (README / docs/e2e.md: "one line per step").
+METRIC_KEYS = (
+    "step",
+    "policy_version",
+    "reward_total",
+    "reward_format",
+    "reward_iou",
+    "reward_s_measure",
+    "reward_segmentation",
+    "parse_failure_rate",
+    "tokens_per_s",
+    "masks_per_s",
+    "staleness_mean",
+    "staleness_max",
+    "loss",
+    "kl",
+    "clip_fraction",
+    "weight_sync_s",
+    "step_s",
+    "groups",
+    "actor_restarts",
+    "sample_ids",
+)
+SUMMARY_KEYS = (
+    "groups_generated",
+    "groups_trained",
+    "groups_dropped_stale",
+    "groups_filtered",
+    "groups_lost",
+    "actor_restarts",
+    "steps",
+    "policy_version",
+)
+
+# SFT warm-up of the session's policy: the 0.2M-parameter test preset learns the short points-only answer format
+# (reward.answer_format=points, ~26 tokens) in ~150 steps (~30 s): ~90% of its answers parse at temperature 1.
+SFT_STEPS = 150
+SFT_BATCH = 16
+SFT_LR = 1e-2
+
+
+@dataclass(frozen=True)
+class Assets:
+    root: Path
+    policy: Path  # random tiny Qwen2.5-VL (test preset, ~0.2M parameters)
+    train: Path  # 64 synthetic 64x64 training samples
+    train_small: Path  # 8 synthetic samples: exactly one batch, seen again at every step
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> Assets:
+    from cluster.data.synth import write_synthetic
+    from cluster.tiny_models import build_tiny_policy
+
+    root = tmp_path_factory.mktemp("e2e-assets")
+    policy = build_tiny_policy(root / "models" / "policy", seed=0, preset="test")
+    # 64-px images shown to the policy at 56 px (4 image tokens): GrabCut and generation stay cheap
+    write_synthetic(root / "data" / "train", n=64, seed=0, size=64, split="train")
+    write_synthetic(root / "data" / "train8", n=8, seed=1, size=64, split="train")
+    return Assets(root, Path(policy), root / "data" / "train", root / "data" / "train8")
+
+
+@pytest.fixture(scope="session")
+def sft_policy(assets: Assets) -> Path:
+    """The test-preset policy after a short SFT on the points-only format (~30 s on the 2-core machine): it
+    parses most of its sampled answers at temperature 1, so GRPO has a reward signal to climb."""
+    import torch
+
+    from learner.sft import run_sft
+
+    torch.set_num_threads(2)
+    cfg = e2e_config(assets, assets.root / "sft-run")
+    out = assets.root / "models" / "sft-policy"
+    run_sft(cfg, SFT_STEPS, out, lr=SFT_LR, batch_size=SFT_BATCH, warmup_steps=5, n_fg=1, n_bg=1)
+    return out
+
+
+def e2e_config(assets: Assets, run_dir: Path, *overrides: str, policy: Path | None = None) -> TrainConfig:
+    """The demo config shrunk to a seconds-per-step run writing into run_dir (metrics, summary, checkpoints)."""
+    base = [
+        f"model.policy={policy or assets.policy}",
+        f"data.train={assets.train}",
+        "data.eval=null",
+        "data.image_size=56",
+        "reward.answer_format=points",
+        "grpo.steps=3",
+        "grpo.batch_size=4",
+        "grpo.group_size=4",
+        "rollout.sampling.max_tokens=48",
+        "learner.micro_batch_size=32",
+        "metrics.port=0",
+        f"metrics.run_dir={run_dir}",
+        f"checkpoint.dir={run_dir / 'checkpoints'}",
+        "checkpoint.every=0",
+    ]
+    return load_config(DEMO_CONFIG, [*base, *overrides])
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str, every: float = 0.2):
+    """Poll `condition` until it returns something truthy (returned) or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+def assert_accounting(summary: dict) -> None:
+    """No lost work: every generated group was trained, dropped as stale, filtered or left in the pipeline."""
+    missing = [k for k in SUMMARY_KEYS if k not in summary]
+    assert not missing, f"summary.json lacks {missing}"
+    accounted = (
+        summary["groups_trained"]
+        + summary["groups_dropped_stale"]
+        + summary["groups_filtered"]
+        + summary["groups_left_over"]
+    )
+    assert summary["groups_generated"] == accounted, summary
+    assert summary["groups_lost"] == 0, summary
+    assert summary["groups_failed"] == 0, summary
+
+
+def assert_metric_lines(rows: list[dict], steps: int, first_step: int = 1) -> None:
+    """One line per step, numbered first_step..steps, each with every documented key and finite numbers."""
+    assert [r["step"] for r in rows] == list(range(first_step, steps + 1))
+    for r in rows:
+        missing = [k for k in METRIC_KEYS if k not in r]
+        assert not missing, f"metrics.jsonl line of step {r.get('step')} lacks {missing}"
+        for k in METRIC_KEYS:
+            if k != "sample_ids":
+                assert isinstance(r[k], int | float) and math.isfinite(r[k]), (k, r[k])
+
+
+def job_actor_names(ray, namespace: str = "segr1") -> set[str]:
+    """Named actors of a training job (driver, learner-0, rollout-i, reward-i) alive in `namespace`."""
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == namespace}
+
+
+def kill_job_actors(ray, namespace: str = "segr1") -> None:
+    """Kill what a training job left behind (a failed test) and wait until the names are free again."""
+    for name in job_actor_names(ray, namespace):
+        try:
+            ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+        except ValueError:  # gone in between
+            pass
+    wait_for(lambda: not job_actor_names(ray, namespace), 60, f"the actors of namespace {namespace} to exit")
+
+
+def start_job(cfg: TrainConfig, resume: bool = False):
+    """The driver actor and the ObjectRef of its run(), as cluster.train.run_training starts them, for tests
+    that act while the job runs."""
+    from cluster.topology import spawn_driver_actor
+
+    driver = spawn_driver_actor(cfg, resume)
+    return driver, driver.run.remote()
+
+
+def finish_job(ray, driver, run_ref, timeout: float) -> dict:
+    """Wait for run() (at most `timeout` s), close the pools and the driver; returns the summary."""
+    summary = ray.get(run_ref, timeout=timeout)
+    ray.get(driver.close.remote(), timeout=60)
+    ray.kill(driver, no_restart=True)
+    return summary
+
+
+@pytest.fixture(scope="session")
+def e2e_ray(ray_local):
+    return ray_local
+
+
+@pytest.fixture
+def ray_job(e2e_ray):
+    """The session's Ray; afterwards every actor a training job left behind (a failed test) is killed."""
+    yield e2e_ray
+    kill_job_actors(e2e_ray)

@@ -1,0 +1,163 @@
+"""`ray job submit --working-dir . -- python -m cluster.train --config ...` against a Ray cluster started for this
+test with `ray start --head --node-ip-address 127.0.0.1` (dashboard / job server on, token auth on, as Ray 2.60
+does by default): the job uploads the repository, runs the driver as an actor on the cluster and succeeds.
+
+The cluster is this test's alone: its own --temp-dir, free ports for every server, its own auth token file. It is
+started with --block in a new session, so teardown ends exactly it (SIGTERM to that `ray start` process, which
+stops the processes of its node; then whatever is left of its process group). `ray stop` is NOT used: it stops
+every Ray on the machine, including other people's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import (
+    REPO,
+    assert_accounting,
+    assert_metric_lines,
+    read_metrics,
+    read_summary,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+RAY = str(BIN / "ray")
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _cluster_env(token: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token),
+        RAY_USAGE_STATS_ENABLED="0",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # the job's `python` is this venv's
+        HF_HUB_OFFLINE="1",
+        OMP_WAIT_POLICY="PASSIVE",
+    )
+    return env
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.fixture
+def ray_head():
+    """A private `ray start --head` on 127.0.0.1; yields (dashboard address, env for the ray CLI)."""
+    tmp = Path(tempfile.mkdtemp(prefix="segr1e2e-", dir="/tmp"))  # short: Ray puts unix sockets in it
+    token = tmp / "auth_token"
+    token.write_text(uuid.uuid4().hex)
+    env = _cluster_env(token)
+    gcs, dash, client, agent_http, agent_grpc, metrics, rt_env, node_mgr, obj_mgr = _free_ports(9)
+    cmd = [
+        RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+        "--num-cpus", "4", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+        "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
+        "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
+        "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(rt_env),
+        "--node-manager-port", str(node_mgr), "--object-manager-port", str(obj_mgr),
+        "--temp-dir", str(tmp / "ray"),
+    ]  # fmt: skip
+    log = (tmp / "ray-start.log").open("w")
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+
+        def job_server_up() -> bool:
+            if head.poll() is not None:
+                raise AssertionError(
+                    f"ray start exited ({head.returncode}): {(tmp / 'ray-start.log').read_text()}"
+                )
+            r = subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True)
+            return r.returncode == 0
+
+        wait_for(job_server_up, 120, "the Ray job server", every=1.0)
+        yield address, env
+    finally:
+        head.send_signal(signal.SIGTERM)  # --block: stops the processes of this node, then exits
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait(timeout=30)
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # anything left in the session it started
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 30
+        while _processes_mentioning(str(tmp)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for pid in _processes_mentioning(str(tmp)):  # started by this cluster (its temp dir): ours to end
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_a_tiny_training_job(assets, ray_head, tmp_path):
+    address, env = ray_head
+    run_dir = tmp_path / "run"
+    steps = 2
+    overrides = [
+        f"model.policy={assets.policy}",
+        f"data.train={assets.train}",
+        "data.eval=null",
+        "data.image_size=56",
+        "reward.answer_format=points",
+        f"grpo.steps={steps}",
+        "grpo.batch_size=4",
+        "grpo.group_size=4",
+        "rollout.sampling.max_tokens=16",
+        "rollout.num_workers=1",
+        "reward.num_workers=1",
+        "metrics.port=0",
+        f"metrics.run_dir={run_dir}",
+        f"checkpoint.dir={run_dir / 'checkpoints'}",
+    ]
+    cmd = [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--"]
+    cmd += ["python", "-m", "cluster.train", "--config", "cluster/configs/demo.yaml", *overrides]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=480)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert "succeeded" in out, out[-4000:]
+    summary = read_summary(run_dir)
+    assert_accounting(summary)
+    assert summary["steps"] == steps
+    assert_metric_lines(read_metrics(run_dir), steps)
