@@ -156,6 +156,7 @@ def single_process(cfg, warmup: int) -> dict:
 
 def _requests(cfg, step: int, samples: list) -> list:
     """The requests the sync driver sends at `step` (one chunk per step here; seeds spaced G apart)."""
+    from cluster.driver import request_seed
     from protos import RolloutRequest, SamplingConfig
 
     s, g = cfg.rollout.sampling, cfg.grpo
@@ -169,7 +170,7 @@ def _requests(cfg, step: int, samples: list) -> list:
                 temperature=s.temperature,
                 top_p=s.top_p,
                 max_tokens=s.max_tokens,
-                seed=((cfg.seed * 1_000_003 + step) * 4096 + i) * g.group_size % (2**31),
+                seed=request_seed(cfg.seed, step, i, g.group_size),
             ),
             min_policy_version=0,
         )

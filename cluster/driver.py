@@ -41,6 +41,12 @@ from protos import RolloutGroup, RolloutRequest, Sample, SamplingConfig, ScoredG
 logger = logging.getLogger(__name__)
 
 
+def request_seed(job_seed: int, chunk_id: int, index: int, group_size: int) -> int:
+    """Sampling seed of request `index` of chunk `chunk_id`. Completion j uses seed + j (actors/engine.py), so
+    requests are spaced G apart and no two completions of a chunk share a random stream."""
+    return ((job_seed * 1_000_003 + chunk_id) * 4096 + index) * group_size % (2**31)
+
+
 @dataclass
 class Accounting:
     """Where every group went. `lost` must stay 0."""
@@ -224,9 +230,7 @@ class TrainDriver:
                 temperature=s.temperature,
                 top_p=s.top_p,
                 max_tokens=s.max_tokens,
-                # completion j uses seed + j (actors/engine.py): space the requests G apart so no two
-                # completions of a chunk share a random stream
-                seed=((self.cfg.seed * 1_000_003 + chunk_id) * 4096 + i) * g.group_size % (2**31),
+                seed=request_seed(self.cfg.seed, chunk_id, i, g.group_size),
             ),
             min_policy_version=min_version,
         )
