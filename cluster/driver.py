@@ -167,6 +167,8 @@ class TrainDriver:
             scored: list[tuple[ScoredGroup, Sample]] = []
             self._pump(scored, timeout=0.5, also=() if learner_ref is None else (learner_ref,))
             ready.extend(scored)
+            for chunk_id in [k for k, c in chunks.items() if c.open <= 0]:  # failed for good in _pump
+                del chunks[chunk_id]
             if learner_ref is None and not self._done():
                 batch = self._take_fresh(ready, chunks)
                 if batch is not None:
@@ -255,6 +257,7 @@ class TrainDriver:
             if isinstance(result, WorkFailed):
                 logger.error("scoring chunk %s failed for good: %s", chunk.chunk_id, result.error)
                 self.acct.groups_failed += len(chunk.samples)
+                chunk.open = 0  # nothing of it will come back: it no longer holds a place in the pipeline
                 continue
             out.extend(zip(result, chunk.samples, strict=True))
         self._record_restarts()
