@@ -214,6 +214,13 @@ class WeightSyncConfig(BaseModel):
         "auto", description="auto: nccl on GPU, gloo on CPU, cuda-ipc when colocated on one GPU."
     )
     bucket_mb: int = Field(256, ge=1, le=65536, description="Size of one flat bucket in MiB.")
+    timeout_s: float = Field(
+        300.0,
+        ge=5.0,
+        le=86_400.0,
+        description="How long forming the group or one bucket's transfer may wait for a member; a rollout "
+        "worker that dies then costs this long before the object-store fallback. Raise it for slow links.",
+    )
 
 
 class CheckpointConfig(BaseModel):

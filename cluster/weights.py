@@ -30,8 +30,8 @@ class WeightPublisher:
         self.learner = learner
         self.backend: str = ray.get(learner.weight_sync_backend.remote())
         self.version = 0
-        self._members: tuple[str, ...] = ()
-        self._restarts_at_setup = -1
+        self._members: tuple[str, ...] = ()  # the group's members; () while there is no working group
+        self._tried: tuple[tuple[str, ...], int] | None = None  # (members, pool restarts) of the last forming
         self._export: tuple[int, Any] | None = None  # (version, ObjectRef of the CPU weights)
 
     @property
@@ -39,16 +39,30 @@ class WeightPublisher:
         return self.backend != "object-store"
 
     def setup(self, pool: ActorPool) -> None:
-        """(Re)form the weight-sync group for the pool's current members; a no-op when nothing changed."""
+        """(Re)form the weight-sync group for the pool's current members; a no-op when nothing changed. Never
+        raises: when forming fails, `publish` falls back to the object store and tries again later."""
         if not self.collective:
             return
         names = tuple(pool.names)
-        if names == self._members and pool.stats.restarts == self._restarts_at_setup:
+        if (names, pool.stats.restarts) == self._tried:
             return
-        info = ray.get(self.learner.weight_sync_prepare.remote(list(names)))
-        joins = [h.weight_sync_join.remote(info) for h in pool.handles().values()]
-        ray.get([self.learner.weight_sync_connect.remote(), *joins])
-        self._members, self._restarts_at_setup = names, pool.stats.restarts
+        self._tried, self._members = (names, pool.stats.restarts), ()
+        try:
+            info = ray.get(self.learner.weight_sync_prepare.remote(list(names)))
+            joins = [h.weight_sync_join.remote(info) for h in pool.handles().values()]
+            ray.get([self.learner.weight_sync_connect.remote(), *joins])
+        except (
+            Exception
+        ) as err:  # a member died while joining: the learner gave up after weight_sync.timeout_s
+            logger.warning(
+                "weight sync (%s): forming the group with %s failed (%s); the object store carries the "
+                "weights until the next membership change re-forms it",
+                self.backend,
+                ", ".join(names),
+                err,
+            )
+            return
+        self._members = names
         logger.info("weight sync (%s): group formed with %s", self.backend, ", ".join(names))
 
     def publish(self, pool: ActorPool, version: int) -> dict:
@@ -58,6 +72,8 @@ class WeightPublisher:
         if self.collective:
             try:
                 self.setup(pool)
+                if not self._members:
+                    raise RuntimeError("no weight-sync group")
                 stats = self._broadcast(pool)
                 return {**stats, "seconds": time.perf_counter() - t0, "backend": self.backend}
             except Exception as err:  # a member died mid-transfer: re-form the group next time
@@ -66,7 +82,7 @@ class WeightPublisher:
                     version,
                     err,
                 )
-                self._members = ()
+                self._members, self._tried = (), None
         pool.broadcast(lambda a: a.load_weights.remote(self._exported(), version))
         return {"seconds": time.perf_counter() - t0, "backend": "object-store"}
 

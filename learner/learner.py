@@ -249,7 +249,8 @@ class Learner:
         if self._sender is None or self._sender_backend != backend:
             cls = CudaIpcSender if backend == "cuda-ipc" else DistributedWeightSender
             kw = {} if backend == "cuda-ipc" else {"backend": backend}
-            self._sender = cls(host=host or _node_ip(), bucket_mb=self.cfg.weight_sync.bucket_mb, **kw)
+            ws = self.cfg.weight_sync
+            self._sender = cls(host=host or _node_ip(), bucket_mb=ws.bucket_mb, timeout_s=ws.timeout_s, **kw)
             self._sender_backend = backend
         return self._sender.prepare(list(members)).to_dict()
 

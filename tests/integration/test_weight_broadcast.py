@@ -110,3 +110,30 @@ def test_a_transfer_cut_half_way_leaves_every_engine_on_the_previous_version():
     finally:
         for a in actors.values():
             ray.kill(a)
+
+
+def test_a_member_that_dies_before_joining_fails_the_forming_within_timeout_s():
+    """weight_sync.timeout_s bounds forming: a rollout worker killed before it joins makes connect() fail after
+    that long (the driver then falls back to the object store), not after torch's 30-minute default; the
+    survivors form the next generation at once."""
+    import time
+
+    actors = {f"die-{i}": _receiver_actor(f"die-{i}") for i in range(2)}
+    sender = DistributedWeightSender("gloo", bucket_mb=0.004, timeout_s=5, use_shm=False)
+    try:
+        info = sender.prepare(list(actors))
+        ray.kill(actors.pop("die-1"), no_restart=True)
+        join = actors["die-0"].join.remote(info.to_dict())
+        t0 = time.perf_counter()
+        with pytest.raises(Exception) as err:  # gloo's rendezvous reports the missing rank as a timeout
+            sender.connect()
+        waited = time.perf_counter() - t0
+        assert 4.0 <= waited < 30.0, (waited, err.value)
+        with pytest.raises(ray.exceptions.RayTaskError):
+            ray.get(join, timeout=60)  # the survivor's join fails too: nobody is left hanging
+        _form_group(sender, actors)
+        assert _send(sender, actors, _model(1), 1) == [1]
+    finally:
+        sender.close()
+        for a in actors.values():
+            ray.kill(a)
