@@ -29,7 +29,7 @@ DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
 
 def build_assets(
-    cfg: TrainConfig, root: Path, seed: int, n_train: int, n_eval: int, kind: str = "salient"
+    cfg: TrainConfig, root: Path, seed: int, n_train: int, n_eval: int, kind: str = "single"
 ) -> tuple[Path, Path, Path]:
     """Tiny models and synthetic data sets (cached: rebuilt only when missing)."""
     from cluster.data.synth import write_synthetic
@@ -136,14 +136,21 @@ def _eval_figures(summary: dict) -> dict:
 
 
 def run_demo(
-    cfg: TrainConfig, out: Path, seed: int, sft_steps: int, sft_time_limit: float, n_train: int, n_eval: int
+    cfg: TrainConfig,
+    out: Path,
+    seed: int,
+    sft_steps: int,
+    sft_time_limit: float,
+    n_train: int,
+    n_eval: int,
+    kind: str = "single",
 ) -> dict:
     from cluster.train import run_training
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     policy0, train, held_out = build_assets(
-        cfg, out.parent / f"demo-assets-seed{seed}", seed, n_train, n_eval
+        cfg, out.parent / f"demo-assets-{kind}-seed{seed}", seed, n_train, n_eval, kind
     )
     cfg = _with(
         cfg,
@@ -204,22 +211,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=str(DEMO_CONFIG))
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sft-steps", type=int, default=400)
+    p.add_argument(
+        "--sft-steps",
+        type=int,
+        default=800,
+        help="cosine schedule length; the time limit usually ends SFT first",
+    )
     p.add_argument("--sft-time-limit", type=float, default=300.0, help="seconds; SFT stops early and saves")
     p.add_argument("--n-train", type=int, default=2048)
     p.add_argument("--n-eval", type=int, default=128)
     p.add_argument(
         "--kind",
-        default="salient",
-        choices=("salient", "camouflaged", "mixed"),
-        help="synthetic data kind (salient: the most learnable for a ~1M-parameter policy)",
+        default="single",
+        choices=("single", "salient", "camouflaged", "mixed"),
+        help="synthetic data kind (single: one red object, what a ~1M-parameter policy learns to find in minutes)",
     )
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = load_config(args.config, args.overrides)
     result = run_demo(
-        cfg, Path(args.out), args.seed, args.sft_steps, args.sft_time_limit, args.n_train, args.n_eval
+        cfg,
+        Path(args.out),
+        args.seed,
+        args.sft_steps,
+        args.sft_time_limit,
+        args.n_train,
+        args.n_eval,
+        args.kind,
     )
     print(json.dumps({k: result[k] for k in ("before_rl", "after_rl", "constant_baseline")}, indent=1))
     print(f"demo finished in {result['wall_s']:.0f} s; outputs in {args.out}")

@@ -82,13 +82,17 @@ class PolicyPreset:
     vision_hidden: int
     vision_heads: int
     vision_intermediate: int
+    merge: int = 2  # spatial_merge_size: merge x merge patches of 14 px become one image token
 
 
 PRESETS: dict[str, PolicyPreset] = {
     # ~0.2M parameters: unit and integration tests.
     "test": PolicyPreset(64, 2, 2, 1, 128, 2, 32, 1, 64),
-    # ~0.9M parameters: the CPU demo (learns the answer format by SFT in minutes).
-    "demo": PolicyPreset(128, 4, 4, 2, 256, 2, 64, 2, 128),
+    # ~1M parameters: the CPU demo. Merge 4 makes a 56x56 image ONE token whose merger input lays out all 16
+    # patches in order, so where the object is reaches the language model explicitly; with merge 2 the four
+    # tokens of that image differ only by M-RoPE positions, which a model this small did not learn to read
+    # within the demo's minutes of SFT (docs/e2e.md).
+    "demo": PolicyPreset(128, 4, 4, 2, 256, 2, 64, 2, 128, merge=4),
 }
 
 
@@ -247,7 +251,7 @@ def policy_config(preset: str = "test"):
         fullatt_block_indexes=[p.vision_depth - 1],
         window_size=112,
         patch_size=14,
-        spatial_merge_size=2,
+        spatial_merge_size=p.merge,
         temporal_patch_size=2,
         tokens_per_second=2,
     )
@@ -300,7 +304,8 @@ def _generation_config() -> dict:
 
 def build_tiny_policy(out_dir: str | Path, seed: int = 0, preset: str = "test") -> Path:
     """A random Qwen2.5-VL folder: config.json, model.safetensors, generation_config.json, tokenizer files,
-    chat_template.json and preprocessor_config.json. A 112x112 image gives 16 image tokens."""
+    chat_template.json and preprocessor_config.json. A 112x112 image gives 16 image tokens with the test preset
+    (merge 2), 4 with the demo preset (merge 4); a 56x56 image 4 and 1."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     out = Path(out_dir)
@@ -308,7 +313,7 @@ def build_tiny_policy(out_dir: str | Path, seed: int = 0, preset: str = "test") 
     model = _init_model(Qwen2_5_VLForConditionalGeneration, policy_config(preset), seed)
     _save_model(model, out, _generation_config())
     _write_tokenizer(out)
-    _write_json(out / "preprocessor_config.json", QWEN_PREPROCESSOR)
+    _write_json(out / "preprocessor_config.json", {**QWEN_PREPROCESSOR, "merge_size": PRESETS[preset].merge})
     return out
 
 

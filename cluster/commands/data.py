@@ -7,7 +7,7 @@ import argparse
 from cluster.commands import data_import
 from cluster.commands.common import CommandError
 
-SYNTH_KINDS = ("camouflaged", "salient", "mixed")
+SYNTH_KINDS = ("camouflaged", "salient", "mixed", "single")
 
 
 def register(sub) -> None:

@@ -10,6 +10,11 @@ patches of other (muted) textures. Every instruction names the target: "Identify
   levels and its scale changed, so only a subtle texture/colour change gives it away; 0-3 salient distractors.
   The phrase is "object camouflaged in the background" (or "camouflaged <shape>" when the shape is unique).
 - `mixed`: each image is camouflaged or salient with probability 1/2.
+- `single`: the embedded demo's set. One large red shape (longest side 25-50% of the image) and no distractors, on
+  the same blotchy background with its texture patches; the phrase is "red <shape>". Made for a ~1M-parameter
+  policy that must learn where the object is within minutes on a CPU: it learns to find one colour quickly but not
+  to pick a named target among others of every colour (docs/e2e.md). GrabCut from a constant box still scores
+  below 0.4: the patches and the background's blotches come with it.
 Shapes: ellipse, triangle, rectangle, pentagon, star, blob; an object's longest box side is 11-35% of the image
 side, anywhere in the frame; the first distractor sits right next to the target in 60% of the images.
 
@@ -35,7 +40,7 @@ import numpy as np
 from cluster.data.images import encode_png
 from protos.dataset import Sample
 
-KINDS = ("camouflaged", "salient", "mixed")
+KINDS = ("camouflaged", "salient", "mixed", "single")
 SHAPES = ("ellipse", "triangle", "rectangle", "pentagon", "star", "blob")
 # Saturated colours for salient objects; backgrounds use low saturation, so a named colour is unambiguous.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -49,6 +54,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "pink": (240, 110, 185),
 }
 SIDE_RANGE = (0.13, 0.34)  # longest side of an object's box, as a fraction of the image side
+SINGLE_SIDE_RANGE = (0.25, 0.5)  # the same for the target of a `single` image
+SINGLE_COLOUR = "red"
 NEIGHBOUR_P = 0.6  # chance that the first distractor is put right next to the target
 CAMO_SHIFT = (5.0, 11.0)  # colour shift of a camouflaged object's texture, in 8-bit levels
 MIN_SIZE, MAX_SIZE = 32, 1024
@@ -193,6 +200,7 @@ def _place(
     occupied: np.ndarray,
     near: np.ndarray | None = None,
     tries: int = 40,
+    side_range: tuple[float, float] = SIDE_RANGE,
 ) -> np.ndarray | None:
     """A shape mask inside the image, at least 3 px from every occupied pixel; None if it does not fit.
 
@@ -201,7 +209,7 @@ def _place(
     """
     grown = cv2.dilate(occupied.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
     for _ in range(tries):
-        radius = rng.uniform(*SIDE_RANGE) * size / 2
+        radius = rng.uniform(*side_range) * size / 2
         if near is None:
             centre = _random_centre(rng, size, radius + 2)
         else:
@@ -249,9 +257,11 @@ def _object(mask: np.ndarray, shape: str, colour: str | None) -> SynthObject:
     return SynthObject(shape=shape, colour=colour, bbox=_bbox(mask), area=int(mask.sum()))
 
 
-def _place_target(rng: np.random.Generator, shape: str, size: int) -> np.ndarray:
+def _place_target(
+    rng: np.random.Generator, shape: str, size: int, side_range: tuple[float, float] = SIDE_RANGE
+) -> np.ndarray:
     empty = np.zeros((size, size), dtype=bool)
-    mask = _place(rng, shape, size, empty, tries=200)
+    mask = _place(rng, shape, size, empty, tries=200, side_range=side_range)
     if mask is None:  # only on absurdly small images; MIN_SIZE keeps this unreachable
         raise ValueError(f"cannot place a {shape} in a {size}x{size} image")
     return mask
@@ -265,9 +275,12 @@ def _compose(
     img = _render_texture(rng, tex, size)  # (S, S, 3) float32
     shapes = [str(s) for s in rng.choice(SHAPES, size=5)]
     colours = [str(c) for c in rng.permutation(list(COLOURS))]
-    target = _place_target(rng, shapes[0], size)
+    target = _place_target(rng, shapes[0], size, SINGLE_SIDE_RANGE if kind == "single" else SIDE_RANGE)
     _add_patches(rng, img, target, size)
-    if kind == "camouflaged":
+    if kind == "single":
+        img[target] = _salient_pixels(rng, SINGLE_COLOUR, size)[target]
+        target_obj, n_distract = _object(target, shapes[0], SINGLE_COLOUR), 0
+    elif kind == "camouflaged":
         img[target] = _render_texture(rng, _camouflage_of(rng, tex), size)[target]
         target_obj, n_distract = _object(target, shapes[0], None), int(rng.integers(0, 4))
     else:
@@ -356,7 +369,10 @@ def generate_item(
     rng = _rng(seed, index)
     item_kind = kind if kind != "mixed" else ("camouflaged" if rng.random() < 0.5 else "salient")
     image, mask, target, distractors = _compose(rng, item_kind, size)
-    naming, phrase = _describe(rng, target, distractors, size)
+    if item_kind == "single":  # the only coloured object: colour and shape name it
+        naming, phrase = "colour_shape", f"{target.colour} {target.shape}"
+    else:
+        naming, phrase = _describe(rng, target, distractors, size)
     sample = Sample(
         id=f"synth-{kind}-s{seed}-{index:07d}",
         source="synthetic",

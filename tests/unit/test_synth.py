@@ -156,3 +156,33 @@ def test_constant_answers_fail_but_the_true_box_works(kind, segmenter):
     assert iou["whole"] < 0.3, iou
     assert iou["centre"] < 0.3, iou
     assert iou["oracle"] > 0.7 and iou["oracle"] > max(iou["whole"], iou["centre"]) + 0.4, iou
+
+
+def test_single_kind_is_one_large_red_shape_named_by_colour_and_shape():
+    """The demo's set: one red target, longest side 25-50% of the image, no distractors, "red <shape>"."""
+    for index in range(12):
+        item = generate_item(5, index, "single", size=128)
+        t, mask = item.target, item.mask
+        assert item.kind == "single" and item.distractors == () and t.colour == "red"
+        assert item.sample.instruction == f"Identify and segment the red {t.shape}."
+        x1, y1, x2, y2 = t.bbox
+        side = max(x2 - x1 + 1, y2 - y1 + 1) / 128
+        assert 0.2 <= side <= 0.52, f"target side {side:.2f} of the image, expected ~25-50%"
+        pixels = item.image[mask].astype(np.float64)
+        assert _nearest_colour(pixels.mean(axis=0)) == "red"
+        # the only saturated object: everything off the target is the muted background and its patches
+        off = item.image[~mask].reshape(-1, 1, 3)
+        sat = cv2.cvtColor(off, cv2.COLOR_RGB2HSV)[:, 0, 1]
+        assert np.percentile(sat, 99) < 150, np.percentile(sat, 99)
+
+
+def test_constant_answers_stay_well_below_the_true_box_on_the_single_set():
+    """Large single objects make constant boxes score more than on the other sets, but still under 0.45, and
+    the true box far above: a policy can only win by looking."""
+    cv2.setNumThreads(1)
+    result = _load_bench().measure(
+        n=40, seed=0, kind="single", size=128, iters=3, grid=False, segmenter="rect"
+    )
+    iou = result["mean_iou"]
+    assert iou["whole"] < 0.45 and iou["centre"] < 0.45, iou
+    assert iou["oracle"] > max(iou["whole"], iou["centre"]) + 0.4, iou

@@ -99,8 +99,19 @@ def test_demo_preset_is_bigger(tmp_path):
     cfg = tm.policy_config("demo")
     head_dim = cfg.text_config.hidden_size // cfg.text_config.num_attention_heads
     assert sum(cfg.text_config.rope_parameters["mrope_section"]) == head_dim // 2
-    n = tm.count_parameters(tm.build_tiny_policy(tmp_path / "demo", seed=0, preset="demo"))
-    assert 700_000 < n < 1_200_000
+    folder = tm.build_tiny_policy(tmp_path / "demo", seed=0, preset="demo")
+    n = tm.count_parameters(folder)
+    assert 1_800_000 < n < 2_300_000  # half of it the merger's MLP over 16 concatenated patches
+    # merge 4 in the model and in the processor: a 56x56 image is ONE image token
+    from PIL import Image
+
+    from actors.processor import encode_prompts, load_processor
+    from actors.prompting import build_messages
+
+    processor = load_processor(str(folder))
+    assert cfg.vision_config.spatial_merge_size == 4 == processor.image_processor.merge_size
+    enc = encode_prompts(processor, [Image.new("RGB", (56, 56))], [build_messages("Segment it.", "full", 56)])
+    assert int((enc["input_ids"] == tm.SPECIAL_IDS["<|image_pad|>"]).sum()) == 1
     with pytest.raises(ValueError, match="preset"):
         tm.policy_config("huge")
 
