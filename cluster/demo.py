@@ -2,7 +2,7 @@
 
     python -m cluster.demo [--out runs/demo] [--seed 0] [key.sub=value ...]
 
-1. tiny models built offline (a ~0.9M-parameter Qwen2.5-VL policy, `segr1 models tiny --preset demo`);
+1. tiny models built offline (a ~2M-parameter Qwen2.5-VL policy, `segr1 models tiny --preset demo`);
 2. synthetic data: a training set and 128 held-out images (`segr1 data synth`);
 3. SFT warm-up so the random policy learns the answer format (`segr1 sft`);
 4. greedy evaluation of the SFT policy on the held-out images (before RL);

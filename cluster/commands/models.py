@@ -27,7 +27,7 @@ def register(sub) -> None:
         "--preset",
         choices=PRESETS,
         default="test",
-        help="policy size: test (~0.2M params, tests) or demo (~0.9M params, the CPU demo)",
+        help="policy size: test (~0.2M params, tests) or demo (~2M params, the CPU demo)",
     )
     t.set_defaults(func=run)
 
