@@ -3,7 +3,9 @@
 - encode: the image, shrunk so that its longer side is at most `max_side` pixels (GrabCut's cost grows with the
   pixel count; the mask is upsampled back with nearest neighbour). Nothing else is worth caching.
 - decode, one GrabCut per prompt, initialised from a mask:
-  * with a box: outside the box is definite background, inside probable foreground;
+  * with a box: inside probable foreground, a band `box_band` x the box's longer side wide around it probable
+    background, the rest definite background. Without the band every object pixel a tight box cuts off is fixed
+    background, so GrabCut (and with it the IoU reward) pays for tight boxes and RL learned to draw loose ones;
   * points only: probable background everywhere, a disk of radius max_side/8 around each foreground point
     probable foreground;
   * foreground points are fixed foreground seeds and background points fixed background seeds (disks of radius
@@ -29,13 +31,14 @@ from reward_service.segmenters.protocol import BaseSegmenter, ImageHandle
 class GrabCutSegmenter(BaseSegmenter):
     name = "grabcut"
 
-    def __init__(self, iterations: int = 5, max_side: int = 320, seed_radius: int = 3):
+    def __init__(self, iterations: int = 5, max_side: int = 320, seed_radius: int = 3, box_band: float = 0.1):
         super().__init__()
-        if iterations < 1 or max_side < 16 or seed_radius < 0:
+        if iterations < 1 or max_side < 16 or seed_radius < 0 or not 0.0 <= box_band <= 1.0:
             raise ValueError(
-                f"GrabCutSegmenter(iterations={iterations}, max_side={max_side}, seed_radius={seed_radius}): "
-                "needs iterations >= 1, max_side >= 16, seed_radius >= 0"
+                f"GrabCutSegmenter(iterations={iterations}, max_side={max_side}, seed_radius={seed_radius}, "
+                f"box_band={box_band}): needs iterations >= 1, max_side >= 16, seed_radius >= 0, 0 <= box_band <= 1"
             )
+        self.box_band = box_band
         self.iterations = iterations
         self.max_side = max_side
         self.seed_radius = seed_radius
@@ -93,6 +96,9 @@ class GrabCutSegmenter(BaseSegmenter):
             x1, y1, x2, y2 = prompt.box
             c1, r1 = min(int(x1 * sx), ww - 1), min(int(y1 * sy), wh - 1)
             c2, r2 = max(int(np.ceil(x2 * sx)), c1 + 1), max(int(np.ceil(y2 * sy)), r1 + 1)
+            band = int(round(self.box_band * max(c2 - c1, r2 - r1)))
+            if band > 0:
+                mask[max(0, r1 - band) : r2 + band, max(0, c1 - band) : c2 + band] = cv2.GC_PR_BGD
             mask[r1:r2, c1:c2] = cv2.GC_PR_FGD
         else:
             mask = np.full((wh, ww), cv2.GC_PR_BGD, dtype=np.uint8)
