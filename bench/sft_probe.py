@@ -63,13 +63,7 @@ def patch_builders(a) -> None:
 
     tiny.policy_config = policy_config
     tiny.QWEN_PREPROCESSOR = {**tiny.QWEN_PREPROCESSOR, "patch_size": a.patch}
-    lo, hi = (int(x) for x in a.distractors.split(","))
-    if (lo, hi) != (2, 4):
-        src = Path(synth.__file__).read_text()
-        if "int(rng.integers(2, 5))" not in src:
-            raise SystemExit("cluster/data/synth.py changed: update bench/sft_probe.py's distractor patch")
-        code = src.replace("int(rng.integers(2, 5))", f"int(rng.integers({lo}, {hi + 1}))")
-        exec(compile(code, synth.__file__, "exec"), synth.__dict__)  # same module, new distractor count
+    synth.SALIENT_DISTRACTORS = tuple(int(x) for x in a.distractors.split(","))
     if a.side:
         synth.SIDE_RANGE = tuple(float(x) for x in a.side.split(","))
 

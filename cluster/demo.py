@@ -207,6 +207,8 @@ def _with(cfg: TrainConfig, updates: dict) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cluster.data.synth import KINDS
+
     p = argparse.ArgumentParser(prog="python -m cluster.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(DEMO_CONFIG))
     p.add_argument("--out", default="runs/demo")
@@ -223,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--kind",
         default="single",
-        choices=("single", "salient", "camouflaged", "mixed"),
-        help="synthetic data kind (single: one red object, what a ~1M-parameter policy learns to find in minutes)",
+        choices=KINDS,
+        help="synthetic data kind (single: one red object, what the ~2M-parameter policy learns to find in minutes)",
     )
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = p.parse_args(argv)

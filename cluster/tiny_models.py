@@ -88,7 +88,7 @@ class PolicyPreset:
 PRESETS: dict[str, PolicyPreset] = {
     # ~0.2M parameters: unit and integration tests.
     "test": PolicyPreset(64, 2, 2, 1, 128, 2, 32, 1, 64),
-    # ~1M parameters: the CPU demo. Merge 4 makes a 56x56 image ONE token whose merger input lays out all 16
+    # ~2M parameters (half of them the merger's MLP): the CPU demo. Merge 4 makes a 56x56 image ONE token whose merger input lays out all 16
     # patches in order, so where the object is reaches the language model explicitly; with merge 2 the four
     # tokens of that image differ only by M-RoPE positions, which a model this small did not learn to read
     # within the demo's minutes of SFT (docs/e2e.md).

@@ -51,9 +51,8 @@ class WeightPublisher:
             info = ray.get(self.learner.weight_sync_prepare.remote(list(names)))
             joins = [h.weight_sync_join.remote(info) for h in pool.handles().values()]
             ray.get([self.learner.weight_sync_connect.remote(), *joins])
-        except (
-            Exception
-        ) as err:  # a member died while joining: the learner gave up after weight_sync.timeout_s
+        except Exception as err:
+            # a member died while joining: the learner gave up after weight_sync.timeout_s
             logger.warning(
                 "weight sync (%s): forming the group with %s failed (%s); the object store carries the "
                 "weights until the next membership change re-forms it",

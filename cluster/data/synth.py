@@ -11,7 +11,7 @@ patches of other (muted) textures. Every instruction names the target: "Identify
   The phrase is "object camouflaged in the background" (or "camouflaged <shape>" when the shape is unique).
 - `mixed`: each image is camouflaged or salient with probability 1/2.
 - `single`: the embedded demo's set. One large red shape (longest side 25-50% of the image) and no distractors, on
-  the same blotchy background with its texture patches; the phrase is "red <shape>". Made for a ~1M-parameter
+  the same blotchy background with its texture patches; the phrase is "red <shape>". Made for a ~2M-parameter
   policy that must learn where the object is within minutes on a CPU: it learns to find one colour quickly but not
   to pick a named target among others of every colour (docs/e2e.md). GrabCut from a constant box still scores
   below 0.4: the patches and the background's blotches come with it.
@@ -53,6 +53,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (145, 50, 190),
     "pink": (240, 110, 185),
 }
+SALIENT_DISTRACTORS = (2, 4)  # salient distractors per salient image, inclusive
 SIDE_RANGE = (0.13, 0.34)  # longest side of an object's box, as a fraction of the image side
 SINGLE_SIDE_RANGE = (0.25, 0.5)  # the same for the target of a `single` image
 SINGLE_COLOUR = "red"
@@ -285,7 +286,8 @@ def _compose(
         target_obj, n_distract = _object(target, shapes[0], None), int(rng.integers(0, 4))
     else:
         img[target] = _salient_pixels(rng, colours[0], size)[target]
-        target_obj, n_distract = _object(target, shapes[0], colours[0]), int(rng.integers(2, 5))
+        lo, hi = SALIENT_DISTRACTORS
+        target_obj, n_distract = _object(target, shapes[0], colours[0]), int(rng.integers(lo, hi + 1))
     occupied, distractors = target.copy(), []
     beside = rng.random() < NEIGHBOUR_P
     for k in range(n_distract):
