@@ -68,7 +68,9 @@ def test_micro_batches_give_the_same_gradient_as_one_batch(policy_dir, batch):
     for (n, pa), (_, pb) in zip(
         a.policy.model.named_parameters(), b.policy.model.named_parameters(), strict=True
     ):
-        assert torch.allclose(pa.grad, pb.grad, rtol=1e-4, atol=1e-8), n
+        # float32 sums in another order: equal up to rounding relative to the tensor's scale (a micro-batch
+        # weighted wrongly is off by tens of percent)
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-5 * float(pb.grad.abs().max()), msg=n)
 
 
 def test_beta_zero_loads_no_reference_model(policy_dir, batch):
