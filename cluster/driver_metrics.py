@@ -13,6 +13,10 @@ GROUPS_DROPPED_STALE = counter(
 GROUPS_FILTERED = counter(
     "segr1_driver_groups_filtered", "Zero-variance groups filtered out (grpo.filter_zero_variance)."
 )
+GROUPS_ZERO_VARIANCE = counter(
+    "segr1_driver_groups_zero_variance",
+    "Scored groups whose G rewards were all equal (no learning signal); filtered when grpo.filter_zero_variance.",
+)
 ACTOR_RESTARTS = counter("segr1_driver_actor_restarts", "Dead actors replaced by the pools.", ("pool",))
 STALENESS = histogram(
     "segr1_driver_staleness",

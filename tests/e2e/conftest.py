@@ -42,6 +42,7 @@ METRIC_KEYS = (
     "weight_sync_s",
     "step_s",
     "groups",
+    "zero_variance_groups",
     "actor_restarts",
     "sample_ids",
 )
@@ -50,6 +51,7 @@ SUMMARY_KEYS = (
     "groups_trained",
     "groups_dropped_stale",
     "groups_filtered",
+    "groups_zero_variance",
     "groups_lost",
     "actor_restarts",
     "steps",
