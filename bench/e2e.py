@@ -114,6 +114,8 @@ def bench_config(policy: Path, data: Path, run_dir: Path, s: dict, overrides: li
         f"checkpoint.dir={run_dir / 'checkpoints'}",
         "checkpoint.every=0",
     ]
+    if s["answer_format"] == "points":  # no box to reward
+        base.append("reward.weights.box_l1=0")
     return load_config(DEMO_CONFIG, [*base, *overrides])
 
 

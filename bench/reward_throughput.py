@@ -141,7 +141,8 @@ def run_naive(segmenter, cfg, request) -> tuple[float, float]:
         cfg.reward, request.group.completions[0].text, s.width, s.height, request.policy_image_size
     )
     masks = segmenter.segment(image, parsed.prompts)  # (P, H, W): a full encode + decode
-    compute_rewards(parsed.ok, union_mask(masks, s.height, s.width), gt, cfg.reward.weights)
+    boxes = [p.box for p in parsed.prompts]
+    compute_rewards(parsed.ok, union_mask(masks, s.height, s.width), gt, cfg.reward.weights, boxes)
     return time.perf_counter() - t0, time.process_time() - c0
 
 

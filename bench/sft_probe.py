@@ -95,7 +95,7 @@ def vision_lr_optimizer(multiplier: float) -> None:
 
 
 def box_iou_of_answers(answers: list[str], boxes: list[tuple[int, int, int, int]]) -> tuple[float, float]:
-    from cluster.eval_job import box_iou
+    from reward_service.rewards import box_iou
 
     ious, parsed = [], 0
     for ans, box in zip(answers, boxes, strict=True):
@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         vision_lr_optimizer(a.vision_lr)
     from cluster.config import load_config
     from cluster.demo import DEMO_CONFIG, _with
-    from cluster.eval_job import box_iou, load_samples
+    from cluster.eval_job import load_samples
     from learner.policy import Policy
+    from reward_service.rewards import box_iou
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

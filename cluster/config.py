@@ -106,6 +106,20 @@ class RewardWeights(BaseModel):
     segmentation: float = Field(
         1.0, ge=0.0, le=100.0, description="Weight of the segmentation reward in total."
     )
+    box_iou: float = Field(
+        0.0,
+        ge=0.0,
+        le=100.0,
+        description="Weight of the IoU of the answer's box with the ground-truth mask's box (Seg-Zero's box "
+        "reward). 0: Seg-R1's reward.",
+    )
+    box_l1: float = Field(
+        0.0,
+        ge=0.0,
+        le=100.0,
+        description="Weight of 1 - mean corner error / half the object's size (Seg-Zero's box L1 reward): pays "
+        "for localising, where IoU terms pay for boxes enlarged to hedge. 0: Seg-R1's reward; the demo uses 1.",
+    )
 
 
 class RewardConfig(BaseModel):
@@ -306,6 +320,12 @@ class TrainConfig(BaseModel):
         if self.reward.segmenter == "sam2" and not self.reward.sam2_config:
             raise ValueError(
                 "reward.segmenter=sam2 needs reward.sam2_config, e.g. configs/sam2.1/sam2.1_hiera_l.yaml"
+            )
+        w = self.reward.weights
+        if (w.box_iou > 0 or w.box_l1 > 0) and self.reward.answer_format == "points":
+            raise ValueError(
+                f"reward.weights.box_iou={w.box_iou} / box_l1={w.box_l1} reward boxes, but "
+                "reward.answer_format=points asks for none; set both to 0 or use answer_format=full"
             )
         mw = self.rollout.max_workers
         if mw is not None and mw < self.rollout.num_workers:

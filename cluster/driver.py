@@ -388,6 +388,8 @@ class TrainDriver:
             "reward_iou": sum(r.iou for r in rewards) / n,
             "reward_s_measure": sum(r.s_measure for r in rewards) / n,
             "reward_segmentation": sum(r.segmentation for r in rewards) / n,
+            "reward_box_iou": sum(r.box_iou for r in rewards) / n,
+            "reward_box_l1": sum(r.box_l1 for r in rewards) / n,
             "parse_failure_rate": failures / n,
             "tokens_per_s": tokens / step_s if step_s > 0 else 0.0,
             "masks_per_s": masks / step_s if step_s > 0 else 0.0,

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from protos import MaskPrompt, RolloutGroup, RolloutRequest, Sample, SamplingConfig
+from reward_service.rewards import box_iou, enclosing_box, mask_bbox
 
 logger = logging.getLogger(__name__)
 
@@ -193,29 +194,6 @@ class SampleResult:
     mask_png: bytes | None = field(default=None, repr=False)
 
 
-def mask_bbox(mask: np.ndarray) -> tuple[float, float, float, float] | None:
-    """Pixel-edge box (x1, y1, x2, y2) of a mask's foreground; None for an empty mask."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return None
-    return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def _enclosing(boxes: list[tuple[float, float, float, float]]) -> tuple[float, float, float, float] | None:
-    if not boxes:
-        return None
-    arr = np.asarray(boxes, dtype=np.float64)  # (K, 4)
-    return float(arr[:, 0].min()), float(arr[:, 1].min()), float(arr[:, 2].max()), float(arr[:, 3].max())
-
-
 def score_sample(
     sample: Sample,
     group: RolloutGroup | None,
@@ -232,7 +210,7 @@ def score_sample(
     true_box = mask_bbox(gt)
     b_iou = None
     if true_box is not None and answer_format == "full":
-        pbox = _enclosing(pred.boxes) if pred is not None else None
+        pbox = enclosing_box(pred.boxes) if pred is not None else None
         b_iou = box_iou(pbox, true_box) if pbox is not None else 0.0
     return SampleResult(
         id=sample.id,

@@ -22,7 +22,7 @@ Kind = Literal["counter", "gauge", "histogram"]
 
 # Latency buckets in seconds, shared by the pools' timing histograms.
 SECONDS_BUCKETS: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
-# Reward terms lie in [0, 2].
+# Reward terms lie in [0, 1]; the total in [0, 2] with Seg-R1's weights (more with the box terms weighted).
 REWARD_BUCKETS: tuple[float, ...] = (
     0.05,
     0.1,
@@ -39,6 +39,9 @@ REWARD_BUCKETS: tuple[float, ...] = (
     1.5,
     1.75,
     2.0,
+    2.5,
+    3.0,
+    4.0,
 )
 
 

@@ -174,6 +174,12 @@ class RewardComponents(BaseModel):
     iou: float
     s_measure: float
     segmentation: float
+    box_iou: float = Field(
+        0.0, description="IoU of the answer's enclosing box with the ground truth's box (weighted by w.box_iou)."
+    )
+    box_l1: float = Field(
+        0.0, description="1 - the box's mean corner error / half the object's size, clipped (weighted by w.box_l1)."
+    )
     total: float
 
 

@@ -21,7 +21,7 @@ PARSE_FAILURES = counter(
 )
 REWARD = histogram(
     "segr1_reward_value",
-    "Reward of each completion, per term (format, iou, s_measure, segmentation, total).",
+    "Reward of each completion, per term (format, iou, s_measure, segmentation, box_iou, box_l1, total).",
     boundaries=REWARD_BUCKETS,
     labels=("worker", "term"),
 )
@@ -49,4 +49,4 @@ QUEUE_DEPTH = gauge(
     labels=("worker",),
 )
 
-TERMS = ("format", "iou", "s_measure", "segmentation", "total")
+TERMS = ("format", "iou", "s_measure", "segmentation", "box_iou", "box_l1", "total")

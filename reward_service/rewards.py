@@ -1,9 +1,16 @@
-"""Reward terms of one completion: format, IoU, S-measure, segmentation, total.
+"""Reward terms of one completion: format, IoU, S-measure, segmentation, the two box terms, total.
 
     format       = 1.0 when the answer parsed (ParsedAnswer.ok), else 0.0
     segmentation = w.iou * IoU(pred, gt) + w.s_measure * clip(S(pred, gt), 0, 1)     (0 when there is no mask)
-    total        = w.format * format + w.segmentation * segmentation
-with RewardWeights w (defaults 1.0, 0.7, 0.3, 1.0: the reference's total = format + 0.7 IoU + 0.3 S).
+    box_iou      = IoU of the answer's box (the enclosing box of its boxes) with the gt mask's bounding box
+    box_l1       = clip(1 - mean |corner - gt corner| / (half the gt box's longer side), 0, 1)
+    total        = w.format * format + w.segmentation * segmentation + w.box_iou * box_iou + w.box_l1 * box_l1
+with RewardWeights w (defaults 1.0, 0.7, 0.3, 1.0, 0, 0: the reference's total = format + 0.7 IoU + 0.3 S).
+Both box terms are 0 for an answer without a box (or an empty ground truth), are always reported, and count only
+when weighted. They are Seg-Zero's localisation rewards, made continuous. Why the L1 one exists: when the policy
+is unsure where the object is, every IoU-type reward (the mask's, and box_iou) is higher for a box enlarged to
+hedge, and a segmenter that carves the object out of a loose box (GrabCut) makes that cheap, so RL learns loose
+boxes. The expected L1 corner error is smallest at the unbiased box, so box_l1 pays for localising, not hedging.
 
 Edge cases (both masks are (H, W) bool of the same shape):
 - IoU: |pred & gt| / |pred | gt|; both empty -> 1.0 (nothing to find, nothing predicted). The reference returns 0
@@ -41,6 +48,7 @@ class GroundTruth:
     cx: int
     quad_size: tuple[int, int, int, int]  # pixels per quadrant (lt, rt, lb, rb)
     quad_gt: tuple[int, int, int, int]  # GT pixels per quadrant
+    box: tuple[float, float, float, float] | None = None  # pixel-edge box of the GT foreground; None when empty
 
     @property
     def n(self) -> int:
@@ -73,7 +81,48 @@ def ground_truth(gt: np.ndarray) -> GroundTruth:
     st = GroundTruth(gt, n_gt, cy, cx, (0, 0, 0, 0), (0, 0, 0, 0))
     sizes = tuple(gt[ys, xs].size for ys, xs in st.quadrants())
     ones = tuple(int(np.count_nonzero(gt[ys, xs])) for ys, xs in st.quadrants())
-    return GroundTruth(gt, n_gt, cy, cx, sizes, ones)
+    return GroundTruth(gt, n_gt, cy, cx, sizes, ones, mask_bbox(gt))
+
+
+def mask_bbox(mask: np.ndarray) -> tuple[float, float, float, float] | None:
+    """Pixel-edge box (x1, y1, x2, y2) of a mask's foreground (x2, y2 exclusive); None for an empty mask."""
+    cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
+    if len(cols) == 0:
+        return None
+    return float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
+
+
+def box_iou(a, b) -> float:
+    """IoU of two (x1, y1, x2, y2) boxes; 0.0 when they do not overlap or both are degenerate."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def enclosing_box(boxes) -> tuple[float, float, float, float] | None:
+    """The smallest box holding every (x1, y1, x2, y2) of `boxes`; None for no box."""
+    boxes = list(boxes)
+    if not boxes:
+        return None
+    return (
+        min(b[0] for b in boxes),
+        min(b[1] for b in boxes),
+        max(b[2] for b in boxes),
+        max(b[3] for b in boxes),
+    )
+
+
+def box_terms(boxes, st: GroundTruth) -> tuple[float, float]:
+    """(box_iou, box_l1) of an answer's boxes against the GT's box; (0, 0) without a box or for an empty GT."""
+    pred = enclosing_box(b for b in boxes if b is not None)
+    if pred is None or st.box is None:
+        return 0.0, 0.0
+    truth = st.box
+    half = max(truth[2] - truth[0], truth[3] - truth[1]) / 2  # >= 0.5: a GT box is at least one pixel
+    error = sum(abs(p - t) for p, t in zip(pred, truth, strict=True)) / 4
+    return box_iou(pred, truth), min(1.0, max(0.0, 1.0 - error / half))
 
 
 def mask_counts(pred: np.ndarray, st: GroundTruth) -> np.ndarray:
@@ -183,25 +232,42 @@ def _same_shape(pred: np.ndarray, gt: np.ndarray) -> None:
         )
 
 
-def combine(parse_ok: bool, scores: tuple[float, float] | None, weights) -> RewardComponents:
-    """Reward terms from (IoU, S) of the predicted mask; None: no mask (unparsable answer) -> segmentation 0."""
+def combine(
+    parse_ok: bool,
+    scores: tuple[float, float] | None,
+    weights,
+    boxes: tuple[float, float] = (0.0, 0.0),
+) -> RewardComponents:
+    """Reward terms from (IoU, S) of the predicted mask and (box_iou, box_l1) of its box; scores None: no mask
+    (unparsable answer) -> segmentation 0. An unparsable answer gets no box terms either."""
     fmt = 1.0 if parse_ok else 0.0
+    b_iou, b_l1 = boxes if parse_ok else (0.0, 0.0)
     if scores is None:
         i = s = seg = 0.0
     else:
         i, s = scores
         seg = weights.iou * i + weights.s_measure * min(max(s, 0.0), 1.0)
-    total = weights.format * fmt + weights.segmentation * seg
-    return RewardComponents(format=fmt, iou=i, s_measure=s, segmentation=seg, total=total)
+    total = (
+        weights.format * fmt + weights.segmentation * seg + weights.box_iou * b_iou + weights.box_l1 * b_l1
+    )
+    return RewardComponents(
+        format=fmt, iou=i, s_measure=s, segmentation=seg, box_iou=b_iou, box_l1=b_l1, total=total
+    )
 
 
-def compute_rewards(parse_ok: bool, pred: np.ndarray | None, gt: np.ndarray, weights) -> RewardComponents:
-    """All reward terms of one completion. `pred` None: no mask (unparsable answer) -> segmentation 0."""
-    if pred is None:
-        return combine(parse_ok, None, weights)
+def compute_rewards(
+    parse_ok: bool, pred: np.ndarray | None, gt: np.ndarray, weights, boxes=()
+) -> RewardComponents:
+    """All reward terms of one completion; `boxes` are the answer's boxes in the mask's pixels. `pred` None: no
+    mask (unparsable answer) -> segmentation 0."""
     st = ground_truth(gt)
-    return combine(parse_ok, scores_from_counts(mask_counts(pred, st), st), weights)
+    box = box_terms(boxes, st)
+    if pred is None:
+        return combine(parse_ok, None, weights, box)
+    return combine(parse_ok, scores_from_counts(mask_counts(pred, st), st), weights, box)
 
 
 def zero_rewards() -> RewardComponents:
-    return RewardComponents(format=0.0, iou=0.0, s_measure=0.0, segmentation=0.0, total=0.0)
+    return RewardComponents(
+        format=0.0, iou=0.0, s_measure=0.0, segmentation=0.0, box_iou=0.0, box_l1=0.0, total=0.0
+    )

@@ -33,6 +33,7 @@ from reward_service import metrics as m
 from reward_service.parser import parse_answer_for
 from reward_service.rewards import (
     GroundTruth,
+    box_terms,
     combine,
     ground_truth,
     mask_counts,
@@ -254,7 +255,8 @@ class RewardWorker:
         for k, parsed in enumerate(job.parsed):
             counts = job.counts[k] if job.counts else None
             iou_s = None if counts is None else scores_from_counts(counts, job.truth)
-            rewards = combine(parsed.ok, iou_s, weights)
+            boxes = box_terms((p.box for p in parsed.prompts), job.truth)
+            rewards = combine(parsed.ok, iou_s, weights, boxes)
             scores.append(CompletionReward(rewards=rewards, parse_ok=parsed.ok, parse_failure=parsed.failure))
             self._record(rewards, parsed.failure)
         return ScoredGroup(group=group, scores=scores, reward_worker=self.name)

@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         max_completion_chars=limits.max_completion_chars,
     )
     pred = _segment(args, image, parsed.prompts) if parsed.prompts else None
-    rewards = compute_rewards(parsed.ok, pred, gt, limits.weights)
+    rewards = compute_rewards(parsed.ok, pred, gt, limits.weights, [p.box for p in parsed.prompts])
     shown = pred if pred is not None else np.zeros_like(gt)
     if args.mask_out:
         _write_png(args.mask_out, shown.astype(np.uint8) * 255)

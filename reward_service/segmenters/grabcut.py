@@ -5,7 +5,9 @@
 - decode, one GrabCut per prompt, initialised from a mask:
   * with a box: inside probable foreground, a band `box_band` x the box's longer side wide around it probable
     background, the rest definite background. Without the band every object pixel a tight box cuts off is fixed
-    background, so GrabCut (and with it the IoU reward) pays for tight boxes and RL learned to draw loose ones;
+    background, so GrabCut (and with it the IoU reward) punishes tight boxes and RL learned to draw loose ones.
+    The default 0.2 forgives a box that a localisation error of ~15% of its side moves off the object (mean IoU
+    0.99 on the demo's images, where 0.1 gave 0.75 and a 10%-looser box 0.83): tight boxes are not worth less;
   * points only: probable background everywhere, a disk of radius max_side/8 around each foreground point
     probable foreground;
   * foreground points are fixed foreground seeds and background points fixed background seeds (disks of radius
@@ -31,7 +33,7 @@ from reward_service.segmenters.protocol import BaseSegmenter, ImageHandle
 class GrabCutSegmenter(BaseSegmenter):
     name = "grabcut"
 
-    def __init__(self, iterations: int = 5, max_side: int = 320, seed_radius: int = 3, box_band: float = 0.1):
+    def __init__(self, iterations: int = 5, max_side: int = 320, seed_radius: int = 3, box_band: float = 0.2):
         super().__init__()
         if iterations < 1 or max_side < 16 or seed_radius < 0 or not 0.0 <= box_band <= 1.0:
             raise ValueError(

@@ -141,6 +141,7 @@ def test_ray_job_submit_runs_a_tiny_training_job(assets, ray_head, tmp_path):
         "data.eval=null",
         "data.image_size=56",
         "reward.answer_format=points",
+        "reward.weights.box_l1=0",
         f"grpo.steps={steps}",
         "grpo.batch_size=4",
         "grpo.group_size=4",

@@ -13,8 +13,9 @@ import pytest
 from cluster.config import TrainConfig
 from cluster.data.images import decode_mask
 from cluster.data.synth import generate_samples
-from cluster.eval_job import EvalScorer, evaluate_samples, mask_bbox, write_outputs
+from cluster.eval_job import EvalScorer, evaluate_samples, write_outputs
 from protos import Completion, RolloutGroup
+from reward_service.rewards import mask_bbox
 from reward_service.segmenters import BaseSegmenter, ImageHandle
 
 SIZE = 112  # the policy's square image

@@ -78,3 +78,10 @@ def test_readme_config_reference_is_current():
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert config_table() in readme, "README's configuration reference is stale: paste `python -m cluster.config_doc`"
+
+
+def test_box_terms_need_an_answer_format_with_boxes():
+    assert load_config(None, ["reward.weights.box_l1=0.5"]).reward.weights.box_l1 == 0.5
+    for term in ("box_iou", "box_l1"):
+        with pytest.raises(ConfigError, match="answer_format"):
+            load_config(None, [f"reward.weights.{term}=0.5", "reward.answer_format=points"])

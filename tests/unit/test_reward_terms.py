@@ -8,6 +8,7 @@ from py_sod_metrics import Smeasure
 
 from cluster.config import RewardWeights
 from reward_service.rewards import (
+    box_terms,
     combine,
     compute_rewards,
     ground_truth,
@@ -153,3 +154,48 @@ def test_s_measure_term_is_clipped_in_segmentation():
     r = combine(True, (0.5, 1.7), RewardWeights())
     assert r.s_measure == 1.7 and r.segmentation == pytest.approx(0.7 * 0.5 + 0.3 * 1.0)
     assert zero_rewards().total == 0.0
+
+
+def test_box_terms_compare_the_enclosing_answer_box_with_the_gt_box():
+    gt = np.zeros((20, 20), bool)
+    gt[4:12, 6:14] = True  # pixel-edge box (6, 4, 14, 12): 8 x 8, half its side is 4
+    mask = gt.copy()
+    seg_r1 = compute_rewards(True, mask, gt, RewardWeights(), [(6, 4, 14, 12)])
+    assert (seg_r1.box_iou, seg_r1.box_l1) == (1.0, 1.0) and seg_r1.total == pytest.approx(2.0)  # unweighted
+    loose = compute_rewards(True, mask, gt, RewardWeights(), [(4, 2, 16, 14)])  # 12 x 12 around it
+    assert loose.box_iou == pytest.approx(64 / 144) and loose.box_l1 == pytest.approx(1 - 2 / 4)
+    w = RewardWeights(box_iou=0.5, box_l1=1.0)
+    for box, b_iou, b_l1 in (((6, 4, 14, 12), 1.0, 1.0), ((4, 2, 16, 14), 64 / 144, 0.5)):
+        r = compute_rewards(True, mask, gt, w, [box])  # the same mask: only the box terms tell them apart
+        assert r.total == pytest.approx(2.0 + 0.5 * b_iou + 1.0 * b_l1)
+    # several boxes count as their enclosing box
+    split = compute_rewards(True, mask, gt, w, [(6, 4, 10, 12), (10, 4, 14, 12)])
+    assert (split.box_iou, split.box_l1) == (1.0, 1.0)
+    far = compute_rewards(True, mask, gt, w, [(15, 15, 19, 19)])  # corners off by 7.5 px on average
+    assert far.box_iou == 0.0 and far.box_l1 == 0.0  # clipped at 0
+    # no box, an unparsable answer, or an empty ground truth: no box reward
+    assert compute_rewards(True, mask, gt, w, [None]).box_l1 == 0.0
+    broken = compute_rewards(False, None, gt, w, [(6, 4, 14, 12)])
+    assert (broken.box_iou, broken.box_l1, broken.total) == (0.0, 0.0, 0.0)
+    assert compute_rewards(True, None, np.zeros_like(gt), w, [(6, 4, 14, 12)]).box_l1 == 0.0
+
+
+def test_box_l1_does_not_pay_for_a_box_enlarged_to_hedge_where_iou_does():
+    """A policy unsure where the object is: its box is off by 3 px along each axis, either way. Enlarging the box
+    by the size of that error raises the expected box IoU (a loose box still overlaps an object it missed) but
+    not the expected L1 term; once the centre can also be right, enlarging lowers the L1 term."""
+    gt = np.zeros((40, 40), bool)
+    gt[14:26, 14:26] = True  # 12 x 12
+    st = ground_truth(gt)
+
+    def expected(grow: float, offsets: tuple[int, ...]) -> tuple[float, float]:
+        terms = [
+            box_terms([(14 - grow + dx, 14 - grow + dy, 26 + grow + dx, 26 + grow + dy)], st)
+            for dx in offsets
+            for dy in offsets
+        ]
+        return float(np.mean([t[0] for t in terms])), float(np.mean([t[1] for t in terms]))
+
+    (iou_0, l1_0), (iou_3, l1_3) = expected(0, (-3, 3)), expected(3, (-3, 3))
+    assert iou_3 > iou_0 + 0.05 and l1_3 <= l1_0
+    assert expected(3, (-3, 0, 3))[1] < expected(0, (-3, 0, 3))[1]

@@ -77,7 +77,7 @@ def test_scores_a_group_per_completion_with_components(cfg):
     for score, text in zip(sg.scores, TEXTS, strict=True):  # the same terms as scoring the completion alone
         parsed = parse_answer(text, W, H, policy_image_size=POLICY)
         pred = worker.segmenter.segment(image, parsed.prompts).any(axis=0) if parsed.prompts else None
-        want = compute_rewards(parsed.ok, pred, gt, cfg.reward.weights)
+        want = compute_rewards(parsed.ok, pred, gt, cfg.reward.weights, [p.box for p in parsed.prompts])
         assert score.rewards.model_dump() == pytest.approx(want.model_dump())
     assert sg.encode_s >= 0 and sg.decode_s > 0 and sg.total_s >= sg.decode_s
 
@@ -113,7 +113,7 @@ def test_one_encode_per_image_with_hf_sam2(cfg, tiny_sam2_dir):
     assert seg.decode_calls == 2  # token layouts: box + 2 points, box + 1 point (box-only has none here)
     single = parse_answer(GOOD, W, H, policy_image_size=POLICY)
     pred = seg.segment(image, single.prompts).any(axis=0)
-    want = compute_rewards(True, pred, gt, hf_cfg.reward.weights)
+    want = compute_rewards(True, pred, gt, hf_cfg.reward.weights, [p.box for p in single.prompts])
     assert out[0].scores[0].rewards.model_dump() == pytest.approx(want.model_dump(), abs=2e-3)
 
 

@@ -109,25 +109,35 @@ def test_grabcut_downscales_large_images_and_upsamples_masks():
     assert not m[0, :90].any() and not m[0, :, 610:].any()  # nothing outside the box
 
 
-def test_grabcut_box_band_does_not_punish_a_box_that_cuts_the_object():
-    """A box 5% too tight: without the band, GrabCut fixes the cut-off object pixels as background (and RL learned
-    to draw loose boxes to avoid it); with the default band they are only probable background and come back."""
+def test_grabcut_box_band_does_not_pay_for_loose_boxes():
+    """A box that cuts the object (too tight, or off-centre by a policy's localisation error): without the band,
+    GrabCut fixes the cut-off object pixels as background, so the IoU reward pays for loose boxes that hedge
+    (RL learned to draw them). With the default band they are only probable background and come back: a tight box
+    scores as well as a loose one wherever it sits, and a box much too loose costs."""
     from cluster.data.synth import generate_item
 
-    def mean_iou(segmenter, grow: float) -> float:
+    items = [generate_item(0, i, "single", 128) for i in range(12)]
+    offsets = np.random.default_rng(0).normal(0.0, 0.15, size=(len(items), 2))  # x, y; fractions of the side
+
+    def mean_iou(segmenter, grow: float, shift: bool = False) -> float:
         ious = []
-        for i in range(10):
-            item = generate_item(0, i, "single", 128)
+        for item, (ox, oy) in zip(items, offsets if shift else np.zeros_like(offsets), strict=True):
             x1, y1, x2, y2 = item.target.bbox
-            g = grow * max(x2 - x1 + 1, y2 - y1 + 1)
-            box = (x1 - g, y1 - g, x2 + 1 + g, y2 + 1 + g)
+            side = max(x2 - x1 + 1, y2 - y1 + 1)
+            g, dx, dy = grow * side, ox * side, oy * side
+            box = (x1 - g + dx, y1 - g + dy, x2 + 1 + g + dx, y2 + 1 + g + dy)
             mask = segmenter.segment(item.image, [MaskPrompt(box=box)])[0]
             ious.append((mask & item.mask).sum() / (mask | item.mask).sum())
         return float(np.mean(ious))
 
     banded, unbanded = GrabCutSegmenter(), GrabCutSegmenter(box_band=0.0)
     assert mean_iou(banded, -0.05) > 0.95 > mean_iou(unbanded, -0.05) + 0.03
-    assert mean_iou(banded, 0.0) > 0.95 and mean_iou(banded, 0.2) > 0.95  # exact and loose boxes still work
+    assert mean_iou(banded, 0.0) > 0.95 and mean_iou(banded, 0.1) > 0.95  # exact and slightly loose boxes work
+    # off-centre boxes: tight ones are not worse than loose ones, so hedging with a loose box earns nothing
+    tight, loose = mean_iou(banded, 0.0, shift=True), mean_iou(banded, 0.1, shift=True)
+    assert tight > 0.95 and tight >= loose - 0.01, (tight, loose)
+    assert mean_iou(unbanded, 0.0, shift=True) < tight - 0.1
+    assert mean_iou(banded, 0.4) < 0.85  # a box far too loose takes in background and costs
     with pytest.raises(ValueError, match="box_band"):
         GrabCutSegmenter(box_band=1.5)
 
