@@ -4,9 +4,11 @@
 
 1. tiny models built offline (a ~2M-parameter Qwen2.5-VL policy, `segr1 models tiny --preset demo`);
 2. synthetic data: a training set and 128 held-out images (`segr1 data synth`);
-3. SFT warm-up so the random policy learns the answer format (`segr1 sft`);
+3. SFT warm-up (300 steps, ~1 min) so the random policy learns the answer format and roughly where the object is
+   (`segr1 sft`);
 4. greedy evaluation of the SFT policy on the held-out images (before RL);
-5. GRPO on local Ray with two rollout workers, two reward workers (GrabCut) and the learner (`segr1 train`);
+5. 60 GRPO steps on local Ray with two rollout workers, two reward workers (GrabCut) and the learner
+   (`segr1 train`; reward: Seg-R1's plus the box L1 term, cluster/configs/demo.yaml);
 6. greedy evaluation of the final policy (after RL).
 It writes <out>/metrics.jsonl, reward_curve.png, eval.json (before_rl, after_rl, constant_baseline),
 grid_before_rl.png, grid_after_rl.png, summary.json and the checkpoints.
@@ -68,6 +70,13 @@ def run_sft_stage(cfg: TrainConfig, out: Path, steps: int, time_limit_s: float) 
         result.first_loss,
         result.last_loss,
     )
+    if result.steps < steps:
+        logger.warning(
+            "SFT stopped at --sft-time-limit after %d of %d steps (a busy machine?): the policy starts RL less "
+            "trained than in the README's figures",
+            result.steps,
+            steps,
+        )
     return folder
 
 
@@ -110,8 +119,10 @@ def plot_reward_curve(metrics_jsonl: Path, out_png: Path) -> None:
         ("reward_format", "format"),
         ("reward_iou", "IoU"),
         ("reward_s_measure", "S-measure"),
+        ("reward_box_iou", "box IoU"),
+        ("reward_box_l1", "box L1"),
     ):
-        ax.plot(steps, _smooth([r[key] for r in rows]), label=label)
+        ax.plot(steps, _smooth([r.get(key, 0.0) for r in rows]), label=label)
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("mean reward (smoothed)")
     ax.set_title("Seg-R1 demo: reward during GRPO")
@@ -216,10 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--sft-steps",
         type=int,
-        default=800,
-        help="cosine schedule length; the time limit usually ends SFT first",
+        default=300,
+        help="SFT steps (cosine schedule); ~1 min on 2 cores. Longer SFT leaves RL little to improve",
     )
-    p.add_argument("--sft-time-limit", type=float, default=300.0, help="seconds; SFT stops early and saves")
+    p.add_argument(
+        "--sft-time-limit",
+        type=float,
+        default=300.0,
+        help="seconds; a guard for slow machines (SFT then stops early and saves, and the figures change)",
+    )
     p.add_argument("--n-train", type=int, default=2048)
     p.add_argument("--n-eval", type=int, default=128)
     p.add_argument(

@@ -31,6 +31,8 @@ METRIC_KEYS = (
     "reward_iou",
     "reward_s_measure",
     "reward_segmentation",
+    "reward_box_iou",
+    "reward_box_l1",
     "parse_failure_rate",
     "tokens_per_s",
     "masks_per_s",
