@@ -118,7 +118,7 @@ class RewardWeights(BaseModel):
         ge=0.0,
         le=100.0,
         description="Weight of 1 - mean corner error / half the object's size (Seg-Zero's box L1 reward): pays "
-        "for localising, where IoU terms pay for boxes enlarged to hedge. 0: Seg-R1's reward; the demo uses 1.",
+        "for localising, where IoU terms pay for boxes enlarged to hedge. 0: Seg-R1's reward; the demo uses 2.",
     )
 
 

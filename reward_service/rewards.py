@@ -71,9 +71,9 @@ def ground_truth(gt: np.ndarray) -> GroundTruth:
     gt = gt.astype(bool, copy=False)
     h, w = gt.shape
     n_gt = int(np.count_nonzero(gt))
+    rows = np.count_nonzero(gt, axis=1)  # (H,) GT pixels per row
+    cols = np.count_nonzero(gt, axis=0)  # (W,) GT pixels per column
     if 0 < n_gt < gt.size:
-        rows = np.count_nonzero(gt, axis=1)  # (H,)
-        cols = np.count_nonzero(gt, axis=0)  # (W,)
         cy = int(np.round(float(np.dot(np.arange(h, dtype=np.int64), rows)) / n_gt)) + 1
         cx = int(np.round(float(np.dot(np.arange(w, dtype=np.int64), cols)) / n_gt)) + 1
     else:  # S-measure uses no region term here; the split only keeps mask_counts uniform
@@ -81,15 +81,20 @@ def ground_truth(gt: np.ndarray) -> GroundTruth:
     st = GroundTruth(gt, n_gt, cy, cx, (0, 0, 0, 0), (0, 0, 0, 0))
     sizes = tuple(gt[ys, xs].size for ys, xs in st.quadrants())
     ones = tuple(int(np.count_nonzero(gt[ys, xs])) for ys, xs in st.quadrants())
-    return GroundTruth(gt, n_gt, cy, cx, sizes, ones, mask_bbox(gt))
+    return GroundTruth(gt, n_gt, cy, cx, sizes, ones, _box_of(rows, cols))
 
 
 def mask_bbox(mask: np.ndarray) -> tuple[float, float, float, float] | None:
     """Pixel-edge box (x1, y1, x2, y2) of a mask's foreground (x2, y2 exclusive); None for an empty mask."""
-    cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
-    if len(cols) == 0:
+    return _box_of(mask.any(axis=1), mask.any(axis=0))
+
+
+def _box_of(rows: np.ndarray, cols: np.ndarray) -> tuple[float, float, float, float] | None:
+    """The box of the non-zero entries of per-row and per-column foreground counts (or flags)."""
+    ys, xs = np.flatnonzero(rows), np.flatnonzero(cols)
+    if len(xs) == 0:
         return None
-    return float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
+    return float(xs[0]), float(ys[0]), float(xs[-1] + 1), float(ys[-1] + 1)
 
 
 def box_iou(a, b) -> float:
@@ -236,12 +241,12 @@ def combine(
     parse_ok: bool,
     scores: tuple[float, float] | None,
     weights,
-    boxes: tuple[float, float] = (0.0, 0.0),
+    box_scores: tuple[float, float] = (0.0, 0.0),
 ) -> RewardComponents:
-    """Reward terms from (IoU, S) of the predicted mask and (box_iou, box_l1) of its box; scores None: no mask
-    (unparsable answer) -> segmentation 0. An unparsable answer gets no box terms either."""
+    """Reward terms from (IoU, S) of the predicted mask and (box_iou, box_l1) of its box (box_terms); scores
+    None: no mask (unparsable answer) -> segmentation 0. An unparsable answer gets no box terms either."""
     fmt = 1.0 if parse_ok else 0.0
-    b_iou, b_l1 = boxes if parse_ok else (0.0, 0.0)
+    b_iou, b_l1 = box_scores if parse_ok else (0.0, 0.0)
     if scores is None:
         i = s = seg = 0.0
     else:
@@ -261,10 +266,10 @@ def compute_rewards(
     """All reward terms of one completion; `boxes` are the answer's boxes in the mask's pixels. `pred` None: no
     mask (unparsable answer) -> segmentation 0."""
     st = ground_truth(gt)
-    box = box_terms(boxes, st)
+    box_scores = box_terms(boxes, st)
     if pred is None:
-        return combine(parse_ok, None, weights, box)
-    return combine(parse_ok, scores_from_counts(mask_counts(pred, st), st), weights, box)
+        return combine(parse_ok, None, weights, box_scores)
+    return combine(parse_ok, scores_from_counts(mask_counts(pred, st), st), weights, box_scores)
 
 
 def zero_rewards() -> RewardComponents:

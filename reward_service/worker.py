@@ -255,8 +255,8 @@ class RewardWorker:
         for k, parsed in enumerate(job.parsed):
             counts = job.counts[k] if job.counts else None
             iou_s = None if counts is None else scores_from_counts(counts, job.truth)
-            boxes = box_terms((p.box for p in parsed.prompts), job.truth)
-            rewards = combine(parsed.ok, iou_s, weights, boxes)
+            box_scores = box_terms((p.box for p in parsed.prompts), job.truth)
+            rewards = combine(parsed.ok, iou_s, weights, box_scores)
             scores.append(CompletionReward(rewards=rewards, parse_ok=parsed.ok, parse_failure=parsed.failure))
             self._record(rewards, parsed.failure)
         return ScoredGroup(group=group, scores=scores, reward_worker=self.name)
