@@ -30,8 +30,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from actors.prompting import build_messages, system_prompt, user_text
 from protos import Completion, RolloutRequest, SamplingConfig
+from protos.answer import build_messages, system_prompt, user_text
 
 if TYPE_CHECKING:
     import torch
@@ -109,7 +109,7 @@ class RolloutEngine(Protocol):
 def render_messages(
     instruction: str, has_image: bool, answer_format: str = "full", image_size: int = 768
 ) -> list[dict]:
-    """Chat messages of one request: with an image, `actors.prompting.build_messages` (system, user = image +
+    """Chat messages of one request: with an image, `protos.answer.build_messages` (system, user = image +
     instruction + format sentence); without (text-only models, `segr1 generate --prompt`), the same turns as
     plain strings without the image placeholder, so any chat template renders them."""
     if has_image:

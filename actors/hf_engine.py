@@ -42,7 +42,8 @@ from actors.engine import (
     request_seed,
     validate_update,
 )
-from actors.processor import (
+from protos import Completion, RolloutRequest
+from runtime.qwen_vl import (
     encode_prompts,
     load_processor,
     model_inputs,
@@ -51,7 +52,6 @@ from actors.processor import (
     stop_token_ids,
     suppress_token_ids,
 )
-from protos import Completion, RolloutRequest
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -152,7 +152,7 @@ class HFEngine:
         torch_dtype = resolve_dtype(dtype, device)
         processor = None
         if _is_vision_language(folder):
-            from actors.processor import load_policy
+            from runtime.qwen_vl import load_policy
 
             processor = load_processor(folder)
             tokenizer = processor.tokenizer
@@ -175,7 +175,7 @@ class HFEngine:
         name: str = "<in-memory model>",
     ) -> HFEngine:
         """An engine around a model already in memory (benchmarks; the learner's own copy in a colocated run).
-        `processor` (actors.processor.load_processor) is needed for image requests."""
+        `processor` (runtime.qwen_vl.load_processor) is needed for image requests."""
         engine = cls.__new__(cls)
         engine._setup(model.eval(), tokenizer, processor, name, answer_format, image_size, max_batch_rows)
         return engine

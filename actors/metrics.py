@@ -1,11 +1,11 @@
-"""Metrics of the rollout actors (declared once; cluster/metrics.py records them locally and forwards to Ray).
+"""Metrics of the rollout actors (declared once; runtime/metrics.py records them locally and forwards to Ray).
 
 Ray exports each as `ray_<name>` (counters with `_total`); docs/rollout.md lists them with their labels.
 """
 
 from __future__ import annotations
 
-from cluster.metrics import SECONDS_BUCKETS, counter, gauge, histogram
+from runtime.metrics import SECONDS_BUCKETS, counter, gauge, histogram
 
 TOKENS = counter(
     "segr1_rollout_tokens",

@@ -56,8 +56,8 @@ from actors.engine import (
     render_messages,
     validate_update,
 )
-from actors.processor import VISION_TOKENS, resolve_dtype, resolve_folder, stop_token_ids, suppress_token_ids
 from protos import Completion, RolloutRequest
+from runtime.qwen_vl import VISION_TOKENS, resolve_dtype, resolve_folder, stop_token_ids, suppress_token_ids
 
 CPU_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",

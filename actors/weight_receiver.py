@@ -1,4 +1,4 @@
-"""Receiving side of the weight broadcast (the sending side and the wire protocol: learner/weight_sync.py).
+"""Receiving side of the weight broadcast (the sending side and the wire protocol: runtime/weights/transport.py).
 
 A rollout worker joins one generation of the weight-sync group with `join(info)` (rank from `info.ranks[name]`),
 then each `receive()` stages EVERY bucket of one version into buffers it owns and only then returns
@@ -22,7 +22,8 @@ from typing import Any, Protocol
 
 import torch
 
-from learner.weight_sync import (
+from protos import WeightsManifest
+from runtime.weights.transport import (
     GroupInfo,
     WeightReceiver,
     WeightSyncError,
@@ -39,7 +40,6 @@ from learner.weight_sync import (
     recv_header,
     shared_tensor,
 )
-from protos import WeightsManifest
 
 __all__ = [
     "BackgroundWeightLoader",
@@ -300,7 +300,7 @@ def model_name_map(model) -> dict[str, str]:
 
     Weight updates carry checkpoint names (those of model.safetensors, which vLLM expects); a transformers engine
     translates them with this map (e.g. Qwen2.5-VL `model.layers.0...` -> `model.language_model.layers.0...`)."""
-    from learner.weight_sync import checkpoint_names
+    from runtime.weights.transport import checkpoint_names
 
     mapping = {disk: mem for mem, disk in checkpoint_names(model).items()}
     mapping.update({mem: mem for mem in list(mapping.values())})

@@ -20,58 +20,50 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from actors import metrics as M
+from actors.config import RolloutConfig
 from actors.engine import GenerationBatch, NamedTensors, RolloutEngine, StaleWeightsError
-from actors.prompting import resize_for_policy
-from cluster.config import TrainConfig
 from protos import RolloutGroup, RolloutRequest, Sample
+from protos.config import PolicySpec
+from runtime.images import resize_for_policy
+from runtime.threads import limit_threads
 
 
-def _set_threads() -> None:
-    """Torch threads from SEGR1_NUM_THREADS (set by cluster/topology.py for each actor), else unchanged."""
-    n = os.environ.get("SEGR1_NUM_THREADS")
-    if n:
-        import torch
-
-        torch.set_num_threads(max(1, int(n)))
-
-
-def rollout_device(cfg: TrainConfig) -> str:
+def rollout_device(rollout: RolloutConfig) -> str:
     import torch
 
-    if cfg.rollout.resources.num_gpus > 0:
+    if rollout.resources.num_gpus > 0:
         if not torch.cuda.is_available():
             raise RuntimeError(
-                f"rollout.resources.num_gpus={cfg.rollout.resources.num_gpus} but CUDA is not available in the "
+                f"rollout.resources.num_gpus={rollout.resources.num_gpus} but CUDA is not available in the "
                 "rollout process; set rollout.resources.num_gpus=0 to generate on CPU"
             )
         return "cuda"
     return "cpu"
 
 
-def build_engine(cfg: TrainConfig, engine: str | None = None) -> RolloutEngine:
-    """The engine cfg.rollout.engine names (hf | vllm; vllm with grpo.mode=async is AsyncVLLMEngine)."""
-    kind = engine or cfg.rollout.engine
-    common = dict(
-        answer_format=cfg.reward.answer_format, image_size=cfg.data.image_size, dtype=cfg.model.dtype
-    )
+def build_engine(
+    policy: PolicySpec, rollout: RolloutConfig, concurrent: bool = False, engine: str | None = None
+) -> RolloutEngine:
+    """The engine rollout.engine names (hf | vllm); `concurrent` (async GRPO) takes vLLM's AsyncVLLMEngine."""
+    kind = engine or rollout.engine
+    common = dict(answer_format=policy.answer_format, image_size=policy.image_size, dtype=policy.dtype)
     if kind == "hf":
         from actors.hf_engine import HFEngine
 
-        return HFEngine(cfg.model.policy, device=rollout_device(cfg), **common)
+        return HFEngine(policy.path, device=rollout_device(rollout), **common)
     if kind != "vllm":
         raise ValueError(f"rollout.engine={kind!r} is not one of hf, vllm")
     from actors.vllm_engine import AsyncVLLMEngine, VLLMEngine
 
-    r = cfg.rollout
-    cls = AsyncVLLMEngine if cfg.grpo.mode == "async" else VLLMEngine
+    cls = AsyncVLLMEngine if concurrent else VLLMEngine
     return cls(
-        cfg.model.policy,
-        gpu_memory_utilization=r.gpu_memory_utilization,
-        tensor_parallel_size=r.tensor_parallel_size,
-        enable_prefix_caching=r.enable_prefix_caching,
-        max_model_len=r.max_model_len,
-        enforce_eager=r.enforce_eager,
-        seed=cfg.seed,
+        policy.path,
+        gpu_memory_utilization=rollout.gpu_memory_utilization,
+        tensor_parallel_size=rollout.tensor_parallel_size,
+        enable_prefix_caching=rollout.enable_prefix_caching,
+        max_model_len=rollout.max_model_len,
+        enforce_eager=rollout.enforce_eager,
+        seed=policy.seed,
         **common,
     )
 
@@ -79,10 +71,17 @@ def build_engine(cfg: TrainConfig, engine: str | None = None) -> RolloutEngine:
 class RolloutWorker:
     """Generates RolloutGroups with one engine; receives weights; reports its version."""
 
-    def __init__(self, cfg: TrainConfig, name: str = "rollout-0", engine: RolloutEngine | None = None):
-        _set_threads()
-        self.cfg, self.name = cfg, name
-        self.engine = engine if engine is not None else build_engine(cfg)
+    def __init__(
+        self,
+        policy: PolicySpec,
+        rollout: RolloutConfig | None = None,
+        name: str = "rollout-0",
+        engine: RolloutEngine | None = None,
+        concurrent: bool = False,
+    ):
+        limit_threads()
+        self.policy, self.rollout, self.name = policy, rollout or RolloutConfig(), name
+        self.engine = engine if engine is not None else build_engine(policy, self.rollout, concurrent)
         self.engine_kind = type(self.engine).__name__
         self._receiver = None
         self._in_flight = 0
@@ -120,6 +119,8 @@ class RolloutWorker:
                 sample_id=req.sample_id,
                 policy_version=batch.policy_version,
                 completions=comps,
+                temperature=req.sampling.temperature,
+                max_tokens=req.sampling.max_tokens,
                 worker=self.name,
                 prompt_tokens=n_prompt,
                 generate_s=elapsed,
@@ -144,7 +145,7 @@ class RolloutWorker:
         """The policy's NxN RGB images; None for a text-only model (it sees the instruction only)."""
         if not getattr(self.engine, "is_vision_language", True):
             return [None] * len(samples)
-        size = self.cfg.data.image_size
+        size = self.policy.image_size
         return [resize_for_policy(s.image, size) for s in samples]
 
     def _track(self, delta: int) -> None:
@@ -174,11 +175,11 @@ class RolloutWorker:
         return self.engine.policy_version
 
     def weight_sync_join(self, info: Mapping[str, Any] | Any) -> int:
-        """Join the learner's weight-sync group (learner.weight_sync_prepare(...) -> info); returns the rank."""
+        """Join the learner's weight-sync group (Learner.weight_sync_prepare(...) -> info); returns the rank."""
         from actors.weight_receiver import DistributedWeightReceiver
 
         if self._receiver is None:
-            device = "cuda" if self.cfg.rollout.resources.num_gpus > 0 else None
+            device = "cuda" if self.rollout.resources.num_gpus > 0 else None
             self._receiver = DistributedWeightReceiver(self.name, device=device)
         return self._receiver.join(info)
 

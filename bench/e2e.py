@@ -85,13 +85,25 @@ def build_policy(work: Path, s: dict, policy: str | None) -> tuple[Path, Path]:
         return sft, data
     import torch
 
+    from cluster.data.reader import DatasetReader
     from learner.sft import run_sft
 
     base = build_tiny_policy(work / "models" / "policy", seed=0, preset=s["preset"])
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = bench_config(Path(base), data, work / "sft", s, [])
     t0 = time.perf_counter()
-    r = run_sft(cfg, s["sft_steps"], sft, lr=s["sft_lr"], batch_size=16, warmup_steps=5, n_fg=1, n_bg=1)
+    r = run_sft(
+        cfg.policy_spec(),
+        cfg.learner,
+        DatasetReader.from_config(cfg).next_batch,
+        s["sft_steps"],
+        sft,
+        lr=s["sft_lr"],
+        batch_size=16,
+        warmup_steps=5,
+        n_fg=1,
+        n_bg=1,
+    )
     print(
         f"SFT: {r.steps} steps in {time.perf_counter() - t0:.0f} s, loss {r.first_loss:.2f} -> {r.last_loss:.2f}"
     )
@@ -131,7 +143,11 @@ def single_process(cfg, warmup: int) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     reader = DatasetReader.from_config(cfg)
-    rollout, reward, learner = RolloutWorker(cfg, "rollout-0"), RewardWorker(cfg, "reward-0"), Learner(cfg)
+    rollout, reward, learner = (
+        RolloutWorker(cfg.policy_spec(), cfg.rollout, "rollout-0"),
+        RewardWorker(cfg.policy_spec(), cfg.reward, "reward-0"),
+        Learner(cfg.learner_spec()),
+    )
     times = {"generate_s": [], "score_s": [], "learner_s": [], "weight_sync_s": [], "step_s": []}
     rewards, cpu_at = [], []
     for step in range(cfg.grpo.steps):

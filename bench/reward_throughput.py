@@ -75,9 +75,9 @@ def make_data(n_images: int, group_size: int, seed: int, tag: str):
     """n_images samples (random 1024x1024 RGB, a disk as ground truth) with G random completions each."""
     import cv2
 
-    from cluster.data.images import encode_png
     from protos import Completion, RewardRequest, RolloutGroup, Sample
-    from reward_service.parser import format_answer
+    from protos.answer import format_answer
+    from runtime.images import encode_png
 
     rng = np.random.default_rng(seed)
     requests = []
@@ -103,7 +103,14 @@ def make_data(n_images: int, group_size: int, seed: int, tag: str):
             Completion(text=_answer(rng, format_answer), token_ids=[0], logprobs=[0.0])
             for _ in range(group_size)
         ]
-        group = RolloutGroup(group_id=f"g-{sid}", sample_id=sid, policy_version=0, completions=completions)
+        group = RolloutGroup(
+            temperature=1.0,
+            max_tokens=64,
+            group_id=f"g-{sid}",
+            sample_id=sid,
+            policy_version=0,
+            completions=completions,
+        )
         requests.append(RewardRequest(group=group, sample=sample, policy_image_size=IMAGE_SIDE))
     return requests
 
@@ -129,10 +136,10 @@ def _answer(rng, format_answer) -> str:
 
 def run_naive(segmenter, cfg, request) -> tuple[float, float]:
     """One completion the way a per-sample reward function does it; returns (wall, process CPU) seconds."""
-    from cluster.data.images import decode_sample_arrays
     from reward_service.parser import parse_answer_for
     from reward_service.rewards import compute_rewards
     from reward_service.segmenters import union_mask
+    from runtime.images import decode_sample_arrays
 
     t0, c0 = time.perf_counter(), time.process_time()
     s = request.sample
@@ -186,7 +193,7 @@ def measure(args) -> dict:
     model_name = args.model or ("hiera-large" if args.device == "cuda" else "hiera-tiny")
     segmenter = HFSam2Segmenter(model=build_model(model_name), device=args.device)
     cfg = TrainConfig(data={"image_size": IMAGE_SIDE})
-    worker = RewardWorker(cfg, name="bench", segmenter=segmenter)
+    worker = RewardWorker(cfg.policy_spec(), cfg.reward, name="bench", segmenter=segmenter)
     naive_req = make_data(args.rounds, 2, seed=1, tag="naive")  # completion 0 of each is used
     grouped_req = {
         g: [make_data(args.images, g, seed=10 * g + r, tag=f"g{g}r{r}") for r in range(args.rounds)]

@@ -163,8 +163,8 @@ def _qwen3b_engine():
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from actors.hf_engine import HFEngine
-    from actors.processor import load_processor
     from cluster.tiny_models import SPECIAL_IDS, build_tiny_policy
+    from runtime.qwen_vl import load_processor
 
     tiny = build_tiny_policy(Path(tempfile.mkdtemp(prefix="segr1-bench-")) / "policy", seed=0)
     ids = dict(

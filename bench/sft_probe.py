@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.vision_lr != 1.0:
         vision_lr_optimizer(a.vision_lr)
     from cluster.config import load_config
+    from cluster.data.reader import DatasetReader
     from cluster.demo import DEMO_CONFIG, _with
     from cluster.eval_job import load_samples
     from learner.policy import Policy
@@ -134,8 +135,19 @@ def main(argv: list[str] | None = None) -> int:
             "data.image_size": a.size,
         },
     )
-    run = sft.run_sft(cfg, 1_000_000, out / "sft", lr=a.lr, batch_size=a.batch_size, time_limit_s=a.seconds)
-    policy = Policy(_with(cfg, {"model.policy": str(out / "sft")}), load_reference=False)
+    batches = DatasetReader.from_config(cfg).next_batch
+    run = sft.run_sft(
+        cfg.policy_spec(),
+        cfg.learner,
+        batches,
+        1_000_000,
+        out / "sft",
+        lr=a.lr,
+        batch_size=a.batch_size,
+        time_limit_s=a.seconds,
+    )
+    tuned = _with(cfg, {"model.policy": str(out / "sft")})
+    policy = Policy(tuned.policy_spec(), tuned.learner)
     samples = load_samples(data / "eval")
     answers: list[str] = []
     for i in range(0, len(samples), 16):

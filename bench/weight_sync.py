@@ -1,5 +1,5 @@
 """Benchmark: send a Qwen2.5-0.5B-shaped random model (494M parameters, ~0.99 GB bf16) from the learner to 2
-receiving processes, bucketed (learner/weight_sync.py) vs per-parameter (the baseline several frameworks use),
+receiving processes, bucketed (runtime/weights/transport.py) vs per-parameter (the baseline several frameworks use),
 over gloo on CPU, with a plain memory copy of the same bytes measured in the same run as the ceiling. With a GPU,
 also the CUDA IPC path (learner and receivers on one GPU) against a device-to-device copy.
 
@@ -100,7 +100,7 @@ def memcpy_gbps(nbytes: int, rounds: int, device: str = "cpu") -> float:
 def run_transport(
     named, backend: str, bucket_mb: int, rounds: int, receivers: int = 2, use_shm: bool = False
 ) -> dict:
-    from learner.weight_sync import CudaIpcSender, DistributedWeightSender
+    from runtime.weights.transport import CudaIpcSender, DistributedWeightSender
 
     ctx = mp.get_context("spawn")
     out_q = ctx.Queue()

@@ -1,4 +1,10 @@
-"""The one configuration tree of a training job: pydantic v2 models, validated in one place.
+"""The one configuration tree of a training job, composed from the sections each package owns.
+
+The rollout, reward, learner (+ grpo, checkpoint) and weight-transport sections live beside their workers
+(actors/config.py, reward_service/config.py, learner/config.py, runtime/weights/config.py) and the shared
+`PolicySpec` / `Resources` in protos/config.py; this module adds the job's own sections (model, data, metrics,
+placement), validates the rules that span sections, and hands each worker only its section (`policy_spec`,
+`weight_transport`). Workers never see `TrainConfig`.
 
 Loaded from YAML (`load_config`) with `key.sub=value` overrides from the command line. Every field has a
 description and bounds; an invalid value fails with a message naming the field, saying why and how to fix it.
@@ -11,34 +17,46 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
-_STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+from actors.config import RolloutConfig, SamplingSection
+from learner.config import CheckpointConfig, GRPOConfig, LearnerConfig, LearnerSpec
+from protos.config import STRICT, PolicySpec, Resources
+from reward_service.config import RewardConfig, RewardWeights
+from runtime.weights.config import WeightSyncConfig
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "GRPOConfig",
+    "LearnerConfig",
+    "LearnerSpec",
+    "MetricsConfig",
+    "ModelConfig",
+    "PlacementConfig",
+    "PolicySpec",
+    "Resources",
+    "RewardConfig",
+    "RewardWeights",
+    "RolloutConfig",
+    "SamplingSection",
+    "TrainConfig",
+    "WeightSyncConfig",
+    "build_config",
+    "dump_config",
+    "load_config",
+]
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message says which field, why, and how to fix it."""
 
 
-class Resources(BaseModel):
-    """Ray resources of ONE worker of a pool."""
-
-    model_config = _STRICT
-
-    num_cpus: float = Field(1.0, ge=0.0, le=512, description="CPUs reserved per worker.")
-    num_gpus: float = Field(
-        0.0, ge=0.0, le=8, description="GPUs per worker; fractions share a GPU (colocated)."
-    )
-    custom: dict[str, float] = Field(
-        default_factory=dict,
-        description="Custom Ray resources, e.g. {'rollout_pool': 1} to land on the KubeRay 'rollout' group.",
-    )
-
-
 class ModelConfig(BaseModel):
     """Which policy and which segmenter."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     policy: str = Field(
         "runs/models/policy",
@@ -54,203 +72,10 @@ class ModelConfig(BaseModel):
     )
 
 
-class SamplingSection(BaseModel):
-    """Sampling of rollouts (SEG-R1: temperature 1.0, 400 tokens)."""
-
-    model_config = _STRICT
-
-    temperature: float = Field(1.0, ge=0.0, le=10.0, description="Softmax temperature; 0 is greedy.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    max_tokens: int = Field(400, ge=1, le=32768, description="Maximum completion length in tokens.")
-
-
-class RolloutConfig(BaseModel):
-    """The pool of rollout actors (`rollout-<i>` in namespace segr1)."""
-
-    model_config = _STRICT
-
-    engine: Literal["vllm", "hf"] = Field(
-        "vllm", description="vllm in production; hf (transformers generate) where vLLM cannot run the model."
-    )
-    num_workers: int = Field(1, ge=1, le=1024, description="Rollout actors at start.")
-    max_workers: int | None = Field(
-        None,
-        ge=1,
-        le=1024,
-        description="Upper bound when the pool is scaled during a run; None: num_workers.",
-    )
-    resources: Resources = Field(default_factory=Resources)
-    sampling: SamplingSection = Field(default_factory=SamplingSection)
-    gpu_memory_utilization: float = Field(0.6, gt=0.0, le=0.98, description="vLLM KV-cache memory fraction.")
-    tensor_parallel_size: int = Field(1, ge=1, le=64, description="vLLM tensor parallel degree.")
-    enable_prefix_caching: bool = Field(
-        True, description="vLLM prefix caching (the G samples share a prompt)."
-    )
-    max_batch_groups: int = Field(8, ge=1, le=4096, description="Groups one generate call may batch.")
-    max_model_len: int | None = Field(
-        None, ge=64, le=1_048_576, description="vLLM context length (prompt + completion); None: 8192."
-    )
-    enforce_eager: bool | None = Field(
-        None, description="vLLM without torch.compile / CUDA graphs; None: eager on CPU (fast start), compiled on GPU."
-    )
-
-
-class RewardWeights(BaseModel):
-    """Weights of each reward term (SEG-R1: total = format + 0.7 IoU + 0.3 clip(S, 0, 1))."""
-
-    model_config = _STRICT
-
-    format: float = Field(1.0, ge=0.0, le=100.0, description="Weight of the format reward.")
-    iou: float = Field(0.7, ge=0.0, le=100.0, description="Weight of IoU in the segmentation reward.")
-    s_measure: float = Field(0.3, ge=0.0, le=100.0, description="Weight of clip(S-measure, 0, 1).")
-    segmentation: float = Field(
-        1.0, ge=0.0, le=100.0, description="Weight of the segmentation reward in total."
-    )
-    box_iou: float = Field(
-        0.0,
-        ge=0.0,
-        le=100.0,
-        description="Weight of the IoU of the answer's box with the ground-truth mask's box (Seg-Zero's box "
-        "reward). 0: Seg-R1's reward.",
-    )
-    box_l1: float = Field(
-        0.0,
-        ge=0.0,
-        le=100.0,
-        description="Weight of 1 - mean corner error / half the object's size (Seg-Zero's box L1 reward): pays "
-        "for localising, where IoU terms pay for boxes enlarged to hedge. 0: Seg-R1's reward; the demo uses 2.",
-    )
-
-
-class RewardConfig(BaseModel):
-    """The pool of reward actors (`reward-<i>` in namespace segr1)."""
-
-    model_config = _STRICT
-
-    segmenter: Literal["grabcut", "hf-sam2", "sam2"] = Field(
-        "grabcut",
-        description="grabcut (weight-free, CPU), hf-sam2 (transformers Sam2Model folder), sam2 (Meta's package).",
-    )
-    segmenter_path: str | None = Field(
-        None, description="hf-sam2: a Hugging Face folder; sam2: a .pt checkpoint. Required for both."
-    )
-    sam2_config: str | None = Field(
-        None, description="sam2 only: the model config name, e.g. configs/sam2.1/..."
-    )
-    num_workers: int = Field(1, ge=1, le=1024, description="Reward actors.")
-    resources: Resources = Field(default_factory=Resources)
-    weights: RewardWeights = Field(default_factory=RewardWeights)
-    answer_format: Literal["full", "points"] = Field(
-        "full",
-        description="full: think + bbox + points + labels; points: the pre-RL points-and-labels format.",
-    )
-    max_boxes: int = Field(4, ge=1, le=64, description="More boxes than this fails the format check.")
-    max_points: int = Field(32, ge=1, le=1024, description="More points than this fails the format check.")
-    max_completion_chars: int = Field(
-        8192, ge=64, le=1_000_000, description="Longer completions fail to parse."
-    )
-    max_inflight_per_worker: int = Field(
-        4, ge=1, le=1024, description="Backpressure: requests queued per actor."
-    )
-
-
-class GRPOConfig(BaseModel):
-    """GRPO (SEG-R1: G=4, beta 0.04, on-policy, seq-mean-token-mean)."""
-
-    model_config = _STRICT
-
-    group_size: int = Field(4, ge=2, le=1024, description="Completions per prompt (G).")
-    batch_size: int = Field(8, ge=1, le=65536, description="Prompts (groups) per optimiser step.")
-    clip_low: float = Field(0.2, ge=0.0, le=1.0, description="Ratio clip below: 1 - clip_low.")
-    clip_high: float = Field(0.2, ge=0.0, le=10.0, description="Ratio clip above: 1 + clip_high.")
-    beta: float = Field(0.04, ge=0.0, le=10.0, description="KL (k3) weight; 0 loads no reference model.")
-    loss_aggregation: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = Field(
-        "seq-mean-token-mean", description="Reference / DAPO / Dr. GRPO aggregation of per-token losses."
-    )
-    normalize_std: bool = Field(True, description="Divide advantages by the group std (+ 1e-4).")
-    mode: Literal["sync", "async"] = Field(
-        "sync", description="sync: generate, score, update. async: pipelined."
-    )
-    max_staleness: int = Field(
-        1,
-        ge=0,
-        le=64,
-        description="async: trained groups are at most this many versions older than the policy.",
-    )
-    filter_zero_variance: bool = Field(
-        False, description="Drop groups whose rewards are all equal (counted)."
-    )
-    steps: int = Field(100, ge=0, le=10_000_000, description="Optimiser steps to run.")
-
-    @field_validator("group_size", mode="before")
-    @classmethod
-    def _group_size_above_one(cls, v: Any) -> Any:
-        if isinstance(v, int) and v == 1:
-            raise ValueError(
-                "group_size=1 makes every group-relative advantage zero, so GRPO would learn nothing; "
-                "set grpo.group_size to 2 or more (the reference uses 4)"
-            )
-        return v
-
-
-class LearnerConfig(BaseModel):
-    """The learner: optimiser and precision."""
-
-    model_config = _STRICT
-
-    lr: float = Field(1e-6, gt=0.0, le=1.0, description="AdamW learning rate (SEG-R1: 1e-6 constant).")
-    schedule: Literal["constant", "cosine", "linear"] = Field(
-        "constant", description="LR schedule after warm-up."
-    )
-    warmup_steps: int = Field(0, ge=0, le=1_000_000, description="Linear warm-up steps.")
-    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
-    micro_batch_size: int = Field(8, ge=1, le=65536, description="Completions per forward/backward.")
-    grad_accumulation: int | None = Field(
-        None, ge=1, le=65536, description="Micro-batches per step; None derives it from the batch."
-    )
-    grad_clip: float = Field(1.0, gt=0.0, le=1e6, description="Max global grad norm.")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
-    num_gpus: int = Field(0, ge=0, le=1024, description="GPUs of the learner; >1 uses FSDP2 data parallel.")
-    lora_rank: int = Field(
-        0, ge=0, le=4096, description="LoRA rank (needs the peft package); 0 trains every parameter."
-    )
-    lora_alpha: float = Field(16.0, gt=0.0, le=1e6, description="LoRA scaling numerator (scale = alpha / rank).")
-    resources: Resources = Field(default_factory=Resources)
-
-
-class WeightSyncConfig(BaseModel):
-    """How new weights reach the rollout actors."""
-
-    model_config = _STRICT
-
-    backend: Literal["auto", "gloo", "nccl", "cuda-ipc", "object-store"] = Field(
-        "auto", description="auto: nccl on GPU, gloo on CPU, cuda-ipc when colocated on one GPU."
-    )
-    bucket_mb: int = Field(256, ge=1, le=65536, description="Size of one flat bucket in MiB.")
-    timeout_s: float = Field(
-        300.0,
-        ge=5.0,
-        le=86_400.0,
-        description="How long forming the group or one bucket's transfer may wait for a member; a rollout "
-        "worker that dies then costs this long before the object-store fallback. Raise it for slow links.",
-    )
-
-
-class CheckpointConfig(BaseModel):
-    """Checkpoints: HF folder + optimiser + JSON state, written atomically."""
-
-    model_config = _STRICT
-
-    dir: str = Field("runs/checkpoints", min_length=1, description="Where checkpoints go.")
-    every: int = Field(50, ge=0, le=10_000_000, description="Save every N steps; 0 saves only at the end.")
-    keep: int = Field(2, ge=1, le=1000, description="Checkpoints kept; older ones are deleted.")
-
-
 class MetricsConfig(BaseModel):
     """Prometheus export and run logs."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     port: int = Field(
         9108, ge=0, le=65535, description="Prometheus port of the driver; 0 disables the server."
@@ -263,7 +88,7 @@ class MetricsConfig(BaseModel):
 class DataConfig(BaseModel):
     """Data sets and the image size the policy sees."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     train: str = Field(
         "runs/data/train", min_length=1, description="Folder (or file) of training Parquet shards."
@@ -281,7 +106,7 @@ class DataConfig(BaseModel):
 class PlacementConfig(BaseModel):
     """Where the pools run."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     mode: Literal["colocated", "disaggregated"] = Field(
         "colocated",
@@ -296,7 +121,7 @@ class PlacementConfig(BaseModel):
 class TrainConfig(BaseModel):
     """A whole training job."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -333,6 +158,48 @@ class TrainConfig(BaseModel):
                 f"rollout.max_workers={mw} is below rollout.num_workers={self.rollout.num_workers}; raise it or unset it"
             )
         return self
+
+    # -- what each worker is handed -----------------------------------------------------------------------------
+    def policy_spec(self) -> PolicySpec:
+        """The policy every worker loads (model.*, data.image_size, reward.answer_format, seed)."""
+        return PolicySpec(
+            path=self.model.policy,
+            reference=self.model.reference,
+            dtype=self.model.dtype,
+            image_size=self.data.image_size,
+            answer_format=self.reward.answer_format,
+            seed=self.seed,
+        )
+
+    def weight_transport(self) -> WeightSyncConfig:
+        """weight_sync with `auto` resolved: gloo for a CPU learner, cuda-ipc when learner and rollout share one
+        GPU in colocated mode (fractional GPUs), nccl otherwise."""
+        ws = self.weight_sync
+        if ws.backend != "auto":
+            return ws
+        if self.learner.num_gpus == 0:
+            backend = "gloo"
+        else:
+            fractional = 0 < self.rollout.resources.num_gpus < 1 and 0 < self.learner.resources.num_gpus < 1
+            backend = "cuda-ipc" if fractional and self.placement.mode == "colocated" else "nccl"
+        return ws.model_copy(update={"backend": backend})
+
+    def learner_spec(self) -> LearnerSpec:
+        """The learner's sections, the policy, and how its weights reach the rollout engines."""
+        return LearnerSpec(
+            policy=self.policy_spec(),
+            learner=self.learner,
+            grpo=self.grpo,
+            checkpoint=self.checkpoint,
+            weight_sync=self.weight_transport(),
+            export_dtype=self.rollout_dtype(),
+        )
+
+    def rollout_dtype(self) -> str:
+        """The dtype the rollout engines hold (model.dtype; auto: bfloat16 on GPU workers, float32 on CPU)."""
+        if self.model.dtype != "auto":
+            return self.model.dtype
+        return "bfloat16" if self.rollout.resources.num_gpus > 0 else "float32"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ def build_assets(
 def run_sft_stage(cfg: TrainConfig, out: Path, steps: int, time_limit_s: float) -> Path:
     from tqdm import tqdm
 
+    from cluster.data.reader import DatasetReader
     from learner.sft import run_sft
 
     folder = out / "sft-policy"
@@ -61,7 +62,16 @@ def run_sft_stage(cfg: TrainConfig, out: Path, steps: int, time_limit_s: float) 
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
 
-    result = run_sft(cfg, steps, folder, lr=3e-3, progress=progress, time_limit_s=time_limit_s)
+    result = run_sft(
+        cfg.policy_spec(),
+        cfg.learner,
+        DatasetReader.from_config(cfg).next_batch,
+        steps,
+        folder,
+        lr=3e-3,
+        progress=progress,
+        time_limit_s=time_limit_s,
+    )
     bar.close()
     logger.info(
         "SFT: %d steps in %.0f s, loss %.3f -> %.3f",
@@ -83,14 +93,14 @@ def run_sft_stage(cfg: TrainConfig, out: Path, steps: int, time_limit_s: float) 
 def evaluate_policy(cfg: TrainConfig, policy: Path, held_out: Path, grid: Path, baselines: bool) -> dict:
     """Greedy decoding of every held-out image once (in-process workers: no Ray needed)."""
     from actors.worker import RolloutWorker
-    from cluster.data.images import encode_png
     from cluster.eval_job import EvalScorer, evaluate_samples, load_samples, render_grid, settings_from_config
+    from runtime.images import encode_png
 
     ecfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"policy": str(policy)})})
     samples = load_samples(held_out)
     settings = settings_from_config(ecfg, greedy=True)
     run = evaluate_samples(
-        RolloutWorker(ecfg, "eval-rollout"),
+        RolloutWorker(ecfg.policy_spec(), ecfg.rollout, "eval-rollout"),
         EvalScorer(ecfg),
         samples,
         baselines=baselines,

@@ -3,7 +3,7 @@ filtered, lost = 0) and the staleness of what was trained. Exported through Ray 
 
 from __future__ import annotations
 
-from cluster.metrics import counter, gauge, histogram
+from runtime.metrics import counter, gauge, histogram
 
 GROUPS_GENERATED = counter("segr1_driver_groups_generated", "Rollout groups the driver received.")
 GROUPS_TRAINED = counter("segr1_driver_groups_trained", "Groups that went into an optimiser step.")

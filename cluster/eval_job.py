@@ -160,7 +160,7 @@ class EvalScorer:
 
 
 def _decode_image(sample: Sample) -> np.ndarray | None:
-    from cluster.data.images import decode_image
+    from runtime.images import decode_image
 
     try:
         return decode_image(sample.image, f"sample {sample.id!r}")  # (H, W, 3) uint8 RGB
@@ -202,8 +202,8 @@ def score_sample(
     gt: np.ndarray,
 ) -> SampleResult:
     """One sample's result from completion 0 of its group (None: the group or its scoring failed)."""
-    from cluster.data.images import encode_png
     from cluster.evaluation import iou, s_measure
+    from runtime.images import encode_png
 
     completion = group.completions[0] if group is not None else None
     mask = pred.mask if pred is not None else None
@@ -318,7 +318,7 @@ def evaluate_samples(
     """Every sample once, in the given order; see the module docstring."""
     from tqdm import tqdm
 
-    from cluster.data.images import decode_mask
+    from runtime.images import decode_mask
 
     check_unique_ids(samples)
     sampling = sampling or SamplingConfig(temperature=0.0, max_tokens=400)
@@ -340,8 +340,8 @@ def evaluate_samples(
 
 def constant_baselines(scorer, samples: Sequence[Sample], batch_size: int = 8) -> dict:
     """{kind: {"mean_iou", "missing"}} of the whole-image and centre boxes given to the same segmenter."""
-    from cluster.data.images import decode_mask
     from cluster.evaluation import IoUMeter
+    from runtime.images import decode_mask
 
     out = {}
     for kind in BASELINES:
@@ -524,7 +524,7 @@ def write_outputs(
     pq.write_table(results_table(run.results), out / "predictions.parquet", row_group_size=256)
     grid = render_grid(run.results, samples)
     if grid is not None:
-        from cluster.data.images import encode_png
+        from runtime.images import encode_png
 
         (out / "grid.png").write_bytes(encode_png(grid))
     return out
@@ -576,7 +576,7 @@ def overlay(
 def _tile(result: SampleResult, sample: Sample, size: int) -> np.ndarray:
     import cv2
 
-    from cluster.data.images import decode_image, decode_mask
+    from runtime.images import decode_image, decode_mask
 
     image = decode_image(sample.image)
     gt = decode_mask(sample.mask)

@@ -104,8 +104,8 @@ PRESETS: dict[str, PolicyPreset] = {
 def _corpus() -> list[str]:
     """Texts the tiny tokenizer's merges are learned from: every prompt the project writes, synthetic
     instructions and answers in both formats. Deterministic."""
-    from actors import prompting as P
     from cluster.data.synth import generate_item
+    from protos import answer as P
 
     texts = [P.system_prompt(f) for f in P.ANSWER_FORMATS]
     texts += [
@@ -121,8 +121,8 @@ def _corpus() -> list[str]:
         think = (
             f"The {item.sample.instruction.split(' the ', 1)[-1].rstrip('.')} is near ({box[0]}, {box[1]})."
         )
-        texts.append(P.format_answer(think, [box], pts, [1, 1, 0]))
-        texts.append(P.format_answer(None, [], pts, [1, 0, 0]))
+        texts.append(P.format_answer([box], pts, [1, 1, 0], think))
+        texts.append(P.format_answer([], pts, [1, 0, 0], answer_format="points"))
     return texts
 
 

@@ -90,7 +90,8 @@ def _spawn_named(cls: type, options: dict[str, Any], *args: Any, attempts: int =
 def spawn_reward_actor(cfg: TrainConfig, name: str) -> Any:
     from reward_service.worker import RewardWorker
 
-    return _spawn_named(RewardWorker, actor_options(cfg, "reward", cfg.reward.resources, name), cfg, name)
+    options = actor_options(cfg, "reward", cfg.reward.resources, name)
+    return _spawn_named(RewardWorker, options, cfg.policy_spec(), cfg.reward, name)
 
 
 def spawn_rollout_actor(cfg: TrainConfig, name: str) -> Any:
@@ -100,7 +101,8 @@ def spawn_rollout_actor(cfg: TrainConfig, name: str) -> Any:
     options["max_concurrency"] = (
         2  # a weight receive runs beside a generate; the engine's lock keeps it atomic
     )
-    return _spawn_named(RolloutWorker, options, cfg, name)
+    concurrent = cfg.grpo.mode == "async"
+    return _spawn_named(RolloutWorker, options, cfg.policy_spec(), cfg.rollout, name, None, concurrent)
 
 
 # The driver lands on the head node in disaggregated mode (the head advertises it; cluster/k8s/).
@@ -128,7 +130,8 @@ def spawn_driver_actor(cfg: TrainConfig, resume: bool = False) -> Any:
 def spawn_learner_actor(cfg: TrainConfig, name: str = "learner-0") -> Any:
     from learner.learner import Learner
 
-    return _spawn_named(Learner, actor_options(cfg, "learner", cfg.learner.resources, name), cfg)
+    options = actor_options(cfg, "learner", cfg.learner.resources, name)
+    return _spawn_named(Learner, options, cfg.learner_spec())
 
 
 def make_reward_pool(cfg: TrainConfig) -> ActorPool:

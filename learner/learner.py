@@ -3,7 +3,7 @@
 A plain class (`ray.remote` is applied in cluster/topology.py only), usable in-process by tests and on the GPU
 machine without Ray.
 
-    learner = Learner(cfg)
+    learner = Learner(cfg.learner_spec())             # cluster/config.py hands the learner its sections
     stats = learner.step(scored_groups, samples)      # sample i belongs to group i; policy_version += 1
     info = learner.weight_sync_prepare(["rollout-0", "rollout-1"])   # then, concurrently:
     learner.weight_sync_connect()  ||  receiver_i.join(info)         # (actors/weight_receiver.py)
@@ -17,14 +17,12 @@ Learner process per GPU (rank, world_size, init_method), each rank training on i
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from cluster.config import TrainConfig
 from learner import metrics as M
 from learner.checkpoint import (
     latest_checkpoint,
@@ -35,10 +33,12 @@ from learner.checkpoint import (
     save_policy,
     set_rng_state,
 )
+from learner.config import LearnerSpec
 from learner.grpo import group_advantages, policy_loss
 from learner.policy import Policy, learner_device, right_align
-from learner.weight_sync import CudaIpcSender, DistributedWeightSender, GroupInfo, SendStats
 from protos import Sample, ScoredGroup, StepStats
+from runtime.threads import limit_threads
+from runtime.weights.transport import CudaIpcSender, DistributedWeightSender, GroupInfo, SendStats
 
 _STAT_KEYS = ("clip_fraction", "clip_fraction_low", "clip_fraction_high", "ratio_mean", "kl", "entropy")
 
@@ -57,35 +57,30 @@ def lr_multiplier(step: int, warmup: int, schedule: str, total_steps: int) -> fl
     raise ValueError(f"unknown learner.schedule {schedule!r}; use constant, cosine or linear")
 
 
-def _set_threads() -> None:
-    n = os.environ.get("SEGR1_NUM_THREADS")
-    if n:
-        torch.set_num_threads(max(1, int(n)))
-
-
 class Learner:
-    """GRPO learner over a Qwen2.5-VL policy folder (cfg.model.policy)."""
+    """GRPO learner over a Qwen2.5-VL policy folder (spec.policy.path)."""
 
     def __init__(
         self,
-        cfg: TrainConfig,
+        spec: LearnerSpec,
         rank: int = 0,
         world_size: int = 1,
         init_method: str | None = None,
         total_steps: int | None = None,
     ):
-        _set_threads()
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        torch.manual_seed(cfg.seed)
-        self.policy = Policy(cfg, learner_device(cfg, rank))
+        limit_threads()
+        self.spec, self.rank, self.world_size = spec, rank, world_size
+        torch.manual_seed(spec.policy.seed)
+        device = learner_device(spec.learner, rank)
+        self.policy = Policy(spec.policy, spec.learner, device, load_reference=spec.grpo.beta > 0)
         if world_size > 1:
             _setup_fsdp2(self.policy.model, rank, world_size, init_method)
             self.policy.share_vision = False  # FSDP2 unshards root params only in the root forward
         self.params = self.policy.trainable_parameters()
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay
+            self.params, lr=spec.learner.lr, weight_decay=spec.learner.weight_decay
         )
-        self.total_steps = total_steps if total_steps is not None else cfg.grpo.steps
+        self.total_steps = total_steps if total_steps is not None else spec.grpo.steps
         self.step_count = 0
         self.policy_version = 0
         self._sender: DistributedWeightSender | None = None
@@ -94,7 +89,7 @@ class Learner:
 
     # -- the optimiser step ---------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
-        lc = self.cfg.learner
+        lc = self.spec.learner
         return lc.lr * lr_multiplier(step, lc.warmup_steps, lc.schedule, self.total_steps)
 
     def step(self, groups: Sequence[ScoredGroup], samples: Sequence[Sample]) -> StepStats:
@@ -103,7 +98,7 @@ class Learner:
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         loss, stats, counts = self._accumulate(groups, samples, backward=True)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.learner.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.spec.learner.grad_clip)
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP2
         lr = self.lr_at(self.step_count)
         skipped = not math.isfinite(grad_norm)
@@ -138,8 +133,8 @@ class Learner:
     def _accumulate(self, groups, samples, backward: bool) -> tuple[float, dict, dict]:
         """Forward (+ backward) over micro-batches; loss denominators are the whole batch's, so the summed
         micro-batch losses equal the full-batch loss."""
-        _check_batch(groups, samples)
-        g = self.cfg.grpo
+        temperature, max_tokens = _check_batch(groups, samples)
+        g = self.spec.grpo
         prompts = self.policy.encode(samples)
         rows = [(i, c) for i, sg in enumerate(groups) for c in sg.group.completions]
         adv = torch.cat(
@@ -154,11 +149,11 @@ class Learner:
             batch = self.policy.batch(
                 prompts, [rows[r][1].token_ids for r in chunk], [rows[r][0] for r in chunk]
             )
-            logp, mask = self.policy.logprobs(batch)  # (n, T), (n, T)
+            logp, mask = self.policy.logprobs(batch, temperature=temperature)  # (n, T), (n, T)
             if mask.numel() == 0:
                 continue
             old = right_align([rows[r][1].logprobs for r in chunk], mask.shape[1]).to(mask.device)  # (n, T)
-            ref = self.policy.reference_logprobs(batch) if g.beta > 0 else None
+            ref = self.policy.reference_logprobs(batch, temperature) if g.beta > 0 else None
             loss, st = policy_loss(
                 logp,
                 old,
@@ -169,7 +164,7 @@ class Learner:
                 g.clip_high,
                 g.beta,
                 g.loss_aggregation,
-                max_length=self.cfg.rollout.sampling.max_tokens,
+                max_length=max_tokens,
                 total_sequences=len(rows),
                 total_tokens=n_tokens,
             )
@@ -188,7 +183,7 @@ class Learner:
         """Micro-batches of row indices for this rank: rows are split over ranks, then into micro-batches of
         learner.micro_batch_size (or into learner.grad_accumulation micro-batches when set). Every rank gets the
         same number of micro-batches (FSDP2 runs collectives in each forward/backward)."""
-        lc = self.cfg.learner
+        lc = self.spec.learner
         rows = list(range(self.rank, n, self.world_size))
         most = math.ceil(n / self.world_size)  # rows of the busiest rank
         count = lc.grad_accumulation or math.ceil(most / lc.micro_batch_size)
@@ -215,11 +210,8 @@ class Learner:
 
     # -- weights --------------------------------------------------------------------------------------------
     def export_dtype(self) -> torch.dtype:
-        """The rollout engine's dtype (model.dtype; auto: bf16 on a GPU rollout worker, float32 on CPU)."""
-        from actors.processor import resolve_dtype
-
-        rollout_device = "cuda" if self.cfg.rollout.resources.num_gpus > 0 else "cpu"
-        return resolve_dtype(self.cfg.model.dtype, rollout_device)
+        """The rollout engines' dtype (LearnerSpec.export_dtype, resolved by cluster/config.py)."""
+        return getattr(torch, self.spec.export_dtype)
 
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
         """(HF name, tensor) of every policy parameter in the rollout dtype, on the learner's device."""
@@ -230,15 +222,11 @@ class Learner:
         return {n: t.detach().to("cpu", copy=True) for n, t in self.named_weights()}
 
     def weight_sync_backend(self) -> str:
-        ws = self.cfg.weight_sync.backend
-        if ws != "auto":
-            return ws
-        if self.policy.device.type != "cuda":
-            return "gloo"
-        fractional = (
-            0 < self.cfg.rollout.resources.num_gpus < 1 and 0 < self.cfg.learner.resources.num_gpus < 1
-        )
-        return "cuda-ipc" if fractional and self.cfg.placement.mode == "colocated" else "nccl"
+        """weight_sync.backend as resolved by cluster/config.py (TrainConfig.weight_transport)."""
+        backend = self.spec.weight_sync.backend
+        if backend == "auto":  # a spec built by hand: the CPU / GPU default
+            return "nccl" if self.policy.device.type == "cuda" else "gloo"
+        return backend
 
     def weight_sync_prepare(self, members: Sequence[str], host: str | None = None) -> dict:
         """Open a new generation of the weight-sync group for `members` (rollout worker names); returns the
@@ -249,7 +237,7 @@ class Learner:
         if self._sender is None or self._sender_backend != backend:
             cls = CudaIpcSender if backend == "cuda-ipc" else DistributedWeightSender
             kw = {} if backend == "cuda-ipc" else {"backend": backend}
-            ws = self.cfg.weight_sync
+            ws = self.spec.weight_sync
             self._sender = cls(host=host or _node_ip(), bucket_mb=ws.bucket_mb, timeout_s=ws.timeout_s, **kw)
             self._sender_backend = backend
         return self._sender.prepare(list(members)).to_dict()
@@ -281,12 +269,12 @@ class Learner:
     ) -> str:
         """Write `<checkpoint.dir>/step-<n>` atomically (policy HF folder, optimiser, state JSON), keep K."""
         t0 = time.perf_counter()
-        cc = self.cfg.checkpoint
+        cc = self.spec.checkpoint
         state = {
             "policy_version": self.policy_version,
             "data_cursor": data_cursor,
             "extra": extra or {},
-            "policy_source": self.cfg.model.policy,
+            "policy_source": self.spec.policy.path,
         }
         path = save_checkpoint(
             root or cc.dir, self.step_count, state, self._write_policy, self.optimizer, cc.keep
@@ -298,16 +286,16 @@ class Learner:
 
     def _write_policy(self, folder: Path) -> None:
         if self.policy.lora:  # a plain HF folder: adapters merged, checkpoint names
-            save_policy(_MergedWeights(self.policy), folder, self.cfg.model.policy, self.policy.processor)
+            save_policy(_MergedWeights(self.policy), folder, self.spec.policy.path, self.policy.processor)
         else:
-            save_policy(self.policy.hf_model(), folder, self.cfg.model.policy, self.policy.processor)
+            save_policy(self.policy.hf_model(), folder, self.spec.policy.path, self.policy.processor)
 
     def load_checkpoint(self, path: str | None = None) -> dict:
         """Restore policy weights, optimiser, step, policy_version and RNG states from a checkpoint folder
         (default: the newest under checkpoint.dir). Returns its state (data_cursor for the driver's reader)."""
-        folder = Path(path) if path else latest_checkpoint(self.cfg.checkpoint.dir)
+        folder = Path(path) if path else latest_checkpoint(self.spec.checkpoint.dir)
         if folder is None:
-            raise FileNotFoundError(f"no checkpoint under {self.cfg.checkpoint.dir} (step-* folders)")
+            raise FileNotFoundError(f"no checkpoint under {self.spec.checkpoint.dir} (step-* folders)")
         state = read_state(folder)
         if self.policy.lora:
             _load_lora_adapter(self.policy.model, folder)
@@ -323,7 +311,8 @@ class Learner:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _check_batch(groups: Sequence[ScoredGroup], samples: Sequence[Sample]) -> None:
+def _check_batch(groups: Sequence[ScoredGroup], samples: Sequence[Sample]) -> tuple[float, int]:
+    """Groups and samples pair up and were sampled alike; returns their (temperature, max_tokens)."""
     if len(groups) != len(samples):
         raise ValueError(
             f"Learner.step got {len(groups)} groups but {len(samples)} samples; pass one per group"
@@ -341,6 +330,13 @@ def _check_batch(groups: Sequence[ScoredGroup], samples: Sequence[Sample]) -> No
                 f"group {sg.group.group_id!r} has G={sg.group.group_size}: a single completion gets a "
                 "zero advantage, training would be a silent no-op; use grpo.group_size >= 2"
             )
+    sampled = {(sg.group.temperature, sg.group.max_tokens) for sg in groups}
+    if len(sampled) > 1:
+        raise ValueError(
+            f"one batch mixes groups sampled with different (temperature, max_tokens): {sorted(sampled)}; "
+            "the learner scores every token at the temperature it was sampled at, one per step"
+        )
+    return sampled.pop()
 
 
 def _batch_stats(groups: Sequence[ScoredGroup], adv: torch.Tensor, version: int) -> dict:
@@ -368,7 +364,7 @@ def _node_ip() -> str:
 @torch.no_grad()
 def _load_policy_weights(model, folder: Path) -> None:
     """Copy a saved HF folder's weights into the live model (the optimiser keeps its parameter objects)."""
-    from actors.processor import load_policy
+    from runtime.qwen_vl import load_policy
 
     saved = load_policy(folder, dtype=torch.float32, device="cpu")
     own = dict(model.named_parameters())

@@ -1,8 +1,8 @@
-"""Metrics of the learner and of the weight broadcast (declared once; see cluster/metrics.py)."""
+"""Metrics of the learner and of the weight broadcast (declared once; see runtime/metrics.py)."""
 
 from __future__ import annotations
 
-from cluster.metrics import counter, gauge, histogram
+from runtime.metrics import counter, gauge, histogram
 
 STEP_SECONDS = histogram(
     "segr1_learner_step_seconds", "Wall time of one learner optimiser step (forward, backward, update)."

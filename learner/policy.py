@@ -1,9 +1,9 @@
 """The policy wrapper: log-probabilities of completion tokens given image + prompt, for a Qwen2.5-VL HF folder.
 
-Prompts are rendered exactly as the rollout workers render them (actors/prompting.py + actors/processor.py): the
-image resized to data.image_size x data.image_size, `build_messages(instruction, reward.answer_format,
-image_size)`, the folder's chat template. Tokens are scored at the sampling temperature (log softmax(logits / T))
-so the GRPO ratio compares like with like.
+Prompts are rendered exactly as the rollout workers render them (protos/answer.py + runtime/qwen_vl.py): the
+image resized to NxN (PolicySpec.image_size), `build_messages(instruction, answer_format, image_size)`, the
+folder's chat template. Tokens are scored at the temperature they were sampled at (log softmax(logits / T), T
+carried by each RolloutGroup) so the GRPO ratio compares like with like.
 
 Precision: the trained parameters are float32 master weights; on a GPU the forward runs under bf16 autocast
 (learner.precision auto|bf16), so a 1e-6 update is not lost to bf16 rounding. The frozen reference (only loaded
@@ -21,41 +21,43 @@ from typing import Any
 
 import torch
 
-from actors.processor import append_completions, encode_prompts, load_policy, load_processor, resolve_dtype
-from actors.prompting import build_messages, resize_for_policy
-from cluster.config import TrainConfig
+from learner.config import LearnerConfig
 from learner.grpo import masked_logprobs_from_logits
-from learner.weight_sync import checkpoint_names
 from protos import Sample
+from protos.answer import build_messages
+from protos.config import PolicySpec
+from runtime.images import resize_for_policy
+from runtime.qwen_vl import append_completions, encode_prompts, load_policy, load_processor, resolve_dtype
+from runtime.weights.transport import checkpoint_names
 
 LORA_TARGETS_DEFAULT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def learner_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
-    if cfg.learner.num_gpus > 0:
+def learner_device(learner: LearnerConfig, local_rank: int = 0) -> torch.device:
+    if learner.num_gpus > 0:
         if not torch.cuda.is_available():
             raise RuntimeError(
-                f"learner.num_gpus={cfg.learner.num_gpus} but CUDA is not available in the learner process; "
+                f"learner.num_gpus={learner.num_gpus} but CUDA is not available in the learner process; "
                 "set learner.num_gpus=0 to train on CPU, or give the learner actor a GPU (learner.resources.num_gpus)"
             )
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 
 
-def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+def compute_dtype(learner: LearnerConfig, device: torch.device) -> torch.dtype:
     """Autocast dtype of the forward: bf16 on GPU (auto|bf16), float32 on CPU (auto) or when asked (fp32)."""
-    if cfg.learner.precision == "fp32":
+    if learner.precision == "fp32":
         return torch.float32
-    if cfg.learner.precision == "bf16":
+    if learner.precision == "bf16":
         return torch.bfloat16
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def render_prompt(sample: Sample, cfg: TrainConfig) -> tuple[Any, list[dict]]:
+def render_prompt(sample: Sample, policy: PolicySpec) -> tuple[Any, list[dict]]:
     """(image, messages) exactly as the rollout workers render them."""
-    size = cfg.data.image_size
+    size = policy.image_size
     return resize_for_policy(sample.image, size), build_messages(
-        sample.instruction, cfg.reward.answer_format, size
+        sample.instruction, policy.answer_format, size
     )
 
 
@@ -76,38 +78,39 @@ class Policy:
     """The trained model (+ optional frozen reference) and how to score completions with it."""
 
     def __init__(
-        self, cfg: TrainConfig, device: torch.device | None = None, load_reference: bool | None = None
+        self,
+        spec: PolicySpec,
+        learner: LearnerConfig | None = None,
+        device: torch.device | None = None,
+        load_reference: bool = False,
     ):
-        self.cfg = cfg
-        self.device = device if device is not None else learner_device(cfg)
-        self.compute_dtype = compute_dtype(cfg, self.device)
-        self.temperature = cfg.rollout.sampling.temperature
-        self.processor = load_processor(cfg.model.policy)
+        learner = learner or LearnerConfig()
+        self.spec = spec
+        self.device = device if device is not None else learner_device(learner)
+        self.compute_dtype = compute_dtype(learner, self.device)
+        self.processor = load_processor(spec.path)
         self.pad_token_id = int(self.processor.tokenizer.pad_token_id)
-        self.model = load_policy(cfg.model.policy, dtype=torch.float32, device=self.device).train()
+        self.model = load_policy(spec.path, dtype=torch.float32, device=self.device).train()
         self.model.config.use_cache = False
-        if cfg.learner.gradient_checkpointing:
+        if learner.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._names = checkpoint_names(self.model)  # in-memory -> checkpoint names, taken before LoRA wraps
-        self.lora = cfg.learner.lora_rank > 0
+        self.lora = learner.lora_rank > 0
         if self.lora:
-            self.model = _apply_lora(self.model, cfg)
-        want_ref = cfg.grpo.beta > 0 if load_reference is None else load_reference
+            self.model = _apply_lora(self.model, learner)
         self.reference = None
-        if want_ref and not (
-            self.lora and cfg.model.reference is None
+        if load_reference and not (
+            self.lora and spec.reference is None
         ):  # LoRA: the base model IS the reference
-            ref_dtype = resolve_dtype(cfg.model.dtype, self.device)
-            self.reference = load_policy(
-                cfg.model.reference or cfg.model.policy, dtype=ref_dtype, device=self.device
-            )
+            ref_dtype = resolve_dtype(spec.dtype, self.device)
+            self.reference = load_policy(spec.reference or spec.path, dtype=ref_dtype, device=self.device)
             self.reference.requires_grad_(False)
         self.share_vision = _has_mm_encoder_outputs(self.model)
 
     # -- prompts ---------------------------------------------------------------------------------------------
     def encode(self, samples: Sequence[Sample]) -> dict[str, Any]:
         """encode_prompts of the samples (one row each), images resized as the rollout workers do."""
-        rendered = [render_prompt(s, self.cfg) for s in samples]
+        rendered = [render_prompt(s, self.spec) for s in samples]
         return encode_prompts(self.processor, [r[0] for r in rendered], [r[1] for r in rendered])
 
     def batch(self, prompts: dict, completions: Sequence[Sequence[int]], prompt_index: Sequence[int]) -> dict:
@@ -122,9 +125,11 @@ class Policy:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
-    def logprobs(self, batch: dict, model=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logprobs (N, T), mask (N, T)) of the completion tokens of `batch`, right-aligned, T = longest
-        completion. Gradients flow when called outside no_grad."""
+    def logprobs(
+        self, batch: dict, model=None, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logprobs (N, T), mask (N, T)) of the completion tokens of `batch` at the sampling `temperature`,
+        right-aligned, T = longest completion. Gradients flow when called outside no_grad."""
         model = self.model if model is None else model
         t = int(batch["completion_lengths"].max()) if len(batch["completion_lengths"]) else 0
         n = batch["input_ids"].shape[0]
@@ -137,16 +142,16 @@ class Policy:
         logits = out.logits[:, :-1]  # (N, T, V): position W-T-1+j predicts completion slot j
         tokens = inputs["input_ids"][:, -t:]  # (N, T)
         mask = batch["completion_mask"][:, -t:].to(self.device, torch.float32)  # (N, T)
-        return masked_logprobs_from_logits(logits, tokens, self.temperature), mask
+        return masked_logprobs_from_logits(logits, tokens, temperature), mask
 
     @torch.no_grad()
-    def reference_logprobs(self, batch: dict) -> torch.Tensor:
+    def reference_logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
         """(N, T) logprobs under the frozen reference (the LoRA base model when LoRA is on)."""
         if self.reference is not None:
-            return self.logprobs(batch, self.reference)[0]
+            return self.logprobs(batch, self.reference, temperature)[0]
         if self.lora:
             with self.model.disable_adapter():
-                return self.logprobs(batch)[0]
+                return self.logprobs(batch, temperature=temperature)[0]
         raise RuntimeError("reference_logprobs: no reference model was loaded (grpo.beta == 0)")
 
     def _model_inputs(self, batch: dict, model) -> dict[str, torch.Tensor]:
@@ -217,11 +222,11 @@ def _require_peft():
     return peft
 
 
-def _apply_lora(model, cfg: TrainConfig):
+def _apply_lora(model, learner: LearnerConfig):
     peft = _require_peft()
     lcfg = peft.LoraConfig(
-        r=cfg.learner.lora_rank,
-        lora_alpha=cfg.learner.lora_alpha,
+        r=learner.lora_rank,
+        lora_alpha=learner.lora_alpha,
         target_modules=list(LORA_TARGETS_DEFAULT),
         lora_dropout=0.0,
         bias="none",

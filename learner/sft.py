@@ -1,7 +1,7 @@
 """SFT warm-up: supervised training on (image, target answer) pairs derived from ground-truth masks.
 
 The target answer of a sample is written in the policy's NxN pixel space (data.image_size), exactly in the format
-the reward parser reads (actors.prompting.format_answer):
+the reward parser reads (protos.answer.format_answer):
 - box: the mask's bounding box (x2, y2 exclusive edges, clamped to N);
 - foreground points: the deepest mask pixel (distance transform maximum), then random mask pixels;
 - background points: pixels inside the box but off the mask when there are any, else anywhere off the mask;
@@ -25,13 +25,14 @@ import cv2
 import numpy as np
 import torch
 
-from actors.prompting import format_answer
-from cluster.config import TrainConfig
-from cluster.data.images import decode_mask
 from learner.checkpoint import save_policy
+from learner.config import LearnerConfig
 from learner.learner import lr_multiplier
 from learner.policy import Policy
 from protos import Sample
+from protos.answer import format_answer
+from protos.config import PolicySpec
+from runtime.images import decode_mask
 
 _ROWS = ("top", "middle", "bottom")
 _COLS = ("left", "centre", "right")
@@ -95,8 +96,8 @@ def sft_target(
     bg = _pick(rng, bys, bxs, n_bg)
     points, labels = fg + bg, [1] * len(fg) + [0] * len(bg)
     if answer_format == "points":
-        return SftTarget(format_answer(None, [], points, labels), None, points, labels)
-    return SftTarget(format_answer(_think(mask, box), [box], points, labels), box, points, labels)
+        return SftTarget(format_answer([], points, labels, answer_format="points"), None, points, labels)
+    return SftTarget(format_answer([box], points, labels, _think(mask, box)), box, points, labels)
 
 
 @dataclass
@@ -114,7 +115,8 @@ class SftTrainer:
 
     def __init__(
         self,
-        cfg: TrainConfig,
+        spec: PolicySpec,
+        learner: LearnerConfig | None = None,
         lr: float = 3e-3,
         batch_size: int = 16,
         micro_batch_size: int | None = None,
@@ -123,16 +125,16 @@ class SftTrainer:
         n_fg: int = 2,
         n_bg: int = 1,
     ):
-        torch.manual_seed(cfg.seed)
-        self.cfg, self.lr, self.batch_size = cfg, lr, batch_size
-        self.micro = micro_batch_size or cfg.learner.micro_batch_size
+        learner = learner or LearnerConfig()
+        torch.manual_seed(spec.seed)
+        self.spec, self.learner, self.lr, self.batch_size = spec, learner, lr, batch_size
+        self.micro = micro_batch_size or learner.micro_batch_size
         self.warmup, self.total_steps, self.n_fg, self.n_bg = warmup_steps, total_steps, n_fg, n_bg
-        self.policy = Policy(cfg, load_reference=False)
-        self.policy.temperature = 1.0  # plain cross entropy
+        self.policy = Policy(spec, learner)
         tok = self.policy.processor.tokenizer
         self.end_id = int(tok.convert_tokens_to_ids("<|im_end|>"))
         self.optimizer = torch.optim.AdamW(
-            self.policy.trainable_parameters(), lr=lr, weight_decay=cfg.learner.weight_decay
+            self.policy.trainable_parameters(), lr=lr, weight_decay=learner.weight_decay
         )
         self.step_count, self.skipped = 0, 0
 
@@ -141,11 +143,11 @@ class SftTrainer:
         for s in samples:
             t = sft_target(
                 s,
-                self.cfg.data.image_size,
-                self.cfg.reward.answer_format,
+                self.spec.image_size,
+                self.spec.answer_format,
                 self.n_fg,
                 self.n_bg,
-                self.cfg.seed,
+                self.spec.seed,
             )
             if t is None:
                 self.skipped += 1
@@ -166,11 +168,11 @@ class SftTrainer:
         for start in range(0, len(samples), self.micro):
             rows = list(range(start, min(start + self.micro, len(samples))))
             batch = self.policy.batch(prompts, [ids[r] for r in rows], rows)
-            logp, mask = self.policy.logprobs(batch)  # (n, T), (n, T)
+            logp, mask = self.policy.logprobs(batch)  # (n, T), (n, T) at temperature 1: plain cross entropy
             loss = -(logp * mask).sum() / n_tok
             loss.backward()
             total += float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), self.cfg.learner.grad_clip)
+        torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), self.learner.grad_clip)
         lr = self.lr * lr_multiplier(self.step_count, self.warmup, "cosine", self.total_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -180,12 +182,14 @@ class SftTrainer:
 
     def save(self, out_dir: str | Path) -> Path:
         out = Path(out_dir)
-        save_policy(self.policy.hf_model(), out, self.cfg.model.policy, self.policy.processor)
+        save_policy(self.policy.hf_model(), out, self.spec.path, self.policy.processor)
         return out
 
 
 def run_sft(
-    cfg: TrainConfig,
+    spec: PolicySpec,
+    learner: LearnerConfig,
+    next_batch: Callable[[int], list[Sample]],
     steps: int,
     out_dir: str | Path | None,
     lr: float = 3e-3,
@@ -194,16 +198,13 @@ def run_sft(
     time_limit_s: float | None = None,
     **kw,
 ) -> SftResult:
-    """SFT for `steps` optimiser steps on cfg.data.train (stops early at time_limit_s), then saves the policy
-    as an HF folder in out_dir (when given)."""
-    from cluster.data.reader import DatasetReader
-
+    """SFT for `steps` optimiser steps on batches from `next_batch(batch_size)` (the job's dataset reader;
+    stops early at time_limit_s), then saves the policy as an HF folder in out_dir (when given)."""
     t0 = time.perf_counter()
-    trainer = SftTrainer(cfg, lr=lr, batch_size=batch_size, total_steps=steps, **kw)
-    reader = DatasetReader.from_config(cfg)
+    trainer = SftTrainer(spec, learner, lr=lr, batch_size=batch_size, total_steps=steps, **kw)
     first = last = math.nan
     for i in range(steps):
-        last = trainer.step(reader.next_batch(batch_size))
+        last = trainer.step(next_batch(batch_size))
         first = last if i == 0 else first
         if progress is not None:
             progress(i + 1, last)
@@ -216,7 +217,7 @@ def run_sft(
 @torch.no_grad()
 def greedy_answers(policy: Policy, samples: list[Sample], max_new_tokens: int = 128) -> list[str]:
     """Greedy completions of the policy for the samples (a quick look at what SFT taught; tests)."""
-    from actors.processor import model_inputs, stop_token_ids, suppress_token_ids
+    from runtime.qwen_vl import model_inputs, stop_token_ids, suppress_token_ids
 
     tok = policy.processor.tokenizer
     model = policy.hf_model()

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 
 import torch
 
-from actors.prompting import format_answer
 from learner.policy import Policy
 from protos import Completion, CompletionReward, RewardComponents, RolloutGroup, Sample, ScoredGroup
+from protos.answer import format_answer
 
 
 def answer_texts(n: int, seed: int, image_size: int) -> list[str]:
@@ -22,7 +22,7 @@ def answer_texts(n: int, seed: int, image_size: int) -> list[str]:
         x2, y2 = rng.randrange(x1 + 1, image_size), rng.randrange(y1 + 1, image_size)
         k = rng.randrange(1, 4)
         pts = [[rng.randrange(x1, x2 + 1), rng.randrange(y1, y2 + 1)] for _ in range(k)]
-        out.append(format_answer("object " * rng.randrange(1, 4), [[x1, y1, x2, y2]], pts, [1] * k))
+        out.append(format_answer([[x1, y1, x2, y2]], pts, [1] * k, "object " * rng.randrange(1, 4)))
     return out
 
 
@@ -49,7 +49,7 @@ def scored_groups(
     prompts = policy.encode(samples)
     groups = []
     for i, s in enumerate(samples):
-        texts = answer_texts(group_size, rng.randrange(1 << 30), policy.cfg.data.image_size)
+        texts = answer_texts(group_size, rng.randrange(1 << 30), policy.spec.image_size)
         ids = [tok.encode(t, add_special_tokens=False)[:max_tokens] for t in texts]
         batch = policy.batch(prompts, ids, [i] * group_size)
         logp, _ = policy.logprobs(batch)  # (G, T) right-aligned
@@ -63,7 +63,12 @@ def scored_groups(
             for r, t in enumerate(ids)
         ]
         group = RolloutGroup(
-            group_id=f"{s.id}-g", sample_id=s.id, policy_version=policy_version, completions=comps
+            group_id=f"{s.id}-g",
+            sample_id=s.id,
+            policy_version=policy_version,
+            completions=comps,
+            temperature=1.0,
+            max_tokens=max_tokens,
         )
         rewards = [round(rng.uniform(0.0, 2.0), 3) for _ in range(group_size)]
         groups.append(ScoredGroup(group=group, scores=[reward(r) for r in rewards]))

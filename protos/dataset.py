@@ -5,13 +5,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-TaskKind = Literal["foreground", "referring", "reasoning"]
-TASK_KINDS: tuple[str, ...] = ("foreground", "referring", "reasoning")
+from protos.answer import TaskKind
 
 # One row per (image, target mask, instruction). Images keep their original encoding (PNG or JPEG bytes); masks are
 # single-channel PNGs with values 0/1 (binarised once, at import).

@@ -1,6 +1,6 @@
 """The messages of every hop of one GRPO step. Frozen pydantic models that validate themselves.
 
-Shapes of the flow (see shared/DESIGN.md):
+Shapes of the flow (docs/architecture.md):
   driver -RolloutRequest-> actors -RolloutGroup-> driver -RewardRequest-> reward_service -ScoredGroup-> learner
   learner -WeightsManifest (+ flat buckets)-> actors;  learner -StepStats-> driver
 """
@@ -77,6 +77,8 @@ class RolloutGroup(BaseModel):
     sample_id: str = Field(min_length=1)
     policy_version: int = Field(ge=0)
     completions: list[Completion]
+    temperature: float = Field(ge=0.0, le=10.0, description="The temperature it was sampled at (0: greedy).")
+    max_tokens: int = Field(ge=1, le=32768, description="The completion-length cap it was sampled with.")
     worker: str = Field("", description="Name of the rollout actor that generated the group.")
     prompt_tokens: int = Field(0, ge=0)
     generate_s: float = Field(0.0, ge=0.0)
@@ -175,10 +177,12 @@ class RewardComponents(BaseModel):
     s_measure: float
     segmentation: float
     box_iou: float = Field(
-        0.0, description="IoU of the answer's enclosing box with the ground truth's box (weighted by w.box_iou)."
+        0.0,
+        description="IoU of the answer's enclosing box with the ground truth's box (weighted by w.box_iou).",
     )
     box_l1: float = Field(
-        0.0, description="1 - the box's mean corner error / half the object's size, clipped (weighted by w.box_l1)."
+        0.0,
+        description="1 - the box's mean corner error / half the object's size, clipped (weighted by w.box_l1).",
     )
     total: float
 

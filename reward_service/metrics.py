@@ -1,11 +1,11 @@
-"""Metrics of the reward service (declared once; cluster/metrics.py records them locally and forwards to Ray).
+"""Metrics of the reward service (declared once; runtime/metrics.py records them locally and forwards to Ray).
 
 Ray exports each as `ray_<name>`; docs/reward.md lists them with their labels.
 """
 
 from __future__ import annotations
 
-from cluster.metrics import REWARD_BUCKETS, SECONDS_BUCKETS, counter, gauge, histogram
+from runtime.metrics import REWARD_BUCKETS, SECONDS_BUCKETS, counter, gauge, histogram
 
 MASKS_SCORED = counter(
     "segr1_reward_masks_scored",

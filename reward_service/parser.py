@@ -1,4 +1,4 @@
-"""Parse a policy completion (untrusted text) into segmenter prompts.
+"""Parse a policy completion (untrusted text) into segmenter prompts (the format and its tags: protos/answer.py).
 
 Two answer formats (RewardConfig.answer_format):
 - "full":   `<think> ... </think> <bbox>[x1,y1,x2,y2]</bbox>, <points>[[x,y],...]</points>, <labels>[1,0,...]</labels>`
@@ -29,6 +29,7 @@ import unicodedata
 from collections.abc import Sequence
 
 from protos import MaskPrompt, ParsedAnswer
+from protos.answer import BBOX_TAG, LABELS_TAG, POINTS_TAG, THINK_TAG
 
 FAILURE_REASONS: dict[str, str] = {
     "not_text": "the completion is not a string",
@@ -128,8 +129,8 @@ def parse_answer_for(
 def _parse_full_format(
     text: str, view: tuple[int, int], target: tuple[int, int], max_boxes: int, max_points: int
 ) -> ParsedAnswer:
-    think = _tags(text, "think", limit=1)
-    bbox_contents = _tags(text, "bbox", limit=max_boxes)
+    think = _tags(text, THINK_TAG, limit=1)
+    bbox_contents = _tags(text, BBOX_TAG, limit=max_boxes)
     if not bbox_contents:
         raise _Fail("missing_bbox", "no complete <bbox>[x1,y1,x2,y2]</bbox> found")
     points, labels = _points_and_labels(text, max_points)
@@ -171,10 +172,10 @@ def _parse_points_format(
 
 
 def _points_and_labels(text: str, max_points: int) -> tuple[list[tuple[float, float]], list[int]]:
-    points_tags = _tags(text, "points", limit=1)
+    points_tags = _tags(text, POINTS_TAG, limit=1)
     if not points_tags:
         raise _Fail("missing_points", "no complete <points>[[x,y],...]</points> found")
-    labels_tags = _tags(text, "labels", limit=1)
+    labels_tags = _tags(text, LABELS_TAG, limit=1)
     if not labels_tags:
         raise _Fail("missing_labels", "no complete <labels>[1,0,...]</labels> found")
     points = _parse_points(points_tags[0], max_points)
@@ -207,7 +208,7 @@ def _tags(text: str, name: str, limit: int) -> list[str]:
             return out
         out.append(text[start + len(open_tag) : end])
         if len(out) > limit:
-            if name == "bbox":
+            if name == BBOX_TAG:
                 raise _Fail("too_many_boxes", f"more than reward.max_boxes={limit} <bbox> tags")
             raise _Fail("duplicate_tag", f"more than one <{name}> tag")
         pos = end + len(close_tag)
@@ -323,27 +324,3 @@ def _map_box(
         return box
     sx, sy = target[0] / view[0], target[1] / view[1]
     return box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Writing answers (SFT targets, tests, examples)
-
-
-def _fmt(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else f"{v:.6f}".rstrip("0").rstrip(".")
-
-
-def format_answer(
-    boxes: Sequence[Sequence[float]],
-    points: Sequence[Sequence[float]],
-    labels: Sequence[int],
-    think: str = "",
-    answer_format: str = "full",
-) -> str:
-    """Write an answer in the given format (the inverse of parse_answer for valid prompts)."""
-    pts = "[" + ",".join(f"[{_fmt(x)},{_fmt(y)}]" for x, y in points) + "]"
-    lbl = "[" + ",".join(str(int(v)) for v in labels) + "]"
-    if answer_format == "points":
-        return f"<points>{pts}</points> <labels>{lbl}</labels>"
-    bbox = ", ".join(f"<bbox>[{','.join(_fmt(v) for v in b)}]</bbox>" for b in boxes)
-    return f"<think> {think} </think> {bbox}, <points>{pts}</points>, <labels>{lbl}</labels>"

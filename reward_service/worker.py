@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cluster.config import TrainConfig
 from protos import CompletionReward, ParsedAnswer, RewardRequest, RolloutGroup, Sample, ScoredGroup
+from protos.config import PolicySpec
 from reward_service import metrics as m
+from reward_service.config import RewardConfig
 from reward_service.parser import parse_answer_for
 from reward_service.rewards import (
     GroundTruth,
@@ -42,6 +43,7 @@ from reward_service.rewards import (
     zero_rewards,
 )
 from reward_service.segmenters import ImageHandle, build_segmenter_for
+from runtime.threads import limit_threads, thread_budget
 
 logger = logging.getLogger(__name__)
 
@@ -71,15 +73,17 @@ class _Job:
 class RewardWorker:
     """Scores rollout groups. `score` is the Ray-facing entry point; `score_requests` the in-process one."""
 
-    def __init__(self, cfg: TrainConfig, name: str = "reward-0", segmenter=None):
-        self.cfg = cfg
-        self.name = name
-        _limit_threads(cfg.reward.segmenter if segmenter is None else getattr(segmenter, "name", ""))
-        self.segmenter = segmenter if segmenter is not None else build_segmenter_for(cfg.reward)
+    def __init__(
+        self, policy: PolicySpec, reward: RewardConfig | None = None, name: str = "reward-0", segmenter=None
+    ):
+        self.policy, self.reward, self.name = policy, reward or RewardConfig(), name
+        kind = self.reward.segmenter if segmenter is None else getattr(segmenter, "name", "")
+        limit_threads(torch_threads=kind != "grabcut", opencv_threads=True)
+        self.segmenter = segmenter if segmenter is not None else build_segmenter_for(self.reward)
         self._lock = threading.Lock()
         self._pending = 0
         self._pending_lock = threading.Lock()
-        self._io_threads = max(1, int(os.environ.get("SEGR1_NUM_THREADS") or os.cpu_count() or 1))
+        self._io_threads = thread_budget() or os.cpu_count() or 1
         self._executor: ThreadPoolExecutor | None = None
 
     def ping(self) -> dict:
@@ -97,7 +101,7 @@ class RewardWorker:
             raise ValueError(
                 f"RewardWorker.score got {len(groups)} groups but {len(samples)} samples; pass one each"
             )
-        size = self.cfg.data.image_size
+        size = self.policy.image_size
         requests: list[RewardRequest | RolloutGroup] = []
         for group, sample in zip(groups, samples, strict=True):
             try:
@@ -154,7 +158,7 @@ class RewardWorker:
         return list(self._executor.map(self._prepare, requests))
 
     def _prepare(self, request: RewardRequest) -> _Job:
-        from cluster.data.images import decode_sample_arrays
+        from runtime.images import decode_sample_arrays
 
         job = _Job(request)
         s = request.sample
@@ -169,7 +173,7 @@ class RewardWorker:
         job.truth = ground_truth(job.gt)
         h, w = job.gt.shape
         job.parsed = [
-            parse_answer_for(self.cfg.reward, c.text, w, h, request.policy_image_size)
+            parse_answer_for(self.reward, c.text, w, h, request.policy_image_size)
             for c in request.group.completions
         ]
         job.image_key = hashlib.blake2b(s.image, digest_size=16).digest()
@@ -251,7 +255,7 @@ class RewardWorker:
         if job.failure is not None:
             return self._failed_group(group, job.failure)
         scores = []
-        weights = self.cfg.reward.weights
+        weights = self.reward.weights
         for k, parsed in enumerate(job.parsed):
             counts = job.counts[k] if job.counts else None
             iou_s = None if counts is None else scores_from_counts(counts, job.truth)
@@ -314,18 +318,3 @@ def _completion_counts(job: _Job, masks) -> list[np.ndarray | None]:
     for k, row in zip(with_mask, mask_counts_torch(unions, job.truth), strict=True):
         out[k] = row
     return out
-
-
-def _limit_threads(segmenter_kind: str) -> None:
-    """Respect SEGR1_NUM_THREADS (set per actor by cluster/topology.py): the cores are shared."""
-    threads = os.environ.get("SEGR1_NUM_THREADS")
-    if not threads:
-        return
-    n = max(1, int(threads))
-    import cv2
-
-    cv2.setNumThreads(n)
-    if segmenter_kind != "grabcut":
-        import torch
-
-        torch.set_num_threads(n)

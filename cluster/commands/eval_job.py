@@ -44,9 +44,9 @@ def _default_out(checkpoint: str, data: str) -> str:
 
 def _prepare(args: argparse.Namespace):
     from cluster.config import ConfigError
-    from cluster.data.images import CorruptSampleError
     from cluster.data.reader import DatasetError
     from cluster.eval_job import load_samples, resolve_policy
+    from runtime.images import CorruptSampleError
 
     if args.limit is not None and args.limit < 1:
         raise CommandError("--limit must be >= 1", exit_code=2)
@@ -82,7 +82,10 @@ def run(args: argparse.Namespace) -> int:
         if args.local:
             from actors.worker import RolloutWorker
 
-            rollout, scorer = RolloutWorker(cfg, name="rollout-0"), EvalScorer(cfg, name="eval-0")
+            rollout, scorer = (
+                RolloutWorker(cfg.policy_spec(), cfg.rollout, name="rollout-0"),
+                EvalScorer(cfg, name="eval-0"),
+            )
             run_ = evaluate_samples(
                 rollout, scorer, samples, **settings, baselines=baselines, progress=progress
             )

@@ -71,7 +71,7 @@ def _request(args: argparse.Namespace, instruction: str):
 def _image(args: argparse.Namespace):
     from pathlib import Path
 
-    from actors.prompting import resize_for_policy
+    from runtime.images import resize_for_policy
 
     path = Path(args.image)
     try:
@@ -103,7 +103,7 @@ def _engine(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from actors.prompting import FOREGROUND_INSTRUCTION
+    from protos.answer import FOREGROUND_INSTRUCTION
 
     if args.prompt is not None and args.instruction is not None:
         raise CommandError("--instruction goes with --image; with --prompt the prompt is the instruction", 2)

@@ -44,8 +44,8 @@ def _sample_for(path, instruction: str):
 
     import numpy as np
 
-    from cluster.data.images import CorruptSampleError, decode_image, encode_png
     from protos import Sample
+    from runtime.images import CorruptSampleError, decode_image, encode_png
 
     p = Path(path)
     try:
@@ -64,7 +64,7 @@ def _sample_for(path, instruction: str):
 
 
 def _foreground() -> str:
-    from actors.prompting import default_instruction
+    from protos.answer import default_instruction
 
     return default_instruction("foreground")
 
@@ -88,8 +88,8 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from cluster.data.images import encode_png
     from cluster.eval_job import EvalScorer, make_requests, overlay, resolve_policy, settings_from_config
+    from runtime.images import encode_png
 
     _split_inputs(args)
     cfg = load_config_from_args(args)
@@ -107,7 +107,10 @@ def run(args: argparse.Namespace) -> int:
 
     from actors.worker import RolloutWorker
 
-    rollout, scorer = RolloutWorker(cfg, name="rollout-0"), EvalScorer(cfg, name="eval-0")
+    rollout, scorer = (
+        RolloutWorker(cfg.policy_spec(), cfg.rollout, name="rollout-0"),
+        EvalScorer(cfg, name="eval-0"),
+    )
     requests = make_requests(samples, 0, settings["group_size"], settings["sampling"], settings["seed"])
     groups = rollout.generate(requests, *samples)
     preds = scorer.predict(groups, *samples)

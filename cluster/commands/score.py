@@ -56,7 +56,7 @@ def _read(path: str, what: str) -> bytes:
 
 
 def _load_inputs(args: argparse.Namespace):
-    from cluster.data.images import CorruptSampleError, decode_image, decode_mask
+    from runtime.images import CorruptSampleError, decode_image, decode_mask
 
     try:
         image = decode_image(_read(args.image, "--image"), f"--image {args.image}")  # (H, W, 3) uint8 RGB

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from cluster.data.reader import DatasetError
+    from cluster.data.reader import DatasetError, DatasetReader
     from learner.sft import run_sft
 
     out = Path(args.out) if args.out else Path(cfg.metrics.run_dir) / "sft-policy"
@@ -68,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = run_sft(
-            cfg,
+            cfg.policy_spec(),
+            cfg.learner,
+            DatasetReader.from_config(cfg).next_batch,
             args.steps,
             out,
             lr=args.lr,

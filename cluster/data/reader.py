@@ -32,8 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
-from cluster.data.images import CorruptSampleError, decode_sample_arrays
 from protos.dataset import DATASET_SCHEMA, Sample
+from runtime.images import CorruptSampleError, decode_sample_arrays
 
 log = logging.getLogger(__name__)
 

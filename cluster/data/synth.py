@@ -37,8 +37,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from cluster.data.images import encode_png
 from protos.dataset import Sample
+from runtime.images import encode_png
 
 KINDS = ("camouflaged", "salient", "mixed", "single")
 SHAPES = ("ellipse", "triangle", "rectangle", "pentagon", "star", "blob")

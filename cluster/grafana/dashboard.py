@@ -8,7 +8,7 @@ Every query goes through the `${datasource}` template variable (no data source U
 JSON imports as is into any Grafana with a Prometheus data source. The `$cluster` variable filters on the
 `ray_io_cluster` label that cluster/k8s/podmonitor.yaml adds; series without it (a local run) always match.
 
-How Ray 2.60 exports a metric declared through cluster/metrics.py (ray.util.metrics -> the node's metrics agent
+How Ray 2.60 exports a metric declared through runtime/metrics.py (ray.util.metrics -> the node's metrics agent
 -> OpenTelemetry's Prometheus exporter with namespace "ray" and unit "1", which adds no unit suffix; read in Ray's
 _private/telemetry/open_telemetry_metric_recorder.py and checked against a live metrics agent):
   gauge     segr1_x                        -> ray_segr1_x
@@ -465,7 +465,7 @@ def render() -> str:
 
 def metrics_table() -> str:
     """The metric reference (docs/kubernetes.md) as a Markdown table, from every metric the code declares."""
-    from cluster.metrics import load_all
+    from runtime.metrics import load_all
 
     lines = ["| Prometheus series | Kind | Labels | Meaning |", "|---|---|---|---|"]
     for name, metric in sorted(load_all().items()):

@@ -94,12 +94,24 @@ def sft_policy(assets: Assets) -> Path:
     parses most of its sampled answers at temperature 1, so GRPO has a reward signal to climb."""
     import torch
 
+    from cluster.data.reader import DatasetReader
     from learner.sft import run_sft
 
     torch.set_num_threads(2)
     cfg = e2e_config(assets, assets.root / "sft-run")
     out = assets.root / "models" / "sft-policy"
-    run_sft(cfg, SFT_STEPS, out, lr=SFT_LR, batch_size=SFT_BATCH, warmup_steps=5, n_fg=1, n_bg=1)
+    run_sft(
+        cfg.policy_spec(),
+        cfg.learner,
+        DatasetReader.from_config(cfg).next_batch,
+        SFT_STEPS,
+        out,
+        lr=SFT_LR,
+        batch_size=SFT_BATCH,
+        warmup_steps=5,
+        n_fg=1,
+        n_bg=1,
+    )
     return out
 
 

@@ -11,9 +11,9 @@ from PIL import Image
 
 from actors.engine import render_messages
 from actors.hf_engine import HFEngine, sampling_logprobs
-from actors.processor import append_completions, encode_prompts, model_inputs
 from cluster.tiny_models import build_tiny_policy
 from protos import RolloutRequest, SamplingConfig
+from runtime.qwen_vl import append_completions, encode_prompts, model_inputs
 
 pytestmark = pytest.mark.gpu
 

@@ -38,13 +38,13 @@ def _cfg(policy_dir, **learner) -> TrainConfig:
 @pytest.fixture(scope="module")
 def batch(policy_dir):
     samples = list(generate_samples(2, seed=0, size=128))
-    learner = Learner(_cfg(policy_dir))
+    learner = Learner(_cfg(policy_dir).learner_spec())
     return samples, scored_groups(learner.policy, samples, group_size=4, seed=1, max_tokens=40)
 
 
 def test_bf16_autocast_step_keeps_fp32_master_weights_and_learns(policy_dir, batch):
     samples, groups = batch
-    learner = Learner(_cfg(policy_dir, gradient_checkpointing=True))
+    learner = Learner(_cfg(policy_dir, gradient_checkpointing=True).learner_spec())
     assert learner.policy.device.type == "cuda" and learner.policy.compute_dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in learner.params)
     assert (
@@ -67,7 +67,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(policy_dir, batch):
     samples, groups = batch
     grads = []
     for ckpt in (False, True):
-        learner = Learner(_cfg(policy_dir, gradient_checkpointing=ckpt, precision="fp32"))
+        learner = Learner(_cfg(policy_dir, gradient_checkpointing=ckpt, precision="fp32").learner_spec())
         learner._accumulate(groups, samples, backward=True)
         grads.append({n: p.grad.detach().clone() for n, p in learner.policy.model.named_parameters()})
     for name, g in grads[0].items():
@@ -92,7 +92,7 @@ def _ipc_receiver(name: str, info_q, out_q) -> None:
 def test_cuda_ipc_broadcast_bit_identical_between_processes_on_one_gpu():
     import hashlib
 
-    from learner.weight_sync import CudaIpcSender
+    from runtime.weights.transport import CudaIpcSender
 
     g = torch.Generator().manual_seed(0)
     named = [(f"w{i}", torch.randn(256, 128, generator=g).to(torch.bfloat16).cuda()) for i in range(8)]

@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster.config import TrainConfig
-from cluster.data.images import decode_mask
 from cluster.data.synth import generate_samples
 from cluster.eval_job import EvalScorer, evaluate_samples, write_outputs
 from protos import Completion, RolloutGroup
 from reward_service.rewards import mask_bbox
 from reward_service.segmenters import BaseSegmenter, ImageHandle
+from runtime.images import decode_mask
 
 SIZE = 112  # the policy's square image
 
@@ -62,6 +62,8 @@ class ScriptedRollout:
             comp = Completion(text=text, token_ids=[1, 2], logprobs=[-0.1, -0.2])
             groups.append(
                 RolloutGroup(
+                    temperature=1.0,
+                    max_tokens=64,
                     group_id=req.request_id,
                     sample_id=s.id,
                     policy_version=0,
@@ -212,7 +214,9 @@ def test_ray_pools_give_the_in_process_results(tiny, ray_local) -> None:
     samples = load_samples(tiny["data"])
     settings = settings_from_config(cfg)
     remote = evaluate_on_ray(cfg, samples, settings, progress=False)
-    local = evaluate_samples(RolloutWorker(cfg), EvalScorer(cfg), samples, **settings)
+    local = evaluate_samples(
+        RolloutWorker(cfg.policy_spec(), cfg.rollout), EvalScorer(cfg), samples, **settings
+    )
     assert [r.id for r in remote.results] == [s.id for s in samples]
     assert [r.text for r in remote.results] == [r.text for r in local.results]
     assert remote.summary == local.summary

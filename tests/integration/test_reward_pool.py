@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from cluster.config import TrainConfig
-from cluster.data.images import encode_png
 from cluster.topology import make_reward_pool
 from protos import Completion, RolloutGroup, Sample, ScoredGroup
-from reward_service.parser import format_answer
+from protos.answer import format_answer
 from reward_service.worker import RewardWorker
+from runtime.images import encode_png
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -48,7 +48,14 @@ def _group(i: int) -> RolloutGroup:
         format_answer([[cx - 6, cy - 6, cx + 6, cy + 6]], [[cx, cy]], [1], ""),
     ]
     comps = [Completion(text=t, token_ids=[1], logprobs=[-0.2]) for t in texts]
-    return RolloutGroup(group_id=f"g{i}", sample_id=f"s{i}", policy_version=1, completions=comps)
+    return RolloutGroup(
+        temperature=1.0,
+        max_tokens=64,
+        group_id=f"g{i}",
+        sample_id=f"s{i}",
+        policy_version=1,
+        completions=comps,
+    )
 
 
 def test_killed_reward_actor_every_group_answered_once(ray_local):
@@ -81,7 +88,7 @@ def test_killed_reward_actor_every_group_answered_once(ray_local):
             ray_local.get(ray_local.get_actor("reward-0", namespace=NAMESPACE).ping.remote())["name"]
             == "reward-0"
         )
-        local = RewardWorker(cfg, name="local")
+        local = RewardWorker(cfg.policy_spec(), cfg.reward, name="local")
         for i in range(n):
             [sg] = results[f"g{i}"]
             assert sg.group.group_id == f"g{i}" and sg.reward_worker in ("reward-0", "reward-1")

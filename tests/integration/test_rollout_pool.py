@@ -42,7 +42,7 @@ def _cfg(policy, workers: int):
 def _weights(policy, scale: float):
     """Every parameter of the tiny policy, changed, as (name, tensor) with Hugging Face names."""
 
-    from actors.processor import load_policy
+    from runtime.qwen_vl import load_policy
 
     model = load_policy(policy, "float32", "cpu")
     return [(n, p.detach() * scale) for n, p in model.named_parameters()]

@@ -114,7 +114,7 @@ def test_rollout_worker_on_the_vllm_engine(engines, tmp_path):
 
     v, _ = engines
     cfg = build_config({"model": {"policy": v.model_path}, "rollout": {"engine": "vllm"}})
-    worker = RolloutWorker(cfg, name="rollout-vllm", engine=v)
+    worker = RolloutWorker(cfg.policy_spec(), cfg.rollout, name="rollout-vllm", engine=v)
     png = b"\x89PNG\r\n\x1a\n"  # never decoded: a text-only engine sees the instruction only
     sample = Sample(
         id="s0", source="t", split="train", task="foreground", instruction="Segment it.",

@@ -11,7 +11,7 @@ import ray
 import torch
 
 from cluster.topology import make_weight_receiver_actor
-from learner.weight_sync import (
+from runtime.weights.transport import (
     DistributedWeightSender,
     WeightsManifest,
     pack_bucket,
@@ -63,7 +63,7 @@ class _CutSender(DistributedWeightSender):
         manifest: WeightsManifest = plan_manifest(named, version, self.bucket_mb)
         assert len(manifest.bucket_nbytes) > 1
         send_header(self._pg, self.device, {"op": "weights", "manifest": manifest.model_dump(mode="json")})
-        from learner.weight_sync import broadcast
+        from runtime.weights.transport import broadcast
 
         broadcast(self._pg, pack_bucket(manifest, 0, dict(named))).wait()
         self._pg = None  # drop the group without sending the rest

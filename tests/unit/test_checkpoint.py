@@ -122,19 +122,19 @@ def _train(learner: Learner, reader: DatasetReader, steps: int) -> list:
 
 def test_resume_gives_the_same_next_batch_loss_and_weights(setup):
     cfg = setup
-    full = Learner(cfg)
+    full = Learner(cfg.learner_spec())
     reference = _train(full, DatasetReader.from_config(cfg), 3)
     torch.manual_seed(123)  # the RNG state at the moment of the step-2 save, replayed below
     marker = torch.rand(3)
 
-    first = Learner(cfg)
+    first = Learner(cfg.learner_spec())
     reader = DatasetReader.from_config(cfg)
     assert _train(first, reader, 2) == reference[:2]
     torch.manual_seed(123)
     path = first.save_checkpoint(data_cursor=reader.state_dict())
     del first
 
-    resumed = Learner(cfg)
+    resumed = Learner(cfg.learner_spec())
     state = resumed.load_checkpoint()  # newest under checkpoint.dir
     assert str(latest_checkpoint(cfg.checkpoint.dir)) == path
     assert torch.equal(torch.rand(3), marker)  # RNG states restored
@@ -153,10 +153,12 @@ def test_resume_gives_the_same_next_batch_loss_and_weights(setup):
 def test_checkpoint_policy_is_a_plain_hf_folder(setup):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from actors.processor import load_policy, load_processor
+    from runtime.qwen_vl import load_policy, load_processor
 
     cfg = setup
-    learner = Learner(cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"keep": 3})}))
+    learner = Learner(
+        cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"keep": 3})}).learner_spec()
+    )
     path = learner.save_checkpoint(data_cursor=None)
     folder = f"{path}/policy"
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder)

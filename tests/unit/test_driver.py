@@ -11,7 +11,12 @@ from protos import Completion, RolloutGroup, ScoredGroup
 def scored(group_id: str, policy_version: int) -> tuple[ScoredGroup, str]:
     completions = [Completion(text="x", token_ids=[1], logprobs=[-0.5]) for _ in range(2)]
     group = RolloutGroup(
-        group_id=group_id, sample_id=f"s-{group_id}", policy_version=policy_version, completions=completions
+        temperature=1.0,
+        max_tokens=64,
+        group_id=group_id,
+        sample_id=f"s-{group_id}",
+        policy_version=policy_version,
+        completions=completions,
     )
     # the driver pairs each group with its Sample; the split never looks at it
     return ScoredGroup(group=group, scores=[reward(1.0), reward(0.5)]), f"sample-{group_id}"

@@ -1,5 +1,5 @@
 """cluster/grafana: the dashboard imports as is, reads top to bottom as documented, its PromQL parses, and every
-metric it queries is one the code registers (cluster.metrics.REGISTRY), under the name Ray exports it as."""
+metric it queries is one the code registers (runtime.metrics.REGISTRY), under the name Ray exports it as."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def labels_used(expr: str) -> list[tuple[str, set[str]]]:
 
 def _exported() -> dict:
     """Exported series name -> the registered metric behind it."""
-    from cluster.metrics import load_all
+    from runtime.metrics import load_all
 
     return {n: m for m in load_all().values() for n in dash.exported_names(m.name, m.kind)}
 

@@ -9,9 +9,9 @@ from PIL import Image
 
 from actors.engine import InconsistentWeightsError, RolloutEngine, WeightUpdateError, render_messages
 from actors.hf_engine import HFEngine, top_p_filter
-from actors.processor import append_completions, encode_prompts, model_inputs
 from cluster.tiny_models import SPECIAL_IDS, build_tiny_policy, build_tiny_text_policy
 from protos import RolloutRequest, SamplingConfig
+from runtime.qwen_vl import append_completions, encode_prompts, model_inputs
 
 IMAGE_SIZE = 56  # 4 image tokens: keeps the tests fast
 IM_END = SPECIAL_IDS["<|im_end|>"]

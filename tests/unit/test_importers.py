@@ -14,11 +14,11 @@ import pytest
 
 from cluster.cli import build_parser
 from cluster.commands.common import CommandError
-from cluster.data.images import decode_mask
 from cluster.data.importers import ImportError_, ImportOptions, import_dataset
 from cluster.data.importers.coco_masks import decode_rle, render_polygons, rle_counts_from_string
 from cluster.data.importers.reasonseg import render_shapes
 from protos.dataset import DATASET_SCHEMA, Sample
+from runtime.images import decode_mask
 
 H, W = 24, 32
 FG = "Identify and segment all the primary objects in the image."

@@ -38,13 +38,13 @@ def make_cfg(policy_dir, **learner) -> TrainConfig:
 @pytest.fixture(scope="module")
 def batch(policy_dir):
     samples = list(generate_samples(2, seed=0, size=64))
-    learner = Learner(make_cfg(policy_dir))
+    learner = Learner(make_cfg(policy_dir).learner_spec())
     return samples, scored_groups(learner.policy, samples, group_size=4, seed=1, max_tokens=32)
 
 
 def test_one_step_changes_every_trainable_parameter_and_lowers_the_loss(policy_dir, batch):
     samples, groups = batch
-    learner = Learner(make_cfg(policy_dir))
+    learner = Learner(make_cfg(policy_dir).learner_spec())
     before = {n: p.detach().clone() for n, p in learner.policy.model.named_parameters()}
     loss0 = learner.loss_on(groups, samples)
     stats = learner.step(groups, samples)
@@ -60,8 +60,8 @@ def test_one_step_changes_every_trainable_parameter_and_lowers_the_loss(policy_d
 
 def test_micro_batches_give_the_same_gradient_as_one_batch(policy_dir, batch):
     samples, groups = batch
-    a = Learner(make_cfg(policy_dir, micro_batch_size=3))
-    b = Learner(make_cfg(policy_dir, micro_batch_size=64))
+    a = Learner(make_cfg(policy_dir, micro_batch_size=3).learner_spec())
+    b = Learner(make_cfg(policy_dir, micro_batch_size=64).learner_spec())
     la, _, _ = a._accumulate(groups, samples, backward=True)
     lb, _, _ = b._accumulate(groups, samples, backward=True)
     assert la == pytest.approx(lb, abs=1e-6)
@@ -75,13 +75,13 @@ def test_micro_batches_give_the_same_gradient_as_one_batch(policy_dir, batch):
 
 def test_beta_zero_loads_no_reference_model(policy_dir, batch):
     samples, groups = batch
-    learner = Learner(make_cfg(policy_dir, beta=0.0))
+    learner = Learner(make_cfg(policy_dir, beta=0.0).learner_spec())
     assert learner.policy.reference is None
     assert learner.step(groups, samples).kl == 0.0
 
 
 def test_exported_weights_carry_the_checkpoint_names_and_values(policy_dir):
-    learner = Learner(make_cfg(policy_dir, beta=0.0))
+    learner = Learner(make_cfg(policy_dir, beta=0.0).learner_spec())
     exported = learner.export_weights()
     with safe_open(str(policy_dir / "model.safetensors"), "pt") as f:
         assert set(exported) == set(f.keys())
@@ -91,7 +91,7 @@ def test_exported_weights_carry_the_checkpoint_names_and_values(policy_dir):
 
 def test_groups_and_samples_must_pair_up(policy_dir, batch):
     samples, groups = batch
-    learner = Learner(make_cfg(policy_dir, beta=0.0))
+    learner = Learner(make_cfg(policy_dir, beta=0.0).learner_spec())
     with pytest.raises(ValueError, match="samples"):
         learner.step(groups, samples[:1])
     with pytest.raises(ValueError, match="same order"):
@@ -107,7 +107,7 @@ def test_lr_schedule_warmup_then_decay():
 
 def test_shared_vision_features_match_per_row_images(policy_dir, batch):
     samples, groups = batch
-    learner = Learner(make_cfg(policy_dir, beta=0.0))
+    learner = Learner(make_cfg(policy_dir, beta=0.0).learner_spec())
     prompts = learner.policy.encode(samples)
     rows = [(i, c.token_ids) for i, g in enumerate(groups) for c in g.group.completions]
     b = learner.policy.batch(prompts, [r[1] for r in rows], [r[0] for r in rows])

@@ -26,7 +26,7 @@ def test_lora_step_export_and_checkpoint(policy_dir, tmp_path):
     from tests.unit.test_learner import make_cfg
 
     cfg = make_cfg(policy_dir, lora_rank=4, lr=1e-3)
-    learner = Learner(cfg)
+    learner = Learner(cfg.learner_spec())
     assert learner.policy.reference is None  # the base model (adapter disabled) is the reference
     assert sum(p.numel() for p in learner.params) < 0.1 * sum(
         p.numel() for p in learner.policy.model.parameters()
@@ -42,11 +42,11 @@ def test_lora_step_export_and_checkpoint(policy_dir, tmp_path):
         changed = [n for n in f.keys() if not torch.equal(exported[n], f.get_tensor(n))]
     assert changed and all("proj" in n or "qkv" in n for n in changed)  # only adapted linears moved
     path = learner.save_checkpoint(root=str(tmp_path / "ckpt"))
-    resumed = Learner(cfg)
+    resumed = Learner(cfg.learner_spec())
     resumed.load_checkpoint(path)
     again = resumed.export_weights()
     assert all(torch.equal(exported[n], again[n]) for n in exported)
-    from actors.processor import load_policy
+    from runtime.qwen_vl import load_policy
 
     saved = dict(load_policy(f"{path}/policy").named_parameters())
     live = dict(learner.policy.hf_model().named_parameters())

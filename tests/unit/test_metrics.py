@@ -1,10 +1,10 @@
-"""cluster.metrics: the facade every pool declares its metrics with."""
+"""runtime.metrics: the facade every pool declares its metrics with."""
 
 from __future__ import annotations
 
 import pytest
 
-from cluster.metrics import REGISTRY, counter, gauge, histogram, load_all
+from runtime.metrics import REGISTRY, counter, gauge, histogram, load_all
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protos import MaskPrompt, ParsedAnswer
-from reward_service.parser import FAILURE_REASONS, format_answer, parse_answer
+from protos.answer import format_answer
+from reward_service.parser import FAILURE_REASONS, parse_answer
 
 W, H = 160, 120
 GOOD = "<think> a red disk </think> <bbox>[10,20,100,110]</bbox>, <points>[[50,60],[5,5],[90,100]]</points>, <labels>[1,0,0]</labels>"

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from actors import prompting as P
+from protos import answer as P
+from runtime import images as I
 
 
 def test_full_system_prompt_names_every_tag_and_label_meaning():
@@ -72,18 +73,18 @@ def test_build_messages_has_system_then_user_with_one_image_then_format():
 
 
 def test_format_answer_full_and_points_only():
-    full = P.format_answer(" a cat ", [[1, 2, 30.4, 40]], [[10, 12], [3, 4]], [1, 0])
+    full = P.format_answer([[1, 2, 30.4, 40]], [[10, 12], [3, 4]], [1, 0], " a cat ")
     assert full == (
         "<think> a cat </think> <bbox>[1,2,30,40]</bbox>, <points>[[10,12],[3,4]]</points>, <labels>[1,0]</labels>"
     )
-    two = P.format_answer("two", [[0, 0, 5, 5], [6, 6, 9, 9]], [[1, 1], [7, 7]], [1, 1])
+    two = P.format_answer([[0, 0, 5, 5], [6, 6, 9, 9]], [[1, 1], [7, 7]], [1, 1], "two")
     assert two.count("<bbox>") == 2
-    pts = P.format_answer(None, [], [[5, 6]], [1])
+    pts = P.format_answer([], [[5, 6]], [1], answer_format="points")
     assert pts == "<points>[[5,6]]</points>, <labels>[1]</labels>"
 
 
 def test_format_answer_follows_the_format_sentence_pattern():
-    ans = P.format_answer("look", [[3, 4, 50, 60]], [[10, 20], [70, 80]], [1, 0])
+    ans = P.format_answer([[3, 4, 50, 60]], [[10, 20], [70, 80]], [1, 0], "look")
     pattern = (
         r"<think> .+ </think> (<bbox>\[\d+,\d+,\d+,\d+\]</bbox>, )+"
         r"<points>\[(\[\d+,\d+\],?)+\]</points>, <labels>\[([01],?)+\]</labels>"
@@ -93,11 +94,11 @@ def test_format_answer_follows_the_format_sentence_pattern():
 
 def test_format_answer_rejects_bad_input():
     with pytest.raises(ValueError, match="labels"):
-        P.format_answer("t", [], [[1, 2]], [1, 0])
+        P.format_answer([], [[1, 2]], [1, 0], "t")
     with pytest.raises(ValueError, match="1 \\(foreground\\) or 0"):
-        P.format_answer("t", [], [[1, 2]], [2])
+        P.format_answer([], [[1, 2]], [2], "t")
     with pytest.raises(ValueError, match="4 numbers"):
-        P.format_answer("t", [[1, 2, 3]], [], [])
+        P.format_answer([[1, 2, 3]], [], [], "t")
 
 
 def _encoded(img: Image.Image, fmt: str) -> bytes:
@@ -111,23 +112,23 @@ def _encoded(img: Image.Image, fmt: str) -> bytes:
 )
 def test_resize_for_policy_gives_square_rgb(mode, fmt):
     img = Image.new(mode, (80, 50))
-    out = P.resize_for_policy(_encoded(img, fmt), 112)
+    out = I.resize_for_policy(_encoded(img, fmt), 112)
     assert out.mode == "RGB" and out.size == (112, 112)
 
 
 def test_resize_for_policy_does_not_keep_aspect_and_accepts_arrays():
     arr = np.zeros((20, 100, 3), dtype=np.uint8)
     arr[:, :50] = 255  # left half white
-    out = P.resize_for_policy(arr, 64)
+    out = I.resize_for_policy(arr, 64)
     a = np.asarray(out)
     assert a.shape == (64, 64, 3)
     assert a[:, :28].min() > 200 and a[:, 36:].max() < 50  # stretched, not padded or cropped
     pil = Image.fromarray(arr)
-    assert P.resize_for_policy(pil, 64).size == (64, 64)
+    assert I.resize_for_policy(pil, 64).size == (64, 64)
 
 
 def test_resize_for_policy_errors_name_the_problem():
     with pytest.raises(ValueError, match="cannot decode image bytes"):
-        P.resize_for_policy(b"not an image", 32)
+        I.resize_for_policy(b"not an image", 32)
     with pytest.raises(ValueError, match="size"):
-        P.resize_for_policy(Image.new("RGB", (4, 4)), 0)
+        I.resize_for_policy(Image.new("RGB", (4, 4)), 0)

@@ -45,7 +45,14 @@ def _completion(n: int = 3) -> Completion:
 
 
 def _group(g: int = 4) -> RolloutGroup:
-    return RolloutGroup(group_id="g0", sample_id="s0", policy_version=3, completions=[_completion()] * g)
+    return RolloutGroup(
+        temperature=1.0,
+        max_tokens=64,
+        group_id="g0",
+        sample_id="s0",
+        policy_version=3,
+        completions=[_completion()] * g,
+    )
 
 
 def test_importing_protos_loads_no_heavy_framework():

@@ -13,16 +13,16 @@ import pytest
 
 from cluster.cli import main
 from cluster.config import TrainConfig
-from cluster.data.images import (
+from cluster.data.reader import DatasetError, DatasetReader, iter_samples, resolve_shards
+from cluster.data.synth import generate_item, samples_to_table, write_synthetic
+from protos.dataset import DATASET_SCHEMA
+from runtime.images import (
     CorruptSampleError,
     decode_image,
     decode_mask,
     decode_sample_arrays,
     encode_png,
 )
-from cluster.data.reader import DatasetError, DatasetReader, iter_samples, resolve_shards
-from cluster.data.synth import generate_item, samples_to_table, write_synthetic
-from protos.dataset import DATASET_SCHEMA
 
 N = 30
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from cluster.cli import main
-from cluster.data.images import decode_image, decode_mask, encode_png
-from reward_service.parser import format_answer
+from protos.answer import format_answer
+from runtime.images import decode_image, decode_mask, encode_png
 
 REPO = Path(__file__).resolve().parents[2]
 

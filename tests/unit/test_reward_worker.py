@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 
 from cluster.config import TrainConfig
-from cluster.data.images import encode_png
 from protos import Completion, RewardRequest, RolloutGroup, Sample
+from protos.answer import format_answer
 from reward_service import metrics as m
-from reward_service.parser import format_answer, parse_answer
+from reward_service.parser import parse_answer
 from reward_service.rewards import compute_rewards
 from reward_service.segmenters.grabcut import GrabCutSegmenter
 from reward_service.worker import RewardWorker
+from runtime.images import encode_png
 
 H, W = 96, 128
 POLICY = 64  # the policy saw the images resized to 64x64
@@ -40,7 +41,14 @@ def _sample(sid: str, seed: int, centre=(64, 48), size=(H, W)) -> tuple[Sample, 
 
 def _group(sid: str, texts: list[str], gid: str | None = None) -> RolloutGroup:
     comps = [Completion(text=t, token_ids=[1, 2], logprobs=[-0.5, -0.1]) for t in texts]
-    return RolloutGroup(group_id=gid or f"g-{sid}", sample_id=sid, policy_version=3, completions=comps)
+    return RolloutGroup(
+        temperature=1.0,
+        max_tokens=64,
+        group_id=gid or f"g-{sid}",
+        sample_id=sid,
+        policy_version=3,
+        completions=comps,
+    )
 
 
 # Answers in the policy's 64x64 space; the object (a disk at (64, 48) r 22 in 128x96) is at ~(32, 32) r 11.
@@ -67,7 +75,7 @@ def tiny_sam2_dir(tmp_path_factory):
 
 def test_scores_a_group_per_completion_with_components(cfg):
     sample, image, gt = _sample("s0", 0)
-    worker = RewardWorker(cfg, name="w-components")
+    worker = RewardWorker(cfg.policy_spec(), cfg.reward, name="w-components")
     [sg] = worker.score([_group("s0", TEXTS)], sample)
     assert sg.reward_worker == "w-components" and len(sg.scores) == 4
     good, garbage, loose, two = sg.scores
@@ -85,7 +93,7 @@ def test_scores_a_group_per_completion_with_components(cfg):
 def test_one_encode_per_image_for_a_batch_of_groups(cfg):
     s0, _, _ = _sample("s0", 0)
     s1, _, _ = _sample("s1", 1, centre=(40, 40))
-    worker = RewardWorker(cfg, name="w-encodes")
+    worker = RewardWorker(cfg.policy_spec(), cfg.reward, name="w-encodes")
     groups = [_group("s0", TEXTS, "a"), _group("s1", TEXTS * 2, "b"), _group("s0", [GOOD, LOOSE], "c")]
     out = worker.score(groups, s0, s1, s0)
     assert [sg.group.group_id for sg in out] == ["a", "b", "c"]
@@ -103,7 +111,7 @@ def test_one_encode_per_image_with_hf_sam2(cfg, tiny_sam2_dir):
             )
         }
     )
-    worker = RewardWorker(hf_cfg, name="w-hf")
+    worker = RewardWorker(hf_cfg.policy_spec(), hf_cfg.reward, name="w-hf")
     assert worker.segmenter.name == "hf-sam2"
     s0, image, gt = _sample("s0", 0)
     s1, _, _ = _sample("s1", 1, centre=(40, 40))
@@ -121,7 +129,7 @@ def test_corrupt_sample_scores_zero_and_is_counted(cfg):
     good, _, _ = _sample("s0", 0)
     broken = good.model_copy(update={"id": "bad", "image": b"\x89PNG not really"})
     wrong_mask = good.model_copy(update={"id": "odd", "mask": encode_png(np.zeros((10, 10), bool))})
-    worker = RewardWorker(cfg, name="w-corrupt")
+    worker = RewardWorker(cfg.policy_spec(), cfg.reward, name="w-corrupt")
     out = worker.score(
         [_group("bad", TEXTS), _group("s0", TEXTS), _group("odd", TEXTS)], broken, good, wrong_mask
     )
@@ -137,7 +145,7 @@ def test_corrupt_sample_scores_zero_and_is_counted(cfg):
 def test_a_group_paired_with_the_wrong_sample_scores_zero(cfg):
     s0, _, _ = _sample("s0", 0)
     s1, _, _ = _sample("s1", 1)
-    worker = RewardWorker(cfg, name="w-mismatch")
+    worker = RewardWorker(cfg.policy_spec(), cfg.reward, name="w-mismatch")
     out = worker.score([_group("s0", TEXTS), _group("s0", TEXTS)], s1, s0)
     assert {s.parse_failure for s in out[0].scores} == {"bad_request"} and out[0].totals == [0.0] * 4
     assert out[1].scores[0].rewards.total > 1.5
@@ -157,7 +165,7 @@ class _FlakyGrabCut(GrabCutSegmenter):
 def test_a_segmenter_error_scores_that_image_zero_without_raising(cfg):
     s0, _, _ = _sample("s0", 0)
     s1, _, _ = _sample("s1", 1, size=(77, 100))
-    worker = RewardWorker(cfg, name="w-segerr", segmenter=_FlakyGrabCut())
+    worker = RewardWorker(cfg.policy_spec(), cfg.reward, name="w-segerr", segmenter=_FlakyGrabCut())
     out = worker.score([_group("s0", TEXTS), _group("s1", TEXTS), _group("s0", TEXTS[:2])], s0, s1, s0)
     assert out[0].scores[0].rewards.total > 1.5 and out[2].scores[0].rewards.total > 1.5
     assert {s.parse_failure for s in out[1].scores} == {"segmenter_error"} and out[1].totals == [0.0] * 4
@@ -166,7 +174,7 @@ def test_a_segmenter_error_scores_that_image_zero_without_raising(cfg):
 
 def test_metrics_are_recorded(cfg):
     s0, _, _ = _sample("s0", 0)
-    worker = RewardWorker(cfg, name="w-metrics")
+    worker = RewardWorker(cfg.policy_spec(), cfg.reward, name="w-metrics")
     worker.score([_group("s0", TEXTS), _group("s0", TEXTS[:2])], s0, s0)
     assert m.MASKS_SCORED.value(worker="w-metrics") == 6
     assert m.GROUPS_SCORED.value(worker="w-metrics") == 2
@@ -181,7 +189,7 @@ def test_metrics_are_recorded(cfg):
 def test_points_format_and_requests_api(cfg):
     pts_cfg = cfg.model_copy(update={"reward": cfg.reward.model_copy(update={"answer_format": "points"})})
     s0, _, _ = _sample("s0", 0)
-    worker = RewardWorker(pts_cfg, name="w-points")
+    worker = RewardWorker(pts_cfg.policy_spec(), pts_cfg.reward, name="w-points")
     texts = ["<points>[[32,32],[2,2]]</points> <labels>[1,0]</labels>", GOOD]
     req = RewardRequest(group=_group("s0", texts), sample=s0, policy_image_size=POLICY)
     [sg] = worker.score_requests([req])
@@ -198,7 +206,7 @@ class _LosesHandles(GrabCutSegmenter):
 
 def test_an_internal_error_scores_the_call_zero_and_is_counted(cfg, caplog):
     s0, _, _ = _sample("s0", 0)
-    worker = RewardWorker(cfg, name="w-internal", segmenter=_LosesHandles())
+    worker = RewardWorker(cfg.policy_spec(), cfg.reward, name="w-internal", segmenter=_LosesHandles())
     out = worker.score([_group("s0", TEXTS)], s0)
     assert out[0].totals == [0.0] * 4 and {s.parse_failure for s in out[0].scores} == {"internal_error"}
     assert m.PARSE_FAILURES.value(worker="w-internal", reason="internal_error") == 4

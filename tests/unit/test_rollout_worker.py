@@ -16,8 +16,8 @@ from actors.weight_receiver import receive_and_load
 from actors.worker import RolloutWorker
 from cluster.config import build_config
 from cluster.tiny_models import build_tiny_policy
-from learner.weight_sync import InProcessChannel
 from protos import RolloutRequest, Sample, SamplingConfig
+from runtime.weights.transport import InProcessChannel
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,7 +42,7 @@ def cfg(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def worker(cfg) -> RolloutWorker:
-    return RolloutWorker(cfg, name="rollout-test")
+    return RolloutWorker(cfg.policy_spec(), cfg.rollout, name="rollout-test")
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -146,7 +146,7 @@ def test_weights_over_the_gloo_weight_sync_group(worker):
     """The learner's sender (rank 0) and this worker's receiver (rank 1) in two threads of one process."""
     import threading
 
-    from learner.weight_sync import DistributedWeightSender
+    from runtime.weights.transport import DistributedWeightSender
 
     sender = DistributedWeightSender(backend="gloo", bucket_mb=1, timeout_s=60, use_shm=False)
     info = sender.prepare([worker.name])

@@ -10,6 +10,7 @@ import torch
 
 from cluster.cli import main as cli_main
 from cluster.config import TrainConfig
+from cluster.data.reader import DatasetReader
 from cluster.data.synth import generate_samples, write_synthetic
 from learner.sft import greedy_answers, mask_in_policy_space, run_sft, sft_target
 from reward_service.parser import parse_answer
@@ -68,7 +69,7 @@ def test_sft_command_writes_a_loadable_policy_folder(setup, capsys):
     )  # fmt: skip
     assert code == 0
     assert "policy saved to" in capsys.readouterr().out
-    from actors.processor import load_policy, load_processor
+    from runtime.qwen_vl import load_policy, load_processor
 
     assert load_policy(out) is not None and load_processor(out) is not None
     assert cli_main(["sft", "--steps", "0"]) == 2  # a bad argument is a user error, not a traceback
@@ -76,13 +77,13 @@ def test_sft_command_writes_a_loadable_policy_folder(setup, capsys):
 
 def test_short_sft_teaches_the_tiny_policy_a_parseable_answer(setup):
     root, cfg = setup
-    result = run_sft(cfg, steps=200, out_dir=root / "sft-policy", lr=1e-2, batch_size=8, warmup_steps=5,
+    result = run_sft(cfg.policy_spec(), cfg.learner, DatasetReader.from_config(cfg).next_batch, steps=200, out_dir=root / "sft-policy", lr=1e-2, batch_size=8, warmup_steps=5,
                      n_fg=1, n_bg=1)  # fmt: skip
     assert result.last_loss < result.first_loss / 3
     tuned = cfg.model_copy(update={"model": cfg.model.model_copy(update={"policy": result.out_dir})})
     from learner.policy import Policy
 
     held_out = list(generate_samples(4, seed=7, size=64))  # images SFT never saw
-    answers = greedy_answers(Policy(tuned, load_reference=False), held_out, max_new_tokens=100)
+    answers = greedy_answers(Policy(tuned.policy_spec(), tuned.learner), held_out, max_new_tokens=100)
     parsed = [parse_answer(a, 64, 64, policy_image_size=SIZE) for a in answers]
     assert sum(p.ok for p in parsed) >= 3, [(a, p.failure) for a, p in zip(answers, parsed, strict=True)]

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster.cli import main
-from cluster.data.images import decode_image, decode_mask
 from cluster.data.synth import COLOURS, SHAPES, generate_item, samples_to_table, write_synthetic
 from protos.dataset import DATASET_SCHEMA, Sample
+from runtime.images import decode_image, decode_mask
 
 ROOT = Path(__file__).resolve().parents[2]
 

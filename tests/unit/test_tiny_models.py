@@ -1,5 +1,5 @@
 """Tiny offline models: they load through from_pretrained, the policy generates from an image on CPU through
-actors.processor, logprobs recomputed on prompt + completion match generation, and builds are deterministic."""
+runtime.qwen_vl, logprobs recomputed on prompt + completion match generation, and builds are deterministic."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from actors import processor as proc_mod
-from actors.prompting import build_messages, default_instruction, resize_for_policy
+from runtime import qwen_vl as proc_mod
 from cluster import tiny_models as tm
+from protos.answer import build_messages, default_instruction
+from runtime.images import resize_for_policy
 
 torch.set_num_threads(1)
 
@@ -105,8 +106,8 @@ def test_demo_preset_is_bigger(tmp_path):
     # merge 4 in the model and in the processor: a 56x56 image is ONE image token
     from PIL import Image
 
-    from actors.processor import encode_prompts, load_processor
-    from actors.prompting import build_messages
+    from protos.answer import build_messages
+    from runtime.qwen_vl import encode_prompts, load_processor
 
     processor = load_processor(str(folder))
     assert cfg.vision_config.spatial_merge_size == 4 == processor.image_processor.merge_size

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from actors.weight_receiver import BackgroundWeightLoader, DistributedWeightReceiver, receive_and_load
-from learner.weight_sync import (
+from runtime.weights.transport import (
     DistributedWeightSender,
     InProcessChannel,
     WeightSyncError,
@@ -137,7 +137,9 @@ def _connect(sender, members, queues):
 @pytest.mark.parametrize("use_shm", [None, False], ids=["shared-memory", "tcp"])
 def test_gloo_broadcast_two_receivers_bit_identical_then_a_third_joins(use_shm, monkeypatch):
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    monkeypatch.setattr("learner.weight_sync.SHM_CHUNK_BYTES", 256)  # several shared-memory chunks per bucket
+    monkeypatch.setattr(
+        "runtime.weights.transport.SHM_CHUNK_BYTES", 256
+    )  # several shared-memory chunks per bucket
     ctx = mp.get_context("spawn")
     procs = {n: _start(ctx, n) for n in ("rollout-0", "rollout-1")}
     sender = DistributedWeightSender("gloo", bucket_mb=0.002, timeout_s=60, use_shm=use_shm)
@@ -193,7 +195,7 @@ def test_background_loader_switches_under_the_engine_lock():
 def test_orphan_segments_of_dead_learners_are_removed():
     from multiprocessing import shared_memory
 
-    from learner.weight_sync import SHM_PREFIX, remove_orphan_segments
+    from runtime.weights.transport import SHM_PREFIX, remove_orphan_segments
 
     dead = shared_memory.SharedMemory(name=f"{SHM_PREFIX}999999999-test-0", create=True, size=8)
     mine = shared_memory.SharedMemory(name=f"{SHM_PREFIX}{os.getpid()}-test-0", create=True, size=8)

@@ -2,7 +2,7 @@
 
 An importer (one module per format family) only lists `ImportItem`s in a fixed order; `run_import` decodes each
 image (a corrupt file is skipped and reported), builds its 0/1 mask (from a mask file, binarised once by
-`cluster.data.images.decode_mask`, or rendered from polygons / RLE), checks sizes, and writes Parquet shards in
+`runtime.images.decode_mask`, or rendered from polygons / RLE), checks sizes, and writes Parquet shards in
 `protos.DATASET_SCHEMA` plus `import_report.json`. The same source always gives byte-identical shards.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.data.images import CorruptSampleError, decode_image, decode_mask, encode_png
 from protos.dataset import Sample
+from runtime.images import CorruptSampleError, decode_image, decode_mask, encode_png
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_EXTS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".webp")
@@ -317,7 +317,7 @@ def list_files(folder: Path, exts: tuple[str, ...]) -> dict[str, list[Path]]:
 
 
 def instruction_for(task: str, text: str = "") -> str:
-    """The row's instruction (actors.prompting.default_instruction: one wording for the whole project)."""
-    from actors.prompting import default_instruction
+    """The row's instruction (protos.answer.default_instruction: one wording for the whole project)."""
+    from protos.answer import default_instruction
 
     return default_instruction(task, text)

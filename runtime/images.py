@@ -1,4 +1,5 @@
-"""Decoding and encoding of dataset images and masks (OpenCV), with one error type for bad bytes.
+"""The image codec of every worker: dataset images and masks (OpenCV) with one error type for bad bytes, and the
+policy's view of an image (Pillow: RGB, NxN).
 
 Conventions used everywhere in the project:
 - an image is a `(H, W, 3)` uint8 array in **RGB** order (OpenCV decodes to BGR; it is converted here, once);
@@ -17,8 +18,11 @@ Mask binarisation rule (`decode_mask`), applied to the decoded pixel values `v`:
 
 from __future__ import annotations
 
+import io
+
 import cv2
 import numpy as np
+from PIL import Image
 
 # Fixed PNG parameters: the same array always encodes to the same bytes (with the same OpenCV/zlib build).
 _PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 3, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
@@ -117,3 +121,40 @@ def decode_sample_arrays(
             f"{what}: mask is {msk.shape[1]}x{msk.shape[0]} (WxH) but the image is {width}x{height}"
         )
     return img, msk
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The policy's view
+
+
+ImageLike = bytes | bytearray | memoryview | Image.Image
+
+
+def load_image(image: ImageLike) -> Image.Image:
+    """Decode encoded bytes (PNG/JPEG/...) or take a PIL image; returns an RGB PIL image."""
+    if isinstance(image, Image.Image):
+        img = image
+    elif isinstance(image, bytes | bytearray | memoryview):
+        try:
+            img = Image.open(io.BytesIO(bytes(image)))
+            img.load()
+        except Exception as err:  # PIL raises several types for bad data
+            raise ValueError(f"cannot decode image bytes ({len(image)} bytes): {err}") from err
+    else:
+        try:  # numpy arrays (H, W, 3) uint8 without importing numpy here
+            img = Image.fromarray(image)
+        except Exception as err:
+            raise TypeError(
+                f"expected encoded image bytes, a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}"
+            ) from err
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def resize_for_policy(image: ImageLike, size: int) -> Image.Image:
+    """The image the policy sees: RGB, size x size, aspect ratio not kept (bicubic), as in the paper."""
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"size={size!r} must be a positive int")
+    img = load_image(image)
+    if img.size == (size, size):
+        return img
+    return img.resize((size, size), Image.Resampling.BICUBIC)

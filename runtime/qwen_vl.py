@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
-from actors.prompting import ImageLike, load_image
+from runtime.images import ImageLike, load_image
 
 VISION_TOKENS: tuple[str, ...] = (
     "<|vision_start|>",
@@ -169,7 +169,7 @@ def encode_prompts(
     Returns a dict of tensors: input_ids (B, T), attention_mask (B, T), mm_token_type_ids (B, T),
     pixel_values (P, C*2*14*14) (the patches of all images, row after row), image_grid_thw (B, 3), and
     prompt_lengths (B,) (unpadded prompt length of each row). Images go in as given: resize them first with
-    `actors.prompting.resize_for_policy`. Pass `model_inputs(batch)` to the model.
+    `runtime.images.resize_for_policy`. Pass `model_inputs(batch)` to the model.
     """
     if len(images) != len(messages_list):
         raise ValueError(

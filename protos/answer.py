@@ -1,26 +1,29 @@
-"""The Seg-R1 prompts: system prompt, user-turn instruction with the exact output format, image resizing, and the
-canonical answer string (SFT targets and tests).
+"""The answer format, in one place: tags, the two formats, the prompts that ask for them, and `format_answer`.
 
 The policy sees the image resized to NxN (aspect ratio not kept, as in the paper) and answers with absolute integer
 pixel coordinates in that NxN image:
 
     <think> ... </think> <bbox>[x1,y1,x2,y2]</bbox>, <points>[[x,y],[x,y]]</points>, <labels>[1,0]</labels>
 
-The pre-RL variant (answer_format="points") asks only for points and labels (no think, no box).
-Pure Python + Pillow: importing this module imports no torch or transformers.
+The pre-RL variant (answer_format="points") asks only for points and labels (no think, no box):
+
+    <points>[[x,y],[x,y]]</points>, <labels>[1,0]</labels>
+
+Rollout renders its prompts from here, the reward parser takes its tag names from here, and SFT targets, tests and
+benchmarks write answers with `format_answer`. Pure Python: importing this module imports no third-party package.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from typing import Literal
 
-from PIL import Image
-
 AnswerFormat = Literal["full", "points"]
 ANSWER_FORMATS: tuple[str, ...] = ("full", "points")
+TaskKind = Literal["foreground", "referring", "reasoning"]
 TASK_KINDS: tuple[str, ...] = ("foreground", "referring", "reasoning")
+
+THINK_TAG, BBOX_TAG, POINTS_TAG, LABELS_TAG = "think", "bbox", "points", "labels"
 
 FOREGROUND_INSTRUCTION = "Identify and segment all the primary objects in the image."
 
@@ -46,7 +49,8 @@ _FORMAT_POINTS = (
 )
 
 
-def _check_format(answer_format: str) -> None:
+def check_answer_format(answer_format: str) -> None:
+    """Raise a ValueError naming the accepted formats unless `answer_format` is one of them."""
     if answer_format not in ANSWER_FORMATS:
         raise ValueError(
             f"answer_format={answer_format!r} is not one of {ANSWER_FORMATS}; use 'full' "
@@ -56,13 +60,13 @@ def _check_format(answer_format: str) -> None:
 
 def system_prompt(answer_format: AnswerFormat = "full") -> str:
     """The system prompt for `answer_format` ("full" or "points")."""
-    _check_format(answer_format)
+    check_answer_format(answer_format)
     return SYSTEM_PROMPT_FULL if answer_format == "full" else SYSTEM_PROMPT_POINTS
 
 
 def format_sentence(answer_format: AnswerFormat = "full", image_size: int = 768) -> str:
     """The exact output-format sentence appended to the user turn (names the NxN image size)."""
-    _check_format(answer_format)
+    check_answer_format(answer_format)
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size={image_size!r} must be a positive int (the policy sees NxN images)")
     template = _FORMAT_FULL if answer_format == "full" else _FORMAT_POINTS
@@ -99,7 +103,7 @@ def build_messages(
 ) -> list[dict]:
     """Chat messages (system, user with ONE image placeholder then text) for the Qwen2.5-VL chat template.
 
-    The image itself is passed separately to the processor (`actors.processor.encode_prompts`)."""
+    The image itself is passed separately to the processor (`runtime.qwen_vl.encode_prompts`)."""
     return [
         {"role": "system", "content": [{"type": "text", "text": system_prompt(answer_format)}]},
         {
@@ -112,42 +116,9 @@ def build_messages(
     ]
 
 
-ImageLike = bytes | bytearray | memoryview | Image.Image
-
-
-def load_image(image: ImageLike) -> Image.Image:
-    """Decode encoded bytes (PNG/JPEG/...) or take a PIL image; returns an RGB PIL image."""
-    if isinstance(image, Image.Image):
-        img = image
-    elif isinstance(image, bytes | bytearray | memoryview):
-        try:
-            img = Image.open(io.BytesIO(bytes(image)))
-            img.load()
-        except Exception as err:  # PIL raises several types for bad data
-            raise ValueError(f"cannot decode image bytes ({len(image)} bytes): {err}") from err
-    else:
-        try:  # numpy arrays (H, W, 3) uint8 without importing numpy here
-            img = Image.fromarray(image)
-        except Exception as err:
-            raise TypeError(
-                f"expected encoded image bytes, a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}"
-            ) from err
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def resize_for_policy(image: ImageLike, size: int) -> Image.Image:
-    """The image the policy sees: RGB, size x size, aspect ratio not kept (bicubic), as in the paper."""
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"size={size!r} must be a positive int")
-    img = load_image(image)
-    if img.size == (size, size):
-        return img
-    return img.resize((size, size), Image.Resampling.BICUBIC)
-
-
-def _ints(values: Sequence, what: str, width: int | None) -> list[int]:
+def _ints(values: Sequence, what: str, width: int) -> list[int]:
     out = [int(round(float(v))) for v in values]
-    if width is not None and len(out) != width:
+    if len(out) != width:
         raise ValueError(f"{what} needs {width} numbers, got {len(out)}: {list(values)!r}")
     return out
 
@@ -157,26 +128,27 @@ def _list(values: list[int]) -> str:
 
 
 def format_answer(
-    think: str | None,
     boxes: Sequence[Sequence[float]],
     points: Sequence[Sequence[float]],
     labels: Sequence[int],
+    think: str = "",
+    answer_format: AnswerFormat = "full",
 ) -> str:
-    """The canonical answer string. `think=None` and no boxes gives the pre-RL points-only format.
+    """The canonical answer string (coordinates rounded to integer pixels), the inverse of the reward parser.
 
-    format_answer("a cat", [[1,2,30,40]], [[10,12]], [1]) ==
+    format_answer([[1,2,30,40]], [[10,12]], [1], "a cat") ==
     "<think> a cat </think> <bbox>[1,2,30,40]</bbox>, <points>[[10,12]]</points>, <labels>[1]</labels>"
+    format_answer([], [[10,12]], [1], answer_format="points") == "<points>[[10,12]]</points>, <labels>[1]</labels>"
     """
+    check_answer_format(answer_format)
     if len(points) != len(labels):
         raise ValueError(f"{len(points)} points but {len(labels)} labels; give one label (1 or 0) per point")
     bad = [lab for lab in labels if int(lab) not in (0, 1)]
     if bad:
         raise ValueError(f"labels must be 1 (foreground) or 0 (background), got {bad!r}")
-    parts = [f"<bbox>{_list(_ints(b, 'a box', 4))}</bbox>" for b in boxes]
     pts = "[" + ",".join(_list(_ints(p, "a point", 2)) for p in points) + "]"
-    parts.append(f"<points>{pts}</points>")
-    parts.append(f"<labels>{_list([int(lab) for lab in labels])}</labels>")
-    body = ", ".join(parts)
-    if think is None:
-        return body
-    return f"<think> {think.strip()} </think> {body}"
+    tail = f"<{POINTS_TAG}>{pts}</{POINTS_TAG}>, <{LABELS_TAG}>{_list([int(lab) for lab in labels])}</{LABELS_TAG}>"
+    if answer_format == "points":
+        return tail
+    parts = [f"<{BBOX_TAG}>{_list(_ints(b, 'a box', 4))}</{BBOX_TAG}>" for b in boxes]
+    return f"<{THINK_TAG}> {think.strip()} </{THINK_TAG}> " + ", ".join([*parts, tail])

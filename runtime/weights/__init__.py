@@ -1,0 +1,1 @@
+"""How new weights travel from the learner to the rollout workers: config, bucket layout, wire format, transports."""
