@@ -176,7 +176,7 @@ class RolloutWorker:
 
     def weight_sync_join(self, info: Mapping[str, Any] | Any) -> int:
         """Join the learner's weight-sync group (Learner.weight_sync_prepare(...) -> info); returns the rank."""
-        from actors.weight_receiver import DistributedWeightReceiver
+        from runtime.weights.collective import DistributedWeightReceiver
 
         if self._receiver is None:
             device = "cuda" if self.rollout.resources.num_gpus > 0 else None

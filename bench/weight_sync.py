@@ -1,5 +1,5 @@
 """Benchmark: send a Qwen2.5-0.5B-shaped random model (494M parameters, ~0.99 GB bf16) from the learner to 2
-receiving processes, bucketed (runtime/weights/transport.py) vs per-parameter (the baseline several frameworks use),
+receiving processes, bucketed (runtime/weights/) vs per-parameter (the baseline several frameworks use),
 over gloo on CPU, with a plain memory copy of the same bytes measured in the same run as the ceiling. With a GPU,
 also the CUDA IPC path (learner and receivers on one GPU) against a device-to-device copy.
 
@@ -70,7 +70,7 @@ def digest(named) -> str:
 
 def _receiver(name: str, device: str | None, info_q, out_q) -> None:
     torch.set_num_threads(1)
-    from actors.weight_receiver import DistributedWeightReceiver
+    from runtime.weights.collective import DistributedWeightReceiver
 
     r = DistributedWeightReceiver(name, device=device)
     r.join(info_q.get())
@@ -100,7 +100,8 @@ def memcpy_gbps(nbytes: int, rounds: int, device: str = "cpu") -> float:
 def run_transport(
     named, backend: str, bucket_mb: int, rounds: int, receivers: int = 2, use_shm: bool = False
 ) -> dict:
-    from runtime.weights.transport import CudaIpcSender, DistributedWeightSender
+    from runtime.weights.collective import DistributedWeightSender
+    from runtime.weights.cuda_ipc import CudaIpcSender
 
     ctx = mp.get_context("spawn")
     out_q = ctx.Queue()

@@ -3,7 +3,7 @@
 Backends (weight_sync.backend; `auto` is resolved by the learner: nccl on GPU, gloo on CPU, cuda-ipc when
 colocated on one GPU):
 - a process group (gloo / nccl / cuda-ipc): the learner's rank 0 and every rollout worker. Parameters go in flat
-  buckets (runtime/weights/transport.py); a worker switches version only when every bucket arrived. The group is
+  buckets (runtime/weights/); a worker switches version only when every bucket arrived. The group is
   formed again (a new generation) whenever the pool's membership changes: a worker added, removed or restarted.
 - object-store: the learner exports CPU copies once per version, put in Ray's object store, and every worker
   loads them. Also the path by which a new or restarted worker catches up before it serves, and the fallback

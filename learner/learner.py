@@ -6,7 +6,7 @@ machine without Ray.
     learner = Learner(cfg.learner_spec())             # cluster/config.py hands the learner its sections
     stats = learner.step(scored_groups, samples)      # sample i belongs to group i; policy_version += 1
     info = learner.weight_sync_prepare(["rollout-0", "rollout-1"])   # then, concurrently:
-    learner.weight_sync_connect()  ||  receiver_i.join(info)         # (actors/weight_receiver.py)
+    learner.weight_sync_connect()  ||  receiver_i.join(info)         # (runtime/weights/collective.py)
     learner.broadcast_weights()    ||  receive_and_load(receiver_i, engine)
     learner.save_checkpoint(data_cursor=reader.cursor())
 
@@ -38,7 +38,11 @@ from learner.grpo import group_advantages, policy_loss
 from learner.policy import Policy, learner_device, right_align
 from protos import Sample, ScoredGroup, StepStats
 from runtime.threads import limit_threads
-from runtime.weights.transport import CudaIpcSender, DistributedWeightSender, GroupInfo, SendStats
+from runtime.weights.collective import DistributedWeightSender
+from runtime.weights.config import WeightSyncConfig
+from runtime.weights.cuda_ipc import CudaIpcSender
+from runtime.weights.interface import SendStats, WeightSender
+from runtime.weights.wire import GroupInfo
 
 _STAT_KEYS = ("clip_fraction", "clip_fraction_low", "clip_fraction_high", "ratio_mean", "kl", "entropy")
 
@@ -83,7 +87,7 @@ class Learner:
         self.total_steps = total_steps if total_steps is not None else spec.grpo.steps
         self.step_count = 0
         self.policy_version = 0
-        self._sender: DistributedWeightSender | None = None
+        self._sender: WeightSender | None = None
         self._sender_backend = ""
         M.POLICY_VERSION.set(0)
 
@@ -230,15 +234,12 @@ class Learner:
 
     def weight_sync_prepare(self, members: Sequence[str], host: str | None = None) -> dict:
         """Open a new generation of the weight-sync group for `members` (rollout worker names); returns the
-        GroupInfo (as a dict) each member passes to `DistributedWeightReceiver.join`. Non-blocking."""
+        GroupInfo (as a dict) each member passes to `WeightReceiver.join`. Non-blocking."""
         backend = self.weight_sync_backend()
         if backend == "object-store":
             raise RuntimeError("weight_sync.backend=object-store has no group: ship export_weights() instead")
         if self._sender is None or self._sender_backend != backend:
-            cls = CudaIpcSender if backend == "cuda-ipc" else DistributedWeightSender
-            kw = {} if backend == "cuda-ipc" else {"backend": backend}
-            ws = self.spec.weight_sync
-            self._sender = cls(host=host or _node_ip(), bucket_mb=ws.bucket_mb, timeout_s=ws.timeout_s, **kw)
+            self._sender = _weight_sender(backend, host or _node_ip(), self.spec.weight_sync)
             self._sender_backend = backend
         return self._sender.prepare(list(members)).to_dict()
 
@@ -350,6 +351,13 @@ def _batch_stats(groups: Sequence[ScoredGroup], adv: torch.Tensor, version: int)
         "staleness_max": max(stale),
         "staleness_mean": sum(stale) / len(stale),
     }
+
+
+def _weight_sender(backend: str, host: str, ws: WeightSyncConfig) -> WeightSender:
+    """The sender of a resolved weight_sync.backend (gloo, nccl or cuda-ipc) at this node's address."""
+    if backend == "cuda-ipc":
+        return CudaIpcSender(host=host, bucket_mb=ws.bucket_mb, timeout_s=ws.timeout_s)
+    return DistributedWeightSender(backend=backend, host=host, bucket_mb=ws.bucket_mb, timeout_s=ws.timeout_s)
 
 
 def _node_ip() -> str:

@@ -28,7 +28,7 @@ from protos.answer import build_messages
 from protos.config import PolicySpec
 from runtime.images import resize_for_policy
 from runtime.qwen_vl import append_completions, encode_prompts, load_policy, load_processor, resolve_dtype
-from runtime.weights.transport import checkpoint_names
+from runtime.weights.layout import checkpoint_names
 
 LORA_TARGETS_DEFAULT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

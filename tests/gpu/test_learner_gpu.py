@@ -77,7 +77,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(policy_dir, batch):
 def _ipc_receiver(name: str, info_q, out_q) -> None:
     import hashlib
 
-    from actors.weight_receiver import DistributedWeightReceiver
+    from runtime.weights.collective import DistributedWeightReceiver
 
     r = DistributedWeightReceiver(name, device="cuda")
     r.join(info_q.get())
@@ -92,7 +92,7 @@ def _ipc_receiver(name: str, info_q, out_q) -> None:
 def test_cuda_ipc_broadcast_bit_identical_between_processes_on_one_gpu():
     import hashlib
 
-    from runtime.weights.transport import CudaIpcSender
+    from runtime.weights.cuda_ipc import CudaIpcSender
 
     g = torch.Generator().manual_seed(0)
     named = [(f"w{i}", torch.randn(256, 128, generator=g).to(torch.bfloat16).cuda()) for i in range(8)]

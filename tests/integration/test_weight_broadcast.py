@@ -11,13 +11,10 @@ import ray
 import torch
 
 from cluster.topology import make_weight_receiver_actor
-from runtime.weights.transport import (
-    DistributedWeightSender,
-    WeightsManifest,
-    pack_bucket,
-    plan_manifest,
-    send_header,
-)
+from protos import WeightsManifest
+from runtime.weights.collective import DistributedWeightSender
+from runtime.weights.layout import pack_bucket, plan_manifest
+from runtime.weights.wire import WireOp, broadcast, send_op
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -62,11 +59,10 @@ class _CutSender(DistributedWeightSender):
     def send_first_bucket_only(self, named, version):
         manifest: WeightsManifest = plan_manifest(named, version, self.bucket_mb)
         assert len(manifest.bucket_nbytes) > 1
-        send_header(self._pg, self.device, {"op": "weights", "manifest": manifest.model_dump(mode="json")})
-        from runtime.weights.transport import broadcast
-
-        broadcast(self._pg, pack_bucket(manifest, 0, dict(named))).wait()
-        self._pg = None  # drop the group without sending the rest
+        pg = self.group.require()
+        send_op(pg, self.device, WireOp.WEIGHTS, manifest=manifest.model_dump(mode="json"))
+        broadcast(pg, pack_bucket(manifest, 0, dict(named))).wait()
+        self.group.pg = None  # drop the group without sending the rest
 
 
 def test_three_ray_actors_bit_identical_atomic_versions_and_a_late_joiner():

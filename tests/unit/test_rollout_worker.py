@@ -17,7 +17,7 @@ from actors.worker import RolloutWorker
 from cluster.config import build_config
 from cluster.tiny_models import build_tiny_policy
 from protos import RolloutRequest, Sample, SamplingConfig
-from runtime.weights.transport import InProcessChannel
+from runtime.weights.inprocess import InProcessChannel
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -146,7 +146,7 @@ def test_weights_over_the_gloo_weight_sync_group(worker):
     """The learner's sender (rank 0) and this worker's receiver (rank 1) in two threads of one process."""
     import threading
 
-    from runtime.weights.transport import DistributedWeightSender
+    from runtime.weights.collective import DistributedWeightSender
 
     sender = DistributedWeightSender(backend="gloo", bucket_mb=1, timeout_s=60, use_shm=False)
     info = sender.prepare([worker.name])

@@ -10,15 +10,10 @@ import threading
 import pytest
 import torch
 
-from actors.weight_receiver import BackgroundWeightLoader, DistributedWeightReceiver, receive_and_load
-from runtime.weights.transport import (
-    DistributedWeightSender,
-    InProcessChannel,
-    WeightSyncError,
-    bucket_views,
-    pack_bucket,
-    plan_manifest,
-)
+from actors.weight_receiver import BackgroundWeightLoader, receive_and_load
+from runtime.weights.collective import DistributedWeightReceiver, DistributedWeightSender
+from runtime.weights.inprocess import InProcessChannel
+from runtime.weights.layout import WeightSyncError, bucket_views, pack_bucket, plan_manifest
 
 
 def _model(seed: int = 0) -> list[tuple[str, torch.Tensor]]:
@@ -137,9 +132,7 @@ def _connect(sender, members, queues):
 @pytest.mark.parametrize("use_shm", [None, False], ids=["shared-memory", "tcp"])
 def test_gloo_broadcast_two_receivers_bit_identical_then_a_third_joins(use_shm, monkeypatch):
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    monkeypatch.setattr(
-        "runtime.weights.transport.SHM_CHUNK_BYTES", 256
-    )  # several shared-memory chunks per bucket
+    monkeypatch.setattr("runtime.weights.shm.SHM_CHUNK_BYTES", 256)  # several shared-memory chunks per bucket
     ctx = mp.get_context("spawn")
     procs = {n: _start(ctx, n) for n in ("rollout-0", "rollout-1")}
     sender = DistributedWeightSender("gloo", bucket_mb=0.002, timeout_s=60, use_shm=use_shm)
@@ -195,7 +188,7 @@ def test_background_loader_switches_under_the_engine_lock():
 def test_orphan_segments_of_dead_learners_are_removed():
     from multiprocessing import shared_memory
 
-    from runtime.weights.transport import SHM_PREFIX, remove_orphan_segments
+    from runtime.weights.shm import SHM_PREFIX, remove_orphan_segments
 
     dead = shared_memory.SharedMemory(name=f"{SHM_PREFIX}999999999-test-0", create=True, size=8)
     mine = shared_memory.SharedMemory(name=f"{SHM_PREFIX}{os.getpid()}-test-0", create=True, size=8)
