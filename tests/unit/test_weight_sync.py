@@ -204,3 +204,32 @@ def test_orphan_segments_of_dead_learners_are_removed():
                 from multiprocessing import resource_tracker
 
                 resource_tracker.unregister(seg._name, "shared_memory")
+
+
+def test_a_header_with_an_unknown_op_is_refused_by_name():
+    """Every header carries a WireOp; a receiver refuses anything else instead of guessing what follows."""
+    from runtime.weights.wire import WireOp, send_header
+
+    assert WireOp("weights-shm") is WireOp.WEIGHTS_SHM
+    sender = DistributedWeightSender("gloo", timeout_s=30, use_shm=False)
+    receiver = DistributedWeightReceiver("rollout-0")
+    info = sender.prepare(["rollout-0"])
+    joined = threading.Thread(target=receiver.join, args=(info,), daemon=True)
+    joined.start()
+    sender.connect()
+    joined.join(timeout=30)
+    errors: list[BaseException] = []
+
+    def receive():
+        try:
+            receiver.receive()
+        except WeightSyncError as err:
+            errors.append(err)
+
+    t = threading.Thread(target=receive, daemon=True)
+    t.start()
+    send_header(sender.group.require(), sender.device, {"op": "weights-v2"})
+    t.join(timeout=30)
+    assert len(errors) == 1 and "'weights-v2'" in str(errors[0])
+    sender.close()
+    receiver.close()
