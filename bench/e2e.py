@@ -139,6 +139,7 @@ def single_process(cfg, warmup: int) -> dict:
     from actors.worker import RolloutWorker
     from cluster.data.reader import DatasetReader
     from learner.learner import Learner
+    from protos import ScoredGroup
     from reward_service.worker import RewardWorker
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -156,7 +157,7 @@ def single_process(cfg, warmup: int) -> dict:
         samples = reader.next_batch(cfg.grpo.batch_size)
         groups = rollout.generate(_requests(cfg, step, samples), *samples)
         t1 = time.perf_counter()
-        scored = reward.score(groups, *samples)
+        scored = [ScoredGroup.join(g, s) for g, s in zip(groups, reward.score(groups, *samples), strict=True)]
         t2 = time.perf_counter()
         stats = learner.step(scored, samples)
         t3 = time.perf_counter()

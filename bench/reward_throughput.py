@@ -156,7 +156,7 @@ def run_naive(segmenter, cfg, request) -> tuple[float, float]:
 def run_grouped(worker, requests) -> tuple[float, float]:
     t0, c0 = time.perf_counter(), time.process_time()
     out = worker.score_requests(requests)
-    assert all(len(sg.scores) == sg.group.group_size for sg in out)
+    assert all(len(gs.scores) == r.group.group_size for gs, r in zip(out, requests, strict=True))
     return time.perf_counter() - t0, time.process_time() - c0
 
 

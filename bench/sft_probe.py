@@ -105,21 +105,11 @@ def box_iou_of_answers(answers: list[str], boxes: list[tuple[int, int, int, int]
     return float(np.mean(ious)), parsed / len(answers)
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
-    torch.set_num_threads(a.threads)
-    patch_builders(a)
-    if a.vision_lr != 1.0:
-        vision_lr_optimizer(a.vision_lr)
+def prepare(a, out: Path):
+    """The synthetic data set (cached per knob setting), the untrained tiny policy and the demo config on them."""
     from cluster.config import load_config
-    from cluster.data.reader import DatasetReader
     from cluster.demo import DEMO_CONFIG, _with
-    from cluster.eval_job import load_samples
-    from learner.policy import Policy
-    from reward_service.rewards import box_iou
 
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     knobs = f"d{a.distractors.replace(',', '-')}-s{a.side.replace(',', '-') or 'default'}"
     data = Path(a.data) / f"{a.kind}-{knobs}"
     if not any((data / "eval").glob("*.parquet")):
@@ -135,6 +125,24 @@ def main(argv: list[str] | None = None) -> int:
             "data.image_size": a.size,
         },
     )
+    return cfg, data
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    patch_builders(a)
+    if a.vision_lr != 1.0:
+        vision_lr_optimizer(a.vision_lr)
+    from cluster.data.reader import DatasetReader
+    from cluster.demo import _with
+    from cluster.evaluation.inputs import load_samples
+    from learner.policy import Policy
+    from reward_service.rewards import box_iou
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg, data = prepare(a, out)
     batches = DatasetReader.from_config(cfg).next_batch
     run = sft.run_sft(
         cfg.policy_spec(),

@@ -93,7 +93,10 @@ def run_sft_stage(cfg: TrainConfig, out: Path, steps: int, time_limit_s: float) 
 def evaluate_policy(cfg: TrainConfig, policy: Path, held_out: Path, grid: Path, baselines: bool) -> dict:
     """Greedy decoding of every held-out image once (in-process workers: no Ray needed)."""
     from actors.worker import RolloutWorker
-    from cluster.eval_job import EvalScorer, evaluate_samples, load_samples, render_grid, settings_from_config
+    from cluster.evaluation.inputs import load_samples
+    from cluster.evaluation.loop import evaluate_samples, settings_from_config
+    from cluster.evaluation.pictures import render_grid
+    from reward_service.predictor import Predictor
     from runtime.images import encode_png
 
     ecfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"policy": str(policy)})})
@@ -101,7 +104,7 @@ def evaluate_policy(cfg: TrainConfig, policy: Path, held_out: Path, grid: Path, 
     settings = settings_from_config(ecfg, greedy=True)
     run = evaluate_samples(
         RolloutWorker(ecfg.policy_spec(), ecfg.rollout, "eval-rollout"),
-        EvalScorer(ecfg),
+        Predictor(ecfg.policy_spec(), ecfg.reward, "eval-0"),
         samples,
         baselines=baselines,
         progress=True,
@@ -212,11 +215,11 @@ def run_demo(
 def _copy_final_policy(checkpoints: Path, final: Path) -> None:
     import shutil
 
-    from cluster.eval_job import resolve_policy
+    from cluster.evaluation.inputs import resolve_checkpoint
 
     if final.exists():
         shutil.rmtree(final)
-    shutil.copytree(resolve_policy(checkpoints), final)
+    shutil.copytree(resolve_checkpoint(checkpoints).policy, final)
 
 
 def _with(cfg: TrainConfig, updates: dict) -> TrainConfig:

@@ -92,6 +92,7 @@ class _Chunk:
     refs: list[Any]
     cursor_before: dict
     open: int = field(default=0)  # groups of this chunk not yet trained, dropped or filtered
+    groups: list[RolloutGroup] = field(default_factory=list)  # its rollout, joined with the GroupScores
 
 
 class TrainDriver:
@@ -269,6 +270,7 @@ class TrainDriver:
             groups: list[RolloutGroup] = result
             self.acct.groups_generated += len(groups)
             DM.GROUPS_GENERATED.inc(len(groups))
+            chunk.groups = groups
             self.reward.submit(chunk, lambda a, gs=groups, refs=chunk.refs: a.score.remote(gs, *refs))
         for chunk, result in self.reward.poll(timeout=0):
             if isinstance(result, WorkFailed):
@@ -276,10 +278,11 @@ class TrainDriver:
                 self.acct.groups_failed += len(chunk.samples)
                 chunk.open = 0  # nothing of it will come back: it no longer holds a place in the pipeline
                 continue
-            zero = sum(map(zero_variance, result))
+            scored = [ScoredGroup.join(g, s) for g, s in zip(chunk.groups, result, strict=True)]
+            zero = sum(map(zero_variance, scored))
             self.acct.groups_zero_variance += zero
             DM.GROUPS_ZERO_VARIANCE.inc(zero)
-            out.extend(zip(result, chunk.samples, strict=True))
+            out.extend(zip(scored, chunk.samples, strict=True))
         self._record_restarts()
 
     def _train_and_publish(self, scored: list, chunks: list[_Chunk], t0: float) -> None:

@@ -156,10 +156,11 @@ def make_rollout_pool(cfg: TrainConfig, on_start=None, on_error=None) -> ActorPo
 
 
 def spawn_eval_scorer_actor(cfg: TrainConfig, name: str) -> Any:
-    """Evaluation (`segr1 eval`): an EvalScorer (parse + segment, returns masks) on the reward pool's resources."""
-    from cluster.eval_job import EvalScorer
+    """Evaluation (`segr1 eval`): a Predictor (parse + segment, returns masks) on the reward pool's resources."""
+    from reward_service.predictor import Predictor
 
-    return _spawn_named(EvalScorer, actor_options(cfg, "reward", cfg.reward.resources, name), cfg, name)
+    options = actor_options(cfg, "reward", cfg.reward.resources, name)
+    return _spawn_named(Predictor, options, cfg.policy_spec(), cfg.reward, name)
 
 
 def make_eval_scorer_pool(cfg: TrainConfig) -> ActorPool:

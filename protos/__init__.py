@@ -8,6 +8,7 @@ from protos.dataset import DATASET_SCHEMA, ROLLOUT_LOG_SCHEMA, Sample, TaskKind
 from protos.messages import (
     Completion,
     CompletionReward,
+    GroupScores,
     MaskPrompt,
     ParsedAnswer,
     RewardComponents,
@@ -26,6 +27,7 @@ __all__ = [
     "ROLLOUT_LOG_SCHEMA",
     "Completion",
     "CompletionReward",
+    "GroupScores",
     "MaskPrompt",
     "ParsedAnswer",
     "RewardComponents",

@@ -1,7 +1,8 @@
 """The messages of every hop of one GRPO step. Frozen pydantic models that validate themselves.
 
 Shapes of the flow (docs/architecture.md):
-  driver -RolloutRequest-> actors -RolloutGroup-> driver -RewardRequest-> reward_service -ScoredGroup-> learner
+  driver -RolloutRequest-> actors -RolloutGroup-> driver -RewardRequest-> reward_service -GroupScores-> driver
+  driver -ScoredGroup (the RolloutGroup it kept, joined with its GroupScores)-> learner
   learner -WeightsManifest (+ flat buckets)-> actors;  learner -StepStats-> driver
 """
 
@@ -188,7 +189,7 @@ class RewardComponents(BaseModel):
 
 
 class CompletionReward(BaseModel):
-    """The reward of one completion, inside a ScoredGroup (reward_service -> driver -> learner)."""
+    """The reward of one completion, inside GroupScores (reward_service -> driver) and ScoredGroup (-> learner)."""
 
     model_config = _FROZEN
 
@@ -197,8 +198,30 @@ class CompletionReward(BaseModel):
     parse_failure: str | None = None
 
 
+class GroupScores(BaseModel):
+    """reward_service -> driver: one CompletionReward per completion of RolloutGroup `group_id`, and the time
+    scoring it took. The completions do not travel back: the driver joins these with the group it kept
+    (ScoredGroup.join). Timings are this group's share of the reward worker's batched call."""
+
+    model_config = _FROZEN
+
+    group_id: str = Field(min_length=1)
+    scores: list[CompletionReward]
+    reward_worker: str = Field("", description="Name of the reward actor that scored the group.")
+    encode_s: float = Field(
+        0.0, ge=0.0, description="Share of the image encode (split over the groups of an image)."
+    )
+    decode_s: float = Field(0.0, ge=0.0, description="Share of the batched decode (by number of prompts).")
+    total_s: float = Field(0.0, ge=0.0, description="Share of the whole call (by number of completions).")
+
+    @property
+    def totals(self) -> list[float]:
+        return [s.rewards.total for s in self.scores]
+
+
 class ScoredGroup(BaseModel):
-    """reward_service -> driver -> learner: a RolloutGroup with one CompletionReward per completion."""
+    """driver -> learner: a RolloutGroup with one CompletionReward per completion (`join` of the group the driver
+    kept and the GroupScores the reward worker sent back)."""
 
     model_config = _FROZEN
 
@@ -217,6 +240,23 @@ class ScoredGroup(BaseModel):
                 f"{len(self.group.completions)} completions"
             )
         return self
+
+    @classmethod
+    def join(cls, group: RolloutGroup, scores: GroupScores) -> ScoredGroup:
+        """The group and its scores as one ScoredGroup; they must be for the same group id."""
+        if scores.group_id != group.group_id:
+            raise ValueError(
+                f"GroupScores for group {scores.group_id!r} joined with RolloutGroup {group.group_id!r}; pair each "
+                "reward result with the group it scored (RewardWorker.score answers in the order it was given)"
+            )
+        return cls(
+            group=group,
+            scores=scores.scores,
+            reward_worker=scores.reward_worker,
+            encode_s=scores.encode_s,
+            decode_s=scores.decode_s,
+            total_s=scores.total_s,
+        )
 
     @property
     def totals(self) -> list[float]:

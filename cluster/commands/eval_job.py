@@ -34,18 +34,17 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _default_out(checkpoint: str, data: str) -> str:
+def _default_out(checkpoint_name: str, data: str) -> str:
     from pathlib import Path
 
-    ck, dt = Path(checkpoint).resolve(), Path(data).resolve()
-    name = ck.parent.name if ck.name == "policy" else ck.name
-    return str(Path("runs/eval") / f"{name}-{dt.stem if dt.is_file() else dt.name}")
+    dt = Path(data).resolve()
+    return str(Path("runs/eval") / f"{checkpoint_name}-{dt.stem if dt.is_file() else dt.name}")
 
 
 def _prepare(args: argparse.Namespace):
     from cluster.config import ConfigError
     from cluster.data.reader import DatasetError
-    from cluster.eval_job import load_samples, resolve_policy
+    from cluster.evaluation.inputs import load_samples, resolve_checkpoint
     from runtime.images import CorruptSampleError
 
     if args.limit is not None and args.limit < 1:
@@ -53,7 +52,8 @@ def _prepare(args: argparse.Namespace):
     cfg = load_config_from_args(args)
     corrupt: list = []
     try:
-        cfg.model.policy = resolve_policy(args.checkpoint)
+        checkpoint = resolve_checkpoint(args.checkpoint)
+        cfg.model.policy = checkpoint.policy
         samples = load_samples(args.data, args.limit, cfg.data.on_corrupt, corrupt)
     except (FileNotFoundError, ValueError, ConfigError, DatasetError, CorruptSampleError) as err:
         raise CommandError(str(err), exit_code=2) from None
@@ -63,37 +63,34 @@ def _prepare(args: argparse.Namespace):
         )
     for report in corrupt:
         print(f"segr1 eval: skipped corrupt row {report}", file=sys.stderr)
-    return cfg, samples, [str(r) for r in corrupt]
+    return cfg, samples, [str(r) for r in corrupt], checkpoint.name
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.eval_job import (
-        EvalScorer,
-        evaluate_on_ray,
-        evaluate_samples,
-        settings_from_config,
-        write_outputs,
-    )
+    from cluster.evaluation.loop import evaluate_samples, settings_from_config
+    from cluster.evaluation.on_ray import evaluate_on_ray
+    from cluster.evaluation.report import write_outputs
 
-    cfg, samples, corrupt = _prepare(args)
+    cfg, samples, corrupt, checkpoint_name = _prepare(args)
     settings = settings_from_config(cfg, greedy=not args.sample)
     baselines, progress = not args.no_baselines, not args.no_progress
     try:
         if args.local:
             from actors.worker import RolloutWorker
+            from reward_service.predictor import Predictor
 
-            rollout, scorer = (
+            rollout, predictor = (
                 RolloutWorker(cfg.policy_spec(), cfg.rollout, name="rollout-0"),
-                EvalScorer(cfg, name="eval-0"),
+                Predictor(cfg.policy_spec(), cfg.reward, name="eval-0"),
             )
             run_ = evaluate_samples(
-                rollout, scorer, samples, **settings, baselines=baselines, progress=progress
+                rollout, predictor, samples, **settings, baselines=baselines, progress=progress
             )
         else:
             run_ = evaluate_on_ray(cfg, samples, settings, baselines=baselines, progress=progress)
     except ValueError as err:  # duplicate ids, bad settings
         raise CommandError(str(err), exit_code=2) from None
-    out = args.out or _default_out(args.checkpoint, args.data)
+    out = args.out or _default_out(checkpoint_name, args.data)
     used = {"policy": cfg.model.policy, "data": args.data, "segmenter": cfg.reward.segmenter}
     used["image_size"] = cfg.data.image_size
     extra = {"corrupt_rows": corrupt, "settings": {**_jsonable(settings), **used}}

@@ -49,7 +49,7 @@ def evaluate_mask_folders(pred_dir, gt_dir) -> tuple[dict, list[str], list[str]]
     import cv2
     from tqdm import tqdm
 
-    from cluster.evaluation import ForegroundMeter
+    from cluster.evaluation.metrics import ForegroundMeter
 
     preds, gts = _by_stem(pred_dir), _by_stem(gt_dir)
     if not gts:
@@ -66,7 +66,7 @@ def evaluate_mask_folders(pred_dir, gt_dir) -> tuple[dict, list[str], list[str]]
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.evaluation import text_table
+    from cluster.evaluation.metrics import text_table
 
     metrics, missing, extra = evaluate_mask_folders(args.pred, args.gt)
     if missing:

@@ -88,13 +88,15 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from cluster.eval_job import EvalScorer, make_requests, overlay, resolve_policy, settings_from_config
+    from cluster.evaluation.inputs import resolve_checkpoint
+    from cluster.evaluation.loop import make_requests, settings_from_config
+    from cluster.evaluation.pictures import overlay
     from runtime.images import encode_png
 
     _split_inputs(args)
     cfg = load_config_from_args(args)
     try:
-        cfg.model.policy = resolve_policy(args.checkpoint)
+        cfg.model.policy = resolve_checkpoint(args.checkpoint).policy
     except FileNotFoundError as err:
         raise CommandError(str(err), exit_code=2) from None
     instruction = args.instruction or _foreground()
@@ -106,14 +108,15 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_config(cfg, greedy=not args.sample)
 
     from actors.worker import RolloutWorker
+    from reward_service.predictor import Predictor
 
-    rollout, scorer = (
+    rollout, predictor = (
         RolloutWorker(cfg.policy_spec(), cfg.rollout, name="rollout-0"),
-        EvalScorer(cfg, name="eval-0"),
+        Predictor(cfg.policy_spec(), cfg.reward, name="eval-0"),
     )
     requests = make_requests(samples, 0, settings["group_size"], settings["sampling"], settings["seed"])
     groups = rollout.generate(requests, *samples)
-    preds = scorer.predict(groups, *samples)
+    preds = predictor.predict(groups, *samples)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for (sample, rgb), group, per_group in zip(pairs, groups, preds, strict=True):

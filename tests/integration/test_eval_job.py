@@ -12,8 +12,10 @@ import pytest
 
 from cluster.config import TrainConfig
 from cluster.data.synth import generate_samples
-from cluster.eval_job import EvalScorer, evaluate_samples, write_outputs
+from cluster.evaluation.loop import evaluate_samples
+from cluster.evaluation.report import write_outputs
 from protos import Completion, RolloutGroup
+from reward_service.predictor import Predictor
 from reward_service.rewards import mask_bbox
 from reward_service.segmenters import BaseSegmenter, ImageHandle
 from runtime.images import decode_mask
@@ -77,12 +79,17 @@ def _cfg() -> TrainConfig:
     return TrainConfig.model_validate({"data": {"image_size": SIZE}, "rollout": {"engine": "hf"}})
 
 
+def _predictor(segmenter) -> Predictor:
+    cfg = _cfg()
+    return Predictor(cfg.policy_spec(), cfg.reward, segmenter=segmenter)
+
+
 def test_every_sample_once_missing_is_empty_and_counted(tmp_path: Path) -> None:
     samples = list(generate_samples(7, seed=3, size=64, split="test"))
     bad = {samples[2].id}
     rollout = ScriptedRollout(bad)
     seg = BoxSegmenter()
-    run = evaluate_samples(rollout, EvalScorer(_cfg(), segmenter=seg), samples, batch_size=3)
+    run = evaluate_samples(rollout, _predictor(seg), samples, batch_size=3)
     # one encode per answered sample and one prompt per group (G=2 identical completions segmented once),
     # plus the two constant baselines on every sample
     assert seg.encode_calls == 6 + 2 * 7 and seg.prompts_decoded == 6 + 2 * 7
@@ -123,14 +130,29 @@ def test_failed_generation_counts_as_missing_not_as_another_prediction() -> None
                 raise RuntimeError("engine died")
             return super().generate(requests, *chunk)
 
-    run = evaluate_samples(
-        Flaky(set()), EvalScorer(_cfg(), segmenter=BoxSegmenter()), samples, batch_size=2, baselines=False
-    )
+    run = evaluate_samples(Flaky(set()), _predictor(BoxSegmenter()), samples, batch_size=2, baselines=False)
     missing = [r.id for r in run.results if r.missing]
     assert missing == [samples[0].id, samples[1].id]  # the failed chunk, not reused from a neighbour
     assert all(r.iou == 0.0 for r in run.results if r.missing)
     with pytest.raises(ValueError, match="appears twice"):
-        evaluate_samples(Flaky(set()), EvalScorer(_cfg(), segmenter=BoxSegmenter()), [samples[2], samples[2]])
+        evaluate_samples(Flaky(set()), _predictor(BoxSegmenter()), [samples[2], samples[2]])
+
+
+def test_checkpoint_resolves_to_its_policy_folder(tmp_path: Path) -> None:
+    from cluster.evaluation.inputs import resolve_checkpoint
+
+    root = tmp_path / "checkpoints"
+    for step in ("step-000002", "step-000010"):
+        (root / step / "policy").mkdir(parents=True)
+        (root / step / "policy" / "config.json").write_text("{}")
+    latest = str(root / "step-000010" / "policy")
+    from_root, from_step = resolve_checkpoint(root), resolve_checkpoint(root / "step-000010")
+    assert (from_root.policy, from_root.name) == (latest, "checkpoints")  # a root: its latest step's policy
+    assert (from_step.policy, from_step.name) == (latest, "step-000010")
+    given_policy = resolve_checkpoint(latest)  # a policy folder is used as it is, named after its step
+    assert (given_policy.policy, given_policy.name) == (latest, "step-000010")
+    with pytest.raises(FileNotFoundError, match="step-\\*/policy/"):
+        resolve_checkpoint(tmp_path / "nothing-here")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -158,7 +180,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 def test_segr1_eval_is_deterministic_and_covers_every_sample_once(tiny) -> None:
     from cluster.cli import main
-    from cluster.eval_job import load_samples
+    from cluster.evaluation.inputs import load_samples
 
     outs = []
     for k in range(2):
@@ -207,7 +229,9 @@ def test_ray_pools_give_the_in_process_results(tiny, ray_local) -> None:
     """The Ray path (rollout pool + eval-<i> scorer actors from cluster/topology.py) matches the in-process one."""
     from actors.worker import RolloutWorker
     from cluster.config import load_config
-    from cluster.eval_job import evaluate_on_ray, load_samples, settings_from_config
+    from cluster.evaluation.inputs import load_samples
+    from cluster.evaluation.loop import settings_from_config
+    from cluster.evaluation.on_ray import evaluate_on_ray
 
     cfg = load_config(None, [*TINY, f"model.policy={tiny['policy']}", "rollout.max_batch_groups=2"])
     cfg.placement.namespace = "segr1-test"
@@ -215,7 +239,10 @@ def test_ray_pools_give_the_in_process_results(tiny, ray_local) -> None:
     settings = settings_from_config(cfg)
     remote = evaluate_on_ray(cfg, samples, settings, progress=False)
     local = evaluate_samples(
-        RolloutWorker(cfg.policy_spec(), cfg.rollout), EvalScorer(cfg), samples, **settings
+        RolloutWorker(cfg.policy_spec(), cfg.rollout),
+        Predictor(cfg.policy_spec(), cfg.reward),
+        samples,
+        **settings,
     )
     assert [r.id for r in remote.results] == [s.id for s in samples]
     assert [r.text for r in remote.results] == [r.text for r in local.results]

@@ -8,7 +8,7 @@ import pytest
 
 from cluster.config import TrainConfig
 from cluster.topology import make_reward_pool
-from protos import Completion, RolloutGroup, Sample, ScoredGroup
+from protos import Completion, GroupScores, RolloutGroup, Sample
 from protos.answer import format_answer
 from reward_service.worker import RewardWorker
 from runtime.images import encode_png
@@ -75,7 +75,7 @@ def test_killed_reward_actor_every_group_answered_once(ray_local):
             pool.submit(f"g{i}", lambda a, i=i: a.score.remote([_group(i)], refs[i]))
         victim = ray_local.get_actor("reward-0", namespace=NAMESPACE)
         ray_local.kill(victim, no_restart=True)
-        results: dict[str, list[ScoredGroup]] = {}
+        results: dict[str, list[GroupScores]] = {}
         while len(results) < n:
             for key, value in pool.poll(timeout=10):
                 assert key not in results, f"{key} answered twice"
@@ -90,10 +90,10 @@ def test_killed_reward_actor_every_group_answered_once(ray_local):
         )
         local = RewardWorker(cfg.policy_spec(), cfg.reward, name="local")
         for i in range(n):
-            [sg] = results[f"g{i}"]
-            assert sg.group.group_id == f"g{i}" and sg.reward_worker in ("reward-0", "reward-1")
+            [gs] = results[f"g{i}"]
+            assert gs.group_id == f"g{i}" and gs.reward_worker in ("reward-0", "reward-1")
             [want] = local.score([_group(i)], _sample(i))
-            assert sg.totals == pytest.approx(want.totals)
+            assert gs.totals == pytest.approx(want.totals)
         assert results["g0"][0].scores[2].parse_failure == "missing_bbox"
     finally:
         pool.shutdown()

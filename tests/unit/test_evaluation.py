@@ -13,7 +13,7 @@ import pytest
 from py_sod_metrics import MAE, Emeasure, Fmeasure, Smeasure, WeightedFmeasure
 
 from cluster.cli import main
-from cluster.evaluation import ForegroundMeter, IoUMeter, iou, markdown_table, s_measure
+from cluster.evaluation.metrics import ForegroundMeter, IoUMeter, iou, markdown_table, s_measure
 
 KEYS = [
     "s_measure",

@@ -1,4 +1,5 @@
-"""RewardWorker: whole groups scored with one encode per image, bad requests scored 0 (never raised), metrics."""
+"""RewardWorker: whole groups scored with one encode per image, bad requests scored 0 (never raised), metrics;
+it returns GroupScores (rewards and timings), which ScoredGroup.join pairs with the group they scored."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from cluster.config import TrainConfig
-from protos import Completion, RewardRequest, RolloutGroup, Sample
+from protos import Completion, GroupScores, RewardRequest, RolloutGroup, Sample, ScoredGroup
 from protos.answer import format_answer
 from reward_service import metrics as m
 from reward_service.parser import parse_answer
@@ -96,7 +97,7 @@ def test_one_encode_per_image_for_a_batch_of_groups(cfg):
     worker = RewardWorker(cfg.policy_spec(), cfg.reward, name="w-encodes")
     groups = [_group("s0", TEXTS, "a"), _group("s1", TEXTS * 2, "b"), _group("s0", [GOOD, LOOSE], "c")]
     out = worker.score(groups, s0, s1, s0)
-    assert [sg.group.group_id for sg in out] == ["a", "b", "c"]
+    assert [gs.group_id for gs in out] == ["a", "b", "c"]
     assert worker.segmenter.encode_calls == 2  # two distinct images for 14 completions
     assert worker.segmenter.prompts_decoded == 4 + 8 + 2
     assert sum(sg.decode_s for sg in out) == pytest.approx(m.DECODE_SECONDS.mean(worker="w-encodes"))
@@ -212,3 +213,18 @@ def test_an_internal_error_scores_the_call_zero_and_is_counted(cfg, caplog):
     assert m.PARSE_FAILURES.value(worker="w-internal", reason="internal_error") == 4
     assert "Traceback" in caplog.text
     assert m.QUEUE_DEPTH.value(worker="w-internal") == 0
+
+
+def test_scores_travel_without_the_group_and_join_it_by_id(cfg):
+    s0, _, _ = _sample("s0", 0)
+    s1, _, _ = _sample("s1", 1, centre=(40, 40))
+    groups = [_group("s0", TEXTS, "a"), _group("s1", TEXTS[:2], "b")]
+    out = RewardWorker(cfg.policy_spec(), cfg.reward, name="w-join").score(groups, s0, s1)
+    assert all(type(gs) is GroupScores for gs in out)
+    assert "completions" not in out[0].model_dump_json()  # the completions stay with the driver
+    joined = [ScoredGroup.join(g, gs) for g, gs in zip(groups, out, strict=True)]
+    assert [sg.group for sg in joined] == groups
+    assert [sg.totals for sg in joined] == [gs.totals for gs in out]
+    assert joined[0].decode_s == out[0].decode_s > 0 and joined[1].reward_worker == "w-join"
+    with pytest.raises(ValueError, match="'b' joined with RolloutGroup 'a'"):
+        ScoredGroup.join(groups[0], out[1])

@@ -1,4 +1,4 @@
-"""Segmentation metrics of the paper's evaluation protocol (see shared/SEG-R1.md, "Evaluation protocol").
+"""Segmentation metrics of the evaluation protocol of the Seg-R1 paper (arXiv 2506.22624).
 
 - Foreground sets (COD, SOD, DIS): S-measure, weighted F, mean / max / adaptive F, mean / max / adaptive E, MAE,
   computed by pysodmetrics (`py_sod_metrics`) on predictions at each image's ORIGINAL size.
@@ -9,7 +9,7 @@ truth as uint8 0/255, so its own `gt > 128` keeps the object. (The reference bin
 `> 128` and scored against an all-empty ground truth; a 0/1 mask must be scaled to 0/255 first, as here.)
 
 A missing or unparseable prediction is an empty mask and is counted in `missing`; it is never replaced by
-another image's prediction.
+another image's prediction. `DatasetMeters` keeps one set of meters per data set of an evaluation run.
 """
 
 from __future__ import annotations
@@ -186,6 +186,37 @@ class IoUMeter:
             return {"ciou": float("nan"), "giou": float("nan"), "n": 0, "missing": 0}
         ciou = self.inter / self.union if self.union else 1.0
         return {"ciou": float(ciou), "giou": self.iou_sum / self.n, "n": self.n, "missing": len(self.missing)}
+
+
+class DatasetMeters:
+    """Per data set (`source/split`, split by task when a set mixes tasks, as the synthetic one does), streaming:
+    cIoU / gIoU for every task, the pysodmetrics set for foreground (a large set is scored without keeping its
+    masks)."""
+
+    def __init__(self) -> None:
+        self._sets: dict[tuple[str, str], tuple[IoUMeter, ForegroundMeter | None]] = {}
+
+    def add(self, dataset: str, task: str, key: str, mask: np.ndarray | None, gt: np.ndarray) -> None:
+        """Score one sample of `dataset` (`source/split`); `key`: its id, listed under `missing` for a None mask."""
+        if (dataset, task) not in self._sets:
+            self._sets[(dataset, task)] = (IoUMeter(), ForegroundMeter() if task == "foreground" else None)
+        ious, fg = self._sets[(dataset, task)]
+        ious.add(mask, gt, key=key)
+        if fg is not None:
+            fg.add(mask, gt, key=key)
+
+    def results(self) -> dict[str, dict]:
+        """{dataset (or dataset:task when the set mixes tasks): {task, ciou, giou, n, missing, foreground...}}."""
+        tasks: dict[str, int] = {}
+        for name, _ in self._sets:
+            tasks[name] = tasks.get(name, 0) + 1
+        out = {}
+        for (name, task), (ious, fg) in sorted(self._sets.items()):
+            row = {"task": task, **ious.results()}
+            if fg is not None:
+                row.update({k: v for k, v in fg.results().items() if k not in ("n", "missing")})
+            out[name if tasks[name] == 1 else f"{name}:{task}"] = row
+        return out
 
 
 def format_value(key: str, value: float) -> str:

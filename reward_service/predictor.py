@@ -1,0 +1,268 @@
+"""The predictor: parse completions, segment the image with their prompts, return each completion's mask.
+
+Shared by the reward worker (reward_service/worker.py: predict masks, then compute the reward terms) and by
+evaluation (cluster/evaluation/: in-process, or as Ray actors `eval-<i>` made by cluster/topology.py).
+
+One `segment(items)` call: encode each distinct image that has prompts to decode once, in one batch (image by
+image when the batch fails); decode every prompt of every item in one batched call (item by item when it fails);
+OR the masks of each answer's own prompts into its mask. A failing image costs only its own items (failure
+"segmenter_error"); nothing raises for one bad image. A plain class: no Ray, no cluster imports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from protos import MaskPrompt, ParsedAnswer, RolloutGroup, Sample
+from protos.config import PolicySpec
+from reward_service.config import RewardConfig
+from reward_service.parser import parse_answer_for
+from reward_service.segmenters import ImageHandle, build_segmenter_for
+from runtime.threads import limit_threads
+
+logger = logging.getLogger(__name__)
+
+BASELINES = ("whole_image", "centre")
+
+
+@dataclass
+class Item:
+    """One image and the parsed answers to segment on it (one per completion); `Predictor.segment` fills the
+    masks, the failure and the timings."""
+
+    image: np.ndarray | None  # (H, W, 3) uint8 RGB; None: the sample did not decode (failure says why)
+    key: bytes  # items with the same key share one encode (a digest of the encoded image)
+    answers: list[ParsedAnswer]
+    failure: str | None = None  # corrupt_sample | segmenter_error: no masks
+    # per answer: (H, W) bool, the OR of its prompts' masks (numpy, or a torch tensor on the segmenter's
+    # device when segmented on_device); None: the answer has no prompt, or the item failed
+    masks: list = field(default_factory=list)
+    encode_s: float = 0.0  # this item's share of the call's encode (split over the items of one image)
+    decode_s: float = 0.0  # its share of the call's decode (by number of prompts)
+
+    @property
+    def prompts(self) -> list[MaskPrompt]:
+        return [p for a in self.answers for p in a.prompts]
+
+    @property
+    def num_prompts(self) -> int:
+        return sum(len(a.prompts) for a in self.answers)
+
+
+@dataclass
+class CompletionPrediction:
+    """What the predictor made of one completion. `mask`: (H, W) bool at the original size, None when there is
+    no usable prediction (parse failure without prompts, segmenter error, corrupt sample)."""
+
+    parse_ok: bool
+    failure: str | None
+    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)  # original pixels
+    mask: np.ndarray | None = None
+    points: list[tuple[float, float]] = field(default_factory=list)  # original pixels
+    labels: list[int] = field(default_factory=list)  # 1 foreground, 0 background; one per point
+
+
+class Predictor:
+    """Parse + segment, returning masks. `segment(items)` is the core (the reward worker's path); `predict` and
+    `baseline_masks` are evaluation's entry points (sample i belongs to group i; Ray resolves ObjectRefs passed as
+    the varargs). `segmenter`: share an already loaded one; default: built from `reward`."""
+
+    def __init__(
+        self, policy: PolicySpec, reward: RewardConfig | None = None, name: str = "eval-0", segmenter=None
+    ):
+        self.policy, self.reward, self.name = policy, reward or RewardConfig(), name
+        kind = self.reward.segmenter if segmenter is None else getattr(segmenter, "name", "")
+        limit_threads(torch_threads=kind != "grabcut", opencv_threads=True)
+        self.segmenter = segmenter if segmenter is not None else build_segmenter_for(self.reward)
+
+    def ping(self) -> dict:
+        return {
+            "name": self.name,
+            "segmenter": self.segmenter.name,
+            "encode_calls": self.segmenter.encode_calls,
+            "decode_calls": self.segmenter.decode_calls,
+            "pid": os.getpid(),
+        }
+
+    def parse(self, text: str, width: int, height: int, policy_image_size: int | None) -> ParsedAnswer:
+        """One completion's prompts in the pixels of the (width x height) original image; `policy_image_size`:
+        the side of the square image the policy saw (None: it saw the original pixels)."""
+        return parse_answer_for(self.reward, text, width, height, policy_image_size)
+
+    # -- the core ------------------------------------------------------------------------------------------------
+    def segment(self, items: Sequence[Item], on_device: bool = False) -> tuple[float, float]:
+        """Fill each item's masks (one per answer); returns the call's (encode, decode) seconds. `on_device`:
+        masks stay torch tensors on the segmenter's device when it offers them (no host copy)."""
+        for item in items:
+            item.masks = [None] * len(item.answers)
+        encode_s, handles = self._encode(items)
+        return encode_s, self._decode(items, handles, on_device)
+
+    def _encode(self, items: Sequence[Item]) -> tuple[float, dict[bytes, ImageHandle | None]]:
+        """Encode each distinct image that has prompts to decode, once, in one batch."""
+        images: dict[bytes, np.ndarray] = {}
+        for item in _with_prompts(items):
+            images.setdefault(item.key, item.image)
+        if not images:
+            return 0.0, {}
+        t0 = time.perf_counter()
+        keys = list(images)
+        try:
+            handles: list[ImageHandle | None] = self.segmenter.encode_batch([images[k] for k in keys])
+        except Exception as err:
+            logger.warning("%s: batched encode failed (%s); encoding one image at a time", self.name, err)
+            handles = [self._encode_one(images[k]) for k in keys]
+        elapsed = time.perf_counter() - t0
+        by_key = dict(zip(keys, handles, strict=True))
+        sharing = {k: sum(item.key == k for item in _with_prompts(items)) for k in keys}
+        for item in _with_prompts(items):
+            item.encode_s = elapsed / len(keys) / sharing[item.key]
+        return elapsed, by_key
+
+    def _encode_one(self, image: np.ndarray) -> ImageHandle | None:
+        try:
+            return self.segmenter.encode(image)
+        except Exception as err:
+            logger.warning("%s: encoding an image failed: %s", self.name, err)
+            return None
+
+    def _decode(
+        self, items: Sequence[Item], handles: dict[bytes, ImageHandle | None], on_device: bool
+    ) -> float:
+        """Decode every prompt of every item in one batched call; OR each answer's masks."""
+        active = _with_prompts(items)
+        for item in active:
+            if handles.get(item.key) is None:
+                item.failure = "segmenter_error"
+        active = [item for item in active if item.failure is None]
+        if not active:
+            return 0.0
+        batch = [(handles[item.key], item.prompts) for item in active]
+        t0 = time.perf_counter()
+        try:
+            results = self._decode_batch(batch, on_device)
+        except Exception as err:
+            logger.warning("%s: batched decode failed (%s); decoding one item at a time", self.name, err)
+            results = [self._decode_one(entry, on_device) for entry in batch]
+        elapsed = time.perf_counter() - t0
+        total_prompts = sum(item.num_prompts for item in active)
+        for item, masks in zip(active, results, strict=True):
+            if masks is None:
+                item.failure = "segmenter_error"
+                continue
+            item.decode_s = elapsed * item.num_prompts / total_prompts
+            item.masks = answer_masks(item.answers, masks)
+        return elapsed
+
+    def _decode_batch(self, batch, on_device: bool) -> list:
+        """(P_i, H_i, W_i) bool masks per entry: torch tensors on the segmenter's device when `on_device` and it
+        offers them, else numpy."""
+        tensors = getattr(self.segmenter, "decode_batch_tensors", None) if on_device else None
+        return tensors(batch) if tensors is not None else self.segmenter.decode_batch(batch)
+
+    def _decode_one(self, entry, on_device: bool):
+        try:
+            return self._decode_batch([entry], on_device)[0]
+        except Exception as err:
+            logger.warning("%s: decoding an item failed: %s", self.name, err)
+            return None
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
+    def predict(self, groups: Sequence[RolloutGroup], *samples: Sample) -> list[list[CompletionPrediction]]:
+        """Per group (sample i belongs to group i), one CompletionPrediction per completion, masks on the host.
+
+        Bad completions, corrupt samples and segmenter errors give predictions without a mask, never an exception.
+        Identical completions of a group (greedy decoding) are parsed and segmented once."""
+        if len(groups) != len(samples):
+            raise ValueError(f"predict got {len(groups)} groups and {len(samples)} samples; pass one each")
+        texts = [list(dict.fromkeys(c.text for c in g.completions)) for g in groups]  # unique, in order
+        items = [self._item(sample, ts) for sample, ts in zip(samples, texts, strict=True)]
+        self.segment(items)
+        out = []
+        for group, ts, item in zip(groups, texts, items, strict=True):
+            if item.image is None:
+                out.append([CompletionPrediction(False, item.failure) for _ in group.completions])
+                continue
+            by_text = {
+                t: _prediction(a, m, item.failure)
+                for t, a, m in zip(ts, item.answers, item.masks, strict=True)
+            }
+            out.append([by_text[c.text] for c in group.completions])
+        return out
+
+    def _item(self, sample: Sample, texts: list[str]) -> Item:
+        image = _decode_image(sample)
+        if image is None:
+            return Item(None, b"", [], failure="corrupt_sample")
+        h, w = image.shape[:2]
+        size = self.policy.image_size
+        return Item(image, _image_key(sample), [self.parse(t, w, h, size) for t in texts])
+
+    def baseline_masks(self, kind: str, *samples: Sample) -> list[np.ndarray | None]:
+        """Masks of a constant answer: the whole-image box, or the centre box (middle half of each side)."""
+        if kind not in BASELINES:
+            raise ValueError(f"baseline {kind!r} is not one of {BASELINES}")
+        items = []
+        for sample in samples:
+            image = _decode_image(sample)
+            if image is None:
+                items.append(Item(None, b"", [], failure="corrupt_sample"))
+                continue
+            h, w = image.shape[:2]
+            whole = (0.0, 0.0, float(w), float(h))
+            box = whole if kind == "whole_image" else (w / 4, h / 4, 3 * w / 4, 3 * h / 4)
+            answer = ParsedAnswer(ok=True, prompts=[MaskPrompt(box=box)])
+            items.append(Item(image, _image_key(sample), [answer]))
+        self.segment(items)
+        return [item.masks[0] if item.failure is None else None for item in items]
+
+
+def answer_masks(answers: Sequence[ParsedAnswer], masks) -> list:
+    """(P, H, W) masks of all the answers' prompts, in order (numpy or torch) -> per answer the (H, W) OR of its
+    own prompts' masks (None: the answer has no prompt)."""
+    out, offset = [], 0
+    for answer in answers:
+        n = len(answer.prompts)
+        if n == 0:
+            out.append(None)
+        elif isinstance(masks, np.ndarray):
+            out.append(np.logical_or.reduce(masks[offset : offset + n], axis=0))
+        else:
+            out.append(masks[offset : offset + n].any(dim=0))
+        offset += n
+    return out
+
+
+def _with_prompts(items: Sequence[Item]) -> list[Item]:
+    return [item for item in items if item.failure is None and item.num_prompts]
+
+
+def _prediction(answer: ParsedAnswer, mask, failure: str | None) -> CompletionPrediction:
+    """One completion's prediction; `failure`: its item's (segmenter_error) or None."""
+    boxes = [p.box for p in answer.prompts if p.box is not None]
+    points = [pt for p in answer.prompts for pt in p.points]
+    labels = [lab for p in answer.prompts for lab in p.labels]
+    if answer.prompts and failure is not None:
+        return CompletionPrediction(answer.ok, answer.failure or failure, boxes, None, points, labels)
+    return CompletionPrediction(answer.ok, answer.failure, boxes, mask, points, labels)
+
+
+def _image_key(sample: Sample) -> bytes:
+    return hashlib.blake2b(sample.image, digest_size=16).digest()
+
+
+def _decode_image(sample: Sample) -> np.ndarray | None:
+    from runtime.images import decode_image
+
+    try:
+        return decode_image(sample.image, f"sample {sample.id!r}")  # (H, W, 3) uint8 RGB
+    except Exception as err:
+        logger.warning("predictor: %s", err)
+        return None
