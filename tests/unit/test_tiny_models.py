@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from runtime import qwen_vl as proc_mod
 from cluster import tiny_models as tm
 from protos.answer import build_messages, default_instruction
+from runtime import qwen_vl as proc_mod
 from runtime.images import resize_for_policy
 
 torch.set_num_threads(1)
