@@ -69,20 +69,26 @@ class InconsistentWeightsError(RuntimeError):
 
 @dataclass(frozen=True)
 class GenerationBatch:
-    """What one engine call produced: G completions per request, each request's prompt length in tokens (image
-    tokens included), and the ONE policy version every completion of the call was generated with."""
+    """What one engine call produced: G completions per request, each request's prompt token ids exactly as
+    the model saw them (chat template applied, image tokens expanded; the learner scores the completions after
+    them), and the ONE policy version every completion of the call was generated with."""
 
     completions: list[list[Completion]]
-    prompt_tokens: list[int]
+    prompt_token_ids: list[list[int]]
     policy_version: int
+
+    @property
+    def prompt_tokens(self) -> list[int]:
+        """Each request's prompt length in tokens, image tokens included."""
+        return [len(ids) for ids in self.prompt_token_ids]
 
 
 @runtime_checkable
 class RolloutEngine(Protocol):
     """Generates G completions per request from the policy weights of one version.
 
-    `generate_batch` is `generate` plus the prompt lengths and the version the call used (read under the same
-    lock as the generation, so a concurrent weight update cannot make the stamp wrong)."""
+    `generate_batch` is `generate` plus the prompt token ids and the version the call used (read under the
+    same lock as the generation, so a concurrent weight update cannot make the stamp wrong)."""
 
     @property
     def policy_version(self) -> int: ...

@@ -51,6 +51,7 @@ from runtime.qwen_vl import (
     resolve_folder,
     stop_token_ids,
     suppress_token_ids,
+    unpadded_ids,
 )
 
 
@@ -219,7 +220,7 @@ class HFEngine:
     ) -> GenerationBatch:
         check_batch(requests, images)
         results: list[list[Completion]] = [[] for _ in requests]
-        prompt_tokens = [0] * len(requests)
+        prompt_ids: list[list[int]] = [[] for _ in requests]
         with self._lock:
             if not self._consistent:
                 raise InconsistentWeightsError(
@@ -228,12 +229,12 @@ class HFEngine:
                 )
             for key, idx in group_requests(requests, images).items():
                 for chunk in self._chunks(idx, key.group_size):
-                    groups, lengths = self._generate_batch(
+                    groups, ids = self._generate_batch(
                         key, [requests[i] for i in chunk], [images[i] for i in chunk]
                     )
-                    for i, g, n in zip(chunk, groups, lengths, strict=True):
-                        results[i], prompt_tokens[i] = g, n
-            return GenerationBatch(results, prompt_tokens, self._version)
+                    for i, g, p in zip(chunk, groups, ids, strict=True):
+                        results[i], prompt_ids[i] = g, p
+            return GenerationBatch(results, prompt_ids, self._version)
 
     def load_weights(self, named_tensors: NamedTensors, version: int) -> None:
         where = f"HFEngine({self.model_path})"
@@ -285,7 +286,8 @@ class HFEngine:
 
     def _generate_batch(
         self, key: BatchKey, requests: list[RolloutRequest], images: list[Image.Image | None]
-    ) -> tuple[list[list[Completion]], list[int]]:
+    ) -> tuple[list[list[Completion]], list[list[int]]]:
+        """(G completions per request, each request's prompt token ids)."""
         batch = self._encode(requests, images)
         g = key.group_size
         seeds = [request_seed(r.sampling) + j for r in requests for j in range(g)]
@@ -306,7 +308,7 @@ class HFEngine:
             groups.append(
                 [make_completion(tokens[r].tolist(), logprobs[r].tolist(), stop, self._decode) for r in rows]
             )
-        return groups, [int(n) for n in batch["prompt_lengths"].tolist()]
+        return groups, unpadded_ids(batch)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -10,6 +10,8 @@ Both take the same requests as the transformers engine and return the same compl
   vision tokens suppressed with `bad_words` (and `allowed_token_ids` when the model's vocabulary is larger than
   the tokenizer's); stops at <|im_end|> / <|endoftext|>; `generation_config="vllm"` so a release's
   generation_config.json (Qwen2.5-VL: top_k=1, temperature 0.1, repetition penalty) never changes the sampling;
+- prompt token ids: `RequestOutput.prompt_token_ids`, as the model saw them (vLLM's processor has expanded the
+  image placeholder into the image's tokens); the rollout worker stamps them on each group for the learner;
 - seeds: `seed=s` gives completion j the seed s + j (vLLM's n > 1 convention); reproducible on the same
   hardware, vLLM version and batch; None draws from the engine's RNG.
 
@@ -299,7 +301,7 @@ class VLLMEngine(_VLLMBase):
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
             version = self._version
         completions = [self._completions(o, r.group_size) for o, r in zip(outputs, requests, strict=True)]
-        return GenerationBatch(completions, [len(o.prompt_token_ids or []) for o in outputs], version)
+        return GenerationBatch(completions, [list(o.prompt_token_ids or []) for o in outputs], version)
 
     def load_weights(self, named_tensors: NamedTensors, version: int) -> None:
         where = f"VLLMEngine({self.model_path})"
@@ -424,7 +426,7 @@ class AsyncVLLMEngine(_VLLMBase):
         finally:
             await self._gate.release_read()
         completions = [self._completions(o, r.group_size) for o, r in zip(outputs, requests, strict=True)]
-        return GenerationBatch(completions, [len(o.prompt_token_ids or []) for o in outputs], version)
+        return GenerationBatch(completions, [list(o.prompt_token_ids or []) for o in outputs], version)
 
     async def aload_weights(self, named_tensors: NamedTensors, version: int) -> None:
         where = f"AsyncVLLMEngine({self.model_path})"

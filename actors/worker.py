@@ -8,7 +8,8 @@
 Versioning: every group is stamped with the policy version of the weights that generated it (read under the
 engine's lock). A request whose `min_policy_version` is above the worker's version raises `StaleWeightsError`
 BEFORE anything is generated: the pool resyncs the worker's weights and retries; old weights are never used
-silently.
+silently. Every group also carries the prompt token ids the engine generated after (`prompt_token_ids`), so
+the learner scores the completions after exactly the same prompt.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 from actors import metrics as M
 from actors.config import RolloutConfig
 from actors.engine import GenerationBatch, NamedTensors, RolloutEngine, StaleWeightsError
-from protos import RolloutGroup, RolloutRequest, Sample
+from protos import RolloutGroup, RolloutRequest, Sample, check_pairs
 from protos.config import PolicySpec
 from runtime.images import resize_for_policy
 from runtime.threads import limit_threads
@@ -97,7 +98,7 @@ class RolloutWorker:
     def generate(self, requests: Sequence[RolloutRequest], *samples: Sample) -> list[RolloutGroup]:
         """G completions per request; sample i is request i's sample (its image is resized to data.image_size)."""
         requests = list(requests)
-        self._check_inputs(requests, samples)
+        check_pairs(requests, samples, f"RolloutWorker {self.name!r}: generate")
         needed = max((r.min_policy_version for r in requests), default=0)
         if needed > self.engine.policy_version:
             M.STALE_REQUESTS.inc(len(requests), worker=self.name)
@@ -121,25 +122,14 @@ class RolloutWorker:
                 completions=comps,
                 temperature=req.sampling.temperature,
                 max_tokens=req.sampling.max_tokens,
+                prompt_token_ids=prompt_ids,  # one list per group: the G completions share the prompt
                 worker=self.name,
-                prompt_tokens=n_prompt,
                 generate_s=elapsed,
             )
-            for req, comps, n_prompt in zip(requests, batch.completions, batch.prompt_tokens, strict=True)
-        ]
-
-    def _check_inputs(self, requests: list[RolloutRequest], samples: Sequence[Sample]) -> None:
-        if len(samples) != len(requests):
-            raise ValueError(
-                f"{self.name}: generate got {len(requests)} requests but {len(samples)} samples; pass sample i "
-                "for request i (generate(requests, *samples))"
+            for req, comps, prompt_ids in zip(
+                requests, batch.completions, batch.prompt_token_ids, strict=True
             )
-        for req, s in zip(requests, samples, strict=True):
-            if req.sample_id != s.id:
-                raise ValueError(
-                    f"{self.name}: request {req.request_id!r} is for sample {req.sample_id!r} but was given "
-                    f"sample {s.id!r}; keep requests and samples in the same order"
-                )
+        ]
 
     def _images(self, samples: Sequence[Sample]) -> list[Any]:
         """The policy's NxN RGB images; None for a text-only model (it sees the instruction only)."""

@@ -159,7 +159,7 @@ def single_process(cfg, warmup: int) -> dict:
         t1 = time.perf_counter()
         scored = [ScoredGroup.join(g, s) for g, s in zip(groups, reward.score(groups, *samples), strict=True)]
         t2 = time.perf_counter()
-        stats = learner.step(scored, samples)
+        stats = learner.step(scored, *samples)
         t3 = time.perf_counter()
         rollout.load_weights(learner.named_weights(), stats.policy_version)
         t4 = time.perf_counter()
@@ -176,22 +176,16 @@ def single_process(cfg, warmup: int) -> dict:
 def _requests(cfg, step: int, samples: list) -> list:
     """The requests the sync driver sends at `step` (one chunk per step here; seeds spaced G apart)."""
     from cluster.driver import request_seed
-    from protos import RolloutRequest, SamplingConfig
+    from protos import RolloutRequest
 
-    s, g = cfg.rollout.sampling, cfg.grpo
+    g = cfg.grpo
     return [
-        RolloutRequest(
+        RolloutRequest.for_sample(
+            x,
+            g.group_size,
+            cfg.rollout.sampling,
             request_id=f"c{step}-{i}",
-            sample_id=x.id,
-            instruction=x.instruction,
-            group_size=g.group_size,
-            sampling=SamplingConfig(
-                temperature=s.temperature,
-                top_p=s.top_p,
-                max_tokens=s.max_tokens,
-                seed=request_seed(cfg.seed, step, i, g.group_size),
-            ),
-            min_policy_version=0,
+            seed=request_seed(cfg.seed, step, i, g.group_size),
         )
         for i, x in enumerate(samples)
     ]

@@ -106,6 +106,7 @@ def make_data(n_images: int, group_size: int, seed: int, tag: str):
         group = RolloutGroup(
             temperature=1.0,
             max_tokens=64,
+            prompt_token_ids=[1, 2, 3],
             group_id=f"g-{sid}",
             sample_id=sid,
             policy_version=0,

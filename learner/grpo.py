@@ -10,6 +10,8 @@ from typing import Literal
 
 import torch
 
+from protos import ZERO_VARIANCE_TOL
+
 Aggregation = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
 AGGREGATIONS: tuple[str, ...] = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
 
@@ -20,7 +22,9 @@ _MAX_LOG_RATIO = 20.0
 def group_advantages(rewards: torch.Tensor, normalize_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
     """(r - group mean) / (group std + eps) per group; a group whose rewards are all equal gives zeros.
 
-    rewards: (B, G) -> advantages (B, G). The std is the sample std (unbiased, as the reference and TRL).
+    rewards: (B, G) -> advantages (B, G), float32. The std is the sample std (unbiased, as the reference and
+    TRL). "All equal" is protos' one rule (ScoredGroup.zero_variance): a spread below ZERO_VARIANCE_TOL, taken
+    in float64 (pass float64 rewards to agree with it exactly).
     """
     if rewards.dim() != 2:
         raise ValueError(f"group_advantages: rewards must be (B, G), got shape {tuple(rewards.shape)}")
@@ -29,13 +33,15 @@ def group_advantages(rewards: torch.Tensor, normalize_std: bool = True, eps: flo
             f"group_advantages: group size G={rewards.shape[1]}; every group-relative advantage of a single "
             "completion is zero, so training would be a silent no-op. Set grpo.group_size >= 2."
         )
+    wide = rewards.double()  # (B, G)
+    spread = wide.max(dim=1, keepdim=True).values - wide.min(dim=1, keepdim=True).values  # (B, 1)
+    constant = spread < ZERO_VARIANCE_TOL  # (B, 1)
     rewards = rewards.float()
     mean = rewards.mean(dim=1, keepdim=True)  # (B, 1)
     centred = rewards - mean  # (B, G)
     if normalize_std:
         std = rewards.std(dim=1, keepdim=True)  # (B, 1)
         centred = centred / (std + eps)
-    constant = rewards.max(dim=1, keepdim=True).values == rewards.min(dim=1, keepdim=True).values  # (B, 1)
     return torch.where(constant, torch.zeros_like(centred), centred)  # (B, G)
 
 

@@ -4,11 +4,15 @@ A plain class (`ray.remote` is applied in cluster/topology.py only), usable in-p
 machine without Ray.
 
     learner = Learner(cfg.learner_spec())             # cluster/config.py hands the learner its sections
-    stats = learner.step(scored_groups, samples)      # sample i belongs to group i; policy_version += 1
+    stats = learner.step(scored_groups, *samples)     # sample i belongs to group i; policy_version += 1
     info = learner.weight_sync_prepare(["rollout-0", "rollout-1"])   # then, concurrently:
     learner.weight_sync_connect()  ||  receiver_i.join(info)         # (runtime/weights/collective.py)
     learner.broadcast_weights()    ||  receive_and_load(receiver_i, engine)
     learner.save_checkpoint(data_cursor=reader.cursor())
+
+Over Ray the driver passes the samples as ObjectRefs in the varargs (Ray resolves them), so each image is
+serialised once per step. The prompts are the groups' own prompt_token_ids; only the images are processed
+again.
 
 Data parallel over several GPUs (learner.num_gpus > 1) shards the policy with torch FSDP2 (`fully_shard`), one
 Learner process per GPU (rank, world_size, init_method), each rank training on its slice of the completions.
@@ -36,7 +40,7 @@ from learner.checkpoint import (
 from learner.config import LearnerSpec
 from learner.grpo import group_advantages, policy_loss
 from learner.policy import Policy, learner_device, right_align
-from protos import Sample, ScoredGroup, StepStats
+from protos import Sample, ScoredGroup, StepStats, check_pairs
 from runtime.threads import limit_threads
 from runtime.weights.collective import DistributedWeightSender
 from runtime.weights.config import WeightSyncConfig
@@ -96,7 +100,7 @@ class Learner:
         lc = self.spec.learner
         return lc.lr * lr_multiplier(step, lc.warmup_steps, lc.schedule, self.total_steps)
 
-    def step(self, groups: Sequence[ScoredGroup], samples: Sequence[Sample]) -> StepStats:
+    def step(self, groups: Sequence[ScoredGroup], *samples: Sample) -> StepStats:
         """One optimiser step on B scored groups (sample i is group i's image): advantages from the rewards,
         GRPO loss over micro-batches with gradient accumulation, grad clipping, AdamW; policy_version += 1."""
         t0 = time.perf_counter()
@@ -130,20 +134,25 @@ class Learner:
         return out
 
     @torch.no_grad()
-    def loss_on(self, groups: Sequence[ScoredGroup], samples: Sequence[Sample]) -> float:
+    def loss_on(self, groups: Sequence[ScoredGroup], *samples: Sample) -> float:
         """The loss step() would minimise on this batch, without updating anything."""
         return self._accumulate(groups, samples, backward=False)[0]
 
-    def _accumulate(self, groups, samples, backward: bool) -> tuple[float, dict, dict]:
+    def _accumulate(
+        self, groups: Sequence[ScoredGroup], samples: Sequence[Sample], backward: bool
+    ) -> tuple[float, dict, dict]:
         """Forward (+ backward) over micro-batches; loss denominators are the whole batch's, so the summed
         micro-batch losses equal the full-batch loss."""
         temperature, max_tokens = _check_batch(groups, samples)
         g = self.spec.grpo
-        prompts = self.policy.encode(samples)
+        prompts = self.policy.encode(samples, [sg.group.prompt_token_ids for sg in groups])
         rows = [(i, c) for i, sg in enumerate(groups) for c in sg.group.completions]
         adv = torch.cat(
-            [group_advantages(torch.tensor([sg.totals]), g.normalize_std)[0] for sg in groups]
-        )  # (N,)
+            [
+                group_advantages(torch.tensor([sg.totals], dtype=torch.float64), g.normalize_std)[0]
+                for sg in groups
+            ]
+        )  # (N,); rewards in float64 so the zero-variance rule sees what ScoredGroup.zero_variance sees
         n_tokens = sum(len(c.token_ids) for _, c in rows)
         mine = self._my_chunks(len(rows))
         total, acc, acc_tokens = 0.0, dict.fromkeys(_STAT_KEYS, 0.0), 0.0
@@ -314,18 +323,10 @@ class Learner:
 
 def _check_batch(groups: Sequence[ScoredGroup], samples: Sequence[Sample]) -> tuple[float, int]:
     """Groups and samples pair up and were sampled alike; returns their (temperature, max_tokens)."""
-    if len(groups) != len(samples):
-        raise ValueError(
-            f"Learner.step got {len(groups)} groups but {len(samples)} samples; pass one per group"
-        )
     if not groups:
         raise ValueError("Learner.step needs at least one scored group")
-    for i, (sg, s) in enumerate(zip(groups, samples, strict=True)):
-        if sg.group.sample_id != s.id:
-            raise ValueError(
-                f"group {i} ({sg.group.group_id!r}) is for sample {sg.group.sample_id!r}, "
-                f"but samples[{i}] is {s.id!r}; keep the two lists in the same order"
-            )
+    check_pairs(groups, samples, "Learner.step")
+    for sg in groups:
         if sg.group.group_size < 2:
             raise ValueError(
                 f"group {sg.group.group_id!r} has G={sg.group.group_size}: a single completion gets a "
@@ -342,7 +343,7 @@ def _check_batch(groups: Sequence[ScoredGroup], samples: Sequence[Sample]) -> tu
 
 def _batch_stats(groups: Sequence[ScoredGroup], adv: torch.Tensor, version: int) -> dict:
     rewards = [r for sg in groups for r in sg.totals]
-    zero_var = sum(1 for sg in groups if max(sg.totals) == min(sg.totals))
+    zero_var = sum(sg.zero_variance for sg in groups)
     stale = [version - sg.group.policy_version for sg in groups]
     return {
         "reward_mean": sum(rewards) / len(rewards),

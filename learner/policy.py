@@ -1,9 +1,13 @@
 """The policy wrapper: log-probabilities of completion tokens given image + prompt, for a Qwen2.5-VL HF folder.
 
-Prompts are rendered exactly as the rollout workers render them (protos/answer.py + runtime/qwen_vl.py): the
-image resized to NxN (PolicySpec.image_size), `build_messages(instruction, answer_format, image_size)`, the
-folder's chat template. Tokens are scored at the temperature they were sampled at (log softmax(logits / T), T
-carried by each RolloutGroup) so the GRPO ratio compares like with like.
+GRPO prompts are the token ids the rollout engine generated after (RolloutGroup.prompt_token_ids), so the
+learner scores each completion after exactly the prompt it was sampled from; only the image is processed again
+(resized to NxN, PolicySpec.image_size, for pixel_values / image_grid_thw). A prompt whose image tokens do not
+match its image is refused with an error naming the sample. Where no rollout made the prompt (SFT, synthetic
+groups) it is rendered as the rollout workers render it (protos/answer.py + runtime/qwen_vl.py):
+`build_messages(instruction, answer_format, image_size)` and the folder's chat template. Tokens are scored at
+the temperature they were sampled at (log softmax(logits / T), T carried by each RolloutGroup) so the GRPO
+ratio compares like with like.
 
 Precision: the trained parameters are float32 master weights; on a GPU the forward runs under bf16 autocast
 (learner.precision auto|bf16), so a 1e-6 update is not lost to bf16 rounding. The frozen reference (only loaded
@@ -27,7 +31,17 @@ from protos import Sample
 from protos.answer import build_messages
 from protos.config import PolicySpec
 from runtime.images import resize_for_policy
-from runtime.qwen_vl import append_completions, encode_prompts, load_policy, load_processor, resolve_dtype
+from runtime.qwen_vl import (
+    append_completions,
+    encode_prompt_ids,
+    encode_prompts,
+    expected_image_tokens,
+    image_token_counts,
+    load_policy,
+    load_processor,
+    resolve_dtype,
+    unpadded_ids,
+)
 from runtime.weights.layout import checkpoint_names
 
 LORA_TARGETS_DEFAULT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -108,10 +122,37 @@ class Policy:
         self.share_vision = _has_mm_encoder_outputs(self.model)
 
     # -- prompts ---------------------------------------------------------------------------------------------
-    def encode(self, samples: Sequence[Sample]) -> dict[str, Any]:
-        """encode_prompts of the samples (one row each), images resized as the rollout workers do."""
-        rendered = [render_prompt(s, self.spec) for s in samples]
-        return encode_prompts(self.processor, [r[0] for r in rendered], [r[1] for r in rendered])
+    def encode(
+        self, samples: Sequence[Sample], prompt_ids: Sequence[Sequence[int]] | None = None
+    ) -> dict[str, Any]:
+        """One prompt row per sample (encode_prompts' keys), images resized as the rollout workers do.
+
+        `prompt_ids[i]`: the token ids sample i's completions were sampled after (its group's
+        prompt_token_ids); None renders the prompts here (SFT, synthetic groups)."""
+        if prompt_ids is None:
+            rendered = [render_prompt(s, self.spec) for s in samples]
+            return encode_prompts(self.processor, [r[0] for r in rendered], [r[1] for r in rendered])
+        images = [resize_for_policy(s.image, self.spec.image_size) for s in samples]
+        batch = encode_prompt_ids(self.processor, images, prompt_ids)
+        self._check_image_tokens(samples, batch)
+        return batch
+
+    def prompt_ids(self, samples: Sequence[Sample]) -> list[list[int]]:
+        """The prompt token ids this learner renders for each sample (what a rollout worker on the same policy
+        folder and image_size stamps on its groups)."""
+        return unpadded_ids(self.encode(samples))
+
+    def _check_image_tokens(self, samples: Sequence[Sample], batch: dict[str, Any]) -> None:
+        found = image_token_counts(self.processor, batch)
+        needed = expected_image_tokens(self.processor, batch["image_grid_thw"])
+        for s, f, n in zip(samples, found, needed, strict=True):
+            if f != n:
+                raise ValueError(
+                    f"sample {s.id!r}: the rollout prompt holds {f} image tokens but the learner's processor "
+                    f"makes {n} for its image ({self.spec.path} at image_size {self.spec.image_size}); the "
+                    "rollout workers and the learner must load the same policy folder (model.policy) and "
+                    "resize images to the same data.image_size"
+                )
 
     def batch(self, prompts: dict, completions: Sequence[Sequence[int]], prompt_index: Sequence[int]) -> dict:
         """Prompt + completion rows (N, W), left-padded; completion tokens are the last ones of each row."""

@@ -11,6 +11,7 @@ import torch
 from learner.policy import Policy
 from protos import Completion, CompletionReward, RewardComponents, RolloutGroup, Sample, ScoredGroup
 from protos.answer import format_answer
+from runtime.qwen_vl import unpadded_ids
 
 
 def answer_texts(n: int, seed: int, image_size: int) -> list[str]:
@@ -47,6 +48,7 @@ def scored_groups(
     tok = policy.processor.tokenizer
     rng = random.Random(seed)
     prompts = policy.encode(samples)
+    prompt_ids = unpadded_ids(prompts)  # what a rollout worker on the same policy would stamp
     groups = []
     for i, s in enumerate(samples):
         texts = answer_texts(group_size, rng.randrange(1 << 30), policy.spec.image_size)
@@ -69,6 +71,7 @@ def scored_groups(
             completions=comps,
             temperature=1.0,
             max_tokens=max_tokens,
+            prompt_token_ids=prompt_ids[i],
         )
         rewards = [round(rng.uniform(0.0, 2.0), 3) for _ in range(group_size)]
         groups.append(ScoredGroup(group=group, scores=[reward(r) for r in rewards]))

@@ -6,6 +6,7 @@ Every hop has exactly one message type, named for what it carries; its docstring
 
 from protos.dataset import DATASET_SCHEMA, ROLLOUT_LOG_SCHEMA, Sample, TaskKind
 from protos.messages import (
+    ZERO_VARIANCE_TOL,
     Completion,
     CompletionReward,
     GroupScores,
@@ -20,6 +21,7 @@ from protos.messages import (
     StepStats,
     TensorSpec,
     WeightsManifest,
+    check_pairs,
 )
 
 __all__ = [
@@ -41,4 +43,6 @@ __all__ = [
     "TaskKind",
     "TensorSpec",
     "WeightsManifest",
+    "ZERO_VARIANCE_TOL",
+    "check_pairs",
 ]

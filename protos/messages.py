@@ -9,13 +9,18 @@ Shapes of the flow (docs/architecture.md):
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from protos.dataset import Sample
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+ZERO_VARIANCE_TOL = 1e-9
+"""Rewards of one group whose spread (max - min) is below this count as equal: every group-relative advantage
+is 0, the group teaches nothing (ScoredGroup.zero_variance; learner/grpo.py gives such groups zeros)."""
 
 
 class SamplingConfig(BaseModel):
@@ -46,6 +51,31 @@ class RolloutRequest(BaseModel):
     sampling: SamplingConfig = SamplingConfig()
     min_policy_version: int = Field(0, ge=0, description="The worker must hold at least this version.")
 
+    @classmethod
+    def for_sample(
+        cls,
+        sample: Sample,
+        group_size: int,
+        sampling: SamplingConfig | Any,
+        *,
+        request_id: str,
+        seed: int | None = None,
+        min_policy_version: int = 0,
+    ) -> RolloutRequest:
+        """The request for `sample` (its id and instruction). `sampling`: a SamplingConfig or any object with
+        its fields (the rollout config's sampling section); `seed`, when given, replaces its seed."""
+        base = SamplingConfig.model_validate(sampling, from_attributes=True)
+        if seed is not None:
+            base = SamplingConfig(**{**base.model_dump(), "seed": seed})
+        return cls(
+            request_id=request_id,
+            sample_id=sample.id,
+            instruction=sample.instruction,
+            group_size=group_size,
+            sampling=base,
+            min_policy_version=min_policy_version,
+        )
+
 
 class Completion(BaseModel):
     """One sampled answer, part of a RolloutGroup (actors -> driver -> reward_service, learner)."""
@@ -70,7 +100,10 @@ class Completion(BaseModel):
 
 
 class RolloutGroup(BaseModel):
-    """actors -> driver: the G completions of one prompt, stamped with the policy version that wrote them."""
+    """actors -> driver: the G completions of one prompt, stamped with the policy version that wrote them.
+
+    `prompt_token_ids` is the prompt the G completions were sampled after, exactly as the engine fed it to the
+    model (chat template, image tokens expanded); the learner scores the completions after these ids."""
 
     model_config = _FROZEN
 
@@ -80,8 +113,10 @@ class RolloutGroup(BaseModel):
     completions: list[Completion]
     temperature: float = Field(ge=0.0, le=10.0, description="The temperature it was sampled at (0: greedy).")
     max_tokens: int = Field(ge=1, le=32768, description="The completion-length cap it was sampled with.")
+    prompt_token_ids: list[int] = Field(
+        min_length=1, description="The prompt's token ids as the engine saw them (image tokens expanded)."
+    )
     worker: str = Field("", description="Name of the rollout actor that generated the group.")
-    prompt_tokens: int = Field(0, ge=0)
     generate_s: float = Field(0.0, ge=0.0)
 
     @field_validator("completions")
@@ -97,6 +132,11 @@ class RolloutGroup(BaseModel):
     @property
     def group_size(self) -> int:
         return len(self.completions)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt length in tokens, image tokens included."""
+        return len(self.prompt_token_ids)
 
 
 class MaskPrompt(BaseModel):
@@ -261,6 +301,52 @@ class ScoredGroup(BaseModel):
     @property
     def totals(self) -> list[float]:
         return [s.rewards.total for s in self.scores]
+
+    @property
+    def sample_id(self) -> str:
+        return self.group.sample_id
+
+    @property
+    def zero_variance(self) -> bool:
+        """All G rewards equal (spread below ZERO_VARIANCE_TOL): every advantage is 0, no learning signal."""
+        totals = self.totals
+        return max(totals) - min(totals) < ZERO_VARIANCE_TOL
+
+
+def _pair_label(item: RolloutRequest | RolloutGroup | ScoredGroup) -> tuple[str, str]:
+    """(what the item is, its id) for check_pairs' messages."""
+    if isinstance(item, RolloutRequest):
+        return "request", item.request_id
+    if isinstance(item, ScoredGroup):
+        return "scored group", item.group.group_id
+    return "group", item.group_id
+
+
+def check_pairs(
+    items: Sequence[RolloutRequest | RolloutGroup | ScoredGroup],
+    samples: Sequence[Sample],
+    what: str,
+    match_ids: bool = True,
+) -> None:
+    """Sample i belongs to item i (requests, groups or scored groups): as many samples as items and, with
+    `match_ids`, sample i's id is item i's sample_id. `what` names the call in the error ("Learner.step").
+    The one pairing check of the rollout worker, the reward worker (it counts only: it scores a group paired
+    with another sample 0) and the learner."""
+    noun = _pair_label(items[0])[0] if items else "item"
+    if len(samples) != len(items):
+        raise ValueError(
+            f"{what} got {len(items)} {noun}s but {len(samples)} samples; pass one each, in the same order "
+            f"(sample i belongs to {noun} i)"
+        )
+    if not match_ids:
+        return
+    for i, (item, sample) in enumerate(zip(items, samples, strict=True)):
+        if item.sample_id != sample.id:
+            noun, label = _pair_label(item)
+            raise ValueError(
+                f"{what}: {noun} {i} ({label!r}) is for sample {item.sample_id!r} but sample {i} is "
+                f"{sample.id!r}; keep the {noun}s and the samples in the same order"
+            )
 
 
 class TensorSpec(BaseModel):

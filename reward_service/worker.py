@@ -31,6 +31,7 @@ import numpy as np
 
 from protos import CompletionReward, GroupScores, RewardRequest, RolloutGroup, Sample
 from protos.config import PolicySpec
+from protos.messages import check_pairs
 from reward_service import metrics as m
 from reward_service.config import RewardConfig
 from reward_service.predictor import Item, Predictor
@@ -81,10 +82,8 @@ class RewardWorker:
 
     def score(self, groups: list[RolloutGroup], *samples: Sample) -> list[GroupScores]:
         """Score `groups`; sample i belongs to group i (Ray resolves ObjectRefs passed as the varargs)."""
-        if len(samples) != len(groups):
-            raise ValueError(
-                f"RewardWorker.score got {len(groups)} groups but {len(samples)} samples; pass one each"
-            )
+        # counts only: a group paired with the wrong sample scores 0 (bad_request) below
+        check_pairs(groups, samples, f"RewardWorker {self.name!r}: score", match_ids=False)
         size = self.policy.image_size
         requests: list[RewardRequest | RolloutGroup] = []
         for group, sample in zip(groups, samples, strict=True):

@@ -6,8 +6,9 @@ installed on the CPU machines. `SegR1Processor` is the same processor with image
 Qwen2.5-VL-7B folder (preprocessor_config.json, tokenizer.json / vocab.json + merges.txt, tokenizer_config.json,
 chat_template.json or chat_template.jinja) as well as the tiny folders of `cluster.tiny_models`.
 
-Used by the HF rollout engine (`encode_prompts` -> `model.generate`) and by the learner (`append_completions`
--> forward over prompt + completion, logprobs of the completion tokens). Always pass `mm_token_type_ids` with
+Used by the HF rollout engine (`encode_prompts` -> `model.generate`) and by the learner (`encode_prompt_ids`
+of the prompt ids a rollout group carries, `append_completions` -> forward over prompt + completion, logprobs
+of the completion tokens). Always pass `mm_token_type_ids` with
 `image_grid_thw` to the model: without them Qwen2.5-VL cannot compute its 3D (mrope) positions.
 """
 
@@ -186,6 +187,58 @@ def encode_prompts(
     batch = {k: enc[k] for k in MODEL_INPUT_KEYS if k in enc}
     batch["prompt_lengths"] = batch["attention_mask"].sum(dim=1)  # (B,)
     return batch
+
+
+def unpadded_ids(batch: dict[str, Any]) -> list[list[int]]:
+    """The token ids of each row of an encoded batch without its padding (a group's prompt_token_ids)."""
+    return [
+        ids[mask.bool()].tolist()
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)  # (T,) each
+    ]
+
+
+def encode_prompt_ids(
+    processor: SegR1Processor,
+    images: Sequence[ImageLike],
+    prompt_ids: Sequence[Sequence[int]],
+) -> dict[str, Any]:
+    """`encode_prompts` for prompts a rollout engine already tokenized (RolloutGroup.prompt_token_ids: chat
+    template applied, image tokens expanded): the ids left-padded as given, each image through the processor's
+    image processor. Same keys and shapes as `encode_prompts`. Whether a row's image tokens match its image is
+    the caller's check (`image_token_counts` vs `expected_image_tokens`)."""
+    if len(images) != len(prompt_ids):
+        raise ValueError(f"{len(images)} images but {len(prompt_ids)} prompts; give one image per prompt")
+    if not images:
+        raise ValueError("encode_prompt_ids needs at least one row")
+    vision = processor.image_processor(images=[load_image(im) for im in images], return_tensors="pt")
+    n, width = len(prompt_ids), max(len(p) for p in prompt_ids)
+    input_ids = torch.full((n, width), int(processor.tokenizer.pad_token_id), dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)  # (B, T)
+    for r, ids in enumerate(prompt_ids):
+        input_ids[r, width - len(ids) :] = torch.as_tensor(list(ids), dtype=torch.long)
+        attention_mask[r, width - len(ids) :] = 1
+    types = torch.as_tensor(
+        processor.create_mm_token_type_ids(input_ids.tolist()), dtype=torch.long
+    )  # (B, T)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "mm_token_type_ids": types,
+        "pixel_values": vision["pixel_values"],  # (P, C*2*14*14)
+        "image_grid_thw": vision["image_grid_thw"],  # (B, 3)
+        "prompt_lengths": attention_mask.sum(dim=1),  # (B,)
+    }
+
+
+def image_token_counts(processor: SegR1Processor, batch: dict[str, Any]) -> list[int]:
+    """How many image tokens each row of an encoded batch holds."""
+    return (batch["input_ids"] == processor.image_token_id).sum(dim=1).tolist()
+
+
+def expected_image_tokens(processor: SegR1Processor, image_grid_thw: torch.Tensor) -> list[int]:
+    """Image tokens the model needs for each image of image_grid_thw (B, 3): its patches / merge_size^2."""
+    merge = int(processor.image_processor.merge_size)
+    return [int(n) // merge**2 for n in image_grid_thw.prod(dim=1).tolist()]
 
 
 def model_inputs(batch: dict[str, Any], device: str | torch.device | None = None) -> dict[str, torch.Tensor]:

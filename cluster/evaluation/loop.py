@@ -117,12 +117,8 @@ def check_unique_ids(samples: Sequence[Sample]) -> None:
 def make_requests(chunk: Sequence[Sample], start: int, group_size: int, sampling: SamplingConfig, seed: int):
     """One request per sample; sample k of the run gets the sampling seed `seed + k` (reproducible sampling)."""
     return [
-        RolloutRequest(
-            request_id=f"eval-{start + k}",
-            sample_id=s.id,
-            instruction=s.instruction,
-            group_size=group_size,
-            sampling=sampling.model_copy(update={"seed": seed + start + k}),
+        RolloutRequest.for_sample(
+            s, group_size, sampling, request_id=f"eval-{start + k}", seed=seed + start + k
         )
         for k, s in enumerate(chunk)
     ]

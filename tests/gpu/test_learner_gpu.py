@@ -52,11 +52,11 @@ def test_bf16_autocast_step_keeps_fp32_master_weights_and_learns(policy_dir, bat
         and next(learner.policy.reference.parameters()).dtype == torch.bfloat16
     )
     before = {n: p.detach().clone() for n, p in learner.policy.model.named_parameters()}
-    loss0 = learner.loss_on(groups, samples)
-    stats = learner.step(groups, samples)
+    loss0 = learner.loss_on(groups, *samples)
+    stats = learner.step(groups, *samples)
     assert torch.isfinite(torch.tensor(stats.loss)) and stats.grad_norm > 0
     assert all(not torch.equal(p, before[n]) for n, p in learner.policy.model.named_parameters())
-    assert learner.loss_on(groups, samples) < loss0
+    assert learner.loss_on(groups, *samples) < loss0
     exported = learner.named_weights()
     assert all(
         t.dtype == torch.bfloat16 for _, t in exported if t.is_floating_point()

@@ -66,6 +66,7 @@ class ScriptedRollout:
                 RolloutGroup(
                     temperature=1.0,
                     max_tokens=64,
+                    prompt_token_ids=[1, 2, 3],
                     group_id=req.request_id,
                     sample_id=s.id,
                     policy_version=0,

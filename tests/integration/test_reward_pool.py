@@ -51,6 +51,7 @@ def _group(i: int) -> RolloutGroup:
     return RolloutGroup(
         temperature=1.0,
         max_tokens=64,
+        prompt_token_ids=[1, 2, 3],
         group_id=f"g{i}",
         sample_id=f"s{i}",
         policy_version=1,

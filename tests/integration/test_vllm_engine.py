@@ -51,7 +51,8 @@ def test_generates_g_completions_with_processed_logprobs(engines):
     reqs = [_req(0, temperature=0.7, top_p=0.9, seed=3), _req(1, temperature=0.7, top_p=0.9, seed=4)]
     batch = v.generate_batch(reqs, [None, None])
     assert [len(g) for g in batch.completions] == [4, 4]
-    assert batch.prompt_tokens == h.generate_batch(reqs, [None, None]).prompt_tokens  # same prompt tokens
+    hf_ids = h.generate_batch(reqs, [None, None]).prompt_token_ids
+    assert batch.prompt_token_ids == hf_ids == [_prompt_ids(v, r) for r in reqs]  # the same prompt ids
     for req, group in zip(reqs, batch.completions, strict=True):
         prompt = _prompt_ids(v, req)
         for comp in group:
@@ -127,6 +128,9 @@ def test_rollout_worker_on_the_vllm_engine(engines, tmp_path):
     group = worker.generate([req], sample)[0]
     assert group.policy_version == v.policy_version and group.worker == "rollout-vllm"
     assert group.group_size == 3 and group.prompt_tokens > 10
+    assert group.prompt_token_ids == _prompt_ids(
+        v, req
+    )  # RequestOutput.prompt_token_ids, stamped on the group
 
 
 @pytest.mark.slow

@@ -114,8 +114,8 @@ def _train(learner: Learner, reader: DatasetReader, steps: int) -> list:
     for _ in range(steps):
         samples = reader.next_batch(2)
         groups = scored_groups(learner.policy, samples, 4, seed=learner.step_count, max_tokens=24)
-        next_loss = learner.loss_on(groups, samples)
-        stats = learner.step(groups, samples)
+        next_loss = learner.loss_on(groups, *samples)
+        stats = learner.step(groups, *samples)
         out.append(([s.id for s in samples], next_loss, stats.loss))
     return out
 

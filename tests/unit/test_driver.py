@@ -3,7 +3,7 @@ must close (generated = trained + dropped_stale + filtered + left_over)."""
 
 from __future__ import annotations
 
-from cluster.driver import Accounting, request_seed, split_by_staleness, zero_variance
+from cluster.driver import Accounting, request_seed, split_by_staleness
 from learner.synthetic import reward
 from protos import Completion, RolloutGroup, ScoredGroup
 
@@ -13,12 +13,13 @@ def scored(group_id: str, policy_version: int) -> tuple[ScoredGroup, str]:
     group = RolloutGroup(
         temperature=1.0,
         max_tokens=64,
+        prompt_token_ids=[1, 2, 3],
         group_id=group_id,
         sample_id=f"s-{group_id}",
         policy_version=policy_version,
         completions=completions,
     )
-    # the driver pairs each group with its Sample; the split never looks at it
+    # the driver pairs each group with its sample's ObjectRef; the split never looks at it
     return ScoredGroup(group=group, scores=[reward(1.0), reward(0.5)]), f"sample-{group_id}"
 
 
@@ -39,13 +40,6 @@ def test_max_staleness_zero_trains_only_the_current_version():
     fresh, stale = split_by_staleness(ready, version=5, max_staleness=0)
     assert ids(fresh) == ["a", "c"] and ids(stale) == ["b"]
     assert split_by_staleness([], version=5, max_staleness=0) == ([], [])
-
-
-def test_zero_variance_means_every_reward_of_the_group_is_equal():
-    sg, _ = scored("a", 0)
-    assert not zero_variance(sg)
-    flat = ScoredGroup(group=sg.group, scores=[reward(0.0), reward(0.0)])
-    assert zero_variance(flat)
 
 
 def test_accounting_reports_what_is_missing_from_the_sum_as_lost():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from learner.grpo import aggregate, group_advantages, k3_kl, masked_logprobs_from_logits, policy_loss
+from protos import ZERO_VARIANCE_TOL
 
 # Two sequences, T = 3; the second has 2 completion tokens (last slot is padding).
 LOGP = [[-1.0, -2.0, -0.5], [-1.0, -1.0, 0.0]]
@@ -63,6 +64,16 @@ def test_group_advantages_zero_variance_group_gives_zeros_and_no_std_option():
     adv = group_advantages(_t([[0.7, 0.7, 0.7], [1.0, 0.0, 2.0]]))
     assert torch.equal(adv[0], torch.zeros(3))
     assert group_advantages(_t([[1.0, 0.0, 2.0]]), normalize_std=False).tolist() == [[0.0, -1.0, 1.0]]
+
+
+def test_zero_variance_follows_the_scored_groups_rule():
+    """Rewards equal up to float noise (0.1 + 0.2 vs 0.3) give zero advantages, as ScoredGroup.zero_variance
+    says; a real spread above ZERO_VARIANCE_TOL does not."""
+    noisy = torch.tensor([[0.1 + 0.2, 0.3, 0.3], [1.0, 1.0, 1.0 + 1e-6]], dtype=torch.float64)
+    assert (0.1 + 0.2) != 0.3 and 1e-6 > ZERO_VARIANCE_TOL
+    adv = group_advantages(noisy)
+    assert adv.dtype == torch.float32
+    assert torch.equal(adv[0], torch.zeros(3)) and adv[1].abs().max() > 0
 
 
 def test_group_of_one_is_an_explicit_error():

@@ -11,7 +11,7 @@ from actors.engine import InconsistentWeightsError, RolloutEngine, WeightUpdateE
 from actors.hf_engine import HFEngine, top_p_filter
 from cluster.tiny_models import SPECIAL_IDS, build_tiny_policy, build_tiny_text_policy
 from protos import RolloutRequest, SamplingConfig
-from runtime.qwen_vl import append_completions, encode_prompts, model_inputs
+from runtime.qwen_vl import append_completions, encode_prompts, model_inputs, unpadded_ids
 
 IMAGE_SIZE = 56  # 4 image tokens: keeps the tests fast
 IM_END = SPECIAL_IDS["<|im_end|>"]
@@ -113,6 +113,22 @@ def test_g_completions_per_image_with_teacher_forced_logprobs(vl_engine):
             assert comp.finish_reason == ("stop" if comp.token_ids[-1] in vl_engine.stop_ids else "length")
             assert torch.allclose(torch.tensor(comp.logprobs), lp, atol=1e-4), (comp.logprobs, lp.tolist())
     assert len({tuple(c.token_ids) for c in batch.completions[0]}) > 1  # G different samples
+
+
+def test_each_request_reports_its_own_unpadded_prompt_ids(vl_engine):
+    """Prompts of different lengths share one padded generate call; each request gets its own ids back, the
+    image tokens expanded (4 at 56 px), exactly what encoding its prompt alone gives."""
+    reqs = [_req(3, g=2, seed=1), _req(4, g=2, seed=2).model_copy(update={"instruction": "Segment the " * 6})]
+    images = [_image(3), _image(4)]
+    batch = vl_engine.generate_batch(reqs, images)
+    image_pad = SPECIAL_IDS["<|image_pad|>"]
+    for req, image, ids in zip(reqs, images, batch.prompt_token_ids, strict=True):
+        alone = encode_prompts(
+            vl_engine.processor, [image], [render_messages(req.instruction, True, "full", IMAGE_SIZE)]
+        )
+        assert ids == unpadded_ids(alone)[0] and ids.count(image_pad) == 4
+    assert batch.prompt_tokens == [len(ids) for ids in batch.prompt_token_ids]
+    assert batch.prompt_tokens[0] < batch.prompt_tokens[1]
 
 
 def test_top_p_logprobs_are_renormalised_over_the_nucleus(vl_engine):

@@ -1,5 +1,6 @@
 """The Learner on the tiny Qwen2.5-VL policy (built offline): one step changes every parameter and lowers the
-loss on the same batch; micro-batching equals the full batch; exported names are the checkpoint's."""
+loss on the same batch; micro-batching equals the full batch; exported names are the checkpoint's; the prompts
+are the rollout's own token ids."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from actors.worker import RolloutWorker
 from cluster.config import TrainConfig
 from cluster.data.synth import generate_samples
 from learner.learner import Learner, lr_multiplier
-from learner.synthetic import scored_groups
+from learner.synthetic import reward, scored_groups
+from protos import RolloutRequest, ScoredGroup
 
 torch.set_num_threads(2)
 
@@ -46,15 +49,15 @@ def test_one_step_changes_every_trainable_parameter_and_lowers_the_loss(policy_d
     samples, groups = batch
     learner = Learner(make_cfg(policy_dir).learner_spec())
     before = {n: p.detach().clone() for n, p in learner.policy.model.named_parameters()}
-    loss0 = learner.loss_on(groups, samples)
-    stats = learner.step(groups, samples)
+    loss0 = learner.loss_on(groups, *samples)
+    stats = learner.step(groups, *samples)
     assert stats.policy_version == 1 and learner.policy_version == 1 and stats.step == 1
     assert stats.loss == pytest.approx(loss0, abs=1e-6)
     assert abs(stats.ratio_mean - 1.0) < 1e-4 and stats.clip_fraction == 0.0  # on-policy batch
     assert stats.grad_norm > 0 and stats.num_completions == 8 and stats.num_groups == 2
     unchanged = [n for n, p in learner.policy.model.named_parameters() if torch.equal(p, before[n])]
     assert unchanged == []
-    assert learner.loss_on(groups, samples) < loss0
+    assert learner.loss_on(groups, *samples) < loss0
     assert learner.policy.reference is not None  # beta > 0: frozen reference loaded
 
 
@@ -77,7 +80,7 @@ def test_beta_zero_loads_no_reference_model(policy_dir, batch):
     samples, groups = batch
     learner = Learner(make_cfg(policy_dir, beta=0.0).learner_spec())
     assert learner.policy.reference is None
-    assert learner.step(groups, samples).kl == 0.0
+    assert learner.step(groups, *samples).kl == 0.0
 
 
 def test_exported_weights_carry_the_checkpoint_names_and_values(policy_dir):
@@ -93,9 +96,9 @@ def test_groups_and_samples_must_pair_up(policy_dir, batch):
     samples, groups = batch
     learner = Learner(make_cfg(policy_dir, beta=0.0).learner_spec())
     with pytest.raises(ValueError, match="samples"):
-        learner.step(groups, samples[:1])
+        learner.step(groups, *samples[:1])
     with pytest.raises(ValueError, match="same order"):
-        learner.step(groups, samples[::-1])
+        learner.step(groups, *samples[::-1])
 
 
 def test_lr_schedule_warmup_then_decay():
@@ -115,3 +118,34 @@ def test_shared_vision_features_match_per_row_images(policy_dir, batch):
         shared, mask = learner.policy.logprobs(b)
         plain, _ = learner.policy.logprobs({k: v for k, v in b.items() if k != "row_image"})
     assert torch.allclose(shared * mask, plain * mask, atol=1e-5)
+
+
+def test_rollout_prompt_ids_are_what_the_learner_renders_and_it_scores_after_them(policy_dir):
+    """A rollout worker on the same policy folder and image_size stamps exactly the ids the learner's own
+    processor renders; the learner trains on the groups after them."""
+    cfg = make_cfg(policy_dir, beta=0.0)
+    samples = list(generate_samples(3, seed=5, size=64))
+    worker = RolloutWorker(cfg.policy_spec(), cfg.rollout.model_copy(update={"engine": "hf"}), "rollout-ids")
+    requests = [
+        RolloutRequest.for_sample(s, 2, cfg.rollout.sampling, request_id=f"r{i}", seed=i)
+        for i, s in enumerate(samples)
+    ]
+    groups = worker.generate(requests, *samples)
+    learner = Learner(cfg.learner_spec())
+    assert [g.prompt_token_ids for g in groups] == learner.policy.prompt_ids(samples)
+    assert len({len(g.prompt_token_ids) for g in groups}) > 1  # different lengths: padding never leaks in
+    scored = [ScoredGroup(group=g, scores=[reward(0.0), reward(1.0)]) for g in groups]
+    stats = learner.step(scored, *samples)
+    # near 1, not exactly: the engine renormalises over the non-vision tokens, which a random model gives mass
+    assert abs(stats.ratio_mean - 1.0) < 0.05 and stats.num_completions == 6
+
+
+def test_prompt_ids_that_disagree_with_the_image_are_refused_naming_the_sample(policy_dir, batch):
+    samples, groups = batch
+    learner = Learner(make_cfg(policy_dir, beta=0.0).learner_spec())
+    image_token = learner.policy.processor.image_token_id
+    ids = list(groups[1].group.prompt_token_ids)
+    ids.remove(image_token)  # as if the rollout saw a smaller image
+    bad = groups[1].model_copy(update={"group": groups[1].group.model_copy(update={"prompt_token_ids": ids})})
+    with pytest.raises(ValueError, match=rf"sample '{samples[1].id}'.*3 image tokens.*makes 4.*image_size"):
+        learner.step([groups[0], bad], *samples)

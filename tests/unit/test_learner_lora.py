@@ -33,9 +33,9 @@ def test_lora_step_export_and_checkpoint(policy_dir, tmp_path):
     )
     samples = list(generate_samples(2, seed=0, size=64))
     groups = scored_groups(learner.policy, samples, group_size=4, seed=1, max_tokens=32)
-    loss0 = learner.loss_on(groups, samples)
-    learner.step(groups, samples)
-    assert learner.loss_on(groups, samples) < loss0
+    loss0 = learner.loss_on(groups, *samples)
+    learner.step(groups, *samples)
+    assert learner.loss_on(groups, *samples) < loss0
     exported = learner.export_weights()
     with safe_open(str(policy_dir / "model.safetensors"), "pt") as f:
         assert set(exported) == set(f.keys())

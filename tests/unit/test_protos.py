@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pytest
@@ -20,9 +21,11 @@ from protos import (
     RolloutGroup,
     RolloutRequest,
     Sample,
+    SamplingConfig,
     ScoredGroup,
     TensorSpec,
     WeightsManifest,
+    check_pairs,
 )
 
 
@@ -48,6 +51,7 @@ def _group(g: int = 4) -> RolloutGroup:
     return RolloutGroup(
         temperature=1.0,
         max_tokens=64,
+        prompt_token_ids=[1, 2, 3],
         group_id="g0",
         sample_id="s0",
         policy_version=3,
@@ -152,3 +156,56 @@ def test_weights_manifest_rejects_overrun():
             bucket_nbytes=[8],
             tensors=[TensorSpec(name="w", shape=(2, 2), dtype="float32", bucket=0, offset=0, nbytes=16)],
         )
+
+
+def _scored(totals: list[float], sid: str = "s0") -> ScoredGroup:
+    group = _group(len(totals)).model_copy(update={"sample_id": sid})
+    scores = [
+        CompletionReward(
+            rewards=RewardComponents(format=0, iou=0, s_measure=0, segmentation=0, total=t), parse_ok=True
+        )
+        for t in totals
+    ]
+    return ScoredGroup(group=group, scores=scores)
+
+
+def test_rollout_group_carries_its_prompt_ids():
+    assert _group().prompt_tokens == 3  # len(prompt_token_ids)
+    with pytest.raises(ValidationError, match="prompt_token_ids"):
+        RolloutGroup(**{**_group().model_dump(), "prompt_token_ids": []})
+
+
+def test_zero_variance_is_one_rule_with_one_tolerance():
+    assert _scored([0.1 + 0.2, 0.3, 0.3]).zero_variance  # float noise is not a signal
+    assert _scored([1.0, 1.0]).zero_variance
+    assert not _scored([1.0, 1.0 + 1e-6]).zero_variance
+    assert not _scored([0.0, 2.0, 1.0]).zero_variance
+
+
+def test_check_pairs_counts_and_matches_ids():
+    groups = [_scored([0.0, 1.0], "a"), _scored([0.0, 1.0], "b")]
+    check_pairs(groups, [_sample("a"), _sample("b")], "Learner.step")
+    with pytest.raises(ValueError, match="Learner.step got 2 scored groups but 1 samples; pass one each"):
+        check_pairs(groups, [_sample("a")], "Learner.step")
+    with pytest.raises(ValueError, match=r"scored group 0 \('g0'\) is for sample 'a' but sample 0 is 'b'"):
+        check_pairs(groups, [_sample("b"), _sample("a")], "Learner.step")
+    check_pairs(groups, [_sample("b"), _sample("a")], "score", match_ids=False)  # the count only
+    req = RolloutRequest(request_id="r1", sample_id="a", instruction="i", group_size=2)
+    with pytest.raises(ValueError, match="request 0 .*same order"):
+        check_pairs([req], [_sample("b")], "generate")
+
+
+def test_request_for_sample_takes_its_id_instruction_and_sampling():
+    s = _sample("s7")
+    section = SimpleNamespace(temperature=0.7, top_p=0.9, max_tokens=12)  # e.g. the rollout config's section
+    req = RolloutRequest.for_sample(s, 4, section, request_id="c3-1", seed=11, min_policy_version=2)
+    assert (req.request_id, req.sample_id, req.instruction, req.group_size) == (
+        "c3-1",
+        "s7",
+        s.instruction,
+        4,
+    )
+    assert req.sampling == SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=12, seed=11)
+    assert req.min_policy_version == 2
+    kept = RolloutRequest.for_sample(s, 2, SamplingConfig(seed=5), request_id="e-0")
+    assert kept.sampling.seed == 5 and kept.min_policy_version == 0

@@ -45,6 +45,7 @@ def _group(sid: str, texts: list[str], gid: str | None = None) -> RolloutGroup:
     return RolloutGroup(
         temperature=1.0,
         max_tokens=64,
+        prompt_token_ids=[1, 2, 3],
         group_id=gid or f"g-{sid}",
         sample_id=sid,
         policy_version=3,
