@@ -734,11 +734,12 @@ def evaluate_on_ray(
 ):
     """evaluate_samples with the rollout pool and EvalScorer actors of cluster/topology.py (local Ray or
     RAY_ADDRESS)."""
+    from actors.worker import RolloutWorker
     from cluster import topology
 
     topology.init_ray(cfg)
-    rollout_pool = topology.make_rollout_pool(cfg)
-    scorer_pool = topology.make_eval_scorer_pool(cfg)
+    rollout_pool = topology.make_rollout_pool(cfg, RolloutWorker)
+    scorer_pool = topology.make_eval_scorer_pool(cfg, EvalScorer)
     refs = SampleRefs()
     try:
         rollout = PoolRollout(rollout_pool, refs, cfg.rollout.max_batch_groups)
