@@ -8,7 +8,7 @@ What is compared (same policy, data, reward, B, G, sampling and seeds in all thr
 - single_process: one Python process runs generate -> score -> update -> load the new weights, step after step,
   with the plain classes (actors.worker.RolloutWorker, reward_service.worker.RewardWorker, learner.learner.Learner)
   and torch using every core (torch.set_num_threads(os.cpu_count())), GrabCut on a thread per core.
-- sync / async: `cluster.train.run_training` with cluster/configs/demo.yaml (two rollout workers, two reward
+- sync / async: `cluster.launch.run_training` with cluster/configs/demo.yaml (two rollout workers, two reward
   workers, the learner, the driver actor; gloo weight broadcast), grpo.mode=sync / async (max_staleness 1).
 A sample is one prompt (image) trained on; completions/s is samples/s x G. Throughput is steady state: the first
 `warmup` steps (engine start, first weight sync, pipeline fill) are excluded; for the Ray modes the time is the sum
@@ -276,7 +276,7 @@ def _kind(pid: int) -> str:
 
 # -- the Ray modes ---------------------------------------------------------------------------------------------------
 def ray_mode(cfg, warmup: int) -> dict:
-    from cluster.train import run_training
+    from cluster.launch import run_training
 
     t0 = time.perf_counter()
     with CpuSampler() as cpu:

@@ -169,7 +169,7 @@ def run_demo(
     n_eval: int,
     kind: str = "single",
 ) -> dict:
-    from cluster.train import run_training
+    from cluster.launch import run_training
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,9 @@ Every group is accounted for: generated = trained + dropped_stale + filtered + l
 still in the pipeline when the run stopped) and `lost` = whatever is missing from that sum, which must be 0.
 Dead actors are restarted by the pools (cluster/pool.py) and their work re-issued.
 
-The driver is a plain class; cluster/topology.py runs it as a Ray actor so a cluster job needs nothing on the
-submitting machine or the head node's driver process.
+The driver is a plain class; cluster/launch.py runs it as a Ray actor (placed by cluster/topology.py), so a
+cluster job needs nothing on the submitting machine or the head node's driver process, and names the worker
+classes its pools run (`workers`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from cluster import driver_metrics as DM
 from cluster.config import TrainConfig
 from cluster.data.reader import DatasetReader
 from cluster.pool import ActorPool, WorkFailed
-from cluster.topology import make_reward_pool, make_rollout_pool, spawn_learner_actor
+from cluster.topology import Workers, make_reward_pool, make_rollout_pool, spawn_learner_actor
 from cluster.weights import WeightPublisher
 from protos import RolloutGroup, RolloutRequest, Sample, ScoredGroup
 
@@ -91,9 +93,10 @@ class _Chunk:
 
 
 class TrainDriver:
-    """Runs `cfg.grpo.steps` optimiser steps (from the checkpoint when resuming) and returns the summary."""
+    """Runs `cfg.grpo.steps` optimiser steps (from the checkpoint when resuming) and returns the summary.
+    `workers()` names the actor classes (cluster.launch.training_workers); it runs in the driver's process."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, workers: Callable[[], Workers], resume: bool = False):
         self.cfg = cfg
         self.run_dir = Path(cfg.metrics.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -104,12 +107,13 @@ class TrainDriver:
         self._stop = False
         self._resize_to: int | None = None
         self._chunk_seq = 0
-        self.learner = spawn_learner_actor(cfg)
+        classes = workers()
+        self.learner = spawn_learner_actor(cfg, classes.learner)
         self.weights = WeightPublisher(cfg, self.learner)
         self.rollout: ActorPool = make_rollout_pool(
-            cfg, on_start=self.weights.on_start, on_error=self._repair
+            cfg, classes.rollout, on_start=self.weights.on_start, on_error=self._repair
         )
-        self.reward: ActorPool = make_reward_pool(cfg)
+        self.reward: ActorPool = make_reward_pool(cfg, classes.reward)
         if resume:
             self._resume()
         self.weights.setup(self.rollout)

@@ -8,6 +8,10 @@ Three pools, each with its own resources (config sections rollout / reward / lea
                  and the rollout group can be scaled on its own.
 Actors are named `<pool>-<i>` in the job's namespace (placement.namespace, default "segr1") so an operator can
 find, inspect or kill one by name.
+
+Topology decides where and how an actor runs, not what it is: the caller hands in the classes to run (`Workers`,
+wired by cluster/launch.py for training; the evaluation predictor by cluster/eval_job.py), so this module imports
+no worker package, no driver and no evaluation module.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -24,6 +29,17 @@ from cluster.config import Resources, TrainConfig
 from cluster.pool import ActorPool
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Workers:
+    """The plain classes a training job runs as actors: RolloutWorker, RewardWorker and Learner by default
+    (cluster/launch.py); a test or benchmark may hand in others with the same constructors and methods."""
+
+    rollout: type
+    reward: type
+    learner: type
+
 
 # Custom Ray resource that each KubeRay worker group advertises (cluster/k8s/raycluster.yaml) and that
 # every actor of the pool requests in disaggregated mode.
@@ -87,33 +103,30 @@ def _spawn_named(cls: type, options: dict[str, Any], *args: Any, attempts: int =
     raise AssertionError("unreachable")
 
 
-def spawn_reward_actor(cfg: TrainConfig, name: str) -> Any:
-    from reward_service.worker import RewardWorker
-
+def spawn_reward_actor(cfg: TrainConfig, cls: type, name: str) -> Any:
+    """`cls(policy, reward, name)`: a RewardWorker."""
     options = actor_options(cfg, "reward", cfg.reward.resources, name)
-    return _spawn_named(RewardWorker, options, cfg.policy_spec(), cfg.reward, name)
+    return _spawn_named(cls, options, cfg.policy_spec(), cfg.reward, name)
 
 
-def spawn_rollout_actor(cfg: TrainConfig, name: str) -> Any:
-    from actors.worker import RolloutWorker
-
+def spawn_rollout_actor(cfg: TrainConfig, cls: type, name: str) -> Any:
+    """`cls(policy, rollout, name, engine, concurrent)`: a RolloutWorker."""
     options = actor_options(cfg, "rollout", cfg.rollout.resources, name)
     options["max_concurrency"] = (
         2  # a weight receive runs beside a generate; the engine's lock keeps it atomic
     )
     concurrent = cfg.grpo.mode == "async"
-    return _spawn_named(RolloutWorker, options, cfg.policy_spec(), cfg.rollout, name, None, concurrent)
+    return _spawn_named(cls, options, cfg.policy_spec(), cfg.rollout, name, None, concurrent)
 
 
 # The driver lands on the head node in disaggregated mode (the head advertises it; cluster/k8s/).
 DRIVER_RESOURCE = "segr1_driver"
 
 
-def spawn_driver_actor(cfg: TrainConfig, resume: bool = False) -> Any:
-    """The training driver as an actor, so `ray job submit` needs no resources on the submitting machine.
-    max_concurrency 2: request_stop / request_resize arrive while run() is executing."""
-    from cluster.driver import TrainDriver
-
+def spawn_driver(cfg: TrainConfig, cls: type, *args: Any) -> Any:
+    """The training driver `cls(*args)` as the actor `driver`, so `ray job submit` needs no resources on the
+    submitting machine (cluster/launch.py passes TrainDriver). max_concurrency 2: request_stop /
+    request_resize arrive while run() is executing."""
     custom = {DRIVER_RESOURCE: 0.01} if cfg.placement.mode == "disaggregated" else {}
     options = {
         "num_cpus": 0,
@@ -124,30 +137,31 @@ def spawn_driver_actor(cfg: TrainConfig, resume: bool = False) -> Any:
         "max_restarts": 0,
         "runtime_env": {"env_vars": {**_WORKER_ENV, "OMP_NUM_THREADS": "1"}},
     }
-    return _spawn_named(TrainDriver, options, cfg, resume)
+    return _spawn_named(cls, options, *args)
 
 
-def spawn_learner_actor(cfg: TrainConfig, name: str = "learner-0") -> Any:
-    from learner.learner import Learner
-
+def spawn_learner_actor(cfg: TrainConfig, cls: type, name: str = "learner-0") -> Any:
+    """`cls(spec)`: a Learner."""
     options = actor_options(cfg, "learner", cfg.learner.resources, name)
-    return _spawn_named(Learner, options, cfg.learner_spec())
+    return _spawn_named(cls, options, cfg.learner_spec())
 
 
-def make_reward_pool(cfg: TrainConfig) -> ActorPool:
+def make_reward_pool(cfg: TrainConfig, cls: type) -> ActorPool:
+    """A pool of `cls` (RewardWorker) actors `reward-<i>`."""
     return ActorPool(
         "reward",
-        lambda name: spawn_reward_actor(cfg, name),
+        lambda name: spawn_reward_actor(cfg, cls, name),
         cfg.reward.num_workers,
         max_inflight=cfg.reward.max_inflight_per_worker,
     )
 
 
-def make_rollout_pool(cfg: TrainConfig, on_start=None, on_error=None) -> ActorPool:
-    """on_start(handle) -> [ObjectRef]: run on every new or restarted actor before it serves (weights)."""
+def make_rollout_pool(cfg: TrainConfig, cls: type, on_start=None, on_error=None) -> ActorPool:
+    """A pool of `cls` (RolloutWorker) actors `rollout-<i>`.
+    on_start(handle) -> [ObjectRef]: run on every new or restarted actor before it serves (weights)."""
     return ActorPool(
         "rollout",
-        lambda name: spawn_rollout_actor(cfg, name),
+        lambda name: spawn_rollout_actor(cfg, cls, name),
         cfg.rollout.num_workers,
         max_inflight=2,
         on_start=on_start,
@@ -155,18 +169,18 @@ def make_rollout_pool(cfg: TrainConfig, on_start=None, on_error=None) -> ActorPo
     )
 
 
-def spawn_eval_scorer_actor(cfg: TrainConfig, name: str) -> Any:
-    """Evaluation (`segr1 eval`): a Predictor (parse + segment, returns masks) on the reward pool's resources."""
-    from reward_service.predictor import Predictor
-
+def spawn_eval_scorer_actor(cfg: TrainConfig, cls: type, name: str) -> Any:
+    """Evaluation (`segr1 eval`): `cls(policy_spec, reward_section, name)` (reward_service's Predictor: parse +
+    segment, returns masks) on the reward pool's resources."""
     options = actor_options(cfg, "reward", cfg.reward.resources, name)
-    return _spawn_named(Predictor, options, cfg.policy_spec(), cfg.reward, name)
+    return _spawn_named(cls, options, cfg.policy_spec(), cfg.reward, name)
 
 
-def make_eval_scorer_pool(cfg: TrainConfig) -> ActorPool:
+def make_eval_scorer_pool(cfg: TrainConfig, cls: type) -> ActorPool:
+    """A pool of `cls` actors `eval-<i>` (the evaluation predictor, handed in by the evaluation job)."""
     return ActorPool(
         "eval",
-        lambda name: spawn_eval_scorer_actor(cfg, name),
+        lambda name: spawn_eval_scorer_actor(cfg, cls, name),
         cfg.reward.num_workers,
         max_inflight=cfg.reward.max_inflight_per_worker,
     )
@@ -213,8 +227,7 @@ def init_ray(cfg: TrainConfig) -> None:
     )
 
 
-def make_weight_receiver_actor(name: str, num_cpus: float = 0) -> Any:
-    """A bare weight-receiving endpoint (no engine) as an actor: the broadcast tests and benchmark."""
-    from actors.weight_receiver import WeightReceiverEndpoint
-
-    return ray.remote(WeightReceiverEndpoint).options(name=f"weights-{name}", num_cpus=num_cpus).remote(name)
+def make_weight_receiver_actor(cls: type, name: str, num_cpus: float = 0) -> Any:
+    """A bare weight-receiving endpoint `cls(name)` (actors.weight_receiver.WeightReceiverEndpoint, no engine)
+    as the actor `weights-<name>`: the broadcast tests and benchmark."""
+    return ray.remote(cls).options(name=f"weights-{name}", num_cpus=num_cpus).remote(name)

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dump_config(cfg), end="")
         return 0
-    from cluster.train import run_training
+    from cluster.launch import run_training
 
     summary = run_training(cfg, resume=args.resume)
     print(json.dumps(summary, indent=1))

@@ -92,11 +92,13 @@ def evaluate_on_ray(
 ):
     """evaluate_samples with the rollout pool and the Predictor actors of cluster/topology.py (local Ray or
     RAY_ADDRESS)."""
+    from actors.worker import RolloutWorker
     from cluster import topology
+    from reward_service.predictor import Predictor
 
     topology.init_ray(cfg)
-    rollout_pool = topology.make_rollout_pool(cfg)
-    predictor_pool = topology.make_eval_scorer_pool(cfg)
+    rollout_pool = topology.make_rollout_pool(cfg, RolloutWorker)
+    predictor_pool = topology.make_eval_scorer_pool(cfg, Predictor)
     refs = SampleRefs()
     try:
         rollout = PoolRollout(rollout_pool, refs, cfg.rollout.max_batch_groups)

@@ -202,9 +202,9 @@ def kill_job_actors(ray, namespace: str = "segr1") -> None:
 
 
 def start_job(cfg: TrainConfig, resume: bool = False):
-    """The driver actor and the ObjectRef of its run(), as cluster.train.run_training starts them, for tests
+    """The driver actor and the ObjectRef of its run(), as cluster.launch.run_training starts them, for tests
     that act while the job runs."""
-    from cluster.topology import spawn_driver_actor
+    from cluster.launch import spawn_driver_actor
 
     driver = spawn_driver_actor(cfg, resume)
     return driver, driver.run.remote()

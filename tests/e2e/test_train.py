@@ -26,7 +26,7 @@ RISE_OVERRIDES = ("rollout.sampling.temperature=1.5", "learner.lr=1e-3", "learne
 @pytest.fixture(scope="module")
 def sync_run(assets, sft_policy, e2e_ray, tmp_path_factory):
     """12 sync GRPO steps from the SFT policy on 8 fixed images (B=8: the same images every step)."""
-    from cluster.train import run_training
+    from cluster.launch import run_training
 
     run_dir = tmp_path_factory.mktemp("sync-run")
     cfg = e2e_config(
@@ -93,7 +93,7 @@ def test_reward_rises(sync_run):
 def test_async_mode_respects_max_staleness(assets, sft_policy, ray_job, tmp_path):
     """grpo.mode=async pipelines rollout, reward and learner; no trained group is older than max_staleness
     versions, older ones are dropped and counted; every group is accounted for."""
-    from cluster.train import run_training
+    from cluster.launch import run_training
 
     steps = 6
     cfg = e2e_config(

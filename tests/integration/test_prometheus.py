@@ -2,7 +2,7 @@
 
 Debian's `prometheus` binary (`make prometheus` installs it) is started on 127.0.0.1 with its own config and
 TSDB in tmp_path, scraping every second the metrics agent of the local Ray that `segr1 train` starts
-(`metrics.port`). The training run is the real entry point (cluster.train.run_training on cluster/configs/
+(`metrics.port`). The training run is the real entry point (cluster.launch.run_training on cluster/configs/
 demo.yaml, tiny test-preset policy, tiny synthetic set, GrabCut rewards) in a child process: it has a Ray of
 its own (the session's `ray_local` may already be up in this process, without a metrics port) and keeps it up
 after training until the test has read Prometheus, so the last export is scraped. The queries are the shipped
@@ -48,7 +48,7 @@ from pathlib import Path
 import ray
 from cluster.config import load_config
 from cluster.topology import init_ray
-from cluster.train import run_training
+from cluster.launch import run_training
 
 cfg = load_config(sys.argv[1], sys.argv[3:])
 init_ray(cfg)

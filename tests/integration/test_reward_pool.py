@@ -65,7 +65,7 @@ def test_killed_reward_actor_every_group_answered_once(ray_local):
         reward={"num_workers": 2, "max_inflight_per_worker": 2, "resources": {"num_cpus": 0}},
         placement={"namespace": NAMESPACE},
     )
-    pool = make_reward_pool(cfg)
+    pool = make_reward_pool(cfg, RewardWorker)
     try:
         assert pool.names == ["reward-0", "reward-1"]
         handles = pool.handles()

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from actors.engine import StaleWeightsError
+from actors.worker import RolloutWorker
 from cluster.config import build_config
 from cluster.pool import WorkFailed
 from cluster.tiny_models import build_tiny_policy
@@ -96,7 +97,7 @@ def test_killed_worker_is_replaced_resynced_and_each_request_answered_once(ray_l
             return True
         return False
 
-    pool = make_rollout_pool(_cfg(policy, 2), on_error=on_error)
+    pool = make_rollout_pool(_cfg(policy, 2), RolloutWorker, on_error=on_error)
     try:
         state["ref"], state["version"] = ray.put(_weights(policy, 1.5)), 1
         versions = pool.broadcast(lambda h: h.load_weights.remote(state["ref"], 1))
@@ -132,7 +133,7 @@ def test_pool_grows_and_shrinks_mid_run_with_current_weights(ray_local, policy):
     def on_start(handle):  # a new worker receives the current weights before it serves
         return [handle.load_weights.remote(state["ref"], state["version"])]
 
-    pool = make_rollout_pool(_cfg(policy, 1), on_start=on_start)
+    pool = make_rollout_pool(_cfg(policy, 1), RolloutWorker, on_start=on_start)
     try:
         refs = {i: ray.put(_sample(i)) for i in range(10)}
         for i in range(3):

@@ -10,6 +10,7 @@ import pytest
 import ray
 import torch
 
+from actors.weight_receiver import WeightReceiverEndpoint
 from cluster.topology import make_weight_receiver_actor
 from protos import WeightsManifest
 from runtime.weights.collective import DistributedWeightSender
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def _receiver_actor(name: str):
-    return make_weight_receiver_actor(name)
+    return make_weight_receiver_actor(WeightReceiverEndpoint, name)
 
 
 def _model(seed: int) -> list[tuple[str, torch.Tensor]]:

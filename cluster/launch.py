@@ -1,0 +1,59 @@
+"""Launching a training job: wires the worker classes into the topology and runs the driver as a Ray actor.
+
+    run_training(cfg, resume)   what `segr1 train` and `python -m cluster.train` (ray job submit) run
+
+Imports point one way: launch -> driver -> topology, launch -> topology. Topology is handed the classes it runs
+(`Workers`) and the driver the function that names them (`training_workers`), so neither imports the other's
+caller nor a worker package. The worker packages are imported in the driver actor's process, where the pools
+start, not on the submitting machine.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import ray
+
+from cluster.config import TrainConfig
+from cluster.driver import TrainDriver
+from cluster.topology import Workers, init_ray, spawn_driver
+
+
+def training_workers() -> Workers:
+    """The classes of a training job's actors: rollout-<i>, reward-<i> and learner-0."""
+    from actors.worker import RolloutWorker
+    from learner.learner import Learner
+    from reward_service.worker import RewardWorker
+
+    return Workers(rollout=RolloutWorker, reward=RewardWorker, learner=Learner)
+
+
+def spawn_driver_actor(cfg: TrainConfig, resume: bool = False) -> Any:
+    """The training driver as the actor `driver` (cluster/topology.py places it), its pools of
+    `training_workers()`."""
+    return spawn_driver(cfg, TrainDriver, cfg, training_workers, resume)
+
+
+def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Start (or connect to) Ray, run the driver actor to the end and return its summary. Ctrl-C asks the driver
+    to finish the step in progress, checkpoint and stop; a second Ctrl-C kills it."""
+    init_ray(cfg)
+    driver = spawn_driver_actor(cfg, resume)
+    run_ref = driver.run.remote()
+    try:
+        try:
+            summary = ray.get(run_ref)
+        except KeyboardInterrupt:
+            print(
+                "\nstopping: finishing the current step and writing a checkpoint (Ctrl-C again to abort)",
+                file=sys.stderr,
+            )
+            ray.get(driver.request_stop.remote())
+            summary = ray.get(run_ref)
+    finally:  # also when run() failed: free the actor names (`driver`, `rollout-0`, ...) for the next job
+        try:
+            ray.get(driver.close.remote(), timeout=120)
+        finally:
+            ray.kill(driver, no_restart=True)
+    return summary
