@@ -187,7 +187,6 @@ def rollout_row() -> Row:
                     (rate("ray_segr1_rollout_tokens_total"), "all workers"),
                     (rate("ray_segr1_rollout_tokens_total", "worker"), "{{worker}}"),
                 ],
-                "short",
             ),
             Panel(
                 "Requests in flight per worker",
@@ -262,18 +261,10 @@ def weight_sync_row() -> Row:
         "Weight sync",
         [
             Panel(
-                "Seconds per sync",
-                [(hist_mean(seconds), "mean"), (hist_quantile(0.95, seconds), "p95")],
-                "s",
-                width=8,
+                "Seconds per sync", [(hist_mean(seconds), "mean"), (hist_quantile(0.95, seconds), "p95")], "s"
             ),
-            Panel(
-                "Bytes per sync",
-                [(f"{rate(sent)} / {rate(seconds + '_count')}", "bytes/sync")],
-                "bytes",
-                width=8,
-            ),
-            Panel("Bytes / s sent", [(rate(sent), "bytes/s")], "Bps", width=8),
+            Panel("Bytes per sync", [(f"{rate(sent)} / {rate(seconds + '_count')}", "bytes/sync")], "bytes"),
+            Panel("Bytes / s sent", [(rate(sent), "bytes/s")], "Bps"),
             Panel(
                 "Weight load into each rollout engine (p95)",
                 [(hist_quantile(0.95, "ray_segr1_rollout_weight_load_seconds", "worker"), "{{worker}}")],
