@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +46,42 @@ def ray_local():
     )
     yield ray
     ray.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tiny models and synthetic data, built once per session. Tests read them and never write into them: outputs go
+# to the test's own tmp_path. A test that needs another preset, seed or size builds its own and says why.
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tmp_path_factory) -> Path:
+    """The tiny Qwen2.5-VL (test preset, seed 0, ~0.2M parameters) as a Hugging Face folder."""
+    from cluster.tiny_models import build_tiny_policy
+
+    return build_tiny_policy(tmp_path_factory.mktemp("tiny-policy") / "policy", seed=0, preset="test")
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model_dir(tmp_path_factory) -> Path:
+    """The tiny text-only Qwen2 (seed 0) as a Hugging Face folder: for engines that cannot run the VL model."""
+    from cluster.tiny_models import build_tiny_text_policy
+
+    return build_tiny_text_policy(tmp_path_factory.mktemp("tiny-text") / "text", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sam2_dir(tmp_path_factory) -> Path:
+    """The tiny SAM2 (seed 0) as a Hugging Face folder (transformers' Sam2Model)."""
+    from cluster.tiny_models import build_tiny_sam2
+
+    return build_tiny_sam2(tmp_path_factory.mktemp("tiny-sam2"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    """96 synthetic 64x64 training samples (seed 0, every kind mixed) as Parquet shards in one folder."""
+    from cluster.data.synth import write_synthetic
+
+    out = tmp_path_factory.mktemp("synthetic") / "train"
+    write_synthetic(out, n=96, seed=0, size=64, split="train")
+    return out

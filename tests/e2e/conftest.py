@@ -76,12 +76,12 @@ class Assets:
 
 
 @pytest.fixture(scope="session")
-def assets(tmp_path_factory) -> Assets:
+def assets(tmp_path_factory, tiny_policy_dir: Path) -> Assets:
+    """The session's tiny policy (tests/conftest.py) and the e2e runs' own two training sets (see Assets)."""
     from cluster.data.synth import write_synthetic
-    from cluster.tiny_models import build_tiny_policy
 
     root = tmp_path_factory.mktemp("e2e-assets")
-    policy = build_tiny_policy(root / "models" / "policy", seed=0, preset="test")
+    policy = tiny_policy_dir
     # 64-px images shown to the policy at 56 px (4 image tokens): GrabCut and generation stay cheap
     write_synthetic(root / "data" / "train", n=64, seed=0, size=64, split="train")
     write_synthetic(root / "data" / "train8", n=8, seed=1, size=64, split="train")

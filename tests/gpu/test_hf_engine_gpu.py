@@ -11,18 +11,12 @@ from PIL import Image
 
 from actors.engine import render_messages
 from actors.hf_engine import HFEngine, sampling_logprobs
-from cluster.tiny_models import build_tiny_policy
 from protos import RolloutRequest, SamplingConfig
 from runtime.qwen_vl import append_completions, encode_prompts, model_inputs
 
 pytestmark = pytest.mark.gpu
 
 IMAGE_SIZE = 112
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return build_tiny_policy(tmp_path_factory.mktemp("models") / "policy", seed=0)
 
 
 def _image(seed: int) -> Image.Image:
@@ -55,8 +49,8 @@ def _teacher_forced(engine: HFEngine, req, image, group, temperature: float) -> 
 
 
 @pytest.mark.parametrize(("dtype", "atol"), [("bfloat16", 0.1), ("float32", 2e-3)])
-def test_cuda_generation_matches_teacher_forcing(folder, dtype, atol):
-    engine = HFEngine(folder, device="cuda", dtype=dtype, image_size=IMAGE_SIZE)
+def test_cuda_generation_matches_teacher_forcing(tiny_policy_dir, dtype, atol):
+    engine = HFEngine(tiny_policy_dir, device="cuda", dtype=dtype, image_size=IMAGE_SIZE)
     assert engine.device.type == "cuda" and next(engine.model.parameters()).dtype == getattr(torch, dtype)
     reqs = [_req(i, temperature=1.0, seed=i) for i in range(4)]
     images = [_image(i) for i in range(4)]
@@ -69,8 +63,8 @@ def test_cuda_generation_matches_teacher_forcing(folder, dtype, atol):
             assert diff < atol, f"{dtype}: behaviour vs teacher-forced logprob differ by {diff}"
 
 
-def test_cuda_seeds_and_weight_updates(folder):
-    engine = HFEngine(folder, device="cuda", dtype="bfloat16", image_size=IMAGE_SIZE)
+def test_cuda_seeds_and_weight_updates(tiny_policy_dir):
+    engine = HFEngine(tiny_policy_dir, device="cuda", dtype="bfloat16", image_size=IMAGE_SIZE)
     req, image = _req(0, g=4, temperature=1.0, seed=7), _image(0)
     a = engine.generate([req], [image])[0]
     b = engine.generate([req, _req(1, g=4, temperature=1.0, seed=8)], [image, _image(1)])[0]

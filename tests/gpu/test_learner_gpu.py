@@ -20,6 +20,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory):
+    # the demo preset (~2M parameters, 4 layers), not the session's test-preset tiny_policy_dir
     return build_tiny_policy(tmp_path_factory.mktemp("models") / "policy", seed=0, preset="demo")
 
 

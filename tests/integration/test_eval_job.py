@@ -169,14 +169,13 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
+def tiny(tmp_path_factory, tiny_policy_dir) -> dict[str, Path]:
     from cluster.data.synth import write_synthetic
-    from cluster.tiny_models import build_tiny_policy
 
     root = tmp_path_factory.mktemp("tiny")
-    policy = build_tiny_policy(root / "policy")
+    # a test split of its own: 5 samples in shards of 3 (two shards), SIZE px, for file-order and coverage checks
     write_synthetic(root / "data", n=5, seed=1, size=SIZE, split="test", shard_size=3)
-    return {"policy": policy, "data": root / "data", "root": root}
+    return {"policy": tiny_policy_dir, "data": root / "data", "root": root}
 
 
 def test_segr1_eval_is_deterministic_and_covers_every_sample_once(tiny) -> None:

@@ -164,12 +164,14 @@ def prometheus(tmp_path: Path, metrics_port: int) -> Iterator[Prometheus]:
 
 
 @pytest.fixture
-def training(tmp_path: Path, metrics_port: int) -> Iterator[tuple[subprocess.Popen, Path, Path]]:
+def training(
+    tmp_path: Path, metrics_port: int, tiny_policy_dir: Path
+) -> Iterator[tuple[subprocess.Popen, Path, Path]]:
     """Start the training child; yields (process, summary path, log path); closes its stdin in teardown."""
     from cluster.data.synth import write_synthetic
-    from cluster.tiny_models import build_tiny_policy
 
-    policy = build_tiny_policy(tmp_path / "policy", seed=0, preset="test")
+    policy = tiny_policy_dir
+    # a set of its own: 4 batches of 112 px images, the size this run's config shows the policy
     write_synthetic(tmp_path / "data", n=4 * BATCH, seed=0, size=112, split="train")
     overrides = [
         f"model.policy={policy}",

@@ -15,7 +15,6 @@ from actors.engine import StaleWeightsError
 from actors.worker import RolloutWorker
 from cluster.config import build_config
 from cluster.pool import WorkFailed
-from cluster.tiny_models import build_tiny_policy
 from cluster.topology import make_rollout_pool
 from protos import RolloutRequest, Sample, SamplingConfig
 
@@ -25,8 +24,9 @@ NAMESPACE = "segr1-test-rollout"
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    return build_tiny_policy(tmp_path_factory.mktemp("models") / "policy", seed=0)
+def policy(tiny_policy_dir):
+    """The session's tiny Qwen2.5-VL (tests/conftest.py)."""
+    return tiny_policy_dir
 
 
 def _cfg(policy, workers: int):

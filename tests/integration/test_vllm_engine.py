@@ -22,8 +22,8 @@ pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    folder = build_tiny_text_policy(tmp_path_factory.mktemp("models") / "text", seed=0)
+def engines(tiny_text_model_dir):
+    folder = tiny_text_model_dir
     vllm_engine = VLLMEngine(folder, max_model_len=1024, seed=0)
     hf_engine = HFEngine(folder, device="cpu")
     yield vllm_engine, hf_engine
@@ -139,6 +139,7 @@ def test_async_engine_generates_and_reloads(tmp_path_factory):
     through collective_rpc) its greedy output equals transformers' with those weights. ~1 min on 2 cores."""
     from actors.vllm_engine import AsyncVLLMEngine
 
+    # a seed-1 model of its own, not the session's seed-0 one that the module's engines load
     folder = build_tiny_text_policy(tmp_path_factory.mktemp("models") / "text", seed=1)
     engine = AsyncVLLMEngine(folder, max_model_len=1024, seed=0)
     try:

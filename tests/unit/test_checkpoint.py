@@ -12,7 +12,6 @@ import torch
 
 from cluster.config import TrainConfig
 from cluster.data.reader import DatasetReader
-from cluster.data.synth import write_synthetic
 from learner.checkpoint import (
     latest_checkpoint,
     load_optimizer,
@@ -90,16 +89,12 @@ def test_read_state_names_a_folder_that_is_not_a_checkpoint(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from cluster.tiny_models import build_tiny_policy
-
+def setup(tmp_path_factory, tiny_policy_dir, synthetic_data):
     root = tmp_path_factory.mktemp("resume")
-    policy = build_tiny_policy(root / "policy", seed=0, preset="test")
-    write_synthetic(root / "data", n=12, seed=0, size=64)
     cfg = TrainConfig.model_validate(
         {
-            "model": {"policy": str(policy)},
-            "data": {"train": str(root / "data"), "image_size": 56},
+            "model": {"policy": str(tiny_policy_dir)},
+            "data": {"train": str(synthetic_data), "image_size": 56},
             "rollout": {"sampling": {"max_tokens": 32}},
             "grpo": {"group_size": 4, "beta": 0.04, "steps": 3},
             "learner": {"lr": 1e-4, "micro_batch_size": 4, "warmup_steps": 2, "schedule": "cosine"},

@@ -9,7 +9,7 @@ from PIL import Image
 
 from actors.engine import InconsistentWeightsError, RolloutEngine, WeightUpdateError, render_messages
 from actors.hf_engine import HFEngine, top_p_filter
-from cluster.tiny_models import SPECIAL_IDS, build_tiny_policy, build_tiny_text_policy
+from cluster.tiny_models import SPECIAL_IDS
 from protos import RolloutRequest, SamplingConfig
 from runtime.qwen_vl import append_completions, encode_prompts, model_inputs, unpadded_ids
 
@@ -30,19 +30,13 @@ def _threads():
 
 
 @pytest.fixture(scope="module")
-def vl_engine(tmp_path_factory) -> HFEngine:
-    folder = build_tiny_policy(tmp_path_factory.mktemp("models") / "policy", seed=0)
-    return HFEngine(folder, device="cpu", image_size=IMAGE_SIZE)
+def vl_engine(tiny_policy_dir) -> HFEngine:
+    return HFEngine(tiny_policy_dir, device="cpu", image_size=IMAGE_SIZE)
 
 
 @pytest.fixture(scope="module")
-def text_folder(tmp_path_factory):
-    return build_tiny_text_policy(tmp_path_factory.mktemp("models") / "text", seed=0)
-
-
-@pytest.fixture(scope="module")
-def text_engine(text_folder) -> HFEngine:
-    return HFEngine(text_folder, device="cpu", image_size=IMAGE_SIZE)
+def text_engine(tiny_text_model_dir) -> HFEngine:
+    return HFEngine(tiny_text_model_dir, device="cpu", image_size=IMAGE_SIZE)
 
 
 def _image(seed: int) -> Image.Image:
@@ -236,8 +230,9 @@ def test_failure_mid_copy_blocks_generation_until_a_full_update(text_engine):
     assert len(text_engine.generate([_req(0, g=2)], [None])[0]) == 2
 
 
-def test_stop_token_ends_the_completion_and_is_kept(text_folder):
-    engine = HFEngine(text_folder, device="cpu", image_size=IMAGE_SIZE)  # the random weights, ~1/270 per stop
+def test_stop_token_ends_the_completion_and_is_kept(tiny_text_model_dir):
+    # the random weights stop ~1/270 per token
+    engine = HFEngine(tiny_text_model_dir, device="cpu", image_size=IMAGE_SIZE)
     group = engine.generate([_req(8, g=16, temperature=1.0, seed=0, max_tokens=200)], [None])[0]
     stopped = [c for c in group if c.finish_reason == "stop"]
     assert stopped and len(stopped) < len(group)
@@ -251,12 +246,12 @@ def test_stop_token_ends_the_completion_and_is_kept(text_folder):
             assert not ends and len(comp.token_ids) == 200
 
 
-def test_generate_command_prints_json(text_folder, tmp_path, capsys):
+def test_generate_command_prints_json(tiny_text_model_dir, tmp_path, capsys):
     import json
 
     from cluster.cli import main
 
-    argv = ["generate", "--model", str(text_folder), "--prompt", "Segment the cat.", "--n", "3"]
+    argv = ["generate", "--model", str(tiny_text_model_dir), "--prompt", "Segment the cat.", "--n", "3"]
     assert main([*argv, "--max-tokens", "6", "--seed", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["completions"]) == 3 and out["policy_version"] == 0
@@ -264,7 +259,7 @@ def test_generate_command_prints_json(text_folder, tmp_path, capsys):
         assert set(c) >= {"text", "token_ids", "logprobs"} and len(c["token_ids"]) == len(c["logprobs"]) <= 6
     image = tmp_path / "x.png"
     _image(0).save(image)
-    assert main(["generate", "--model", str(text_folder), "--image", str(image), "--n", "2"]) == 2
+    assert main(["generate", "--model", str(tiny_text_model_dir), "--image", str(image), "--n", "2"]) == 2
     assert "text-only model" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
 

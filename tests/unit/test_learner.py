@@ -18,13 +18,6 @@ from protos import RolloutRequest, ScoredGroup
 torch.set_num_threads(2)
 
 
-@pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory):
-    from cluster.tiny_models import build_tiny_policy
-
-    return build_tiny_policy(tmp_path_factory.mktemp("tiny") / "policy", seed=0, preset="test")
-
-
 def make_cfg(policy_dir, **learner) -> TrainConfig:
     return TrainConfig.model_validate(
         {
@@ -39,15 +32,15 @@ def make_cfg(policy_dir, **learner) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def batch(policy_dir):
+def batch(tiny_policy_dir):
     samples = list(generate_samples(2, seed=0, size=64))
-    learner = Learner(make_cfg(policy_dir).learner_spec())
+    learner = Learner(make_cfg(tiny_policy_dir).learner_spec())
     return samples, scored_groups(learner.policy, samples, group_size=4, seed=1, max_tokens=32)
 
 
-def test_one_step_changes_every_trainable_parameter_and_lowers_the_loss(policy_dir, batch):
+def test_one_step_changes_every_trainable_parameter_and_lowers_the_loss(tiny_policy_dir, batch):
     samples, groups = batch
-    learner = Learner(make_cfg(policy_dir).learner_spec())
+    learner = Learner(make_cfg(tiny_policy_dir).learner_spec())
     before = {n: p.detach().clone() for n, p in learner.policy.model.named_parameters()}
     loss0 = learner.loss_on(groups, *samples)
     stats = learner.step(groups, *samples)
@@ -61,10 +54,10 @@ def test_one_step_changes_every_trainable_parameter_and_lowers_the_loss(policy_d
     assert learner.policy.reference is not None  # beta > 0: frozen reference loaded
 
 
-def test_micro_batches_give_the_same_gradient_as_one_batch(policy_dir, batch):
+def test_micro_batches_give_the_same_gradient_as_one_batch(tiny_policy_dir, batch):
     samples, groups = batch
-    a = Learner(make_cfg(policy_dir, micro_batch_size=3).learner_spec())
-    b = Learner(make_cfg(policy_dir, micro_batch_size=64).learner_spec())
+    a = Learner(make_cfg(tiny_policy_dir, micro_batch_size=3).learner_spec())
+    b = Learner(make_cfg(tiny_policy_dir, micro_batch_size=64).learner_spec())
     la, _, _ = a._accumulate(groups, samples, backward=True)
     lb, _, _ = b._accumulate(groups, samples, backward=True)
     assert la == pytest.approx(lb, abs=1e-6)
@@ -76,25 +69,25 @@ def test_micro_batches_give_the_same_gradient_as_one_batch(policy_dir, batch):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-5 * float(pb.grad.abs().max()), msg=n)
 
 
-def test_beta_zero_loads_no_reference_model(policy_dir, batch):
+def test_beta_zero_loads_no_reference_model(tiny_policy_dir, batch):
     samples, groups = batch
-    learner = Learner(make_cfg(policy_dir, beta=0.0).learner_spec())
+    learner = Learner(make_cfg(tiny_policy_dir, beta=0.0).learner_spec())
     assert learner.policy.reference is None
     assert learner.step(groups, *samples).kl == 0.0
 
 
-def test_exported_weights_carry_the_checkpoint_names_and_values(policy_dir):
-    learner = Learner(make_cfg(policy_dir, beta=0.0).learner_spec())
+def test_exported_weights_carry_the_checkpoint_names_and_values(tiny_policy_dir):
+    learner = Learner(make_cfg(tiny_policy_dir, beta=0.0).learner_spec())
     exported = learner.export_weights()
-    with safe_open(str(policy_dir / "model.safetensors"), "pt") as f:
+    with safe_open(str(tiny_policy_dir / "model.safetensors"), "pt") as f:
         assert set(exported) == set(f.keys())
         for name in f.keys():
             assert torch.equal(exported[name], f.get_tensor(name)), name
 
 
-def test_groups_and_samples_must_pair_up(policy_dir, batch):
+def test_groups_and_samples_must_pair_up(tiny_policy_dir, batch):
     samples, groups = batch
-    learner = Learner(make_cfg(policy_dir, beta=0.0).learner_spec())
+    learner = Learner(make_cfg(tiny_policy_dir, beta=0.0).learner_spec())
     with pytest.raises(ValueError, match="samples"):
         learner.step(groups, *samples[:1])
     with pytest.raises(ValueError, match="same order"):
@@ -108,9 +101,9 @@ def test_lr_schedule_warmup_then_decay():
     assert lr_multiplier(7, 4, "linear", 10) == pytest.approx(0.5)
 
 
-def test_shared_vision_features_match_per_row_images(policy_dir, batch):
+def test_shared_vision_features_match_per_row_images(tiny_policy_dir, batch):
     samples, groups = batch
-    learner = Learner(make_cfg(policy_dir, beta=0.0).learner_spec())
+    learner = Learner(make_cfg(tiny_policy_dir, beta=0.0).learner_spec())
     prompts = learner.policy.encode(samples)
     rows = [(i, c.token_ids) for i, g in enumerate(groups) for c in g.group.completions]
     b = learner.policy.batch(prompts, [r[1] for r in rows], [r[0] for r in rows])

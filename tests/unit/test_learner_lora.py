@@ -15,17 +15,10 @@ pytest.importorskip("peft")
 torch.set_num_threads(2)
 
 
-@pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory):
-    from cluster.tiny_models import build_tiny_policy
-
-    return build_tiny_policy(tmp_path_factory.mktemp("tiny") / "policy", seed=0, preset="test")
-
-
-def test_lora_step_export_and_checkpoint(policy_dir, tmp_path):
+def test_lora_step_export_and_checkpoint(tiny_policy_dir, tmp_path):
     from tests.unit.test_learner import make_cfg
 
-    cfg = make_cfg(policy_dir, lora_rank=4, lr=1e-3)
+    cfg = make_cfg(tiny_policy_dir, lora_rank=4, lr=1e-3)
     learner = Learner(cfg.learner_spec())
     assert learner.policy.reference is None  # the base model (adapter disabled) is the reference
     assert sum(p.numel() for p in learner.params) < 0.1 * sum(
@@ -37,7 +30,7 @@ def test_lora_step_export_and_checkpoint(policy_dir, tmp_path):
     learner.step(groups, *samples)
     assert learner.loss_on(groups, *samples) < loss0
     exported = learner.export_weights()
-    with safe_open(str(policy_dir / "model.safetensors"), "pt") as f:
+    with safe_open(str(tiny_policy_dir / "model.safetensors"), "pt") as f:
         assert set(exported) == set(f.keys())
         changed = [n for n in f.keys() if not torch.equal(exported[n], f.get_tensor(n))]
     assert changed and all("proj" in n or "qkv" in n for n in changed)  # only adapted linears moved

@@ -65,14 +65,15 @@ def cfg() -> TrainConfig:
     return TrainConfig(data={"image_size": POLICY})
 
 
-@pytest.fixture(scope="module")
-def tiny_sam2_dir(tmp_path_factory):
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """SAM2 on one torch thread, as the tests were measured (the session's tiny SAM2 is in tests/conftest.py)."""
     import torch
 
+    old = torch.get_num_threads()
     torch.set_num_threads(1)
-    from cluster.tiny_models import build_tiny_sam2
-
-    return build_tiny_sam2(tmp_path_factory.mktemp("sam2"), seed=0)
+    yield
+    torch.set_num_threads(old)
 
 
 def test_scores_a_group_per_completion_with_components(cfg):

@@ -15,7 +15,6 @@ from actors.engine import StaleWeightsError
 from actors.weight_receiver import receive_and_load
 from actors.worker import RolloutWorker
 from cluster.config import build_config
-from cluster.tiny_models import build_tiny_policy
 from protos import RolloutRequest, Sample, SamplingConfig
 from runtime.weights.inprocess import InProcessChannel
 
@@ -29,11 +28,10 @@ def _threads():
 
 
 @pytest.fixture(scope="module")
-def cfg(tmp_path_factory):
-    folder = build_tiny_policy(tmp_path_factory.mktemp("models") / "policy", seed=0)
+def cfg(tiny_policy_dir):
     return build_config(
         {
-            "model": {"policy": str(folder)},
+            "model": {"policy": str(tiny_policy_dir)},
             "rollout": {"engine": "hf"},
             "data": {"image_size": 56},
         }

@@ -31,14 +31,15 @@ def scene():
     return image, disk
 
 
-@pytest.fixture(scope="module")
-def tiny_sam2_dir(tmp_path_factory):
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """SAM2 on one torch thread, as the tests were measured (the session's tiny SAM2 is in tests/conftest.py)."""
     import torch
 
+    old = torch.get_num_threads()
     torch.set_num_threads(1)
-    from cluster.tiny_models import build_tiny_sam2
-
-    return build_tiny_sam2(tmp_path_factory.mktemp("sam2"), seed=0)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +133,9 @@ def test_grabcut_box_band_does_not_pay_for_loose_boxes():
 
     banded, unbanded = GrabCutSegmenter(), GrabCutSegmenter(box_band=0.0)
     assert mean_iou(banded, -0.05) > 0.95 > mean_iou(unbanded, -0.05) + 0.03
-    assert mean_iou(banded, 0.0) > 0.95 and mean_iou(banded, 0.1) > 0.95  # exact and slightly loose boxes work
+    assert (
+        mean_iou(banded, 0.0) > 0.95 and mean_iou(banded, 0.1) > 0.95
+    )  # exact and slightly loose boxes work
     # off-centre boxes: tight ones are not worse than loose ones, so hedging with a loose box earns nothing
     tight, loose = mean_iou(banded, 0.0, shift=True), mean_iou(banded, 0.1, shift=True)
     assert tight > 0.95 and tight >= loose - 0.01, (tight, loose)

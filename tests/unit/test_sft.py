@@ -11,7 +11,7 @@ import torch
 from cluster.cli import main as cli_main
 from cluster.config import TrainConfig
 from cluster.data.reader import DatasetReader
-from cluster.data.synth import generate_samples, write_synthetic
+from cluster.data.synth import generate_samples
 from learner.sft import greedy_answers, mask_in_policy_space, run_sft, sft_target
 from reward_service.parser import parse_answer
 
@@ -20,16 +20,12 @@ SIZE = 56  # the policy's NxN image (4 image tokens): keeps the test fast
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from cluster.tiny_models import build_tiny_policy
-
+def setup(tmp_path_factory, tiny_policy_dir, synthetic_data):
     root = tmp_path_factory.mktemp("sft")
-    policy = build_tiny_policy(root / "policy", seed=0, preset="test")
-    write_synthetic(root / "data", n=96, seed=0, size=64)
     cfg = TrainConfig.model_validate(
         {
-            "model": {"policy": str(policy)},
-            "data": {"train": str(root / "data"), "image_size": SIZE},
+            "model": {"policy": str(tiny_policy_dir)},
+            "data": {"train": str(synthetic_data), "image_size": SIZE},
             "learner": {"micro_batch_size": 8},
             "metrics": {"run_dir": str(root / "run")},
         }
