@@ -113,10 +113,10 @@ def test_shared_vision_features_match_per_row_images(tiny_policy_dir, batch):
     assert torch.allclose(shared * mask, plain * mask, atol=1e-5)
 
 
-def test_rollout_prompt_ids_are_what_the_learner_renders_and_it_scores_after_them(policy_dir):
+def test_rollout_prompt_ids_are_what_the_learner_renders_and_it_scores_after_them(tiny_policy_dir):
     """A rollout worker on the same policy folder and image_size stamps exactly the ids the learner's own
     processor renders; the learner trains on the groups after them."""
-    cfg = make_cfg(policy_dir, beta=0.0)
+    cfg = make_cfg(tiny_policy_dir, beta=0.0)
     samples = list(generate_samples(3, seed=5, size=64))
     worker = RolloutWorker(cfg.policy_spec(), cfg.rollout.model_copy(update={"engine": "hf"}), "rollout-ids")
     requests = [
@@ -133,9 +133,9 @@ def test_rollout_prompt_ids_are_what_the_learner_renders_and_it_scores_after_the
     assert abs(stats.ratio_mean - 1.0) < 0.05 and stats.num_completions == 6
 
 
-def test_prompt_ids_that_disagree_with_the_image_are_refused_naming_the_sample(policy_dir, batch):
+def test_prompt_ids_that_disagree_with_the_image_are_refused_naming_the_sample(tiny_policy_dir, batch):
     samples, groups = batch
-    learner = Learner(make_cfg(policy_dir, beta=0.0).learner_spec())
+    learner = Learner(make_cfg(tiny_policy_dir, beta=0.0).learner_spec())
     image_token = learner.policy.processor.image_token_id
     ids = list(groups[1].group.prompt_token_ids)
     ids.remove(image_token)  # as if the rollout saw a smaller image
