@@ -99,6 +99,7 @@ def setup(tmp_path_factory):
     cfg = TrainConfig.model_validate(
         {
             "model": {"policy": str(policy)},
+            "prompt": {"preset": "compact"},  # the tiny policy's short prompts
             "data": {"train": str(root / "data"), "image_size": 56},
             "rollout": {"sampling": {"max_tokens": 32}},
             "grpo": {"group_size": 4, "beta": 0.04, "steps": 3},

@@ -34,6 +34,7 @@ def cfg(tmp_path_factory):
     return build_config(
         {
             "model": {"policy": str(folder)},
+            "prompt": {"preset": "compact"},  # the tiny policy's short prompts
             "rollout": {"engine": "hf"},
             "data": {"image_size": 56},
         }

@@ -29,6 +29,7 @@ def setup(tmp_path_factory):
     cfg = TrainConfig.model_validate(
         {
             "model": {"policy": str(policy)},
+            "prompt": {"preset": "compact"},  # the tiny policy's short prompts
             "data": {"train": str(root / "data"), "image_size": SIZE},
             "learner": {"micro_batch_size": 8},
             "metrics": {"run_dir": str(root / "run")},
