@@ -1,15 +1,16 @@
 """The `RolloutEngine` protocol and what both engines (actors/vllm_engine.py, actors/hf_engine.py) share.
 
-An engine turns a batch of `RolloutRequest`s (instruction + sampling settings + G) and their images into G
+An engine turns a batch of `RolloutRequest`s (instruction + task + sampling settings + G) and their images into G
 `Completion`s per request: text, token ids, and one BEHAVIOUR log-probability per generated token.
 
 Behaviour logprobs (both engines, same definition): the log-probability of each sampled token under the
 distribution it was actually drawn from, i.e. after
-  1. suppressing the vision special tokens (and ids the tokenizer does not have),
+  1. suppressing the vision special tokens (and ids the tokenizer does not have), and the repetition penalty
+     when one is set (evaluation with the model's generation_config; 1 = none, the training setting),
   2. dividing the logits by the temperature (temperature 0 = greedy: the logprobs are then those of
      softmax(logits) at temperature 1, with the same suppression),
-  3. top-p truncation (nucleus), RENORMALISED over the kept tokens (tokens outside the nucleus get -inf).
-With top_p = 1 (the Seg-R1 setting) and a policy that puts no mass on vision tokens, this equals
+  3. top-k, then top-p truncation (nucleus), RENORMALISED over the kept tokens (the others get -inf).
+With top_p = 1, top_k = 0 (the Seg-R1 setting) and a policy that puts no mass on vision tokens, this equals
 log_softmax(logits / T) of a teacher-forced forward pass, which is what the learner recomputes
 (learner/policy.py); the tests check it within a tolerance. vLLM produces them with
 `logprobs_mode="processed_logprobs"`; the transformers engine with its own last logits processor.
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from protos import Completion, RolloutRequest, SamplingConfig
-from protos.answer import build_messages, system_prompt, user_text
+from protos.answer import DEFAULT_PRESET, PromptSet, preset_prompts
 
 if TYPE_CHECKING:
     import torch
@@ -113,17 +114,21 @@ class RolloutEngine(Protocol):
 
 
 def render_messages(
-    instruction: str, has_image: bool, answer_format: str = "full", image_size: int = 768
+    request: RolloutRequest,
+    has_image: bool,
+    prompts: PromptSet,
+    answer_format: str = "full",
+    image_size: int = 768,
 ) -> list[dict]:
-    """Chat messages of one request: with an image, `protos.answer.build_messages` (system, user = image +
-    instruction + format sentence); without (text-only models, `segr1 generate --prompt`), the same turns as
-    plain strings without the image placeholder, so any chat template renders them."""
-    if has_image:
-        return build_messages(instruction, answer_format, image_size)
-    return [
-        {"role": "system", "content": system_prompt(answer_format)},
-        {"role": "user", "content": user_text(instruction, answer_format, image_size)},
-    ]
+    """Chat messages of one request from the policy's prompt set (PolicySpec.prompt): with an image, [system,]
+    user = image + the user text for the request's task; without (text-only models, `segr1 generate --prompt`),
+    the same turns as plain strings without the image placeholder, so any chat template renders them."""
+    return prompts.messages(request.instruction, request.task, answer_format, image_size, has_image)
+
+
+def default_prompts(prompts: PromptSet | None) -> PromptSet:
+    """An engine's prompt set: the one given, else the default preset's training texts (as PolicySpec)."""
+    return prompts if prompts is not None else preset_prompts(DEFAULT_PRESET, "train")
 
 
 def check_batch(requests: Sequence[RolloutRequest], images: Sequence[object]) -> None:
@@ -143,11 +148,15 @@ class BatchKey:
     max_tokens: int
     group_size: int
     has_image: bool
+    top_k: int = 0
+    repetition_penalty: float = 1.0
 
 
 def batch_key(request: RolloutRequest, has_image: bool) -> BatchKey:
     s = request.sampling
-    return BatchKey(s.temperature, s.top_p, s.max_tokens, request.group_size, has_image)
+    return BatchKey(
+        s.temperature, s.top_p, s.max_tokens, request.group_size, has_image, s.top_k, s.repetition_penalty
+    )
 
 
 def group_requests(requests: Sequence[RolloutRequest], images: Sequence[object]) -> dict[BatchKey, list[int]]:

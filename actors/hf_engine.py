@@ -5,8 +5,10 @@ transformers model. A text-only causal LM (e.g. `cluster.tiny_models.build_tiny_
 benchmark can compare both engines on the same model.
 
 Sampling is done by the engine's own logits processor (`RowSampler`), the only processor in the generate call
-(the model's generation_config.json is replaced by a neutral one, so no top_k / repetition penalty of a release
-config sneaks in). Per row it suppresses the vision tokens, applies the temperature and top-p, draws the token
+besides transformers' repetition penalty when a request sets one (the model's generation_config.json is replaced
+by a neutral one, so no top_k / repetition penalty of a release config sneaks in; evaluation can ask for the
+release's values explicitly, through the request's sampling). Per row it suppresses the vision tokens, applies the
+temperature, top-k and top-p, draws the token
 with that row's own `torch.Generator`, records the token's log-probability under that exact distribution (the
 behaviour logprob; see actors/engine.py), and hands generate a one-hot score so generate takes that token.
 
@@ -36,6 +38,7 @@ from actors.engine import (
     canonical_name,
     check_batch,
     check_version,
+    default_prompts,
     group_requests,
     make_completion,
     render_messages,
@@ -43,6 +46,7 @@ from actors.engine import (
     validate_update,
 )
 from protos import Completion, RolloutRequest
+from protos.answer import PromptSet
 from runtime.qwen_vl import (
     encode_prompts,
     load_processor,
@@ -68,16 +72,25 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.scatter(-1, idx, sorted_logits)
 
 
+def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties at the k-th value kept, as vLLM); 0 keeps all.
+    logits (R, V) -> (R, V) with -inf elsewhere."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (R, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
 def sampling_logprobs(
-    logits: torch.Tensor, temperature: float, top_p: float, suppress: torch.Tensor | None
+    logits: torch.Tensor, temperature: float, top_p: float, suppress: torch.Tensor | None, top_k: int = 0
 ) -> torch.Tensor:
     """Log-probabilities of the distribution a token is drawn from: suppression, temperature (0: greedy, scored
-    at T = 1), top-p renormalised. logits (R, V) -> (R, V) float32."""
+    at T = 1), top-k then top-p, renormalised. logits (R, V) -> (R, V) float32."""
     x = logits.float()
     if suppress is not None and suppress.numel():
         x = x.index_fill(-1, suppress, float("-inf"))
     if temperature > 0:
-        x = top_p_filter(x / temperature, top_p)
+        x = top_p_filter(top_k_filter(x / temperature, top_k), top_p)
     return torch.log_softmax(x, dim=-1)
 
 
@@ -85,9 +98,15 @@ class RowSampler(LogitsProcessor):
     """Draws every row's next token itself (per-row generators) and records its behaviour logprob."""
 
     def __init__(
-        self, temperature: float, top_p: float, suppress: Sequence[int], seeds: Sequence[int], device
+        self,
+        temperature: float,
+        top_p: float,
+        suppress: Sequence[int],
+        seeds: Sequence[int],
+        device,
+        top_k: int = 0,
     ):
-        self.temperature, self.top_p, self.rows = temperature, top_p, len(seeds)
+        self.temperature, self.top_p, self.top_k, self.rows = temperature, top_p, top_k, len(seeds)
         self.suppress = torch.tensor(list(suppress), dtype=torch.long, device=device)
         self.generators = []
         if temperature > 0:
@@ -96,7 +115,7 @@ class RowSampler(LogitsProcessor):
         self.logprobs: list[torch.Tensor] = []  # per step: (R,)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        logp = sampling_logprobs(scores, self.temperature, self.top_p, self.suppress)  # (R, V)
+        logp = sampling_logprobs(scores, self.temperature, self.top_p, self.suppress, self.top_k)  # (R, V)
         if self.temperature > 0:
             probs = logp.exp()  # (R, V)
             tok = torch.cat(
@@ -145,6 +164,7 @@ class HFEngine:
         answer_format: str = "full",
         image_size: int = 768,
         max_batch_rows: int | None = None,
+        prompts: PromptSet | None = None,
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -162,6 +182,7 @@ class HFEngine:
             tokenizer = AutoTokenizer.from_pretrained(str(folder), padding_side="left")
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype).to(device).eval()
         self._setup(model, tokenizer, processor, str(folder), answer_format, image_size, max_batch_rows)
+        self.prompts = default_prompts(prompts)
 
     @classmethod
     def from_model(
@@ -174,11 +195,13 @@ class HFEngine:
         image_size: int = 768,
         max_batch_rows: int | None = None,
         name: str = "<in-memory model>",
+        prompts: PromptSet | None = None,
     ) -> HFEngine:
         """An engine around a model already in memory (benchmarks; the learner's own copy in a colocated run).
         `processor` (runtime.qwen_vl.load_processor) is needed for image requests."""
         engine = cls.__new__(cls)
         engine._setup(model.eval(), tokenizer, processor, name, answer_format, image_size, max_batch_rows)
+        engine.prompts = default_prompts(prompts)
         return engine
 
     def _setup(self, model, tokenizer, processor, name, answer_format, image_size, max_batch_rows) -> None:
@@ -267,7 +290,7 @@ class HFEngine:
     def _encode(self, requests: Sequence[RolloutRequest], images: Sequence[Image.Image | None]) -> dict:
         has_image = images[0] is not None
         messages = [
-            render_messages(r.instruction, has_image, self.answer_format, self.image_size) for r in requests
+            render_messages(r, has_image, self.prompts, self.answer_format, self.image_size) for r in requests
         ]
         if has_image:
             if self.processor is None:
@@ -291,11 +314,12 @@ class HFEngine:
         batch = self._encode(requests, images)
         g = key.group_size
         seeds = [request_seed(r.sampling) + j for r in requests for j in range(g)]
-        sampler = RowSampler(key.temperature, key.top_p, self.suppress_ids, seeds, self.device)
+        sampler = RowSampler(key.temperature, key.top_p, self.suppress_ids, seeds, self.device, key.top_k)
         out = self.model.generate(
             **model_inputs(batch, self.device),
             max_new_tokens=key.max_tokens,
             num_return_sequences=g,
+            repetition_penalty=key.repetition_penalty,  # transformers' processor runs before the sampler's
             logits_processor=LogitsProcessorList([sampler]),
         )  # (B*G, P + N)
         new = out[:, batch["input_ids"].shape[1] :].cpu()  # (B*G, N)

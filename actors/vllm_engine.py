@@ -4,12 +4,14 @@ Both take the same requests as the transformers engine and return the same compl
 - prompts: the chat template of the model's tokenizer over `render_messages(...)`; text-only requests go in as
   token ids (identical to the transformers engine's), image requests as {"prompt": text, "multi_modal_data":
   {"image": PIL image}} (Qwen2.5-VL: vLLM expands the <|image_pad|> placeholder itself);
-- sampling: `SamplingParams(n=G, temperature, top_p, max_tokens, seed, logprobs=0)` with
+- prompts: the policy's prompt set (`prompts=`, PolicySpec.prompt; protos/answer.py);
+- sampling: `SamplingParams(n=G, temperature, top_p, top_k, repetition_penalty, max_tokens, seed, logprobs=0)` with
   `logprobs_mode="processed_logprobs"` on the engine, so the logprob returned for each sampled token is the one of
   the distribution it was drawn from (suppression, temperature, top-p renormalised), like the HF engine's;
   vision tokens suppressed with `bad_words` (and `allowed_token_ids` when the model's vocabulary is larger than
   the tokenizer's); stops at <|im_end|> / <|endoftext|>; `generation_config="vllm"` so a release's
-  generation_config.json (Qwen2.5-VL: top_k=1, temperature 0.1, repetition penalty) never changes the sampling;
+  generation_config.json (Qwen2.5-VL: top_k=1, temperature 0.1, repetition penalty) never changes the sampling
+  unless a request asks for those values itself (evaluation with `eval.generation_config`);
 - prompt token ids: `RequestOutput.prompt_token_ids`, as the model saw them (vLLM's processor has expanded the
   image placeholder into the image's tokens); the rollout worker stamps them on each group for the learner;
 - seeds: `seed=s` gives completion j the seed s + j (vLLM's n > 1 convention); reproducible on the same
@@ -54,11 +56,13 @@ from actors.engine import (
     NamedTensors,
     check_batch,
     check_version,
+    default_prompts,
     make_completion,
     render_messages,
     validate_update,
 )
 from protos import Completion, RolloutRequest
+from protos.answer import PromptSet
 from runtime.qwen_vl import VISION_TOKENS, resolve_dtype, resolve_folder, stop_token_ids, suppress_token_ids
 
 CPU_ENV = {
@@ -127,10 +131,11 @@ def _to_blob(items: list[tuple[str, torch.Tensor]]) -> bytes:
 class _VLLMBase:
     """What both vLLM engines share: prompts, sampling params, weight bookkeeping, outputs."""
 
-    def _setup(self, model_path, answer_format: str, image_size: int) -> Path:
+    def _setup(self, model_path, answer_format: str, image_size: int, prompts: PromptSet | None) -> Path:
         folder = resolve_folder(model_path)
         self.model_path = str(folder)
         self.answer_format, self.image_size = answer_format, image_size
+        self.prompts = default_prompts(prompts)
         self.on_cpu = not torch.cuda.is_available()
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         self.is_vision_language = "vision_config" in config
@@ -189,7 +194,7 @@ class _VLLMBase:
 
     def _prompt(self, request: RolloutRequest, image: Image.Image | None) -> dict[str, Any]:
         messages = render_messages(
-            request.instruction, image is not None, self.answer_format, self.image_size
+            request, image is not None, self.prompts, self.answer_format, self.image_size
         )
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         if image is None:
@@ -213,7 +218,8 @@ class _VLLMBase:
             n=request.group_size if s.temperature > 0 else 1,  # greedy: one completion, copied G times
             temperature=s.temperature,
             top_p=s.top_p,
-            top_k=0,
+            top_k=s.top_k,
+            repetition_penalty=s.repetition_penalty,
             max_tokens=s.max_tokens,
             seed=s.seed,
             logprobs=0,
@@ -270,8 +276,9 @@ class VLLMEngine(_VLLMBase):
         enforce_eager: bool | None = None,
         seed: int = 0,
         extra_engine_args: dict[str, Any] | None = None,
+        prompts: PromptSet | None = None,
     ):
-        folder = self._setup(model_path, answer_format, image_size)
+        folder = self._setup(model_path, answer_format, image_size, prompts)
         prepare_environment(self.on_cpu, tensor_parallel_size=tensor_parallel_size)
         from vllm import LLM
 
@@ -386,8 +393,9 @@ class AsyncVLLMEngine(_VLLMBase):
         enforce_eager: bool | None = None,
         seed: int = 0,
         extra_engine_args: dict[str, Any] | None = None,
+        prompts: PromptSet | None = None,
     ):
-        folder = self._setup(model_path, answer_format, image_size)
+        folder = self._setup(model_path, answer_format, image_size, prompts)
         prepare_environment(self.on_cpu, asynchronous=True)
         options = dict(locals())
         self._loop = asyncio.new_event_loop()

@@ -47,7 +47,12 @@ def build_engine(
 ) -> RolloutEngine:
     """The engine rollout.engine names (hf | vllm); `concurrent` (async GRPO) takes vLLM's AsyncVLLMEngine."""
     kind = engine or rollout.engine
-    common = dict(answer_format=policy.answer_format, image_size=policy.image_size, dtype=policy.dtype)
+    common = dict(
+        answer_format=policy.answer_format,
+        image_size=policy.image_size,
+        dtype=policy.dtype,
+        prompts=policy.prompt,
+    )
     if kind == "hf":
         from actors.hf_engine import HFEngine
 

@@ -110,16 +110,17 @@ def bench_cpu(args) -> dict:
 
     from actors.hf_engine import HFEngine
     from cluster.tiny_models import build_tiny_text_policy
+    from protos.answer import COMPACT  # the tiny models' short prompts, as every CPU figure here
 
     torch.set_num_threads(args.threads)
     folder = build_tiny_text_policy(Path(tempfile.mkdtemp(prefix="segr1-bench-")) / "text-policy", seed=0)
     requests = _requests(args.requests, args.max_tokens)
     images = [None] * len(requests)
-    hf = HFEngine(folder, device="cpu")
+    hf = HFEngine(folder, device="cpu", prompts=COMPACT)
     t0 = time.perf_counter()
     from actors.vllm_engine import VLLMEngine
 
-    vllm = VLLMEngine(folder, max_model_len=2048, seed=0)
+    vllm = VLLMEngine(folder, max_model_len=2048, seed=0, prompts=COMPACT)
     vllm_init_s = time.perf_counter() - t0
     torch.set_num_threads(args.threads)
     warm = _requests(1, 8)
@@ -164,6 +165,7 @@ def _qwen3b_engine():
 
     from actors.hf_engine import HFEngine
     from cluster.tiny_models import SPECIAL_IDS, build_tiny_policy
+    from protos.answer import COMPACT
     from runtime.qwen_vl import load_processor
 
     tiny = build_tiny_policy(Path(tempfile.mkdtemp(prefix="segr1-bench-")) / "policy", seed=0)
@@ -185,7 +187,7 @@ def _qwen3b_engine():
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
     processor = load_processor(tiny)
     return HFEngine.from_model(
-        model, processor.tokenizer, processor, image_size=768, name="qwen2.5-vl-3b-shaped"
+        model, processor.tokenizer, processor, image_size=768, name="qwen2.5-vl-3b-shaped", prompts=COMPACT
     )
 
 

@@ -2,13 +2,14 @@
 
 The rollout, reward, learner (+ grpo, checkpoint) and weight-transport sections live beside their workers
 (actors/config.py, reward_service/config.py, learner/config.py, runtime/weights/config.py) and the shared
-`PolicySpec` / `Resources` in protos/config.py; this module adds the job's own sections (model, data, metrics,
-placement), validates the rules that span sections, and hands each worker only its section (`policy_spec`,
-`weight_transport`). Workers never see `TrainConfig`.
+`PolicySpec` / `PromptConfig` / `Resources` in protos/config.py; this module adds the job's own sections (model,
+data, eval, metrics, placement), validates the rules that span sections, and hands each worker only its section
+(`policy_spec(phase)` with the prompts of training or evaluation, `weight_transport`). Workers never see
+`TrainConfig`.
 
 Loaded from YAML (`load_config`) with `key.sub=value` overrides from the command line. Every field has a
 description and bounds; an invalid value fails with a message naming the field, saying why and how to fix it.
-Nothing is silently rewritten. `segr1 train --config FILE --dry-run` prints the resolved tree.
+Nothing is silently rewritten. `segr1 train --config FILE --dry-run` prints the resolved tree and the prompts.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from actors.config import RolloutConfig, SamplingSection
 from learner.config import CheckpointConfig, GRPOConfig, LearnerConfig, LearnerSpec
-from protos.config import STRICT, PolicySpec, Resources
+from protos.config import STRICT, PolicySpec, PromptConfig, PromptTexts, Resources
 from reward_service.config import RewardConfig, RewardWeights
 from runtime.weights.config import WeightSyncConfig
 
@@ -35,7 +36,11 @@ __all__ = [
     "MetricsConfig",
     "ModelConfig",
     "PlacementConfig",
+    "EvalConfig",
+    "EvalTokens",
     "PolicySpec",
+    "PromptConfig",
+    "PromptTexts",
     "Resources",
     "RewardConfig",
     "RewardWeights",
@@ -118,6 +123,39 @@ class PlacementConfig(BaseModel):
     namespace: str = Field("segr1", min_length=1, description="Ray namespace of the named actors.")
 
 
+class EvalTokens(BaseModel):
+    """New-token limit of one evaluation answer, per task (the reference's eval/ scripts' max_new_tokens)."""
+
+    model_config = STRICT
+
+    foreground: int = Field(
+        1024,
+        ge=1,
+        le=32768,
+        description="Foreground sets (reference: 1024, eval_foreground_segmentation.py).",
+    )
+    referring: int = Field(
+        512, ge=1, le=32768, description="Referring sets (reference: 512, eval_referring_segmentation.py)."
+    )
+    reasoning: int = Field(
+        512, ge=1, le=32768, description="Reasoning sets (reference: 512, eval_reasoning_segmentation.py)."
+    )
+
+
+class EvalConfig(BaseModel):
+    """Evaluation decoding (`segr1 eval`, `segr1 predict`, the demo's before / after)."""
+
+    model_config = STRICT
+
+    max_tokens: EvalTokens = Field(default_factory=EvalTokens)
+    generation_config: bool = Field(
+        False,
+        description="Decode as the policy folder's generation_config.json says (do_sample, temperature, top_p, "
+        "top_k, repetition_penalty), as the reference's model.generate did; false: greedy (--sample: "
+        "rollout.sampling).",
+    )
+
+
 class TrainConfig(BaseModel):
     """A whole training job."""
 
@@ -125,12 +163,14 @@ class TrainConfig(BaseModel):
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of data order, sampling and initialisation.")
@@ -160,14 +200,16 @@ class TrainConfig(BaseModel):
         return self
 
     # -- what each worker is handed -----------------------------------------------------------------------------
-    def policy_spec(self) -> PolicySpec:
-        """The policy every worker loads (model.*, data.image_size, reward.answer_format, seed)."""
+    def policy_spec(self, phase: Literal["train", "eval"] = "train") -> PolicySpec:
+        """The policy every worker loads (model.*, data.image_size, reward.answer_format, seed) and the prompts
+        it is asked with: `prompt` resolved for `phase` (train: rollout, learner, SFT; eval: evaluation)."""
         return PolicySpec(
             path=self.model.policy,
             reference=self.model.reference,
             dtype=self.model.dtype,
             image_size=self.data.image_size,
             answer_format=self.reward.answer_format,
+            prompt=self.prompt.resolve(phase),
             seed=self.seed,
         )
 

@@ -103,8 +103,8 @@ def evaluate_policy(cfg: TrainConfig, policy: Path, held_out: Path, grid: Path, 
     samples = load_samples(held_out)
     settings = settings_from_config(ecfg, greedy=True)
     run = evaluate_samples(
-        RolloutWorker(ecfg.policy_spec(), ecfg.rollout, "eval-rollout"),
-        Predictor(ecfg.policy_spec(), ecfg.reward, "eval-0"),
+        RolloutWorker(ecfg.policy_spec("eval"), ecfg.rollout, "eval-rollout"),
+        Predictor(ecfg.policy_spec("eval"), ecfg.reward, "eval-0"),
         samples,
         baselines=baselines,
         progress=True,

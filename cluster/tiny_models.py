@@ -107,14 +107,16 @@ def _corpus() -> list[str]:
     from cluster.data.synth import generate_item
     from protos import answer as P
 
-    texts = [P.system_prompt(f) for f in P.ANSWER_FORMATS]
-    texts += [
-        P.user_text(P.default_instruction("foreground"), f, n) for f in P.ANSWER_FORMATS for n in (112, 768)
-    ]
+    # The compact prompts only (the tiny models run with prompt.preset=compact): the merges, hence the tokenizer
+    # and every tiny model built from it, do not change when other presets' texts do.
+    compact = P.COMPACT
+    texts = [compact.system_text(f) for f in P.ANSWER_FORMATS]
+    fg = P.FOREGROUND_INSTRUCTION
+    texts += [compact.user_text(fg, "foreground", f, n) for f in P.ANSWER_FORMATS for n in (112, 768)]
     rng = np.random.default_rng(0)
     for i in range(200):
         item = generate_item(0, i, size=112)
-        texts.append(P.user_text(item.sample.instruction, "full", 112))
+        texts.append(compact.user_text(item.sample.instruction, item.sample.task, "full", 112))
         x1, y1 = (int(v) for v in rng.integers(0, 60, 2))
         box = (x1, y1, x1 + int(rng.integers(10, 50)), y1 + int(rng.integers(10, 50)))
         pts = [tuple(int(v) for v in rng.integers(0, 112, 2)) for _ in range(3)]

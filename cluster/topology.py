@@ -109,14 +109,14 @@ def spawn_reward_actor(cfg: TrainConfig, cls: type, name: str) -> Any:
     return _spawn_named(cls, options, cfg.policy_spec(), cfg.reward, name)
 
 
-def spawn_rollout_actor(cfg: TrainConfig, cls: type, name: str) -> Any:
-    """`cls(policy, rollout, name, engine, concurrent)`: a RolloutWorker."""
+def spawn_rollout_actor(cfg: TrainConfig, cls: type, name: str, phase: str = "train") -> Any:
+    """`cls(policy, rollout, name, engine, concurrent)`: a RolloutWorker (prompts of `phase`: train | eval)."""
     options = actor_options(cfg, "rollout", cfg.rollout.resources, name)
     options["max_concurrency"] = (
         2  # a weight receive runs beside a generate; the engine's lock keeps it atomic
     )
     concurrent = cfg.grpo.mode == "async"
-    return _spawn_named(cls, options, cfg.policy_spec(), cfg.rollout, name, None, concurrent)
+    return _spawn_named(cls, options, cfg.policy_spec(phase), cfg.rollout, name, None, concurrent)
 
 
 # The driver lands on the head node in disaggregated mode (the head advertises it; cluster/k8s/).
@@ -156,12 +156,14 @@ def make_reward_pool(cfg: TrainConfig, cls: type) -> ActorPool:
     )
 
 
-def make_rollout_pool(cfg: TrainConfig, cls: type, on_start=None, on_error=None) -> ActorPool:
-    """A pool of `cls` (RolloutWorker) actors `rollout-<i>`.
+def make_rollout_pool(
+    cfg: TrainConfig, cls: type, on_start=None, on_error=None, phase: str = "train"
+) -> ActorPool:
+    """A pool of `cls` (RolloutWorker) actors `rollout-<i>`, asking with the prompts of `phase` (train | eval).
     on_start(handle) -> [ObjectRef]: run on every new or restarted actor before it serves (weights)."""
     return ActorPool(
         "rollout",
-        lambda name: spawn_rollout_actor(cfg, cls, name),
+        lambda name: spawn_rollout_actor(cfg, cls, name, phase),
         cfg.rollout.num_workers,
         max_inflight=2,
         on_start=on_start,
@@ -173,7 +175,7 @@ def spawn_eval_scorer_actor(cfg: TrainConfig, cls: type, name: str) -> Any:
     """Evaluation (`segr1 eval`): `cls(policy_spec, reward_section, name)` (reward_service's Predictor: parse +
     segment, returns masks) on the reward pool's resources."""
     options = actor_options(cfg, "reward", cfg.reward.resources, name)
-    return _spawn_named(cls, options, cfg.policy_spec(), cfg.reward, name)
+    return _spawn_named(cls, options, cfg.policy_spec("eval"), cfg.reward, name)
 
 
 def make_eval_scorer_pool(cfg: TrainConfig, cls: type) -> ActorPool:

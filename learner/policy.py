@@ -5,9 +5,9 @@ learner scores each completion after exactly the prompt it was sampled from; onl
 (resized to NxN, PolicySpec.image_size, for pixel_values / image_grid_thw). A prompt whose image tokens do not
 match its image is refused with an error naming the sample. Where no rollout made the prompt (SFT, synthetic
 groups) it is rendered as the rollout workers render it (protos/answer.py + runtime/qwen_vl.py):
-`build_messages(instruction, answer_format, image_size)` and the folder's chat template. Tokens are scored at
-the temperature they were sampled at (log softmax(logits / T), T carried by each RolloutGroup) so the GRPO
-ratio compares like with like.
+`PolicySpec.prompt.messages(instruction, task, answer_format, image_size)` and the folder's chat template. Tokens
+are scored at the temperature they were sampled at (log softmax(logits / T), T carried by each RolloutGroup) so
+the GRPO ratio compares like with like.
 
 Precision: the trained parameters are float32 master weights; on a GPU the forward runs under bf16 autocast
 (learner.precision auto|bf16), so a 1e-6 update is not lost to bf16 rounding. The frozen reference (only loaded
@@ -28,7 +28,6 @@ import torch
 from learner.config import LearnerConfig
 from learner.grpo import masked_logprobs_from_logits
 from protos import Sample
-from protos.answer import build_messages
 from protos.config import PolicySpec
 from runtime.images import resize_for_policy
 from runtime.qwen_vl import (
@@ -68,11 +67,10 @@ def compute_dtype(learner: LearnerConfig, device: torch.device) -> torch.dtype:
 
 
 def render_prompt(sample: Sample, policy: PolicySpec) -> tuple[Any, list[dict]]:
-    """(image, messages) exactly as the rollout workers render them."""
+    """(image, messages) exactly as the rollout workers render them (the policy's prompt set, the sample's task)."""
     size = policy.image_size
-    return resize_for_policy(sample.image, size), build_messages(
-        sample.instruction, policy.answer_format, size
-    )
+    messages = policy.prompt.messages(sample.instruction, sample.task, policy.answer_format, size)
+    return resize_for_policy(sample.image, size), messages
 
 
 def right_align(rows: Sequence[Sequence[float]], width: int, fill: float = 0.0) -> torch.Tensor:

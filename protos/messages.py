@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from protos.answer import TaskKind
 from protos.dataset import Sample
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
@@ -32,6 +33,10 @@ class SamplingConfig(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(400, ge=1, le=32768)
     seed: int | None = Field(None, description="Per-request sampling seed; None draws one.")
+    top_k: int = Field(0, ge=0, le=1_000_000, description="Keep the k most likely tokens; 0 keeps all.")
+    repetition_penalty: float = Field(
+        1.0, gt=0.0, le=10.0, description="Penalty on tokens already in prompt or completion; 1 is none."
+    )
 
 
 class RolloutRequest(BaseModel):
@@ -45,6 +50,7 @@ class RolloutRequest(BaseModel):
     request_id: str = Field(min_length=1)
     sample_id: str = Field(min_length=1)
     instruction: str
+    task: TaskKind = Field("foreground", description="The sample's task: picks the prompt's user text.")
     group_size: int = Field(
         ge=2, le=1024, description="G > 1: GRPO with one sample per group learns nothing."
     )
@@ -62,7 +68,7 @@ class RolloutRequest(BaseModel):
         seed: int | None = None,
         min_policy_version: int = 0,
     ) -> RolloutRequest:
-        """The request for `sample` (its id and instruction). `sampling`: a SamplingConfig or any object with
+        """The request for `sample` (its id, instruction and task). `sampling`: a SamplingConfig or any object with
         its fields (the rollout config's sampling section); `seed`, when given, replaces its seed."""
         base = SamplingConfig.model_validate(sampling, from_attributes=True)
         if seed is not None:
@@ -71,6 +77,7 @@ class RolloutRequest(BaseModel):
             request_id=request_id,
             sample_id=sample.id,
             instruction=sample.instruction,
+            task=sample.task,
             group_size=group_size,
             sampling=base,
             min_policy_version=min_policy_version,

@@ -1,6 +1,8 @@
 """`segr1 eval --config FILE --checkpoint DIR --data DIR [--out DIR] [key.sub=value ...]`: evaluate a checkpoint.
 
-Runs the rollout pool (greedy by default, `--sample` for the configured sampling) and the segmenter, no learner,
+Runs the rollout pool (greedy by default, `--sample` for the configured sampling, eval.generation_config for the
+policy's own generation_config.json; eval.max_tokens new tokens per task; the evaluation prompts, prompt.eval)
+and the segmenter, no learner,
 over every sample of --data exactly once in file order, and writes metrics.json, metrics.md (the paper's table
 layout), predictions.parquet (one row per sample) and grid.png (best and worst predictions) to --out.
 `--local` runs both workers in this process (no Ray): the GPU machine, quick checks, tests.
@@ -72,7 +74,10 @@ def run(args: argparse.Namespace) -> int:
     from cluster.evaluation.report import write_outputs
 
     cfg, samples, corrupt, checkpoint_name = _prepare(args)
-    settings = settings_from_config(cfg, greedy=not args.sample)
+    try:
+        settings = settings_from_config(cfg, greedy=not args.sample)
+    except ValueError as err:  # --sample with eval.generation_config
+        raise CommandError(str(err), exit_code=2) from None
     baselines, progress = not args.no_baselines, not args.no_progress
     try:
         if args.local:
@@ -80,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
             from reward_service.predictor import Predictor
 
             rollout, predictor = (
-                RolloutWorker(cfg.policy_spec(), cfg.rollout, name="rollout-0"),
-                Predictor(cfg.policy_spec(), cfg.reward, name="eval-0"),
+                RolloutWorker(cfg.policy_spec("eval"), cfg.rollout, name="rollout-0"),
+                Predictor(cfg.policy_spec("eval"), cfg.reward, name="eval-0"),
             )
             run_ = evaluate_samples(
                 rollout, predictor, samples, **settings, baselines=baselines, progress=progress
@@ -93,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or _default_out(checkpoint_name, args.data)
     used = {"policy": cfg.model.policy, "data": args.data, "segmenter": cfg.reward.segmenter}
     used["image_size"] = cfg.data.image_size
+    used["prompt_preset"] = cfg.prompt.preset
     extra = {"corrupt_rows": corrupt, "settings": {**_jsonable(settings), **used}}
     write_outputs(run_, samples, out, title=f"Seg-R1 evaluation of {cfg.model.policy}", extra=extra)
     s = run_.summary

@@ -1,4 +1,4 @@
-"""`segr1 eval-masks --pred DIR --gt DIR [--json]`: the foreground metrics of a folder of predicted masks.
+"""`segr1 eval-masks --pred DIR --gt DIR [--hce] [--json]`: the foreground metrics of a folder of predicted masks.
 
 Pairs files by stem. Every ground truth is scored once; a ground truth without a prediction (or with an unreadable
 one) is scored as an empty prediction and counted in `missing` (its stems are listed on stderr). Predictions are
@@ -25,6 +25,7 @@ def register(sub) -> None:
     )
     p.add_argument("--pred", required=True, help="folder of predicted masks (PNG, 0..255 grayscale or 0/1)")
     p.add_argument("--gt", required=True, help="folder of ground-truth masks (0/1 or 0/255)")
+    p.add_argument("--hce", action="store_true", help="also HCE, human correction effort (DIS5K)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(func=run)
 
@@ -44,8 +45,8 @@ def _by_stem(folder) -> dict:
     return files
 
 
-def evaluate_mask_folders(pred_dir, gt_dir) -> tuple[dict, list[str], list[str]]:
-    """(metrics, stems with no usable prediction, prediction stems without a ground truth)."""
+def evaluate_mask_folders(pred_dir, gt_dir, hce: bool = False) -> tuple[dict, list[str], list[str]]:
+    """(metrics, stems with no usable prediction, prediction stems without a ground truth); `hce` adds HCE."""
     import cv2
     from tqdm import tqdm
 
@@ -54,7 +55,7 @@ def evaluate_mask_folders(pred_dir, gt_dir) -> tuple[dict, list[str], list[str]]
     preds, gts = _by_stem(pred_dir), _by_stem(gt_dir)
     if not gts:
         raise CommandError(f"{gt_dir} holds no mask files ({', '.join(MASK_EXTS)})")
-    meter = ForegroundMeter()
+    meter = ForegroundMeter(hce=hce)
     for stem, gt_path in tqdm(gts.items(), desc="eval-masks", unit="mask", disable=None):
         gt = cv2.imread(str(gt_path), cv2.IMREAD_GRAYSCALE)  # (H, W) uint8
         if gt is None:
@@ -68,7 +69,7 @@ def evaluate_mask_folders(pred_dir, gt_dir) -> tuple[dict, list[str], list[str]]
 def run(args: argparse.Namespace) -> int:
     from cluster.evaluation.metrics import text_table
 
-    metrics, missing, extra = evaluate_mask_folders(args.pred, args.gt)
+    metrics, missing, extra = evaluate_mask_folders(args.pred, args.gt, hce=args.hce)
     if missing:
         shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
         print(f"eval-masks: {len(missing)} ground truth(s) without a usable prediction, scored as empty: {shown}",

@@ -3,8 +3,10 @@
     segr1 generate --model runs/models/policy --image cat.png --instruction "Identify and segment the cat." --n 4 --json
     segr1 generate --model runs/models/text-policy --prompt "Segment the cat." --n 8 --engine vllm --json
 
-With --image the model sees the Seg-R1 prompt (system prompt, the image resized to --image-size squared, the
-instruction and the output-format sentence); with --prompt the same turns without an image (text-only models).
+With --image the model sees the prompt of --prompts (a preset of protos/answer.py: seg-r1, the reference's texts,
+by default; compact; --eval-prompts for the evaluation texts) with the image resized to --image-size squared and
+the instruction (a referring sample unless it is the foreground instruction); with --prompt the same turns without
+an image (text-only models).
 --json prints {"completions": [{"text", "token_ids", "logprobs", "finish_reason"}, ...], ...} with one behaviour
 logprob per generated token (see docs/rollout.md for what they are).
 """
@@ -39,6 +41,10 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (completion j uses seed + j)")
     p.add_argument("--image-size", type=int, default=768, help="the policy sees NxN images (default 768)")
     p.add_argument("--answer-format", choices=("full", "points"), default="full", help="prompt variant")
+    p.add_argument(
+        "--prompts", choices=("seg-r1", "compact"), default="seg-r1", help="prompt preset (default seg-r1)"
+    )
+    p.add_argument("--eval-prompts", action="store_true", help="the preset's evaluation texts")
     p.add_argument("--device", default=None, help="hf engine: cpu or cuda (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=run)
@@ -48,6 +54,9 @@ def _request(args: argparse.Namespace, instruction: str):
     from pydantic import ValidationError
 
     from protos import RolloutRequest, SamplingConfig
+    from protos.answer import FOREGROUND_INSTRUCTION
+
+    task = "foreground" if instruction.strip() == FOREGROUND_INSTRUCTION else "referring"
 
     if args.n < 1:
         raise CommandError(f"--n {args.n}: give at least 1 completion", exit_code=2)
@@ -57,8 +66,8 @@ def _request(args: argparse.Namespace, instruction: str):
         )
         # A group has at least two completions; --n 1 samples two and shows the first.
         return RolloutRequest(
-            request_id="generate", sample_id="cli", instruction=instruction, group_size=max(2, args.n),
-            sampling=sampling,
+            request_id="generate", sample_id="cli", instruction=instruction, task=task,
+            group_size=max(2, args.n), sampling=sampling,
         )  # fmt: skip
     except ValidationError as err:
         first = err.errors()[0]
@@ -81,7 +90,10 @@ def _image(args: argparse.Namespace):
 
 
 def _engine(args: argparse.Namespace):
-    common = dict(answer_format=args.answer_format, image_size=args.image_size)
+    from protos.answer import preset_prompts
+
+    prompts = preset_prompts(args.prompts, "eval" if args.eval_prompts else "train")
+    common = dict(answer_format=args.answer_format, image_size=args.image_size, prompts=prompts)
     try:
         if args.engine == "hf":
             from actors.hf_engine import HFEngine

@@ -2,7 +2,8 @@
 
 For each IMAGE writes, in --out: `<stem>_mask.png` (0/255, the image's size), `<stem>_overlay.png` (the mask in
 red, boxes yellow, foreground points green, background points magenta) and `<stem>.txt` (the raw completion).
-Runs the policy and the configured segmenter in this process (no Ray); greedy unless --sample.
+Runs the policy and the configured segmenter in this process (no Ray); greedy unless --sample, with the evaluation
+prompts and limits (prompt.eval, eval.*) as `segr1 eval`.
 """
 
 from __future__ import annotations
@@ -105,16 +106,20 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("two IMAGE files share a file name stem; their outputs would collide")
     pairs = [_sample_for(i, instruction) for i in args.images]
     samples = [s for s, _ in pairs]
-    settings = settings_from_config(cfg, greedy=not args.sample)
+    try:
+        settings = settings_from_config(cfg, greedy=not args.sample)
+    except ValueError as err:  # --sample with eval.generation_config
+        raise CommandError(str(err), exit_code=2) from None
 
     from actors.worker import RolloutWorker
     from reward_service.predictor import Predictor
 
     rollout, predictor = (
-        RolloutWorker(cfg.policy_spec(), cfg.rollout, name="rollout-0"),
-        Predictor(cfg.policy_spec(), cfg.reward, name="eval-0"),
+        RolloutWorker(cfg.policy_spec("eval"), cfg.rollout, name="rollout-0"),
+        Predictor(cfg.policy_spec("eval"), cfg.reward, name="eval-0"),
     )
-    requests = make_requests(samples, 0, settings["group_size"], settings["sampling"], settings["seed"])
+    s = settings
+    requests = make_requests(samples, 0, s["group_size"], s["sampling"], s["seed"], s["max_tokens"])
     groups = rollout.generate(requests, *samples)
     preds = predictor.predict(groups, *samples)
     out = Path(args.out)

@@ -1,4 +1,9 @@
-"""`segr1 train --config FILE [key.sub=value ...] [--dry-run] [--resume]`: GRPO training."""
+"""`segr1 train --config FILE [key.sub=value ...] [--dry-run] [--resume]`: GRPO training.
+
+`--dry-run` prints the resolved config (YAML), then the prompts it renders: the system prompt and the user text
+after the image, for training (reward.answer_format, data.image_size, the foreground instruction) and for
+evaluation per task, each verbatim between `# --8<--` and `# -->8--` lines.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,9 @@ from cluster.commands.common import add_config_args, load_config_from_args
 def register(sub) -> None:
     p = sub.add_parser("train", help="GRPO training on local Ray or RAY_ADDRESS")
     add_config_args(p)
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the resolved config and the rendered prompts, and exit"
+    )
     p.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir"
     )
@@ -24,9 +31,43 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config_from_args(args)
     if args.dry_run:
         print(dump_config(cfg), end="")
+        print(rendered_prompts(cfg), end="")
         return 0
     from cluster.launch import run_training
 
     summary = run_training(cfg, resume=args.resume)
     print(json.dumps(summary, indent=1))
     return 0 if summary["groups_lost"] == 0 else 1
+
+
+PROMPTS_HEADER = "# ---- rendered prompts"
+
+
+def _block(title: str, text: str) -> str:
+    if not text:
+        return f"# {title}: none (no system message; the chat template's default applies)\n"
+    return f"# --8<-- {title}\n{text}\n# -->8--\n"
+
+
+def rendered_prompts(cfg) -> str:
+    """The prompts `cfg` renders, verbatim: training (foreground instruction) and evaluation per task."""
+    from protos.answer import default_instruction
+
+    fmt, size = cfg.reward.answer_format, cfg.data.image_size
+    out = [
+        f"{PROMPTS_HEADER} (prompt.preset={cfg.prompt.preset}, reward.answer_format={fmt}, "
+        f"data.image_size={size}) ----\n"
+    ]
+    examples = {
+        "foreground": default_instruction("foreground"),
+        "referring": default_instruction("referring", "<expression>"),
+        "reasoning": default_instruction("reasoning", "<question>"),
+    }
+    for phase in ("train", "eval"):
+        prompts = cfg.policy_spec(phase).prompt
+        out.append(_block(f"{phase} system", prompts.system_text(fmt, size)))
+        tasks = ("foreground",) if phase == "train" else tuple(examples)
+        for task in tasks:
+            title = f"{phase} user text after the image, task {task} ({examples[task]!r})"
+            out.append(_block(title, prompts.user_text(examples[task], task, fmt, size)))
+    return "".join(out)

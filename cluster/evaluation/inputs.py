@@ -1,13 +1,18 @@
-"""What an evaluation reads: the samples of a data set, and the policy folder a `--checkpoint` names."""
+"""What an evaluation reads: the samples of a data set, the policy folder a `--checkpoint` names, and (with
+eval.generation_config) that folder's decoding settings."""
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from protos import Sample
 
 POLICY_DIR = "policy"  # the Hugging Face folder inside a step-* checkpoint (learner/checkpoint.py)
+
+logger = logging.getLogger(__name__)
 
 
 def load_samples(
@@ -47,3 +52,34 @@ def resolve_checkpoint(checkpoint) -> PolicyCheckpoint:
         f"--checkpoint {root} is not a model folder (config.json), a checkpoint (policy/config.json) or a "
         "checkpoint root (step-*/policy/)"
     )
+
+
+# transformers' GenerationConfig defaults, what model.generate uses for a key the file does not set.
+_HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
+
+
+def generation_config_sampling(folder) -> dict:
+    """SamplingConfig fields (temperature, top_p, top_k, repetition_penalty) that decode as `model.generate` does
+    with `folder`'s generation_config.json, the way the reference evaluated (eval/*.py call model.generate with
+    only max_new_tokens). do_sample false: greedy, the repetition penalty still applies. Keys the file lacks take
+    transformers' defaults; a folder without the file decodes greedily (transformers' default), with a warning.
+    Qwen2.5-VL-7B-Instruct's file (temperature 0.1, top_p 0.001, top_k 1, repetition_penalty 1.05) is greedy with
+    a 1.05 repetition penalty in effect."""
+    path = Path(folder) / "generation_config.json"
+    found: dict = {}
+    if path.is_file():
+        found = json.loads(path.read_text(encoding="utf-8"))
+    else:
+        logger.warning(
+            "eval.generation_config: %s does not exist; decoding greedily (transformers' default)", path
+        )
+    gc = {k: (found.get(k) if found.get(k) is not None else v) for k, v in _HF_DEFAULTS.items()}
+    penalty = float(gc["repetition_penalty"])
+    if not gc["do_sample"]:
+        return {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": penalty}
+    return {
+        "temperature": float(gc["temperature"]),
+        "top_p": float(gc["top_p"]),
+        "top_k": int(gc["top_k"]),
+        "repetition_penalty": penalty,
+    }

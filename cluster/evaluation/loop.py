@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -114,14 +114,26 @@ def check_unique_ids(samples: Sequence[Sample]) -> None:
         seen.add(s.id)
 
 
-def make_requests(chunk: Sequence[Sample], start: int, group_size: int, sampling: SamplingConfig, seed: int):
-    """One request per sample; sample k of the run gets the sampling seed `seed + k` (reproducible sampling)."""
-    return [
-        RolloutRequest.for_sample(
-            s, group_size, sampling, request_id=f"eval-{start + k}", seed=seed + start + k
+def make_requests(
+    chunk: Sequence[Sample],
+    start: int,
+    group_size: int,
+    sampling: SamplingConfig,
+    seed: int,
+    max_tokens: Mapping[str, int] | None = None,
+):
+    """One request per sample; sample k of the run gets the sampling seed `seed + k` (reproducible sampling) and
+    the new-token limit of its task (`max_tokens[task]`; None: sampling.max_tokens)."""
+    out = []
+    for k, s in enumerate(chunk):
+        limit = max_tokens.get(s.task, sampling.max_tokens) if max_tokens else sampling.max_tokens
+        task_sampling = SamplingConfig(**{**sampling.model_dump(), "max_tokens": limit})
+        out.append(
+            RolloutRequest.for_sample(
+                s, group_size, task_sampling, request_id=f"eval-{start + k}", seed=seed + start + k
+            )
         )
-        for k, s in enumerate(chunk)
-    ]
+    return out
 
 
 def _generate(rollout, requests, chunk) -> list[RolloutGroup | None]:
@@ -165,6 +177,7 @@ def evaluate_samples(
     samples: Sequence[Sample],
     *,
     sampling: SamplingConfig | None = None,
+    max_tokens: Mapping[str, int] | None = None,
     group_size: int = 2,
     batch_size: int = 8,
     seed: int = 0,
@@ -183,7 +196,8 @@ def evaluate_samples(
     meters = DatasetMeters()
     bar = tqdm(total=len(samples), desc="eval", unit="sample", disable=not progress)
     for start, chunk in _chunks(samples, batch_size):
-        groups = _generate(rollout, make_requests(chunk, start, group_size, sampling, seed), chunk)
+        requests = make_requests(chunk, start, group_size, sampling, seed, max_tokens)
+        groups = _generate(rollout, requests, chunk)
         preds = _predict(predictor, groups, chunk)
         for sample, group, pred in zip(chunk, groups, preds, strict=True):
             gt = decode_mask(sample.mask, f"sample {sample.id!r}: mask")  # (H, W) bool
@@ -245,16 +259,31 @@ def evaluate(rollout, predictor, samples: Sequence[Sample], **kwargs) -> dict:
 
 
 def settings_from_config(cfg, greedy: bool = True) -> dict:
-    """evaluate_samples keyword arguments from a TrainConfig: greedy (or the configured sampling), G=2 (the
-    smallest group a RolloutRequest allows), the rollout batch, the reward's answer format and the job seed."""
-    sampling = cfg.rollout.sampling
+    """evaluate_samples keyword arguments from a TrainConfig: greedy, the configured sampling (greedy=False), or
+    with eval.generation_config the policy folder's generation_config.json; the new-token limit per task
+    (eval.max_tokens); G=2 (the smallest group a RolloutRequest allows) unless sampling as configured; the
+    rollout batch, the reward's answer format and the job seed."""
+    from cluster.evaluation.inputs import generation_config_sampling
+
+    if cfg.eval.generation_config and not greedy:
+        raise ValueError(
+            "eval.generation_config=true decodes as the policy's generation_config.json; drop --sample "
+            "(rollout.sampling) or set eval.generation_config=false"
+        )
+    tokens = cfg.eval.max_tokens.model_dump()
+    if cfg.eval.generation_config:
+        sampling = SamplingConfig(
+            **generation_config_sampling(cfg.model.policy), max_tokens=tokens["foreground"]
+        )
+    elif greedy:
+        sampling = SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=tokens["foreground"])
+    else:
+        s = cfg.rollout.sampling
+        sampling = SamplingConfig(temperature=s.temperature, top_p=s.top_p, max_tokens=tokens["foreground"])
     return {
-        "sampling": SamplingConfig(
-            temperature=0.0 if greedy else sampling.temperature,
-            top_p=1.0 if greedy else sampling.top_p,
-            max_tokens=sampling.max_tokens,
-        ),
-        "group_size": 2 if greedy else cfg.grpo.group_size,
+        "sampling": sampling,
+        "max_tokens": tokens,
+        "group_size": cfg.grpo.group_size if not greedy else 2,
         "batch_size": cfg.rollout.max_batch_groups * cfg.rollout.num_workers,
         "seed": cfg.seed,
         "answer_format": cfg.reward.answer_format,

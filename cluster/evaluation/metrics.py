@@ -1,12 +1,16 @@
 """Segmentation metrics of the evaluation protocol of the Seg-R1 paper (arXiv 2506.22624).
 
 - Foreground sets (COD, SOD, DIS): S-measure, weighted F, mean / max / adaptive F, mean / max / adaptive E, MAE,
-  computed by pysodmetrics (`py_sod_metrics`) on predictions at each image's ORIGINAL size.
+  computed by pysodmetrics (`py_sod_metrics`) on predictions at each image's ORIGINAL size; DIS5K sets add HCE
+  (human correction effort, pysodmetrics' HumanCorrectionEffortMeasure). The reference's evaluator
+  (eval/utils/evaluator.py + metrics.py) also reports mBA and max / mean boundary IoU, which pysodmetrics does not
+  implement; they are not computed here.
 - Referring / reasoning sets: cIoU = sum of intersections / sum of unions, gIoU = mean of per-sample IoU.
 
 pysodmetrics is fed what it expects: the prediction as a uint8 map in 0..255 (grayscale allowed) and the ground
-truth as uint8 0/255, so its own `gt > 128` keeps the object. (The reference binarised an already 0/1 mask with
-`> 128` and scored against an all-empty ground truth; a 0/1 mask must be scaled to 0/255 first, as here.)
+truth as uint8 0/255, so its own `gt > 128` keeps the object. A 0/1 mask must be scaled to 0/255 first, as here:
+binarising a 0/1 mask with `> 128` empties it. That is the defect of the reference's TRAINING reward (its S-measure
+term re-binarised the 0/1 ground truth with `> 128`); its evaluator reads 0/255 PNGs and is not affected.
 
 A missing or unparseable prediction is an empty mask and is counted in `missing`; it is never replaced by
 another image's prediction. `DatasetMeters` keeps one set of meters per data set of an evaluation run.
@@ -33,6 +37,7 @@ FOREGROUND_KEYS: tuple[str, ...] = (
     "mae",
 )
 IOU_KEYS: tuple[str, ...] = ("ciou", "giou")
+HCE_KEY = "hce"  # DIS5K sets only (`is_dis`)
 
 # The paper's table columns (foreground): label and key.
 PAPER_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -46,6 +51,13 @@ PAPER_COLUMNS: tuple[tuple[str, str], ...] = (
     ("adpE", "adaptive_e"),
     ("M", "mae"),
 )
+HCE_COLUMN = ("HCE_γ", HCE_KEY)
+
+
+def is_dis(dataset: str) -> bool:
+    """A DIS5K data set (`source/split` whose source starts with "dis", as the importer names it): scored with HCE
+    too, as DIS5K is reported."""
+    return dataset.split("/", 1)[0].lower().startswith("dis")
 
 
 def binarize_gt(gt: np.ndarray) -> np.ndarray:
@@ -118,8 +130,8 @@ def s_measure(pred: np.ndarray | None, gt: np.ndarray) -> float:
 class ForegroundMeter:
     """Accumulates the pysodmetrics foreground metrics over a data set, one `add` per sample."""
 
-    def __init__(self) -> None:
-        from py_sod_metrics import MAE, Emeasure, Smeasure, WeightedFmeasure
+    def __init__(self, hce: bool = False) -> None:
+        from py_sod_metrics import MAE, Emeasure, HumanCorrectionEffortMeasure, Smeasure, WeightedFmeasure
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Fmeasure warns it will move to FmeasureV2; same numbers
@@ -127,22 +139,25 @@ class ForegroundMeter:
 
             self._fm = Fmeasure()
         self._sm, self._wfm, self._em, self._mae = Smeasure(), WeightedFmeasure(), Emeasure(), MAE()
+        self._hce = HumanCorrectionEffortMeasure() if hce else None
         self.n = 0
         self.missing: list[str] = []
 
     def add(self, pred: np.ndarray | None, gt: np.ndarray, key: str = "") -> None:
         """Score one prediction (None: missing, scored as an empty mask and listed under `missing`)."""
         pred_u8, gt_u8, missing = prepare_pair(pred, gt)
-        for metric in (self._sm, self._wfm, self._fm, self._em, self._mae):
-            metric.step(pred=pred_u8, gt=gt_u8)
+        for metric in (self._sm, self._wfm, self._fm, self._em, self._mae, self._hce):
+            if metric is not None:
+                metric.step(pred=pred_u8, gt=gt_u8)
         self.n += 1
         if missing:
             self.missing.append(key or str(self.n - 1))
 
     def results(self) -> dict:
-        """{s_measure, weighted_f, mean_f, max_f, adaptive_f, mean_e, max_e, adaptive_e, mae, n, missing}."""
+        """{s_measure, weighted_f, mean_f, max_f, adaptive_f, mean_e, max_e, adaptive_e, mae, [hce,] n, missing}."""
+        keys = FOREGROUND_KEYS + ((HCE_KEY,) if self._hce is not None else ())
         if self.n == 0:
-            return {**{k: float("nan") for k in FOREGROUND_KEYS}, "n": 0, "missing": 0}
+            return {**{k: float("nan") for k in keys}, "n": 0, "missing": 0}
         fm = self._fm.get_results()["fm"]
         em = self._em.get_results()["em"]
         out = {
@@ -156,6 +171,8 @@ class ForegroundMeter:
             "adaptive_e": float(em["adp"]),
             "mae": float(self._mae.get_results()["mae"]),
         }
+        if self._hce is not None:
+            out[HCE_KEY] = float(self._hce.get_results()["hce"])
         return {**out, "n": self.n, "missing": len(self.missing)}
 
 
@@ -199,7 +216,8 @@ class DatasetMeters:
     def add(self, dataset: str, task: str, key: str, mask: np.ndarray | None, gt: np.ndarray) -> None:
         """Score one sample of `dataset` (`source/split`); `key`: its id, listed under `missing` for a None mask."""
         if (dataset, task) not in self._sets:
-            self._sets[(dataset, task)] = (IoUMeter(), ForegroundMeter() if task == "foreground" else None)
+            fg = ForegroundMeter(hce=is_dis(dataset)) if task == "foreground" else None
+            self._sets[(dataset, task)] = (IoUMeter(), fg)
         ious, fg = self._sets[(dataset, task)]
         ious.add(mask, gt, key=key)
         if fg is not None:
@@ -225,6 +243,8 @@ def format_value(key: str, value: float) -> str:
         return "-"
     if key in IOU_KEYS:
         return f"{100.0 * value:.1f}"
+    if key == HCE_KEY:  # a count of corrections, shown rounded as the reference does
+        return f"{value:.0f}"
     if isinstance(value, int):
         return str(value)
     text = f"{value:.3f}"
@@ -234,7 +254,7 @@ def format_value(key: str, value: float) -> str:
 def markdown_table(rows: list[tuple[str, dict]], task: str = "foreground") -> str:
     """A Markdown table in the paper's layout: one row per data set. `task`: foreground | referring | reasoning."""
     if task == "foreground":
-        cols = list(PAPER_COLUMNS)
+        cols = list(PAPER_COLUMNS) + ([HCE_COLUMN] if any(HCE_KEY in m for _, m in rows) else [])
     else:
         cols = [("cIoU", "ciou"), ("gIoU", "giou")]
     head = "| Dataset | " + " | ".join(label for label, _ in cols) + " | n | missing |"

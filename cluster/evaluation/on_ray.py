@@ -97,7 +97,7 @@ def evaluate_on_ray(
     from reward_service.predictor import Predictor
 
     topology.init_ray(cfg)
-    rollout_pool = topology.make_rollout_pool(cfg, RolloutWorker)
+    rollout_pool = topology.make_rollout_pool(cfg, RolloutWorker, phase="eval")
     predictor_pool = topology.make_eval_scorer_pool(cfg, Predictor)
     refs = SampleRefs()
     try:

@@ -12,6 +12,7 @@ from PIL import Image
 from actors.engine import render_messages
 from actors.hf_engine import HFEngine, sampling_logprobs
 from protos import RolloutRequest, SamplingConfig
+from protos.answer import COMPACT
 from runtime.qwen_vl import append_completions, encode_prompts, model_inputs
 
 pytestmark = pytest.mark.gpu
@@ -33,7 +34,7 @@ def _req(i: int, g: int = 8, **sampling) -> RolloutRequest:
 
 
 def _teacher_forced(engine: HFEngine, req, image, group, temperature: float) -> list[torch.Tensor]:
-    messages = [render_messages(req.instruction, True, "full", IMAGE_SIZE)]
+    messages = [render_messages(req, True, COMPACT, "full", IMAGE_SIZE)]
     prompts = encode_prompts(engine.processor, [image], messages)
     ids = [c.token_ids for c in group]
     batch = append_completions(prompts, ids, [0] * len(ids), pad_token_id=engine.tokenizer.pad_token_id)
@@ -50,7 +51,7 @@ def _teacher_forced(engine: HFEngine, req, image, group, temperature: float) -> 
 
 @pytest.mark.parametrize(("dtype", "atol"), [("bfloat16", 0.1), ("float32", 2e-3)])
 def test_cuda_generation_matches_teacher_forcing(tiny_policy_dir, dtype, atol):
-    engine = HFEngine(tiny_policy_dir, device="cuda", dtype=dtype, image_size=IMAGE_SIZE)
+    engine = HFEngine(tiny_policy_dir, device="cuda", dtype=dtype, image_size=IMAGE_SIZE, prompts=COMPACT)
     assert engine.device.type == "cuda" and next(engine.model.parameters()).dtype == getattr(torch, dtype)
     reqs = [_req(i, temperature=1.0, seed=i) for i in range(4)]
     images = [_image(i) for i in range(4)]
@@ -64,7 +65,9 @@ def test_cuda_generation_matches_teacher_forcing(tiny_policy_dir, dtype, atol):
 
 
 def test_cuda_seeds_and_weight_updates(tiny_policy_dir):
-    engine = HFEngine(tiny_policy_dir, device="cuda", dtype="bfloat16", image_size=IMAGE_SIZE)
+    engine = HFEngine(
+        tiny_policy_dir, device="cuda", dtype="bfloat16", image_size=IMAGE_SIZE, prompts=COMPACT
+    )
     req, image = _req(0, g=4, temperature=1.0, seed=7), _image(0)
     a = engine.generate([req], [image])[0]
     b = engine.generate([req, _req(1, g=4, temperature=1.0, seed=8)], [image, _image(1)])[0]

@@ -28,6 +28,7 @@ def _cfg(policy_dir, **learner) -> TrainConfig:
     return TrainConfig.model_validate(
         {
             "model": {"policy": str(policy_dir)},
+            "prompt": {"preset": "compact"},  # the tiny policy's short prompts
             "data": {"image_size": 112},
             "rollout": {"sampling": {"max_tokens": 48}},
             "grpo": {"group_size": 4, "beta": 0.04},

@@ -77,7 +77,9 @@ class ScriptedRollout:
 
 
 def _cfg() -> TrainConfig:
-    return TrainConfig.model_validate({"data": {"image_size": SIZE}, "rollout": {"engine": "hf"}})
+    return TrainConfig.model_validate(
+        {"prompt": {"preset": "compact"}, "data": {"image_size": SIZE}, "rollout": {"engine": "hf"}}
+    )
 
 
 def _predictor(segmenter) -> Predictor:
@@ -162,8 +164,12 @@ def test_checkpoint_resolves_to_its_policy_folder(tmp_path: Path) -> None:
 
 TINY = [
     "rollout.engine=hf",
+    "prompt.preset=compact",
     f"data.image_size={SIZE}",
     "rollout.sampling.max_tokens=24",
+    "eval.max_tokens.foreground=24",
+    "eval.max_tokens.referring=24",
+    "eval.max_tokens.reasoning=24",
     "reward.segmenter=grabcut",
 ]
 
@@ -239,8 +245,8 @@ def test_ray_pools_give_the_in_process_results(tiny, ray_local) -> None:
     settings = settings_from_config(cfg)
     remote = evaluate_on_ray(cfg, samples, settings, progress=False)
     local = evaluate_samples(
-        RolloutWorker(cfg.policy_spec(), cfg.rollout),
-        Predictor(cfg.policy_spec(), cfg.reward),
+        RolloutWorker(cfg.policy_spec("eval"), cfg.rollout),
+        Predictor(cfg.policy_spec("eval"), cfg.reward),
         samples,
         **settings,
     )

@@ -33,6 +33,7 @@ def _cfg(policy, workers: int):
     return build_config(
         {
             "model": {"policy": str(policy)},
+            "prompt": {"preset": "compact"},  # the tiny policy's short prompts
             "rollout": {"engine": "hf", "num_workers": workers, "resources": {"num_cpus": 0}},
             "data": {"image_size": 56},
             "placement": {"namespace": NAMESPACE},

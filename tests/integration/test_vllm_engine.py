@@ -17,6 +17,7 @@ from actors.hf_engine import HFEngine, sampling_logprobs  # noqa: E402
 from actors.vllm_engine import VLLMEngine  # noqa: E402
 from cluster.tiny_models import build_tiny_text_policy  # noqa: E402
 from protos import RolloutRequest, SamplingConfig  # noqa: E402
+from protos.answer import COMPACT  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -24,8 +25,8 @@ pytestmark = pytest.mark.vllm
 @pytest.fixture(scope="module")
 def engines(tiny_text_model_dir):
     folder = tiny_text_model_dir
-    vllm_engine = VLLMEngine(folder, max_model_len=1024, seed=0)
-    hf_engine = HFEngine(folder, device="cpu")
+    vllm_engine = VLLMEngine(folder, max_model_len=1024, seed=0, prompts=COMPACT)
+    hf_engine = HFEngine(folder, device="cpu", prompts=COMPACT)
     yield vllm_engine, hf_engine
     vllm_engine.close()
 
@@ -74,6 +75,21 @@ def test_seed_reproduces(engines):
     assert [c.token_ids for c in a[0]] == [c.token_ids for c in b[0]]
 
 
+def test_top_k_and_repetition_penalty_as_transformers(engines):
+    """The decoding `eval.generation_config` can ask for: top_k 1 is greedy with logprob 0 in both engines, and a
+    repetition penalty changes greedy answers the same way in both (transformers' rule, vLLM's implementation)."""
+    v, h = engines
+    reqs = [_req(i, g=2, temperature=0.0, max_tokens=12, repetition_penalty=3.0) for i in range(2)]
+    got_v, got_h = v.generate(reqs, [None] * 2), h.generate(reqs, [None] * 2)
+    plain = h.generate([_req(i, g=2, temperature=0.0, max_tokens=12) for i in range(2)], [None] * 2)
+    assert [g[0].token_ids for g in got_v] == [g[0].token_ids for g in got_h]
+    assert [g[0].token_ids for g in got_h] != [g[0].token_ids for g in plain]  # the penalty did something
+    top1 = v.generate([_req(0, g=2, temperature=0.7, top_k=1, seed=1, max_tokens=8)], [None])[0]
+    greedy = v.generate([_req(0, g=2, temperature=0.0, max_tokens=8)], [None])[0][0]
+    for c in top1:
+        assert c.token_ids == greedy.token_ids and max(abs(x) for x in c.logprobs) < 1e-5
+
+
 def test_new_weights_greedy_equals_transformers(engines):
     v, h = engines
     g = torch.Generator().manual_seed(1)
@@ -114,7 +130,9 @@ def test_rollout_worker_on_the_vllm_engine(engines, tmp_path):
     from protos import Sample
 
     v, _ = engines
-    cfg = build_config({"model": {"policy": v.model_path}, "rollout": {"engine": "vllm"}})
+    cfg = build_config(
+        {"model": {"policy": v.model_path}, "prompt": {"preset": "compact"}, "rollout": {"engine": "vllm"}}
+    )
     worker = RolloutWorker(cfg.policy_spec(), cfg.rollout, name="rollout-vllm", engine=v)
     png = b"\x89PNG\r\n\x1a\n"  # never decoded: a text-only engine sees the instruction only
     sample = Sample(
@@ -141,9 +159,9 @@ def test_async_engine_generates_and_reloads(tmp_path_factory):
 
     # a seed-1 model of its own, not the session's seed-0 one that the module's engines load
     folder = build_tiny_text_policy(tmp_path_factory.mktemp("models") / "text", seed=1)
-    engine = AsyncVLLMEngine(folder, max_model_len=1024, seed=0)
+    engine = AsyncVLLMEngine(folder, max_model_len=1024, seed=0, prompts=COMPACT)
     try:
-        h = HFEngine(folder, device="cpu")
+        h = HFEngine(folder, device="cpu", prompts=COMPACT)
         reqs = [_req(i, g=2, temperature=0.0, max_tokens=12) for i in range(2)]
         first = engine.generate_batch(reqs, [None, None])
         assert first.policy_version == 0 and [len(g) for g in first.completions] == [2, 2]

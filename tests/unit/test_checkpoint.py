@@ -94,6 +94,7 @@ def setup(tmp_path_factory, tiny_policy_dir, synthetic_data):
     cfg = TrainConfig.model_validate(
         {
             "model": {"policy": str(tiny_policy_dir)},
+            "prompt": {"preset": "compact"},  # the tiny policy's short prompts
             "data": {"train": str(synthetic_data), "image_size": 56},
             "rollout": {"sampling": {"max_tokens": 32}},
             "grpo": {"group_size": 4, "beta": 0.04, "steps": 3},

@@ -1,5 +1,7 @@
 """Metrics: eval-masks equals pysodmetrics run directly; cIoU / gIoU against hand-computed values; a missing
-prediction is an empty mask and is counted; a 0/1 ground truth is not re-binarised into nothing."""
+prediction is an empty mask and is counted; a 0/1 ground truth is not re-binarised into nothing; DIS5K sets get
+pysodmetrics' HCE. Decoding as the reference evaluated: new tokens per task, the model's generation_config.json only
+when eval.generation_config asks for it."""
 
 from __future__ import annotations
 
@@ -151,3 +153,108 @@ def test_markdown_table_paper_layout() -> None:
         [("RefCOCOg-test", {"ciou": 0.714, "giou": 0.7, "n": 2, "missing": 0})], task="referring"
     )
     assert "| RefCOCOg-test | 71.4 | 70.0 | 2 | 0 |" in ref
+
+
+# ------------------------------------------------------------------------------------------------------------
+# DIS5K: HCE (pysodmetrics' HumanCorrectionEffortMeasure), as DIS5K is reported
+
+
+def test_hce_equals_pysodmetrics_and_only_dis_sets_get_it(tmp_path: Path, capsys) -> None:
+    from py_sod_metrics import HumanCorrectionEffortMeasure
+
+    from cluster.evaluation.metrics import DatasetMeters, is_dis
+
+    pairs = []
+    for k in range(3):  # a shifted box plus a stray blob: both need corrections
+        gt = np.zeros((160, 160), np.uint8)
+        gt[40:110, 30:120] = 255
+        pred = np.zeros_like(gt)
+        pred[45 + 5 * k : 115 + 5 * k, 40:130] = 255
+        pred[5:15, 5 + 20 * k : 15 + 20 * k] = 255
+        pairs.append((pred, gt))
+    hce = HumanCorrectionEffortMeasure()
+    for pred, gt in pairs:
+        hce.step(pred=pred, gt=gt)
+    want = float(hce.get_results()["hce"])
+    assert want > 0  # the comparisons below could fail
+    meters = DatasetMeters()
+    for k, (pred, gt) in enumerate(pairs):
+        meters.add("dis5k/te1", "foreground", f"d{k}", pred, gt)
+        meters.add("cod10k/test", "foreground", f"c{k}", pred, gt)
+    res = meters.results()
+    assert res["dis5k/te1"]["hce"] == pytest.approx(want, abs=1e-9) and "hce" not in res["cod10k/test"]
+    assert is_dis("dis5k/test") and is_dis("DIS-TE1/x") and not is_dis("duts/test")
+    table = markdown_table(sorted(res.items()))
+    assert "| HCE_γ |" in table.splitlines()[0] and f"| {want:.0f} |" in table
+    (tmp_path / "p").mkdir()
+    (tmp_path / "g").mkdir()
+    for k, (pred, gt) in enumerate(pairs):
+        cv2.imwrite(str(tmp_path / f"p/{k}.png"), pred)
+        cv2.imwrite(str(tmp_path / f"g/{k}.png"), gt)
+    assert (
+        main(["eval-masks", "--pred", str(tmp_path / "p"), "--gt", str(tmp_path / "g"), "--hce", "--json"])
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["hce"] == pytest.approx(want, abs=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Decoding as the reference evaluated: new tokens per task, the model's generation_config.json on request
+
+
+def _sample(task: str, i: int):
+    from protos import Sample
+
+    png = b"\x89PNG\r\n\x1a\n"
+    return Sample(id=f"s{i}", source="t", split="test", task=task, instruction="Identify and segment it.",
+                  image=png, mask=png, width=8, height=8)  # fmt: skip
+
+
+def test_each_task_gets_its_own_token_limit_and_prompt_task() -> None:
+    from cluster.config import load_config
+    from cluster.evaluation.loop import make_requests, settings_from_config
+
+    cfg = load_config(None, ["eval.max_tokens.referring=300"])
+    s = settings_from_config(cfg)
+    assert s["max_tokens"] == {
+        "foreground": 1024,
+        "referring": 300,
+        "reasoning": 512,
+    }  # the reference's, one changed
+    assert s["sampling"].temperature == 0.0 and s["group_size"] == 2
+    samples = [_sample(t, i) for i, t in enumerate(("foreground", "referring", "reasoning"))]
+    reqs = make_requests(samples, 10, 2, s["sampling"], seed=5, max_tokens=s["max_tokens"])
+    assert [r.sampling.max_tokens for r in reqs] == [1024, 300, 512]
+    assert [r.task for r in reqs] == ["foreground", "referring", "reasoning"]
+    assert [r.sampling.seed for r in reqs] == [15, 16, 17] and reqs[0].request_id == "eval-10"
+
+
+@pytest.mark.parametrize(
+    ("file", "expected"),
+    [
+        # Qwen2.5-VL-7B-Instruct's generation_config.json: top_k 1, i.e. greedy, with the repetition penalty
+        (
+            {"do_sample": True, "temperature": 0.1, "top_p": 0.001, "top_k": 1, "repetition_penalty": 1.05},
+            {"temperature": 0.1, "top_p": 0.001, "top_k": 1, "repetition_penalty": 1.05},
+        ),
+        (
+            {"repetition_penalty": 1.2},
+            {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.2},
+        ),
+        ({"do_sample": True}, {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}),
+        (None, {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}),  # no file: greedy
+    ],
+)
+def test_generation_config_is_honoured_only_when_asked(tmp_path: Path, file, expected) -> None:
+    from cluster.config import load_config
+    from cluster.evaluation.loop import settings_from_config
+
+    if file is not None:
+        (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, **file}))
+    on = load_config(None, [f"model.policy={tmp_path}", "eval.generation_config=true"])
+    got = settings_from_config(on)["sampling"]
+    assert {k: getattr(got, k) for k in expected} == pytest.approx(expected)
+    off = settings_from_config(load_config(None, [f"model.policy={tmp_path}"]))["sampling"]
+    assert (off.temperature, off.top_k, off.repetition_penalty) == (0.0, 0, 1.0)  # default: greedy, plain
+    with pytest.raises(ValueError, match="drop --sample"):
+        settings_from_config(on, greedy=False)

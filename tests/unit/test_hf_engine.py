@@ -11,6 +11,7 @@ from actors.engine import InconsistentWeightsError, RolloutEngine, WeightUpdateE
 from actors.hf_engine import HFEngine, top_p_filter
 from cluster.tiny_models import SPECIAL_IDS
 from protos import RolloutRequest, SamplingConfig
+from protos.answer import COMPACT, preset_prompts
 from runtime.qwen_vl import append_completions, encode_prompts, model_inputs, unpadded_ids
 
 IMAGE_SIZE = 56  # 4 image tokens: keeps the tests fast
@@ -31,12 +32,12 @@ def _threads():
 
 @pytest.fixture(scope="module")
 def vl_engine(tiny_policy_dir) -> HFEngine:
-    return HFEngine(tiny_policy_dir, device="cpu", image_size=IMAGE_SIZE)
+    return HFEngine(tiny_policy_dir, device="cpu", image_size=IMAGE_SIZE, prompts=COMPACT)
 
 
 @pytest.fixture(scope="module")
 def text_engine(tiny_text_model_dir) -> HFEngine:
-    return HFEngine(tiny_text_model_dir, device="cpu", image_size=IMAGE_SIZE)
+    return HFEngine(tiny_text_model_dir, device="cpu", image_size=IMAGE_SIZE, prompts=COMPACT)
 
 
 def _image(seed: int) -> Image.Image:
@@ -57,7 +58,7 @@ def _req(i: int, g: int = 4, **sampling) -> RolloutRequest:
 
 def _teacher_forced(engine: HFEngine, req, image, completions, temperature: float, top_p: float = 1.0):
     """log p(token) of each completion token from ONE forward pass over prompt + completion."""
-    messages = [render_messages(req.instruction, image is not None, "full", IMAGE_SIZE)]
+    messages = [render_messages(req, image is not None, COMPACT, "full", IMAGE_SIZE)]
     prompts = encode_prompts(engine.processor, [image], messages)
     ids = [c.token_ids for c in completions]
     batch = append_completions(prompts, ids, [0] * len(ids), pad_token_id=engine.tokenizer.pad_token_id)
@@ -118,7 +119,7 @@ def test_each_request_reports_its_own_unpadded_prompt_ids(vl_engine):
     image_pad = SPECIAL_IDS["<|image_pad|>"]
     for req, image, ids in zip(reqs, images, batch.prompt_token_ids, strict=True):
         alone = encode_prompts(
-            vl_engine.processor, [image], [render_messages(req.instruction, True, "full", IMAGE_SIZE)]
+            vl_engine.processor, [image], [render_messages(req, True, COMPACT, "full", IMAGE_SIZE)]
         )
         assert ids == unpadded_ids(alone)[0] and ids.count(image_pad) == 4
     assert batch.prompt_tokens == [len(ids) for ids in batch.prompt_token_ids]
@@ -232,7 +233,7 @@ def test_failure_mid_copy_blocks_generation_until_a_full_update(text_engine):
 
 def test_stop_token_ends_the_completion_and_is_kept(tiny_text_model_dir):
     # the random weights stop ~1/270 per token
-    engine = HFEngine(tiny_text_model_dir, device="cpu", image_size=IMAGE_SIZE)
+    engine = HFEngine(tiny_text_model_dir, device="cpu", image_size=IMAGE_SIZE, prompts=COMPACT)
     group = engine.generate([_req(8, g=16, temperature=1.0, seed=0, max_tokens=200)], [None])[0]
     stopped = [c for c in group if c.finish_reason == "stop"]
     assert stopped and len(stopped) < len(group)
@@ -251,7 +252,17 @@ def test_generate_command_prints_json(tiny_text_model_dir, tmp_path, capsys):
 
     from cluster.cli import main
 
-    argv = ["generate", "--model", str(tiny_text_model_dir), "--prompt", "Segment the cat.", "--n", "3"]
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_text_model_dir),
+        "--prompt",
+        "Segment the cat.",
+        "--n",
+        "3",
+        "--prompts",
+        "compact",
+    ]
     assert main([*argv, "--max-tokens", "6", "--seed", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["completions"]) == 3 and out["policy_version"] == 0
@@ -283,3 +294,54 @@ def test_vl_engine_takes_checkpoint_names_and_in_memory_names(vl_engine):
     )
     vl_engine.load_weights(in_memory, v + 2)  # back to the original weights, learner spelling
     assert all(torch.equal(params[n], t) for n, t in in_memory)
+
+
+def test_the_prompt_set_and_the_task_choose_the_prompt(tiny_text_model_dir, text_engine):
+    """The engine renders its prompt set (PolicySpec.prompt): seg-r1's system prompt and, for a referring request,
+    the instruction alone (the reference's evaluation prompt); compact's format sentence for the same request."""
+    seg_r1 = HFEngine(tiny_text_model_dir, device="cpu", prompts=preset_prompts("seg-r1", "eval"))
+    referring = _req(1, g=2, seed=0, max_tokens=2).model_copy(
+        update={"instruction": "Identify and segment the cat", "task": "referring"}
+    )
+    text = seg_r1.tokenizer.decode(seg_r1.generate_batch([referring], [None]).prompt_token_ids[0])
+    assert "A conversation between User and Assistant" in text
+    assert "<|im_start|>user\nIdentify and segment the cat<|im_end|>" in text
+    compact = text_engine.tokenizer.decode(
+        text_engine.generate_batch([referring], [None]).prompt_token_ids[0]
+    )
+    assert "A conversation" not in compact and "Identify and segment the cat Output format:" in compact
+
+
+def test_top_k_one_is_greedy_with_logprob_zero(text_engine):
+    """top_k=1 keeps one token: whatever the temperature, the greedy tokens, each with probability 1 under the
+    distribution it was drawn from (renormalised, as vLLM's processed logprobs)."""
+    greedy = text_engine.generate([_req(5, g=2, temperature=0.0, max_tokens=10)], [None])[0][0]
+    group = text_engine.generate([_req(5, g=2, temperature=0.7, top_k=1, seed=3, max_tokens=10)], [None])[0]
+    for c in group:
+        assert c.token_ids == greedy.token_ids and c.logprobs == [0.0] * len(c.token_ids)
+
+
+def test_repetition_penalty_follows_transformers_rule(text_engine):
+    """Greedy decoding with a repetition penalty equals a hand-written loop: each step, logits of every token
+    already in the prompt or the completion divided by p (positive) or multiplied by p (negative), vision
+    tokens suppressed, argmax."""
+    p, n = 3.0, 8
+    req = _req(6, g=2, temperature=0.0, max_tokens=n, repetition_penalty=p)
+    got = text_engine.generate_batch([req], [None])
+    ids = list(got.prompt_token_ids[0])
+    expected = []
+    for _ in range(n):
+        with torch.no_grad():
+            logits = text_engine.model(input_ids=torch.tensor([ids])).logits[0, -1].float()  # (V,)
+        seen = torch.tensor(sorted(set(ids)))
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / p, vals * p)
+        logits[VISION_IDS] = float("-inf")
+        tok = int(logits.argmax())
+        expected.append(tok)
+        ids.append(tok)
+        if tok in text_engine.stop_ids:
+            break
+    plain = text_engine.generate([_req(6, g=2, temperature=0.0, max_tokens=n)], [None])[0][0]
+    assert got.completions[0][0].token_ids == expected
+    assert plain.token_ids != expected  # the penalty changed the answer: the check above could fail

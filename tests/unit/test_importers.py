@@ -353,7 +353,8 @@ def test_refcocog_one_row_per_expression(tmp_path: Path) -> None:
     for key, mask in expected.items():
         row = rows[f"refcocog/val/{key}"]
         assert row.task == "referring" and np.array_equal(decode_mask(row.mask), mask)
-    assert rows["refcocog/val/1-100"].instruction == "Identify and segment the man on the left."
+    # The reference's RefCOCO wording: "Identify and segment " + the expression as written (no full stop added).
+    assert rows["refcocog/val/1-100"].instruction == "Identify and segment the man on the left"
     assert skipped(out) == {
         ("COCO_train2014_000000000002.jpg", "missing image"),
         ("COCO_train2014_000000000003.jpg", "corrupt image"),

@@ -22,6 +22,7 @@ def make_cfg(policy_dir, **learner) -> TrainConfig:
     return TrainConfig.model_validate(
         {
             "model": {"policy": str(policy_dir)},
+            "prompt": {"preset": "compact"},  # the tiny policy's short prompts
             "data": {"image_size": 56},
             "rollout": {"sampling": {"temperature": 1.0, "max_tokens": 48}},
             "grpo": {"group_size": 4, "beta": learner.pop("beta", 0.04)},

@@ -32,6 +32,7 @@ def cfg(tiny_policy_dir):
     return build_config(
         {
             "model": {"policy": str(tiny_policy_dir)},
+            "prompt": {"preset": "compact"},  # the tiny policy's short prompts
             "rollout": {"engine": "hf"},
             "data": {"image_size": 56},
         }

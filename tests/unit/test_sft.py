@@ -25,6 +25,7 @@ def setup(tmp_path_factory, tiny_policy_dir, synthetic_data):
     cfg = TrainConfig.model_validate(
         {
             "model": {"policy": str(tiny_policy_dir)},
+            "prompt": {"preset": "compact"},  # the tiny policy's short prompts
             "data": {"train": str(synthetic_data), "image_size": SIZE},
             "learner": {"micro_batch_size": 8},
             "metrics": {"run_dir": str(root / "run")},

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from cluster import tiny_models as tm
-from protos.answer import build_messages, default_instruction
+from protos.answer import COMPACT, default_instruction
 from runtime import qwen_vl as proc_mod
 from runtime.images import resize_for_policy
 
@@ -106,12 +106,13 @@ def test_demo_preset_is_bigger(tmp_path):
     # merge 4 in the model and in the processor: a 56x56 image is ONE image token
     from PIL import Image
 
-    from protos.answer import build_messages
     from runtime.qwen_vl import encode_prompts, load_processor
 
     processor = load_processor(str(folder))
     assert cfg.vision_config.spatial_merge_size == 4 == processor.image_processor.merge_size
-    enc = encode_prompts(processor, [Image.new("RGB", (56, 56))], [build_messages("Segment it.", "full", 56)])
+    enc = encode_prompts(
+        processor, [Image.new("RGB", (56, 56))], [COMPACT.messages("Segment it.", "foreground", "full", 56)]
+    )
     assert int((enc["input_ids"] == tm.SPECIAL_IDS["<|image_pad|>"]).sum()) == 1
     with pytest.raises(ValueError, match="preset"):
         tm.policy_config("huge")
@@ -137,8 +138,10 @@ def test_building_leaves_the_global_rng_alone(tmp_path):
 def test_encode_prompts_gives_16_image_tokens_for_112px_and_left_padding(policy):
     processor, _ = policy
     msgs = [
-        build_messages(default_instruction("foreground"), "full", 112),
-        build_messages(default_instruction("referring", "the small blue square"), "points", 112),
+        COMPACT.messages(default_instruction("foreground"), "foreground", "full", 112),
+        COMPACT.messages(
+            default_instruction("referring", "the small blue square"), "referring", "points", 112
+        ),
     ]
     batch = proc_mod.encode_prompts(processor, _images(2), msgs)
     image_id = tm.SPECIAL_IDS["<|image_pad|>"]
@@ -164,7 +167,10 @@ def _trim(tokens: list[int], stops: list[int]) -> list[int]:
 def test_policy_generates_from_an_image_and_recomputed_logprobs_match(policy):
     processor, model = policy
     tok = processor.tokenizer
-    msgs = [build_messages("Identify and segment the cat.", "full", 112), build_messages("x", "points", 112)]
+    msgs = [
+        COMPACT.messages("Identify and segment the cat.", "foreground", "full", 112),
+        COMPACT.messages("x", "foreground", "points", 112),
+    ]
     batch = proc_mod.encode_prompts(processor, _images(2), msgs)
     stops = proc_mod.stop_token_ids(tok)
     suppressed = proc_mod.vision_token_ids(tok)
@@ -202,7 +208,7 @@ def test_policy_generates_from_an_image_and_recomputed_logprobs_match(policy):
 def test_select_rows_repeats_images_with_their_patches(policy):
     processor, _ = policy
     imgs = [resize_for_policy(Image.new("RGB", (10, 10), c), 112) for c in ("red", "blue")]
-    batch = proc_mod.encode_prompts(processor, imgs, [build_messages("x", "full", 112)] * 2)
+    batch = proc_mod.encode_prompts(processor, imgs, [COMPACT.messages("x", "foreground", "full", 112)] * 2)
     rows = proc_mod.select_rows(batch, [1, 1, 0])
     per = batch["pixel_values"].shape[0] // 2
     assert torch.equal(rows["pixel_values"][:per], batch["pixel_values"][per:])
@@ -253,7 +259,7 @@ def test_load_processor_reads_a_real_qwen_tokenizer_folder(tmp_path):
     processor = proc_mod.load_processor(tmp_path)
     assert proc_mod.vision_token_ids(processor.tokenizer) == [151652, 151653, 151654, 151655, 151656]
     assert proc_mod.stop_token_ids(processor.tokenizer) == [151645, 151643]
-    batch = proc_mod.encode_prompts(processor, _images(1), [build_messages("x", "full", 112)])
+    batch = proc_mod.encode_prompts(processor, _images(1), [COMPACT.messages("x", "foreground", "full", 112)])
     assert int((batch["input_ids"] == 151655).sum()) == 16
 
 

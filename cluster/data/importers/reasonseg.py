@@ -92,9 +92,12 @@ def _texts(data: dict) -> list[str]:
 
 
 def _instruction(text: str, is_sentence: bool) -> str:
+    """The reference's wording (eval/datasets/ReasonSeg_Dataset.py): a sentence "<question> Identify and segment
+    it.", a short phrase " Identify and segment <phrase, lower case>." (its leading space dropped; unlike RefCOCO's
+    expressions, with a full stop)."""
     if is_sentence:
         return instruction_for("reasoning", text)
-    return instruction_for("referring", text.lower())
+    return instruction_for("referring", text.lower().rstrip(".") + ".")
 
 
 def _renderer(shapes: list):
