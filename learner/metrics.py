@@ -26,7 +26,8 @@ IS_CAPPED_FRACTION = gauge(
 )
 MISMATCH_LOGP_ABS = gauge(
     "segr1_learner_mismatch_logp_abs",
-    "Mean |logp_behaviour - logp_old| over the last step's tokens: rollout engine vs learner (and staleness).",
+    "Mean absolute difference logp_behaviour - logp_old over the last step's tokens: rollout engine vs learner "
+    "(and staleness in async mode).",
 )
 MISMATCH_OUTSIDE_FRACTION = gauge(
     "segr1_learner_mismatch_outside_fraction",
