@@ -192,6 +192,15 @@ class TrainConfig(BaseModel):
                 f"reward.weights.box_iou={w.box_iou} / box_l1={w.box_l1} reward boxes, but "
                 "reward.answer_format=points asks for none; set both to 0 or use answer_format=full"
             )
+        top_p = self.rollout.sampling.top_p
+        if top_p < 1.0 and self.grpo.tis_cap > 0:
+            raise ValueError(
+                f"rollout.sampling.top_p={top_p} with grpo.tis_cap={self.grpo.tis_cap}: the engine's behaviour "
+                "logprobs are normalised over the top-p nucleus, the learner's over the whole vocabulary, so every "
+                "importance weight pi_old / pi_behaviour would carry the nucleus's probability mass (< 1) as if "
+                "it were a policy change. Set rollout.sampling.top_p=1 (the reference's setting) or turn the "
+                "correction off with grpo.tis_cap=0"
+            )
         mw = self.rollout.max_workers
         if mw is not None and mw < self.rollout.num_workers:
             raise ValueError(

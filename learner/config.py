@@ -34,9 +34,51 @@ class GRPOConfig(BaseModel):
         description="async: trained groups are at most this many versions older than the policy.",
     )
     filter_zero_variance: bool = Field(
-        False, description="Drop groups whose rewards are all equal (counted)."
+        False,
+        description="Drop groups whose rewards are all equal (counted); sync mode then draws more prompts to "
+        "refill the batch (grpo.max_fill_rounds).",
+    )
+    max_fill_rounds: int = Field(
+        8,
+        ge=0,
+        le=1000,
+        description="sync + filter_zero_variance: extra rounds of generation per step to refill the batch to "
+        "batch_size informative groups (DAPO's dynamic sampling); 0 trains on what the first round kept.",
+    )
+    updates_per_batch: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Optimiser steps per batch: the batch's completions split into this many mini-batches, one "
+        "update each (the clip acts from the second on); 1 is the reference's single on-policy update.",
+    )
+    tis_cap: float = Field(
+        2.0,
+        ge=0.0,
+        le=1e6,
+        description="Cap C of the behaviour importance weight min(pi_old / pi_behaviour, C), which corrects "
+        "engine mismatch and async staleness; 0 disables the correction (the mismatch is still logged).",
+    )
+    is_level: Literal["token", "sequence"] = Field(
+        "token",
+        description="Importance weight per token, or per sequence (the product of its tokens' ratios).",
+    )
+    is_mode: Literal["truncate", "mask"] = Field(
+        "truncate",
+        description="A weight above tis_cap is truncated to it, or its token (sequence) is masked out of the "
+        "loss.",
     )
     steps: int = Field(100, ge=0, le=10_000_000, description="Optimiser steps to run.")
+
+    @field_validator("tis_cap")
+    @classmethod
+    def _cap_zero_or_at_least_one(cls, v: float) -> float:
+        if 0 < v < 1:
+            raise ValueError(
+                f"tis_cap={v} would cut every importance weight below 1, including on-policy tokens (weight 1); "
+                "set grpo.tis_cap to 0 (no correction) or to 1 or more (2 is the usual choice)"
+            )
+        return v
 
     @field_validator("group_size", mode="before")
     @classmethod

@@ -1,4 +1,5 @@
-"""GRPO maths as pure functions: group-relative advantages and the clipped policy loss with a k3 KL term.
+"""GRPO maths as pure functions: group-relative advantages, the importance weights of the behaviour policy and
+the clipped policy loss with a k3 KL term.
 
 Shapes: B groups (prompts), G completions per group, N = B*G sequences, T completion tokens (padded).
 Nothing here knows about models, Ray or configs; learner/learner.py calls these per micro-batch.
@@ -6,6 +7,7 @@ Nothing here knows about models, Ray or configs; learner/learner.py calls these 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -17,6 +19,8 @@ AGGREGATIONS: tuple[str, ...] = ("seq-mean-token-mean", "token-mean", "seq-mean-
 
 # exp() of a log-ratio above this overflows float32 in the k3 term; the clamp changes nothing for any sane policy.
 _MAX_LOG_RATIO = 20.0
+# The band of the rollout/learner mismatch metric: a token whose pi_old / pi_behaviour leaves it counts (trl #6789).
+MISMATCH_BAND = (0.9, 1.1)
 
 
 def group_advantages(rewards: torch.Tensor, normalize_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
@@ -86,6 +90,71 @@ def aggregate(
     raise ValueError(f"unknown loss aggregation {aggregation!r}; use one of {', '.join(AGGREGATIONS)}")
 
 
+@dataclass
+class BehaviourWeights:
+    """Importance weights of the behaviour policy for (N, T) completion tokens, and what they did.
+
+    weights: (N, T) the weight w each token's policy-gradient term is multiplied by (0 off the mask).
+    keep: (N, T) the loss mask: the completion mask minus the tokens (sequences) masked out (is_mode=mask).
+    over: (N, T) tokens whose raw weight exceeded the cap (truncated or masked, per mode).
+    """
+
+    weights: torch.Tensor
+    keep: torch.Tensor
+    over: torch.Tensor
+
+
+@torch.no_grad()
+def behaviour_weights(
+    old_logprobs: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    cap: float,
+    level: str = "token",
+    mode: str = "truncate",
+) -> BehaviourWeights:
+    """Truncated / masked importance sampling of the behaviour policy (verl's rollout correction, TRL's vLLM IS).
+
+    The rollout engine drew the tokens from pi_behaviour (Completion.logprobs: another kernel, and in async mode
+    an older policy); the loss's ratio is taken against pi_old, the learner's own logprobs before the update.
+    The raw weight is rho_t = pi_old / pi_behaviour per token (level=token), or the product over the sequence's
+    tokens, broadcast to them (level=sequence). Above `cap` it is truncated to cap (mode=truncate: TIS) or its
+    token / sequence leaves the loss (mode=mask: MIS, dropped like padding, so it leaves the loss's denominators
+    too). cap == 0 turns the correction off: every weight 1, nothing masked.
+
+    old_logprobs, behaviour_logprobs, mask: (N, T) right-aligned completion tokens, mask 1 on them.
+    """
+    if level not in ("token", "sequence") or mode not in ("truncate", "mask"):
+        raise ValueError(
+            f"behaviour_weights: level {level!r} / mode {mode!r}; use token|sequence, truncate|mask"
+        )
+    m = mask.to(old_logprobs.dtype)  # (N, T)
+    on = m > 0  # (N, T)
+    if cap <= 0:
+        return BehaviourWeights(m.clone(), m.clone(), torch.zeros_like(on))
+    log_w = ((old_logprobs - behaviour_logprobs) * m).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)  # (N, T)
+    if level == "sequence":
+        seq = log_w.sum(dim=1, keepdim=True).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)  # (N, 1)
+        log_w = seq.expand_as(log_w)  # (N, T)
+    raw = torch.exp(log_w)  # (N, T)
+    over = (raw > cap) & on  # (N, T)
+    if mode == "truncate":
+        return BehaviourWeights(raw.clamp(max=cap) * m, m.clone(), over)
+    keep = m * (~over).to(m.dtype)  # (N, T)
+    return BehaviourWeights(raw * keep, keep, over)
+
+
+@torch.no_grad()
+def mismatch_sums(old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Sums over masked tokens (add them up over micro-batches / ranks, divide by `tokens`): |logp_behaviour -
+    logp_old| and the count of tokens whose ratio pi_old / pi_behaviour lies outside MISMATCH_BAND."""
+    m = mask.to(old_logprobs.dtype)  # (N, T)
+    diff = (old_logprobs - behaviour_logprobs) * m  # (N, T)
+    ratio = torch.exp(diff.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))  # (N, T)
+    outside = ((ratio < MISMATCH_BAND[0]) | (ratio > MISMATCH_BAND[1])).to(m.dtype) * m  # (N, T)
+    return {"abs_diff": float(diff.abs().sum()), "outside": float(outside.sum()), "tokens": float(m.sum())}
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -99,14 +168,17 @@ def policy_loss(
     max_length: int | None = None,
     total_sequences: float | None = None,
     total_tokens: float | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The GRPO loss: PPO-min clipped ratio times advantage, plus beta * k3 KL to the reference.
+    """The GRPO loss: per token -w * min(r A, clip(r) A) + beta * k3, aggregated over the mask.
 
     logprobs: (N, T) of the policy being trained (carries the gradient).
-    old_logprobs: (N, T) behaviour logprobs recorded at rollout (Completion.logprobs), so stale samples of the
-      asynchronous mode are importance-corrected against the policy that actually wrote them.
+    old_logprobs: (N, T) pi_old of the ratio r = exp(logprobs - old_logprobs): the learner's own logprobs of the
+      batch before its first update (so r == 1 exactly at the first micro-batch of a batch).
     ref_logprobs: (N, T) of the frozen reference, or None when beta == 0.
-    advantages: (N,) or (N, 1), broadcast over tokens.  mask: (N, T), 1 on completion tokens.
+    advantages: (N,) or (N, 1), broadcast over tokens.  mask: (N, T), 1 on the tokens in the loss.
+    is_weights: (N, T) behaviour importance weights w (behaviour_weights().weights), no gradient; None: w = 1.
+      They scale the policy-gradient term only, not the KL term (as verl and TRL).
     Returns (scalar loss, stats); stats are means over masked tokens of this call.
     """
     if beta > 0 and ref_logprobs is None:
@@ -121,6 +193,8 @@ def policy_loss(
     ratio = torch.exp(log_ratio)  # (N, T)
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # (N, T)
     per_token = -torch.minimum(ratio * adv, clipped * adv)  # (N, T)
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach()
     kl = None
     if beta > 0:
         kl = k3_kl(logprobs, ref_logprobs)  # (N, T)
@@ -156,13 +230,21 @@ def _loss_stats(
     return stats
 
 
-def masked_logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0):
+def masked_logprobs_from_logits(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    suppress: torch.Tensor | None = None,
+) -> torch.Tensor:
     """log softmax(logits / T) gathered at tokens: logits (N, T, V), tokens (N, T) -> (N, T) in float32.
 
     Temperature: the rollout engine sampled from softmax(logits / T), so ratios compare like with like only when
-    the learner scores tokens at the same temperature (T == 0, greedy, scores at T = 1).
+    the learner scores tokens at the same temperature (T == 0, greedy, scores at T = 1). suppress: (S,) ids
+    the engine never samples (vision tokens, ids the tokenizer lacks): left out of the softmax, as there.
     """
     t = temperature if temperature > 0 else 1.0
-    logits = logits.float() / t  # (N, T, V)
+    logits = logits.float() / t  # (N, T, V), a new tensor: filled in place below
+    if suppress is not None and suppress.numel():
+        logits.index_fill_(-1, suppress.to(logits.device), float("-inf"))
     picked = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1)  # (N, T)
     return picked - torch.logsumexp(logits, dim=-1)  # (N, T)

@@ -1,10 +1,12 @@
-"""The learner: one GRPO optimiser step per batch of scored groups, weight export/broadcast, checkpoints.
+"""The learner: one GRPO step per batch of scored groups (grpo.updates_per_batch optimiser updates, pi_old and
+the behaviour importance weights from a no-grad pass first: learner/update.py), weight export/broadcast,
+checkpoints.
 
 A plain class (`ray.remote` is applied in cluster/topology.py only), usable in-process by tests and on the GPU
 machine without Ray.
 
     learner = Learner(cfg.learner_spec())             # cluster/config.py hands the learner its sections
-    stats = learner.step(scored_groups, *samples)     # sample i belongs to group i; policy_version += 1
+    stats = learner.step(scored_groups, *samples)     # sample i belongs to group i; policy_version += 1 per batch
     info = learner.weight_sync_prepare(["rollout-0", "rollout-1"])   # then, concurrently:
     learner.weight_sync_connect()  ||  receiver_i.join(info)         # (runtime/weights/collective.py)
     learner.broadcast_weights()    ||  receive_and_load(receiver_i, engine)
@@ -38,8 +40,8 @@ from learner.checkpoint import (
     set_rng_state,
 )
 from learner.config import LearnerSpec
-from learner.grpo import group_advantages, policy_loss
-from learner.policy import Policy, learner_device, right_align
+from learner.policy import Policy, learner_device
+from learner.update import LOSS_STAT_KEYS, Plan, minibatch_loss, plan_batch, score_old
 from protos import Sample, ScoredGroup, StepStats, check_pairs
 from runtime.threads import limit_threads
 from runtime.weights.collective import DistributedWeightSender
@@ -47,8 +49,6 @@ from runtime.weights.config import WeightSyncConfig
 from runtime.weights.cuda_ipc import CudaIpcSender
 from runtime.weights.interface import SendStats, WeightSender
 from runtime.weights.wire import GroupInfo
-
-_STAT_KEYS = ("clip_fraction", "clip_fraction_low", "clip_fraction_high", "ratio_mean", "kl", "entropy")
 
 
 def lr_multiplier(step: int, warmup: int, schedule: str, total_steps: int) -> float:
@@ -101,113 +101,91 @@ class Learner:
         return lc.lr * lr_multiplier(step, lc.warmup_steps, lc.schedule, self.total_steps)
 
     def step(self, groups: Sequence[ScoredGroup], *samples: Sample) -> StepStats:
-        """One optimiser step on B scored groups (sample i is group i's image): advantages from the rewards,
-        GRPO loss over micro-batches with gradient accumulation, grad clipping, AdamW; policy_version += 1."""
+        """Train on B scored groups (sample i is group i's image): advantages from the rewards, a no-grad pass
+        for pi_old and the behaviour importance weights, then grpo.updates_per_batch mini-batch updates (GRPO
+        loss over micro-batches with gradient accumulation, grad clipping, AdamW). policy_version += 1 and
+        step_count += 1 per call, however many updates it made (learner/update.py)."""
         t0 = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss, stats, counts = self._accumulate(groups, samples, backward=True)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.spec.learner.grad_clip)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP2
+        plan = self._plan(groups, samples)
+        score_old(self.policy, plan, self.spec.grpo, self.world_size)
         lr = self.lr_at(self.step_count)
-        skipped = not math.isfinite(grad_norm)
-        if skipped:  # a poisoned batch must not poison the weights; counted and reported
-            M.SKIPPED_GROUPS.inc(len(groups), reason="non_finite_grad")
-        else:
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
-            self.optimizer.step()
+        losses, norms, skipped = [], [], False
+        acc, first = dict.fromkeys((*LOSS_STAT_KEYS, "num_tokens"), 0.0), None
+        for k in range(len(plan.minibatches)):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, sums, head = minibatch_loss(self.policy, plan, k, self.spec.grpo, True, self.world_size)
+            first = head if first is None else first
+            losses.append(loss)
+            acc = {key: acc[key] + sums[key] for key in acc}
+            norm = self._update(lr, plan, k)
+            skipped |= norm is None
+            norms.extend([] if norm is None else [norm])
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         self.policy_version += 1
         out = StepStats(
             step=self.step_count,
             policy_version=self.policy_version,
-            loss=loss,
-            grad_norm=grad_norm if not skipped else 0.0,
+            loss=sum(losses) / len(losses),
+            grad_norm=sum(norms) / len(norms) if norms else 0.0,
             lr=lr,
             step_s=time.perf_counter() - t0,
             skipped_non_finite=skipped,
-            **counts,
-            **stats,
+            num_updates=len(plan.minibatches),
+            first_ratio_mean=first["ratio_mean"] if first else 1.0,
+            first_clip_fraction=first["clip_fraction"] if first else 0.0,
+            **self._counts(groups, plan),
+            **_token_means(acc),
+            **plan.is_stats,
+            **_batch_stats(groups, plan.adv, self.policy_version),
         )
         self._record(out)
         return out
 
+    def _update(self, lr: float, plan: Plan, k: int) -> float | None:
+        """Clip the accumulated gradient and step AdamW at `lr`; a non-finite gradient norm skips the update (a
+        poisoned mini-batch must not poison the weights; its groups are counted). Returns the norm or None."""
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.spec.learner.grad_clip)
+        value = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP2
+        if not math.isfinite(value):
+            groups = {plan.rows[r][0] for chunk in plan.minibatches[k] for r in chunk}
+            M.SKIPPED_GROUPS.inc(len(groups), reason="non_finite_grad")
+            return None
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        return value
+
     @torch.no_grad()
     def loss_on(self, groups: Sequence[ScoredGroup], *samples: Sample) -> float:
-        """The loss step() would minimise on this batch, without updating anything."""
+        """The loss step() would report on this batch if the weights did not move between its updates (exactly
+        step()'s loss when grpo.updates_per_batch is 1), without updating anything."""
         return self._accumulate(groups, samples, backward=False)[0]
 
     def _accumulate(
         self, groups: Sequence[ScoredGroup], samples: Sequence[Sample], backward: bool
     ) -> tuple[float, dict, dict]:
-        """Forward (+ backward) over micro-batches; loss denominators are the whole batch's, so the summed
-        micro-batch losses equal the full-batch loss."""
-        temperature, max_tokens = _check_batch(groups, samples)
-        g = self.spec.grpo
-        prompts = self.policy.encode(samples, [sg.group.prompt_token_ids for sg in groups])
-        rows = [(i, c) for i, sg in enumerate(groups) for c in sg.group.completions]
-        adv = torch.cat(
-            [
-                group_advantages(torch.tensor([sg.totals], dtype=torch.float64), g.normalize_std)[0]
-                for sg in groups
-            ]
-        )  # (N,); rewards in float64 so the zero-variance rule sees what ScoredGroup.zero_variance sees
-        n_tokens = sum(len(c.token_ids) for _, c in rows)
-        mine = self._my_chunks(len(rows))
-        total, acc, acc_tokens = 0.0, dict.fromkeys(_STAT_KEYS, 0.0), 0.0
-        for chunk in mine:
-            if not chunk:  # only under FSDP2 with fewer completions than ranks x micro-batches
-                continue
-            batch = self.policy.batch(
-                prompts, [rows[r][1].token_ids for r in chunk], [rows[r][0] for r in chunk]
-            )
-            logp, mask = self.policy.logprobs(batch, temperature=temperature)  # (n, T), (n, T)
-            if mask.numel() == 0:
-                continue
-            old = right_align([rows[r][1].logprobs for r in chunk], mask.shape[1]).to(mask.device)  # (n, T)
-            ref = self.policy.reference_logprobs(batch, temperature) if g.beta > 0 else None
-            loss, st = policy_loss(
-                logp,
-                old,
-                ref,
-                adv[chunk].to(mask.device),
-                mask,
-                g.clip_low,
-                g.clip_high,
-                g.beta,
-                g.loss_aggregation,
-                max_length=max_tokens,
-                total_sequences=len(rows),
-                total_tokens=n_tokens,
-            )
-            if backward:
-                (loss * self.world_size).backward()  # FSDP averages gradients over ranks; the loss is a sum
-            total += float(loss.detach())
-            for k in _STAT_KEYS:
-                acc[k] += st[k] * st["num_tokens"]
-            acc_tokens += st["num_tokens"]
-        stats = {k: v / max(acc_tokens, 1.0) for k, v in acc.items()}
-        stats.update(_batch_stats(groups, adv, self.policy_version))
-        counts = {"num_groups": len(groups), "num_completions": len(rows), "num_tokens": n_tokens}
-        return total, stats, counts
+        """Plan, no-grad pass, then forward (+ backward, gradients summed over every update) of every
+        mini-batch at the current weights; (mean mini-batch loss, stats, counts). Tests and loss_on."""
+        plan = self._plan(groups, samples)
+        score_old(self.policy, plan, self.spec.grpo, self.world_size)
+        losses, acc = [], dict.fromkeys((*LOSS_STAT_KEYS, "num_tokens"), 0.0)
+        for k in range(len(plan.minibatches)):
+            loss, sums, _ = minibatch_loss(self.policy, plan, k, self.spec.grpo, backward, self.world_size)
+            losses.append(loss)
+            acc = {key: acc[key] + sums[key] for key in acc}
+        stats = {**_token_means(acc), **plan.is_stats, **_batch_stats(groups, plan.adv, self.policy_version)}
+        return sum(losses) / len(losses), stats, self._counts(groups, plan)
 
-    def _my_chunks(self, n: int) -> list[list[int]]:
-        """Micro-batches of row indices for this rank: rows are split over ranks, then into micro-batches of
-        learner.micro_batch_size (or into learner.grad_accumulation micro-batches when set). Every rank gets the
-        same number of micro-batches (FSDP2 runs collectives in each forward/backward)."""
-        lc = self.spec.learner
-        rows = list(range(self.rank, n, self.world_size))
-        most = math.ceil(n / self.world_size)  # rows of the busiest rank
-        count = lc.grad_accumulation or math.ceil(most / lc.micro_batch_size)
-        count = max(1, min(count, most))
-        size, extra = divmod(len(rows), count)
-        chunks, start = [], 0
-        for k in range(count):
-            end = start + size + (1 if k < extra else 0)
-            chunks.append(rows[start:end])
-            start = end
-        return chunks
+    def _plan(self, groups: Sequence[ScoredGroup], samples: Sequence[Sample]) -> Plan:
+        sampled = _check_batch(groups, samples)
+        lc, g = self.spec.learner, self.spec.grpo
+        return plan_batch(self.policy, groups, samples, sampled, g, lc, self.rank, self.world_size)
+
+    @staticmethod
+    def _counts(groups: Sequence[ScoredGroup], plan: Plan) -> dict:
+        n_tokens = sum(len(c.token_ids) for _, c in plan.rows)
+        return {"num_groups": len(groups), "num_completions": len(plan.rows), "num_tokens": n_tokens}
 
     def _record(self, s: StepStats) -> None:
         M.STEP_SECONDS.observe(s.step_s)
@@ -216,6 +194,11 @@ class Learner:
         M.CLIP_FRACTION.set(s.clip_fraction_low, side="low")
         M.CLIP_FRACTION.set(s.clip_fraction_high, side="high")
         M.GRAD_NORM.set(s.grad_norm)
+        M.IS_WEIGHT_MEAN.set(s.is_weight_mean)
+        M.IS_CAPPED_FRACTION.set(s.is_truncated_fraction, mode="truncate")
+        M.IS_CAPPED_FRACTION.set(s.is_masked_fraction, mode="mask")
+        M.MISMATCH_LOGP_ABS.set(s.mismatch_logp_abs)
+        M.MISMATCH_OUTSIDE_FRACTION.set(s.mismatch_outside_fraction)
         M.LR.set(s.lr)
         M.POLICY_VERSION.set(s.policy_version)
         M.STEPS.inc()
@@ -339,6 +322,11 @@ def _check_batch(groups: Sequence[ScoredGroup], samples: Sequence[Sample]) -> tu
             "the learner scores every token at the temperature it was sampled at, one per step"
         )
     return sampled.pop()
+
+
+def _token_means(acc: dict) -> dict:
+    """Token-weighted means of the loss statistics summed over micro-batches (minibatch_loss)."""
+    return {k: acc[k] / max(acc["num_tokens"], 1.0) for k in LOSS_STAT_KEYS}
 
 
 def _batch_stats(groups: Sequence[ScoredGroup], adv: torch.Tensor, version: int) -> dict:

@@ -14,6 +14,25 @@ CLIP_FRACTION = gauge(
     "Fraction of completion tokens whose ratio was clipped at the last step.",
     ("side",),
 )
+IS_WEIGHT_MEAN = gauge(
+    "segr1_learner_is_weight_mean",
+    "Mean behaviour importance weight min(pi_old / pi_behaviour, grpo.tis_cap) over the last step's tokens.",
+)
+IS_CAPPED_FRACTION = gauge(
+    "segr1_learner_is_capped_fraction",
+    "Share of the last step's completion tokens whose importance weight exceeded grpo.tis_cap: truncated to it "
+    "(mode=truncate) or masked out of the loss (mode=mask).",
+    ("mode",),
+)
+MISMATCH_LOGP_ABS = gauge(
+    "segr1_learner_mismatch_logp_abs",
+    "Mean absolute difference logp_behaviour - logp_old over the last step's tokens: rollout engine vs learner "
+    "(and staleness in async mode).",
+)
+MISMATCH_OUTSIDE_FRACTION = gauge(
+    "segr1_learner_mismatch_outside_fraction",
+    "Share of the last step's tokens whose ratio pi_old / pi_behaviour lies outside [0.9, 1.1].",
+)
 GRAD_NORM = gauge("segr1_learner_grad_norm", "Global gradient norm before clipping at the last step.")
 LR = gauge("segr1_learner_lr", "Learning rate of the last step.")
 POLICY_VERSION = gauge(

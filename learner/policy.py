@@ -6,8 +6,10 @@ learner scores each completion after exactly the prompt it was sampled from; onl
 match its image is refused with an error naming the sample. Where no rollout made the prompt (SFT, synthetic
 groups) it is rendered as the rollout workers render it (protos/answer.py + runtime/qwen_vl.py):
 `PolicySpec.prompt.messages(instruction, task, answer_format, image_size)` and the folder's chat template. Tokens
-are scored at the temperature they were sampled at (log softmax(logits / T), T carried by each RolloutGroup) so
-the GRPO ratio compares like with like.
+are scored at the temperature they were sampled at (log softmax(logits / T), T carried by each RolloutGroup), over
+the tokens the rollout engines may sample (the vision special tokens and the ids the tokenizer lacks are
+suppressed, as in actors/engine.py), so the learner's logprobs and the engine's behaviour logprobs compare like
+with like.
 
 Precision: the trained parameters are float32 master weights; on a GPU the forward runs under bf16 autocast
 (learner.precision auto|bf16), so a 1e-6 update is not lost to bf16 rounding. The frozen reference (only loaded
@@ -39,6 +41,7 @@ from runtime.qwen_vl import (
     load_policy,
     load_processor,
     resolve_dtype,
+    suppress_token_ids,
     unpadded_ids,
 )
 from runtime.weights.layout import checkpoint_names
@@ -118,6 +121,11 @@ class Policy:
             self.reference = load_policy(spec.reference or spec.path, dtype=ref_dtype, device=self.device)
             self.reference.requires_grad_(False)
         self.share_vision = _has_mm_encoder_outputs(self.model)
+        # the ids the rollout engines never sample (actors/engine.py): scoring over the same support keeps the
+        # behaviour weights pi_old / pi_behaviour free of the probability mass a policy puts on them
+        vocab = self.model.config.get_text_config().vocab_size
+        suppress = suppress_token_ids(self.processor.tokenizer, vocab)
+        self.suppress_ids = torch.tensor(suppress, dtype=torch.long, device=self.device)  # (S,)
 
     # -- prompts ---------------------------------------------------------------------------------------------
     def encode(
@@ -181,7 +189,7 @@ class Policy:
         logits = out.logits[:, :-1]  # (N, T, V): position W-T-1+j predicts completion slot j
         tokens = inputs["input_ids"][:, -t:]  # (N, T)
         mask = batch["completion_mask"][:, -t:].to(self.device, torch.float32)  # (N, T)
-        return masked_logprobs_from_logits(logits, tokens, temperature), mask
+        return masked_logprobs_from_logits(logits, tokens, temperature, self.suppress_ids), mask
 
     @torch.no_grad()
     def reference_logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:

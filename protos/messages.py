@@ -396,7 +396,8 @@ class WeightsManifest(BaseModel):
 
 
 class StepStats(BaseModel):
-    """learner -> driver: what one optimiser step did. The driver adds pool figures to metrics.jsonl."""
+    """learner -> driver: what one Learner.step (one batch, grpo.updates_per_batch optimiser updates) did. The
+    driver adds pool figures to metrics.jsonl. Means are over the batch's completion tokens in the loss."""
 
     model_config = ConfigDict(frozen=True, extra="allow")
 
@@ -412,3 +413,17 @@ class StepStats(BaseModel):
     num_completions: int = Field(0, ge=0)
     num_tokens: int = Field(0, ge=0)
     step_s: float = Field(0.0, ge=0.0)
+    num_updates: int = Field(1, ge=0, description="Optimiser updates made on the batch (mini-batches).")
+    first_ratio_mean: float = Field(
+        1.0, description="ratio_mean of the first micro-batch (1 when on-policy)."
+    )
+    first_clip_fraction: float = Field(0.0, description="clip_fraction of the first micro-batch.")
+    is_weight_mean: float = Field(1.0, description="Mean behaviour importance weight applied to the loss.")
+    is_truncated_fraction: float = Field(0.0, description="Share of tokens whose weight was cut to tis_cap.")
+    is_masked_fraction: float = Field(0.0, description="Share of tokens masked out (weight above tis_cap).")
+    mismatch_logp_abs: float = Field(
+        0.0, description="Mean |logp_behaviour - logp_old| (rollout vs learner)."
+    )
+    mismatch_outside_fraction: float = Field(
+        0.0, description="Share of tokens with pi_old / pi_behaviour outside [0.9, 1.1]."
+    )

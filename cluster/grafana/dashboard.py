@@ -26,9 +26,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster.grafana.grafana_json import DATASOURCE, layout, templating  # noqa: F401  (DATASOURCE: for callers)
+
 DASHBOARD_PATH = Path(__file__).with_name("segr1.json")
 DASHBOARD_UID = "segr1-training"
-DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 RAY_PREFIX = "ray_"
 
 # Ray's own node metrics used by the health row (ray.dashboard.modules.reporter.reporter_agent.METRICS_GAUGES).
@@ -251,6 +252,22 @@ def learner_row() -> Row:
                 "percentunit",
                 width=6,
             ),
+            Panel(
+                "Rollout / learner mismatch",
+                [
+                    (last("ray_segr1_learner_mismatch_logp_abs"), "mean |logp behaviour - logp old|"),
+                    (last("ray_segr1_learner_mismatch_outside_fraction"), "ratios outside [0.9, 1.1]"),
+                ],
+                width=12,
+            ),
+            Panel(
+                "Behaviour importance weights",
+                [
+                    (last("ray_segr1_learner_is_weight_mean"), "mean weight"),
+                    (last("ray_segr1_learner_is_capped_fraction", "max", "mode"), "over tis_cap ({{mode}})"),
+                ],
+                width=12,
+            ),
         ],
     )
 
@@ -334,101 +351,6 @@ def rows() -> list[Row]:
     ]
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Grafana JSON
-
-
-def _panel_json(panel: Panel, pid: int, x: int, y: int) -> dict:
-    targets = [
-        {"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": expr, "legendFormat": legend}
-        for i, (expr, legend) in enumerate(panel.targets)
-    ]
-    out = {
-        "id": pid,
-        "type": panel.kind,
-        "title": panel.title,
-        "description": panel.description,
-        "datasource": DATASOURCE,
-        "gridPos": {"h": panel.height, "w": panel.width, "x": x, "y": y},
-        "targets": targets,
-        "fieldConfig": {"defaults": {"unit": panel.unit}, "overrides": []},
-    }
-    if panel.kind == "stat":
-        out["options"] = {
-            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-            "colorMode": "value",
-            "graphMode": "area",
-            "justifyMode": "auto",
-            "orientation": "auto",
-            "textMode": "auto",
-        }
-    else:
-        out["options"] = {
-            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
-            "tooltip": {"mode": "multi", "sort": "desc"},
-        }
-    return out
-
-
-def _layout(all_rows: list[Row]) -> list[dict]:
-    panels: list[dict] = []
-    pid, y = 1, 0
-    for row in all_rows:
-        panels.append(
-            {
-                "id": pid,
-                "type": "row",
-                "title": row.title,
-                "collapsed": False,
-                "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
-                "panels": [],
-            }
-        )
-        pid, y = pid + 1, y + 1
-        x, line_height = 0, 0
-        for panel in row.panels:
-            if x + panel.width > 24:
-                x, y, line_height = 0, y + line_height, 0
-            panels.append(_panel_json(panel, pid, x, y))
-            pid, x, line_height = pid + 1, x + panel.width, max(line_height, panel.height)
-        y += line_height
-    return panels
-
-
-def _templating() -> dict:
-    return {
-        "list": [
-            {
-                "name": "datasource",
-                "label": "Data source",
-                "type": "datasource",
-                "query": "prometheus",
-                "current": {},
-                "hide": 0,
-                "refresh": 1,
-                "regex": "",
-                "options": [],
-            },
-            {
-                "name": "cluster",
-                "label": "Ray cluster",
-                "type": "query",
-                "datasource": DATASOURCE,
-                "query": {"query": "label_values(ray_io_cluster)", "refId": "cluster"},
-                "definition": "label_values(ray_io_cluster)",
-                "includeAll": True,
-                "allValue": ".*",
-                "multi": True,
-                "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-                "hide": 0,
-                "refresh": 2,
-                "sort": 1,
-                "options": [],
-            },
-        ]
-    }
-
-
 def build() -> dict:
     """The dashboard as Grafana's JSON model (schema 39, Grafana 10+)."""
     return {
@@ -445,8 +367,8 @@ def build() -> dict:
         "timezone": "browser",
         "annotations": {"list": []},
         "links": [],
-        "templating": _templating(),
-        "panels": _layout(rows()),
+        "templating": templating(),
+        "panels": layout(rows()),
     }
 
 

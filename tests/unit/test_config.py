@@ -201,3 +201,27 @@ def test_box_terms_need_an_answer_format_with_boxes():
     for term in ("box_iou", "box_l1"):
         with pytest.raises(ConfigError, match="answer_format"):
             load_config(None, [f"reward.weights.{term}=0.5", "reward.answer_format=points"])
+
+
+def test_top_p_below_one_is_refused_with_importance_sampling_on():
+    """The engine's top-p logprobs are normalised over the nucleus, the learner's over the vocabulary: the
+    importance weights would carry the nucleus mass, so the pair is refused, saying how to fix it."""
+    with pytest.raises(ConfigError, match=r"top_p=0\.9 with grpo\.tis_cap=2\.0.*nucleus.*top_p=1.*tis_cap=0"):
+        load_config(None, ["rollout.sampling.top_p=0.9"])
+    cfg = load_config(None, ["rollout.sampling.top_p=0.9", "grpo.tis_cap=0"])
+    assert cfg.rollout.sampling.top_p == 0.9 and cfg.grpo.tis_cap == 0
+    assert load_config(None).grpo.tis_cap == 2.0  # on by default, with top_p 1
+
+
+def test_importance_sampling_and_update_fields():
+    cfg = load_config(
+        None, ["grpo.is_level=sequence", "grpo.is_mode=mask", "grpo.updates_per_batch=4", "grpo.tis_cap=1.5"]
+    )
+    assert (cfg.grpo.is_level, cfg.grpo.is_mode, cfg.grpo.updates_per_batch) == ("sequence", "mask", 4)
+    assert cfg.learner_spec().grpo.tis_cap == 1.5  # the learner gets the section as composed
+    with pytest.raises(ConfigError, match=r"grpo\.tis_cap: .*below 1.*0 \(no correction\) or to 1 or more"):
+        load_config(None, ["grpo.tis_cap=0.5"])
+    with pytest.raises(ConfigError, match=r"grpo\.is_mode"):
+        load_config(None, ["grpo.is_mode=clip"])
+    with pytest.raises(ConfigError, match=r"grpo\.updates_per_batch"):
+        load_config(None, ["grpo.updates_per_batch=0"])

@@ -4,6 +4,7 @@ must close (generated = trained + dropped_stale + filtered + left_over)."""
 from __future__ import annotations
 
 from cluster.driver import Accounting, request_seed, split_by_staleness
+from cluster.sync_step import fill_batch
 from learner.synthetic import reward
 from protos import Completion, RolloutGroup, ScoredGroup
 
@@ -57,3 +58,40 @@ def test_request_seeds_never_share_a_completion_stream_within_a_run():
     streams = {s + j for s in seeds for j in range(g)}  # completion j samples with seed + j
     assert len(streams) == len(seeds) * g
     assert request_seed(7, 0, 0, g) != request_seed(8, 0, 0, g)
+
+
+class Source:
+    """A stand-in for the pools: prompt i is informative unless i is in `flat`; records each draw's size."""
+
+    def __init__(self, flat: set[int]):
+        self.flat, self.next, self.draws, self.generated, self.filtered = flat, 0, [], 0, 0
+
+    def draw(self, n: int):
+        ids = list(range(self.next, self.next + n))
+        self.next += n
+        self.draws.append(n)
+        self.generated += n
+        kept = [(i, f"ref-{i}") for i in ids if i not in self.flat]
+        self.filtered += n - len(kept)
+        return kept, [f"chunk-{i}" for i in ids]
+
+
+def test_fill_batch_refills_with_exactly_the_missing_groups_until_the_batch_is_full():
+    src = Source(flat={1, 2, 5, 8, 9})  # 0..3: two flat; 4..5: one flat; 6..6: full
+    filled = fill_batch(src.draw, 4, refill=True, max_fill_rounds=8)
+    assert [i for i, _ in filled.kept] == [0, 3, 4, 6] and filled.fill_rounds == 2
+    assert src.draws == [4, 2, 1]  # never more than missing: nothing is carried over
+    assert len(filled.chunks) == src.generated == 7
+    # the accounting closes: generated = trained + filtered
+    assert src.generated == len(filled.kept) + src.filtered
+
+
+def test_fill_batch_stops_after_max_fill_rounds_and_without_the_filter():
+    src = Source(flat=set(range(1, 100)))  # only prompt 0 is informative
+    filled = fill_batch(src.draw, 4, refill=True, max_fill_rounds=2)
+    assert [i for i, _ in filled.kept] == [0] and filled.fill_rounds == 2 and src.draws == [4, 3, 3]
+    src = Source(flat={0})
+    filled = fill_batch(src.draw, 4, refill=False, max_fill_rounds=8)
+    assert len(filled.kept) == 3 and filled.fill_rounds == 0 and src.draws == [4]
+    filled = fill_batch(Source(flat={0}).draw, 4, refill=True, max_fill_rounds=0)
+    assert len(filled.kept) == 3 and filled.fill_rounds == 0

@@ -4,6 +4,8 @@ are the rollout's own token ids."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -18,14 +20,14 @@ from protos import RolloutRequest, ScoredGroup
 torch.set_num_threads(2)
 
 
-def make_cfg(policy_dir, **learner) -> TrainConfig:
+def make_cfg(tiny_policy_dir, grpo: dict | None = None, **learner) -> TrainConfig:
     return TrainConfig.model_validate(
         {
             "model": {"policy": str(policy_dir)},
             "prompt": {"preset": "compact"},  # the tiny policy's short prompts
             "data": {"image_size": 56},
             "rollout": {"sampling": {"temperature": 1.0, "max_tokens": 48}},
-            "grpo": {"group_size": 4, "beta": learner.pop("beta", 0.04)},
+            "grpo": {"group_size": 4, "beta": learner.pop("beta", 0.04), **(grpo or {})},
             "learner": {"lr": 1e-4, "micro_batch_size": 8, **learner},
             "checkpoint": {"dir": str(policy_dir.parent / "ckpt")},
         }
@@ -143,3 +145,73 @@ def test_prompt_ids_that_disagree_with_the_image_are_refused_naming_the_sample(t
     bad = groups[1].model_copy(update={"group": groups[1].group.model_copy(update={"prompt_token_ids": ids})})
     with pytest.raises(ValueError, match=rf"sample '{samples[1].id}'.*3 image tokens.*makes 4.*image_size"):
         learner.step([groups[0], bad], *samples)
+
+
+def _shift_behaviour(groups, delta: float, only: tuple[int, int] | None = None):
+    """The groups with behaviour logprobs moved by delta (an engine that disagrees with the learner), on every
+    completion or only on completion (group, index) `only`."""
+    out = []
+    for gi, sg in enumerate(groups):
+        comps = [
+            c.model_copy(update={"logprobs": [x + delta for x in c.logprobs]})
+            if only is None or only == (gi, ci)
+            else c
+            for ci, c in enumerate(sg.group.completions)
+        ]
+        out.append(sg.model_copy(update={"group": sg.group.model_copy(update={"completions": comps})}))
+    return out
+
+
+def test_old_logprobs_are_the_learners_so_the_first_micro_batch_has_ratio_exactly_one(tiny_policy_dir, batch):
+    """pi_old is recomputed by the learner: even against an engine whose logprobs are 0.3 off, the first
+    micro-batch's ratio is exactly 1 and nothing is clipped, step after step; the mismatch shows in the
+    importance weights (exp(-0.3), under the cap) and the mismatch statistics instead."""
+    samples, groups = batch
+    shifted = _shift_behaviour(groups, 0.3)
+    learner = Learner(make_cfg(tiny_policy_dir, beta=0.0, micro_batch_size=3).learner_spec())
+    for _ in range(3):
+        stats = learner.step(shifted, *samples)
+        assert stats.first_ratio_mean == 1.0 and stats.first_clip_fraction == 0.0
+        assert stats.num_updates == 1
+    assert stats.is_weight_mean == pytest.approx(math.exp(-0.3), rel=0.02)
+    assert stats.mismatch_logp_abs == pytest.approx(0.3, abs=0.02)
+    assert stats.mismatch_outside_fraction == 1.0 and stats.is_truncated_fraction == 0.0
+
+
+def test_updates_per_batch_makes_several_updates_in_one_policy_version(tiny_policy_dir, batch):
+    samples, groups = batch
+    cfg = make_cfg(tiny_policy_dir, {"updates_per_batch": 2}, beta=0.0, lr=1e-3, micro_batch_size=2)
+    learner = Learner(cfg.learner_spec())
+    before = {n: p.detach().clone() for n, p in learner.policy.model.named_parameters()}
+    stats = learner.step(groups, *samples)
+    assert stats.num_updates == 2 and stats.policy_version == 1 and learner.step_count == 1
+    assert stats.first_ratio_mean == 1.0 and stats.first_clip_fraction == 0.0
+    # the second mini-batch is scored after the first update: its ratio has moved off 1
+    assert abs(stats.ratio_mean - 1.0) > 1e-6
+    assert any(not torch.equal(p, before[n]) for n, p in learner.policy.model.named_parameters())
+    assert learner.optimizer.state[learner.params[0]]["step"] == 2  # two AdamW steps
+
+
+def test_mask_mode_drops_the_sequence_over_the_cap_from_the_loss_and_its_denominator(tiny_policy_dir, batch):
+    """Sequence-level masking: a completion whose behaviour logprobs are far below the learner's gets a weight
+    above the cap and leaves the loss; the others keep their weight (about 1, on-policy) and the mean is taken
+    over the N - 1 sequences left."""
+    samples, groups = batch
+    learner = Learner(
+        make_cfg(tiny_policy_dir, {"is_level": "sequence", "is_mode": "mask"}, beta=0.0).learner_spec()
+    )
+    odd = _shift_behaviour(groups, -1.0, only=(1, 2))  # weight exp(+1 per token) of completion 2 of group 1
+    loss, stats, counts = learner._accumulate(odd, samples, backward=False)
+    n_tokens = len(groups[1].group.completions[2].token_ids)
+    assert stats["is_masked_fraction"] == pytest.approx(n_tokens / counts["num_tokens"])
+    assert stats["is_truncated_fraction"] == 0.0
+    adv = [a for sg in groups for a in _advantages(sg.totals)]
+    masked = adv.pop(4 + 2)  # at ratio 1 and weight ~1 each sequence's loss is -A; the masked one is gone
+    assert abs(masked) > 0.1  # so a denominator that still counted it (N, not N - 1) would show
+    assert loss == pytest.approx(-sum(adv) / len(adv), abs=1e-4)
+
+
+def _advantages(totals):
+    from learner.grpo import group_advantages
+
+    return group_advantages(torch.tensor([totals], dtype=torch.float64))[0].tolist()
