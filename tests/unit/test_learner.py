@@ -20,7 +20,7 @@ from protos import RolloutRequest, ScoredGroup
 torch.set_num_threads(2)
 
 
-def make_cfg(tiny_policy_dir, grpo: dict | None = None, **learner) -> TrainConfig:
+def make_cfg(policy_dir, grpo: dict | None = None, **learner) -> TrainConfig:
     return TrainConfig.model_validate(
         {
             "model": {"policy": str(policy_dir)},
