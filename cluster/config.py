@@ -42,6 +42,7 @@ __all__ = [
     "RolloutConfig",
     "SamplingSection",
     "TrainConfig",
+    "ValidationConfig",
     "WeightSyncConfig",
     "build_config",
     "dump_config",
@@ -103,6 +104,32 @@ class DataConfig(BaseModel):
     )
 
 
+# -- validation during training (cluster/validation.py) ------------------------------------------------------------
+class ValidationConfig(BaseModel):
+    """Validation while training: greedy answers on a fixed subset of data.eval, scored like `segr1 eval`, logged
+    as val/* (metrics.jsonl, Prometheus, the trackers). Runs through the training pools, interleaved."""
+
+    model_config = STRICT
+
+    every: int = Field(
+        0, ge=0, le=10_000_000, description="Validate every N optimiser steps (needs data.eval); 0: off."
+    )
+    samples: int = Field(
+        64,
+        ge=0,
+        le=1_000_000,
+        description="Validation samples: a fixed subset of data.eval drawn with the job seed; 0: all of it.",
+    )
+    before_train: bool = Field(
+        False,
+        description="Also validate the starting policy before the first step (a fresh run; a resumed one does "
+        "not validate its checkpoint's step again).",
+    )
+
+
+# -- end of validation ---------------------------------------------------------------------------------------------
+
+
 class PlacementConfig(BaseModel):
     """Where the pools run."""
 
@@ -133,6 +160,7 @@ class TrainConfig(BaseModel):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    eval: ValidationConfig = Field(default_factory=ValidationConfig)
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of data order, sampling and initialisation.")
 
     @model_validator(mode="after")
@@ -157,7 +185,21 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 f"rollout.max_workers={mw} is below rollout.num_workers={self.rollout.num_workers}; raise it or unset it"
             )
+        self._check_validation()
         return self
+
+    def _check_validation(self) -> None:
+        v, best = self.eval, self.checkpoint.keep_best
+        if (v.every > 0 or v.before_train) and not self.data.eval:
+            raise ValueError(
+                f"eval.every={v.every} / eval.before_train={v.before_train} validate on data.eval, which is "
+                "unset; set data.eval to a folder of held-out shards or eval.every=0 and eval.before_train=false"
+            )
+        if best is not None and v.every == 0:
+            raise ValueError(
+                f"checkpoint.keep_best={best} keeps the best validated checkpoint, but eval.every=0 never "
+                "validates; set eval.every (e.g. 10) or checkpoint.keep_best=null"
+            )
 
     # -- what each worker is handed -----------------------------------------------------------------------------
     def policy_spec(self) -> PolicySpec:
