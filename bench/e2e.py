@@ -124,6 +124,7 @@ def bench_config(policy: Path, data: Path, run_dir: Path, s: dict, overrides: li
         f"model.policy={policy}",
         f"data.train={data}",
         "data.eval=null",
+        "eval.every=0",  # no held-out set: no validation (demo.yaml validates every 10 steps)
         f"data.image_size={s['image_size']}",
         f"reward.answer_format={s['answer_format']}",
         f"rollout.sampling.max_tokens={s['max_tokens']}",
