@@ -49,3 +49,32 @@ def test_keep_best_accepts_exactly_the_validation_metrics():
 def test_validation_lines_are_told_apart_from_step_lines():
     assert is_validation_line({"step": 2, "val/mean_iou": 0.4})
     assert not is_validation_line({"step": 2, "reward_total": 0.4, "loss": 0.1})
+
+
+def test_keep_best_marks_only_a_strictly_better_validation(synthetic_data):
+    from cluster.validation import Validator
+
+    cfg = load_config(
+        None,
+        [
+            f"data.eval={synthetic_data}",
+            "eval.every=2",
+            "eval.samples=4",
+            "checkpoint.keep_best=val/mean_iou",
+        ],
+    )
+    marked: list[tuple] = []
+    v = Validator(
+        cfg, rollout=None, reward=None, write=lambda line: None, mark_best=lambda *a: marked.append(a)
+    )
+    assert len(v.samples) == 4 and v.pending == 0 and v.protected() == []
+    v.restore_best(
+        {"step": 2, "path": "step-000002", "metric": "val/mean_iou", "value": 0.5}
+    )  # from best.json
+    v._keep_if_best(4, {"val/mean_iou": 0.5})  # a tie keeps the earlier one
+    v._keep_if_best(6, {"val/mean_iou": 0.25})
+    v._keep_if_best(8, {"val/mean_iou": 0.75})
+    v._keep_if_best(10, {"val/mean_iou": None})  # nothing to compare
+    assert marked == [(8, "val/mean_iou", 0.75)] and v.best == 0.75
+    v.restore_best({"step": 2, "metric": "val/s_measure", "value": 0.9})  # another metric's record: ignored
+    assert v.best == 0.75
