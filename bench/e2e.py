@@ -10,6 +10,9 @@ What is compared (same policy, data, reward, B, G, sampling and seeds in all thr
   and torch using every core (torch.set_num_threads(os.cpu_count())), GrabCut on a thread per core.
 - sync / async: `cluster.launch.run_training` with cluster/configs/demo.yaml (two rollout workers, two reward
   workers, the learner, the driver actor; gloo weight broadcast), grpo.mode=sync / async (max_staleness 1).
+- sync_val / async_val (not in the default --modes): the same with validation during training, eval.every=10 on
+  eval.samples=32 held-out samples (cluster/validation.py), to show what validating costs the training throughput
+  (`--modes async,async_val`); their figures add the validations' val/seconds.
 A sample is one prompt (image) trained on; completions/s is samples/s x G. Throughput is steady state: the first
 `warmup` steps (engine start, first weight sync, pipeline fill) are excluded; for the Ray modes the time is the sum
 of metrics.jsonl `step_s` after the warm-up (in async mode step_s is the time between two learner steps).
@@ -43,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 DEMO_CONFIG = REPO / "cluster" / "configs" / "demo.yaml"
+MODES = ("single_process", "sync", "async", "sync_val", "async_val")
 
 QUICK = dict(
     preset="test",
@@ -78,6 +82,9 @@ def build_policy(work: Path, s: dict, policy: str | None) -> tuple[Path, Path]:
     data = work / "data" / "train"
     if not any(data.glob("*.parquet")):
         write_synthetic(data, n=s["n_train"], seed=0, size=s["image_px"], split="train")
+    held_out = work / "data" / "eval"  # for the *_val modes
+    if not any(held_out.glob("*.parquet")):
+        write_synthetic(held_out, n=64, seed=1, size=s["image_px"], split="eval")
     if policy:
         return Path(policy), data
     sft = work / "models" / "sft-policy"
@@ -117,6 +124,7 @@ def bench_config(policy: Path, data: Path, run_dir: Path, s: dict, overrides: li
         f"model.policy={policy}",
         f"data.train={data}",
         "data.eval=null",
+        "eval.every=0",  # no held-out set: no validation (demo.yaml validates every 10 steps)
         f"data.image_size={s['image_size']}",
         f"reward.answer_format={s['answer_format']}",
         f"rollout.sampling.max_tokens={s['max_tokens']}",
@@ -282,9 +290,13 @@ def ray_mode(cfg, warmup: int) -> dict:
     with CpuSampler() as cpu:
         summary = run_training(cfg)
     wall = time.perf_counter() - t0
-    rows = [
+    from cluster.validation import is_validation_line
+
+    lines = [
         json.loads(x) for x in (Path(cfg.metrics.run_dir) / "metrics.jsonl").read_text().splitlines() if x
     ]
+    rows = [r for r in lines if not is_validation_line(r)]
+    val = [r for r in lines if is_validation_line(r)]
     keys = ("generate_s", "score_s", "learner_s", "weight_sync_s", "step_s")
     times = {k: [r[k] for r in rows] for k in keys}
     out = _figures(cfg, times, [r["groups"] for r in rows], warmup, [r["reward_total"] for r in rows])
@@ -302,6 +314,10 @@ def ray_mode(cfg, warmup: int) -> dict:
     out["groups_lost"] = summary["groups_lost"]
     out["groups_dropped_stale"] = summary["groups_dropped_stale"]
     out["job_wall_s"] = wall  # Ray actors' start included
+    if val:
+        out["validations"] = [
+            {k: r[k] for k in ("step", "val/seconds", "val/mean_iou", "val/samples")} for r in val
+        ]
     return out
 
 
@@ -333,14 +349,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="folder for models, data and runs (default: a temp dir)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--rounds", type=int, default=2, help="measure every mode this many times, interleaved")
-    p.add_argument("--modes", default="single_process,sync,async")
+    p.add_argument("--modes", default="single_process,sync,async", help=f"comma-separated, of {MODES}")
     args = p.parse_args(argv)
     s = dict(QUICK if args.quick else FULL)
     if args.steps:
         s["steps"] = args.steps
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="segr1-bench-e2e-"))
     policy, data = build_policy(work, s, args.policy)
-    modes = [m for m in ("single_process", "sync", "async") if m in args.modes.split(",")]
+    modes = [m for m in MODES if m in args.modes.split(",")]
     result: dict = {"config": _describe(s, policy, work), "load_avg_start": os.getloadavg(), "rounds": []}
     for r in range(args.rounds):
         figures = {m: measure(m, policy, data, work / f"round{r}" / m, s) for m in modes}
@@ -352,8 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     base = result.get("single_process", {}).get("samples_per_s")
     if base:
         result["speedup_vs_single_process"] = {
-            m: result[m]["samples_per_s"] / base for m in ("sync", "async") if m in result
+            m: result[m]["samples_per_s"] / base for m in MODES[1:] if m in result
         }
+    for m in ("sync", "async"):  # what validating every 10 steps costs, measured in the same run
+        if m in result and f"{m}_val" in result:
+            result[f"{m}_val_vs_{m}"] = result[f"{m}_val"]["samples_per_s"] / result[m]["samples_per_s"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(
@@ -366,7 +385,10 @@ def main(argv: list[str] | None = None) -> int:
 def measure(mode: str, policy: Path, data: Path, run_dir: Path, s: dict) -> dict:
     if mode == "single_process":
         return single_process(bench_config(policy, data, run_dir, s, []), s["warmup"])
-    cfg = bench_config(policy, data, run_dir, s, [f"grpo.mode={mode}"])
+    overrides = [f"grpo.mode={mode.removesuffix('_val')}"]
+    if mode.endswith("_val"):
+        overrides += [f"data.eval={data.parent / 'eval'}", "eval.every=10", "eval.samples=32"]
+    cfg = bench_config(policy, data, run_dir, s, overrides)
     _init_ray(cfg)
     return ray_mode(cfg, s["warmup"])
 

@@ -143,7 +143,8 @@ class EvalTokens(BaseModel):
 
 
 class EvalConfig(BaseModel):
-    """Evaluation decoding (`segr1 eval`, `segr1 predict`, the demo's before / after)."""
+    """Evaluation: decoding of `segr1 eval`, `segr1 predict` and the demo's before / after, and validation while
+    training (every / samples / before_train)."""
 
     model_config = STRICT
 
@@ -153,6 +154,22 @@ class EvalConfig(BaseModel):
         description="Decode as the policy folder's generation_config.json says (do_sample, temperature, top_p, "
         "top_k, repetition_penalty), as the reference's model.generate did; false: greedy (--sample: "
         "rollout.sampling).",
+    )
+    # validation during training (cluster/validation.py): greedy answers on a fixed subset of data.eval, scored
+    # like `segr1 eval`, logged as val/* (metrics.jsonl, Prometheus, the trackers), through the training pools
+    every: int = Field(
+        0, ge=0, le=10_000_000, description="Validate every N optimiser steps (needs data.eval); 0: off."
+    )
+    samples: int = Field(
+        64,
+        ge=0,
+        le=1_000_000,
+        description="Validation samples: a fixed subset of data.eval drawn with the job seed; 0: all of it.",
+    )
+    before_train: bool = Field(
+        False,
+        description="Also validate the starting policy before the first step (a fresh run; a resumed one does "
+        "not validate its checkpoint's step again).",
     )
 
 
@@ -206,7 +223,21 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 f"rollout.max_workers={mw} is below rollout.num_workers={self.rollout.num_workers}; raise it or unset it"
             )
+        self._check_validation()
         return self
+
+    def _check_validation(self) -> None:
+        v, best = self.eval, self.checkpoint.keep_best
+        if (v.every > 0 or v.before_train) and not self.data.eval:
+            raise ValueError(
+                f"eval.every={v.every} / eval.before_train={v.before_train} validate on data.eval, which is "
+                "unset; set data.eval to a folder of held-out shards or eval.every=0 and eval.before_train=false"
+            )
+        if best is not None and v.every == 0:
+            raise ValueError(
+                f"checkpoint.keep_best={best} keeps the best validated checkpoint, but eval.every=0 never "
+                "validates; set eval.every (e.g. 10) or checkpoint.keep_best=null"
+            )
 
     # -- what each worker is handed -----------------------------------------------------------------------------
     def policy_spec(self, phase: Literal["train", "eval"] = "train") -> PolicySpec:

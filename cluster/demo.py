@@ -8,7 +8,8 @@
    (`segr1 sft`);
 4. greedy evaluation of the SFT policy on the held-out images (before RL);
 5. 60 GRPO steps on local Ray with two rollout workers, two reward workers (GrabCut) and the learner
-   (`segr1 train`; reward: Seg-R1's plus the box L1 term, cluster/configs/demo.yaml);
+   (`segr1 train`; reward: Seg-R1's plus the box L1 term, cluster/configs/demo.yaml), validating every 10 steps
+   on 32 of the held-out images (val/* lines in metrics.jsonl, the dashed line of reward_curve.png);
 6. greedy evaluation of the final policy (after RL).
 It writes <out>/metrics.jsonl, reward_curve.png, eval.json (before_rl, after_rl, constant_baseline),
 grid_before_rl.png, grid_after_rl.png, summary.json and the checkpoints.
@@ -122,7 +123,11 @@ def plot_reward_curve(metrics_jsonl: Path, out_png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    from cluster.validation import is_validation_line
+
+    lines = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    rows = [r for r in lines if not is_validation_line(r)]  # one per step; validations (val/*) drawn apart
+    val = [r for r in lines if is_validation_line(r) and r.get("val/mean_iou") is not None]
     if not rows:
         return
     steps = [r["step"] for r in rows]
@@ -136,6 +141,10 @@ def plot_reward_curve(metrics_jsonl: Path, out_png: Path) -> None:
         ("reward_box_l1", "box L1"),
     ):
         ax.plot(steps, _smooth([r.get(key, 0.0) for r in rows]), label=label)
+    if val:  # validation during training (eval.every): greedy answers on held-out images
+        ax.plot(
+            [r["step"] for r in val], [r["val/mean_iou"] for r in val], "ko--", ms=4, label="val mean IoU"
+        )
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("mean reward (smoothed)")
     ax.set_title("Seg-R1 demo: reward during GRPO")

@@ -41,6 +41,7 @@ from cluster.driver_metrics import step_line
 from cluster.pool import ActorPool, WorkFailed
 from cluster.sync_step import fill_batch
 from cluster.topology import Workers, make_reward_pool, make_rollout_pool, spawn_learner_actor
+from cluster.validation import Validator
 from cluster.weights import WeightPublisher
 from protos import RolloutGroup, RolloutRequest, Sample, ScoredGroup
 
@@ -108,7 +109,7 @@ class TrainDriver:
         self.acct = Accounting()
         self.step = 0
         self.version = 0
-        self._stop = False
+        self._stop, self._resumed = False, resume
         self._resize_to: int | None = None
         self._chunk_seq = 0
         classes = workers()
@@ -118,6 +119,8 @@ class TrainDriver:
             cfg, classes.rollout, on_start=self.weights.on_start, on_error=self._repair
         )
         self.reward: ActorPool = make_reward_pool(cfg, classes.reward)
+        best = lambda *a: ray.get(self.learner.mark_best.remote(*a))  # noqa: E731  (keep_best, on the learner)
+        self.validator = Validator(cfg, self.rollout, self.reward, self._write_metrics, best)
         if resume:
             self._resume()
         self.weights.setup(self.rollout)
@@ -139,8 +142,10 @@ class TrainDriver:
         bar.update(self.step)
         t0 = time.perf_counter()
         try:
-            loop = self._run_sync if g.mode == "sync" else self._run_async
-            loop(bar)
+            if not self._resumed:  # eval.before_train (a resumed run's step was validated before, if due)
+                self.validator.maybe_start(0, self.version, lambda: self._checkpoint(None), first=True)
+            (self._run_sync if g.mode == "sync" else self._run_async)(bar)
+            self.validator.drain(self._pump)  # the last validation (async mode has drained it already)
         finally:
             bar.close()
         if self.step > 0 and (self.cfg.checkpoint.every == 0 or self.step % self.cfg.checkpoint.every):
@@ -270,6 +275,8 @@ class TrainDriver:
         if refs:
             ray.wait(refs, num_returns=1, timeout=timeout)
         for chunk, result in self.rollout.poll(timeout=0):
+            if self.validator.take(chunk, result):
+                continue
             if isinstance(result, WorkFailed):
                 raise RuntimeError(
                     f"rollout of chunk {chunk.chunk_id} failed: {result.error}"
@@ -280,6 +287,8 @@ class TrainDriver:
             chunk.groups = groups
             self.reward.submit(chunk, lambda a, gs=groups, refs=chunk.refs: a.score.remote(gs, *refs))
         for chunk, result in self.reward.poll(timeout=0):
+            if self.validator.take(chunk, result):
+                continue
             if isinstance(result, WorkFailed):
                 logger.error("scoring chunk %s failed for good: %s", chunk.chunk_id, result.error)
                 self.acct.groups_failed += len(chunk.samples)
@@ -321,10 +330,13 @@ class TrainDriver:
         line = step_line(
             stats, batch, staleness, sync, time.perf_counter() - t0, fill_rounds=fill_rounds, **where
         )
-        self._metrics_file.write(json.dumps(line) + "\n")
-        self._metrics_file.flush()
-        if self.cfg.checkpoint.every and self.step % self.cfg.checkpoint.every == 0:
+        self._write_metrics(line)
+        saved = self.cfg.checkpoint.every and self.step % self.cfg.checkpoint.every == 0
+        if saved:
             self._checkpoint(list(index.values()))
+        self.validator.maybe_start(
+            self.step, self.version, None if saved else lambda: self._checkpoint(chunks)
+        )
 
     def _close(self, sg: ScoredGroup, chunks: dict[int, _Chunk]) -> None:
         chunk_id = int(sg.group.group_id.split("-", 1)[0][1:])
@@ -360,10 +372,13 @@ class TrainDriver:
             "actor_restarts": self._restarts(),
             "chunk_seq": self._chunk_seq,
         }
-        return ray.get(self.learner.save_checkpoint.remote(data_cursor=cursor, extra=extra))
+        protect = self.validator.protected()  # keep_best: steps still being validated
+        return ray.get(self.learner.save_checkpoint.remote(data_cursor=cursor, extra=extra, protect=protect))
 
     def _resume(self) -> None:
-        state = ray.get(self.learner.load_checkpoint.remote())
+        frm = self.cfg.checkpoint.resume_from
+        state = ray.get(self.learner.load_checkpoint.remote(None if frm == "latest" else frm))
+        self.validator.restore_best(state.get("best"))
         if state.get("data_cursor"):
             self.reader.load_state_dict(state["data_cursor"])
         self.step, self.version = int(state["step"]), int(state["policy_version"])
@@ -379,6 +394,11 @@ class TrainDriver:
     # -- reporting ---------------------------------------------------------------------------------------------
     def _restarts(self) -> int:
         return self.rollout.stats.restarts + self.reward.stats.restarts
+
+    def _write_metrics(self, line: dict) -> None:
+        """The one place a metrics line leaves the driver (one per step, one per validation with val/*)."""
+        self._metrics_file.write(json.dumps(line) + "\n")
+        self._metrics_file.flush()
 
     def _summary(self, wall_s: float) -> dict:
         a = self.acct

@@ -1,6 +1,7 @@
 """Metrics of the training driver: the accounting of every group (generated = trained + dropped_stale +
-filtered, lost = 0) and the staleness of what was trained, exported through Ray like every pool's; and the line
-metrics.jsonl gets per step (`step_line`: pool figures plus the learner's StepStats)."""
+filtered, lost = 0), the staleness of what was trained and the latest validation (cluster/validation.py),
+exported through Ray like every pool's; and the line metrics.jsonl gets per step (`step_line`: pool figures plus
+the learner's StepStats)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,13 @@ STALENESS = histogram(
     boundaries=(0.5, 1.5, 2.5, 3.5, 4.5, 8.5, 16.5),
 )
 STEP = gauge("segr1_driver_step", "Optimiser steps completed by the job.")
+VAL_MEAN_IOU = gauge(
+    "segr1_driver_val_mean_iou", "Validation (eval.every): mean IoU of the latest validation."
+)
+VAL_S_MEASURE = gauge("segr1_driver_val_s_measure", "Validation: mean S-measure of the latest validation.")
+VAL_PARSE_RATE = gauge("segr1_driver_val_parse_rate", "Validation: share of answers that parsed.")
+VAL_BOX_IOU = gauge("segr1_driver_val_box_iou", "Validation: mean box IoU (answer_format=full only).")
+VAL_STEP = gauge("segr1_driver_val_step", "Optimiser step of the latest validation.")
 
 
 def step_line(

@@ -7,6 +7,11 @@ Layout of `<checkpoint.dir>/step-000050/`:
     optimizer.json       the rest of the optimiser state (param groups, hyper-parameters)
     state.json           step, policy_version, data cursor, RNG states (python, numpy, torch, cuda), extra
 
+`<checkpoint.dir>/best.json` (checkpoint.keep_best) names the checkpoint with the best validation metric so far
+({"step", "path", "metric", "value"}); pruning never deletes it, nor the steps a save is told to `protect` (those
+whose validation is still running). Resuming from a step before the newest one moves the later step-* folders to
+`superseded/`, so the continued run's checkpoints are the newest again.
+
 Written atomically: everything goes to a hidden temporary folder that is renamed into place last, so a
 `step-*` folder is always complete (a crash leaves only a `.tmp-*` folder, removed by the next save).
 Nothing is ever unpickled: tensors are safetensors, everything else JSON.
@@ -156,6 +161,64 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return dirs[-1][1] if dirs else None
 
 
+BEST_FILE = "best.json"
+
+
+def _write_json_atomic(path: Path, body: dict) -> None:
+    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(body, indent=1))
+    os.replace(tmp, path)
+
+
+def read_best(root: str | Path) -> dict | None:
+    """The best.json record under root ({"step", "path", "metric", "value"}), None when there is none."""
+    p = Path(root) / BEST_FILE
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def mark_best(root: str | Path, step: int, metric: str, value: float) -> Path:
+    """Record step-<step> (which must exist) as the best checkpoint; it survives pruning from now on."""
+    folder = Path(root) / f"step-{step:06d}"
+    if not (folder / "state.json").is_file():
+        raise CheckpointError(
+            f"{folder} does not exist, so it cannot be kept as the best checkpoint; the driver saves one at "
+            "every validated step when checkpoint.keep_best is set"
+        )
+    _write_json_atomic(
+        Path(root) / BEST_FILE, {"step": step, "path": folder.name, "metric": metric, "value": value}
+    )
+    return folder
+
+
+def best_checkpoint(root: str | Path) -> Path | None:
+    """The folder best.json names, None when there is no best.json (or its folder is gone)."""
+    best = read_best(root)
+    folder = Path(root) / best["path"] if best else None
+    return folder if folder is not None and folder.is_dir() else None
+
+
+def supersede_after(root: str | Path, step: int) -> list[Path]:
+    """Move the step-* folders after `step` to <root>/superseded/ (resuming from an earlier checkpoint): the
+    resumed run's saves are the newest again and nothing is deleted. Returns their new paths."""
+    moved = []
+    for s, folder in step_dirs(root):
+        if s > step:
+            dest = Path(root) / "superseded" / f"{folder.name}-{uuid.uuid4().hex[:8]}"
+            dest.parent.mkdir(exist_ok=True)
+            os.rename(folder, dest)
+            moved.append(dest)
+    return moved
+
+
+def prune(root: str | Path, keep: int, protect: frozenset[int] | set[int] = frozenset()) -> None:
+    """Delete all but the newest `keep` checkpoints, sparing the best one and the `protect`ed steps."""
+    best = read_best(root)
+    spared = set(protect) | ({int(best["step"])} if best else set())
+    for s, old in step_dirs(root)[:-keep] if keep > 0 else []:
+        if s not in spared:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,
@@ -163,8 +226,10 @@ def save_checkpoint(
     write_policy,
     optimizer: torch.optim.Optimizer | None = None,
     keep: int = 2,
+    protect: frozenset[int] | set[int] = frozenset(),
 ) -> Path:
-    """Write `<root>/step-<step>` atomically and keep the newest `keep` checkpoints.
+    """Write `<root>/step-<step>` atomically and keep the newest `keep` checkpoints (plus the best and the
+    `protect`ed steps, see `prune`).
 
     state: JSON-safe dict (step, policy_version, data_cursor, ...); the RNG states are added here.
     write_policy(folder): writes the HF policy folder (e.g. `lambda f: save_policy(model, f, source)`).
@@ -190,8 +255,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for _, old in step_dirs(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(root, keep, protect)
     return final
 
 

@@ -127,6 +127,16 @@ class CheckpointConfig(BaseModel):
     dir: str = Field("runs/checkpoints", min_length=1, description="Where checkpoints go.")
     every: int = Field(50, ge=0, le=10_000_000, description="Save every N steps; 0 saves only at the end.")
     keep: int = Field(2, ge=1, le=1000, description="Checkpoints kept; older ones are deleted.")
+    keep_best: Literal["val/mean_iou", "val/s_measure", "val/parse_rate", "val/box_iou"] | None = Field(
+        None,
+        description="Also keep the checkpoint with the highest value of this validation metric (needs "
+        "eval.every > 0); best.json in checkpoint.dir names it. None: off.",
+    )
+    resume_from: Literal["latest", "best"] = Field(
+        "latest",
+        description="What --resume continues from: the newest step-* folder, or the one keep_best kept (later "
+        "step-* folders are then moved to superseded/).",
+    )
 
 
 class LearnerSpec(BaseModel):

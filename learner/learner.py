@@ -31,13 +31,17 @@ import torch
 
 from learner import metrics as M
 from learner.checkpoint import (
+    best_checkpoint,
     latest_checkpoint,
     load_optimizer,
+    mark_best,
+    read_best,
     read_state,
     save_checkpoint,
     save_optimizer,  # noqa: F401  (re-exported for callers that save only the optimiser)
     save_policy,
     set_rng_state,
+    supersede_after,
 )
 from learner.config import LearnerSpec
 from learner.policy import Policy, learner_device
@@ -258,9 +262,14 @@ class Learner:
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def save_checkpoint(
-        self, data_cursor: dict | None = None, extra: dict | None = None, root: str | None = None
+        self,
+        data_cursor: dict | None = None,
+        extra: dict | None = None,
+        root: str | None = None,
+        protect: Sequence[int] = (),
     ) -> str:
-        """Write `<checkpoint.dir>/step-<n>` atomically (policy HF folder, optimiser, state JSON), keep K."""
+        """Write `<checkpoint.dir>/step-<n>` atomically (policy HF folder, optimiser, state JSON), keep K (and
+        the best one, and the `protect`ed steps: those whose validation is still running)."""
         t0 = time.perf_counter()
         cc = self.spec.checkpoint
         state = {
@@ -270,7 +279,7 @@ class Learner:
             "policy_source": self.spec.policy.path,
         }
         path = save_checkpoint(
-            root or cc.dir, self.step_count, state, self._write_policy, self.optimizer, cc.keep
+            root or cc.dir, self.step_count, state, self._write_policy, self.optimizer, cc.keep, set(protect)
         )
         if self.policy.lora:
             _save_lora_adapter(self.policy.model, path)
@@ -283,12 +292,19 @@ class Learner:
         else:
             save_policy(self.policy.hf_model(), folder, self.spec.policy.path, self.policy.processor)
 
+    def mark_best(self, step: int, metric: str, value: float) -> str:
+        """Record checkpoint step-<step> as the best by `metric` (best.json in checkpoint.dir)."""
+        return str(mark_best(self.spec.checkpoint.dir, step, metric, value))
+
     def load_checkpoint(self, path: str | None = None) -> dict:
         """Restore policy weights, optimiser, step, policy_version and RNG states from a checkpoint folder
-        (default: the newest under checkpoint.dir). Returns its state (data_cursor for the driver's reader)."""
-        folder = Path(path) if path else latest_checkpoint(self.spec.checkpoint.dir)
+        (default: the newest under checkpoint.dir; "best": the one best.json names, later step-* folders moved
+        to superseded/). Returns its state (data_cursor for the driver's reader) and "best" (best.json)."""
+        root = self.spec.checkpoint.dir
+        folder = best_checkpoint(root) if path == "best" else Path(path) if path else latest_checkpoint(root)
         if folder is None:
-            raise FileNotFoundError(f"no checkpoint under {self.spec.checkpoint.dir} (step-* folders)")
+            what = "best.json naming an existing step-* folder" if path == "best" else "step-* folders"
+            raise FileNotFoundError(f"no checkpoint under {root} ({what})")
         state = read_state(folder)
         if self.policy.lora:
             _load_lora_adapter(self.policy.model, folder)
@@ -298,7 +314,9 @@ class Learner:
         set_rng_state(state["rng"])
         self.step_count, self.policy_version = int(state["step"]), int(state["policy_version"])
         M.POLICY_VERSION.set(self.policy_version)
-        return state
+        if path == "best":
+            supersede_after(root, self.step_count)
+        return {**state, "best": read_best(root)}
 
 
 # ------------------------------------------------------------------------------------------------------------

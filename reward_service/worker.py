@@ -34,7 +34,7 @@ from protos.config import PolicySpec
 from protos.messages import check_pairs
 from reward_service import metrics as m
 from reward_service.config import RewardConfig
-from reward_service.predictor import Item, Predictor
+from reward_service.predictor import CompletionPrediction, Item, Predictor
 from reward_service.rewards import (
     GroundTruth,
     box_terms,
@@ -102,6 +102,12 @@ class RewardWorker:
                 out.append(self._failed_group(r, "bad_request"))
                 m.GROUPS_SCORED.inc(worker=self.name)
         return out
+
+    def predict(self, groups: list[RolloutGroup], *samples: Sample) -> list[list[CompletionPrediction]]:
+        """The Predictor's masks of each completion (evaluation's entry point, e.g. validation while training
+        through the reward pool); one call at a time with scoring, on the same segmenter."""
+        with self._lock:
+            return self.predictor.predict(groups, *samples)
 
     def score_requests(self, requests: list[RewardRequest]) -> list[GroupScores]:
         self._queue_depth(+len(requests))

@@ -188,8 +188,6 @@ def evaluate_samples(
     """Every sample once, in the given order; see the module docstring."""
     from tqdm import tqdm
 
-    from runtime.images import decode_mask
-
     check_unique_ids(samples)
     sampling = sampling or SamplingConfig(temperature=0.0, max_tokens=400)
     results: list[SampleResult] = []
@@ -199,16 +197,33 @@ def evaluate_samples(
         requests = make_requests(chunk, start, group_size, sampling, seed, max_tokens)
         groups = _generate(rollout, requests, chunk)
         preds = _predict(predictor, groups, chunk)
-        for sample, group, pred in zip(chunk, groups, preds, strict=True):
-            gt = decode_mask(sample.mask, f"sample {sample.id!r}: mask")  # (H, W) bool
-            result = score_sample(sample, group, pred, answer_format, gt)
-            results.append(result)
-            dataset = f"{result.source}/{result.split}"
-            meters.add(dataset, result.task, result.id, None if pred is None else pred.mask, gt)
+        results += score_chunk(chunk, groups, preds, answer_format, meters)
         bar.update(len(chunk))
     bar.close()
     base = constant_baselines(predictor, samples, batch_size) if baselines else {}
     return EvalRun(summarize(results, base, meters), results)
+
+
+def score_chunk(
+    chunk: Sequence[Sample],
+    groups: Sequence[RolloutGroup | None],
+    preds: Sequence[CompletionPrediction | None],
+    answer_format: str,
+    meters: DatasetMeters,
+) -> list[SampleResult]:
+    """Each sample's result (score_sample) from its group and prediction (None: failed, scored as missing), also
+    added to `meters`. Shared by evaluate_samples and validation during training (cluster/validation.py)."""
+    from runtime.images import decode_mask
+
+    out = []
+    for sample, group, pred in zip(chunk, groups, preds, strict=True):
+        gt = decode_mask(sample.mask, f"sample {sample.id!r}: mask")  # (H, W) bool
+        result = score_sample(sample, group, pred, answer_format, gt)
+        out.append(result)
+        meters.add(
+            f"{result.source}/{result.split}", result.task, result.id, None if pred is None else pred.mask, gt
+        )
+    return out
 
 
 def constant_baselines(predictor, samples: Sequence[Sample], batch_size: int = 8) -> dict:

@@ -131,6 +131,7 @@ def e2e_config(assets: Assets, run_dir: Path, *overrides: str, policy: Path | No
         f"model.policy={policy or assets.policy}",
         f"data.train={assets.train}",
         "data.eval=null",
+        "eval.every=0",  # no held-out set: no validation (demo.yaml validates every 10 steps)
         "data.image_size=56",
         "reward.answer_format=points",
         "reward.weights.box_l1=0",  # the points-only format has no box to reward

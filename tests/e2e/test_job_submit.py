@@ -139,6 +139,7 @@ def test_ray_job_submit_runs_a_tiny_training_job(assets, ray_head, tmp_path):
         f"model.policy={assets.policy}",
         f"data.train={assets.train}",
         "data.eval=null",
+        "eval.every=0",  # no held-out set: no validation (demo.yaml validates every 10 steps)
         "data.image_size=56",
         "reward.answer_format=points",
         "reward.weights.box_l1=0",

@@ -13,14 +13,19 @@ import torch
 from cluster.config import TrainConfig
 from cluster.data.reader import DatasetReader
 from learner.checkpoint import (
+    CheckpointError,
+    best_checkpoint,
     latest_checkpoint,
     load_optimizer,
+    mark_best,
+    read_best,
     read_state,
     rng_state,
     save_checkpoint,
     save_optimizer,
     set_rng_state,
     step_dirs,
+    supersede_after,
 )
 from learner.learner import Learner
 from learner.synthetic import scored_groups
@@ -82,6 +87,40 @@ def test_keep_k_atomic_and_crash_leftovers(tmp_path):
 def test_read_state_names_a_folder_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(Exception, match="state.json"):
         read_state(tmp_path)
+
+
+def _steps(root) -> list[int]:
+    return [s for s, _ in step_dirs(root)]
+
+
+def test_best_checkpoint_and_protected_steps_survive_pruning(tmp_path):
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, {}, _noop_policy, keep=1)
+    assert _steps(tmp_path) == [2]
+    mark_best(tmp_path, 2, "val/mean_iou", 0.5)
+    save_checkpoint(tmp_path, 3, {}, _noop_policy, keep=1)
+    save_checkpoint(tmp_path, 4, {}, _noop_policy, keep=1)  # 3 goes, the best (2) stays
+    save_checkpoint(tmp_path, 5, {}, _noop_policy, keep=1, protect={4})  # 4 is still being validated
+    assert _steps(tmp_path) == [2, 4, 5]
+    save_checkpoint(tmp_path, 6, {}, _noop_policy, keep=1)  # 4's validation is in and was not better
+    assert _steps(tmp_path) == [2, 6]
+    assert read_best(tmp_path) == {"step": 2, "path": "step-000002", "metric": "val/mean_iou", "value": 0.5}
+    assert best_checkpoint(tmp_path) == tmp_path / "step-000002"
+    mark_best(tmp_path, 6, "val/mean_iou", 0.7)
+    save_checkpoint(tmp_path, 7, {}, _noop_policy, keep=1)
+    assert _steps(tmp_path) == [6, 7]  # the old best is an ordinary old checkpoint again
+
+
+def test_mark_best_names_a_missing_step_and_supersede_moves_later_steps(tmp_path):
+    assert read_best(tmp_path) is None and best_checkpoint(tmp_path) is None
+    with pytest.raises(CheckpointError, match="step-000003"):
+        mark_best(tmp_path, 3, "val/mean_iou", 0.1)
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, {}, _noop_policy, keep=3)
+    moved = supersede_after(tmp_path, 1)
+    assert _steps(tmp_path) == [1]
+    assert sorted(p.name[:11] for p in moved) == ["step-000002", "step-000003"]
+    assert all(p.parent == tmp_path / "superseded" and (p / "state.json").is_file() for p in moved)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -163,3 +202,27 @@ def test_checkpoint_policy_is_a_plain_hf_folder(setup):
     for name, p in model.named_parameters():
         assert torch.equal(p, live[name]), name
     assert load_policy(folder) is not None
+
+
+def test_resume_from_the_best_checkpoint(setup, tmp_path):
+    """checkpoint.resume_from=best: the learner loads the step best.json names (weights, step, version), later
+    step-* folders move to superseded/, and the state carries best.json for the driver."""
+    cfg = setup.model_copy(update={"checkpoint": setup.checkpoint.model_copy(update={"dir": str(tmp_path)})})
+    first = Learner(cfg.learner_spec())
+    reader = DatasetReader.from_config(cfg)
+    _train(first, reader, 1)
+    first.save_checkpoint(data_cursor=reader.state_dict())
+    weights = {n: p.detach().clone() for n, p in first.policy.model.named_parameters()}
+    first.mark_best(1, "val/mean_iou", 0.25)
+    _train(first, reader, 1)
+    first.save_checkpoint(data_cursor=reader.state_dict())  # keep=1: step 1 survives as the best
+    assert _steps(tmp_path) == [1, 2]
+    del first
+
+    resumed = Learner(cfg.learner_spec())
+    state = resumed.load_checkpoint("best")
+    assert (resumed.step_count, resumed.policy_version) == (1, 1)
+    assert state["best"] == {"step": 1, "path": "step-000001", "metric": "val/mean_iou", "value": 0.25}
+    assert _steps(tmp_path) == [1] and len(list((tmp_path / "superseded").iterdir())) == 1
+    for n, p in resumed.policy.model.named_parameters():
+        assert torch.equal(p, weights[n]), n
