@@ -22,7 +22,7 @@ GOAL_MASKS_PER_S = 1500  # grouped, SAM2.1-large on one H100/H200 (the issue's g
 
 def _sizes(ctx: Context) -> dict:
     if ctx.tiny:
-        return {"images": 2, "group_size": GROUP_SIZE, "rounds": 1, "naive": 4}
+        return {"images": 2, "group_size": GROUP_SIZE, "rounds": 2, "naive": 8}
     return {"images": 16, "group_size": GROUP_SIZE, "rounds": 3, "naive": 16}
 
 

@@ -103,9 +103,23 @@ def _new_report(device: str, tiny: bool, budget_s: float) -> dict:
         "budget_s": budget_s,
         "hidden_packages": list(HIDDEN_PACKAGES),
         "command": "python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]),
+        "git_commit": _git_commit(),
         "host": {},
         "parts": {},
     }
+
+
+def _git_commit() -> str | None:
+    """HEAD of the checkout, or None where the copy has no .git (a working tree shipped to a GPU machine)."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or None
 
 
 def _finish(report: dict, t0: float, complete: bool) -> None:
