@@ -55,7 +55,7 @@ def _weights(ctx: Context) -> list:
 
     dtype = torch.bfloat16 if ctx.cuda else torch.float32
     g = torch.Generator(device=ctx.device).manual_seed(0)
-    return [
+    return [  # each tensor has its parameter's own shape
         (name, torch.randn(shape, generator=g, device=ctx.device, dtype=dtype))
         for name, shape in policy_shapes(tiny=ctx.tiny or not ctx.cuda)
     ]
@@ -138,8 +138,8 @@ def device_copy_gbps(nbytes: int, reps: int = 5) -> float:
     """GB/s of one device-to-device copy of `nbytes` (median of `reps` after a warm-up)."""
     import torch
 
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")  # (nbytes,)
+    dst = torch.empty_like(src)  # (nbytes,)
     dst.copy_(src)
     torch.cuda.synchronize()
     times = []
