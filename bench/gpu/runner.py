@@ -66,7 +66,9 @@ def run_all(
     only: tuple[str, ...] = (),
     keep_workdir: bool = False,
 ) -> dict:
-    """Run the parts (all, or `only`), write out_dir/gpu_check-<mode>.json and out_dir/gpu_check.log."""
+    """Run the parts (all, or `only` and the parts they need), write out_dir/gpu_check-<mode>.json and
+    out_dir/gpu_check.log."""
+    only = with_needs(only)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = out_dir / "gpu_check.log"
     log.write_text("")
@@ -91,6 +93,15 @@ def run_all(
     _finish(report, t0, complete=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def with_needs(only: tuple[str, ...]) -> tuple[str, ...]:
+    """`only` plus the parts they need (empty: every part)."""
+    names = set(only)
+    for spec in reversed(PARTS):
+        if spec.name in names:
+            names |= set(spec.needs)
+    return tuple(spec.name for spec in PARTS if spec.name in names)
 
 
 def _new_report(device: str, tiny: bool, budget_s: float) -> dict:

@@ -49,6 +49,12 @@ def test_a_part_is_not_started_when_the_budget_is_spent(tmp_path):
     assert out["status"] == "skipped" and "budget" in out["reason"]
 
 
+def test_a_chosen_part_brings_the_parts_it_needs():
+    assert runner.with_needs(("learner_step",)) == ("policy", "learner_step")
+    assert runner.with_needs(("pytest_gpu", "environment")) == ("environment", "pytest_gpu")
+    assert runner.with_needs(()) == ()
+
+
 def test_parts_are_registered_in_both_places():
     assert [s.name for s in runner.PARTS] == list(part.PARTS)
     assert runner.PARTS[0].name == "environment"  # its detail becomes the JSON's host description
