@@ -212,6 +212,7 @@ def _child_env() -> dict:
 def _print_line(spec: PartSpec, part: dict) -> None:
     figures = ", ".join(f"{k} {v}" for k, v in part.get("figures", {}).items())
     why = f" ({part['reason'][:160]})" if part.get("reason") else ""
-    print(
-        f"{spec.name:<17} {part['status']:<8} {part.get('seconds', 0.0):>6.1f} s  {figures}{why}", flush=True
-    )
+    plan = part.get("detail", {}).get("plan")  # learner_step: `segr1 plan`'s prediction, beside the figure
+    beside = f"; segr1 plan: {plan[:300]}" if plan else ""
+    line = f"{spec.name:<17} {part['status']:<8} {part.get('seconds', 0.0):>6.1f} s  {figures}{beside}{why}"
+    print(line, flush=True)
