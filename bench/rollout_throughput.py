@@ -34,35 +34,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-GROUP_SIZE = 8
+from bench.gpu.models import QWEN25_VL_3B  # noqa: E402  (Qwen2.5-VL-3B-Instruct's published dimensions)
 
-# Qwen2.5-VL-3B-Instruct's config.json (text and vision towers).
-QWEN25_VL_3B = {
-    "text": dict(
-        hidden_size=2048,
-        intermediate_size=11008,
-        num_hidden_layers=36,
-        num_attention_heads=16,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        max_position_embeddings=128000,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
-    ),
-    "vision": dict(
-        depth=32,
-        hidden_size=1280,
-        intermediate_size=3420,
-        num_heads=16,
-        out_hidden_size=2048,
-        fullatt_block_indexes=[7, 15, 23, 31],
-        window_size=112,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        tokens_per_second=2,
-    ),
-}
+GROUP_SIZE = 8
 
 
 def _requests(n: int, max_tokens: int):
@@ -181,7 +155,7 @@ def _qwen3b_engine():
         video_token_id=SPECIAL_IDS["<|video_pad|>"],
         vision_start_token_id=SPECIAL_IDS["<|vision_start|>"],
         vision_end_token_id=SPECIAL_IDS["<|vision_end|>"],
-        tie_word_embeddings=True,
+        tie_word_embeddings=QWEN25_VL_3B["tie_word_embeddings"],
     )
     with torch.device("cuda"):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)

@@ -45,7 +45,8 @@ def import_sam2():
 class MetaSam2Segmenter(BaseSegmenter):
     name = "sam2"
 
-    def __init__(self, checkpoint: str, config_name: str, *, device: str = "auto"):
+    def __init__(self, checkpoint: str | None, config_name: str, *, device: str = "auto"):
+        """`checkpoint`: a .pt file; None builds the config's network with random weights (benchmarks)."""
         super().__init__()
         build_sam2, predictor_cls = import_sam2()
         import torch

@@ -1,0 +1,100 @@
+"""The `learner_step` part: GRPO learner steps of `Learner` on the policy folder, with the learner and GRPO
+settings of cluster/configs/qwen3b-1gpu.yaml (bf16 autocast over fp32 master weights, gradient checkpointing,
+micro-batch 2, B=8 groups of G=4, beta 0.04 so the frozen reference is loaded too).
+
+The batch is `learner.synthetic.scored_groups`: answer-shaped completions of the synthetic set's images, their
+behaviour logprobs computed by the policy itself. Two steps on CUDA (the first pays for kernel selection and
+the allocator; the second is the figure), one with --tiny. Peak memory is torch.cuda.max_memory_allocated over
+the steps (weights, reference, gradients, AdamW state and activations). `segr1 plan`'s prediction is printed
+beside it once that command exists.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import subprocess
+import sys
+import time
+
+from bench.gpu.common import ONE_GPU_CONFIG, REPO, Context, peak_memory, reset_peak_memory, synchronize
+
+
+def _config(ctx: Context):
+    from cluster.config import load_config
+
+    folder = ctx.require_policy()
+    overrides = [f"model.policy={folder}", f"checkpoint.dir={ctx.workdir / 'checkpoints'}"]
+    if ctx.tiny:  # CPU-sized: the tiny policy at 112 px, two groups, float32 unless on CUDA
+        overrides += [
+            "data.image_size=112",
+            "grpo.batch_size=2",
+            "model.dtype=auto",
+            "learner.precision=auto",
+        ]
+        overrides += [f"learner.num_gpus={1 if ctx.cuda else 0}"]
+    return load_config(ONE_GPU_CONFIG, overrides)
+
+
+def run(ctx: Context) -> dict:
+    from cluster.data.synth import generate_samples
+    from learner.learner import Learner
+    from learner.synthetic import scored_groups
+
+    cfg = _config(ctx)
+    t0 = time.perf_counter()
+    learner = Learner(cfg.learner_spec())
+    load_s = time.perf_counter() - t0
+    samples = list(generate_samples(cfg.grpo.batch_size, seed=0, size=256))
+    t0 = time.perf_counter()
+    groups = scored_groups(
+        learner.policy, samples, cfg.grpo.group_size, seed=1, max_tokens=cfg.rollout.sampling.max_tokens
+    )
+    groups_s = time.perf_counter() - t0
+    reset_peak_memory(ctx)
+    steps = []
+    for _ in range(1 if ctx.tiny else 2):
+        t0 = time.perf_counter()
+        stats = learner.step(groups, *samples)
+        synchronize(ctx)
+        steps.append((time.perf_counter() - t0, stats))
+    for _, s in steps:
+        if s.skipped_non_finite or not s.grad_norm > 0:
+            raise RuntimeError(f"step {s.step}: grad_norm {s.grad_norm}, skipped {s.skipped_non_finite}")
+    figures = {"step_s": round(steps[-1][0], 3), **peak_memory(ctx)}
+    if len(steps) > 1:
+        figures["first_step_s"] = round(steps[0][0], 3)
+    lc = cfg.learner
+    stats = steps[-1][1]
+    detail = {
+        "plan": plan_prediction(),
+        "precision": str(learner.policy.compute_dtype).removeprefix("torch."),
+        "gradient_checkpointing": lc.gradient_checkpointing,
+        "micro_batch_size": lc.micro_batch_size,
+        "micro_batches": lc.grad_accumulation or math.ceil(stats.num_completions / lc.micro_batch_size),
+        "groups": stats.num_groups,
+        "completions": stats.num_completions,
+        "completion_tokens": stats.num_tokens,
+        "prompt_tokens_per_sample": len(groups[0].group.prompt_token_ids),
+        "image_size": cfg.data.image_size,
+        "reference_loaded": learner.policy.reference is not None,
+        "trainable_parameters_m": round(sum(p.numel() for p in learner.params) / 1e6, 1),
+        "load_s": round(load_s, 2),
+        "synthetic_groups_s": round(groups_s, 2),
+        "loss": stats.loss,
+        "grad_norm": stats.grad_norm,
+    }
+    return {"figures": figures, "detail": detail}
+
+
+def plan_prediction() -> str:
+    """What `segr1 plan --config cluster/configs/qwen3b-1gpu.yaml` predicts, or "not available"."""
+    if importlib.util.find_spec("cluster.commands.plan") is None:
+        return "not available (no `segr1 plan` command in this checkout)"
+    cmd = [sys.executable, "-m", "cluster.cli", "plan", "--config", str(ONE_GPU_CONFIG)]
+    try:
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return "segr1 plan did not answer within 60 s"
+    text = (done.stdout if done.returncode == 0 else done.stderr).strip()
+    return f"{'' if done.returncode == 0 else f'segr1 plan exited {done.returncode}: '}{text[-3000:]}"
