@@ -37,6 +37,7 @@ from cluster.config import TrainConfig
 from cluster.data.reader import DatasetReader
 from cluster.pool import ActorPool, WorkFailed
 from cluster.topology import Workers, make_reward_pool, make_rollout_pool, spawn_learner_actor
+from cluster.tracking import open_trackers
 from cluster.weights import WeightPublisher
 from protos import RolloutGroup, RolloutRequest, Sample, ScoredGroup
 
@@ -120,6 +121,7 @@ class TrainDriver:
         if self.version > 0:  # the workers load the starting policy; a resumed run pushes its own
             self.weights.publish(self.rollout, self.version)
         self._metrics_file = (self.run_dir / "metrics.jsonl").open("a" if resume else "w")
+        self.trackers = open_trackers(cfg, self.run_dir, resume=resume, step=self.step)  # cluster/tracking
 
     # -- control ---------------------------------------------------------------------------------------------
     def request_stop(self) -> bool:
@@ -144,6 +146,7 @@ class TrainDriver:
         summary = self._summary(time.perf_counter() - t0)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         self._metrics_file.close()
+        self.trackers.close()
         return summary
 
     def _done(self) -> bool:
@@ -409,6 +412,7 @@ class TrainDriver:
         }
         self._metrics_file.write(json.dumps(line) + "\n")
         self._metrics_file.flush()
+        self.trackers.log_step(self.step, line, batch, load=ray.get)
 
     def _summary(self, wall_s: float) -> dict:
         a = self.acct
@@ -433,6 +437,7 @@ class TrainDriver:
         }
 
     def close(self) -> None:
+        self.trackers.close()  # no-op after run(); a job stopped before it ends its tracker runs here
         self.rollout.shutdown()
         self.reward.shutdown()
         ray.get(self.learner.close.remote())  # removes the weight-sync shared-memory segments
