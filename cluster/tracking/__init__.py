@@ -6,12 +6,11 @@ from cluster.tracking.base import (
     TRACKER_NAMES,
     Tracker,
     flatten,
-    make_tracker,
     run_info,
     scalar_name,
     scalars_of,
 )
-from cluster.tracking.trackers import Trackers, open_trackers
+from cluster.tracking.trackers import Trackers, make_tracker, open_trackers
 
 __all__ = [
     "SCALAR_NAMES",

@@ -144,18 +144,3 @@ def save_id(run_dir: Path, key: str, value: str) -> None:
     ids = load_ids(run_dir)
     ids[key] = value
     (Path(run_dir) / "trackers.json").write_text(json.dumps(ids, indent=1))
-
-
-def make_tracker(name: str, mlflow_uri: str | None = None, project: str = "segr1") -> Tracker:
-    require(name)
-    if name == "tensorboard":
-        from cluster.tracking.tensorboard_tracker import TensorBoardTracker
-
-        return TensorBoardTracker()
-    if name == "wandb":
-        from cluster.tracking.wandb_tracker import WandbTracker
-
-        return WandbTracker(project)
-    from cluster.tracking.mlflow_tracker import MlflowTracker
-
-    return MlflowTracker(mlflow_uri, project)

@@ -1,6 +1,7 @@
 """TensorBoard through torch.utils.tensorboard's SummaryWriter (needs the `tensorboard` package: extra
 `tensorboard`). Logs go to <run_dir>/tensorboard; a resumed run appends to the same logdir with purge_step so the
-steps trained again replace the ones written after the checkpoint."""
+steps trained again replace the ones written after the checkpoint; a fresh run in the same run_dir replaces the
+previous event files (as it replaces metrics.jsonl)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ class TensorBoardTracker:
         from torch.utils.tensorboard import SummaryWriter
 
         logdir = Path(run_dir) / "tensorboard"
+        if not resume:  # a fresh run replaces the last one's curves, as it replaces metrics.jsonl
+            for old in logdir.glob("events.out.tfevents.*"):
+                old.unlink()
         self.writer = SummaryWriter(log_dir=str(logdir), purge_step=step + 1 if resume else None)
         if not resume:
             self._hparams(config)

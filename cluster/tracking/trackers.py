@@ -20,9 +20,24 @@ from typing import Any
 
 import numpy as np
 
-from cluster.tracking.base import REWARD_TERMS, Tracker, flatten, make_tracker, run_info, scalars_of
+from cluster.tracking.base import REWARD_TERMS, Tracker, flatten, require, run_info, scalars_of
 
 logger = logging.getLogger(__name__)
+
+
+def make_tracker(name: str, mlflow_uri: str | None = None, project: str = "segr1") -> Tracker:
+    require(name)
+    if name == "tensorboard":
+        from cluster.tracking.tensorboard_tracker import TensorBoardTracker
+
+        return TensorBoardTracker()
+    if name == "wandb":
+        from cluster.tracking.wandb_tracker import WandbTracker
+
+        return WandbTracker(project)
+    from cluster.tracking.mlflow_tracker import MlflowTracker
+
+    return MlflowTracker(mlflow_uri, project)
 
 
 class Trackers:
