@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 
 # The .wandb file of an offline run is a LevelDB-style log of wandb's own Record protobufs (wandb.proto). wandb
@@ -38,10 +39,17 @@ def wandb_records(path: Path):
             yield record
 
 
-def wandb_history(path: Path) -> tuple[str, list[dict]]:
-    """(run id, history rows as {key: JSON text}) of one offline run's .wandb file."""
+def wandb_history(path: Path, deadline_s: float = 60.0) -> tuple[str, list[dict]]:
+    """(run id, history rows as {key: JSON text}) of one offline run's .wandb file. wandb-core finishes writing
+    the file after run.finish() returns: this waits (at most deadline_s) for the run's closing `exit` record."""
+    deadline = time.monotonic() + deadline_s
+    records = list(wandb_records(path))
+    while not any(r.WhichOneof("record_type") == "exit" for r in records):
+        assert time.monotonic() < deadline, f"{path} has no exit record after {deadline_s:.0f} s"
+        time.sleep(0.2)  # polling interval of the readiness check
+        records = list(wandb_records(path))
     run_id, rows = "", []
-    for record in wandb_records(path):
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run_id = record.run.run_id

@@ -94,7 +94,7 @@ class Trackers:
         from runtime.images import decode_image, decode_mask
 
         image = decode_image(sample.image)  # (H, W, 3) uint8
-        gt = decode_mask(sample.mask) if sample.mask is not None else None  # (H, W) bool
+        gt = decode_mask(sample.mask)  # (H, W) bool
         boxes, points, labels = [], [], []
         if self.parse is not None and sg.group.completions:
             parsed = self.parse(sg.group.completions[0].text, image.shape[1], image.shape[0])

@@ -129,3 +129,40 @@ def test_wandb_offline_history_and_resume(tmp_path, monkeypatch):
         assert run_id == stored
         steps += [int(r["_step"]) for r in rows if "reward/total_mean" in r]
     assert steps == [1, 2, 3]
+
+
+def test_training_overlay_draws_the_parsed_answer_and_the_gt(tmp_path):
+    """open_trackers with jsonl only starts nothing; its overlay draws the first answer's box and points
+    (parsed at the policy's image size) and the ground-truth outline on the sample's image."""
+    from types import SimpleNamespace
+
+    from cluster.evaluation.pictures import BOX_RGB, GT_RGB, POINT_RGB
+    from cluster.tracking import open_trackers
+    from protos import Sample
+    from protos.answer import format_answer
+    from runtime.images import encode_png
+
+    cfg = load_config(None, ["metrics.trackers=[jsonl]", "data.image_size=32", f"metrics.run_dir={tmp_path}"])
+    trackers = open_trackers(cfg, tmp_path)
+    assert trackers.trackers == {}
+    image = np.full((64, 64, 3), 90, np.uint8)  # (H, W, 3); the policy saw it at 32x32: coordinates double
+    gt = np.zeros((64, 64), bool)
+    gt[40:60, 40:60] = True
+    mask = encode_png(gt.astype(np.uint8))
+    sample = Sample(
+        id="s0",
+        source="t",
+        split="train",
+        task="foreground",
+        instruction="",
+        image=encode_png(image),
+        mask=mask,
+        width=64,
+        height=64,
+    )
+    text = format_answer([[2, 2, 14, 14]], [[8, 8], [12, 4]], [1, 0])
+    group = SimpleNamespace(group=SimpleNamespace(completions=[SimpleNamespace(text=text)]))
+    out = trackers.training_overlay(group, sample)  # (64, 64, 3) uint8
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    assert tuple(out[16, 16]) == POINT_RGB[1] and tuple(out[8, 24]) == POINT_RGB[0]
+    assert tuple(out[4, 15]) == BOX_RGB and tuple(out[40, 50]) == GT_RGB
