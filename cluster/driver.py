@@ -41,6 +41,7 @@ from cluster.driver_metrics import step_line
 from cluster.pool import ActorPool, WorkFailed
 from cluster.sync_step import fill_batch
 from cluster.topology import Workers, make_reward_pool, make_rollout_pool, spawn_learner_actor
+from cluster.tracking import open_trackers
 from cluster.validation import Validator
 from cluster.weights import WeightPublisher
 from protos import RolloutGroup, RolloutRequest, Sample, ScoredGroup
@@ -127,6 +128,7 @@ class TrainDriver:
         if self.version > 0:  # the workers load the starting policy; a resumed run pushes its own
             self.weights.publish(self.rollout, self.version)
         self._metrics_file = (self.run_dir / "metrics.jsonl").open("a" if resume else "w")
+        self.trackers = open_trackers(cfg, self.run_dir, resume=resume, step=self.step)  # cluster/tracking
 
     # -- control ---------------------------------------------------------------------------------------------
     def request_stop(self) -> bool:
@@ -153,6 +155,7 @@ class TrainDriver:
         summary = self._summary(time.perf_counter() - t0)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         self._metrics_file.close()
+        self.trackers.close()
         return summary
 
     def _done(self) -> bool:
@@ -330,7 +333,7 @@ class TrainDriver:
         line = step_line(
             stats, batch, staleness, sync, time.perf_counter() - t0, fill_rounds=fill_rounds, **where
         )
-        self._write_metrics(line)
+        self._write_metrics(line, batch)
         saved = self.cfg.checkpoint.every and self.step % self.cfg.checkpoint.every == 0
         if saved:
             self._checkpoint(list(index.values()))
@@ -395,10 +398,12 @@ class TrainDriver:
     def _restarts(self) -> int:
         return self.rollout.stats.restarts + self.reward.stats.restarts
 
-    def _write_metrics(self, line: dict) -> None:
-        """The one place a metrics line leaves the driver (one per step, one per validation with val/*)."""
+    def _write_metrics(self, line: dict, batch: list = ()) -> None:
+        """The one place a metrics line leaves the driver (one per step, one per validation with val/*): into
+        metrics.jsonl and every tracker (with the step's batch: reward histograms, overlays)."""
         self._metrics_file.write(json.dumps(line) + "\n")
         self._metrics_file.flush()
+        self.trackers.log_step(line.get("step", self.step), line, batch, load=ray.get)
 
     def _summary(self, wall_s: float) -> dict:
         a = self.acct
@@ -423,6 +428,7 @@ class TrainDriver:
         }
 
     def close(self) -> None:
+        self.trackers.close()  # no-op after run(); a job stopped before it ends its tracker runs here
         self.rollout.shutdown()
         self.reward.shutdown()
         ray.get(self.learner.close.remote())  # removes the weight-sync shared-memory segments
