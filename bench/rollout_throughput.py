@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu.models import QWEN25_VL_3B  # noqa: E402  (Qwen2.5-VL-3B-Instruct's published dimensions)
+from bench.gpu.models import qwen3b_config  # noqa: E402  (Qwen2.5-VL-3B-Instruct's published dimensions)
 
 GROUP_SIZE = 8
 
@@ -135,28 +135,15 @@ def bench_cpu(args) -> dict:
 def _qwen3b_engine():
     """HFEngine around a random Qwen2.5-VL-3B-shaped model in bf16 on CUDA, with the tiny tokenizer/processor."""
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     from actors.hf_engine import HFEngine
-    from cluster.tiny_models import SPECIAL_IDS, build_tiny_policy
+    from cluster.tiny_models import build_tiny_policy
     from protos.answer import COMPACT
     from runtime.qwen_vl import load_processor
 
     tiny = build_tiny_policy(Path(tempfile.mkdtemp(prefix="segr1-bench-")) / "policy", seed=0)
-    ids = dict(
-        bos_token_id=SPECIAL_IDS["<|endoftext|>"],
-        eos_token_id=SPECIAL_IDS["<|im_end|>"],
-        pad_token_id=SPECIAL_IDS["<|endoftext|>"],
-    )
-    config = Qwen2_5_VLConfig(
-        text_config={**QWEN25_VL_3B["text"], **ids},
-        vision_config=QWEN25_VL_3B["vision"],
-        image_token_id=SPECIAL_IDS["<|image_pad|>"],
-        video_token_id=SPECIAL_IDS["<|video_pad|>"],
-        vision_start_token_id=SPECIAL_IDS["<|vision_start|>"],
-        vision_end_token_id=SPECIAL_IDS["<|vision_end|>"],
-        tie_word_embeddings=QWEN25_VL_3B["tie_word_embeddings"],
-    )
+    config = qwen3b_config()  # bench/gpu/models.py: the 3B's dimensions, the tiny tokenizer's special ids
     with torch.device("cuda"):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
     processor = load_processor(tiny)
