@@ -45,7 +45,7 @@ from learner.checkpoint import (
 )
 from learner.config import LearnerSpec
 from learner.policy import Policy, learner_device
-from learner.update import LOSS_STAT_KEYS, Plan, minibatch_loss, plan_batch, score_old
+from learner.update import LOSS_STAT_KEYS, Plan, finish_fused, minibatch_loss, plan_batch, score_old
 from protos import Sample, ScoredGroup, StepStats, check_pairs
 from runtime.threads import limit_threads
 from runtime.weights.collective import DistributedWeightSender
@@ -106,7 +106,8 @@ class Learner:
 
     def step(self, groups: Sequence[ScoredGroup], *samples: Sample) -> StepStats:
         """Train on B scored groups (sample i is group i's image): advantages from the rewards, a no-grad pass
-        for pi_old and the behaviour importance weights, then grpo.updates_per_batch mini-batch updates (GRPO
+        for pi_old and the behaviour importance weights (skipped where the update's own forward gives the same:
+        update.fused), then grpo.updates_per_batch mini-batch updates (GRPO
         loss over micro-batches with gradient accumulation, grad clipping, AdamW). policy_version += 1 and
         step_count += 1 per call, however many updates it made (learner/update.py)."""
         t0 = time.perf_counter()
@@ -124,6 +125,7 @@ class Learner:
             norm = self._update(lr, plan, k)
             skipped |= norm is None
             norms.extend([] if norm is None else [norm])
+        finish_fused(plan, self.spec.grpo, self.policy.device, self.world_size)
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         self.policy_version += 1
@@ -178,6 +180,7 @@ class Learner:
             loss, sums, _ = minibatch_loss(self.policy, plan, k, self.spec.grpo, backward, self.world_size)
             losses.append(loss)
             acc = {key: acc[key] + sums[key] for key in acc}
+        finish_fused(plan, self.spec.grpo, self.policy.device, self.world_size)
         stats = {**_token_means(acc), **plan.is_stats, **_batch_stats(groups, plan.adv, self.policy_version)}
         return sum(losses) / len(losses), stats, self._counts(groups, plan)
 

@@ -7,6 +7,11 @@ Rows are the batch's completions, N = sum of the groups' G, in group order. The 
 (`learner.micro_batch_size`, or `learner.grad_accumulation` of them). The no-grad pass runs the very same
 micro-batches in the same order, so the first micro-batch of the first update recomputes exactly the logprobs
 it is compared with: ratio 1, nothing clipped (the reference's exp(logp - logp.detach())).
+
+When the weights cannot move between the no-grad pass and the update's forward (one update per batch) and the
+importance weights leave the loss's denominators alone (truncate mode, or IS off), that pass would recompute
+exactly the update's own logprobs: then pi_old is taken as `logp.detach()` of the update's forward, micro-batch
+by micro-batch, and the pass is skipped (`fused`), the same loss and statistics for one forward less.
 """
 
 from __future__ import annotations
@@ -42,6 +47,15 @@ class Plan:
         default_factory=list
     )  # per update: (sequences, tokens) in the loss
     is_stats: dict = field(default_factory=dict)
+    is_sums: list[float] = field(
+        default_factory=lambda: [0.0] * 5
+    )  # fused: weights, over, |diff|, outside, tokens
+
+
+def fused(grpo: GRPOConfig) -> bool:
+    """pi_old from the update's own forward (no separate no-grad pass): one update per batch, and importance
+    weights that do not change the loss's denominators (mask mode does: it must see the whole batch first)."""
+    return grpo.updates_per_batch == 1 and (grpo.tis_cap <= 0 or grpo.is_mode == "truncate")
 
 
 def split_rows(n: int, parts: int) -> list[list[int]]:
@@ -105,10 +119,16 @@ def _batch(policy: Policy, plan: Plan, chunk: Sequence[int]) -> dict:
 
 
 @torch.no_grad()
-def score_old(policy: Policy, plan: Plan, grpo: GRPOConfig, world_size: int = 1) -> None:
+def score_old(
+    policy: Policy, plan: Plan, grpo: GRPOConfig, world_size: int = 1, skip_pass: bool | None = None
+) -> None:
     """The no-grad pass: pi_old of every row of this rank under the current weights, then the behaviour
     importance weights (grpo.tis_cap / is_level / is_mode), the loss's denominators of every update and the
-    mismatch statistics (summed over ranks)."""
+    mismatch statistics (summed over ranks). With `skip_pass` (default: `fused(grpo)`) only the denominators are
+    set here; minibatch_loss takes pi_old from its own forward and finish_fused sums the statistics."""
+    if fused(grpo) if skip_pass is None else skip_pass:
+        _fused_totals(plan, policy.device, world_size)
+        return
     device = policy.device
     width = max((len(c.token_ids) for _, c in plan.rows), default=0)
     old = torch.zeros((len(plan.rows), width), device=device)  # (N, L)
@@ -137,15 +157,54 @@ def score_old(policy: Policy, plan: Plan, grpo: GRPOConfig, world_size: int = 1)
     sums = _sum_over_ranks(sums, device, world_size)
     kept_tokens = sum(sums[6::2])
     plan.totals = [(sums[5 + 2 * k], sums[6 + 2 * k]) for k in range(len(plan.minibatches))]
+    plan.is_stats = _is_stats(sums[:5], kept_tokens, grpo)
+
+
+def _is_stats(sums: list[float], kept_tokens: float, grpo: GRPOConfig) -> dict:
+    """(weights, over, |diff|, outside, tokens) summed over ranks -> the StepStats importance-sampling fields."""
     tokens = max(sums[4], 1.0)
     over = sums[1] / tokens
-    plan.is_stats = {
+    return {
         "is_weight_mean": sums[0] / max(kept_tokens, 1.0),
         "is_truncated_fraction": over if grpo.tis_cap > 0 and grpo.is_mode == "truncate" else 0.0,
         "is_masked_fraction": over if grpo.tis_cap > 0 and grpo.is_mode == "mask" else 0.0,
         "mismatch_logp_abs": sums[2] / tokens,
         "mismatch_outside_fraction": sums[3] / tokens,
     }
+
+
+def _fused_totals(plan: Plan, device: torch.device, world_size: int) -> None:
+    """Denominators without the pass: truncation keeps every token, so each update's loss covers all its rows
+    and all their tokens (summed over ranks)."""
+    sums = []
+    for chunks in plan.minibatches:
+        rows = [r for chunk in chunks for r in chunk]
+        sums += [float(len(rows)), float(sum(len(plan.rows[r][1].token_ids) for r in rows))]
+    sums = _sum_over_ranks(sums, device, world_size)
+    plan.totals = [(sums[2 * k], sums[2 * k + 1]) for k in range(len(plan.minibatches))]
+    plan.is_sums = [0.0] * 5
+
+
+def finish_fused(plan: Plan, grpo: GRPOConfig, device: torch.device, world_size: int = 1) -> None:
+    """After the fused update: the importance-sampling statistics its micro-batches summed (over ranks)."""
+    if plan.old is not None:  # the pass ran: score_old set them
+        return
+    sums = _sum_over_ranks(list(plan.is_sums), device, world_size)
+    plan.is_stats = _is_stats(sums, sums[4], grpo)
+
+
+def _fused_old(plan: Plan, chunk: Sequence[int], logp: torch.Tensor, mask: torch.Tensor, grpo: GRPOConfig):
+    """(pi_old, keep, weights) of one micro-batch from its own forward (logp, mask: (n, T)), adding its
+    importance-sampling statistics to plan.is_sums."""
+    old = logp.detach().float()  # (n, T)
+    behaviour = right_align([plan.rows[r][1].logprobs for r in chunk], logp.shape[1]).to(
+        logp.device
+    )  # (n, T)
+    bw = behaviour_weights(old, behaviour, mask, grpo.tis_cap, grpo.is_level, grpo.is_mode)
+    mm = mismatch_sums(old, behaviour, mask)
+    add = [float(bw.weights.sum()), float(bw.over.sum()), mm["abs_diff"], mm["outside"], mm["tokens"]]
+    plan.is_sums = [a + b for a, b in zip(plan.is_sums, add, strict=True)]
+    return old, bw.keep, bw.weights
 
 
 def minibatch_loss(
@@ -163,14 +222,22 @@ def minibatch_loss(
         logp, mask = policy.logprobs(batch, temperature=plan.temperature)  # (n, T), (n, T)
         if mask.numel() == 0:
             continue
-        cols = slice(plan.old.shape[1] - mask.shape[1], None)
+        if plan.old is None:  # fused: pi_old is this forward's own logprobs
+            old, keep, weights = _fused_old(plan, chunk, logp, mask, grpo)
+        else:
+            cols = slice(plan.old.shape[1] - mask.shape[1], None)
+            old, keep, weights = (
+                plan.old[chunk, cols],
+                plan.weights.keep[chunk, cols],
+                plan.weights.weights[chunk, cols],
+            )
         ref = policy.reference_logprobs(batch, plan.temperature) if grpo.beta > 0 else None
         loss, st = policy_loss(
             logp,
-            plan.old[chunk, cols],
+            old,
             ref,
             plan.adv[chunk].to(mask.device),
-            plan.weights.keep[chunk, cols],
+            keep,
             grpo.clip_low,
             grpo.clip_high,
             grpo.beta,
@@ -178,7 +245,7 @@ def minibatch_loss(
             max_length=plan.max_tokens,
             total_sequences=seqs,
             total_tokens=tokens,
-            is_weights=plan.weights.weights[chunk, cols],
+            is_weights=weights,
         )
         if backward:
             (loss * world_size).backward()  # FSDP averages gradients over ranks; the loss is a sum

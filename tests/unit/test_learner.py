@@ -215,3 +215,33 @@ def _advantages(totals):
     from learner.grpo import group_advantages
 
     return group_advantages(torch.tensor([totals], dtype=torch.float64))[0].tolist()
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_pi_old_from_the_updates_own_forward_equals_the_separate_pass(tiny_policy_dir, batch, level):
+    """One update per batch in truncate mode takes pi_old from the update's forward (update.fused) instead of a
+    no-grad pass: the same loss, loss statistics, importance-sampling statistics and gradients, one forward less.
+    The behaviour logprobs are shifted (one group by -0.9: weights over the cap) so the IS terms matter."""
+    from learner.update import finish_fused, fused, minibatch_loss, score_old
+
+    samples, groups = batch
+    shifted = _shift_behaviour(groups[:1], -0.9) + _shift_behaviour(groups[1:], -0.2)
+    cfg = make_cfg(tiny_policy_dir, {"is_level": level, "tis_cap": 1.5}, beta=0.0, micro_batch_size=3)
+    learner = Learner(cfg.learner_spec())
+    grpo = learner.spec.grpo
+    assert fused(grpo)
+    results = []
+    for skip in (False, True):
+        learner.optimizer.zero_grad(set_to_none=True)
+        plan = learner._plan(shifted, samples)
+        score_old(learner.policy, plan, grpo, skip_pass=skip)
+        loss, sums, first = minibatch_loss(learner.policy, plan, 0, grpo, True)
+        finish_fused(plan, grpo, learner.policy.device)
+        grads = [p.grad.detach().clone() for p in learner.params]
+        results.append((loss, sums, first, plan.is_stats, plan.totals, grads))
+    (la, sa, fa, ia, ta, ga), (lb, sb, fb, ib, tb, gb) = results
+    assert lb == pytest.approx(la, rel=1e-6, abs=1e-9) and tb == ta
+    assert sb == pytest.approx(sa, rel=1e-6, abs=1e-9) and fb == pytest.approx(fa, rel=1e-6, abs=1e-9)
+    assert ib == pytest.approx(ia, rel=1e-6, abs=1e-9)
+    assert ia["is_truncated_fraction"] > 0 and ia["is_weight_mean"] != pytest.approx(1.0)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(ga, gb, strict=True))
