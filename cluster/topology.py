@@ -27,6 +27,7 @@ import ray
 
 from cluster.config import Resources, TrainConfig
 from cluster.pool import ActorPool
+from runtime.threads import THREADS_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def actor_options(
     if cfg.placement.mode == "disaggregated" and pool in POOL_RESOURCES:
         custom.setdefault(POOL_RESOURCES[pool], 1)
     threads = str(max(1, int(resources.num_cpus)))
-    env = {**_WORKER_ENV, "OMP_NUM_THREADS": threads, "SEGR1_NUM_THREADS": threads}
+    env = {**_WORKER_ENV, "OMP_NUM_THREADS": threads, THREADS_ENV: threads}
     if pool == "rollout" and cfg.rollout.engine == "vllm":
         env.update(_vllm_env(resources))
     options: dict[str, Any] = {
