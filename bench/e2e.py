@@ -183,7 +183,7 @@ def single_process(cfg, warmup: int) -> dict:
 
 def _requests(cfg, step: int, samples: list) -> list:
     """The requests the sync driver sends at `step` (one chunk per step here; seeds spaced G apart)."""
-    from cluster.driver import request_seed
+    from cluster.driver_state import request_seed
     from protos import RolloutRequest
 
     g = cfg.grpo

@@ -3,7 +3,7 @@ must close (generated = trained + dropped_stale + filtered + left_over)."""
 
 from __future__ import annotations
 
-from cluster.driver import Accounting, request_seed, split_by_staleness
+from cluster.driver_state import Accounting, request_seed, split_by_staleness
 from cluster.sync_step import fill_batch
 from learner.synthetic import reward
 from protos import Completion, RolloutGroup, ScoredGroup
