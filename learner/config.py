@@ -110,6 +110,20 @@ class LearnerConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     num_gpus: int = Field(0, ge=0, le=1024, description="GPUs of the learner; >1 uses FSDP2 data parallel.")
+    world_size: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Learner ranks (actors learner-0..n-1, one GPU each on a GPU cluster) sharding the policy "
+        "with FSDP2; None: num_gpus when > 0, else 1.",
+    )
+    max_restarts: int = Field(
+        2,
+        ge=0,
+        le=1000,
+        description="Times a job restarts its learner group from the latest checkpoint after a rank died; 0: "
+        "the job fails (with the --resume command).",
+    )
     lora_rank: int = Field(
         0, ge=0, le=4096, description="LoRA rank (needs the peft package); 0 trains every parameter."
     )
@@ -117,6 +131,13 @@ class LearnerConfig(BaseModel):
         16.0, gt=0.0, le=1e6, description="LoRA scaling numerator (scale = alpha / rank)."
     )
     resources: Resources = Field(default_factory=Resources)
+
+    @property
+    def ranks(self) -> int:
+        """learner.world_size resolved: the number of learner ranks the job runs."""
+        if self.world_size is not None:
+            return self.world_size
+        return self.num_gpus if self.num_gpus > 0 else 1
 
 
 class CheckpointConfig(BaseModel):
