@@ -13,6 +13,7 @@ from cluster.commands import (
     eval_masks,
     generate,
     models,
+    plan,
     predict,
     score,
     sft,
@@ -20,7 +21,7 @@ from cluster.commands import (
 )
 from cluster.commands.common import CommandError
 
-COMMANDS = (train, sft, eval_job, eval_masks, predict, score, generate, data, models, bench)
+COMMANDS = (train, plan, sft, eval_job, eval_masks, predict, score, generate, data, models, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,7 +2,8 @@
 
 `--dry-run` prints the resolved config (YAML), then the prompts it renders: the system prompt and the user text
 after the image, for training (reward.answer_format, data.image_size, the foreground instruction) and for
-evaluation per task, each verbatim between `# --8<--` and `# -->8--` lines.
+evaluation per task, each verbatim between `# --8<--` and `# -->8--` lines; then the memory plan (`segr1 plan`,
+--gpu-memory-gb and --model-shapes as there).
 """
 
 from __future__ import annotations
@@ -10,18 +11,22 @@ from __future__ import annotations
 import argparse
 import json
 
-from cluster.commands.common import add_config_args, load_config_from_args
+from cluster.commands.common import CommandError, add_config_args, load_config_from_args
+from cluster.commands.plan import add_plan_args, make_plan
 
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="GRPO training on local Ray or RAY_ADDRESS")
     add_config_args(p)
     p.add_argument(
-        "--dry-run", action="store_true", help="print the resolved config and the rendered prompts, and exit"
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, the rendered prompts and the memory plan (segr1 plan), and exit",
     )
     p.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir"
     )
+    add_plan_args(p)
     p.set_defaults(func=run)
 
 
@@ -32,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dump_config(cfg), end="")
         print(rendered_prompts(cfg), end="")
+        print(memory_plan(cfg, args), end="")
         return 0
     from cluster.launch import run_training
 
@@ -41,6 +47,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 PROMPTS_HEADER = "# ---- rendered prompts"
+
+
+def memory_plan(cfg, args: argparse.Namespace) -> str:
+    """`segr1 plan`'s table, or one line saying why it could not be made (the dry run still succeeds)."""
+    from cluster.memory_report import format_plan
+
+    try:
+        return format_plan(cfg, make_plan(cfg, args))
+    except CommandError as err:
+        return f"# memory plan: not made: {err}\n"
 
 
 def _block(title: str, text: str) -> str:

@@ -187,8 +187,8 @@ def test_dockerfile_matches_ray_vllm_and_the_project():
     pyproject = (ROOT / "pyproject.toml").read_text()
     vllm_pin = re.search(r'^vllm = \["vllm==([\d.]+)"\]', pyproject, re.M).group(1)
     assert f'"vllm=={vllm_pin}"' in text, f"Dockerfile must install vllm=={vllm_pin} (pyproject's vllm extra)"
-    assert re.search(r"pip install .*-e \"\.\[vllm,sam2,tensorboard,wandb,mlflow\]\"", text), (
-        "install the project with its vllm+sam2 extras and the experiment trackers (metrics.trackers)"
+    assert re.search(r"pip install .*-e \"\.\[vllm,sam2,lora,tensorboard,wandb,mlflow\]\"", text), (
+        "install the project with its vllm+sam2+lora extras and the experiment trackers (metrics.trackers)"
     )
     assert "--no-build-isolation" in text, "sam2 builds against the installed torch"
     assert re.search(rf"^WORKDIR {IMAGE_WORKDIR}$", text, re.M)

@@ -1,0 +1,60 @@
+"""`segr1 plan --config FILE [key.sub=value ...] [--gpu-memory-gb 80] [--model-shapes NAME] [--json]`: the memory
+plan of a training job before launch (cluster/memory_plan.py; formulas in docs/learner.md, "Memory plan").
+
+Per pool, the bytes one GPU holds (one process on a CPU-only config), each term named; pools sharing a GPU
+(fractional GPUs) added up. Exits 1 when something cannot fit, naming it and the computed change that would make
+it fit. Reads the policy's config.json, or the built-in shapes when model.policy is not a local folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cluster.commands.common import CommandError, add_config_args, load_config_from_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="memory plan per pool and GPU before launch; exits 1 when it cannot fit")
+    add_config_args(p)
+    add_plan_args(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=run)
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU in GB (1e9 bytes; default 80)"
+    )
+    p.add_argument(
+        "--model-shapes",
+        default=None,
+        metavar="NAME",
+        help="built-in shapes of the model model.policy holds (e.g. Qwen2.5-VL-7B-Instruct), when it is not a "
+        "local folder named like it",
+    )
+
+
+def make_plan(cfg, args: argparse.Namespace):
+    from cluster.memory_report import build_plan
+    from cluster.model_shapes import ShapesError
+
+    if not 1 <= args.gpu_memory_gb <= 10_000:
+        raise CommandError(
+            f"--gpu-memory-gb {args.gpu_memory_gb} is not a GPU size; pass e.g. 80", exit_code=2
+        )
+    try:
+        return build_plan(cfg, args.gpu_memory_gb, args.model_shapes)
+    except ShapesError as err:
+        raise CommandError(str(err), exit_code=2) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from cluster.memory_report import format_plan, plan_json
+
+    cfg = load_config_from_args(args)
+    plan = make_plan(cfg, args)
+    print(json.dumps(plan_json(plan), indent=1) if args.json else format_plan(cfg, plan).rstrip(), flush=True)
+    if not plan.on_gpu or plan.fits:
+        return 0
+    raise CommandError("; ".join(plan.failures) + " (see `change:` above)", exit_code=1)
