@@ -221,3 +221,43 @@ def plan_json(plan: MemoryPlan) -> dict:
         "failures": plan.failures,
         "advice": plan.advice,
     }
+
+
+# The shipped configs and the built-in shapes each needs (model.policy names a cluster volume folder: its model)
+SHIPPED_CONFIG_SHAPES = {
+    "demo.yaml": "segr1/tiny-demo",
+    "qwen3b-1gpu.yaml": None,
+    "qwen7b-8gpu.yaml": None,
+    "seg-r1-prerl.yaml": None,
+    "seg-r1-rl.yaml": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "seg-r1-sod.yaml": "Qwen/Qwen2.5-VL-7B-Instruct",
+}
+
+
+def docs_table(config_dir, gpu_gb: float = 80.0) -> str:
+    """The Markdown table of docs/learner.md ("Memory plan"): every shipped config's figures (tests check it)."""
+    from pathlib import Path
+
+    from cluster.config import load_config
+
+    rows = [
+        "| config | learner per rank (params + grads + optimiser / activations + logits / reference) | "
+        "rollout per GPU (KV tokens) | reward | fullest GPU | fits |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, shapes in SHIPPED_CONFIG_SHAPES.items():
+        cfg = load_config(Path(config_dir) / name)
+        plan = build_plan(cfg, gpu_gb, shapes)
+        learner, rollout, reward = plan.pools
+        t = {x.name: x.bytes for x in learner.terms}
+        state = t["parameters"] + t["gradients"] + t["optimiser"]
+        dyn = t["activations text"] + t["activations vision"] + t["logits"]
+        kv = f" ({rollout.kv_tokens:,})" if rollout.kv_tokens is not None else ""
+        fullest = max((g.bytes for g in plan.gpus), default=0)
+        where = f"{fullest / GB:.1f} GB" if plan.on_gpu else "CPU only"
+        rows.append(
+            f"| {name} | {learner.total / GB:.1f} GB ({state / GB:.1f} / {dyn / GB:.1f} / "
+            f"{t.get('reference', 0) / GB:.1f}), {cfg.learner.ranks} rank(s) | {rollout.total / GB:.1f} GB{kv} | "
+            f"{reward.total / GB:.1f} GB | {where} | {'yes' if plan.fits else 'NO'} |"
+        )
+    return "\n".join(rows) + "\n"
