@@ -48,6 +48,30 @@ def test_parameter_counts_from_shapes_equal_the_real_models(tiny_policy_dir):
     )
 
 
+def test_lora_adapters_and_sam2_variants_are_counted_as_built(tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from cluster.memory_plan import lora_params
+    from cluster.model_shapes import ShapesError, sam2_shapes
+    from cluster.tiny_models import policy_config
+    from learner.config import LearnerConfig
+    from learner.policy import _apply_lora
+
+    model = _apply_lora(Qwen2_5_VLForConditionalGeneration(policy_config("test")), LearnerConfig(lora_rank=8))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert lora_params(SHIPPED_SHAPES["segr1/tiny-test"], 8) == trainable
+    # SAM2: a Hugging Face folder's Hiera widths and depths, else the config or checkpoint name
+    backbone = {"embed_dim_per_stage": [144, 288, 576, 1152], "blocks_per_stage": [2, 6, 36, 4]}
+    (tmp_path / "config.json").write_text(json.dumps({"vision_config": {"backbone_config": backbone}}))
+    assert sam2_shapes(str(tmp_path), None)[0].variant == "large"
+    assert (
+        sam2_shapes("/x/sam2.1_hiera_base_plus.pt", "configs/sam2.1/sam2.1_hiera_b+.yaml")[0].variant
+        == "base_plus"
+    )
+    with pytest.raises(ShapesError, match="which SAM2"):
+        sam2_shapes("/x/model.pt", None)
+
+
 def test_qwen7b_fits_with_its_ranks_and_one_rank_names_the_learner_and_the_fix(capsys):
     assert main(["plan", "--config", str(CONFIGS / "qwen7b-8gpu.yaml")]) == 0
     out = capsys.readouterr().out
@@ -56,6 +80,9 @@ def test_qwen7b_fits_with_its_ranks_and_one_rank_names_the_learner_and_the_fix(c
     captured = capsys.readouterr()
     assert "segr1 plan: learner" in captured.err and "on one GPU of 80 GB" in captured.err
     assert "change: learner.world_size=4 fits (4 learner GPUs): learner 69." in captured.out
+    # the dry run prints the same plan after the config and the prompts
+    assert main(["train", "--config", str(CONFIGS / "qwen7b-8gpu.yaml"), "--dry-run"]) == 0
+    assert "\n# memory plan (per GPU of 80 GB)\n" in capsys.readouterr().out
 
 
 def test_pools_sharing_one_gpu_add_up_and_the_advice_is_computed(capsys):
