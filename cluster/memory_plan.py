@@ -8,7 +8,8 @@ Learner (per rank; learner.ranks ranks, FSDP2 sharding parameters, gradients and
                                       runs the forward under bf16 autocast on a GPU)
   gradients    P_trainable x 4 / ranks
   optimiser    P_trainable x 8 / ranks   AdamW's two float32 moments
-  fsdp2        (root params + 2 largest blocks) x compute bytes (+ the root's float32 gradient) when ranks > 1
+  fsdp2        (root params + their gradient + 2 largest blocks) x compute bytes when ranks > 1: what FSDP2
+               holds unsharded (the issue's mixed-precision policy: bf16 gathered parameters)
   activations  per decoder layer and token (text) / vision block and patch, learner.gradient_checkpointing keeps
                only each layer's float32 input and recomputes one layer at a time
   logits       rows x (max_tokens + 1) x vocab x (compute bytes + 12): the lm_head output, the float32 log-softmax
@@ -44,7 +45,6 @@ VLLM_BATCHED_TOKENS = 8192  # tokens of vLLM's profiling forward (its max_num_ba
 TEMPLATE_TOKENS = 30  # chat template tokens around the system and user texts
 CHARS_PER_TOKEN = 3.0  # the prompt text's characters per token (English BPE runs ~4: this overestimates)
 SAM2_ENCODE_BATCH = 16  # reward_service/segmenters/hf_sam2.py encode_batch_size on CUDA
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # learner/policy.py LORA_TARGETS_DEFAULT
 
 
 @dataclass
