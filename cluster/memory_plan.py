@@ -209,9 +209,12 @@ def learner_plan(cfg, s: PolicyShapes, seq: Sequence) -> PoolPlan:
     images = images_per_forward(cfg, rows)
     ckpt = lc.gradient_checkpointing
     text, vision = activation_bytes(s, rows, seq.total, images, seq.image_patches, compute, ckpt)
-    how = "checkpointed" if ckpt else "all layers kept"
-    pool.add("activations text", text, f"{rows} rows x {seq.total} tokens x {s.layers} layers, {how}")
-    pool.add("activations vision", vision, f"{images} images x {seq.image_patches} patches, {how}")
+    other = activation_bytes(s, rows, seq.total, images, seq.image_patches, compute, not ckpt)
+    how = "checkpointed (without: {:.1f} GB)" if ckpt else "all layers kept (checkpointed: {:.1f} GB)"
+    what = f"{rows} rows x {seq.total} tokens x {s.layers} layers, {how.format(other[0] / GB)}"
+    pool.add("activations text", text, what)
+    what = f"{images} images x {seq.image_patches} patches, {how.format(other[1] / GB)}"
+    pool.add("activations vision", vision, what)
     pool.add(
         "logits", logits_bytes(s, rows, seq.completion, compute), f"{rows} x {seq.completion + 1} x {s.vocab}"
     )
