@@ -1,7 +1,7 @@
 """The sharded learner (FSDP2 over a real gloo group of 2 processes, torch.multiprocessing spawn, no Ray) against
 the plain 1-rank learner on the same start weights and batches: the updated weights are equal within float32
-tolerance (one update per batch, and three updates per batch with a rank that has an empty micro-batch);
-every rank returns the same StepStats; a checkpoint written by 2 ranks loads into 1 rank and one written by 1
+tolerance (one update per batch, three updates per batch with a rank that has an empty micro-batch, LoRA);
+every rank returns the same StepStats; rank 0's weight-sync sender sends the gathered weights bucket by bucket; a checkpoint written by 2 ranks loads into 1 rank and one written by 1
 rank into 2, with the same weights and optimiser state, and the next step equals the uninterrupted one."""
 
 from __future__ import annotations
@@ -18,15 +18,16 @@ from safetensors.torch import load_file, save_file
 from cluster.data.synth import generate_samples
 from learner.learner import Learner
 from learner.synthetic import scored_groups
+from runtime.weights.inprocess import InProcessChannel
 
 torch.set_num_threads(2)
 TOL = {"rtol": 1e-5, "atol": 2e-6}
 
 
-def _cfg(policy_dir: str, root: str, updates: int = 1, mbs: int = 2):
+def _cfg(policy_dir: str, root: str, updates: int = 1, mbs: int = 2, **learner):
     from tests.unit.test_learner import make_cfg
 
-    cfg = make_cfg(Path(policy_dir), grpo={"updates_per_batch": updates}, micro_batch_size=mbs)
+    cfg = make_cfg(Path(policy_dir), grpo={"updates_per_batch": updates}, micro_batch_size=mbs, **learner)
     return cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"dir": root})})
 
 
@@ -61,6 +62,16 @@ def _rank(rank: int, port: int, policy_dir: str, out: str, batches) -> None:
     a.save_checkpoint(data_cursor={"at": 1})
     stats.append(a.step(g2, *s2).model_dump())
     save("two_w2", a.export_weights())
+    channel = InProcessChannel(bucket_mb=0.25)  # several buckets; rank 0's sender, both ranks gather
+    if rank == 0:
+        a._sender, a._sender_backend, receiver = channel.sender(), "inprocess", channel.receiver()
+    sent = a.broadcast_weights()
+    if rank == 0:
+        version, named = receiver.receive(timeout=60)
+        save("two_sent", dict(named))
+        stats.append({"sent_version": version, "buckets": sent["buckets"]})
+    else:
+        stats.append({"sent": sent})
     b = Learner(_cfg(policy_dir, str(out / "ckpt1")).learner_spec(), rank, 2, init)
     state = b.load_checkpoint()  # written by the 1-rank learner
     save("from1_w1", b.export_weights())
@@ -71,6 +82,9 @@ def _rank(rank: int, port: int, policy_dir: str, out: str, batches) -> None:
     c = Learner(_cfg(policy_dir, str(out / "ckpt3"), updates=3, mbs=1).learner_spec(), rank, 2, init)
     stats.append(c.step(g1, *s1).model_dump())
     save("two_u3", c.export_weights())
+    d = Learner(_cfg(policy_dir, str(out / "ckpt4"), lora_rank=4).learner_spec(), rank, 2, init)
+    d.step(g1, *s1)
+    save("two_lora", d.export_weights())
     (out / f"stats{rank}.json").write_text(json.dumps(stats))
 
 
@@ -97,6 +111,9 @@ def runs(tiny_policy_dir, tmp_path_factory):
     u3 = Learner(_cfg(policy_dir, str(out / "ckpt3"), updates=3, mbs=1).learner_spec())
     ref["stats_u3"] = u3.step(*_args(batches[0])).model_dump()
     ref["u3"] = u3.export_weights()
+    lora = Learner(_cfg(policy_dir, str(out / "ckpt4"), lora_rank=4).learner_spec())
+    lora.step(*_args(batches[0]))
+    ref["lora"] = lora.export_weights()
     tmp.spawn(_rank, args=(_free_port(), policy_dir, str(out), batches), nprocs=2, join=True)
     return out, ref, batches
 
@@ -115,13 +132,20 @@ def _assert_weights_close(got: dict, want: dict) -> None:
 def test_two_ranks_step_equals_one_rank_and_ranks_agree(runs):
     out, ref, _ = runs
     s0, s1 = (json.loads((out / f"stats{r}.json").read_text()) for r in (0, 1))
-    timeless = [{k: v for k, v in s.items() if k != "step_s"} for s in s0]
-    assert timeless == [{k: v for k, v in s.items() if k != "step_s"} for s in s1]  # every rank: same figures
+    for a, b in zip(s0, s1, strict=True):  # every rank: the same figures (the weight-sync entry aside)
+        assert "sent" in b or {k: v for k, v in a.items() if k != "step_s"} == {
+            k: v for k, v in b.items() if k != "step_s"
+        }
     assert s0[0]["step_s"] == s1[0]["step_s"]
+    assert s0[2] == {"sent_version": 2, "buckets": s0[2]["buckets"]} and s0[2]["buckets"] > 1
+    assert s1[2] == {"sent": {}}  # only rank 0 sends; rank 1 took part in the gathers
+    sent, w2 = load_file(str(out / "two_sent.safetensors")), load_file(str(out / "two_w2.safetensors"))
+    assert set(sent) == set(w2) and all(torch.equal(sent[n], w2[n]) for n in w2)
     _assert_weights_close(load_file(str(out / "two_w1.safetensors")), ref["w1"])
     _assert_weights_close(load_file(str(out / "two_w2.safetensors")), ref["w2"])
     _assert_weights_close(load_file(str(out / "two_u3.safetensors")), ref["u3"])
-    for got, want in ((s0[0], ref["stats1"]), (s0[1], ref["stats2"]), (s0[3], ref["stats_u3"])):
+    _assert_weights_close(load_file(str(out / "two_lora.safetensors")), ref["lora"])
+    for got, want in ((s0[0], ref["stats1"]), (s0[1], ref["stats2"]), (s0[4], ref["stats_u3"])):
         for key in ("loss", "grad_norm", "kl", "entropy", "ratio_mean", "num_tokens", "is_weight_mean"):
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
         assert got["num_updates"] == want["num_updates"] and got["policy_version"] == want["policy_version"]
@@ -131,7 +155,7 @@ def test_two_ranks_step_equals_one_rank_and_ranks_agree(runs):
 def test_checkpoint_of_one_rank_resumes_in_two_and_of_two_in_one(runs, tiny_policy_dir):
     out, ref, batches = runs
     s0 = json.loads((out / "stats0.json").read_text())
-    assert s0[2] == {"resumed_step": 1, "cursor": {"at": 1}}
+    assert s0[3] == {"resumed_step": 1, "cursor": {"at": 1}}
     _assert_weights_close(load_file(str(out / "from1_w1.safetensors")), ref["w1"])
     _assert_weights_close(load_file(str(out / "from1_opt1.safetensors")), ref["opt1"])
     _assert_weights_close(load_file(str(out / "from1_w2.safetensors")), ref["w2"])  # next step: uninterrupted
