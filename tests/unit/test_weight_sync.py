@@ -11,17 +11,10 @@ import pytest
 import torch
 
 from actors.weight_receiver import BackgroundWeightLoader, receive_and_load
+from runtime.weights import layout
 from runtime.weights.collective import DistributedWeightReceiver, DistributedWeightSender
 from runtime.weights.inprocess import InProcessChannel
-from runtime.weights.layout import (
-    StreamedWeights,
-    WeightSyncError,
-    bucket_views,
-    layout_of,
-    pack_bucket,
-    plan_manifest,
-    tensor_source,
-)
+from runtime.weights.layout import WeightSyncError, bucket_views, pack_bucket, plan_manifest
 
 
 def _model(seed: int = 0) -> list[tuple[str, torch.Tensor]]:
@@ -37,13 +30,13 @@ def _model(seed: int = 0) -> list[tuple[str, torch.Tensor]]:
     ]
 
 
-def _streamed(model) -> StreamedWeights:
+def _streamed(model) -> layout.StreamedWeights:
     """The model as a sharded learner streams it: specs on the meta device, tensors produced one at a time in the
     manifest's order (grouped by dtype, as plan_manifest lays them out)."""
     dtypes = list(dict.fromkeys(t.dtype for _, t in model))
     ordered = [(n, t) for d in dtypes for n, t in model if t.dtype == d]
     specs = [(n, torch.empty(t.shape, dtype=t.dtype, device="meta")) for n, t in ordered]
-    return StreamedWeights(specs, iter(ordered))
+    return layout.StreamedWeights(specs, iter(ordered))
 
 
 class _Engine:
@@ -89,9 +82,9 @@ def test_pack_and_views_round_trip_bit_identical():
 def test_streamed_weights_pack_like_a_list_and_refuse_another_order():
     named = _model()
     streamed = _streamed(named)
-    m = plan_manifest(layout_of(streamed), version=0, bucket_mb=0.001)
+    m = plan_manifest(layout.layout_of(streamed), version=0, bucket_mb=0.001)
     assert m == plan_manifest(named, version=0, bucket_mb=0.001)
-    source = tensor_source(streamed)
+    source = layout.tensor_source(streamed)
     out = dict(bucket_views(m, [pack_bucket(m, i, source).clone() for i in range(len(m.bucket_nbytes))]))
     assert all(torch.equal(out[n], t) for n, t in named)
     backwards = _streamed(named)
