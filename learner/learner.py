@@ -95,7 +95,8 @@ class Learner:
         self.sharded = world_size > 1 or init_method is not None
         if self.sharded:
             join_group(device, rank, world_size, init_method)
-        self.policy = Policy(spec.policy, spec.learner, device, load_reference=spec.grpo.beta > 0)
+        load_device = torch.device("cpu") if self.sharded else device  # fully_shard moves shards to device
+        self.policy = Policy(spec.policy, spec.learner, device, spec.grpo.beta > 0, load_device)
         if self.sharded:
             self.policy.shard(world_size)
         self.params = self.policy.trainable_parameters()
@@ -282,8 +283,14 @@ class Learner:
         return self._sender.info if self._sender is not None else None
 
     def close(self) -> None:
+        """Close the weight-sync sender; a sharded learner also leaves its process group (every rank calls it)."""
         if self._sender is not None:
             self._sender.close()
+        if self.sharded:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def save_checkpoint(
