@@ -1,5 +1,6 @@
-"""Checkpoints: atomic, keep-K, plain HF policy folder, pickle-free optimiser/RNG state, and exact resume
-(same next batch, same next loss, same weights) with the tiny policy and the real data reader."""
+"""Checkpoints: atomic, keep-K, plain HF policy folder, optimiser state by parameter name (DCP) and the older
+pickle-free format, RNG state as JSON, and exact resume (same next batch, same next loss, same weights) with the
+tiny policy and the real data reader."""
 
 from __future__ import annotations
 
