@@ -15,7 +15,7 @@ Precision: the trained parameters are float32 master weights; on a GPU the forwa
 (learner.precision auto|bf16), so a 1e-6 update is not lost to bf16 rounding. The frozen reference (only loaded
 when grpo.beta > 0) is kept in model.dtype (bf16 on GPU). Weights are exported to the rollout workers in the
 rollout engine's dtype. Vision features are computed once per image and shared by the G completions of a group
-(when the installed transformers supports `mm_encoder_outputs`).
+(when the installed transformers supports `mm_encoder_outputs`; not under FSDP2, see `shard`).
 """
 
 from __future__ import annotations
