@@ -15,20 +15,22 @@ Precision: the trained parameters are float32 master weights; on a GPU the forwa
 (learner.precision auto|bf16), so a 1e-6 update is not lost to bf16 rounding. The frozen reference (only loaded
 when grpo.beta > 0) is kept in model.dtype (bf16 on GPU). Weights are exported to the rollout workers in the
 rollout engine's dtype. Vision features are computed once per image and shared by the G completions of a group
-(when the installed transformers supports `mm_encoder_outputs`).
+(when the installed transformers supports `mm_encoder_outputs`; not under FSDP2, see `shard`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from learner.config import LearnerConfig
 from learner.grpo import masked_logprobs_from_logits
+from learner.sharding import shard_model
+from learner.weights_io import iter_weights
 from protos import Sample
 from protos.config import PolicySpec
 from runtime.images import resize_for_policy
@@ -98,14 +100,18 @@ class Policy:
         learner: LearnerConfig | None = None,
         device: torch.device | None = None,
         load_reference: bool = False,
+        load_device: torch.device | None = None,
     ):
+        """load_device: where the weights are loaded (default: device). A sharded learner loads on the CPU and
+        fully_shard moves each unit's shards to `device`, so a GPU never holds the whole model (see shard)."""
         learner = learner or LearnerConfig()
         self.spec = spec
         self.device = device if device is not None else learner_device(learner)
         self.compute_dtype = compute_dtype(learner, self.device)
         self.processor = load_processor(spec.path)
         self.pad_token_id = int(self.processor.tokenizer.pad_token_id)
-        self.model = load_policy(spec.path, dtype=torch.float32, device=self.device).train()
+        load_device = load_device or self.device
+        self.model = load_policy(spec.path, dtype=torch.float32, device=load_device).train()
         self.model.config.use_cache = False
         if learner.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -118,7 +124,7 @@ class Policy:
             self.lora and spec.reference is None
         ):  # LoRA: the base model IS the reference
             ref_dtype = resolve_dtype(spec.dtype, self.device)
-            self.reference = load_policy(spec.reference or spec.path, dtype=ref_dtype, device=self.device)
+            self.reference = load_policy(spec.reference or spec.path, dtype=ref_dtype, device=load_device)
             self.reference.requires_grad_(False)
         self.share_vision = _has_mm_encoder_outputs(self.model)
         # the ids the rollout engines never sample (actors/engine.py): scoring over the same support keeps the
@@ -240,18 +246,24 @@ class Policy:
         """The transformers model itself (under LoRA: the base model, adapters injected; see named_weights)."""
         return self.model.get_base_model() if self.lora else self.model
 
-    def named_weights(self, dtype: torch.dtype | None = None) -> list[tuple[str, torch.Tensor]]:
-        """(checkpoint name, tensor) of every parameter, named as in the saved model.safetensors, in `dtype`.
+    def checkpoint_name(self, name: str) -> str:
+        """The saved model.safetensors name of an in-memory parameter name (of the model before LoRA)."""
+        return self._names[name]
 
-        LoRA: the adapters are merged into the exported tensors (the model itself is left unmerged)."""
-        if self.lora:
-            return [(self._names[n], t) for n, t in _merged_lora_weights(self.model, dtype)]
-        out = []
-        for name, p in self.model.named_parameters():
-            t = p.detach()
-            t = t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2 shards: gather (all ranks call)
-            out.append((self._names[name], t.to(dtype) if dtype is not None and t.is_floating_point() else t))
-        return out
+    def named_weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(checkpoint name, full tensor in `dtype`) of every parameter, one at a time (learner/weights_io.py:
+        a collective under FSDP2, every rank must exhaust it). LoRA: the adapters merged in."""
+        return iter_weights(self, dtype)
+
+    def shard(self, world_size: int) -> None:
+        """FSDP2 over the default process group (learner/sharding.py): the policy and the reference."""
+        mixed = self.device.type == "cuda" and self.compute_dtype == torch.bfloat16
+        shard_model(self.model, self.device, world_size, mixed_precision=mixed)
+        # the vision tower then runs inside the root forward, once per row: FSDP2 must see the root's forward
+        # first (its lazy init, and on CUDA its stream waits on the optimiser step) before any unit's forward
+        self.share_vision = False
+        if self.reference is not None:
+            shard_model(self.reference, self.device, world_size, mixed_precision=False)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -279,20 +291,3 @@ def _apply_lora(model, learner: LearnerConfig):
         bias="none",
     )
     return peft.get_peft_model(model, lcfg)
-
-
-@torch.no_grad()
-def _merged_lora_weights(model, dtype: torch.dtype | None) -> list[tuple[str, torch.Tensor]]:
-    """Base names and W + scale * B @ A for every LoRA-wrapped linear; adapters themselves are not exported."""
-    model.merge_adapter()
-    try:
-        out = []
-        for name, p in model.get_base_model().named_parameters():
-            if "lora_" in name:
-                continue
-            clean = name.replace(".base_layer", "")
-            t = p.detach().clone()
-            out.append((clean, t.to(dtype) if dtype is not None and t.is_floating_point() else t))
-        return out
-    finally:
-        model.unmerge_adapter()
