@@ -14,7 +14,7 @@ Learner (per rank; learner.ranks ranks, FSDP2 sharding parameters, gradients and
                only each layer's float32 input and recomputes one layer at a time
   logits       rows x (max_tokens + 1) x vocab x (compute bytes + 12): the lm_head output, the float32 log-softmax
                input kept for backward, and its gradient with softmax in backward
-  reference    P x model.dtype bytes, unsharded on every rank (grpo.beta > 0, not under LoRA without
+  reference    P x model.dtype bytes / ranks: sharded like the policy (grpo.beta > 0, not under LoRA without
                model.reference)
   overhead     CUDA context + allocator slack on a GPU
 Rollout (vLLM, per GPU): gpu_memory_utilization x GPU, of which weights P x dtype / TP, a working set, and the KV
@@ -220,7 +220,8 @@ def learner_plan(cfg, s: PolicyShapes, seq: Sequence) -> PoolPlan:
     )
     if cfg.grpo.beta > 0 and not (lc.lora_rank > 0 and cfg.model.reference is None):
         ref = reference_bytes_per_param(cfg, on_gpu)
-        pool.add("reference", total * ref, f"{total:,} x {ref} B, unsharded (grpo.beta={cfg.grpo.beta})")
+        what = f"{total:,} x {ref} B / {ranks}, sharded (grpo.beta={cfg.grpo.beta})"
+        pool.add("reference", total * ref / ranks, what)
     if on_gpu:
         torch_bytes = sum(t.bytes for t in pool.terms)
         pool.add(
