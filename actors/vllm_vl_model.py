@@ -26,18 +26,23 @@ def _processor(folder: str) -> SegR1Processor:
     return load_processor(folder)
 
 
+def _empty(value) -> bool:
+    """None or an empty list: what vLLM's dummy-input builder passes for a modality it wants 0 items of."""
+    return value is None or (isinstance(value, (list, tuple)) and len(value) == 0)
+
+
 class ImageOnlyDataParser(Qwen2VLMultiModalDataParser):
     """Refuses any modality but images before vLLM's own parsers see it."""
 
     def parse_mm_data(self, mm_data):
-        others = sorted(set(mm_data) - {"image"})
+        others = sorted(k for k, v in mm_data.items() if k != "image" and not _empty(v))
         if others:
             raise ValueError(
                 f"multi_modal_data {others} refused: Qwen2.5-VL is served here for images only (segr1's vLLM "
                 "plugin, actors/vllm_plugin.py, on an install without torchvision); send "
                 "multi_modal_data={'image': ...}, or install torchvision for vLLM's video support"
             )
-        return super().parse_mm_data(mm_data)
+        return super().parse_mm_data({k: v for k, v in mm_data.items() if k == "image"})
 
 
 class ImageOnlyProcessingInfo(Qwen2_5_VLProcessingInfo):

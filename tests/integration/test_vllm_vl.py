@@ -40,7 +40,9 @@ def _req(i: int, g: int = 2, **sampling) -> RolloutRequest:
 
 def _new_weights(h: HFEngine, seed: int) -> list[tuple[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(n, p.detach() * 2.0 + 0.2 * torch.randn(p.shape, generator=g)) for n, p in h.model.named_parameters()]
+    return [
+        (n, p.detach() * 2.0 + 0.2 * torch.randn(p.shape, generator=g)) for n, p in h.model.named_parameters()
+    ]
 
 
 def _assert_greedy_equal(got, want) -> None:
@@ -87,7 +89,10 @@ def test_seeded_group_sampling_reproduces(engines):
 def test_video_request_is_refused_clearly(engines):
     v, _ = engines
     video = np.zeros((4, 56, 56, 3), dtype=np.uint8)
-    prompt = {"prompt": "<|vision_start|><|video_pad|><|vision_end|>Segment it.", "multi_modal_data": {"video": video}}
+    prompt = {
+        "prompt": "<|vision_start|><|video_pad|><|vision_end|>Segment it.",
+        "multi_modal_data": {"video": video},
+    }
     with pytest.raises(ValueError, match=r"\['video'\] refused: Qwen2.5-VL is served here for images only"):
         v.llm.generate(prompt, use_tqdm=False)
     assert len(v.generate([_req(3, temperature=0.0, max_tokens=4)], _images(13)[:1])[0]) == 2  # still serving
