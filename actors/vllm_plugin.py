@@ -49,12 +49,17 @@ def _stand_in_module() -> types.ModuleType:
     return module
 
 
+def install_smart_resize() -> None:
+    """Blocker 1 (module docstring); idempotent, nothing where torchvision is installed."""
+    if not torchvision_available() and _TV_MODULE not in sys.modules:
+        sys.modules[_TV_MODULE] = _stand_in_module()
+
+
 def register() -> None:
     """vLLM's general-plugin hook (may run several times per process; idempotent)."""
     if torchvision_available():
         return
-    if _TV_MODULE not in sys.modules:
-        sys.modules[_TV_MODULE] = _stand_in_module()
+    install_smart_resize()
     from vllm import ModelRegistry
 
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)

@@ -1,7 +1,6 @@
 """vLLM's Qwen2.5-VL with the image-only processor (loaded by actors/vllm_plugin.py where torchvision is absent).
 
-Imported only by vLLM, after `actors.vllm_plugin.register()` has provided `smart_resize` to vLLM's qwen2_vl
-module. The model itself (vision tower, language model, weight loading) is vLLM's, unchanged.
+Imported by vLLM through the registration of `actors.vllm_plugin.register()`. The model itself (vision tower, language model, weight loading) is vLLM's, unchanged.
 """
 
 from __future__ import annotations
@@ -9,16 +8,19 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 
-from vllm.model_executor.models.qwen2_5_vl import (
+from actors.vllm_plugin import install_smart_resize
+from runtime.qwen_vl import SegR1Processor, load_processor
+
+install_smart_resize()  # before vLLM's qwen2_vl module imports smart_resize (this module may be imported first)
+
+from vllm.model_executor.models.qwen2_5_vl import (  # noqa: E402
     Qwen2_5_VLDummyInputsBuilder,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLMultiModalProcessor,
     Qwen2_5_VLProcessingInfo,
 )
-from vllm.model_executor.models.qwen2_vl import Qwen2VLMultiModalDataParser
-from vllm.multimodal import MULTIMODAL_REGISTRY
-
-from runtime.qwen_vl import SegR1Processor, load_processor
+from vllm.model_executor.models.qwen2_vl import Qwen2VLMultiModalDataParser  # noqa: E402
+from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 
 
 @functools.lru_cache(maxsize=4)
