@@ -16,8 +16,8 @@ pytest.importorskip("vllm")
 
 from actors.hf_engine import HFEngine  # noqa: E402
 from actors.vllm_engine import AsyncVLLMEngine, VLLMEngine  # noqa: E402
-from protos import RolloutRequest, SamplingConfig  # noqa: E402
 from protos.answer import COMPACT  # noqa: E402
+from tests.integration.test_vllm_engine import _req  # noqa: E402  (G completions of a short instruction)
 
 pytestmark = pytest.mark.vllm
 
@@ -28,14 +28,6 @@ def _images(seed: int) -> list[Image.Image]:
     return [
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((56, 84), (100, 60))
     ]
-
-
-def _req(i: int, g: int = 2, **sampling) -> RolloutRequest:
-    sampling.setdefault("max_tokens", 16)
-    return RolloutRequest(
-        request_id=f"vl-{i}", sample_id=f"s-{i}", instruction=f"Segment the thing number {i}.", group_size=g,
-        sampling=SamplingConfig(**sampling),
-    )  # fmt: skip
 
 
 def _new_weights(h: HFEngine, seed: int) -> list[tuple[str, torch.Tensor]]:
@@ -62,7 +54,7 @@ def engines(tiny_policy_dir):
 def test_greedy_equals_transformers_before_and_after_a_weight_push(engines):
     v, h = engines
     images = _images(11)
-    reqs = [_req(0, temperature=0.0), _req(1, temperature=0.0)]
+    reqs = [_req(0, g=2, temperature=0.0), _req(1, g=2, temperature=0.0)]
     before = v.generate_batch(reqs, images)
     assert before.policy_version == 0
     _assert_greedy_equal(before.completions, h.generate(reqs, images))
@@ -95,7 +87,9 @@ def test_video_request_is_refused_clearly(engines):
     }
     with pytest.raises(ValueError, match=r"\['video'\] refused: Qwen2.5-VL is served here for images only"):
         v.llm.generate(prompt, use_tqdm=False)
-    assert len(v.generate([_req(3, temperature=0.0, max_tokens=4)], _images(13)[:1])[0]) == 2  # still serving
+    assert (
+        len(v.generate([_req(3, g=2, temperature=0.0, max_tokens=4)], _images(13)[:1])[0]) == 2
+    )  # still serving
 
 
 def test_async_engine_with_images_and_a_weight_push(tiny_policy_dir, capfd):
@@ -105,7 +99,7 @@ def test_async_engine_with_images_and_a_weight_push(tiny_policy_dir, capfd):
     engine = AsyncVLLMEngine(tiny_policy_dir, max_model_len=2048, seed=0, prompts=COMPACT)
     try:
         images = _images(14)
-        reqs = [_req(4, temperature=0.0), _req(5, temperature=0.0)]
+        reqs = [_req(4, g=2, temperature=0.0), _req(5, g=2, temperature=0.0)]
         _assert_greedy_equal(engine.generate(reqs, images), h.generate(reqs, images))
         new = _new_weights(h, 2)
         engine.load_weights(new, 1)
