@@ -144,6 +144,9 @@ def spawn_driver(cfg: TrainConfig, cls: type, *args: Any) -> Any:
 def spawn_learner_actor(cfg: TrainConfig, cls: type, name: str = "learner-0") -> Any:
     """`cls(spec)`: a Learner."""
     options = actor_options(cfg, "learner", cfg.learner.resources, name)
+    options["concurrency_groups"] = {
+        "control": 1
+    }  # weight_sync_abort runs beside a blocked connect/broadcast
     return _spawn_named(cls, options, cfg.learner_spec())
 
 

@@ -48,6 +48,7 @@ from learner.policy import Policy, learner_device
 from learner.update import LOSS_STAT_KEYS, Plan, finish_fused, minibatch_loss, plan_batch, score_old
 from protos import Sample, ScoredGroup, StepStats, check_pairs
 from runtime.threads import limit_threads
+from runtime.weights.abandon import Abandonable
 from runtime.weights.collective import DistributedWeightSender
 from runtime.weights.config import WeightSyncConfig
 from runtime.weights.cuda_ipc import CudaIpcSender
@@ -97,6 +98,7 @@ class Learner:
         self.policy_version = 0
         self._sender: WeightSender | None = None
         self._sender_backend = ""
+        self._sync = Abandonable()  # weight_sync_abort() ends a blocked connect / broadcast at once
         M.POLICY_VERSION.set(0)
 
     # -- the optimiser step ---------------------------------------------------------------------------------
@@ -240,21 +242,36 @@ class Learner:
         if self._sender is None or self._sender_backend != backend:
             self._sender = _weight_sender(backend, host or _node_ip(), self.spec.weight_sync)
             self._sender_backend = backend
-        return self._sender.prepare(list(members)).to_dict()
+        info = self._sender.prepare(list(members))
+        self._generation = info.generation
+        return info.to_dict()
 
     def weight_sync_connect(self) -> None:
-        """Blocks until every member joined the prepared generation."""
-        self._sender.connect()
+        """Blocks until every member joined the prepared generation (or weight_sync_abort() gives it up)."""
+        self._sync.run(self._generation, self._sender.connect, "forming")
 
     def broadcast_weights(self) -> dict:
-        """Send the current policy (version policy_version) to every member; returns SendStats as a dict."""
-        if self._sender is None:
+        """Send the current policy (version policy_version) to every member; returns SendStats as a dict. A
+        weight_sync_abort() meanwhile abandons the transfer at once (WeightSyncAborted)."""
+        if self._sender is None or self._sender.info is None:
             raise RuntimeError("broadcast_weights before weight_sync_prepare/connect")
-        s: SendStats = self._sender.send(self.named_weights(), self.policy_version)
+        send = lambda: self._sender.send(self.named_weights(), self.policy_version)  # noqa: E731
+        s: SendStats = self._sync.run(self._sender.info.generation, send, "broadcasting")
         M.SYNC_SECONDS.observe(s.seconds, backend=self._sender_backend)
         M.SYNC_BYTES.inc(s.nbytes, backend=self._sender_backend)
         M.SYNC_VERSION.set(s.version)
         return {"version": s.version, "bytes": s.nbytes, "buckets": s.buckets, "seconds": s.seconds}
+
+    def weight_sync_abort(self) -> int:
+        """A member of the group is gone (the driver saw it die): give up the generation being formed or used at
+        once, without waiting for weight_sync.timeout_s; the driver then prepares a new one. The driver calls it
+        concurrently with a blocked connect / broadcast (the learner actor's `control` concurrency group).
+        Returns the abandoned generation."""
+        generation = getattr(self, "_generation", 0)
+        self._sync.abandon(generation)
+        if self._sender is not None:
+            self._sender.abandon()
+        return generation
 
     def weight_sync_group(self) -> GroupInfo | None:
         return self._sender.info if self._sender is not None else None

@@ -20,7 +20,9 @@ BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="run a benchmark (bench/*.py); e.g. segr1 bench reward --quick --out r.json")
+    p = sub.add_parser(
+        "bench", help="run a benchmark (bench/*.py); e.g. segr1 bench reward --quick --out r.json"
+    )
     p.add_argument("name", choices=sorted(BENCHES), help="which benchmark")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the script (see its --help)")
     p.set_defaults(func=run)
