@@ -17,6 +17,8 @@ import ray
 
 from cluster.config import TrainConfig
 from cluster.driver import TrainDriver
+from cluster.job_paths import check_job_paths
+from cluster.placement import check_pool_resources
 from cluster.topology import Workers, init_ray, spawn_driver
 
 
@@ -38,7 +40,9 @@ def spawn_driver_actor(cfg: TrainConfig, resume: bool = False) -> Any:
 def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     """Start (or connect to) Ray, run the driver actor to the end and return its summary. Ctrl-C asks the driver
     to finish the step in progress, checkpoint and stop; a second Ctrl-C kills it."""
+    check_job_paths(cfg)  # `ray job submit --working-dir .`: relative paths point into the uploaded copy
     init_ray(cfg)
+    check_pool_resources(cfg)  # disaggregated: every pool's resource is advertised somewhere, else say which
     driver = spawn_driver_actor(cfg, resume)
     run_ref = driver.run.remote()
     try:

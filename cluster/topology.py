@@ -93,7 +93,9 @@ def _vllm_env(resources: Resources) -> dict[str, str]:
 
 def _spawn_named(cls: type, options: dict[str, Any], *args: Any, attempts: int = 50) -> Any:
     """Create a named actor; a name still held by a just-killed actor is retried until the GCS frees it."""
-    remote_cls = ray.remote(cls)
+    options = dict(options)
+    groups = options.pop("concurrency_groups", None)  # a class option: not accepted by .options()
+    remote_cls = ray.remote(concurrency_groups=groups)(cls) if groups else ray.remote(cls)
     for attempt in range(attempts):
         try:
             return remote_cls.options(**options).remote(*args)
@@ -126,15 +128,17 @@ DRIVER_RESOURCE = "segr1_driver"
 
 def spawn_driver(cfg: TrainConfig, cls: type, *args: Any) -> Any:
     """The training driver `cls(*args)` as the actor `driver`, so `ray job submit` needs no resources on the
-    submitting machine (cluster/launch.py passes TrainDriver). max_concurrency 2: request_stop /
-    request_resize arrive while run() is executing."""
+    submitting machine (cluster/launch.py passes TrainDriver). Its `control` concurrency group (the methods
+    marked `@ray.method(concurrency_group="control")`: request_stop, request_resize) runs while run() is
+    executing. A concurrency group, not max_concurrency=2: a threaded actor whose __init__ fails ends in a
+    "Fatal Python error: Aborted" dump printed after the real error."""
     custom = {DRIVER_RESOURCE: 0.01} if cfg.placement.mode == "disaggregated" else {}
     options = {
         "num_cpus": 0,
         "resources": custom,
         "namespace": cfg.placement.namespace,
         "name": "driver",
-        "max_concurrency": 2,
+        "concurrency_groups": {"control": 1},
         "max_restarts": 0,
         "runtime_env": {"env_vars": {**_WORKER_ENV, "OMP_NUM_THREADS": "1"}},
     }
