@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
 
 from cluster.config import TrainConfig
 from cluster.driver import TrainDriver
@@ -58,6 +59,10 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     finally:  # also when run() failed: free the actor names (`driver`, `rollout-0`, ...) for the next job
         try:
             ray.get(driver.close.remote(), timeout=120)
+        except (
+            RayActorError
+        ):  # its __init__ failed (or it died): nothing to close, and the error above says why
+            pass
         finally:
             ray.kill(driver, no_restart=True)
     return summary

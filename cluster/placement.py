@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import ray
@@ -19,7 +20,7 @@ import ray
 from cluster.config import ConfigError, TrainConfig
 from cluster.driver_metrics import ACTOR_INFO
 from cluster.pool import ActorPool
-from cluster.topology import DRIVER_RESOURCE, POOL_RESOURCES
+from cluster.topology import DRIVER_RESOURCE, POOL_RESOURCES, requested_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +31,20 @@ _GROUP.update({res: f"the worker group `{pool}`" for pool, res in POOL_RESOURCES
 
 
 def check_pool_resources(cfg: TrainConfig) -> None:
-    """Disaggregated placement: each resource the actors ask for exists somewhere in the cluster."""
+    """Disaggregated placement: each resource the actors ask for exists somewhere in the cluster. Any mode: warn
+    when the pools ask for more CPUs than the cluster has now (some actors then wait for capacity)."""
+    have = ray.cluster_resources()
+    want = requested_cpus(cfg)
+    if want > have.get("CPU", 0):
+        logger.warning(
+            "the pools ask for %g CPUs (rollout, reward, learner resources.num_cpus) but the cluster has %g now: "
+            "some actors wait until capacity appears (`ray start --num-cpus %d`, or an autoscaler)",
+            want,
+            have.get("CPU", 0),
+            math.ceil(want),
+        )
     if cfg.placement.mode != "disaggregated":
         return
-    have = ray.cluster_resources()
     missing = [res for res in (DRIVER_RESOURCE, *POOL_RESOURCES.values()) if have.get(res, 0) <= 0]
     if missing:
         lines = [f"  {res}: {_GROUP[res]} must advertise it" for res in missing]

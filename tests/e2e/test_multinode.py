@@ -7,7 +7,8 @@ learner node `segr1_learner`. Disaggregated placement, the async test preset.
 - Removing the node holding the rollout actors mid-run costs seconds: the run ends with the configured steps,
   groups_lost 0, and its wall exceeds an undisturbed run's (measured in the same test) by less than 30 s.
 
-The session's local Ray (tests/conftest.py) is shut down for this module and started again afterwards.
+The session's local Ray (tests/conftest.py) is shut down for this module and started again afterwards. The head
+checks node health every second (Ray's default: every 3 s, a node is declared dead after 5 failed checks).
 """
 
 from __future__ import annotations
@@ -39,7 +40,14 @@ def cluster():
     ray.shutdown()
     c = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "resources": {"segr1_driver": 1}, "include_dashboard": False},
+        head_node_args={
+            "num_cpus": 1,
+            "resources": {"segr1_driver": 1},
+            "include_dashboard": False,
+            # Ray declares a node dead after health_check_failure_threshold (5) failed checks, one every
+            # health_check_period_ms (3000 by default: ~15 s); 1 s here keeps the test's margin on a loaded machine
+            "_system_config": {"health_check_period_ms": 1000},
+        },
     )
     nodes = {
         "rollout-a": c.add_node(num_cpus=1, resources={"segr1_rollout": 2}),
@@ -126,6 +134,8 @@ def test_disaggregated_placement_and_a_lost_rollout_node_costs_seconds(cluster, 
     assert summary["rollout_workers"] == ["rollout-0", "rollout-1"]
     assert all(p["node_id"] != lost["node"] for p in summary["placement"].values()), summary["placement"]
     assert_metric_lines(read_metrics(run_dir), STEPS)
+    steps = [round(r["step_s"], 1) for r in read_metrics(run_dir)]
+    print(f"lost node at step {lost['at_step']}; step_s {steps}; aborts {summary['weight_sync_aborts']}")
     extra = summary["wall_s"] - quiet["wall_s"]
     print(
         f"undisturbed {quiet['wall_s']:.1f} s, rollout node lost {summary['wall_s']:.1f} s (+{extra:.1f} s)"

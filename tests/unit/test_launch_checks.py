@@ -51,7 +51,9 @@ def test_a_metrics_line_is_readable_by_another_process_right_after_the_step(tmp_
     driver.trackers = open_trackers(cfg, tmp_path)
     try:
         driver._write_metrics({"step": 1, "reward_total": 0.5})
-        r = subprocess.run([sys.executable, "-c", _READER, str(tmp_path / "metrics.jsonl")], capture_output=True)
+        r = subprocess.run(
+            [sys.executable, "-c", _READER, str(tmp_path / "metrics.jsonl")], capture_output=True
+        )
         assert json.loads(r.stdout) == {"step": 1, "reward_total": 0.5}, r.stderr
     finally:
         driver._metrics_file.close()
