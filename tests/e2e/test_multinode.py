@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import LOCAL_RAY
 from tests.e2e.conftest import (
     assert_accounting,
     assert_metric_lines,
@@ -60,14 +61,7 @@ def cluster():
         ray.shutdown()
         c.shutdown()
         if had_local:  # what tests/conftest.py's ray_local started, for the rest of the session
-            ray.init(
-                address="local",
-                num_cpus=4,
-                include_dashboard=False,
-                namespace="segr1-test",
-                log_to_driver=False,
-                _node_ip_address="127.0.0.1",
-            )
+            ray.init(**LOCAL_RAY)
 
 
 def _node_of(ray, actor: str) -> str:
