@@ -92,7 +92,6 @@ class TrainDriver:
         self.trackers = open_trackers(cfg, self.run_dir, resume=resume, step=self.step)  # cluster/tracking
 
     # -- control ---------------------------------------------------------------------------------------------
-    @ray.method(concurrency_group="control")
     def request_stop(self) -> bool:
         """Finish the step in progress, checkpoint and return (Ctrl-C, preemption)."""
         self._stop = True
@@ -400,7 +399,6 @@ class TrainDriver:
         ray.kill(self.learner, no_restart=True)
 
     # -- scaling -----------------------------------------------------------------------------------------------
-    @ray.method(concurrency_group="control")
     def request_resize(self, n: int) -> int:
         """Ask for n rollout workers (e.g. the KubeRay rollout group scaled); applied between pipeline rounds.
         New workers get the current weights before they serve; removed ones finish their work first."""

@@ -32,10 +32,37 @@ def training_workers() -> Workers:
     return Workers(rollout=RolloutWorker, reward=RewardWorker, learner=Learner)
 
 
+class DriverActor(TrainDriver):
+    """TrainDriver as the `driver` actor: an error while it starts (a data set missing, a checkpoint unreadable)
+    is raised by run(), not by __init__. Ray 2.60 ends a threaded actor (max_concurrency 2) whose __init__ raised
+    with a "Fatal Python error: Aborted" dump, printed after the real error."""
+
+    def __init__(self, *args: Any):
+        self._start_error: BaseException | None = None
+        try:
+            super().__init__(*args)
+        except Exception as err:
+            self._start_error = err
+
+    def run(self) -> dict:
+        if self._start_error is not None:
+            raise self._start_error
+        return super().run()
+
+    def close(self) -> None:
+        if self._start_error is None:
+            return super().close()
+        for pool in (getattr(self, "rollout", None), getattr(self, "reward", None)):  # what started before
+            if pool is not None:
+                pool.shutdown()
+        if getattr(self, "learner", None) is not None:
+            ray.kill(self.learner, no_restart=True)
+
+
 def spawn_driver_actor(cfg: TrainConfig, resume: bool = False) -> Any:
     """The training driver as the actor `driver` (cluster/topology.py places it), its pools of
     `training_workers()`."""
-    return spawn_driver(cfg, TrainDriver, cfg, training_workers, resume)
+    return spawn_driver(cfg, DriverActor, cfg, training_workers, resume)
 
 
 def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
@@ -59,9 +86,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     finally:  # also when run() failed: free the actor names (`driver`, `rollout-0`, ...) for the next job
         try:
             ray.get(driver.close.remote(), timeout=120)
-        except (
-            RayActorError
-        ):  # its __init__ failed (or it died): nothing to close, and the error above says why
+        except RayActorError:  # it died: nothing to close, and the error above says why
             pass
         finally:
             ray.kill(driver, no_restart=True)

@@ -128,17 +128,15 @@ DRIVER_RESOURCE = "segr1_driver"
 
 def spawn_driver(cfg: TrainConfig, cls: type, *args: Any) -> Any:
     """The training driver `cls(*args)` as the actor `driver`, so `ray job submit` needs no resources on the
-    submitting machine (cluster/launch.py passes TrainDriver). Its `control` concurrency group (the methods
-    marked `@ray.method(concurrency_group="control")`: request_stop, request_resize) runs while run() is
-    executing. A concurrency group, not max_concurrency=2: a threaded actor whose __init__ fails ends in a
-    "Fatal Python error: Aborted" dump printed after the real error."""
+    submitting machine (cluster/launch.py passes its DriverActor). max_concurrency 2: request_stop /
+    request_resize arrive while run() is executing."""
     custom = {DRIVER_RESOURCE: 0.01} if cfg.placement.mode == "disaggregated" else {}
     options = {
         "num_cpus": 0,
         "resources": custom,
         "namespace": cfg.placement.namespace,
         "name": "driver",
-        "concurrency_groups": {"control": 1},
+        "max_concurrency": 2,
         "max_restarts": 0,
         "runtime_env": {"env_vars": {**_WORKER_ENV, "OMP_NUM_THREADS": "1"}},
     }
