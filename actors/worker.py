@@ -27,6 +27,7 @@ from protos import RolloutGroup, RolloutRequest, Sample, check_pairs
 from protos.config import PolicySpec
 from runtime.images import resize_for_policy
 from runtime.threads import limit_threads
+from runtime.weights.abandon import Abandonable
 
 
 def rollout_device(rollout: RolloutConfig) -> str:
@@ -90,6 +91,7 @@ class RolloutWorker:
         self.engine = engine if engine is not None else build_engine(policy, self.rollout, concurrent)
         self.engine_kind = type(self.engine).__name__
         self._receiver = None
+        self._sync = Abandonable()  # weight_sync_abort(generation) ends a blocked join / receive at once
         self._in_flight = 0
         self._count_lock = threading.Lock()
         M.POLICY_VERSION.set(self.engine.policy_version, worker=name)
@@ -176,15 +178,26 @@ class RolloutWorker:
         if self._receiver is None:
             device = "cuda" if self.rollout.resources.num_gpus > 0 else None
             self._receiver = DistributedWeightReceiver(self.name, device=device)
-        return self._receiver.join(info)
+        generation = int(info["generation"] if isinstance(info, Mapping) else info.generation)
+        receiver = self._receiver
+        return self._sync.run(generation, lambda: receiver.join(info), "joining")
 
     def weight_sync_receive(self) -> int | None:
         """Receive one complete version from the learner and load it; the version, or None when closed."""
         from actors.weight_receiver import receive_and_load
 
-        if self._receiver is None:
+        if self._receiver is None or self._receiver.info is None:
             raise RuntimeError(f"{self.name}: call weight_sync_join(info) before weight_sync_receive()")
-        return receive_and_load(self._receiver, self)  # calls self.load_weights once, with every tensor
+        receiver = self._receiver  # calls self.load_weights once, with every tensor
+        return self._sync.run(receiver.info.generation, lambda: receive_and_load(receiver, self), "receiving")
+
+    def weight_sync_abort(self, generation: int) -> None:
+        """The learner gave up `generation` (a member died): a join or receive blocked on it returns at once
+        (WeightSyncAborted); the next generation starts from a fresh receiver."""
+        self._sync.abandon(generation)
+        joined = self._receiver.info if self._receiver is not None else None
+        if joined is None or joined.generation <= generation:
+            self._receiver = None
 
     # -- health ----------------------------------------------------------------------------------------------------
     def ping(self) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from cluster.driver_state import (
     split_by_staleness,
     truncate_metrics,
 )
+from cluster.placement import Placement
 from cluster.pool import ActorPool, WorkFailed
 from cluster.sync_step import fill_batch
 from cluster.topology import Workers, make_reward_pool, make_rollout_pool, spawn_learner_actor
@@ -79,6 +80,7 @@ class TrainDriver:
             cfg, classes.rollout, on_start=self.weights.on_start, on_error=self._repair
         )
         self.reward: ActorPool = make_reward_pool(cfg, classes.reward)
+        self.placement = Placement(self.learner, (self.rollout, self.reward))  # cluster/placement.py
         best = lambda *a: ray.get(self.learner.mark_best.remote(*a))  # noqa: E731  (keep_best, on the learner)
         self.validator = Validator(cfg, self.rollout, self.reward, self._write_metrics, best)
         if resume:
@@ -318,6 +320,7 @@ class TrainDriver:
         return False
 
     def _record_restarts(self) -> None:
+        self.placement.refresh((self.rollout, self.reward))  # a restarted actor may be on another node
         for pool in (self.rollout, self.reward):
             seen = DM.ACTOR_RESTARTS.value(pool=pool.prefix)
             if pool.stats.restarts > seen:
@@ -384,6 +387,8 @@ class TrainDriver:
             "corrupt_samples_skipped": self.reader.num_corrupt,
             "wall_s": wall_s,
             "stopped_early": self._stop and self.step < self.cfg.grpo.steps,
+            "weight_sync_aborts": self.weights.aborts,
+            "placement": self.placement.summary(),
         }
 
     def close(self) -> None:

@@ -47,6 +47,12 @@ STALENESS = histogram(
     boundaries=(0.5, 1.5, 2.5, 3.5, 4.5, 8.5, 16.5),
 )
 STEP = gauge("segr1_driver_step", "Optimiser steps completed by the job.")
+ACTOR_INFO = gauge(  # cluster/placement.py
+    "segr1_actor_info",
+    "1 for every actor of the job (driver, learner-0, rollout-i, reward-i) on the node it runs on; 0 for a node "
+    "it left.",
+    ("actor", "pool", "node_id", "node_ip"),
+)
 VAL_MEAN_IOU = gauge(
     "segr1_driver_val_mean_iou", "Validation (eval.every): mean IoU of the latest validation."
 )

@@ -14,9 +14,12 @@ import sys
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
 
 from cluster.config import TrainConfig
 from cluster.driver import TrainDriver
+from cluster.job_paths import check_job_paths
+from cluster.placement import check_pool_resources
 from cluster.topology import Workers, init_ray, spawn_driver
 
 
@@ -29,16 +32,45 @@ def training_workers() -> Workers:
     return Workers(rollout=RolloutWorker, reward=RewardWorker, learner=Learner)
 
 
+class DriverActor(TrainDriver):
+    """TrainDriver as the `driver` actor: an error while it starts (a data set missing, a checkpoint unreadable)
+    is raised by run(), not by __init__. Ray 2.60 ends a threaded actor (max_concurrency 2) whose __init__ raised
+    with a "Fatal Python error: Aborted" dump, printed after the real error."""
+
+    def __init__(self, *args: Any):
+        self._start_error: BaseException | None = None
+        try:
+            super().__init__(*args)
+        except Exception as err:
+            self._start_error = err
+
+    def run(self) -> dict:
+        if self._start_error is not None:
+            raise self._start_error
+        return super().run()
+
+    def close(self) -> None:
+        if self._start_error is None:
+            return super().close()
+        for pool in (getattr(self, "rollout", None), getattr(self, "reward", None)):  # what started before
+            if pool is not None:
+                pool.shutdown()
+        if getattr(self, "learner", None) is not None:
+            ray.kill(self.learner, no_restart=True)
+
+
 def spawn_driver_actor(cfg: TrainConfig, resume: bool = False) -> Any:
     """The training driver as the actor `driver` (cluster/topology.py places it), its pools of
     `training_workers()`."""
-    return spawn_driver(cfg, TrainDriver, cfg, training_workers, resume)
+    return spawn_driver(cfg, DriverActor, cfg, training_workers, resume)
 
 
 def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     """Start (or connect to) Ray, run the driver actor to the end and return its summary. Ctrl-C asks the driver
     to finish the step in progress, checkpoint and stop; a second Ctrl-C kills it."""
+    check_job_paths(cfg)  # `ray job submit --working-dir .`: relative paths point into the uploaded copy
     init_ray(cfg)
+    check_pool_resources(cfg)  # disaggregated: every pool's resource is advertised somewhere, else say which
     driver = spawn_driver_actor(cfg, resume)
     run_ref = driver.run.remote()
     try:
@@ -54,6 +86,8 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     finally:  # also when run() failed: free the actor names (`driver`, `rollout-0`, ...) for the next job
         try:
             ray.get(driver.close.remote(), timeout=120)
+        except RayActorError:  # it died: nothing to close, and the error above says why
+            pass
         finally:
             ray.kill(driver, no_restart=True)
     return summary

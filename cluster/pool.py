@@ -186,6 +186,11 @@ class ActorPool:
                 self._replace(name, err)
         return out
 
+    def report_death(self, name: str, cause: BaseException) -> None:
+        """The actor `name` was seen dead by a call outside the pool (e.g. the weight sync): replace it now."""
+        if name in self._members:
+            self._replace(name, cause)
+
     def shutdown(self) -> None:
         for m in self._members.values():
             ray.kill(m.handle, no_restart=True)

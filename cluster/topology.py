@@ -93,7 +93,9 @@ def _vllm_env(resources: Resources) -> dict[str, str]:
 
 def _spawn_named(cls: type, options: dict[str, Any], *args: Any, attempts: int = 50) -> Any:
     """Create a named actor; a name still held by a just-killed actor is retried until the GCS frees it."""
-    remote_cls = ray.remote(cls)
+    options = dict(options)
+    groups = options.pop("concurrency_groups", None)  # a class option: not accepted by .options()
+    remote_cls = ray.remote(concurrency_groups=groups)(cls) if groups else ray.remote(cls)
     for attempt in range(attempts):
         try:
             return remote_cls.options(**options).remote(*args)
@@ -126,7 +128,7 @@ DRIVER_RESOURCE = "segr1_driver"
 
 def spawn_driver(cfg: TrainConfig, cls: type, *args: Any) -> Any:
     """The training driver `cls(*args)` as the actor `driver`, so `ray job submit` needs no resources on the
-    submitting machine (cluster/launch.py passes TrainDriver). max_concurrency 2: request_stop /
+    submitting machine (cluster/launch.py passes its DriverActor). max_concurrency 2: request_stop /
     request_resize arrive while run() is executing."""
     custom = {DRIVER_RESOURCE: 0.01} if cfg.placement.mode == "disaggregated" else {}
     options = {
@@ -144,6 +146,9 @@ def spawn_driver(cfg: TrainConfig, cls: type, *args: Any) -> Any:
 def spawn_learner_actor(cfg: TrainConfig, cls: type, name: str = "learner-0") -> Any:
     """`cls(spec)`: a Learner."""
     options = actor_options(cfg, "learner", cfg.learner.resources, name)
+    options["concurrency_groups"] = {
+        "control": 1
+    }  # weight_sync_abort runs beside a blocked connect/broadcast
     return _spawn_named(cls, options, cfg.learner_spec())
 
 

@@ -5,6 +5,9 @@ colocated on one GPU):
 - a process group (gloo / nccl / cuda-ipc): the learner's rank 0 and every rollout worker. Parameters go in flat
   buckets (runtime/weights/); a worker switches version only when every bucket arrived. The group is
   formed again (a new generation) whenever the pool's membership changes: a worker added, removed or restarted.
+- a member that dies (a node lost) costs seconds, not weight_sync.timeout_s: Ray fails its pending call at once,
+  the driver then abandons the generation on the learner and on every live member (runtime/weights/abandon.py),
+  the pool restarts the dead one and the next publish forms a new generation with the live members.
 - object-store: the learner exports CPU copies once per version, put in Ray's object store, and every worker
   loads them. Also the path by which a new or restarted worker catches up before it serves, and the fallback
   when a broadcast fails because a member died mid-transfer.
@@ -17,11 +20,13 @@ import time
 from typing import Any
 
 import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from cluster.config import TrainConfig
 from cluster.pool import ActorPool
 
 logger = logging.getLogger(__name__)
+_DEATH = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 
 class WeightPublisher:
@@ -33,6 +38,8 @@ class WeightPublisher:
         self._members: tuple[str, ...] = ()  # the group's members; () while there is no working group
         self._tried: tuple[tuple[str, ...], int] | None = None  # (members, pool restarts) of the last forming
         self._export: tuple[int, Any] | None = None  # (version, ObjectRef of the CPU weights)
+        self._generation = 0  # the weight-sync generation last prepared
+        self.aborts = 0  # generations abandoned because a member died (or a call of the group failed)
 
     @property
     def collective(self) -> bool:
@@ -49,17 +56,11 @@ class WeightPublisher:
         self._tried, self._members = (names, pool.stats.restarts), ()
         try:
             info = ray.get(self.learner.weight_sync_prepare.remote(list(names)))
-            joins = [h.weight_sync_join.remote(info) for h in pool.handles().values()]
-            ray.get([self.learner.weight_sync_connect.remote(), *joins])
+            self._generation = int(info["generation"])
+            joins = {name: h.weight_sync_join.remote(info) for name, h in pool.handles().items()}
+            _gather({"learner": self.learner.weight_sync_connect.remote(), **joins})
         except Exception as err:
-            # a member died while joining: the learner gave up after weight_sync.timeout_s
-            logger.warning(
-                "weight sync (%s): forming the group with %s failed (%s); the object store carries the "
-                "weights until the next membership change re-forms it",
-                self.backend,
-                ", ".join(names),
-                err,
-            )
+            self._give_up(pool, err, "forming the group with " + ", ".join(names))
             return
         self._members = names
         logger.info("weight sync (%s): group formed with %s", self.backend, ", ".join(names))
@@ -76,6 +77,8 @@ class WeightPublisher:
                 stats = self._broadcast(pool)
                 return {**stats, "seconds": time.perf_counter() - t0, "backend": self.backend}
             except Exception as err:  # a member died mid-transfer: re-form the group next time
+                if self._members:
+                    self._give_up(pool, err, f"broadcasting version {version}")
                 logger.warning(
                     "weight broadcast of version %d failed (%s); sending it through the object store",
                     version,
@@ -86,14 +89,39 @@ class WeightPublisher:
         return {"seconds": time.perf_counter() - t0, "backend": "object-store"}
 
     def _broadcast(self, pool: ActorPool) -> dict:
-        receivers = [h.weight_sync_receive.remote() for h in pool.handles().values()]
-        stats = ray.get(self.learner.broadcast_weights.remote())
-        versions = ray.get(receivers)
+        receivers = {name: h.weight_sync_receive.remote() for name, h in pool.handles().items()}
+        results = _gather({"learner": self.learner.broadcast_weights.remote(), **receivers})
+        versions = [results[name] for name in receivers]
         if any(v != self.version for v in versions):
             raise RuntimeError(
                 f"workers report versions {versions} after broadcasting version {self.version}"
             )
-        return stats
+        return results["learner"]
+
+    def _give_up(self, pool: ActorPool, err: BaseException, what: str) -> None:
+        """A call of the group failed (typically: a member died, and Ray said so at once). Abandon the generation
+        on the learner and on every live member now, instead of letting them wait out weight_sync.timeout_s,
+        and have the pool restart the dead member (it catches up through the object store); the next publish
+        forms a new generation with the live members."""
+        self.aborts += 1
+        dead = err.who if isinstance(err, _CallFailed) and err.died else None
+        logger.warning(
+            "weight sync (%s): %s failed (%s); abandoning generation %d%s",
+            self.backend,
+            what,
+            err,
+            self._generation,
+            f" and restarting {dead}" if dead and dead != "learner" else "",
+        )
+        try:  # the learner's `control` concurrency group: runs beside the blocked connect / broadcast
+            ray.get(self.learner.weight_sync_abort.options(concurrency_group="control").remote(), timeout=60)
+        except Exception as abort_err:
+            logger.warning("weight sync: the learner did not abandon the generation (%s)", abort_err)
+        for name, handle in pool.handles().items():
+            if name != dead:
+                handle.weight_sync_abort.remote(self._generation)  # not waited for: a dead one never answers
+        if dead and dead != "learner":
+            pool.report_death(dead, err)
 
     def on_start(self, handle: Any) -> list:
         """Run on a new or restarted rollout worker before it serves: load the current weights."""
@@ -105,3 +133,29 @@ class WeightPublisher:
         if self._export is None or self._export[0] != self.version:
             self._export = (self.version, self.learner.export_weights.remote())
         return self._export[1]
+
+
+class _CallFailed(RuntimeError):
+    """One call of a weight-sync generation failed: `who` ran it ("learner" or a member's name)."""
+
+    def __init__(self, who: str, err: BaseException):
+        super().__init__(f"{who}: {err}")
+        self.who, self.died = who, isinstance(err, _DEATH)
+
+
+def _gather(calls: dict[str, Any]) -> dict[str, Any]:
+    """The results of `calls` (who -> ObjectRef), raising `_CallFailed` at the FIRST failure without waiting for
+    the others: a dead member's call fails as soon as Ray knows, while the learner's (and the live members')
+    would wait for the transport's timeout."""
+    pending = {ref: who for who, ref in calls.items()}
+    out: dict[str, Any] = {}
+    while pending:
+        ray.wait(list(pending), num_returns=1)
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+        for ref in ready:
+            who = pending.pop(ref)
+            try:
+                out[who] = ray.get(ref)
+            except Exception as err:
+                raise _CallFailed(who, err) from err
+    return out

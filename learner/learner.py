@@ -58,9 +58,18 @@ from learner.sharding import (
     together,
 )
 from learner.update import LOSS_STAT_KEYS, Plan, finish_fused, minibatch_loss, plan_batch, score_old
-from learner.weights_io import HFWriter, drain, load_adapter, load_hf_weights, save_adapter, weight_specs
+from learner.weights_io import (
+    HFWriter,
+    OneAtATime,
+    drain,
+    load_adapter,
+    load_hf_weights,
+    save_adapter,
+    weight_specs,
+)
 from protos import Sample, ScoredGroup, StepStats, check_pairs
 from runtime.threads import limit_threads
+from runtime.weights.abandon import Abandonable
 from runtime.weights.collective import DistributedWeightSender
 from runtime.weights.config import WeightSyncConfig
 from runtime.weights.cuda_ipc import CudaIpcSender
@@ -115,6 +124,7 @@ class Learner:
         self.policy_version = 0
         self._sender: WeightSender | None = None
         self._sender_backend = ""
+        self._sync = Abandonable()  # weight_sync_abort() ends a blocked connect / broadcast at once
         M.POLICY_VERSION.set(0)
 
     # -- the optimiser step ---------------------------------------------------------------------------------
@@ -265,30 +275,46 @@ class Learner:
         if self._sender is None or self._sender_backend != backend:
             self._sender = _weight_sender(backend, host or _node_ip(), self.spec.weight_sync)
             self._sender_backend = backend
-        return self._sender.prepare(list(members)).to_dict()
+        info = self._sender.prepare(list(members))
+        self._generation = info.generation
+        return info.to_dict()
 
     def weight_sync_connect(self) -> None:
-        """Blocks until every member joined the prepared generation."""
-        self._sender.connect()
+        """Blocks until every member joined the prepared generation (or weight_sync_abort() gives it up)."""
+        self._sync.run(self._generation, self._sender.connect, "forming")
 
     def broadcast_weights(self) -> dict:
         """Send the current policy (version policy_version) to every member, one bucket gathered at a time;
-        returns SendStats as a dict (rank 0; {} on the other ranks). COLLECTIVE."""
-        stream = self.named_weights()
+        returns SendStats as a dict (rank 0; {} on the other ranks). COLLECTIVE. A weight_sync_abort() meanwhile
+        abandons the transfer at once (WeightSyncAborted); rank 0 still completes every gather of the stream, so
+        the learner ranks stay in step (the stream is shared with the abandoned send under a lock)."""
+        stream = OneAtATime(self.named_weights())
         if self.rank != 0:  # the gathers only, in the order rank 0's sender packs them
             drain(stream)
             return {}
         try:
-            if self._sender is None:
+            if self._sender is None or self._sender.info is None:
                 raise RuntimeError("broadcast_weights before weight_sync_prepare/connect")
             weights = StreamedWeights(weight_specs(self.policy, self.export_dtype()), stream)
-            s: SendStats = self._sender.send(weights, self.policy_version)
+            send = lambda: self._sender.send(weights, self.policy_version)  # noqa: E731
+            s: SendStats = self._sync.run(self._sender.info.generation, send, "broadcasting")
         finally:
-            drain(stream)  # a failed send still completes every gather, so the ranks stay in step
+            drain(stream)  # a failed or abandoned send still completes every gather
         M.SYNC_SECONDS.observe(s.seconds, backend=self._sender_backend)
         M.SYNC_BYTES.inc(s.nbytes, backend=self._sender_backend)
         M.SYNC_VERSION.set(s.version)
         return {"version": s.version, "bytes": s.nbytes, "buckets": s.buckets, "seconds": s.seconds}
+
+    def weight_sync_abort(self) -> int:
+        """A member of the group is gone (the driver saw it die): give up the generation being formed or used at
+        once, without waiting for weight_sync.timeout_s; the driver then prepares a new one. The driver calls it
+        concurrently with a blocked connect / broadcast (the learner actor's `control` concurrency group).
+        Returns the abandoned generation."""
+        generation = getattr(self, "_generation", 0)
+        self._sync.abandon(generation)
+        if self._sender is not None:
+            self._sender.abandon()
+        return generation
 
     def weight_sync_group(self) -> GroupInfo | None:
         return self._sender.info if self._sender is not None else None

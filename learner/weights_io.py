@@ -14,6 +14,7 @@ from the gathered full tensors; the live model stays unmerged); the adapters alo
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,6 +82,21 @@ def _delta(layer) -> torch.Tensor:
         d = (b @ a) * layer.scaling[name]
         out = out + (d.T if getattr(layer, "fan_in_fan_out", False) else d)
     return out
+
+
+class OneAtATime:
+    """An iterator that two threads may share: each item is taken exactly once, in order (rank 0's weight stream,
+    read by a send that may be abandoned mid-way and by the drain that finishes its gathers)."""
+
+    def __init__(self, it: Iterator):
+        self._it, self._lock = it, threading.Lock()
+
+    def __iter__(self) -> OneAtATime:
+        return self
+
+    def __next__(self):
+        with self._lock:
+            return next(self._it)
 
 
 def drain(it: Iterator) -> None:

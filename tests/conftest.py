@@ -31,19 +31,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+# The session's local Ray (a test that needs another cluster shuts it down and starts it again with these)
+LOCAL_RAY = dict(
+    address="local",
+    num_cpus=4,
+    include_dashboard=False,
+    namespace="segr1-test",
+    log_to_driver=False,
+    _node_ip_address="127.0.0.1",
+)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the whole session (never joins a stale cluster: address='local')."""
     import ray
 
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        namespace="segr1-test",
-        log_to_driver=False,
-        _node_ip_address="127.0.0.1",
-    )
+    ray.init(**LOCAL_RAY)
     yield ray
     ray.shutdown()
 

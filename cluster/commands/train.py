@@ -39,9 +39,13 @@ def run(args: argparse.Namespace) -> int:
         print(rendered_prompts(cfg), end="")
         print(memory_plan(cfg, args), end="")
         return 0
+    from cluster.config import ConfigError
     from cluster.launch import run_training
 
-    summary = run_training(cfg, resume=args.resume)
+    try:
+        summary = run_training(cfg, resume=args.resume)
+    except ConfigError as err:  # found before the job's actors start (paths, the cluster's resources)
+        raise CommandError(str(err), exit_code=2) from None
     print(json.dumps(summary, indent=1))
     return 0 if summary["groups_lost"] == 0 else 1
 

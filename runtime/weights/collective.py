@@ -79,6 +79,7 @@ class DistributedWeightSender:
         self.shm_active = False
         self._buffers: list[torch.Tensor] = []
         self._segments = SharedSegments()
+        self._abandoned_segments: list[SharedSegments] = []
 
     @property
     def info(self) -> GroupInfo | None:
@@ -145,6 +146,15 @@ class DistributedWeightSender:
         check_ack(pg, self.device, version, "receive per-parameter")
         return SendStats(version, nbytes, len(named_tensors), time.perf_counter() - t0)
 
+    def abandon(self) -> None:
+        """Drop the current generation (a member is gone, runtime/weights/abandon.py): a transfer still blocked on
+        it keeps its buffers and shared-memory segments; the next generation gets new ones."""
+        self.group.abandon()
+        self._buffers = []
+        self._abandoned_segments.append(self._segments)
+        self._segments = SharedSegments()
+        self.shm_active = False
+
     def close(self, notify: bool = False) -> None:
         """Drop the group and the shared-memory segments. notify=True first tells every member the stream ended
         (their blocked receive() returns None); it blocks until each member is in receive(), so use it only
@@ -152,7 +162,9 @@ class DistributedWeightSender:
         try:
             self.group.close(notify)
         finally:
-            self._segments.release()
+            for segments in [self._segments, *self._abandoned_segments]:
+                segments.release()
+            self._abandoned_segments = []
 
 
 class DistributedWeightReceiver:

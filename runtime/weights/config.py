@@ -22,6 +22,7 @@ class WeightSyncConfig(BaseModel):
         300.0,
         ge=5.0,
         le=86_400.0,
-        description="How long forming the group or one bucket's transfer may wait for a member; a rollout "
-        "worker that dies then costs this long before the object-store fallback. Raise it for slow links.",
+        description="How long forming the group or one bucket's transfer may wait for a slow member. A member "
+        "that dies does not cost this: the driver abandons the generation as soon as Ray reports the death. "
+        "Raise it for slow links.",
     )

@@ -64,6 +64,10 @@ class CudaIpcSender:
         del buckets
         return SendStats(version, manifest.total_bytes, len(handles), time.perf_counter() - t0)
 
+    def abandon(self) -> None:
+        """Drop the current generation without talking to its members (one of them is gone)."""
+        self.group.abandon()
+
     def close(self, notify: bool = False) -> None:
         """Drop the group; notify=True first ends every member's stream (see SenderGroup.close)."""
         self.group.close(notify)

@@ -77,6 +77,9 @@ class InProcessSender:
         self.channel._publish((manifest, buckets))
         return SendStats(version, manifest.total_bytes, len(buckets), time.perf_counter() - t0)
 
+    def abandon(self) -> None:
+        """Nothing to drop: an in-process channel has no group."""
+
     def close(self, notify: bool = True) -> None:
         """Ends every receiver's stream (their receive() returns None), whatever notify says."""
         self.channel._publish(None)

@@ -36,7 +36,8 @@ class WeightSender(Protocol):
 
     prepare(members) opens a new generation for those receivers (non-blocking; returns what each passes to
     `WeightReceiver.join`, None where the transport has no rendezvous); connect() blocks until all joined;
-    send() returns once every receiver staged the whole version; close(notify=True) ends the receivers' streams."""
+    send() returns once every receiver staged the whole version; abandon() drops the current generation without
+    talking to its members (one is gone); close(notify=True) ends the receivers' streams."""
 
     info: GroupInfo | None  # the connected generation, None before connect() (and for in-process)
 
@@ -45,6 +46,8 @@ class WeightSender(Protocol):
     def connect(self) -> None: ...
 
     def send(self, named_tensors: NamedTensors, version: int) -> SendStats: ...
+
+    def abandon(self) -> None: ...
 
     def close(self, notify: bool = False) -> None: ...
 

@@ -188,10 +188,18 @@ class SenderGroup:
         """Blocks until every member of the prepared generation joined; returns the new process group."""
         if self._pending is None:
             raise WeightSyncError("connect() before prepare(members): open a generation first")
-        store, info = self._pending
+        pending = self._pending
+        store, info = pending
         pg = make_group(store, info, 0)
+        if self._pending is not pending:  # abandon() (or a newer prepare) happened while this one formed
+            raise WeightSyncError(f"weight-sync generation {info.generation} was abandoned while forming")
         self._store, self.pg, self.info, self._pending = store, pg, info, None
         return pg
+
+    def abandon(self) -> None:
+        """Drop the generation being formed or used without talking to its members (one of them is gone);
+        a call still blocked on it keeps only its own reference. The generation count goes on."""
+        self.pg, self._store, self._pending = None, None, None
 
     def require(self):
         if self.pg is None:

@@ -1,6 +1,8 @@
 """`ray job submit --working-dir . -- python -m cluster.train --config ...` against a Ray cluster started for this
 test with `ray start --head --node-ip-address 127.0.0.1` (dashboard / job server on, token auth on, as Ray 2.60
-does by default): the job uploads the repository, runs the driver as an actor on the cluster and succeeds.
+does by default): the job uploads the repository, runs the driver as an actor on the cluster and succeeds. A job whose start fails
+ends with its real error as the last error printed: relative paths (the upload leaves runs/ behind) get one message
+naming the absolute form, and a driver whose __init__ fails leaves no "Fatal Python error: Aborted" dump after it.
 
 The cluster is this test's alone: its own --temp-dir, free ports for every server, its own auth token file. It is
 started with --block in a new session, so teardown ends exactly it (SIGTERM to that `ray start` process, which
@@ -76,7 +78,7 @@ def _processes_mentioning(text: str) -> list[int]:
     return pids
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
     """A private `ray start --head` on 127.0.0.1; yields (dashboard address, env for the ray CLI)."""
     tmp = Path(tempfile.mkdtemp(prefix="segr1e2e-", dir="/tmp"))  # short: Ray puts unix sockets in it
@@ -163,3 +165,38 @@ def test_ray_job_submit_runs_a_tiny_training_job(assets, ray_head, tmp_path):
     assert_accounting(summary)
     assert summary["steps"] == steps
     assert_metric_lines(read_metrics(run_dir), steps)
+
+
+def _submit(address: str, env: dict, *train_args: str) -> str:
+    cmd = [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--"]
+    cmd += ["python", "-m", "cluster.train", "--config", "cluster/configs/demo.yaml", *train_args]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out[-4000:]
+    assert "Fatal Python error" not in out and "SIGABRT" not in out, out[-6000:]
+    return out
+
+
+def _last_error(out: str) -> str:
+    return [line for line in out.splitlines() if "Error" in line][-1]
+
+
+def test_a_failing_job_start_prints_the_real_error_last(assets, ray_head, tmp_path):
+    address, env = ray_head
+    # demo.yaml's relative paths (runs/...): not in the uploaded copy; one message, before any actor starts
+    out = _submit(address, env, "grpo.steps=1")
+    assert "pass absolute paths" in out.lower() and 'data.train="$PWD/runs/data/train"' in out, out[-4000:]
+    assert "ActorDiedError" not in out
+    # the driver actor's __init__ fails (a data set that does not exist)
+    missing = tmp_path / "no-such-data"
+    out = _submit(
+        address,
+        env,
+        f"model.policy={assets.policy}",
+        f"data.train={missing}",
+        "data.eval=null",
+        "eval.every=0",
+        f"metrics.run_dir={tmp_path / 'run'}",
+        f"checkpoint.dir={tmp_path / 'ck'}",
+    )
+    assert f"data path {missing} does not exist" in _last_error(out), out[-6000:]
