@@ -195,7 +195,10 @@ class Policy:
         logits = out.logits[:, :-1]  # (N, T, V): position W-T-1+j predicts completion slot j
         tokens = inputs["input_ids"][:, -t:]  # (N, T)
         mask = batch["completion_mask"][:, -t:].to(self.device, torch.float32)  # (N, T)
-        return masked_logprobs_from_logits(logits, tokens, temperature, self.suppress_ids), mask
+        logp = masked_logprobs_from_logits(logits, tokens, temperature, self.suppress_ids)  # (N, T)
+        # padding slots hold -inf (a suppressed pad id) or NaN (a fully masked attention row): zero them, so a
+        # masked sum (x * mask) is the sum over real tokens, not NaN (their gradient was already 0)
+        return torch.where(mask > 0, logp, torch.zeros_like(logp)), mask
 
     @torch.no_grad()
     def reference_logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:

@@ -245,3 +245,26 @@ def test_pi_old_from_the_updates_own_forward_equals_the_separate_pass(tiny_polic
     assert ib == pytest.approx(ia, rel=1e-6, abs=1e-9)
     assert ia["is_truncated_fraction"] > 0 and ia["is_weight_mean"] != pytest.approx(1.0)
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(ga, gb, strict=True))
+
+
+def test_a_short_completion_beside_a_long_one_keeps_every_statistic_finite(tiny_policy_dir, batch):
+    """Right-aligned scoring puts a short completion's padding slots on its prompt (image pad tokens, which the
+    learner leaves out of the softmax: logprob -inf). Those slots are masked out, and must not turn the masked
+    sums into NaN (-inf * 0): loss, KL, ratio and the rollout/learner mismatch stay finite."""
+    samples, groups = batch
+    g = groups[0]
+    long = g.group.completions[0]
+    short = g.group.completions[1]
+    stretched = long.model_copy(update={"token_ids": long.token_ids * 6, "logprobs": long.logprobs * 6})
+    one = short.model_copy(update={"token_ids": short.token_ids[:1], "logprobs": short.logprobs[:1]})
+    completions = [stretched, one, *g.group.completions[2:]]
+    groups = [
+        g.model_copy(update={"group": g.group.model_copy(update={"completions": completions})}),
+        *groups[1:],
+    ]
+    learner = Learner(make_cfg(tiny_policy_dir).learner_spec())
+    stats = learner.step(groups, *samples)
+    figures = {
+        k: getattr(stats, k) for k in ("loss", "kl", "ratio_mean", "is_weight_mean", "mismatch_logp_abs")
+    }
+    assert all(math.isfinite(v) for v in figures.values()), figures
