@@ -32,7 +32,8 @@ class RolloutConfig(BaseModel):
         None,
         ge=1,
         le=1024,
-        description="Upper bound when the pool is scaled during a run; None: num_workers.",
+        description="Upper bound when the pool is scaled during a run (segr1 scale, capacity, autoscale); "
+        "None: num_workers.",
     )
     resources: Resources = Field(default_factory=Resources)
     sampling: SamplingSection = Field(default_factory=SamplingSection)

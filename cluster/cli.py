@@ -14,13 +14,14 @@ from cluster.commands import (
     generate,
     models,
     predict,
+    scale,
     score,
     sft,
     train,
 )
 from cluster.commands.common import CommandError
 
-COMMANDS = (train, sft, eval_job, eval_masks, predict, score, generate, data, models, bench)
+COMMANDS = (train, sft, eval_job, eval_masks, predict, score, generate, data, models, scale, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

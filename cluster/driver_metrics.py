@@ -53,6 +53,27 @@ VAL_MEAN_IOU = gauge(
 VAL_S_MEASURE = gauge("segr1_driver_val_s_measure", "Validation: mean S-measure of the latest validation.")
 VAL_PARSE_RATE = gauge("segr1_driver_val_parse_rate", "Validation: share of answers that parsed.")
 VAL_BOX_IOU = gauge("segr1_driver_val_box_iou", "Validation: mean box IoU (answer_format=full only).")
+POOL_SIZE = gauge("segr1_driver_pool_size", "Actors of the pool taking work (rollout, reward).", ("pool",))
+POOL_CAPACITY = gauge(
+    "segr1_driver_pool_capacity",
+    "Disaggregated: actors of the pool the alive nodes can hold (segr1_rollout / segr1_reward units).",
+    ("pool",),
+)
+WAIT_SHARE = gauge(
+    "segr1_driver_wait_share",
+    "Share of the last step's time the learner waited on the pool (rollout: generating, reward: scoring).",
+    ("pool",),
+)
+SCALE_DECISIONS = counter(
+    "segr1_driver_scale_decisions_total",
+    "Autoscaling decisions (placement.autoscale): one more unit of the pool requested (up) or released (down).",
+    ("pool", "direction"),
+)
+AUTOSCALE_REQUESTED = gauge(
+    "segr1_driver_autoscale_requested",
+    "Units of the pool the driver asks Ray's autoscaler to hold (placement.autoscale).",
+    ("pool",),
+)
 VAL_STEP = gauge("segr1_driver_val_step", "Optimiser step of the latest validation.")
 
 

@@ -51,7 +51,14 @@ class RewardConfig(BaseModel):
     sam2_config: str | None = Field(
         None, description="sam2 only: the model config name, e.g. configs/sam2.1/..."
     )
-    num_workers: int = Field(1, ge=1, le=1024, description="Reward actors.")
+    num_workers: int = Field(1, ge=1, le=1024, description="Reward actors at start.")
+    max_workers: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Upper bound when the pool is scaled during a run (segr1 scale, capacity, autoscale); "
+        "None: num_workers.",
+    )
     resources: Resources = Field(default_factory=Resources)
     weights: RewardWeights = Field(default_factory=RewardWeights)
     answer_format: Literal["full", "points"] = Field(

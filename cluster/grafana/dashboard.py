@@ -339,8 +339,45 @@ def health_row() -> Row:
     )
 
 
+def scaling_row() -> Row:
+    """Pool sizes, capacity, what the learner waits on and the autoscaler's decisions (docs/scaling.md)."""
+    decisions = "ray_segr1_driver_scale_decisions_total"
+    return Row(
+        "Pool scaling",
+        [
+            Panel(
+                "Pool size and capacity",
+                [
+                    (last("ray_segr1_driver_pool_size", "max", "pool"), "{{pool}} workers"),
+                    (last("ray_segr1_driver_pool_capacity", "max", "pool"), "{{pool}} capacity"),
+                    (last("ray_segr1_driver_autoscale_requested", "max", "pool"), "{{pool}} requested"),
+                ],
+                description="Actors per pool; what the alive nodes can hold (disaggregated); what the driver asks "
+                "Ray's autoscaler for (placement.autoscale).",
+            ),
+            Panel(
+                "Share of step time the learner waits on each pool",
+                [(last("ray_segr1_driver_wait_share", "max", "pool"), "{{pool}}")],
+                "percentunit",
+                description="rollout: waiting for generation; reward: groups waiting to be scored. Above "
+                "placement.autoscale.wait_share over a window, one more unit of that pool is requested.",
+            ),
+            Panel(
+                "Scaling decisions",
+                [
+                    (
+                        f"sum by (pool, direction) (increase({decisions}{sel()}[$__range]))",
+                        "{{pool}} {{direction}}",
+                    )
+                ],
+                description="Autoscaling decisions in the time range: up = one more unit requested, down = released.",
+            ),
+        ],
+    )
+
+
 def rows() -> list[Row]:
-    """Top to bottom: reward throughput first, then quality, rollout, learner, weight sync, health."""
+    """Top to bottom: reward throughput first, then quality, rollout, learner, weight sync, health, scaling."""
     return [
         reward_throughput_row(),
         reward_quality_row(),
@@ -348,6 +385,7 @@ def rows() -> list[Row]:
         learner_row(),
         weight_sync_row(),
         health_row(),
+        scaling_row(),
     ]
 
 
