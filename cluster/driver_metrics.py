@@ -115,8 +115,20 @@ def step_line(
         "fill_rounds": fill_rounds,  # sync + filter_zero_variance: extra generation rounds to refill the batch
         "zero_variance_groups": sum(sg.zero_variance for sg, _ in batch),
         "actor_restarts": restarts,
+        "by_rollout_worker": _by_worker(batch),
         "sample_ids": [
             sg.sample_id for sg, _ in batch
         ],  # what this step trained on (resume / data-order checks)
     }
     return line
+
+
+def _by_worker(batch: list) -> dict[str, dict[str, int]]:
+    """Per rollout worker: tokens of the step's trained groups it generated and the oldest policy version used."""
+    out: dict[str, dict[str, int]] = {}
+    for sg, _ in batch:
+        g = sg.group
+        w = out.setdefault(g.worker or "?", {"tokens": 0, "policy_version": g.policy_version})
+        w["tokens"] += sum(len(c.token_ids) for c in g.completions)
+        w["policy_version"] = min(w["policy_version"], g.policy_version)
+    return out

@@ -130,6 +130,11 @@ class ActorPool:
     def handles(self) -> dict[str, Any]:
         return {n: m.handle for n, m in self._members.items() if not m.draining}
 
+    def serving(self) -> dict[str, Any]:
+        """Actors taking work whose start (on_start) has finished: not one still waiting for a node or its
+        weights (a weight-sync group formed with such an actor would wait for it)."""
+        return {n: m.handle for n, m in self._members.items() if not m.draining and m.ready_ref is None}
+
     def submit(self, key: Hashable, call: Call) -> None:
         self._queue.append(_Item(key, call))
         self.stats.submitted += 1
@@ -186,8 +191,9 @@ class ActorPool:
         self._dispatch()
 
     def broadcast(self, call: Call) -> dict[str, Any]:
-        """Run `call` on every live actor and wait (e.g. a weight update); a dead actor is restarted instead."""
-        refs = {name: call(m.handle) for name, m in self._members.items()}
+        """Run `call` on every started actor and wait (e.g. a weight update); a dead actor is restarted instead.
+        Actors still starting are left out: their on_start brings them up to date before they serve."""
+        refs = {name: call(m.handle) for name, m in self._members.items() if m.ready_ref is None}
         out = {}
         for name, ref in refs.items():
             try:

@@ -43,13 +43,14 @@ class WeightPublisher:
         raises: when forming fails, `publish` falls back to the object store and tries again later."""
         if not self.collective:
             return
-        names = tuple(pool.names)
-        if (names, pool.stats.restarts) == self._tried:
+        members = pool.serving()  # not an actor still starting: the group would wait for it (docs/scaling.md)
+        names = tuple(sorted(members))
+        if not names or (names, pool.stats.restarts) == self._tried:
             return
         self._tried, self._members = (names, pool.stats.restarts), ()
         try:
             info = ray.get(self.learner.weight_sync_prepare.remote(list(names)))
-            joins = [h.weight_sync_join.remote(info) for h in pool.handles().values()]
+            joins = [h.weight_sync_join.remote(info) for h in members.values()]
             ray.get([self.learner.weight_sync_connect.remote(), *joins])
         except Exception as err:
             # a member died while joining: the learner gave up after weight_sync.timeout_s
@@ -86,7 +87,7 @@ class WeightPublisher:
         return {"seconds": time.perf_counter() - t0, "backend": "object-store"}
 
     def _broadcast(self, pool: ActorPool) -> dict:
-        receivers = [h.weight_sync_receive.remote() for h in pool.handles().values()]
+        receivers = [h.weight_sync_receive.remote() for h in pool.serving().values()]
         stats = ray.get(self.learner.broadcast_weights.remote())
         versions = ray.get(receivers)
         if any(v != self.version for v in versions):

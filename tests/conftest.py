@@ -31,9 +31,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the whole session (never joins a stale cluster: address='local')."""
+def init_session_ray():
+    """Start the session's local Ray (also to restore it after a test ran its own multi-node cluster)."""
     import ray
 
     ray.init(
@@ -44,6 +43,13 @@ def ray_local():
         log_to_driver=False,
         _node_ip_address="127.0.0.1",
     )
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (never joins a stale cluster: address='local')."""
+    ray = init_session_ray()
     yield ray
     ray.shutdown()
 
