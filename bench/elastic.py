@@ -113,7 +113,7 @@ class Bench:
             driver, run_ref = self.start(cfg)
             if name == "removal":
                 run_dir = Path(cfg.metrics.run_dir)
-                _wait(lambda: len(_metrics(run_dir)) >= remove_at, 600, f"step {remove_at}")
+                _wait(lambda d=run_dir: len(_metrics(d)) >= remove_at, 600, f"step {remove_at}")
                 self.cluster.remove_node(nodes.pop())
             summary = self.finish(driver, run_ref)
             out[name] = {"wall_s": round(summary["wall_s"], 1), "actor_restarts": summary["actor_restarts"]}
@@ -177,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for phase in result["phases"]["phases"]:
-        print(f"{phase['rollout_workers']} rollout worker(s), steps {phase['steps']}: {phase['samples_per_s']} samples/s")
+        print(
+            f"{phase['rollout_workers']} rollout worker(s), steps {phase['steps']}: {phase['samples_per_s']} samples/s"
+        )
     nr = result["node_removal"]
     print(f"rollout node removal: {nr['removal']['wall_s']} s vs {nr['undisturbed']['wall_s']} s undisturbed, "
           f"{nr['lost_s']} s lost")  # fmt: skip
