@@ -12,8 +12,8 @@ import os
 from cluster.commands.common import CommandError
 
 AUTH_HINT = (
-    "the cluster asks for a token (Ray 2.60 turns token auth on): set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH "
-    "to the cluster's token file (or RAY_AUTH_TOKEN to the token itself), then run segr1 scale again"
+    "Ray 2.60 clusters ask for a token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to the cluster's token "
+    "file (or RAY_AUTH_TOKEN to the token itself), then run segr1 scale again"
 )
 
 
@@ -44,16 +44,20 @@ def _address(args: argparse.Namespace) -> str:
     return address
 
 
+def connect_error(address: str, err: BaseException, env: dict[str, str]) -> CommandError:
+    """The one message for a failed connection: without RAY_AUTH_MODE=token (what Ray 2.60 clusters ask for)
+    it says what to set; otherwise Ray's own reason."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+    if env.get("RAY_AUTH_MODE") != "token":
+        return CommandError(f"cannot connect to the Ray cluster at {address} ({text}): {AUTH_HINT}")
+    return CommandError(f"cannot connect to the Ray cluster at {address}: {text}")
+
+
 def _connect(ray, address: str, namespace: str) -> None:
     try:
         ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level="ERROR")
     except Exception as err:
-        text = str(err)
-        if any(w in text.lower() for w in ("auth", "token", "unauthenticated")):
-            raise CommandError(
-                f"{AUTH_HINT} ({text.splitlines()[0] if text else type(err).__name__})"
-            ) from None
-        raise CommandError(f"cannot connect to the Ray cluster at {address}: {text}") from None
+        raise connect_error(address, err, dict(os.environ)) from None
 
 
 def run(args: argparse.Namespace) -> int:
