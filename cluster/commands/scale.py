@@ -85,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
         except ray.exceptions.RayTaskError as err:
             cause = getattr(err, "cause", None) or err
             raise CommandError(str(cause).strip().splitlines()[-1]) from None
+        except ray.exceptions.RayActorError:
+            raise CommandError(
+                "the job's driver stopped before answering (the job ended or failed)"
+            ) from None
         except ray.exceptions.GetTimeoutError:
             raise CommandError(f"the driver did not answer within {args.timeout:.0f} s (--timeout)") from None
     finally:
