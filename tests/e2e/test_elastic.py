@@ -143,15 +143,11 @@ def _last(run_dir):
     return rows[-1] if rows else {}
 
 
-def test_pools_follow_the_cluster_and_autoscaling_asks_for_reward(assets, multinode, tmp_path):
-    from cluster.driver import TrainDriver
-    from cluster.topology import spawn_driver
-
-    ray, cluster, nodes = multinode
-    steps = 32  # the changes take ~20 steps here; the rest is margin for a busier machine
-    cfg = e2e_config(
+def _job_config(assets, run_dir, steps: int):
+    """Disaggregated, async, both pools 1..2 following the cluster, autoscaling quick to act."""
+    return e2e_config(
         assets,
-        tmp_path,
+        run_dir,
         f"grpo.steps={steps}",
         "grpo.mode=async",
         "placement.mode=disaggregated",
@@ -164,14 +160,28 @@ def test_pools_follow_the_cluster_and_autoscaling_asks_for_reward(assets, multin
         "reward.max_workers=2",
         "weight_sync.timeout_s=10",  # a group member on a removed node: not five minutes (docs/scaling.md)
     )
+
+
+def _assert_placed(ray, cluster, nodes) -> None:
+    """Each pool's actor on its own group's node, the driver on the head."""
+    node_ids = {name: n.node_id for name, n in nodes.items()}
+    for actor, group in (("learner-0", "learner"), ("rollout-0", "rollout"), ("reward-0", "reward")):
+        assert _node_of(ray, actor) == node_ids[group], f"{actor} is not on the {group} group's node"
+    assert _node_of(ray, "driver") == cluster.head_node.node_id
+
+
+def test_pools_follow_the_cluster_and_autoscaling_asks_for_reward(assets, multinode, tmp_path):
+    from cluster.driver import TrainDriver
+    from cluster.topology import spawn_driver
+
+    ray, cluster, nodes = multinode
+    steps = 32  # the changes take ~20 steps here; the rest is margin for a busier machine
+    cfg = _job_config(assets, tmp_path, steps)
     driver = spawn_driver(cfg, TrainDriver, cfg, slow_reward_workers, False)
     run_ref = driver.run.remote()
     try:
         wait_for(lambda: read_metrics(tmp_path), 300, "step 1 in metrics.jsonl")
-        node_ids = {name: n.node_id for name, n in nodes.items()}
-        for actor, group in (("learner-0", "learner"), ("rollout-0", "rollout"), ("reward-0", "reward")):
-            assert _node_of(ray, actor) == node_ids[group], f"{actor} is not on the {group} group's node"
-        assert _node_of(ray, "driver") == cluster.head_node.node_id
+        _assert_placed(ray, cluster, nodes)
 
         # the slow reward pool: the policy asks for a second reward unit, and never for a third
         wait_for(
