@@ -23,16 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 
-from e2e import QUICK, bench_config, build_policy  # noqa: E402  (bench/e2e.py: the --quick policy and config)
+from e2e import QUICK, bench_config, build_policy  # noqa: E402  (bench/e2e.py: its env, --quick policy, config)
 
 
 def _metrics(run_dir: Path) -> list[dict]:

@@ -79,6 +79,11 @@ def hist_quantile(q: float, metric: str, by: str = "") -> str:
     return f"histogram_quantile({q}, sum by ({keep}) (rate({metric}_bucket{sel()}{RATE})))"
 
 
+def increase(metric: str, by: str) -> str:
+    """sum by (labels) (increase(counter{...}[range])): how much a counter grew over the dashboard's range."""
+    return f"sum{_by(by)} (increase({metric}{sel()}[$__range]))"
+
+
 def last(metric: str, agg: str = "max", by: str = "", **matchers: str) -> str:
     """agg [by (labels)] (gauge{...})."""
     return f"{agg}{_by(by)} ({metric}{sel(**matchers)})"
@@ -308,10 +313,7 @@ def health_row() -> Row:
             Panel(
                 "Actor restarts",
                 [
-                    (
-                        f"sum by (pool) (increase(ray_segr1_driver_actor_restarts_total{sel()}[$__range]))",
-                        "{{pool}}",
-                    )
+                    (increase("ray_segr1_driver_actor_restarts_total", "pool"), "{{pool}}"),
                 ],
                 description="Dead actors the pools replaced during the time range (their work was re-issued).",
             ),
@@ -365,10 +367,7 @@ def scaling_row() -> Row:
             Panel(
                 "Scaling decisions",
                 [
-                    (
-                        f"sum by (pool, direction) (increase({decisions}{sel()}[$__range]))",
-                        "{{pool}} {{direction}}",
-                    )
+                    (increase(decisions, "pool, direction"), "{{pool}} {{direction}}"),
                 ],
                 description="Autoscaling decisions in the time range: up = one more unit requested, down = released.",
             ),
