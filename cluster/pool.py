@@ -133,7 +133,7 @@ class ActorPool:
     def serving(self) -> dict[str, Any]:
         """Actors taking work whose start (on_start) has finished: not one still waiting for a node or its
         weights (a weight-sync group formed with such an actor would wait for it)."""
-        return {n: m.handle for n, m in self._members.items() if not m.draining and m.ready_ref is None}
+        return {n: m.handle for n, m in self._members.items() if not m.draining and _started(m)}
 
     def submit(self, key: Hashable, call: Call) -> None:
         self._queue.append(_Item(key, call))
@@ -182,7 +182,7 @@ class ActorPool:
             self._add_member()
         active = sorted(
             (m for m in self._members.values() if not m.draining),
-            key=lambda m: (m.ready_ref is not None, _index(m.name)),
+            key=lambda m: (not _started(m), _index(m.name)),
         )
         for member in active[n:]:
             member.draining = True
@@ -193,7 +193,7 @@ class ActorPool:
     def broadcast(self, call: Call) -> dict[str, Any]:
         """Run `call` on every started actor and wait (e.g. a weight update); a dead actor is restarted instead.
         Actors still starting are left out: their on_start brings them up to date before they serve."""
-        refs = {name: call(m.handle) for name, m in self._members.items() if m.ready_ref is None}
+        refs = {name: call(m.handle) for name, m in self._members.items() if _started(m)}
         out = {}
         for name, ref in refs.items():
             try:
@@ -348,6 +348,11 @@ class ActorPool:
             member = self._members.pop(name)
             ray.kill(member.handle, no_restart=True)
             logger.info("%s: removed %s", self.prefix, name)
+
+
+def _started(member: _Member) -> bool:
+    """on_start has finished (or there was none): the actor may serve."""
+    return member.ready_ref is None or _resolved(member.ready_ref)
 
 
 def _resolved(ref) -> bool:

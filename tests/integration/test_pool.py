@@ -107,6 +107,9 @@ def test_resize_up_runs_on_start_and_down_drains(ray_local):
     assert pool.size == 3 and len(started) == 3
     out = pool.map([(i, lambda a, i=i: a.work.remote(i)) for i in range(9)])
     assert sorted(v[1] for v in out.values()) == [i * 10 for i in range(9)]
+    ray_local.get(
+        started
+    )  # every actor started: shrinking then drains the newest (a starting one goes first)
     pool.resize(1)
     assert pool.names == ["scale-0"]
     out = pool.map([(i, lambda a, i=i: a.work.remote(i)) for i in range(3)])
