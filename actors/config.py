@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from protos.config import STRICT, Resources
+from protos.config import STRICT, Resources, max_workers_field
 
 
 class SamplingSection(BaseModel):
@@ -28,12 +28,7 @@ class RolloutConfig(BaseModel):
         "vllm", description="vllm in production; hf (transformers generate) where vLLM cannot run the model."
     )
     num_workers: int = Field(1, ge=1, le=1024, description="Rollout actors at start.")
-    max_workers: int | None = Field(
-        None,
-        ge=1,
-        le=1024,
-        description="Upper bound when the pool is scaled during a run; None: num_workers.",
-    )
+    max_workers: int | None = max_workers_field()
     resources: Resources = Field(default_factory=Resources)
     sampling: SamplingSection = Field(default_factory=SamplingSection)
     gpu_memory_utilization: float = Field(0.6, gt=0.0, le=0.98, description="vLLM KV-cache memory fraction.")

@@ -15,13 +15,14 @@ from cluster.commands import (
     models,
     plan,
     predict,
+    scale,
     score,
     sft,
     train,
 )
 from cluster.commands.common import CommandError
 
-COMMANDS = (train, plan, sft, eval_job, eval_masks, predict, score, generate, data, models, bench)
+COMMANDS = (train, plan, sft, eval_job, eval_masks, predict, score, generate, data, models, scale, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

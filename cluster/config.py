@@ -35,6 +35,7 @@ __all__ = [
     "LearnerSpec",
     "MetricsConfig",
     "ModelConfig",
+    "AutoscaleConfig",
     "PlacementConfig",
     "EvalConfig",
     "EvalTokens",
@@ -141,6 +142,34 @@ class DataConfig(BaseModel):
     )
 
 
+class AutoscaleConfig(BaseModel):
+    """Asking Ray's autoscaler for rollout / reward capacity from the driver's step timings (docs/scaling.md)."""
+
+    model_config = STRICT
+
+    enabled: bool = Field(
+        False, description="Request capacity for a pool the learner waits on (disaggregated)."
+    )
+    wait_share: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="Ask for one more unit of a pool when the learner waited on it for more than this share "
+        "of the step time over `window` steps.",
+    )
+    idle_share: float = Field(
+        0.05,
+        ge=0.0,
+        lt=1.0,
+        description="Release one requested unit when the wait share stayed below this over `idle_window` steps.",
+    )
+    window: int = Field(4, ge=1, le=10_000, description="Steps the wait share is averaged over to scale up.")
+    idle_window: int = Field(20, ge=1, le=100_000, description="Steps of idle before a request is released.")
+    cooldown_s: float = Field(
+        120.0, ge=0.0, le=86_400.0, description="Seconds between two decisions of the same pool."
+    )
+
+
 class PlacementConfig(BaseModel):
     """Where the pools run."""
 
@@ -154,6 +183,14 @@ class PlacementConfig(BaseModel):
         None, description="Ray address; None starts a local Ray unless RAY_ADDRESS set."
     )
     namespace: str = Field("segr1", min_length=1, description="Ray namespace of the named actors.")
+    capacity_interval_s: float = Field(
+        5.0,
+        gt=0.0,
+        le=3600.0,
+        description="Disaggregated: how often the driver reads the cluster's segr1_rollout / segr1_reward "
+        "units and grows or shrinks the pools to them (up to max_workers).",
+    )
+    autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig)
 
 
 class EvalTokens(BaseModel):
@@ -251,11 +288,12 @@ class TrainConfig(BaseModel):
                 "it were a policy change. Set rollout.sampling.top_p=1 (the reference's setting) or turn the "
                 "correction off with grpo.tis_cap=0"
             )
-        mw = self.rollout.max_workers
-        if mw is not None and mw < self.rollout.num_workers:
-            raise ValueError(
-                f"rollout.max_workers={mw} is below rollout.num_workers={self.rollout.num_workers}; raise it or unset it"
-            )
+        for key, section in (("rollout", self.rollout), ("reward", self.reward)):
+            mw = section.max_workers
+            if mw is not None and mw < section.num_workers:
+                raise ValueError(
+                    f"{key}.max_workers={mw} is below {key}.num_workers={section.num_workers}; raise it or unset it"
+                )
         self._check_validation()
         return self
 

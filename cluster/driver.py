@@ -35,6 +35,7 @@ from typing import Any
 import ray
 
 from cluster import driver_metrics as DM
+from cluster.capacity import capacity_of
 from cluster.config import TrainConfig
 from cluster.data.reader import DatasetReader
 from cluster.driver_metrics import step_line
@@ -46,6 +47,7 @@ from cluster.driver_state import (
     split_by_staleness,
     truncate_metrics,
 )
+from cluster.elastic import Elastic
 from cluster.placement import Placement
 from cluster.pool import ActorPool, WorkFailed
 from cluster.sync_step import fill_batch
@@ -71,16 +73,21 @@ class TrainDriver:
         self.step = 0
         self.version = 0
         self._stop, self._resumed = False, resume
-        self._resize_to: int | None = None
         self._chunk_seq = 0
         classes = workers()
         self.learner = spawn_learner_actor(cfg, classes.learner)
         self.weights = WeightPublisher(cfg, self.learner)
+        room = lambda pool: lambda: capacity_of(cfg, pool)  # noqa: E731  (dead actor: restart, or drop if no room)
         self.rollout: ActorPool = make_rollout_pool(
-            cfg, classes.rollout, on_start=self.weights.on_start, on_error=self._repair
+            cfg,
+            classes.rollout,
+            on_start=self.weights.on_start,
+            on_error=self._repair,
+            capacity=room("rollout"),
         )
-        self.reward: ActorPool = make_reward_pool(cfg, classes.reward)
+        self.reward: ActorPool = make_reward_pool(cfg, classes.reward, capacity=room("reward"))
         self.placement = Placement(self.learner, (self.rollout, self.reward))  # cluster/placement.py
+        self.elastic = Elastic(cfg, {"rollout": self.rollout, "reward": self.reward})  # cluster/elastic.py
         best = lambda *a: ray.get(self.learner.mark_best.remote(*a))  # noqa: E731  (keep_best, on the learner)
         self.validator = Validator(cfg, self.rollout, self.reward, self._write_metrics, best)
         if resume:
@@ -237,7 +244,10 @@ class TrainDriver:
         (ScoredGroup, its Sample's ObjectRef): the learner gets the refs, no image is serialised again."""
         refs = [*self.rollout.waitables(), *self.reward.waitables(), *also]
         if refs:
+            t0 = time.perf_counter()
             ray.wait(refs, num_returns=1, timeout=timeout)
+            if not also:  # the learner has nothing to train: it waits on scoring, else on generation
+                self.elastic.waited(time.perf_counter() - t0, scoring=self.reward.pending > 0)
         for chunk, result in self.rollout.poll(timeout=0):
             if self.validator.take(chunk, result):
                 continue
@@ -291,9 +301,9 @@ class TrainDriver:
         DM.STEP.set(self.step)
         sync = self.weights.publish(self.rollout, self.version)
         where = {"step": self.step, "policy_version": self.version, "restarts": self._restarts()}
-        line = step_line(
-            stats, batch, staleness, sync, time.perf_counter() - t0, fill_rounds=fill_rounds, **where
-        )
+        step_s = time.perf_counter() - t0
+        line = step_line(stats, batch, staleness, sync, step_s, fill_rounds=fill_rounds, **where)
+        line.update(self.elastic.step_line(self.step, step_s))
         self._write_metrics(line, batch)
         saved = self.cfg.checkpoint.every and self.step % self.cfg.checkpoint.every == 0
         if saved:
@@ -384,6 +394,7 @@ class TrainDriver:
             "actor_restarts": self._restarts(),
             "rollout_workers": self.rollout.names,
             "reward_workers": self.reward.names,
+            "scale_decisions": self.elastic.decisions,
             "corrupt_samples_skipped": self.reader.num_corrupt,
             "wall_s": wall_s,
             "stopped_early": self._stop and self.step < self.cfg.grpo.steps,
@@ -392,27 +403,20 @@ class TrainDriver:
         }
 
     def close(self) -> None:
+        self.elastic.close()
         self.trackers.close()  # no-op after run(); a job stopped before it ends its tracker runs here
         self.rollout.shutdown()
         self.reward.shutdown()
         ray.get(self.learner.close.remote())  # removes the weight-sync shared-memory segments
         ray.kill(self.learner, no_restart=True)
 
-    # -- scaling -----------------------------------------------------------------------------------------------
-    def request_resize(self, n: int) -> int:
-        """Ask for n rollout workers (e.g. the KubeRay rollout group scaled); applied between pipeline rounds.
-        New workers get the current weights before they serve; removed ones finish their work first."""
-        limit = self.cfg.rollout.max_workers or self.cfg.rollout.num_workers
-        if not 1 <= n <= limit:
-            raise ValueError(f"rollout pool size {n} is outside 1..{limit} (rollout.max_workers)")
-        self._resize_to = n
-        return n
+    # -- scaling (cluster/elastic.py) ----------------------------------------------------------------------------
+    def request_resize(self, rollout: int | None = None, reward: int | None = None) -> dict:
+        """Ask for pool sizes (`segr1 scale`); applied between pipeline rounds, within 1..<pool>.max_workers.
+        New rollout workers get the current weights before they serve; removed ones finish their work first.
+        Returns {"before": sizes, "after": sizes, ...} once the loop applied it."""
+        return self.elastic.request_resize(rollout, reward)
 
     def _apply_resize(self) -> None:
-        if self._resize_to is None or self._resize_to == self.rollout.size:
-            self._resize_to = None
-            return
-        logger.info("rollout pool: %d -> %d workers", self.rollout.size, self._resize_to)
-        self.rollout.resize(self._resize_to)
-        self._resize_to = None
-        self.weights.setup(self.rollout)
+        if "rollout" in self.elastic.apply():
+            self.weights.setup(self.rollout)

@@ -59,6 +59,27 @@ VAL_MEAN_IOU = gauge(
 VAL_S_MEASURE = gauge("segr1_driver_val_s_measure", "Validation: mean S-measure of the latest validation.")
 VAL_PARSE_RATE = gauge("segr1_driver_val_parse_rate", "Validation: share of answers that parsed.")
 VAL_BOX_IOU = gauge("segr1_driver_val_box_iou", "Validation: mean box IoU (answer_format=full only).")
+POOL_SIZE = gauge("segr1_driver_pool_size", "Actors of the pool taking work (rollout, reward).", ("pool",))
+POOL_CAPACITY = gauge(
+    "segr1_driver_pool_capacity",
+    "Disaggregated: actors of the pool the alive nodes can hold (segr1_rollout / segr1_reward units).",
+    ("pool",),
+)
+WAIT_SHARE = gauge(
+    "segr1_driver_wait_share",
+    "Share of the last step's time the learner waited on the pool (rollout: generating, reward: scoring).",
+    ("pool",),
+)
+SCALE_DECISIONS = counter(
+    "segr1_driver_scale_decisions_total",
+    "Autoscaling decisions (placement.autoscale): one more unit of the pool requested (up) or released (down).",
+    ("pool", "direction"),
+)
+AUTOSCALE_REQUESTED = gauge(
+    "segr1_driver_autoscale_requested",
+    "Units of the pool the driver asks Ray's autoscaler to hold (placement.autoscale).",
+    ("pool",),
+)
 VAL_STEP = gauge("segr1_driver_val_step", "Optimiser step of the latest validation.")
 
 
@@ -100,8 +121,20 @@ def step_line(
         "fill_rounds": fill_rounds,  # sync + filter_zero_variance: extra generation rounds to refill the batch
         "zero_variance_groups": sum(sg.zero_variance for sg, _ in batch),
         "actor_restarts": restarts,
+        "by_rollout_worker": _by_worker(batch),
         "sample_ids": [
             sg.sample_id for sg, _ in batch
         ],  # what this step trained on (resume / data-order checks)
     }
     return line
+
+
+def _by_worker(batch: list) -> dict[str, dict[str, int]]:
+    """Per rollout worker: tokens of the step's trained groups it generated and the oldest policy version used."""
+    out: dict[str, dict[str, int]] = {}
+    for sg, _ in batch:
+        g = sg.group
+        w = out.setdefault(g.worker or "?", {"tokens": 0, "policy_version": g.policy_version})
+        w["tokens"] += sum(len(c.token_ids) for c in g.completions)
+        w["policy_version"] = min(w["policy_version"], g.policy_version)
+    return out

@@ -4,7 +4,10 @@
 backpressure, the rest waits in a FIFO queue), and returns exactly one result per key. When an actor dies
 (killed by name, OOM, node lost), its in-flight items go back to the front of the queue, a replacement with the
 same name is started (and `on_start` runs on it before it serves: e.g. pushing the current weights), and the
-items are answered by whichever actor takes them next. An application error may be repaired by `on_error`
+items are answered by whichever actor takes them next. When the pool is given `capacity` (how many of its
+actors the cluster can hold now: cluster/capacity.py) and the cluster has no room left for the dead actor (its
+node was drained or removed), the actor is dropped instead: its work goes to the others, it does not count
+towards crash-loop detection, and the pool is grown again when capacity returns. An application error may be repaired by `on_error`
 (e.g. a rollout worker with stale weights is resynced) and the item retried; other errors are returned as
 `WorkFailed` for that key, never raised out of the pool, never lost.
 
@@ -68,6 +71,7 @@ class PoolStats:
     failed: int = 0
     retries: int = 0
     restarts: int = 0
+    dropped: int = 0  # actors that died with no capacity left for them, not restarted
 
 
 class ActorPool:
@@ -82,6 +86,7 @@ class ActorPool:
         on_error: Callable[[Any, BaseException], bool] | None = None,
         max_attempts: int = 5,
         max_consecutive_deaths: int = 3,
+        capacity: Callable[[], int | None] | None = None,
     ):
         if size < 1:
             raise ValueError(f"{prefix} pool size must be >= 1, got {size}")
@@ -89,6 +94,7 @@ class ActorPool:
         self._spawn = spawn
         self._on_start = on_start
         self._on_error = on_error
+        self._capacity = capacity
         self.max_inflight = max_inflight
         self.max_attempts = max_attempts
         self.max_consecutive_deaths = max_consecutive_deaths
@@ -123,6 +129,11 @@ class ActorPool:
 
     def handles(self) -> dict[str, Any]:
         return {n: m.handle for n, m in self._members.items() if not m.draining}
+
+    def serving(self) -> dict[str, Any]:
+        """Actors taking work whose start (on_start) has finished: not one still waiting for a node or its
+        weights (a weight-sync group formed with such an actor would wait for it)."""
+        return {n: m.handle for n, m in self._members.items() if not m.draining and _started(m)}
 
     def submit(self, key: Hashable, call: Call) -> None:
         self._queue.append(_Item(key, call))
@@ -163,12 +174,16 @@ class ActorPool:
         return results
 
     def resize(self, n: int) -> None:
-        """Grow to n actors (new ones run on_start before serving) or shrink by draining the newest ones."""
+        """Grow to n actors (new ones run on_start before serving) or shrink by draining first the actors still
+        starting (e.g. waiting for a node that is gone), then the newest ones."""
         if n < 1:
             raise ValueError(f"{self.prefix} pool cannot shrink below 1 actor (asked {n})")
         while self.size < n:
             self._add_member()
-        active = sorted((m for m in self._members.values() if not m.draining), key=lambda m: _index(m.name))
+        active = sorted(
+            (m for m in self._members.values() if not m.draining),
+            key=lambda m: (not _started(m), _index(m.name)),
+        )
         for member in active[n:]:
             member.draining = True
             logger.info("%s: draining %s", self.prefix, member.name)
@@ -176,8 +191,9 @@ class ActorPool:
         self._dispatch()
 
     def broadcast(self, call: Call) -> dict[str, Any]:
-        """Run `call` on every live actor and wait (e.g. a weight update); a dead actor is restarted instead."""
-        refs = {name: call(m.handle) for name, m in self._members.items()}
+        """Run `call` on every started actor and wait (e.g. a weight update); a dead actor is restarted instead.
+        Actors still starting are left out: their on_start brings them up to date before they serve."""
+        refs = {name: call(m.handle) for name, m in self._members.items() if _started(m)}
         out = {}
         for name, ref in refs.items():
             try:
@@ -211,19 +227,26 @@ class ActorPool:
     def _replace(self, name: str, cause: BaseException | None = None) -> None:
         """The actor `name` died: requeue its work first (order kept), then start a replacement."""
         member = self._members.pop(name)
+        if not member.draining and self._no_room():
+            self._requeue(member)
+            self._kill(member)
+            self.stats.dropped += 1
+            logger.warning(
+                "%s: actor %s died and the cluster has no capacity left for it (node drained or removed); "
+                "dropped, its %d items re-issued to the other %d",
+                self.prefix,
+                name,
+                len(member.inflight),
+                self.size,
+            )
+            return
         if member.deaths + 1 >= self.max_consecutive_deaths:
             raise PoolError(
                 f"{self.prefix} pool: actor {name} died {member.deaths + 1} times in a row without finishing any "
                 f"work; giving up. Last error: {cause}"
             ) from cause
-        for item in reversed(list(member.inflight.values())):
-            item.attempts += 1
-            self.stats.retries += 1
-            self._queue.appendleft(item)
-        try:
-            ray.kill(member.handle, no_restart=True)
-        except Exception:  # already gone
-            pass
+        self._requeue(member)
+        self._kill(member)
         self.stats.restarts += 1
         if member.draining:
             return
@@ -235,6 +258,27 @@ class ActorPool:
         )
         self._add_member(name)
         self._members[name].deaths = member.deaths + 1
+
+    def _no_room(self) -> bool:
+        """The others (at least one) already fill what the cluster can hold of this pool."""
+        others = self.size
+        if self._capacity is None or others < 1:
+            return False
+        room = self._capacity()
+        return room is not None and room <= others
+
+    def _requeue(self, member: _Member) -> None:
+        for item in reversed(list(member.inflight.values())):
+            item.attempts += 1
+            self.stats.retries += 1
+            self._queue.appendleft(item)
+
+    @staticmethod
+    def _kill(member: _Member) -> None:
+        try:
+            ray.kill(member.handle, no_restart=True)
+        except Exception:  # already gone
+            pass
 
     def _all_refs(self) -> list:
         refs = []
@@ -309,6 +353,11 @@ class ActorPool:
             member = self._members.pop(name)
             ray.kill(member.handle, no_restart=True)
             logger.info("%s: removed %s", self.prefix, name)
+
+
+def _started(member: _Member) -> bool:
+    """on_start has finished (or there was none): the actor may serve."""
+    return member.ready_ref is None or _resolved(member.ready_ref)
 
 
 def _resolved(ref) -> bool:

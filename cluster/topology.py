@@ -152,18 +152,20 @@ def spawn_learner_actor(cfg: TrainConfig, cls: type, name: str = "learner-0") ->
     return _spawn_named(cls, options, cfg.learner_spec())
 
 
-def make_reward_pool(cfg: TrainConfig, cls: type) -> ActorPool:
-    """A pool of `cls` (RewardWorker) actors `reward-<i>`."""
+def make_reward_pool(cfg: TrainConfig, cls: type, capacity=None) -> ActorPool:
+    """A pool of `cls` (RewardWorker) actors `reward-<i>`. capacity() -> how many the cluster can hold now (a
+    dead actor without room is dropped, not restarted: cluster/pool.py)."""
     return ActorPool(
         "reward",
         lambda name: spawn_reward_actor(cfg, cls, name),
         cfg.reward.num_workers,
         max_inflight=cfg.reward.max_inflight_per_worker,
+        capacity=capacity,
     )
 
 
 def make_rollout_pool(
-    cfg: TrainConfig, cls: type, on_start=None, on_error=None, phase: str = "train"
+    cfg: TrainConfig, cls: type, on_start=None, on_error=None, phase: str = "train", capacity=None
 ) -> ActorPool:
     """A pool of `cls` (RolloutWorker) actors `rollout-<i>`, asking with the prompts of `phase` (train | eval).
     on_start(handle) -> [ObjectRef]: run on every new or restarted actor before it serves (weights)."""
@@ -174,6 +176,7 @@ def make_rollout_pool(
         max_inflight=2,
         on_start=on_start,
         on_error=on_error,
+        capacity=capacity,
     )
 
 

@@ -50,14 +50,15 @@ class WeightPublisher:
         raises: when forming fails, `publish` falls back to the object store and tries again later."""
         if not self.collective:
             return
-        names = tuple(pool.names)
-        if (names, pool.stats.restarts) == self._tried:
+        members = pool.serving()  # not an actor still starting: the group would wait for it (docs/scaling.md)
+        names = tuple(sorted(members))
+        if not names or (names, pool.stats.restarts) == self._tried:
             return
         self._tried, self._members = (names, pool.stats.restarts), ()
         try:
             info = ray.get(self.learner.weight_sync_prepare.remote(list(names)))
             self._generation = int(info["generation"])
-            joins = {name: h.weight_sync_join.remote(info) for name, h in pool.handles().items()}
+            joins = {name: h.weight_sync_join.remote(info) for name, h in members.items()}
             _gather({"learner": self.learner.weight_sync_connect.remote(), **joins})
         except Exception as err:
             self._give_up(pool, err, "forming the group with " + ", ".join(names))
@@ -89,7 +90,7 @@ class WeightPublisher:
         return {"seconds": time.perf_counter() - t0, "backend": "object-store"}
 
     def _broadcast(self, pool: ActorPool) -> dict:
-        receivers = {name: h.weight_sync_receive.remote() for name, h in pool.handles().items()}
+        receivers = {name: h.weight_sync_receive.remote() for name, h in pool.serving().items()}
         results = _gather({"learner": self.learner.broadcast_weights.remote(), **receivers})
         versions = [results[name] for name in receivers]
         if any(v != self.version for v in versions):

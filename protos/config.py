@@ -15,6 +15,19 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from protos.answer import DEFAULT_PRESET, AnswerFormat, PromptPreset, PromptSet, preset_prompts
 
 STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def max_workers_field():
+    """`<pool>.max_workers` of the scalable pools (rollout, reward): docs/scaling.md."""
+    return Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Upper bound when the pool is scaled during a run (segr1 scale, capacity, autoscale); "
+        "None: num_workers.",
+    )
+
+
 """Every config section: unknown keys fail (a typo never passes silently), assignments are validated."""
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from protos.config import STRICT, Resources
+from protos.config import STRICT, Resources, max_workers_field
 
 
 class RewardWeights(BaseModel):
@@ -51,7 +51,8 @@ class RewardConfig(BaseModel):
     sam2_config: str | None = Field(
         None, description="sam2 only: the model config name, e.g. configs/sam2.1/..."
     )
-    num_workers: int = Field(1, ge=1, le=1024, description="Reward actors.")
+    num_workers: int = Field(1, ge=1, le=1024, description="Reward actors at start.")
+    max_workers: int | None = max_workers_field()
     resources: Resources = Field(default_factory=Resources)
     weights: RewardWeights = Field(default_factory=RewardWeights)
     answer_format: Literal["full", "points"] = Field(

@@ -42,12 +42,18 @@ LOCAL_RAY = dict(
 )
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the whole session (never joins a stale cluster: address='local')."""
+def init_session_ray():
+    """Start the session's local Ray (also to restore it after a test ran its own multi-node cluster)."""
     import ray
 
     ray.init(**LOCAL_RAY)
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (never joins a stale cluster: address='local')."""
+    ray = init_session_ray()
     yield ray
     ray.shutdown()
 

@@ -79,6 +79,11 @@ def hist_quantile(q: float, metric: str, by: str = "") -> str:
     return f"histogram_quantile({q}, sum by ({keep}) (rate({metric}_bucket{sel()}{RATE})))"
 
 
+def increase(metric: str, by: str) -> str:
+    """sum by (labels) (increase(counter{...}[range])): how much a counter grew over the dashboard's range."""
+    return f"sum{_by(by)} (increase({metric}{sel()}[$__range]))"
+
+
 def last(metric: str, agg: str = "max", by: str = "", **matchers: str) -> str:
     """agg [by (labels)] (gauge{...})."""
     return f"{agg}{_by(by)} ({metric}{sel(**matchers)})"
@@ -308,10 +313,7 @@ def health_row() -> Row:
             Panel(
                 "Actor restarts",
                 [
-                    (
-                        f"sum by (pool) (increase(ray_segr1_driver_actor_restarts_total{sel()}[$__range]))",
-                        "{{pool}}",
-                    )
+                    (increase("ray_segr1_driver_actor_restarts_total", "pool"), "{{pool}}"),
                 ],
                 description="Dead actors the pools replaced during the time range (their work was re-issued).",
             ),
@@ -339,8 +341,42 @@ def health_row() -> Row:
     )
 
 
+def scaling_row() -> Row:
+    """Pool sizes, capacity, what the learner waits on and the autoscaler's decisions (docs/scaling.md)."""
+    decisions = "ray_segr1_driver_scale_decisions_total"
+    return Row(
+        "Pool scaling",
+        [
+            Panel(
+                "Pool size and capacity",
+                [
+                    (last("ray_segr1_driver_pool_size", "max", "pool"), "{{pool}} workers"),
+                    (last("ray_segr1_driver_pool_capacity", "max", "pool"), "{{pool}} capacity"),
+                    (last("ray_segr1_driver_autoscale_requested", "max", "pool"), "{{pool}} requested"),
+                ],
+                description="Actors per pool; what the alive nodes can hold (disaggregated); what the driver asks "
+                "Ray's autoscaler for (placement.autoscale).",
+            ),
+            Panel(
+                "Share of step time the learner waits on each pool",
+                [(last("ray_segr1_driver_wait_share", "max", "pool"), "{{pool}}")],
+                "percentunit",
+                description="rollout: waiting for generation; reward: groups waiting to be scored. Above "
+                "placement.autoscale.wait_share over a window, one more unit of that pool is requested.",
+            ),
+            Panel(
+                "Scaling decisions",
+                [
+                    (increase(decisions, "pool, direction"), "{{pool}} {{direction}}"),
+                ],
+                description="Autoscaling decisions in the time range: up = one more unit requested, down = released.",
+            ),
+        ],
+    )
+
+
 def rows() -> list[Row]:
-    """Top to bottom: reward throughput first, then quality, rollout, learner, weight sync, health."""
+    """Top to bottom: reward throughput first, then quality, rollout, learner, weight sync, health, scaling."""
     return [
         reward_throughput_row(),
         reward_quality_row(),
@@ -348,6 +384,7 @@ def rows() -> list[Row]:
         learner_row(),
         weight_sync_row(),
         health_row(),
+        scaling_row(),
     ]
 
 

@@ -100,15 +100,21 @@ def test_rollout_pool_scales_up_and_down_while_training(assets, sft_policy, ray_
     driver, run_ref = start_job(cfg)
     try:
         wait_for(lambda: len(read_metrics(tmp_path)) >= 1, 240, "step 1 in metrics.jsonl")
-        assert ray.get(driver.request_resize.remote(2)) == 2
+        answer = ray.get(driver.request_resize.remote(rollout=2))
+        assert answer["before"] == {"rollout": 1, "reward": 1} and answer["after"] == {
+            "rollout": 2,
+            "reward": 1,
+        }
         wait_for(lambda: "rollout-1" in job_actor_names(ray), 120, "rollout-1 to start")
         grown_at = len(read_metrics(tmp_path))
         wait_for(
             lambda: len(read_metrics(tmp_path)) >= grown_at + 2, 240, "two steps with two rollout workers"
         )
-        assert ray.get(driver.request_resize.remote(1)) == 1
-        with pytest.raises(ray.exceptions.RayTaskError, match="outside 1..2"):
-            ray.get(driver.request_resize.remote(3))  # above rollout.max_workers: refused, the run goes on
+        assert ray.get(driver.request_resize.remote(rollout=1))["after"]["rollout"] == 1
+        with pytest.raises(ray.exceptions.RayTaskError, match=r"outside 1..2 \(rollout.max_workers\)"):
+            ray.get(
+                driver.request_resize.remote(rollout=3)
+            )  # above rollout.max_workers: refused, the run goes on
         summary = finish_job(ray, driver, run_ref, timeout=300)
     finally:
         ray.kill(driver, no_restart=True)

@@ -42,6 +42,16 @@ def _spawner(ray_local, names: list[str], version: int = 1):
     return spawn
 
 
+def _answers(pool: ActorPool, n: int) -> dict:
+    """Poll until n keys are answered, each exactly once."""
+    results: dict = {}
+    while len(results) < n:
+        for key, value in pool.poll(timeout=5):
+            assert key not in results, f"key {key} answered twice"
+            results[key] = value
+    return results
+
+
 def test_every_item_answered_once_across_a_killed_actor(ray_local):
     spawned: list[str] = []
     pool = ActorPool("echo", _spawner(ray_local, spawned), 2, max_inflight=2)
@@ -51,11 +61,7 @@ def test_every_item_answered_once_across_a_killed_actor(ray_local):
     for i in range(6):
         pool.submit(i, lambda a, i=i: a.work.remote(i))
     ray_local.kill(blocker, no_restart=True)
-    results = {}
-    while len(results) < 6:
-        for key, value in pool.poll(timeout=5):
-            assert key not in results, f"key {key} answered twice"
-            results[key] = value
+    results = _answers(pool, 6)
     assert {k: v[1] for k, v in results.items()} == {i: i * 10 for i in range(6)}
     assert pool.stats.restarts == 1 and pool.stats.completed == 6
     assert spawned.count("echo-0") == 2  # the dead actor was replaced under its own name
@@ -101,6 +107,9 @@ def test_resize_up_runs_on_start_and_down_drains(ray_local):
     assert pool.size == 3 and len(started) == 3
     out = pool.map([(i, lambda a, i=i: a.work.remote(i)) for i in range(9)])
     assert sorted(v[1] for v in out.values()) == [i * 10 for i in range(9)]
+    ray_local.get(
+        started
+    )  # every actor started: shrinking then drains the newest (a starting one goes first)
     pool.resize(1)
     assert pool.names == ["scale-0"]
     out = pool.map([(i, lambda a, i=i: a.work.remote(i)) for i in range(3)])
@@ -133,4 +142,45 @@ def test_ties_spread_work_over_every_actor(ray_local):
     for i in range(4):  # one item at a time: every actor is idle at each dispatch
         served.extend(v[0] for v in pool.map([(i, lambda a, i=i: a.work.remote(i))]).values())
     assert sorted(set(served)) == ["spread-0", "spread-1"]
+    pool.shutdown()
+
+
+def test_actor_without_capacity_left_is_dropped_not_restarted(ray_local):
+    """A death when the cluster holds no room for the actor (its node went away): dropped, its work re-issued
+    to the others, no restart and no crash-loop count; with room, the same death restarts it."""
+    room = {"n": 1}
+    spawned: list[str] = []
+    pool = ActorPool("cap", _spawner(ray_local, spawned), 2, max_inflight=2, capacity=lambda: room["n"])
+    assert len(pool.map([(i, lambda a, i=i: a.work.remote(i)) for i in range(4)])) == 4  # both serving
+    ray_local.kill(ray_local.get_actor("test-cap-1", namespace="segr1-test"), no_restart=True)
+    for i in range(6):  # two of them go to the dead actor: its death is seen, its items re-issued
+        pool.submit(i, lambda a, i=i: a.work.remote(i))
+    results = _answers(pool, 6)
+    assert {k: v[1] for k, v in results.items()} == {i: i * 10 for i in range(6)}
+    assert pool.names == ["cap-0"] and pool.stats.dropped == 1 and pool.stats.restarts == 0
+    assert spawned == ["cap-0", "cap-1"]
+    room["n"] = 2  # capacity back: the pool grows into it, and a death with room restarts
+    pool.resize(2)
+    ray_local.kill(ray_local.get_actor("test-cap-0", namespace="segr1-test"), no_restart=True)
+    out = pool.map([(i, lambda a, i=i: a.work.remote(i)) for i in range(4)])
+    assert sorted(v[1] for v in out.values()) == [0, 10, 20, 30]
+    assert pool.stats.restarts == 1 and pool.stats.dropped == 1 and pool.size == 2
+    pool.shutdown()
+
+
+def test_shrinking_drops_an_actor_still_starting_before_a_serving_one(ray_local):
+    """resize(n) below the size drains first the actors whose start has not finished (here: one asking for a
+    resource no node has, like a replacement waiting for a node that is gone), not the newest serving one."""
+    cls = ray_local.remote(Echo)
+
+    def spawn(name):
+        nowhere = {"segr1_test_absent": 1} if name == "shrink-0" else {}
+        return cls.options(name=f"test-{name}", namespace="segr1-test", num_cpus=0, resources=nowhere).remote(
+            name, 1
+        )
+
+    pool = ActorPool("shrink", spawn, 2, on_start=lambda h: [h.set_version.remote(1)])
+    assert pool.map([(0, lambda a: a.work.remote(1))], timeout=60)[0] == ("shrink-1", 10)
+    pool.resize(1)
+    assert pool.names == ["shrink-1"] and pool.pending == 0
     pool.shutdown()

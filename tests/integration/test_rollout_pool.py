@@ -131,8 +131,11 @@ def test_pool_grows_and_shrinks_mid_run_with_current_weights(ray_local, policy):
     ray = ray_local
     state = {"ref": ray.put(_weights(policy, 0.5)), "version": 3}
 
+    started = []
+
     def on_start(handle):  # a new worker receives the current weights before it serves
-        return [handle.load_weights.remote(state["ref"], state["version"])]
+        started.append(handle.load_weights.remote(state["ref"], state["version"]))
+        return started[-1:]
 
     pool = make_rollout_pool(_cfg(policy, 1), RolloutWorker, on_start=on_start)
     try:
@@ -144,6 +147,7 @@ def test_pool_grows_and_shrinks_mid_run_with_current_weights(ray_local, policy):
         for i in range(3, 8):
             pool.submit(i, _generate_call(ray, i, 3, refs))
         first = _collect(pool, 8)
+        ray.get(started)  # all started: shrinking drains the newest (an actor still starting would go first)
         pool.resize(1)  # the two newest drain and go
         for i in range(8, 10):
             pool.submit(i, _generate_call(ray, i, 3, refs))

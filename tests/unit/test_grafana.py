@@ -15,7 +15,15 @@ import yaml
 
 from cluster.grafana import dashboard as dash
 
-ROWS = ["Reward throughput", "Reward quality", "Rollout", "Learner", "Weight sync", "Per-worker health"]
+ROWS = [
+    "Reward throughput",
+    "Reward quality",
+    "Rollout",
+    "Learner",
+    "Weight sync",
+    "Per-worker health",
+    "Pool scaling",
+]
 # Labels that Ray, Prometheus or our PodMonitor add to every series (not declared by the code).
 INFRA_LABELS = {
     "ray_io_cluster", "ray_group", "pod", "le", "instance", "job",
