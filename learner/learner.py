@@ -293,11 +293,12 @@ class Learner:
             drain(stream)
             return {}
         try:
-            if self._sender is None or self._sender.info is None:
+            if self._sender is None:
                 raise RuntimeError("broadcast_weights before weight_sync_prepare/connect")
             weights = StreamedWeights(weight_specs(self.policy, self.export_dtype()), stream)
             send = lambda: self._sender.send(weights, self.policy_version)  # noqa: E731
-            s: SendStats = self._sync.run(self._sender.info.generation, send, "broadcasting")
+            info = self._sender.info  # None for the in-process transport: no generation to abandon
+            s: SendStats = send() if info is None else self._sync.run(info.generation, send, "broadcasting")
         finally:
             drain(stream)  # a failed or abandoned send still completes every gather
         M.SYNC_SECONDS.observe(s.seconds, backend=self._sender_backend)
