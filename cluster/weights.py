@@ -19,6 +19,7 @@ from typing import Any
 import ray
 
 from cluster.config import TrainConfig
+from cluster.learner_group import LearnerDied
 from cluster.pool import ActorPool
 
 logger = logging.getLogger(__name__)
@@ -27,9 +28,13 @@ logger = logging.getLogger(__name__)
 class WeightPublisher:
     def __init__(self, cfg: TrainConfig, learner: Any):
         self.cfg = cfg
-        self.learner = learner
-        self.backend: str = ray.get(learner.weight_sync_backend.remote())
         self.version = 0
+        self.rebind(learner)
+
+    def rebind(self, learner: Any) -> None:
+        """Publish from `learner` (a LearnerGroup) from now on: at the start, and after a learner restart."""
+        self.learner = learner
+        self.backend: str = learner.get(learner.weight_sync_backend.remote())
         self._members: tuple[str, ...] = ()  # the group's members; () while there is no working group
         self._tried: tuple[tuple[str, ...], int] | None = None  # (members, pool restarts) of the last forming
         self._export: tuple[int, Any] | None = None  # (version, ObjectRef of the CPU weights)
@@ -48,9 +53,13 @@ class WeightPublisher:
             return
         self._tried, self._members = (names, pool.stats.restarts), ()
         try:
-            info = ray.get(self.learner.weight_sync_prepare.remote(list(names)))
+            info = self.learner.get(self.learner.weight_sync_prepare.remote(list(names)))
             joins = [h.weight_sync_join.remote(info) for h in pool.handles().values()]
-            ray.get([self.learner.weight_sync_connect.remote(), *joins])
+            connect = self.learner.weight_sync_connect.remote()
+            ray.get(joins)
+            self.learner.get(connect)
+        except LearnerDied:
+            raise  # the driver restarts the learner group (cluster/recovery.py)
         except Exception as err:
             # a member died while joining: the learner gave up after weight_sync.timeout_s
             logger.warning(
@@ -75,6 +84,8 @@ class WeightPublisher:
                     raise RuntimeError("no weight-sync group")
                 stats = self._broadcast(pool)
                 return {**stats, "seconds": time.perf_counter() - t0, "backend": self.backend}
+            except LearnerDied:
+                raise
             except Exception as err:  # a member died mid-transfer: re-form the group next time
                 logger.warning(
                     "weight broadcast of version %d failed (%s); sending it through the object store",
@@ -87,7 +98,7 @@ class WeightPublisher:
 
     def _broadcast(self, pool: ActorPool) -> dict:
         receivers = [h.weight_sync_receive.remote() for h in pool.handles().values()]
-        stats = ray.get(self.learner.broadcast_weights.remote())
+        stats = self.learner.get(self.learner.broadcast_weights.remote())
         versions = ray.get(receivers)
         if any(v != self.version for v in versions):
             raise RuntimeError(

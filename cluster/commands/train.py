@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cluster.commands.common import add_config_args, load_config_from_args
+from cluster.commands.common import CommandError, add_config_args, load_config_from_args
 
 
 def register(sub) -> None:
@@ -34,10 +34,27 @@ def run(args: argparse.Namespace) -> int:
         print(rendered_prompts(cfg), end="")
         return 0
     from cluster.launch import run_training
+    from cluster.recovery import LearnerGroupFailed
 
-    summary = run_training(cfg, resume=args.resume)
+    try:
+        summary = run_training(cfg, resume=args.resume)
+    except LearnerGroupFailed as err:
+        raise CommandError(f"{err}\n{continue_command(args, err.resumable)}") from None
     print(json.dumps(summary, indent=1))
     return 0 if summary["groups_lost"] == 0 else 1
+
+
+def continue_command(args: argparse.Namespace, resumable: bool) -> str:
+    """The exact command that continues a run whose learner group failed (or starts it again)."""
+    import shlex
+
+    import ray
+
+    ray.shutdown()  # stops the actors' log stream: the failure message is the last thing printed
+    cmd = ["segr1", "train", *(["--config", args.config] if args.config else []), *args.overrides]
+    if resumable:
+        return "continue from the latest checkpoint with: " + shlex.join([*cmd, "--resume"])
+    return "no checkpoint to resume from; start the run again with: " + shlex.join(cmd)
 
 
 PROMPTS_HEADER = "# ---- rendered prompts"
