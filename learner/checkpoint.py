@@ -1,37 +1,49 @@
 """Checkpoints: the policy as a plain Hugging Face folder, optimiser state, and a JSON of the run state.
 
 Layout of `<checkpoint.dir>/step-000050/`:
-    policy/              config.json + model.safetensors + tokenizer/processor files: transformers and vLLM load
-                         it as is (`from_pretrained(".../policy")`)
-    optimizer.safetensors  every tensor of the optimiser state ("<param index>/<key>")
-    optimizer.json       the rest of the optimiser state (param groups, hyper-parameters)
-    state.json           step, policy_version, data cursor, RNG states (python, numpy, torch, cuda), extra
+    policy/              config.json + model.safetensors (or model-0000i-of-0000n.safetensors + index) +
+                         tokenizer/processor files: transformers and vLLM load it as is
+                         (`from_pretrained(".../policy")`); full tensors, whatever the learner's world size
+    optimizer/           the optimiser state as a torch.distributed.checkpoint (DCP) folder: fully qualified
+                         parameter names, each rank's shards (.distcp) + .metadata; it loads into a learner of
+                         any world size (DCP reshards), 1 included (DCP needs no process group)
+    state.json           step, policy_version, data cursor, RNG states (python, numpy, torch, cuda) of rank 0
+                         ("rng") and of every rank ("rng_ranks"), extra
+    adapter.safetensors  (LoRA only) the adapters, full tensors under their live names
+
+Checkpoints written before the sharded learner (optimizer.safetensors + optimizer.json, by parameter index) are
+still read, by a 1-rank learner.
 
 `<checkpoint.dir>/best.json` (checkpoint.keep_best) names the checkpoint with the best validation metric so far
 ({"step", "path", "metric", "value"}); pruning never deletes it, nor the steps a save is told to `protect` (those
 whose validation is still running). Resuming from a step before the newest one moves the later step-* folders to
 `superseded/`, so the continued run's checkpoints are the newest again.
 
-Written atomically: everything goes to a hidden temporary folder that is renamed into place last, so a
-`step-*` folder is always complete (a crash leaves only a `.tmp-*` folder, removed by the next save).
-Nothing is ever unpickled: tensors are safetensors, everything else JSON.
+Written atomically: everything goes to a hidden temporary folder that rank 0 renames into place last, after a
+barrier (every rank wrote its part), so a `step-*` folder is always complete (a crash leaves only a `.tmp-*`
+folder, removed by the next save). Nothing is unpickled but DCP's own .metadata file, which DCP writes and reads
+itself; tensors are safetensors or DCP shards, everything else JSON.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from learner.sharding import barrier, broadcast_object, gather_objects
 
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -67,6 +79,12 @@ def rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
     return state
+
+
+def rank_rng(state: dict, rank: int) -> dict:
+    """The RNG states `rank` saved (rank 0's for a rank the saving group did not have)."""
+    ranks = state.get("rng_ranks") or []
+    return ranks[rank] if rank < len(ranks) else state["rng"]
 
 
 def set_rng_state(state: dict) -> None:
@@ -115,6 +133,51 @@ def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+OPTIMIZER_DIR = "optimizer"
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it assumes a single process when there is no process group: that is the 1-rank learner."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def save_optimizer_state(model, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """The optimiser state under fully qualified parameter names, every rank its shards (DCP). COLLECTIVE."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    sd = get_optimizer_state_dict(model, optimizer)
+    with _single_process_quiet():
+        dcp.save({"optimizer": sd}, checkpoint_id=str(folder / OPTIMIZER_DIR))
+
+
+def load_optimizer_state(model, optimizer: torch.optim.Optimizer, folder: Path, world_size: int = 1) -> None:
+    """Load a DCP optimiser state written by a learner of any world size into this one's shards (COLLECTIVE),
+    or an optimizer.safetensors + .json written before the sharded learner (1 rank only)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    if not (folder / OPTIMIZER_DIR).is_dir():
+        if (folder / "optimizer.json").is_file() and world_size == 1:
+            load_optimizer(optimizer, folder)
+            return
+        raise CheckpointError(
+            f"{folder} has no {OPTIMIZER_DIR}/ (DCP) optimiser state"
+            + (
+                " (its optimizer.json is by parameter index: resume it with learner.world_size=1)"
+                if world_size > 1
+                else ""
+            )
+        )
+    sd = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # allocates the state when it is empty
+    with _single_process_quiet():
+        dcp.load(sd, checkpoint_id=str(folder / OPTIMIZER_DIR))
+    set_optimizer_state_dict(model, optimizer, sd["optimizer"])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -224,39 +287,62 @@ def save_checkpoint(
     step: int,
     state: dict,
     write_policy,
-    optimizer: torch.optim.Optimizer | None = None,
+    write_optimizer=None,
     keep: int = 2,
     protect: frozenset[int] | set[int] = frozenset(),
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Path:
     """Write `<root>/step-<step>` atomically and keep the newest `keep` checkpoints (plus the best and the
-    `protect`ed steps, see `prune`).
+    `protect`ed steps, see `prune`). COLLECTIVE when world_size > 1: every rank calls it; rank 0 owns the folder.
 
     state: JSON-safe dict (step, policy_version, data_cursor, ...); the RNG states are added here.
     write_policy(folder): writes the HF policy folder (e.g. `lambda f: save_policy(model, f, source)`).
+    write_optimizer(folder): writes the optimiser state into the checkpoint folder (save_optimizer_state).
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    for leftover in root.glob(".tmp-step-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = None
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for leftover in root.glob(".tmp-step-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp = root / f".tmp-step-{step:06d}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    tmp = broadcast_object(tmp, world_size)
     final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
         write_policy(tmp / "policy")
-        if optimizer is not None:
-            save_optimizer(optimizer, tmp)
-        full = {"format_version": FORMAT_VERSION, **state, "step": step, "rng": rng_state()}
-        (tmp / "state.json").write_text(json.dumps(full, indent=1))
-        if final.exists():  # re-saving the same step: move the old one aside, then replace it
-            old = root / f".tmp-step-old-{uuid.uuid4().hex[:8]}"
-            os.rename(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.rename(tmp, final)
+        if write_optimizer is not None:
+            write_optimizer(tmp)
+        rngs = gather_objects(rng_state(), world_size)
+        if rank == 0:
+            full = {
+                "format_version": FORMAT_VERSION,
+                **state,
+                "step": step,
+                "rng": rngs[0],
+                "rng_ranks": rngs,
+            }
+            (tmp / "state.json").write_text(json.dumps(full, indent=1))
+        barrier(world_size)  # every rank's part is written
+        if rank == 0:
+            _replace(root, tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    prune(root, keep, protect)
+    if rank == 0:
+        prune(root, keep, protect)
+    barrier(world_size)  # no rank returns a path that is not there yet
     return final
+
+
+def _replace(root: Path, tmp: Path, final: Path) -> None:
+    if final.exists():  # re-saving the same step: move the old one aside, then replace it
+        old = root / f".tmp-step-old-{uuid.uuid4().hex[:8]}"
+        os.rename(final, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.rename(tmp, final)
 
 
 def read_state(path: str | Path) -> dict:

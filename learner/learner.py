@@ -16,15 +16,18 @@ Over Ray the driver passes the samples as ObjectRefs in the varargs (Ray resolve
 serialised once per step. The prompts are the groups' own prompt_token_ids; only the images are processed
 again.
 
-Data parallel over several GPUs (learner.num_gpus > 1) shards the policy with torch FSDP2 (`fully_shard`), one
-Learner process per GPU (rank, world_size, init_method), each rank training on its slice of the completions.
+A learner group (learner.world_size > 1) is one Learner per rank (rank, world_size, init_method), the policy
+sharded with torch FSDP2 (learner/sharding.py); each rank trains its slice of the completions with the batch's
+global denominators, so an N-rank step equals a 1-rank step on the same batch. step, loss_on, save_checkpoint,
+load_checkpoint, broadcast_weights and export_weights are then COLLECTIVE: every rank calls them with the same
+arguments, and they return the same figures on every rank (docs/learner.md, "Sharded learner").
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -33,25 +36,29 @@ from learner import metrics as M
 from learner.checkpoint import (
     best_checkpoint,
     latest_checkpoint,
-    load_optimizer,
+    load_optimizer_state,
     mark_best,
+    rank_rng,
     read_best,
     read_state,
     save_checkpoint,
-    save_optimizer,  # noqa: F401  (re-exported for callers that save only the optimiser)
+    save_optimizer_state,
     save_policy,
     set_rng_state,
     supersede_after,
 )
 from learner.config import LearnerSpec
 from learner.policy import Policy, learner_device
+from learner.sharding import barrier, broadcast_object, join_group, max_over_ranks, sum_over_ranks
 from learner.update import LOSS_STAT_KEYS, Plan, finish_fused, minibatch_loss, plan_batch, score_old
+from learner.weights_io import HFWriter, drain, load_adapter, load_hf_weights, save_adapter, weight_specs
 from protos import Sample, ScoredGroup, StepStats, check_pairs
 from runtime.threads import limit_threads
 from runtime.weights.collective import DistributedWeightSender
 from runtime.weights.config import WeightSyncConfig
 from runtime.weights.cuda_ipc import CudaIpcSender
 from runtime.weights.interface import SendStats, WeightSender
+from runtime.weights.layout import StreamedWeights
 from runtime.weights.wire import GroupInfo
 
 
@@ -84,10 +91,13 @@ class Learner:
         self.spec, self.rank, self.world_size = spec, rank, world_size
         torch.manual_seed(spec.policy.seed)
         device = learner_device(spec.learner, rank)
+        # a 1-member group (init_method given) takes the sharded code path too: the GPU check runs it on one GPU
+        self.sharded = world_size > 1 or init_method is not None
+        if self.sharded:
+            join_group(device, rank, world_size, init_method)
         self.policy = Policy(spec.policy, spec.learner, device, load_reference=spec.grpo.beta > 0)
-        if world_size > 1:
-            _setup_fsdp2(self.policy.model, rank, world_size, init_method)
-            self.policy.share_vision = False  # FSDP2 unshards root params only in the root forward
+        if self.sharded:
+            self.policy.shard(world_size)
         self.params = self.policy.trainable_parameters()
         self.optimizer = torch.optim.AdamW(
             self.params, lr=spec.learner.lr, weight_decay=spec.learner.weight_decay
@@ -127,15 +137,16 @@ class Learner:
             norms.extend([] if norm is None else [norm])
         finish_fused(plan, self.spec.grpo, self.policy.device, self.world_size)
         self.optimizer.zero_grad(set_to_none=True)
+        losses, acc, first = _over_ranks(losses, acc, first, self.policy.device, self.world_size)
         self.step_count += 1
         self.policy_version += 1
         out = StepStats(
             step=self.step_count,
             policy_version=self.policy_version,
             loss=sum(losses) / len(losses),
-            grad_norm=sum(norms) / len(norms) if norms else 0.0,
+            grad_norm=sum(norms) / len(norms) if norms else 0.0,  # clip_grad_norm_'s norms are global
             lr=lr,
-            step_s=time.perf_counter() - t0,
+            step_s=max_over_ranks(time.perf_counter() - t0, self.policy.device, self.world_size),
             skipped_non_finite=skipped,
             num_updates=len(plan.minibatches),
             first_ratio_mean=first["ratio_mean"] if first else 1.0,
@@ -181,6 +192,7 @@ class Learner:
             losses.append(loss)
             acc = {key: acc[key] + sums[key] for key in acc}
         finish_fused(plan, self.spec.grpo, self.policy.device, self.world_size)
+        losses, acc, _ = _over_ranks(losses, acc, None, self.policy.device, self.world_size)
         stats = {**_token_means(acc), **plan.is_stats, **_batch_stats(groups, plan.adv, self.policy_version)}
         return sum(losses) / len(losses), stats, self._counts(groups, plan)
 
@@ -216,12 +228,17 @@ class Learner:
         """The rollout engines' dtype (LearnerSpec.export_dtype, resolved by cluster/config.py)."""
         return getattr(torch, self.spec.export_dtype)
 
-    def named_weights(self) -> list[tuple[str, torch.Tensor]]:
-        """(HF name, tensor) of every policy parameter in the rollout dtype, on the learner's device."""
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, full tensor) of every policy parameter in the rollout dtype, one at a time. COLLECTIVE
+        under FSDP2: every rank exhausts it, in the same order (learner/weights_io.py)."""
         return self.policy.named_weights(self.export_dtype())
 
     def export_weights(self) -> dict[str, torch.Tensor]:
-        """CPU copies of named_weights() (the object-store transport; tests)."""
+        """CPU copies of named_weights() on rank 0 (the object-store transport; tests); {} on the other ranks,
+        which only take part in the gathers. COLLECTIVE."""
+        if self.rank != 0:
+            drain(self.named_weights())
+            return {}
         return {n: t.detach().to("cpu", copy=True) for n, t in self.named_weights()}
 
     def weight_sync_backend(self) -> str:
@@ -247,10 +264,15 @@ class Learner:
         self._sender.connect()
 
     def broadcast_weights(self) -> dict:
-        """Send the current policy (version policy_version) to every member; returns SendStats as a dict."""
+        """Send the current policy (version policy_version) to every member, one bucket gathered at a time;
+        returns SendStats as a dict (rank 0; {} on the other ranks). COLLECTIVE."""
+        if self.rank != 0:  # the gathers only, in the order rank 0's sender packs them
+            drain(self.named_weights())
+            return {}
         if self._sender is None:
             raise RuntimeError("broadcast_weights before weight_sync_prepare/connect")
-        s: SendStats = self._sender.send(self.named_weights(), self.policy_version)
+        weights = StreamedWeights(weight_specs(self.policy, self.export_dtype()), self.named_weights())
+        s: SendStats = self._sender.send(weights, self.policy_version)
         M.SYNC_SECONDS.observe(s.seconds, backend=self._sender_backend)
         M.SYNC_BYTES.inc(s.nbytes, backend=self._sender_backend)
         M.SYNC_VERSION.set(s.version)
@@ -272,7 +294,9 @@ class Learner:
         protect: Sequence[int] = (),
     ) -> str:
         """Write `<checkpoint.dir>/step-<n>` atomically (policy HF folder, optimiser, state JSON), keep K (and
-        the best one, and the `protect`ed steps: those whose validation is still running)."""
+        the best one, and the `protect`ed steps: those whose validation is still running). COLLECTIVE: rank 0
+        writes the HF folder and state.json, every rank its part of the optimiser state (DCP); the same path
+        on every rank. A multi-node group needs checkpoint.dir on a filesystem every rank sees."""
         t0 = time.perf_counter()
         cc = self.spec.checkpoint
         state = {
@@ -280,20 +304,32 @@ class Learner:
             "data_cursor": data_cursor,
             "extra": extra or {},
             "policy_source": self.spec.policy.path,
+            "world_size": self.world_size,
         }
         path = save_checkpoint(
-            root or cc.dir, self.step_count, state, self._write_policy, self.optimizer, cc.keep, set(protect)
+            root or cc.dir,
+            self.step_count,
+            state,
+            self._write_policy,
+            lambda folder: save_optimizer_state(self.policy.model, self.optimizer, folder),
+            cc.keep,
+            set(protect),
+            rank=self.rank,
+            world_size=self.world_size,
         )
-        if self.policy.lora:
-            _save_lora_adapter(self.policy.model, path)
         M.CHECKPOINT_SECONDS.observe(time.perf_counter() - t0)
         return str(path)
 
     def _write_policy(self, folder: Path) -> None:
-        if self.policy.lora:  # a plain HF folder: adapters merged, checkpoint names
-            save_policy(_MergedWeights(self.policy), folder, self.spec.policy.path, self.policy.processor)
+        """A plain HF folder (LoRA: adapters merged, checkpoint names), gathered one tensor at a time; under
+        LoRA the adapters also go to adapter.safetensors next to it."""
+        writer = HFWriter(self.policy, write=self.rank == 0)
+        if self.rank == 0:
+            save_policy(writer, folder, self.spec.policy.path, self.policy.processor)
         else:
-            save_policy(self.policy.hf_model(), folder, self.spec.policy.path, self.policy.processor)
+            writer.save_pretrained(str(folder))
+        if self.policy.lora:
+            save_adapter(self.policy, folder.parent, write=self.rank == 0)
 
     def mark_best(self, step: int, metric: str, value: float) -> str:
         """Record checkpoint step-<step> as the best by `metric` (best.json in checkpoint.dir)."""
@@ -302,24 +338,28 @@ class Learner:
     def load_checkpoint(self, path: str | None = None) -> dict:
         """Restore policy weights, optimiser, step, policy_version and RNG states from a checkpoint folder
         (default: the newest under checkpoint.dir; "best": the one best.json names, later step-* folders moved
-        to superseded/). Returns its state (data_cursor for the driver's reader) and "best" (best.json)."""
+        to superseded/). Returns its state (data_cursor for the driver's reader) and "best" (best.json).
+        COLLECTIVE; the checkpoint may come from a group of any size (the optimiser state is resharded)."""
         root = self.spec.checkpoint.dir
         folder = best_checkpoint(root) if path == "best" else Path(path) if path else latest_checkpoint(root)
+        folder = broadcast_object(folder, self.world_size)  # rank 0's view of the folder, for every rank
         if folder is None:
             what = "best.json naming an existing step-* folder" if path == "best" else "step-* folders"
             raise FileNotFoundError(f"no checkpoint under {root} ({what})")
         state = read_state(folder)
         if self.policy.lora:
-            _load_lora_adapter(self.policy.model, folder)
+            load_adapter(self.policy, folder)
         else:
-            _load_policy_weights(self.policy.model, folder / "policy")
-        load_optimizer(self.optimizer, folder)
-        set_rng_state(state["rng"])
+            load_hf_weights(self.policy, folder / "policy")
+        load_optimizer_state(self.policy.model, self.optimizer, folder, self.world_size)
+        set_rng_state(rank_rng(state, self.rank))
         self.step_count, self.policy_version = int(state["step"]), int(state["policy_version"])
         M.POLICY_VERSION.set(self.policy_version)
-        if path == "best":
+        best = read_best(root)
+        barrier(self.world_size)  # every rank read the folder before rank 0 moves later ones away
+        if path == "best" and self.rank == 0:
             supersede_after(root, self.step_count)
-        return {**state, "best": read_best(root)}
+        return {**state, "best": best}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -379,64 +419,17 @@ def _node_ip() -> str:
     return "127.0.0.1"
 
 
-@torch.no_grad()
-def _load_policy_weights(model, folder: Path) -> None:
-    """Copy a saved HF folder's weights into the live model (the optimiser keeps its parameter objects)."""
-    from runtime.qwen_vl import load_policy
-
-    saved = load_policy(folder, dtype=torch.float32, device="cpu")
-    own = dict(model.named_parameters())
-    for name, p in saved.named_parameters():
-        if name not in own:
-            raise RuntimeError(f"{folder}: parameter {name!r} is not in the live policy; wrong checkpoint?")
-        own[name].copy_(p)
-
-
-class _MergedWeights:
-    """save_policy() adapter for the LoRA path: config + merged weights under their checkpoint names."""
-
-    def __init__(self, policy: Policy):
-        self.policy = policy
-
-    def save_pretrained(self, folder: str, **_k) -> None:
-        from safetensors.torch import save_file
-
-        base = self.policy.hf_model()
-        base.config.save_pretrained(folder)
-        if getattr(base, "generation_config", None) is not None:
-            base.generation_config.save_pretrained(folder)
-        tensors = {n: t.detach().cpu().contiguous() for n, t in self.policy.named_weights()}
-        save_file(tensors, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
-
-
-def _save_lora_adapter(model, path: Path) -> None:
-    import peft
-    from safetensors.torch import save_file
-
-    sd = peft.get_peft_model_state_dict(model)
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(Path(path) / "adapter.safetensors")
-    )
-
-
-def _load_lora_adapter(model, folder: Path) -> None:
-    import peft
-    from safetensors.torch import load_file
-
-    peft.set_peft_model_state_dict(model, load_file(str(folder / "adapter.safetensors")))
-
-
-def _setup_fsdp2(model, rank: int, world_size: int, init_method: str | None) -> None:
-    """FSDP2 data parallel: one process per GPU, decoder layers and vision blocks sharded, then the root.
-    UNVERIFIED on these machines (no GPUs): a code path for learner.num_gpus > 1."""
-    import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world_size)
-    inner = model.model
-    for layer in inner.language_model.layers:
-        fully_shard(layer)
-    for block in inner.visual.blocks:
-        fully_shard(block)
-    fully_shard(model)
+def _over_ranks(
+    losses: list[float], acc: dict, first: dict | None, device: torch.device, world_size: int
+) -> tuple[list[float], dict, dict | None]:
+    """Each rank's partial loss sums (global denominators: their sum is the batch's loss), token-weighted stat
+    sums and first micro-batch -> the batch's figures, the same on every rank."""
+    if world_size <= 1:
+        return losses, acc, first
+    keys = list(acc)
+    w = float(first["num_tokens"]) if first else 0.0
+    head = [w, w * first["ratio_mean"], w * first["clip_fraction"]] if first else [0.0, 0.0, 0.0]
+    out = sum_over_ranks([*losses, *(acc[k] for k in keys), *head], device, world_size)
+    n, m = len(losses), len(losses) + len(keys)
+    first = {"ratio_mean": out[m + 1] / out[m], "clip_fraction": out[m + 2] / out[m]} if out[m] > 0 else None
+    return out[:n], dict(zip(keys, out[n:m], strict=True)), first

@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from learner.config import LearnerConfig
 from learner.grpo import masked_logprobs_from_logits
+from learner.sharding import shard_model
+from learner.weights_io import iter_weights
 from protos import Sample
 from protos.config import PolicySpec
 from runtime.images import resize_for_policy
@@ -240,18 +242,24 @@ class Policy:
         """The transformers model itself (under LoRA: the base model, adapters injected; see named_weights)."""
         return self.model.get_base_model() if self.lora else self.model
 
-    def named_weights(self, dtype: torch.dtype | None = None) -> list[tuple[str, torch.Tensor]]:
-        """(checkpoint name, tensor) of every parameter, named as in the saved model.safetensors, in `dtype`.
+    def checkpoint_name(self, name: str) -> str:
+        """The saved model.safetensors name of an in-memory parameter name (of the model before LoRA)."""
+        return self._names[name]
 
-        LoRA: the adapters are merged into the exported tensors (the model itself is left unmerged)."""
-        if self.lora:
-            return [(self._names[n], t) for n, t in _merged_lora_weights(self.model, dtype)]
-        out = []
-        for name, p in self.model.named_parameters():
-            t = p.detach()
-            t = t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2 shards: gather (all ranks call)
-            out.append((self._names[name], t.to(dtype) if dtype is not None and t.is_floating_point() else t))
-        return out
+    def named_weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(checkpoint name, full tensor in `dtype`) of every parameter, one at a time (learner/weights_io.py:
+        a collective under FSDP2, every rank must exhaust it). LoRA: the adapters merged in."""
+        return iter_weights(self, dtype)
+
+    def shard(self, world_size: int) -> None:
+        """FSDP2 over the default process group (learner/sharding.py): the policy and the reference."""
+        mixed = self.device.type == "cuda" and self.compute_dtype == torch.bfloat16
+        shard_model(self.model, self.device, world_size, mixed_precision=mixed)
+        # the vision tower then runs inside the root forward, once per row: FSDP2 must see the root's forward
+        # first (its lazy init, and on CUDA its stream waits on the optimiser step) before any unit's forward
+        self.share_vision = False
+        if self.reference is not None:
+            shard_model(self.reference, self.device, world_size, mixed_precision=False)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -279,20 +287,3 @@ def _apply_lora(model, learner: LearnerConfig):
         bias="none",
     )
     return peft.get_peft_model(model, lcfg)
-
-
-@torch.no_grad()
-def _merged_lora_weights(model, dtype: torch.dtype | None) -> list[tuple[str, torch.Tensor]]:
-    """Base names and W + scale * B @ A for every LoRA-wrapped linear; adapters themselves are not exported."""
-    model.merge_adapter()
-    try:
-        out = []
-        for name, p in model.get_base_model().named_parameters():
-            if "lora_" in name:
-                continue
-            clean = name.replace(".base_layer", "")
-            t = p.detach().clone()
-            out.append((clean, t.to(dtype) if dtype is not None and t.is_floating_point() else t))
-        return out
-    finally:
-        model.unmerge_adapter()

@@ -25,6 +25,7 @@ import torch
 from learner.config import GRPOConfig, LearnerConfig
 from learner.grpo import BehaviourWeights, behaviour_weights, group_advantages, mismatch_sums, policy_loss
 from learner.policy import Policy, right_align
+from learner.sharding import sum_over_ranks
 from protos import Completion, ScoredGroup
 
 LOSS_STAT_KEYS = ("clip_fraction", "clip_fraction_low", "clip_fraction_high", "ratio_mean", "kl", "entropy")
@@ -136,6 +137,7 @@ def score_old(
     for chunks in plan.minibatches:
         for chunk in chunks:
             if not chunk:
+                _idle_pass(policy, plan, False, False, world_size)
                 continue
             logp, mask = policy.logprobs(_batch(policy, plan, chunk), temperature=plan.temperature)  # (n, T)
             old[chunk, width - logp.shape[1] :] = logp.float()
@@ -154,7 +156,7 @@ def score_old(
         had = mask[rows].sum(dim=1)  # (n,)
         dropped = int(((had > 0) & (kept == 0)).sum())  # sequences masked out entirely
         sums += [float(len(rows) - dropped), float(kept.sum())]
-    sums = _sum_over_ranks(sums, device, world_size)
+    sums = sum_over_ranks(sums, device, world_size)
     kept_tokens = sum(sums[6::2])
     plan.totals = [(sums[5 + 2 * k], sums[6 + 2 * k]) for k in range(len(plan.minibatches))]
     plan.is_stats = _is_stats(sums[:5], kept_tokens, grpo)
@@ -180,7 +182,7 @@ def _fused_totals(plan: Plan, device: torch.device, world_size: int) -> None:
     for chunks in plan.minibatches:
         rows = [r for chunk in chunks for r in chunk]
         sums += [float(len(rows)), float(sum(len(plan.rows[r][1].token_ids) for r in rows))]
-    sums = _sum_over_ranks(sums, device, world_size)
+    sums = sum_over_ranks(sums, device, world_size)
     plan.totals = [(sums[2 * k], sums[2 * k + 1]) for k in range(len(plan.minibatches))]
     plan.is_sums = [0.0] * 5
 
@@ -189,7 +191,7 @@ def finish_fused(plan: Plan, grpo: GRPOConfig, device: torch.device, world_size:
     """After the fused update: the importance-sampling statistics its micro-batches summed (over ranks)."""
     if plan.old is not None:  # the pass ran: score_old set them
         return
-    sums = _sum_over_ranks(list(plan.is_sums), device, world_size)
+    sums = sum_over_ranks(list(plan.is_sums), device, world_size)
     plan.is_stats = _is_stats(sums, sums[4], grpo)
 
 
@@ -217,6 +219,7 @@ def minibatch_loss(
     total, acc, first = 0.0, dict.fromkeys((*LOSS_STAT_KEYS, "num_tokens"), 0.0), None
     for chunk in plan.minibatches[k]:
         if not chunk:  # only under FSDP2 with fewer completions than ranks x micro-batches
+            _idle_pass(policy, plan, grpo.beta > 0, backward, world_size)
             continue
         batch = _batch(policy, plan, chunk)
         logp, mask = policy.logprobs(batch, temperature=plan.temperature)  # (n, T), (n, T)
@@ -257,11 +260,14 @@ def minibatch_loss(
     return total, acc, first
 
 
-def _sum_over_ranks(values: list[float], device: torch.device, world_size: int) -> list[float]:
+def _idle_pass(policy: Policy, plan: Plan, reference: bool, backward: bool, world_size: int) -> None:
+    """A rank without rows in this micro-batch still takes part in FSDP2's collectives (every forward and
+    backward all-gathers and reduce-scatters): the passes of the batch's first row, counted zero times."""
     if world_size <= 1:
-        return values
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+        return
+    batch = _batch(policy, plan, [0])
+    logp, _ = policy.logprobs(batch, temperature=plan.temperature)
+    if reference:
+        policy.reference_logprobs(batch, plan.temperature)
+    if backward and torch.is_grad_enabled():
+        (logp.sum() * 0.0).backward()

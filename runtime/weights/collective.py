@@ -29,8 +29,10 @@ from runtime.weights.layout import (
     bucket_views,
     dtype_from_name,
     dtype_name,
+    layout_of,
     pack_bucket,
     plan_manifest,
+    tensor_source,
 )
 from runtime.weights.shm import (
     MappedSegments,
@@ -103,11 +105,11 @@ class DistributedWeightSender:
     def send(self, named_tensors: NamedTensors, version: int) -> SendStats:
         """Broadcast every bucket of `version`; returns once every member acknowledged staging all of them."""
         pg, t0 = self.group.require(), time.perf_counter()
-        manifest = plan_manifest(named_tensors, version, self.bucket_mb)
+        manifest = plan_manifest(layout_of(named_tensors), version, self.bucket_mb)
         if self.shm_active:
-            sent = send_shm(pg, self._segments, manifest, dict(named_tensors))
+            sent = send_shm(pg, self._segments, manifest, tensor_source(named_tensors))
         else:
-            sent = self._send_buckets(pg, manifest, dict(named_tensors))
+            sent = self._send_buckets(pg, manifest, tensor_source(named_tensors))
         check_ack(pg, self.device, version, "stage weights")
         return SendStats(version, manifest.total_bytes, sent, time.perf_counter() - t0)
 

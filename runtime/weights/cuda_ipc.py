@@ -21,8 +21,10 @@ from runtime.weights.layout import (
     Staging,
     WeightSyncError,
     bucket_views,
+    layout_of,
     pack_bucket,
     plan_manifest,
+    tensor_source,
 )
 from runtime.weights.wire import GroupInfo, SenderGroup, WireOp, check_ack, send_op
 
@@ -50,8 +52,8 @@ class CudaIpcSender:
 
     def send(self, named_tensors: NamedTensors, version: int) -> SendStats:
         pg, t0 = self.group.require(), time.perf_counter()
-        manifest = plan_manifest(named_tensors, version, self.bucket_mb)
-        by_name = dict(named_tensors)
+        manifest = plan_manifest(layout_of(named_tensors), version, self.bucket_mb)
+        by_name = tensor_source(named_tensors)
         buckets = [pack_bucket(manifest, i, by_name) for i in range(len(manifest.bucket_nbytes))]
         if any(not b.is_cuda for b in buckets):
             raise WeightSyncError("cuda-ipc weight sync needs the policy's parameters on a CUDA device")

@@ -12,7 +12,14 @@ import torch
 
 from protos import WeightsManifest
 from runtime.weights.interface import SendStats
-from runtime.weights.layout import NamedTensors, bucket_views, pack_bucket, plan_manifest
+from runtime.weights.layout import (
+    NamedTensors,
+    bucket_views,
+    layout_of,
+    pack_bucket,
+    plan_manifest,
+    tensor_source,
+)
 from runtime.weights.wire import GroupInfo
 
 
@@ -64,8 +71,8 @@ class InProcessSender:
 
     def send(self, named_tensors: NamedTensors, version: int) -> SendStats:
         t0 = time.perf_counter()
-        manifest = plan_manifest(named_tensors, version, self.channel.bucket_mb)
-        by_name = dict(named_tensors)
+        manifest = plan_manifest(layout_of(named_tensors), version, self.channel.bucket_mb)
+        by_name = tensor_source(named_tensors)
         buckets = [pack_bucket(manifest, i, by_name).cpu() for i in range(len(manifest.bucket_nbytes))]
         self.channel._publish((manifest, buckets))
         return SendStats(version, manifest.total_bytes, len(buckets), time.perf_counter() - t0)

@@ -22,6 +22,48 @@ class WeightSyncError(RuntimeError):
     """A weight update could not be delivered (a receiver failed, timed out or left the group)."""
 
 
+class StreamedWeights(Mapping):
+    """Weights produced one full tensor at a time, e.g. by a sharded learner whose every full tensor is an
+    all-gather (all its ranks walk the same tensors in the same order): `specs` (name, tensor of the right shape
+    and dtype, e.g. on the meta device) lay out the manifest; the tensors are then taken exactly once, in the
+    manifest's order (the order pack_bucket / send_shm visit), so the sender holds one bucket at a time."""
+
+    def __init__(self, specs: NamedTensors, tensors: Iterable[tuple[str, torch.Tensor]]):
+        self.specs = list(specs)
+        self._names = [n for n, _ in self.specs]
+        self._it = iter(tensors)
+        self._taken = 0
+        self.device: torch.device | None = None  # of the tensors, known once the first one is taken
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        got, t = next(self._it, (None, None))
+        want = self._names[self._taken] if self._taken < len(self._names) else None
+        if got != name or got != want:
+            raise WeightSyncError(
+                f"streamed weights asked for {name!r} but the stream yields {got!r} (expected {want!r}): a "
+                "sharded learner's tensors must be taken once each, in the manifest's order"
+            )
+        self._taken += 1
+        self.device = t.device
+        return t
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __iter__(self):
+        return iter(self._names)
+
+
+def layout_of(named: NamedTensors | StreamedWeights) -> NamedTensors:
+    """What plan_manifest lays out: the specs of streamed weights, the tensors themselves otherwise."""
+    return named.specs if isinstance(named, StreamedWeights) else named
+
+
+def tensor_source(named: NamedTensors | StreamedWeights) -> Mapping[str, torch.Tensor]:
+    """name -> tensor for pack_bucket / send_shm: streamed weights as they are (taken in order), else a dict."""
+    return named if isinstance(named, StreamedWeights) else dict(named)
+
+
 def dtype_from_name(name: str) -> torch.dtype:
     dt = getattr(torch, name, None)
     if not isinstance(dt, torch.dtype):
@@ -90,18 +132,18 @@ def pack_bucket(
     tensors: Mapping[str, torch.Tensor],
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Copy the tensors of bucket `index` into a flat uint8 buffer (out, reused when large enough)."""
+    """Copy the tensors of bucket `index` into a flat uint8 buffer (out, reused when large enough; else one on
+    the device of the bucket's first tensor). Each tensor is looked up once, in manifest order."""
     nbytes = manifest.bucket_nbytes[index]
-    if out is None or out.numel() < nbytes:
-        device = next(iter(tensors.values())).device if tensors else "cpu"
-        out = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    buf = out[:nbytes]  # (nbytes,)
+    buf = out[:nbytes] if out is not None and out.numel() >= nbytes else None  # (nbytes,)
     for spec in manifest.tensors:
         if spec.bucket != index:
             continue
         src = tensors[spec.name]
+        if buf is None:
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=src.device)
         buf[spec.offset : spec.offset + spec.nbytes].view(src.dtype).view(spec.shape).copy_(src.detach())
-    return buf
+    return buf if buf is not None else torch.empty(0, dtype=torch.uint8)
 
 
 class Staging:
