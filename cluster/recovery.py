@@ -63,12 +63,11 @@ def restart_learner(driver: Any, died: LearnerDied) -> None:
     logger.error("learner group: %s at step %s", died, died.step)
     driver.learner.kill()
     used, limit = driver.acct.learner_restarts, cfg.learner.max_restarts
+    saved = _has_checkpoint(driver)
     if used >= limit:
-        why = f"learner.max_restarts={limit}" + (
-            f", all {used} used" if used else ": no restart inside the job"
-        )
-        raise _fail(died, why, resumable=driver.last_checkpoint is not None)
-    if driver.last_checkpoint is None:
+        spent = f", all {used} used" if used else ": no restart inside the job"
+        raise _fail(died, f"learner.max_restarts={limit}{spent}", resumable=saved)
+    if not saved:
         why = f"no checkpoint to restart from yet (checkpoint.every={cfg.checkpoint.every})"
         raise _fail(died, why, resumable=False)
     discard_in_flight(driver)
@@ -92,6 +91,14 @@ def restart_learner(driver: Any, died: LearnerDied) -> None:
         driver.step,
         before.groups_trained - a.groups_trained,
     )
+
+
+def _has_checkpoint(driver: Any) -> bool:
+    """This run saved (or resumed from) a checkpoint, or one is in checkpoint.dir (a save that completed while
+    its rank died, before the driver heard back)."""
+    from learner.checkpoint import latest_checkpoint
+
+    return driver.last_checkpoint is not None or latest_checkpoint(driver.cfg.checkpoint.dir) is not None
 
 
 def discard_in_flight(driver: Any) -> None:

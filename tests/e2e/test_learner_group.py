@@ -30,7 +30,7 @@ from tests.e2e.conftest import (
 
 pytestmark = pytest.mark.slow
 
-RANKS = 1  # 2 once the learner ranks run under gloo (FSDP2 on CPU)
+RANKS = 2
 STEPS = 5
 SMALL = ("rollout.num_workers=1", "reward.num_workers=1", "checkpoint.every=2")
 
@@ -116,7 +116,9 @@ def test_without_restarts_the_job_fails_with_one_message(assets, sft_policy, ray
     cmd = [sys.executable, "-m", "cluster.train", "--config", str(DEMO_CONFIG), *overrides]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: len(read_metrics(tmp_path)) >= 1 or proc.poll() is not None, 300, "step 1")
+        # a checkpoint to resume from is written (step 1's: checkpoint.every=1) before the kill
+        ckpts = tmp_path / "checkpoints"
+        wait_for(lambda: any(ckpts.glob("step-*")) or proc.poll() is not None, 300, "step 1's checkpoint")
         ray.kill(ray.get_actor("learner-0", namespace="segr1"), no_restart=True)
         out, err = proc.communicate(timeout=300)
     finally:

@@ -105,8 +105,8 @@ def test_config_matches_its_cluster(example):
         assert cfg.rollout.num_workers <= (rollout.replicas or rollout.minReplicas)
         assert cfg.reward.num_workers <= (groups["reward"].replicas or groups["reward"].minReplicas)
         assert cfg.weight_sync.backend in ("auto", "nccl"), "pools on different pods sync weights over NCCL"
-        # the learner actor reserves every GPU its FSDP ranks use
-        assert cfg.learner.resources.num_gpus == cfg.learner.num_gpus
+        # learner.resources are per rank: the ranks together reserve every GPU the learner uses
+        assert cfg.learner.resources.num_gpus * cfg.learner.ranks == cfg.learner.num_gpus
     else:
         assert not set(POOL_RESOURCES) & set(groups), "a colocated example has no per-pool groups"
 
@@ -123,7 +123,7 @@ def test_every_actor_of_the_config_fits_on_the_cluster(example):
         reward = _demand(actor_options(cfg, "reward", cfg.reward.resources))
         rollout = _demand(actor_options(cfg, "rollout", cfg.rollout.resources))
         # biggest first, as a scheduler would have to manage
-        return [learner] + [reward] * cfg.reward.num_workers + [rollout] * rollout_workers
+        return [learner] * cfg.learner.ranks + [reward] * cfg.reward.num_workers + [rollout] * rollout_workers
 
     left = _pack(demands(cfg.rollout.num_workers), _nodes(cluster.spec, node_types, at_most=False))
     assert left is None, f"{example}: at start these actors find no node: {left}"
