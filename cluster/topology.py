@@ -153,12 +153,12 @@ class LearnerRanks:
 
 
 def _free_port_on_node() -> tuple[str, int]:
-    """(this node's IP, a TCP port free on it): where rank 0 of a learner group listens."""
+    """(this node's Ray node id, a TCP port free on it): where rank 0 of a learner group listens."""
     import socket
 
     with socket.socket() as s:
         s.bind(("", 0))
-        return ray.util.get_node_ip_address(), s.getsockname()[1]
+        return ray.get_runtime_context().get_node_id(), s.getsockname()[1]
 
 
 def spawn_learner_ranks(cfg: TrainConfig, cls: type, ready_timeout_s: float = 600.0) -> LearnerRanks:
@@ -183,15 +183,17 @@ def spawn_learner_ranks(cfg: TrainConfig, cls: type, ready_timeout_s: float = 60
         )
     pin = lambda i: PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)  # noqa: E731
     probe = ray.remote(num_cpus=0, max_retries=0)(_free_port_on_node)
-    nodes = ray.get([probe.options(scheduling_strategy=pin(i)).remote() for i in range(n)])
-    init_method = f"tcp://{nodes[0][0]}:{nodes[0][1]}" if n > 1 else None
+    found = ray.get([probe.options(scheduling_strategy=pin(i)).remote() for i in range(n)])
+    address = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}  # the IP Ray's nodes use
+    nodes = [address.get(node_id, node_id) for node_id, _ in found]
+    init_method = f"tcp://{nodes[0]}:{found[0][1]}" if n > 1 else None
     names = [f"learner-{i}" for i in range(n)]
     handles = []
     for i, name in enumerate(names):
         # max_concurrency 2: a rank-0-only call (weight_sync_connect, mark_best) may run beside a collective one
         options = {**base, "name": name, "scheduling_strategy": pin(i), "max_concurrency": 2}
         handles.append(_spawn_named(cls, options, cfg.learner_spec(), i, n, init_method))
-    return LearnerRanks(handles, names, [ip for ip, _ in nodes], pg)
+    return LearnerRanks(handles, names, nodes, pg)
 
 
 def remove_learner_placement(ranks: LearnerRanks) -> None:
