@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from learner.sharding import barrier, broadcast_object, gather_objects
+from learner.sharding import barrier, broadcast_object, gather_objects, together
 
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -300,33 +300,22 @@ def save_checkpoint(
     write_policy(folder): writes the HF policy folder (e.g. `lambda f: save_policy(model, f, source)`).
     write_optimizer(folder): writes the optimiser state into the checkpoint folder (save_optimizer_state).
     """
-    root = Path(root)
-    tmp = None
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for leftover in root.glob(".tmp-step-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        tmp = root / f".tmp-step-{step:06d}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+    root, final = Path(root), Path(root) / f"step-{step:06d}"
+    tmp = together(lambda: _make_tmp(root, step) if rank == 0 else None, world_size, "creating the folder")
     tmp = broadcast_object(tmp, world_size)
-    final = root / f"step-{step:06d}"
     try:
-        write_policy(tmp / "policy")
+        together(lambda: write_policy(tmp / "policy"), world_size, "writing the policy folder")
         if write_optimizer is not None:
-            write_optimizer(tmp)
+            together(lambda: write_optimizer(tmp), world_size, "writing the optimiser state")
         rngs = gather_objects(rng_state(), world_size)
-        if rank == 0:
-            full = {
-                "format_version": FORMAT_VERSION,
-                **state,
-                "step": step,
-                "rng": rngs[0],
-                "rng_ranks": rngs,
-            }
-            (tmp / "state.json").write_text(json.dumps(full, indent=1))
-        barrier(world_size)  # every rank's part is written
-        if rank == 0:
-            _replace(root, tmp, final)
+        full = {"format_version": FORMAT_VERSION, **state, "step": step, "rng": rngs[0], "rng_ranks": rngs}
+
+        def publish() -> None:  # rank 0, once every rank's part is written
+            if rank == 0:
+                (tmp / "state.json").write_text(json.dumps(full, indent=1))
+                _replace(root, tmp, final)
+
+        together(publish, world_size, "publishing the checkpoint")
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -335,6 +324,15 @@ def save_checkpoint(
         prune(root, keep, protect)
     barrier(world_size)  # no rank returns a path that is not there yet
     return final
+
+
+def _make_tmp(root: Path, step: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.glob(".tmp-step-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = root / f".tmp-step-{step:06d}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
 
 
 def _replace(root: Path, tmp: Path, final: Path) -> None:

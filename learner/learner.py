@@ -49,7 +49,14 @@ from learner.checkpoint import (
 )
 from learner.config import LearnerSpec
 from learner.policy import Policy, learner_device
-from learner.sharding import barrier, broadcast_object, join_group, max_over_ranks, sum_over_ranks
+from learner.sharding import (
+    barrier,
+    broadcast_object,
+    join_group,
+    max_over_ranks,
+    sum_over_ranks,
+    together,
+)
 from learner.update import LOSS_STAT_KEYS, Plan, finish_fused, minibatch_loss, plan_batch, score_old
 from learner.weights_io import HFWriter, drain, load_adapter, load_hf_weights, save_adapter, weight_specs
 from protos import Sample, ScoredGroup, StepStats, check_pairs
@@ -95,7 +102,8 @@ class Learner:
         self.sharded = world_size > 1 or init_method is not None
         if self.sharded:
             join_group(device, rank, world_size, init_method)
-        self.policy = Policy(spec.policy, spec.learner, device, load_reference=spec.grpo.beta > 0)
+        load_device = torch.device("cpu") if self.sharded else device  # fully_shard moves shards to device
+        self.policy = Policy(spec.policy, spec.learner, device, spec.grpo.beta > 0, load_device)
         if self.sharded:
             self.policy.shard(world_size)
         self.params = self.policy.trainable_parameters()
@@ -266,13 +274,17 @@ class Learner:
     def broadcast_weights(self) -> dict:
         """Send the current policy (version policy_version) to every member, one bucket gathered at a time;
         returns SendStats as a dict (rank 0; {} on the other ranks). COLLECTIVE."""
+        stream = self.named_weights()
         if self.rank != 0:  # the gathers only, in the order rank 0's sender packs them
-            drain(self.named_weights())
+            drain(stream)
             return {}
-        if self._sender is None:
-            raise RuntimeError("broadcast_weights before weight_sync_prepare/connect")
-        weights = StreamedWeights(weight_specs(self.policy, self.export_dtype()), self.named_weights())
-        s: SendStats = self._sender.send(weights, self.policy_version)
+        try:
+            if self._sender is None:
+                raise RuntimeError("broadcast_weights before weight_sync_prepare/connect")
+            weights = StreamedWeights(weight_specs(self.policy, self.export_dtype()), stream)
+            s: SendStats = self._sender.send(weights, self.policy_version)
+        finally:
+            drain(stream)  # a failed send still completes every gather, so the ranks stay in step
         M.SYNC_SECONDS.observe(s.seconds, backend=self._sender_backend)
         M.SYNC_BYTES.inc(s.nbytes, backend=self._sender_backend)
         M.SYNC_VERSION.set(s.version)
@@ -282,8 +294,14 @@ class Learner:
         return self._sender.info if self._sender is not None else None
 
     def close(self) -> None:
+        """Close the weight-sync sender; a sharded learner also leaves its process group (every rank calls it)."""
         if self._sender is not None:
             self._sender.close()
+        if self.sharded:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def save_checkpoint(
@@ -331,6 +349,14 @@ class Learner:
         if self.policy.lora:
             save_adapter(self.policy, folder.parent, write=self.rank == 0)
 
+    def _load_weights(self, folder: Path) -> dict:
+        state = read_state(folder)
+        if self.policy.lora:
+            load_adapter(self.policy, folder)
+        else:
+            load_hf_weights(self.policy, folder / "policy")
+        return state
+
     def mark_best(self, step: int, metric: str, value: float) -> str:
         """Record checkpoint step-<step> as the best by `metric` (best.json in checkpoint.dir)."""
         return str(mark_best(self.spec.checkpoint.dir, step, metric, value))
@@ -346,11 +372,7 @@ class Learner:
         if folder is None:
             what = "best.json naming an existing step-* folder" if path == "best" else "step-* folders"
             raise FileNotFoundError(f"no checkpoint under {root} ({what})")
-        state = read_state(folder)
-        if self.policy.lora:
-            load_adapter(self.policy, folder)
-        else:
-            load_hf_weights(self.policy, folder / "policy")
+        state = together(lambda: self._load_weights(folder), self.world_size, f"loading {folder}")
         load_optimizer_state(self.policy.model, self.optimizer, folder, self.world_size)
         set_rng_state(rank_rng(state, self.rank))
         self.step_count, self.policy_version = int(state["step"]), int(state["policy_version"])

@@ -15,7 +15,7 @@ Precision: the trained parameters are float32 master weights; on a GPU the forwa
 (learner.precision auto|bf16), so a 1e-6 update is not lost to bf16 rounding. The frozen reference (only loaded
 when grpo.beta > 0) is kept in model.dtype (bf16 on GPU). Weights are exported to the rollout workers in the
 rollout engine's dtype. Vision features are computed once per image and shared by the G completions of a group
-(when the installed transformers supports `mm_encoder_outputs`).
+(when the installed transformers supports `mm_encoder_outputs`; not under FSDP2, see `shard`).
 """
 
 from __future__ import annotations
@@ -100,14 +100,18 @@ class Policy:
         learner: LearnerConfig | None = None,
         device: torch.device | None = None,
         load_reference: bool = False,
+        load_device: torch.device | None = None,
     ):
+        """load_device: where the weights are loaded (default: device). A sharded learner loads on the CPU and
+        fully_shard moves each unit's shards to `device`, so a GPU never holds the whole model (see shard)."""
         learner = learner or LearnerConfig()
         self.spec = spec
         self.device = device if device is not None else learner_device(learner)
         self.compute_dtype = compute_dtype(learner, self.device)
         self.processor = load_processor(spec.path)
         self.pad_token_id = int(self.processor.tokenizer.pad_token_id)
-        self.model = load_policy(spec.path, dtype=torch.float32, device=self.device).train()
+        load_device = load_device or self.device
+        self.model = load_policy(spec.path, dtype=torch.float32, device=load_device).train()
         self.model.config.use_cache = False
         if learner.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -120,7 +124,7 @@ class Policy:
             self.lora and spec.reference is None
         ):  # LoRA: the base model IS the reference
             ref_dtype = resolve_dtype(spec.dtype, self.device)
-            self.reference = load_policy(spec.reference or spec.path, dtype=ref_dtype, device=self.device)
+            self.reference = load_policy(spec.reference or spec.path, dtype=ref_dtype, device=load_device)
             self.reference.requires_grad_(False)
         self.share_vision = _has_mm_encoder_outputs(self.model)
         # the ids the rollout engines never sample (actors/engine.py): scoring over the same support keeps the

@@ -132,3 +132,19 @@ def copy_full_into(param: torch.Tensor, value: torch.Tensor) -> None:
             value.to(param.device, param.dtype), param.device_mesh, param.placements, src_data_rank=None
         )
     param.copy_(value)
+
+
+def together(fn, world_size: int, what: str):
+    """fn() on every rank; when it failed on any rank, raise on every rank, so that none is left waiting in the
+    next collective. fn must complete its own collectives even when its local part fails (HFWriter does)."""
+    err, out = None, None
+    try:
+        out = fn()
+    except Exception as e:  # re-raised below, once the other ranks heard of it
+        err = e
+    failed = any(gather_objects(err is not None, world_size))
+    if err is not None:
+        raise err
+    if failed:
+        raise RuntimeError(f"{what} failed on another learner rank (that rank's error says why)")
+    return out

@@ -116,23 +116,20 @@ class HFWriter:
         self.policy, self.write = policy, write
 
     def save_pretrained(self, folder: str, **_k) -> None:
-        from safetensors.torch import save_file
-
+        """Rank 0's write errors are raised only after the last gather (the other ranks are still in them)."""
         specs = weight_specs(self.policy)
         files = shard_files(specs)
-        if self.write:
-            base = _base(self.policy)
-            base.config.save_pretrained(folder)
-            if getattr(base, "generation_config", None) is not None:
-                base.generation_config.save_pretrained(folder)
+        error = self._try(self._write_config, folder)
         pending: dict[str, torch.Tensor] = {}
         for k, (name, t) in enumerate(iter_weights(self.policy)):
-            if not self.write:
+            if not self.write or error is not None:
                 continue
             pending[name] = t.detach().to("cpu").contiguous()
             if k + 1 == len(files) or files[k + 1] != files[k]:
-                save_file(pending, str(Path(folder) / files[k]), metadata={"format": "pt"})
+                error = self._try(_save_shard, pending, Path(folder) / files[k])
                 pending = {}
+        if error is not None:
+            raise error
         if self.write and len(set(files)) > 1:
             total = sum(t.numel() * t.element_size() for _, t in specs)
             body = {
@@ -140,6 +137,27 @@ class HFWriter:
                 "weight_map": {n: f for (n, _), f in zip(specs, files, strict=True)},
             }
             (Path(folder) / "model.safetensors.index.json").write_text(json.dumps(body, indent=1))
+
+    def _write_config(self, folder: str) -> None:
+        base = _base(self.policy)
+        base.config.save_pretrained(folder)
+        if getattr(base, "generation_config", None) is not None:
+            base.generation_config.save_pretrained(folder)
+
+    def _try(self, fn, *args) -> Exception | None:
+        if not self.write:
+            return None
+        try:
+            fn(*args)
+        except Exception as err:  # raised by save_pretrained once the gathers are done
+            return err
+        return None
+
+
+def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def _saved_files(folder: Path) -> list[Path]:

@@ -15,6 +15,7 @@ BENCHES = {
     "weight-sync": "weight_sync.py",
     "e2e": "e2e.py",
     "synth-baseline": "synth_baseline.py",
+    "learner-scaling": "learner_scaling.py",
 }
 BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 

@@ -1,13 +1,15 @@
 """The learner on CUDA (run on the GPU machine: `pytest -m gpu tests/gpu/test_learner_gpu.py`): bf16 autocast with
-float32 master weights and gradient checkpointing; weight broadcast through CUDA IPC between processes sharing one
-GPU. Tiny Qwen2.5-VL built offline; needs no Ray."""
+float32 master weights and gradient checkpointing, also through the FSDP2 code path (a 1-member NCCL group);
+weight broadcast through CUDA IPC between processes sharing one GPU. Tiny Qwen2.5-VL built offline; needs no Ray."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from cluster.config import TrainConfig
 from cluster.data.synth import generate_samples
@@ -74,6 +76,46 @@ def test_gradient_checkpointing_gives_the_same_gradients(policy_dir, batch):
         grads.append({n: p.grad.detach().clone() for n, p in learner.policy.model.named_parameters()})
     for name, g in grads[0].items():
         assert torch.allclose(g, grads[1][name], rtol=1e-3, atol=1e-6), name
+
+
+def _sharded_step(policy_dir: str, batch, port: int, out_q) -> None:
+    """A 1-member NCCL group through the sharded code path (FSDP2 fully_shard, bf16 MixedPrecisionPolicy, fp32
+    masters), in its own process so the default process group does not outlive it."""
+    samples, groups = batch
+    cfg = _cfg(policy_dir, gradient_checkpointing=True)
+    learner = Learner(cfg.learner_spec(), rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
+    sharded = all(hasattr(p, "full_tensor") for p in learner.params)
+    masters = {p.dtype for p in learner.params}
+    before = dict(learner.export_weights())
+    stats = learner.step(groups, *samples)
+    after = learner.export_weights()
+    moved = sum(not torch.equal(after[n], before[n]) for n in before)
+    path = learner.save_checkpoint(root=str(Path(policy_dir).parent / "ckpt-sharded"))
+    save_file({k: v.cpu().contiguous() for k, v in after.items()}, f"{path}/exported.safetensors")
+    out_q.put((sharded, masters, stats.loss, stats.grad_norm, moved, len(before), path))  # no tensors: the
+    # queue would pass them by file descriptors of this process, which ends first
+
+
+def test_one_rank_bf16_step_with_checkpointing_through_the_fsdp2_path(policy_dir, batch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_sharded_step, args=(str(policy_dir), batch, port, q))
+    p.start()
+    sharded, masters, loss, grad_norm, moved, n, path = q.get(timeout=600)
+    after = load_file(f"{path}/exported.safetensors")
+    p.join(timeout=60)
+    assert sharded and masters == {torch.float32}  # DTensor parameters, fp32 master weights
+    assert torch.isfinite(torch.tensor(loss)) and grad_norm > 0 and moved == n
+    assert all(t.dtype == torch.bfloat16 for t in after.values() if t.is_floating_point())
+    plain = Learner(_cfg(policy_dir).learner_spec())  # the checkpoint loads into an unsharded learner
+    plain.load_checkpoint(path)
+    again = plain.export_weights()
+    assert all(torch.equal(again[k], after[k].to(again[k].device)) for k in after)
 
 
 def _ipc_receiver(name: str, info_q, out_q) -> None:

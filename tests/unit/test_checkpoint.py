@@ -1,5 +1,6 @@
-"""Checkpoints: atomic, keep-K, plain HF policy folder, pickle-free optimiser/RNG state, and exact resume
-(same next batch, same next loss, same weights) with the tiny policy and the real data reader."""
+"""Checkpoints: atomic, keep-K, plain HF policy folder, optimiser state by parameter name (DCP) and the older
+pickle-free format, RNG state as JSON, and exact resume (same next batch, same next loss, same weights) with the
+tiny policy and the real data reader."""
 
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ from learner.checkpoint import (
     best_checkpoint,
     latest_checkpoint,
     load_optimizer,
+    load_optimizer_state,
     mark_best,
     read_best,
     read_state,
     rng_state,
     save_checkpoint,
     save_optimizer,
+    save_optimizer_state,
     set_rng_state,
     step_dirs,
     supersede_after,
@@ -66,6 +69,39 @@ def test_optimizer_state_round_trips_without_pickle(tmp_path):
     assert s1["param_groups"] == s2["param_groups"]
     for key in ("step", "exp_avg", "exp_avg_sq"):
         assert torch.equal(s1["state"][0][key], s2["state"][0][key])
+
+
+def _trained(seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    for _ in range(2):
+        model(torch.randn(5, 4)).square().sum().backward()
+        opt.step()
+    return model, opt
+
+
+def test_dcp_optimizer_state_by_parameter_name_and_the_old_format_still_read(tmp_path):
+    model, opt = _trained(0)
+    save_optimizer_state(model, opt, tmp_path)  # no process group: DCP in one process
+    assert (tmp_path / "optimizer" / ".metadata").is_file()
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    fresh.load_state_dict(model.state_dict())
+    opt2 = torch.optim.AdamW(fresh.parameters(), lr=0.5)  # no state yet: allocated, then filled
+    load_optimizer_state(fresh, opt2, tmp_path)
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s2["param_groups"][0]["lr"] == 0.1
+    for pid in s1["state"]:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(s1["state"][pid][key], s2["state"][pid][key]), (pid, key)
+    old = tmp_path / "old"
+    old.mkdir()
+    save_optimizer(opt, old)  # a checkpoint from before the sharded learner
+    opt3 = torch.optim.AdamW(fresh.parameters(), lr=0.5)
+    load_optimizer_state(fresh, opt3, old)
+    assert torch.equal(opt3.state_dict()["state"][0]["exp_avg"], s1["state"][0]["exp_avg"])
+    with pytest.raises(CheckpointError, match="learner.world_size=1"):
+        load_optimizer_state(fresh, opt3, old, world_size=2)
 
 
 def test_keep_k_atomic_and_crash_leftovers(tmp_path):

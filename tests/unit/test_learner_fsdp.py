@@ -1,7 +1,8 @@
 """The sharded learner (FSDP2 over a real gloo group of 2 processes, torch.multiprocessing spawn, no Ray) against
 the plain 1-rank learner on the same start weights and batches: the updated weights are equal within float32
 tolerance (one update per batch, three updates per batch with a rank that has an empty micro-batch, LoRA);
-every rank returns the same StepStats; rank 0's weight-sync sender sends the gathered weights bucket by bucket; a checkpoint written by 2 ranks loads into 1 rank and one written by 1
+every rank returns the same StepStats; rank 0's weight-sync sender sends the gathered weights bucket by bucket;
+a checkpoint or a send that fails on rank 0 alone raises without leaving rank 1 in a collective; a checkpoint written by 2 ranks loads into 1 rank and one written by 1
 rank into 2, with the same weights and optimiser state, and the next step equals the uninterrupted one."""
 
 from __future__ import annotations
@@ -72,6 +73,11 @@ def _rank(rank: int, port: int, policy_dir: str, out: str, batches) -> None:
         stats.append({"sent_version": version, "buckets": sent["buckets"]})
     else:
         stats.append({"sent": sent})
+    (out / "a-file").write_text("")  # a checkpoint root that cannot be a folder: rank 0 fails, both raise
+    failures = [_raised(lambda: a.save_checkpoint(root=str(out / "a-file")))]
+    a._sender = None  # a send that fails on rank 0: rank 1 still finishes its gathers, nobody hangs
+    failures.append(_raised(a.broadcast_weights))
+    stats.append({"failures": failures})
     b = Learner(_cfg(policy_dir, str(out / "ckpt1")).learner_spec(), rank, 2, init)
     state = b.load_checkpoint()  # written by the 1-rank learner
     save("from1_w1", b.export_weights())
@@ -86,6 +92,14 @@ def _rank(rank: int, port: int, policy_dir: str, out: str, batches) -> None:
     d.step(g1, *s1)
     save("two_lora", d.export_weights())
     (out / f"stats{rank}.json").write_text(json.dumps(stats))
+
+
+def _raised(fn) -> str:
+    try:
+        fn()
+    except Exception as err:
+        return type(err).__name__
+    return "returned"
 
 
 def _free_port() -> int:
@@ -132,20 +146,25 @@ def _assert_weights_close(got: dict, want: dict) -> None:
 def test_two_ranks_step_equals_one_rank_and_ranks_agree(runs):
     out, ref, _ = runs
     s0, s1 = (json.loads((out / f"stats{r}.json").read_text()) for r in (0, 1))
-    for a, b in zip(s0, s1, strict=True):  # every rank: the same figures (the weight-sync entry aside)
-        assert "sent" in b or {k: v for k, v in a.items() if k != "step_s"} == {
+    for a, b in zip(
+        s0, s1, strict=True
+    ):  # every rank: the same figures (the weight-sync and failure entries aside)
+        assert {"sent", "failures"} & set(b) or {k: v for k, v in a.items() if k != "step_s"} == {
             k: v for k, v in b.items() if k != "step_s"
         }
     assert s0[0]["step_s"] == s1[0]["step_s"]
     assert s0[2] == {"sent_version": 2, "buckets": s0[2]["buckets"]} and s0[2]["buckets"] > 1
     assert s1[2] == {"sent": {}}  # only rank 0 sends; rank 1 took part in the gathers
+    # a local failure on rank 0 is raised on both ranks and leaves the group in step (the steps after it ran)
+    assert s0[3] == {"failures": ["FileExistsError", "RuntimeError"]}
+    assert s1[3] == {"failures": ["RuntimeError", "returned"]}
     sent, w2 = load_file(str(out / "two_sent.safetensors")), load_file(str(out / "two_w2.safetensors"))
     assert set(sent) == set(w2) and all(torch.equal(sent[n], w2[n]) for n in w2)
     _assert_weights_close(load_file(str(out / "two_w1.safetensors")), ref["w1"])
     _assert_weights_close(load_file(str(out / "two_w2.safetensors")), ref["w2"])
     _assert_weights_close(load_file(str(out / "two_u3.safetensors")), ref["u3"])
     _assert_weights_close(load_file(str(out / "two_lora.safetensors")), ref["lora"])
-    for got, want in ((s0[0], ref["stats1"]), (s0[1], ref["stats2"]), (s0[4], ref["stats_u3"])):
+    for got, want in ((s0[0], ref["stats1"]), (s0[1], ref["stats2"]), (s0[5], ref["stats_u3"])):
         for key in ("loss", "grad_norm", "kl", "entropy", "ratio_mean", "num_tokens", "is_weight_mean"):
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
         assert got["num_updates"] == want["num_updates"] and got["policy_version"] == want["policy_version"]
@@ -155,7 +174,7 @@ def test_two_ranks_step_equals_one_rank_and_ranks_agree(runs):
 def test_checkpoint_of_one_rank_resumes_in_two_and_of_two_in_one(runs, tiny_policy_dir):
     out, ref, batches = runs
     s0 = json.loads((out / "stats0.json").read_text())
-    assert s0[3] == {"resumed_step": 1, "cursor": {"at": 1}}
+    assert s0[4] == {"resumed_step": 1, "cursor": {"at": 1}}
     _assert_weights_close(load_file(str(out / "from1_w1.safetensors")), ref["w1"])
     _assert_weights_close(load_file(str(out / "from1_opt1.safetensors")), ref["opt1"])
     _assert_weights_close(load_file(str(out / "from1_w2.safetensors")), ref["w2"])  # next step: uninterrupted

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from actors.weight_receiver import BackgroundWeightLoader, receive_and_load
+from runtime.weights import layout
 from runtime.weights.collective import DistributedWeightReceiver, DistributedWeightSender
 from runtime.weights.inprocess import InProcessChannel
 from runtime.weights.layout import WeightSyncError, bucket_views, pack_bucket, plan_manifest
@@ -27,6 +28,15 @@ def _model(seed: int = 0) -> list[tuple[str, torch.Tensor]]:
         ("empty", torch.zeros(0, 4)),
         ("ids", torch.arange(10, dtype=torch.int64)),
     ]
+
+
+def _streamed(model) -> layout.StreamedWeights:
+    """The model as a sharded learner streams it: specs on the meta device, tensors produced one at a time in the
+    manifest's order (grouped by dtype, as plan_manifest lays them out)."""
+    dtypes = list(dict.fromkeys(t.dtype for _, t in model))
+    ordered = [(n, t) for d in dtypes for n, t in model if t.dtype == d]
+    specs = [(n, torch.empty(t.shape, dtype=t.dtype, device="meta")) for n, t in ordered]
+    return layout.StreamedWeights(specs, iter(ordered))
 
 
 class _Engine:
@@ -67,6 +77,19 @@ def test_pack_and_views_round_trip_bit_identical():
     for name, t in named:
         assert out[name].dtype == t.dtype and out[name].shape == t.shape
         assert torch.equal(out[name], t)
+
+
+def test_streamed_weights_pack_like_a_list_and_refuse_another_order():
+    named = _model()
+    streamed = _streamed(named)
+    m = plan_manifest(layout.layout_of(streamed), version=0, bucket_mb=0.001)
+    assert m == plan_manifest(named, version=0, bucket_mb=0.001)
+    source = layout.tensor_source(streamed)
+    out = dict(bucket_views(m, [pack_bucket(m, i, source).clone() for i in range(len(m.bucket_nbytes))]))
+    assert all(torch.equal(out[n], t) for n, t in named)
+    backwards = _streamed(named)
+    with pytest.raises(WeightSyncError, match="in the manifest's order"):
+        backwards[m.tensors[-1].name]
 
 
 def test_in_process_channel_atomic_versions_and_late_joiner():
@@ -139,8 +162,8 @@ def test_gloo_broadcast_two_receivers_bit_identical_then_a_third_joins(use_shm, 
     try:
         _connect(sender, list(procs), [p[1] for p in procs.values()])
         assert sender.shm_active is (use_shm is None)  # same machine: the probe finds shared memory
-        for version, seed in ((1, 1), (2, 2)):
-            stats = sender.send(_model(seed), version)
+        for version, seed in ((1, 1), (2, 2)):  # version 2 streamed (a sharded learner's gathers)
+            stats = sender.send(_model(seed) if version == 1 else _streamed(_model(seed)), version)
             assert stats.version == version and stats.buckets > 1
             for n, (_, _, rq) in procs.items():
                 _expect(rq, n, version, _model(seed))
