@@ -273,6 +273,12 @@ class HFEngine:
                 torch.cuda.synchronize(self.device)
             self._version, self._consistent = version, True
 
+    def rewind(self, version: int) -> None:
+        """Accept `version` next although it is older (the learner went back to a checkpoint); until it is loaded
+        the weights are not a version: generation refuses."""
+        with self._lock:
+            self._version, self._consistent = min(self._version, version), False
+
     def close(self) -> None:
         with self._lock:
             self.model = None

@@ -151,6 +151,12 @@ class _VLLMBase:
         self._version, self._consistent = 0, True
         return folder
 
+    def rewind(self, version: int) -> None:
+        """Accept `version` next although it is older (the learner went back to a checkpoint); until it is loaded
+        the weights are not a version: generation refuses. Called with no generation in flight (the driver
+        drained its pipeline first)."""
+        self._version, self._consistent = min(self._version, version), False
+
     def _engine_args(self, folder: Path, dtype: str, options: dict[str, Any]) -> dict[str, Any]:
         device = "cpu" if self.on_cpu else "cuda"
         args: dict[str, Any] = {

@@ -171,6 +171,12 @@ class RolloutWorker:
         M.POLICY_VERSION.set(self.engine.policy_version, worker=self.name)
         return self.engine.policy_version
 
+    def rewind(self, version: int) -> int:
+        """The learner restarted from an older checkpoint (cluster/recovery.py): accept `version` next although
+        versions otherwise only increase. Generation refuses until that version is loaded."""
+        self.engine.rewind(version)
+        return version
+
     def weight_sync_join(self, info: Mapping[str, Any] | Any) -> int:
         """Join the learner's weight-sync group (Learner.weight_sync_prepare(...) -> info); returns the rank."""
         from runtime.weights.collective import DistributedWeightReceiver

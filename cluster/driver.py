@@ -48,10 +48,12 @@ from cluster.driver_state import (
     truncate_metrics,
 )
 from cluster.elastic import Elastic
+from cluster.learner_group import LearnerGroup
 from cluster.placement import Placement
 from cluster.pool import ActorPool, WorkFailed
+from cluster.recovery import run_with_recovery
 from cluster.sync_step import fill_batch
-from cluster.topology import Workers, make_reward_pool, make_rollout_pool, spawn_learner_actor
+from cluster.topology import Workers, make_reward_pool, make_rollout_pool
 from cluster.tracking import open_trackers
 from cluster.validation import Validator
 from cluster.weights import WeightPublisher
@@ -75,7 +77,9 @@ class TrainDriver:
         self._stop, self._resumed = False, resume
         self._chunk_seq = 0
         classes = workers()
-        self.learner = spawn_learner_actor(cfg, classes.learner)
+        self.learner_cls = classes.learner  # cluster/recovery.py starts the learner group again after a death
+        self.last_checkpoint: str | None = None
+        self.learner = LearnerGroup.start(cfg, classes.learner)
         self.weights = WeightPublisher(cfg, self.learner)
         room = lambda pool: lambda: capacity_of(cfg, pool)  # noqa: E731  (dead actor: restart, or drop if no room)
         self.rollout: ActorPool = make_rollout_pool(
@@ -86,9 +90,11 @@ class TrainDriver:
             capacity=room("rollout"),
         )
         self.reward: ActorPool = make_reward_pool(cfg, classes.reward, capacity=room("reward"))
-        self.placement = Placement(self.learner, (self.rollout, self.reward))  # cluster/placement.py
+        self.placement = Placement(
+            lambda: self.learner.handles(), (self.rollout, self.reward)
+        )  # placement.py
         self.elastic = Elastic(cfg, {"rollout": self.rollout, "reward": self.reward})  # cluster/elastic.py
-        best = lambda *a: ray.get(self.learner.mark_best.remote(*a))  # noqa: E731  (keep_best, on the learner)
+        best = lambda *a: self.learner.get(self.learner.mark_best.remote(*a))  # noqa: E731  (keep_best)
         self.validator = Validator(cfg, self.rollout, self.reward, self._write_metrics, best)
         if resume:
             self._resume()
@@ -114,17 +120,20 @@ class TrainDriver:
         try:
             if not self._resumed:  # eval.before_train (a resumed run's step was validated before, if due)
                 self.validator.maybe_start(0, self.version, lambda: self._checkpoint(None), first=True)
-            (self._run_sync if g.mode == "sync" else self._run_async)(bar)
-            self.validator.drain(self._pump)  # the last validation (async mode has drained it already)
+            run_with_recovery(self, lambda: self._train(bar))  # a dead learner rank: restart, rewind
         finally:
             bar.close()
-        if self.step > 0 and (self.cfg.checkpoint.every == 0 or self.step % self.cfg.checkpoint.every):
-            self._checkpoint(None)
         summary = self._summary(time.perf_counter() - t0)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         self._metrics_file.close()
         self.trackers.close()
         return summary
+
+    def _train(self, bar) -> None:
+        (self._run_sync if self.cfg.grpo.mode == "sync" else self._run_async)(bar)
+        self.validator.drain(self._pump)  # the last validation (async mode has drained it already)
+        if self.step > 0 and (self.cfg.checkpoint.every == 0 or self.step % self.cfg.checkpoint.every):
+            self._checkpoint(None)
 
     def _done(self) -> bool:
         return self._stop or self.step >= self.cfg.grpo.steps
@@ -139,7 +148,7 @@ class TrainDriver:
             if not filled.kept:  # counted as filtered; the step is drawn again from new prompts
                 logger.warning("no informative group in %d rounds of generation", filled.fill_rounds + 1)
                 continue
-            stats = ray.get(self.learner.step.remote(*split_batch(filled.kept)))
+            stats = self.learner.get(self.learner.step.remote(*split_batch(filled.kept)))
             self._finish_step(stats, filled.kept, filled.chunks, t0, filled.fill_rounds)
             bar.update(1)
 
@@ -172,7 +181,9 @@ class TrainDriver:
                 for c in self._issue(min(g.batch_size, capacity - outstanding)):
                     chunks[c.chunk_id] = c
             scored: list[tuple[ScoredGroup, Any]] = []
-            self._pump(scored, timeout=0.5, also=() if learner_ref is None else (learner_ref,))
+            self._pump(
+                scored, timeout=0.5, also=() if learner_ref is None else self.learner.refs(learner_ref)
+            )
             ready.extend(scored)
             for chunk_id in [k for k, c in chunks.items() if c.open <= 0]:  # failed for good in _pump
                 del chunks[chunk_id]
@@ -180,8 +191,8 @@ class TrainDriver:
                 batch = self._take_fresh(ready, chunks)
                 if batch is not None:
                     learner_ref = self.learner.step.remote(*split_batch(batch))
-            if learner_ref is not None and ray.wait([learner_ref], timeout=0)[0]:
-                self._finish_step(ray.get(learner_ref), batch, list(chunks.values()), t_step)
+            if learner_ref is not None and self.learner.ready(learner_ref):
+                self._finish_step(self.learner.get(learner_ref), batch, list(chunks.values()), t_step)
                 learner_ref, t_step = None, time.perf_counter()
                 bar.update(1)
         self._finish_async(ready, chunks)
@@ -348,11 +359,21 @@ class TrainDriver:
             "chunk_seq": self._chunk_seq,
         }
         protect = self.validator.protected()  # keep_best: steps still being validated
-        return ray.get(self.learner.save_checkpoint.remote(data_cursor=cursor, extra=extra, protect=protect))
+        path = self.learner.get(
+            self.learner.save_checkpoint.remote(data_cursor=cursor, extra=extra, protect=protect)
+        )
+        self.last_checkpoint = path
+        return path
 
     def _resume(self) -> None:
         frm = self.cfg.checkpoint.resume_from
-        state = ray.get(self.learner.load_checkpoint.remote(None if frm == "latest" else frm))
+        state = self.learner.get(self.learner.load_checkpoint.remote(None if frm == "latest" else frm))
+        self.last_checkpoint = state.get("path", frm)
+        self.restore(state)
+        logger.info("resumed at step %d (policy version %d)", self.step, self.version)
+
+    def restore(self, state: dict) -> None:
+        """Rewind to a checkpoint's state (the learner loaded it): --resume, and a learner restart."""
         self.validator.restore_best(state.get("best"))
         if state.get("data_cursor"):
             self.reader.load_state_dict(state["data_cursor"])
@@ -364,7 +385,12 @@ class TrainDriver:
         # uninterrupted one would have drawn
         self._chunk_seq = int(state.get("extra", {}).get("chunk_seq", 0))
         truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
-        logger.info("resumed at step %d (policy version %d)", self.step, self.version)
+
+    def reopen_metrics(self, rewrite: Callable[[], None]) -> None:
+        """Close metrics.jsonl around `rewrite` (a rewind truncates it), then append to it again."""
+        self._metrics_file.close()
+        rewrite()
+        self._metrics_file = (self.run_dir / "metrics.jsonl").open("a")
 
     # -- reporting ---------------------------------------------------------------------------------------------
     def _restarts(self) -> int:
@@ -392,6 +418,10 @@ class TrainDriver:
             "groups_zero_variance": a.groups_zero_variance,
             "groups_lost": a.groups_lost,
             "actor_restarts": self._restarts(),
+            "learner_ranks": self.learner.names,
+            "learner_restarts": a.learner_restarts,
+            "groups_replayed": a.groups_replayed,
+            "groups_rewound": a.groups_rewound,
             "rollout_workers": self.rollout.names,
             "reward_workers": self.reward.names,
             "scale_decisions": self.elastic.decisions,
@@ -407,8 +437,7 @@ class TrainDriver:
         self.trackers.close()  # no-op after run(); a job stopped before it ends its tracker runs here
         self.rollout.shutdown()
         self.reward.shutdown()
-        ray.get(self.learner.close.remote())  # removes the weight-sync shared-memory segments
-        ray.kill(self.learner, no_restart=True)
+        self.learner.shutdown()  # removes the weight-sync shared memory; never raises (a dead rank)
 
     # -- scaling (cluster/elastic.py) ----------------------------------------------------------------------------
     def request_resize(self, rollout: int | None = None, reward: int | None = None) -> dict:

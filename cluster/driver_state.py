@@ -40,6 +40,11 @@ class Accounting:
     groups_left_over: int = 0
     groups_failed: int = 0  # rollout or reward calls that failed for good (counted inside `lost`)
     groups_zero_variance: int = 0  # scored groups with G equal rewards (a subset, not a term of the sum)
+    # A learner restart (cluster/recovery.py) rewinds the counts above to its checkpoint's, so they describe the
+    # final history; what the rewind threw away is counted here, outside the sum:
+    learner_restarts: int = 0  # times the learner group was restarted inside the job
+    groups_replayed: int = 0  # groups trained after the checkpoint, then trained again after the rewind
+    groups_rewound: int = 0  # groups generated after the checkpoint (the replayed ones and those in flight)
 
     @property
     def groups_lost(self) -> int:

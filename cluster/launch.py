@@ -24,7 +24,7 @@ from cluster.topology import Workers, init_ray, spawn_driver
 
 
 def training_workers() -> Workers:
-    """The classes of a training job's actors: rollout-<i>, reward-<i> and learner-0."""
+    """The classes of a training job's actors: rollout-<i>, reward-<i> and learner-<rank>."""
     from actors.worker import RolloutWorker
     from learner.learner import Learner
     from reward_service.worker import RewardWorker
@@ -65,6 +65,19 @@ def spawn_driver_actor(cfg: TrainConfig, resume: bool = False) -> Any:
     return spawn_driver(cfg, DriverActor, cfg, training_workers, resume)
 
 
+def _get_run(run_ref: Any) -> dict:
+    """The driver's summary; a learner group that could not be restarted raises its own LearnerGroupFailed
+    (one message, no Ray traceback: cluster/recovery.py)."""
+    from cluster.recovery import LearnerGroupFailed
+
+    try:
+        return ray.get(run_ref)
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, LearnerGroupFailed):
+            raise err.cause from None
+        raise
+
+
 def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     """Start (or connect to) Ray, run the driver actor to the end and return its summary. Ctrl-C asks the driver
     to finish the step in progress, checkpoint and stop; a second Ctrl-C kills it."""
@@ -75,14 +88,14 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     run_ref = driver.run.remote()
     try:
         try:
-            summary = ray.get(run_ref)
+            summary = _get_run(run_ref)
         except KeyboardInterrupt:
             print(
                 "\nstopping: finishing the current step and writing a checkpoint (Ctrl-C again to abort)",
                 file=sys.stderr,
             )
             ray.get(driver.request_stop.remote())
-            summary = ray.get(run_ref)
+            summary = _get_run(run_ref)
     finally:  # also when run() failed: free the actor names (`driver`, `rollout-0`, ...) for the next job
         try:
             ray.get(driver.close.remote(), timeout=120)

@@ -1,6 +1,6 @@
 """Where every actor of a training job runs, made visible, and checked before anything is placed.
 
-- `Placement` (the driver): the node (id and IP) of every actor, `driver`, `learner-0`, `rollout-<i>`,
+- `Placement` (the driver): the node (id and IP) of every actor, `driver`, `learner-<r>`, `rollout-<i>`,
   `reward-<i>`, in summary.json["placement"] = {actor: {"node_id", "node_ip", "pool"}} and as the Prometheus gauge
   `segr1_actor_info{actor,pool,node_id,node_ip} 1` (exported as `ray_segr1_actor_info`). An actor restarted
   elsewhere (a node lost) is located again: its old series drops to 0, the new one is 1.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -67,20 +68,22 @@ def _where(_instance: Any) -> dict:
 class Placement:
     """The node of every actor of the job, kept current as pools restart or resize their actors."""
 
-    def __init__(self, learner: Any, pools: tuple[ActorPool, ...]):
+    def __init__(self, learner_ranks: Callable[[], dict[str, Any]], pools: tuple[ActorPool, ...]):
+        """learner_ranks() -> {rank name: handle} of the current learner group (a restarted group has new ones)."""
         self.actors: dict[str, dict] = {}
+        self._learner_ranks = learner_ranks
         self._handles: dict[str, Any] = {}  # actor -> the handle last located
         self._pending: dict[Any, tuple[str, str]] = {}  # ObjectRef of _where -> (actor, pool)
         self._record("driver", "driver", _where(None))
-        self._locate("learner-0", "learner", learner)
         self.refresh(pools)
 
     def refresh(self, pools: tuple[ActorPool, ...]) -> None:
         """Locate new or replaced actors (non-blocking) and record what has answered meanwhile."""
-        for pool in pools:
-            for name, handle in pool.handles().items():
+        named = [("learner", self._learner_ranks())] + [(pool.prefix, pool.handles()) for pool in pools]
+        for prefix, handles in named:
+            for name, handle in handles.items():
                 if self._handles.get(name) is not handle:
-                    self._locate(name, pool.prefix, handle)
+                    self._locate(name, prefix, handle)
         self._collect(timeout=0)
 
     def summary(self, timeout: float = 10.0) -> dict:

@@ -146,13 +146,76 @@ def spawn_driver(cfg: TrainConfig, cls: type, *args: Any) -> Any:
     return _spawn_named(cls, options, *args)
 
 
-def spawn_learner_actor(cfg: TrainConfig, cls: type, name: str = "learner-0") -> Any:
-    """`cls(spec)`: a Learner."""
-    options = actor_options(cfg, "learner", cfg.learner.resources, name)
-    options["concurrency_groups"] = {
-        "control": 1
-    }  # weight_sync_abort runs beside a blocked connect/broadcast
-    return _spawn_named(cls, options, cfg.learner_spec())
+@dataclass(frozen=True)
+class LearnerRanks:
+    """The learner ranks of one group: actor handles `learner-0..n-1` in rank order, the node (IP) each runs on,
+    and the placement group that holds their resources."""
+
+    handles: list[Any]
+    names: list[str]
+    nodes: list[str]
+    placement_group: Any
+
+
+def _free_port_on_node() -> tuple[str, int]:
+    """(this node's Ray node id, a TCP port free on it): where rank 0 of a learner group listens."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ray.get_runtime_context().get_node_id(), s.getsockname()[1]
+
+
+def spawn_learner_ranks(cfg: TrainConfig, cls: type, ready_timeout_s: float = 600.0) -> LearnerRanks:
+    """`cls(spec, rank, world_size, init_method)` as the actors `learner-0..n-1` (n = learner.ranks), each with
+    learner.resources, in one placement group (a bundle per rank, packed onto as few nodes as fit). A task pinned
+    to bundle 0 finds rank 0's node and a free port there before the ranks start: the group's init_method."""
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    n, res = cfg.learner.ranks, cfg.learner.resources
+    base = actor_options(cfg, "learner", res)
+    bundle = {"CPU": max(res.num_cpus, 0.01), **base["resources"]}
+    if res.num_gpus:
+        bundle["GPU"] = res.num_gpus
+    pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK")
+    if not ray.wait([pg.ready()], timeout=ready_timeout_s)[0]:
+        ray.util.remove_placement_group(pg)
+        raise RuntimeError(
+            f"the learner group's {n} rank(s) found no room in {ready_timeout_s:.0f} s: each asks for {bundle} "
+            "(learner.resources, plus segr1_learner in disaggregated placement); add nodes that have it or "
+            "lower learner.world_size"
+        )
+    pin = lambda i: PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)  # noqa: E731
+    probe = ray.remote(num_cpus=0, max_retries=0)(_free_port_on_node)
+    found = ray.get([probe.options(scheduling_strategy=pin(i)).remote() for i in range(n)])
+    address = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}  # the IP Ray's nodes use
+    nodes = [address.get(node_id, node_id) for node_id, _ in found]
+    init_method = f"tcp://{nodes[0]}:{found[0][1]}" if n > 1 else None
+    names = [f"learner-{i}" for i in range(n)]
+    handles = []
+    for i, name in enumerate(names):
+        # max_concurrency 2: a rank-0-only call (weight_sync_connect, mark_best) may run beside a collective one
+        # concurrency group "control": weight_sync_abort runs beside a blocked connect / broadcast (weights.py)
+        options = {
+            **base,
+            "name": name,
+            "scheduling_strategy": pin(i),
+            "max_concurrency": 2,
+            "concurrency_groups": {"control": 1},
+        }
+        handles.append(_spawn_named(cls, options, cfg.learner_spec(), i, n, init_method))
+    return LearnerRanks(handles, names, nodes, pg)
+
+
+def remove_learner_placement(ranks: LearnerRanks) -> None:
+    """Free a dead or closed group's reserved resources (its ranks are killed first)."""
+    from ray.util.placement_group import remove_placement_group
+
+    try:
+        remove_placement_group(ranks.placement_group)
+    except Exception as err:  # already removed, or the GCS is gone at shutdown
+        logger.debug("removing the learner placement group: %s", err)
 
 
 def make_reward_pool(cfg: TrainConfig, cls: type, capacity=None) -> ActorPool:
@@ -212,7 +275,7 @@ def requested_cpus(cfg: TrainConfig) -> float:
     return (
         cfg.rollout.num_workers * cfg.rollout.resources.num_cpus
         + cfg.reward.num_workers * cfg.reward.resources.num_cpus
-        + cfg.learner.resources.num_cpus
+        + cfg.learner.ranks * cfg.learner.resources.num_cpus
     )
 
 

@@ -23,6 +23,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from cluster.config import TrainConfig
+from cluster.learner_group import LearnerDied
 from cluster.pool import ActorPool
 
 logger = logging.getLogger(__name__)
@@ -32,9 +33,13 @@ _DEATH = (RayActorError, ActorDiedError, ActorUnavailableError)
 class WeightPublisher:
     def __init__(self, cfg: TrainConfig, learner: Any):
         self.cfg = cfg
-        self.learner = learner
-        self.backend: str = ray.get(learner.weight_sync_backend.remote())
         self.version = 0
+        self.rebind(learner)
+
+    def rebind(self, learner: Any) -> None:
+        """Publish from `learner` (a LearnerGroup) from now on: at the start, and after a learner restart."""
+        self.learner = learner
+        self.backend: str = learner.get(learner.weight_sync_backend.remote())
         self._members: tuple[str, ...] = ()  # the group's members; () while there is no working group
         self._tried: tuple[tuple[str, ...], int] | None = None  # (members, pool restarts) of the last forming
         self._export: tuple[int, Any] | None = None  # (version, ObjectRef of the CPU weights)
@@ -56,11 +61,14 @@ class WeightPublisher:
             return
         self._tried, self._members = (names, pool.stats.restarts), ()
         try:
-            info = ray.get(self.learner.weight_sync_prepare.remote(list(names)))
+            info = self.learner.get(self.learner.weight_sync_prepare.remote(list(names)))
             self._generation = int(info["generation"])
             joins = {name: h.weight_sync_join.remote(info) for name, h in members.items()}
-            _gather({"learner": self.learner.weight_sync_connect.remote(), **joins})
+            _gather({**self._learner_refs(self.learner.weight_sync_connect.remote()), **joins})
+        except LearnerDied:
+            raise  # the driver restarts the learner group (cluster/recovery.py)
         except Exception as err:
+            self._raise_if_learner_died(err)
             self._give_up(pool, err, "forming the group with " + ", ".join(names))
             return
         self._members = names
@@ -77,7 +85,10 @@ class WeightPublisher:
                     raise RuntimeError("no weight-sync group")
                 stats = self._broadcast(pool)
                 return {**stats, "seconds": time.perf_counter() - t0, "backend": self.backend}
+            except LearnerDied:
+                raise
             except Exception as err:  # a member died mid-transfer: re-form the group next time
+                self._raise_if_learner_died(err)
                 if self._members:
                     self._give_up(pool, err, f"broadcasting version {version}")
                 logger.warning(
@@ -91,13 +102,25 @@ class WeightPublisher:
 
     def _broadcast(self, pool: ActorPool) -> dict:
         receivers = {name: h.weight_sync_receive.remote() for name, h in pool.serving().items()}
-        results = _gather({"learner": self.learner.broadcast_weights.remote(), **receivers})
+        send = self.learner.broadcast_weights.remote()
+        results = _gather({**self._learner_refs(send), **receivers})
         versions = [results[name] for name in receivers]
         if any(v != self.version for v in versions):
             raise RuntimeError(
                 f"workers report versions {versions} after broadcasting version {self.version}"
             )
-        return results["learner"]
+        return results[self.learner.names[0]]
+
+    def _learner_refs(self, ref: Any) -> dict[str, Any]:
+        """Every learner rank's ref of the call whose rank-0 ref is `ref`, by rank name (for _gather)."""
+        refs = self.learner.refs(ref)  # a rank-0-only call: learner-0's alone
+        return dict(zip(self.learner.names[: len(refs)], refs, strict=True))
+
+    def _raise_if_learner_died(self, err: BaseException) -> None:
+        """A learner rank's death is the learner group's (cluster/recovery.py restarts it), never a reason to
+        fall back to the object store (whose weights come from the learner too)."""
+        if isinstance(err, _CallFailed) and err.died and err.who in self.learner.names:
+            raise self.learner.died(err.who, err.error) from err
 
     def _give_up(self, pool: ActorPool, err: BaseException, what: str) -> None:
         """A call of the group failed (typically: a member died, and Ray said so at once). Abandon the generation
@@ -141,7 +164,7 @@ class _CallFailed(RuntimeError):
 
     def __init__(self, who: str, err: BaseException):
         super().__init__(f"{who}: {err}")
-        self.who, self.died = who, isinstance(err, _DEATH)
+        self.who, self.error, self.died = who, err, isinstance(err, _DEATH)
 
 
 def _gather(calls: dict[str, Any]) -> dict[str, Any]:

@@ -41,13 +41,44 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from cluster.config import ConfigError
     from cluster.launch import run_training
+    from cluster.recovery import LearnerGroupFailed
 
     try:
         summary = run_training(cfg, resume=args.resume)
     except ConfigError as err:  # found before the job's actors start (paths, the cluster's resources)
         raise CommandError(str(err), exit_code=2) from None
+    except LearnerGroupFailed as err:
+        raise CommandError(f"{err}\n{continue_command(args, err.resumable)}") from None
     print(json.dumps(summary, indent=1))
     return 0 if summary["groups_lost"] == 0 else 1
+
+
+def continue_command(args: argparse.Namespace, resumable: bool) -> str:
+    """The exact command that continues a run whose learner group failed (or starts it again)."""
+    import shlex
+
+    import ray
+
+    ray.shutdown()  # stops the actors' log stream: the failure message is the last thing printed
+    _close_progress_bars()
+    cmd = ["segr1", "train", *(["--config", args.config] if args.config else []), *args.overrides]
+    if resumable:
+        return "continue from the latest checkpoint with: " + shlex.join([*cmd, "--resume"])
+    return "no checkpoint to resume from; start the run again with: " + shlex.join(cmd)
+
+
+def _close_progress_bars() -> None:
+    """Close the bars Ray's tqdm_ray still draws for the failed driver (they would be redrawn after the message
+    and again at exit). Ray has no public call for this; without it only the order of the output suffers."""
+    try:
+        from ray.experimental import tqdm_ray
+
+        for group in list(getattr(tqdm_ray._manager, "bar_groups", {}).values()):
+            for bar in list(group.bars_by_uuid.values()):
+                bar.bar.close()
+            group.bars_by_uuid.clear()
+    except Exception:  # another Ray version: leave the bars
+        return
 
 
 PROMPTS_HEADER = "# ---- rendered prompts"

@@ -127,7 +127,12 @@ def sft_policy(assets: Assets) -> Path:
 
 def e2e_config(assets: Assets, run_dir: Path, *overrides: str, policy: Path | None = None) -> TrainConfig:
     """The demo config shrunk to a seconds-per-step run writing into run_dir (metrics, summary, checkpoints)."""
-    base = [
+    return load_config(DEMO_CONFIG, [*e2e_overrides(assets, run_dir, policy), *overrides])
+
+
+def e2e_overrides(assets: Assets, run_dir: Path, policy: Path | None = None) -> list[str]:
+    """e2e_config's overrides of cluster/configs/demo.yaml (also as command-line arguments of a CLI run)."""
+    return [
         f"model.policy={policy or assets.policy}",
         f"data.train={assets.train}",
         "data.eval=null",
@@ -145,7 +150,6 @@ def e2e_config(assets: Assets, run_dir: Path, *overrides: str, policy: Path | No
         f"checkpoint.dir={run_dir / 'checkpoints'}",
         "checkpoint.every=0",
     ]
-    return load_config(DEMO_CONFIG, [*base, *overrides])
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
