@@ -34,6 +34,7 @@ class WeightPublisher:
     def __init__(self, cfg: TrainConfig, learner: Any):
         self.cfg = cfg
         self.version = 0
+        self.aborts = 0  # generations abandoned because a member died (or a call of the group failed)
         self.rebind(learner)
 
     def rebind(self, learner: Any) -> None:
@@ -44,7 +45,6 @@ class WeightPublisher:
         self._tried: tuple[tuple[str, ...], int] | None = None  # (members, pool restarts) of the last forming
         self._export: tuple[int, Any] | None = None  # (version, ObjectRef of the CPU weights)
         self._generation = 0  # the weight-sync generation last prepared
-        self.aborts = 0  # generations abandoned because a member died (or a call of the group failed)
 
     @property
     def collective(self) -> bool:
