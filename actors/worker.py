@@ -175,6 +175,8 @@ class RolloutWorker:
         """The learner restarted from an older checkpoint (cluster/recovery.py): accept `version` next although
         versions otherwise only increase. Generation refuses until that version is loaded."""
         self.engine.rewind(version)
+        # the restarted learner numbers its weight-sync generations from 1 again: forget what was abandoned
+        self._sync, self._receiver = Abandonable(), None
         return version
 
     def weight_sync_join(self, info: Mapping[str, Any] | Any) -> int:
