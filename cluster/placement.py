@@ -73,8 +73,9 @@ class Placement:
         self.actors: dict[str, dict] = {}
         self._learner_ranks = learner_ranks
         self._handles: dict[str, Any] = {}  # actor -> the handle last located
-        self._pending: dict[Any, tuple[str, str]] = {}  # ObjectRef of _where -> (actor, pool)
+        self._pending: dict[Any, tuple[str, str, Any]] = {}  # ObjectRef of _where -> (actor, pool, handle)
         self._record("driver", "driver", _where(None))
+        self._pools = pools
         self.refresh(pools)
 
     def refresh(self, pools: tuple[ActorPool, ...]) -> None:
@@ -87,13 +88,21 @@ class Placement:
         self._collect(timeout=0)
 
     def summary(self, timeout: float = 10.0) -> dict:
-        """{actor: {"node_id", "node_ip", "pool"}} (waits up to `timeout` s for actors still being located)."""
+        """{actor: {"node_id", "node_ip", "pool"}} (waits up to `timeout` s for actors still being located; a
+        replacement still starting has node_id None: it is not where its predecessor was)."""
+        self.refresh(self._pools)
         self._collect(timeout)
         return {name: dict(info) for name, info in sorted(self.actors.items())}
 
     def _locate(self, name: str, pool: str, handle: Any) -> None:
+        old = self.actors.get(name)
+        if old is not None and self._handles.get(name) is not None and self._handles[name] is not handle:
+            # a replacement: its predecessor's node is no longer where `name` runs (None until it answers)
+            if old["node_id"] is not None:
+                ACTOR_INFO.set(0, actor=name, pool=pool, node_id=old["node_id"], node_ip=old["node_ip"])
+            self.actors[name] = {"node_id": None, "node_ip": None, "pool": pool}
         self._handles[name] = handle
-        self._pending[handle.__ray_call__.remote(_where)] = (name, pool)
+        self._pending[handle.__ray_call__.remote(_where)] = (name, pool, handle)
 
     def _collect(self, timeout: float) -> None:
         if not self._pending:
@@ -101,7 +110,9 @@ class Placement:
         refs = list(self._pending)
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
         for ref in ready:
-            name, pool = self._pending.pop(ref)
+            name, pool, handle = self._pending.pop(ref)
+            if self._handles.get(name) is not handle:  # a predecessor's late answer
+                continue
             try:
                 self._record(name, pool, ray.get(ref))
             except Exception as err:  # died before answering: its replacement is located instead
@@ -109,7 +120,8 @@ class Placement:
 
     def _record(self, name: str, pool: str, where: dict) -> None:
         old = self.actors.get(name)
-        if old is not None and (old["node_id"], old["node_ip"]) != (where["node_id"], where["node_ip"]):
+        moved = old is not None and old["node_id"] is not None
+        if moved and (old["node_id"], old["node_ip"]) != (where["node_id"], where["node_ip"]):
             ACTOR_INFO.set(0, actor=name, pool=pool, node_id=old["node_id"], node_ip=old["node_ip"])
         self.actors[name] = {**where, "pool": pool}
         ACTOR_INFO.set(1, actor=name, pool=pool, node_id=where["node_id"], node_ip=where["node_ip"])

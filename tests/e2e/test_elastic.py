@@ -159,6 +159,9 @@ def _job_config(assets, run_dir, steps: int):
         "reward.num_workers=1",
         "reward.max_workers=2",
         "weight_sync.timeout_s=10",  # a group member on a removed node: not five minutes (docs/scaling.md)
+        # the transformers engine: a new vLLM worker takes longer to start than this short run lasts, and the
+        # pools' behaviour does not depend on the engine (vLLM rollouts: test_train, test_learner_group)
+        "rollout.engine=hf",
     )
 
 
