@@ -50,6 +50,7 @@ from cluster.driver_state import (
 from cluster.elastic import Elastic
 from cluster.learner_group import LearnerGroup
 from cluster.placement import Placement
+from cluster.pool import DEATH as _DEATH
 from cluster.pool import ActorPool, WorkFailed
 from cluster.recovery import run_with_recovery
 from cluster.sync_step import fill_batch
@@ -336,7 +337,10 @@ class TrainDriver:
         from actors.engine import StaleWeightsError
 
         if isinstance(err, StaleWeightsError):
-            ray.get(self.weights.on_start(handle))
+            try:
+                ray.get(self.weights.on_start(handle))
+            except _DEATH:  # it died catching up: the retry finds it dead and the pool replaces it
+                pass
             return True
         return False
 

@@ -4,7 +4,8 @@
 backpressure, the rest waits in a FIFO queue), and returns exactly one result per key. When an actor dies
 (killed by name, OOM, node lost), its in-flight items go back to the front of the queue, a replacement with the
 same name is started (and `on_start` runs on it before it serves: e.g. pushing the current weights), and the
-items are answered by whichever actor takes them next. When the pool is given `capacity` (how many of its
+items are answered by whichever actor takes them next. No item goes to an actor before it is up (placed and
+constructed): one that is never placed holds no work. When the pool is given `capacity` (how many of its
 actors the cluster can hold now: cluster/capacity.py) and the cluster has no room left for the dead actor (its
 node was drained or removed), the actor is dropped instead: its work goes to the others, it does not count
 towards crash-loop detection, and the pool is grown again when capacity returns. An application error may be repaired by `on_error`
@@ -30,7 +31,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 logger = logging.getLogger(__name__)
 
 Call = Callable[[Any], "ray.ObjectRef"]  # actor handle -> ObjectRef of the method's result
-_DEATH = (RayActorError, ActorDiedError, ActorUnavailableError)
+DEATH = (RayActorError, ActorDiedError, ActorUnavailableError)  # how Ray reports a dead actor's call
 
 
 @dataclass
@@ -54,7 +55,7 @@ class _Member:
     name: str
     handle: Any
     inflight: dict = field(default_factory=dict)  # ObjectRef -> _Item
-    ready_ref: Any = None  # on_start still running: serves only once this resolves
+    ready_ref: Any = None  # the actor's start (placement, __init__, on_start): serves only once this resolves
     draining: bool = False
     deaths: int = 0  # consecutive deaths of this name without a completed item (crash-loop detection)
     dispatched: int = 0  # items ever sent: ties in load go to the actor that has had the least work
@@ -191,14 +192,19 @@ class ActorPool:
         self._dispatch()
 
     def broadcast(self, call: Call) -> dict[str, Any]:
-        """Run `call` on every started actor and wait (e.g. a weight update); a dead actor is restarted instead.
-        Actors still starting are left out: their on_start brings them up to date before they serve."""
-        refs = {name: call(m.handle) for name, m in self._members.items() if _started(m)}
+        """Run `call` on every actor and wait (e.g. a weight update); a dead actor is restarted instead. With
+        on_start, actors still starting are left out: their on_start brings them up to date before they serve;
+        without, the call waits for them to start (Ray runs it once the actor is up)."""
+        refs = {
+            name: call(m.handle)
+            for name, m in self._members.items()
+            if self._on_start is None or _started(m)
+        }
         out = {}
         for name, ref in refs.items():
             try:
                 out[name] = ray.get(ref)
-            except _DEATH as err:
+            except DEATH as err:
                 self._replace(name, err)
         return out
 
@@ -219,9 +225,10 @@ class ActorPool:
             self._next_index += 1
         handle = self._spawn(name)
         member = _Member(name, handle)
-        if self._on_start is not None:
-            refs = self._on_start(handle)
-            member.ready_ref = refs[-1] if refs else None
+        # Nothing is dispatched to an actor before it is up: an actor that is never placed (its node gone, no
+        # room left) would otherwise hold its items forever. on_start's last ref, else Ray's own readiness call.
+        refs = self._on_start(handle) if self._on_start is not None else []
+        member.ready_ref = refs[-1] if refs else handle.__ray_ready__.remote()
         self._members[name] = member
 
     def _replace(self, name: str, cause: BaseException | None = None) -> None:
@@ -319,7 +326,7 @@ class ActorPool:
             item = owner.inflight.pop(ref)
             try:
                 value = ray.get(ref)
-            except _DEATH as err:
+            except DEATH as err:
                 owner.inflight[ref] = item  # requeued with the rest of the dead actor's work
                 self._replace(owner.name, err)
                 continue
@@ -335,7 +342,7 @@ class ActorPool:
         try:
             ray.get(member.ready_ref)
             member.ready_ref = None
-        except _DEATH as err:
+        except DEATH as err:
             self._replace(member.name, err)
 
     def _handle_error(self, member: _Member, item: _Item, err: BaseException) -> None:
@@ -356,7 +363,7 @@ class ActorPool:
 
 
 def _started(member: _Member) -> bool:
-    """on_start has finished (or there was none): the actor may serve."""
+    """The actor is up and on_start (if any) has finished: it may serve."""
     return member.ready_ref is None or _resolved(member.ready_ref)
 
 

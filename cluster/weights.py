@@ -20,14 +20,12 @@ import time
 from typing import Any
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from cluster.config import TrainConfig
 from cluster.learner_group import LearnerDied
-from cluster.pool import ActorPool
+from cluster.pool import DEATH, ActorPool
 
 logger = logging.getLogger(__name__)
-_DEATH = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 
 class WeightPublisher:
@@ -164,7 +162,7 @@ class _CallFailed(RuntimeError):
 
     def __init__(self, who: str, err: BaseException):
         super().__init__(f"{who}: {err}")
-        self.who, self.error, self.died = who, err, isinstance(err, _DEATH)
+        self.who, self.error, self.died = who, err, isinstance(err, DEATH)
 
 
 def _gather(calls: dict[str, Any]) -> dict[str, Any]:

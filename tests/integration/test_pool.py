@@ -138,6 +138,7 @@ def test_crash_looping_actor_gives_a_clear_error(ray_local):
 
 def test_ties_spread_work_over_every_actor(ray_local):
     pool = ActorPool("spread", _spawner(ray_local, []), 2, max_inflight=2)
+    ray_local.get([h.__ray_ready__.remote() for h in pool.handles().values()])  # both up: no work waits on a start
     served = []
     for i in range(4):  # one item at a time: every actor is idle at each dispatch
         served.extend(v[0] for v in pool.map([(i, lambda a, i=i: a.work.remote(i))]).values())
@@ -168,9 +169,11 @@ def test_actor_without_capacity_left_is_dropped_not_restarted(ray_local):
     pool.shutdown()
 
 
-def test_shrinking_drops_an_actor_still_starting_before_a_serving_one(ray_local):
-    """resize(n) below the size drains first the actors whose start has not finished (here: one asking for a
-    resource no node has, like a replacement waiting for a node that is gone), not the newest serving one."""
+@pytest.mark.parametrize("on_start", [None, lambda h: [h.set_version.remote(1)]], ids=["plain", "on_start"])
+def test_an_actor_never_placed_gets_no_work_and_is_shrunk_away_first(ray_local, on_start):
+    """An actor asking for a resource no node has (like a replacement waiting for a node that is gone) is given no
+    item, with or without on_start: every item is answered by the one that runs. resize(n) below the size drains
+    first the actors whose start has not finished, not the newest serving one, and nothing is left pending."""
     cls = ray_local.remote(Echo)
 
     def spawn(name):
@@ -179,8 +182,9 @@ def test_shrinking_drops_an_actor_still_starting_before_a_serving_one(ray_local)
             name, 1
         )
 
-    pool = ActorPool("shrink", spawn, 2, on_start=lambda h: [h.set_version.remote(1)])
-    assert pool.map([(0, lambda a: a.work.remote(1))], timeout=60)[0] == ("shrink-1", 10)
+    pool = ActorPool("shrink", spawn, 2, on_start=on_start)
+    out = pool.map([(i, lambda a, i=i: a.work.remote(i)) for i in range(6)], timeout=60)
+    assert {who for who, _ in out.values()} == {"shrink-1"}
     pool.resize(1)
     assert pool.names == ["shrink-1"] and pool.pending == 0
     pool.shutdown()
