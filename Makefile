@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 GPU_CHECK_DIR ?= bench/results/gpu_check
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=25
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1

@@ -1,8 +1,8 @@
 """Shared fixtures of the end-to-end tests: tiny models, synthetic data and a short SFT warm-up, built ONCE per
 session in a temporary folder, plus helpers to configure and observe a training run.
 
-Every run uses cluster/configs/demo.yaml (two rollout and two reward workers, GrabCut, the learner) with the sizes
-overridden down to seconds per step. Runs share the session's local Ray (tests/conftest.py `ray_local`); each
+Every run uses cluster/configs/demo.yaml (GrabCut, the learner) with the sizes overridden down to seconds per step
+and one worker per pool unless a test asks for two. Runs share the session's local Ray (tests/conftest.py `ray_local`); each
 test's named actors are killed afterwards, so a failed test cannot block the next one's actor names.
 """
 
@@ -125,6 +125,26 @@ def sft_policy(assets: Assets) -> Path:
     return out
 
 
+VAL_SAMPLES = 8  # held-out samples a validating run scores at each validation
+
+
+@pytest.fixture(scope="session")
+def held_out(tmp_path_factory) -> Path:
+    """16 synthetic held-out samples (the validation runs' data.eval)."""
+    from cluster.data.synth import write_synthetic
+
+    out = tmp_path_factory.mktemp("held-out") / "eval"
+    write_synthetic(out, n=16, seed=2, size=64, split="val")
+    return out
+
+
+def split_validation(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """metrics.jsonl lines: (one per step, the val/* lines of validations)."""
+    from cluster.validation import is_validation_line
+
+    return [r for r in rows if not is_validation_line(r)], [r for r in rows if is_validation_line(r)]
+
+
 def e2e_config(assets: Assets, run_dir: Path, *overrides: str, policy: Path | None = None) -> TrainConfig:
     """The demo config shrunk to a seconds-per-step run writing into run_dir (metrics, summary, checkpoints)."""
     return load_config(DEMO_CONFIG, [*e2e_overrides(assets, run_dir, policy), *overrides])
@@ -143,6 +163,10 @@ def e2e_overrides(assets: Assets, run_dir: Path, policy: Path | None = None) -> 
         "grpo.steps=3",
         "grpo.batch_size=4",
         "grpo.group_size=4",
+        # one worker per pool: every job start launches fewer processes (a vLLM engine each); the runs that
+        # need two (test_train's, test_faults, test_multinode, the job submitted) ask for them
+        "rollout.num_workers=1",
+        "reward.num_workers=1",
         "rollout.sampling.max_tokens=48",
         "learner.micro_batch_size=32",
         "metrics.port=0",
@@ -236,6 +260,43 @@ def finish_job(ray, driver, run_ref, timeout: float) -> dict:
 @pytest.fixture(scope="session")
 def e2e_ray(ray_local):
     return ray_local
+
+
+RISE_STEPS = 12
+IMAGE_EVERY = 4  # the sync run's TensorBoard overlays: steps 4, 8, 12
+# Sampling hotter than the SFT policy was trained for, so that a fair share of its answers break the format and
+# GRPO has something to fix within a dozen steps; lr with a short warm-up (Adam's first step is lr-sized).
+RISE_OVERRIDES = ("rollout.sampling.temperature=1.5", "learner.lr=1e-3", "learner.warmup_steps=2")
+
+
+@pytest.fixture(scope="session")
+def sync_run(assets, sft_policy, e2e_ray, tmp_path_factory):
+    """12 sync GRPO steps from the SFT policy on 8 fixed images (B=8: the same images every step), two workers per
+    pool and the demo's trackers (jsonl + TensorBoard, overlays of 2 groups every 4 steps). test_train checks
+    the run, test_trackers what it logged to TensorBoard."""
+    from cluster.launch import run_training
+
+    run_dir = tmp_path_factory.mktemp("sync-run")
+    cfg = e2e_config(
+        assets,
+        run_dir,
+        f"data.train={assets.train_small}",
+        f"grpo.steps={RISE_STEPS}",
+        "grpo.batch_size=8",
+        "grpo.group_size=8",
+        "rollout.num_workers=2",  # the demo's pools: two of each, one weight-sync group of three
+        "reward.num_workers=2",
+        "metrics.trackers=[jsonl,tensorboard]",
+        f"metrics.image_every={IMAGE_EVERY}",
+        "metrics.image_samples=2",
+        *RISE_OVERRIDES,
+        policy=sft_policy,
+    )
+    try:
+        summary = run_training(cfg)
+    finally:
+        kill_job_actors(e2e_ray)
+    return cfg, run_dir, summary
 
 
 @pytest.fixture

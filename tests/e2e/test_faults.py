@@ -33,7 +33,15 @@ def test_killed_rollout_and_reward_actors_cost_only_the_retry(assets, sft_policy
     steps = 6
     # transformers engine here: the kill/restart path is the same for both engines, and each vLLM restart (LLM()
     # start, 4-13 s; minutes on a loaded machine) cost this test 89 -> 244 s where the suite has a budget
-    cfg = e2e_config(assets, tmp_path, f"grpo.steps={steps}", "rollout.engine=hf", policy=sft_policy)
+    cfg = e2e_config(
+        assets,
+        tmp_path,
+        f"grpo.steps={steps}",
+        "rollout.engine=hf",
+        "rollout.num_workers=2",  # the others carry on while the killed one restarts
+        "reward.num_workers=2",
+        policy=sft_policy,
+    )
     driver, run_ref = start_job(cfg)
     try:
         wait_for(lambda: len(read_metrics(tmp_path)) >= 1, 240, "step 1 in metrics.jsonl")

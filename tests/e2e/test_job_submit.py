@@ -1,6 +1,8 @@
 """`ray job submit --working-dir . -- python -m cluster.train --config ...` against a Ray cluster started for this
 test with `ray start --head --node-ip-address 127.0.0.1` (dashboard / job server on, token auth on, as Ray 2.60
-does by default): the job uploads the repository, runs the driver as an actor on the cluster and succeeds. A job whose start fails
+does by default): the job uploads the repository, runs the driver as an actor on the cluster and succeeds, and
+`segr1 scale` resizes its rollout pool while it runs (the argument and connection errors of `segr1 scale`:
+tests/unit/test_scale_cli.py). A job whose start fails
 ends with its real error as the last error printed: relative paths (the upload leaves runs/ behind) get one message
 naming the absolute form, and a driver whose __init__ fails leaves no "Fatal Python error: Aborted" dump after it.
 
@@ -29,6 +31,7 @@ from tests.e2e.conftest import (
     REPO,
     assert_accounting,
     assert_metric_lines,
+    e2e_overrides,
     read_metrics,
     read_summary,
     wait_for,
@@ -133,38 +136,76 @@ def ray_head():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def test_ray_job_submit_runs_a_tiny_training_job(assets, ray_head, tmp_path):
+def _gcs_address(tmp: str) -> str:
+    """The GCS address of the fixture's cluster: the --port of its `ray start` (which names the cluster's own temp
+    dir, `tmp`)."""
+    for pid in _processes_mentioning(tmp):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if "start" in args and "--head" in args and "--port" in args:
+            return f"127.0.0.1:{args[args.index('--port') + 1]}"
+    raise AssertionError(f"no `ray start --head` process of {tmp}")
+
+
+def _scale(env: dict, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "cluster.cli", "scale", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_a_submitted_job_trains_and_segr1_scale_resizes_it(assets, ray_head, tmp_path):
+    """The job runs the e2e preset (tests/e2e/conftest.py) with two rollout workers; while it runs, `segr1 scale
+    --rollout 1` then `--rollout 2` change its rollout pool and `--rollout 3` (above rollout.max_workers) is
+    refused; it then finishes its steps and succeeds, every step on current weights."""
     address, env = ray_head
     run_dir = tmp_path / "run"
-    steps = 2
+    steps = 40  # long enough for three `segr1 scale` calls (a few seconds each) while it runs
     overrides = [
-        f"model.policy={assets.policy}",
-        f"data.train={assets.train}",
-        "data.eval=null",
-        "eval.every=0",  # no held-out set: no validation (demo.yaml validates every 10 steps)
-        "data.image_size=56",
-        "reward.answer_format=points",
-        "reward.weights.box_l1=0",
+        *e2e_overrides(assets, run_dir),
         f"grpo.steps={steps}",
-        "grpo.batch_size=4",
-        "grpo.group_size=4",
-        "rollout.sampling.max_tokens=16",
-        "rollout.num_workers=1",
+        "rollout.sampling.max_tokens=16",  # seconds per step: the job outlives both scale calls, no longer
+        "rollout.num_workers=2",
+        "rollout.max_workers=2",
         "reward.num_workers=1",
-        "metrics.port=0",
-        f"metrics.run_dir={run_dir}",
-        f"checkpoint.dir={run_dir / 'checkpoints'}",
     ]
     cmd = [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--"]
     cmd += ["python", "-m", "cluster.train", "--config", "cluster/configs/demo.yaml", *overrides]
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=480)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-4000:]
-    assert "succeeded" in out, out[-4000:]
+    job = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        wait_for(lambda: read_metrics(run_dir) or job.poll() is not None, 300, "step 1 of the job")
+        assert job.poll() is None, job.stdout.read()[-4000:]
+        client = {**env, "RAY_ADDRESS": _gcs_address(env["RAY_AUTH_TOKEN_PATH"].rsplit("/", 1)[0])}
+
+        r = _scale(client, "--rollout", "1")
+        assert r.returncode == 0 and "rollout: 2 -> 1 workers" in r.stdout, r.stdout + r.stderr[-3000:]
+        at = read_metrics(run_dir)[-1]["step"]
+        wait_for(lambda: read_metrics(run_dir)[-1]["step"] > at, 120, "a step after the shrink")
+        assert read_metrics(run_dir)[-1]["rollout_workers"] == 1
+
+        r = _scale(client, "--rollout", "2")
+        assert r.returncode == 0 and "rollout: 1 -> 2 workers" in r.stdout, r.stdout + r.stderr[-3000:]
+        r = _scale(client, "--rollout", "3")  # above rollout.max_workers: refused, the job goes on
+        assert r.returncode != 0 and "outside 1..2 (rollout.max_workers)" in r.stderr, r.stdout + r.stderr
+        assert read_metrics(run_dir)[-1]["step"] < steps, "the job ended before the last scale: raise `steps`"
+        out, _ = job.communicate(timeout=480)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0 and "succeeded" in out, out[-4000:]
     summary = read_summary(run_dir)
     assert_accounting(summary)
     assert summary["steps"] == steps
     assert_metric_lines(read_metrics(run_dir), steps)
+    assert len(summary["rollout_workers"]) == 2 and "rollout-0" in summary["rollout_workers"]  # one joined
+    rows = read_metrics(run_dir)
+    assert 1 in {r["rollout_workers"] for r in rows}
+    for r in rows:
+        # sync mode: every group was generated by the learner's current weights, the joining worker's included
+        # (it got them before serving); a worker left on older weights would show up as staleness and clipping
+        assert r["staleness_max"] == 0 and r["clip_fraction"] < 0.01, r
 
 
 def _submit(address: str, env: dict, *train_args: str) -> str:

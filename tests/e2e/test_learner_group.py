@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 RANKS = 2
 STEPS = 5
-SMALL = ("rollout.num_workers=1", "reward.num_workers=1", "checkpoint.every=2")
+SMALL = ("checkpoint.every=2",)
 
 
 def _expected_ids(cfg, steps: int) -> list[set[str]]:
@@ -106,7 +106,7 @@ def test_without_restarts_the_job_fails_with_one_message(assets, sft_policy, ray
     """learner.max_restarts=0: the CLI exits 1 and its last words name the rank, the step, the cause and the
     --resume command; no traceback from the cleanup."""
     ray = ray_job
-    extra = ["grpo.steps=4", *SMALL[:2], "checkpoint.every=1", "learner.max_restarts=0"]
+    extra = ["grpo.steps=4", "checkpoint.every=1", "learner.max_restarts=0"]
     overrides = [*e2e_overrides(assets, tmp_path, sft_policy), *extra]
     env = {
         **os.environ,

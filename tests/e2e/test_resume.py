@@ -38,16 +38,8 @@ def test_resume_after_a_killed_driver_continues_at_the_right_step_and_cursor(
 
     ray = ray_job
     # 64 samples, B=12: the run crosses an epoch boundary (step 6), so the cursor must carry the epoch too.
-    # One worker per pool: two job starts are the cost of this test, and fewer processes start faster.
     cfg = e2e_config(
-        assets,
-        tmp_path,
-        f"grpo.steps={STEPS}",
-        "grpo.batch_size=12",
-        "checkpoint.every=2",
-        "rollout.num_workers=1",
-        "reward.num_workers=1",
-        policy=sft_policy,
+        assets, tmp_path, f"grpo.steps={STEPS}", "grpo.batch_size=12", "checkpoint.every=2", policy=sft_policy
     )
     driver, run_ref = start_job(cfg)
     # kill as soon as step 3 is logged: step 4 (and its checkpoint) takes far longer than the 50 ms poll

@@ -1,5 +1,6 @@
-"""A short training run with the TensorBoard tracker: the driver writes the event files (read back through
-tensorboard's EventAccumulator), and a TensorBoard server over them serves the run's reward curve."""
+"""The TensorBoard tracker of the e2e sync run (tests/e2e/conftest.py `sync_run`, the demo's trackers): the driver
+writes the event files (read back through tensorboard's EventAccumulator), and a TensorBoard server over them
+serves the run's reward curve."""
 
 from __future__ import annotations
 
@@ -14,48 +15,31 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import e2e_config, kill_job_actors, read_metrics
+from tests.e2e.conftest import IMAGE_EVERY, RISE_STEPS, read_metrics
 from tests.tracker_readers import tensorboard_events, tensorboard_hparams
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("tensorboard")
 
-STEPS = 4
-
 
 @pytest.fixture(scope="module")
-def tb_run(assets, sft_policy, e2e_ray, tmp_path_factory):
-    """4 sync steps from the SFT policy, trackers jsonl + tensorboard, overlays of 2 groups every 2 steps."""
-    from cluster.launch import run_training
-
-    run_dir = tmp_path_factory.mktemp("tb-run")
-    cfg = e2e_config(
-        assets,
-        run_dir,
-        f"grpo.steps={STEPS}",
-        "metrics.trackers=[jsonl,tensorboard]",
-        "metrics.image_every=2",
-        "metrics.image_samples=2",
-        policy=sft_policy,
-    )
-    try:
-        run_training(cfg)
-    finally:
-        kill_job_actors(e2e_ray)
-    return run_dir
+def tb_run(sync_run):
+    return sync_run[1]
 
 
 def test_driver_writes_tensorboard_logs(tb_run):
     rows = read_metrics(tb_run)
     acc = tensorboard_events(tb_run / "tensorboard")
     reward = acc.Scalars("reward/total_mean")
-    assert [e.step for e in reward] == [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [e.step for e in reward] == [r["step"] for r in rows] == list(range(1, RISE_STEPS + 1))
     assert [e.value for e in reward] == pytest.approx([r["reward_total"] for r in rows], rel=1e-6)
-    assert [e.step for e in acc.Scalars("learner/loss")] == list(range(1, STEPS + 1))
-    assert [i.step for i in acc.Images("train/overlay_1")] == [2, 4]
+    assert [e.step for e in acc.Scalars("learner/loss")] == list(range(1, RISE_STEPS + 1))
+    assert [i.step for i in acc.Images("train/overlay_1")] == list(
+        range(IMAGE_EVERY, RISE_STEPS + 1, IMAGE_EVERY)
+    )
     assert "reward_hist/iou" in acc.Tags()["histograms"]
     hparams = tensorboard_hparams(acc)
-    assert hparams["grpo.steps"] == STEPS and hparams["metrics.trackers"] == '["jsonl", "tensorboard"]'
+    assert hparams["grpo.steps"] == RISE_STEPS and hparams["metrics.trackers"] == '["jsonl", "tensorboard"]'
     assert hparams["git_commit"] != ""
 
 
@@ -110,9 +94,9 @@ def test_tensorboard_server_serves_the_reward_curve(tb_run, tmp_path):
     try:
         runs = poll_json(f"{base}/data/runs", 60, lambda r: "tensorboard" in r)
         query = urllib.parse.urlencode({"run": "tensorboard", "tag": "reward/total_mean"})
-        points = poll_json(f"{base}/data/plugin/scalars/scalars?{query}", 60, lambda p: len(p) == STEPS)
+        points = poll_json(f"{base}/data/plugin/scalars/scalars?{query}", 60, lambda p: len(p) == RISE_STEPS)
         assert runs == ["tensorboard"]
-        assert [step for _wall, step, _value in points] == list(range(1, STEPS + 1))
+        assert [step for _wall, step, _value in points] == list(range(1, RISE_STEPS + 1))
     finally:
         proc.kill()
         proc.wait(timeout=30)

@@ -1,7 +1,8 @@
 """Validation during training (cluster/validation.py) in real runs: `eval.every=2` writes val/* lines at steps
 0 (eval.before_train), 2, 4 beside the one line per step, with the figures `segr1 eval` computes for the same
 policy; `checkpoint.keep_best` keeps the best validated checkpoint through pruning (keep=1), and
-`checkpoint.resume_from=best` continues from it. Async mode validates without losing any group."""
+`checkpoint.resume_from=best` continues from it. Async mode validates without losing any group: tests/e2e/test_train.py
+(its async run validates every two steps)."""
 
 from __future__ import annotations
 
@@ -9,26 +10,16 @@ import json
 
 import pytest
 
-from tests.e2e.conftest import assert_accounting, assert_metric_lines, e2e_config, read_metrics
+from tests.e2e.conftest import (
+    VAL_SAMPLES,
+    assert_accounting,
+    assert_metric_lines,
+    e2e_config,
+    read_metrics,
+    split_validation,
+)
 
 pytestmark = pytest.mark.slow
-
-VAL_SAMPLES = 8
-
-
-@pytest.fixture(scope="module")
-def held_out(tmp_path_factory):
-    from cluster.data.synth import write_synthetic
-
-    out = tmp_path_factory.mktemp("held-out") / "eval"
-    write_synthetic(out, n=16, seed=2, size=64, split="val")
-    return out
-
-
-def _split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
-    from cluster.validation import is_validation_line
-
-    return [r for r in rows if not is_validation_line(r)], [r for r in rows if is_validation_line(r)]
 
 
 def _val_config(assets, sft_policy, held_out, run_dir, *extra):
@@ -75,7 +66,7 @@ def test_sync_run_validates_keeps_the_best_and_resumes_from_it(
     )
     summary = run_training(cfg)
     assert_accounting(summary)
-    steps, vals = _split(read_metrics(tmp_path))
+    steps, vals = split_validation(read_metrics(tmp_path))
     assert_metric_lines(steps, 4)
     assert [v["step"] for v in vals] == [0, 2, 4]
     for v in vals:
@@ -102,7 +93,7 @@ def test_sync_run_validates_keeps_the_best_and_resumes_from_it(
     summary = run_training(resumed_cfg, resume=True)
     assert_accounting(summary)
     assert summary["steps"] == summary["policy_version"] == 5
-    after_steps, after_vals = _split(read_metrics(tmp_path))
+    after_steps, after_vals = split_validation(read_metrics(tmp_path))
     assert_metric_lines(after_steps, 5)
     assert after_steps[:first_top] == steps[:first_top]  # the lines up to the best step are the first run's
     assert sorted(v["step"] for v in after_vals) == [0, 2, 4]  # no step validated twice
@@ -110,17 +101,3 @@ def test_sync_run_validates_keeps_the_best_and_resumes_from_it(
     moved = sorted(p.name[:11] for p in superseded.iterdir()) if superseded.is_dir() else []
     assert moved == (["step-000004"] if first_top < 4 else [])
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 5
-
-
-def test_async_run_validates_every_two_steps_without_losing_groups(
-    assets, sft_policy, held_out, ray_job, tmp_path
-):
-    from cluster.launch import run_training
-
-    cfg = _val_config(assets, sft_policy, held_out, tmp_path, "grpo.steps=4", "grpo.mode=async")
-    summary = run_training(cfg)
-    assert_accounting(summary)
-    steps, vals = _split(read_metrics(tmp_path))
-    assert_metric_lines(steps, 4)
-    assert sorted(v["step"] for v in vals) == [2, 4]
-    assert all(v["policy_version"] >= v["step"] and v["val/samples"] == VAL_SAMPLES for v in vals)

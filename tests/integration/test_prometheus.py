@@ -181,6 +181,7 @@ def training(
         f"grpo.batch_size={BATCH}",
         f"grpo.group_size={GROUP}",
         "rollout.sampling.max_tokens=32",
+        "rollout.engine=hf",  # the metrics path is the engine's neither; a transformers worker starts faster
         "rollout.num_workers=1",
         "reward.num_workers=1",
         f"checkpoint.dir={tmp_path / 'checkpoints'}",

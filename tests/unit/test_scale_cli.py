@@ -1,4 +1,4 @@
-"""`segr1 scale`'s argument and connection errors (the command against a running job: tests/e2e/test_scale_cli.py)."""
+"""`segr1 scale`'s argument and connection errors (the command against a running job: tests/e2e/test_job_submit.py)."""
 
 from __future__ import annotations
 
