@@ -196,9 +196,7 @@ class ActorPool:
         on_start, actors still starting are left out: their on_start brings them up to date before they serve;
         without, the call waits for them to start (Ray runs it once the actor is up)."""
         refs = {
-            name: call(m.handle)
-            for name, m in self._members.items()
-            if self._on_start is None or _started(m)
+            name: call(m.handle) for name, m in self._members.items() if self._on_start is None or _started(m)
         }
         out = {}
         for name, ref in refs.items():

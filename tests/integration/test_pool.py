@@ -138,7 +138,8 @@ def test_crash_looping_actor_gives_a_clear_error(ray_local):
 
 def test_ties_spread_work_over_every_actor(ray_local):
     pool = ActorPool("spread", _spawner(ray_local, []), 2, max_inflight=2)
-    ray_local.get([h.__ray_ready__.remote() for h in pool.handles().values()])  # both up: no work waits on a start
+    # both up before the first item: an actor still starting takes no work
+    ray_local.get([h.__ray_ready__.remote() for h in pool.handles().values()])
     served = []
     for i in range(4):  # one item at a time: every actor is idle at each dispatch
         served.extend(v[0] for v in pool.map([(i, lambda a, i=i: a.work.remote(i))]).values())
