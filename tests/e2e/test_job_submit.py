@@ -160,7 +160,7 @@ def test_a_submitted_job_trains_and_segr1_scale_resizes_it(assets, ray_head, tmp
     refused; it then finishes its steps and succeeds, every step on current weights."""
     address, env = ray_head
     run_dir = tmp_path / "run"
-    steps = 40  # long enough for three `segr1 scale` calls (a few seconds each) while it runs
+    steps = 32  # long enough for three `segr1 scale` calls (a few seconds each) while it runs
     overrides = [
         *e2e_overrides(assets, run_dir),
         f"grpo.steps={steps}",

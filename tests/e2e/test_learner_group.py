@@ -91,6 +91,7 @@ def test_resume_from_two_ranks_to_one_and_back(killed_rank_run, assets, sft_poli
             f"learner.world_size={ranks}",
             *SMALL,
             "checkpoint.every=1",
+            "rollout.engine=hf",  # the learner's resume across world sizes; a transformers worker starts faster
             policy=sft_policy,
         )
         summary = run_training(more, resume=True)
@@ -106,7 +107,8 @@ def test_without_restarts_the_job_fails_with_one_message(assets, sft_policy, ray
     """learner.max_restarts=0: the CLI exits 1 and its last words name the rank, the step, the cause and the
     --resume command; no traceback from the cleanup."""
     ray = ray_job
-    extra = ["grpo.steps=4", "checkpoint.every=1", "learner.max_restarts=0"]
+    # the transformers engine: what is checked is the learner's failure message, and a vLLM worker starts slower
+    extra = ["grpo.steps=4", "checkpoint.every=1", "learner.max_restarts=0", "rollout.engine=hf"]
     overrides = [*e2e_overrides(assets, tmp_path, sft_policy), *extra]
     env = {
         **os.environ,

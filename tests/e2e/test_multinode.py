@@ -30,6 +30,17 @@ from tests.e2e.conftest import (
 pytestmark = pytest.mark.slow
 
 STEPS = 6
+# the async test preset, disaggregated, two workers per pool; the transformers engine: the replacement of a lost
+# worker is what is timed, and a new vLLM engine's start (4-13 s, far more on a loaded machine) would be most of the
+# 30 s bound, while the node loss and the weight-sync teardown do not depend on the engine (vLLM: bench/elastic.py)
+OVERRIDES = (
+    "placement.mode=disaggregated",
+    "grpo.mode=async",
+    f"grpo.steps={STEPS}",
+    "rollout.num_workers=2",
+    "reward.num_workers=2",
+    "rollout.engine=hf",
+)
 
 
 @pytest.fixture(scope="module")
@@ -88,18 +99,7 @@ def test_disaggregated_placement_and_a_lost_rollout_node_costs_seconds(cluster, 
     from cluster.placement import check_pool_resources
 
     c, nodes = cluster
-    over = (
-        "placement.mode=disaggregated",
-        "grpo.mode=async",
-        f"grpo.steps={STEPS}",
-        "rollout.num_workers=2",
-        "reward.num_workers=2",
-        # the transformers engine: the replacement of a lost worker is what is timed, and a new vLLM engine's
-        # start (4-13 s, far more on a loaded machine) would be most of the 30 s bound; the node loss and the
-        # weight-sync teardown do not depend on the engine (vLLM restarts: bench/elastic.py)
-        "rollout.engine=hf",
-    )
-    cfg = e2e_config(assets, tmp_path / "quiet", *over, policy=sft_policy)
+    cfg = e2e_config(assets, tmp_path / "quiet", *OVERRIDES, policy=sft_policy)
     with pytest.raises(ConfigError, match=r"segr1_reward: the worker group `reward` must advertise it"):
         check_pool_resources(cfg)  # no reward node yet: fails at once, not an actor pending forever
     nodes["reward"] = c.add_node(num_cpus=1, resources={"segr1_reward": 2})
@@ -120,7 +120,7 @@ def test_disaggregated_placement_and_a_lost_rollout_node_costs_seconds(cluster, 
     assert {p["pool"] for p in quiet["placement"].values()} == {"driver", "learner", "rollout", "reward"}
 
     run_dir = tmp_path / "lost"
-    cfg = e2e_config(assets, run_dir, *over, policy=sft_policy)
+    cfg = e2e_config(assets, run_dir, *OVERRIDES, policy=sft_policy)
     lost: dict = {}
 
     def remove_rollout_node() -> None:
