@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 STEPS = 6
 # the async test preset, disaggregated, two workers per pool; the transformers engine: the replacement of a lost
 # worker is what is timed, and a new vLLM engine's start (4-13 s, far more on a loaded machine) would be most of the
-# 30 s bound, while the node loss and the weight-sync teardown do not depend on the engine (vLLM: bench/elastic.py)
+# 30 s bound, while the node loss and the weight-sync teardown do not depend on the engine
 OVERRIDES = (
     "placement.mode=disaggregated",
     "grpo.mode=async",
