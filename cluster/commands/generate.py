@@ -83,6 +83,8 @@ def _image(args: argparse.Namespace):
 
     from runtime.images import resize_for_policy
 
+    if not args.image.strip():
+        raise CommandError("--image is empty: give the path of an image file (or --prompt for text only)", 2)
     path = Path(args.image)
     try:
         return resize_for_policy(path.read_bytes(), args.image_size)
@@ -122,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--instruction goes with --image; with --prompt the prompt is the instruction", 2)
     instruction = args.prompt if args.prompt is not None else (args.instruction or FOREGROUND_INSTRUCTION)
     request = _request(args, instruction)
-    image = _image(args) if args.image else None
+    image = _image(args) if args.image is not None else None  # --image "" is an error, not text-only
     engine = _engine(args)
     if image is not None and not engine.is_vision_language:
         raise CommandError(f"{args.model} is a text-only model: use --prompt TEXT instead of --image", 2)

@@ -273,6 +273,8 @@ def test_generate_command_prints_json(tiny_text_model_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(tiny_text_model_dir), "--image", str(image), "--n", "2"]) == 2
     assert "text-only model" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert main(["generate", "--model", str(tiny_text_model_dir), "--image", "", "--n", "1"]) == 2
+    assert "--image is empty" in capsys.readouterr().err  # not silently a text-only prompt
 
 
 def test_vl_engine_takes_checkpoint_names_and_in_memory_names(vl_engine):
