@@ -50,8 +50,7 @@ from cluster.driver_state import (
 from cluster.elastic import Elastic
 from cluster.learner_group import LearnerGroup
 from cluster.placement import Placement
-from cluster.pool import DEATH as _DEATH
-from cluster.pool import ActorPool, WorkFailed
+from cluster.pool import DEATH, ActorPool, WorkFailed
 from cluster.recovery import run_with_recovery
 from cluster.sync_step import fill_batch
 from cluster.topology import Workers, make_reward_pool, make_rollout_pool
@@ -339,7 +338,7 @@ class TrainDriver:
         if isinstance(err, StaleWeightsError):
             try:
                 ray.get(self.weights.on_start(handle))
-            except _DEATH:  # it died catching up: the retry finds it dead and the pool replaces it
+            except DEATH:  # it died catching up: the retry finds it dead and the pool replaces it
                 pass
             return True
         return False

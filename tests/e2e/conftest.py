@@ -2,8 +2,9 @@
 session in a temporary folder, plus helpers to configure and observe a training run.
 
 Every run uses cluster/configs/demo.yaml (GrabCut, the learner) with the sizes overridden down to seconds per step
-and one worker per pool unless a test asks for two. Runs share the session's local Ray (tests/conftest.py `ray_local`); each
-test's named actors are killed afterwards, so a failed test cannot block the next one's actor names.
+and one worker per pool unless a test asks for two. Runs share the session's local Ray (tests/conftest.py
+`ray_local`); each test's named actors are killed afterwards, so a failed test cannot block the next one's actor
+names.
 """
 
 from __future__ import annotations
@@ -286,7 +287,6 @@ def sync_run(assets, sft_policy, e2e_ray, tmp_path_factory):
         "grpo.group_size=8",
         "rollout.num_workers=2",  # the demo's pools: two of each, one weight-sync group of three
         "reward.num_workers=2",
-        "metrics.trackers=[jsonl,tensorboard]",
         f"metrics.image_every={IMAGE_EVERY}",
         "metrics.image_samples=2",
         *RISE_OVERRIDES,
