@@ -1,6 +1,8 @@
 """Metrics of the rollout actors (declared once; runtime/metrics.py records them locally and forwards to Ray).
 
 Ray exports each as `ray_<name>` (counters with `_total`); docs/rollout.md lists them with their labels.
+The throughput counters carry `purpose` (train | val | eval, protos.Purpose): the dashboard's training throughput
+reads purpose="train" only, so validation (eval.every) never moves it.
 """
 
 from __future__ import annotations
@@ -10,14 +12,14 @@ from runtime.metrics import SECONDS_BUCKETS, counter, gauge, histogram
 TOKENS = counter(
     "segr1_rollout_tokens",
     "Completion tokens generated (stop tokens included), summed over the G completions of every group.",
-    labels=("worker",),
+    labels=("worker", "purpose"),
 )
 PROMPT_TOKENS = counter(
     "segr1_rollout_prompt_tokens",
     "Prompt tokens (image tokens included) of the requests generated, counted once per request.",
-    labels=("worker",),
+    labels=("worker", "purpose"),
 )
-GROUPS = counter("segr1_rollout_groups", "Rollout groups (requests) answered.", labels=("worker",))
+GROUPS = counter("segr1_rollout_groups", "Rollout groups (requests) answered.", labels=("worker", "purpose"))
 TOKENS_PER_SECOND = gauge(
     "segr1_rollout_tokens_per_second",
     "Completion tokens per second of the worker's last generate call.",

@@ -120,7 +120,7 @@ class RolloutWorker:
         elapsed = time.perf_counter() - t0
         if batch.policy_version < needed:  # versions only increase; a broken engine would be caught here
             raise StaleWeightsError(self.name, batch.policy_version, needed)
-        self._record(batch, elapsed)
+        self._record(requests, batch, elapsed)
         return [
             RolloutGroup(
                 group_id=req.request_id,
@@ -132,6 +132,7 @@ class RolloutWorker:
                 prompt_token_ids=prompt_ids,  # one list per group: the G completions share the prompt
                 worker=self.name,
                 generate_s=elapsed,
+                purpose=req.purpose,
             )
             for req, comps, prompt_ids in zip(
                 requests, batch.completions, batch.prompt_token_ids, strict=True
@@ -150,11 +151,14 @@ class RolloutWorker:
             self._in_flight += delta
             M.REQUESTS_IN_FLIGHT.set(self._in_flight, worker=self.name)
 
-    def _record(self, batch: GenerationBatch, elapsed: float) -> None:
-        tokens = sum(len(c.token_ids) for group in batch.completions for c in group)
-        M.TOKENS.inc(tokens, worker=self.name)
-        M.PROMPT_TOKENS.inc(sum(batch.prompt_tokens), worker=self.name)
-        M.GROUPS.inc(len(batch.completions), worker=self.name)
+    def _record(self, requests: list[RolloutRequest], batch: GenerationBatch, elapsed: float) -> None:
+        tokens = 0
+        for req, group, prompt_tokens in zip(requests, batch.completions, batch.prompt_tokens, strict=True):
+            n = sum(len(c.token_ids) for c in group)
+            tokens += n
+            M.TOKENS.inc(n, worker=self.name, purpose=req.purpose)
+            M.PROMPT_TOKENS.inc(prompt_tokens, worker=self.name, purpose=req.purpose)
+            M.GROUPS.inc(worker=self.name, purpose=req.purpose)
         M.GENERATE_SECONDS.observe(elapsed, worker=self.name)
         M.TOKENS_PER_SECOND.set(tokens / elapsed if elapsed > 0 else 0.0, worker=self.name)
         M.POLICY_VERSION.set(batch.policy_version, worker=self.name)

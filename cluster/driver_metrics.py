@@ -1,5 +1,5 @@
-"""Metrics of the training driver: the accounting of every group (generated = trained + dropped_stale +
-filtered, lost = 0), the staleness of what was trained and the latest validation (cluster/validation.py),
+"""Metrics of the training driver: the accounting of every training group (generated = trained + dropped_stale +
+filtered, lost = 0; validation's groups are not among them: the pools count those under purpose="val"), the staleness of what was trained and the latest validation (cluster/validation.py),
 exported through Ray like every pool's; and the line metrics.jsonl gets per step (`step_line`: pool figures plus
 the learner's StepStats)."""
 
@@ -81,6 +81,10 @@ AUTOSCALE_REQUESTED = gauge(
     ("pool",),
 )
 VAL_STEP = gauge("segr1_driver_val_step", "Optimiser step of the latest validation.")
+VAL_SECONDS = gauge("segr1_driver_val_seconds", "Validation: wall time of the latest validation.")
+VALIDATIONS = counter(
+    "segr1_driver_validations", "Validations written (one metrics.jsonl line with val/* each)."
+)
 
 
 def step_line(

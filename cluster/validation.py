@@ -3,7 +3,8 @@
 Every `eval.every` optimiser steps (and before the first one with `eval.before_train`) the driver calls
 `Validator.maybe_start(step, version)`: the subset's requests (temperature 0, G=2 as in cluster/evaluation/loop.py,
 `min_policy_version` = the learner's version) go into the SAME rollout pool as the training chunks, keyed by
-`ValChunk`, so they interleave with training work; nothing is drained for them. The driver's `_pump` hands every
+`ValChunk`, so they interleave with training work; nothing is drained for them. They are requests of purpose
+"val": the pools count them under purpose="val", apart from training throughput. The driver's `_pump` hands every
 pool result to `Validator.take` first: a finished validation rollout goes on to the reward pool (RewardWorker.predict,
 the masks of the evaluation path), a finished prediction is stored. When a run's last chunk is in, the samples are
 scored with cluster/evaluation/loop.py's `score_chunk` and `summarize` (the definitions of the demo's eval.json) and
@@ -164,6 +165,7 @@ class Validator:
                     request_id=f"val{step}-{start + k}",
                     seed=s["seed"] + start + k,
                     min_policy_version=version,
+                    purpose="val",
                 )
                 for k, sample in enumerate(part)
             ]
@@ -233,6 +235,8 @@ class Validator:
             if line[m] is not None:
                 gauge.set(line[m])
         DM.VAL_STEP.set(run.step)
+        DM.VAL_SECONDS.set(line["val/seconds"])
+        DM.VALIDATIONS.inc()
         self._keep_if_best(run.step, line)
 
     def _keep_if_best(self, step: int, line: dict) -> None:

@@ -19,6 +19,11 @@ from protos.dataset import Sample
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
+Purpose = Literal["train", "val", "eval"]
+"""What a rollout is for: a training group ("train"), validation while training ("val", eval.every) or an
+evaluation job ("eval", `segr1 eval`). It travels on RolloutRequest and RolloutGroup, and the pools' throughput
+metrics carry it as their `purpose` label, so training throughput never counts validation or evaluation work."""
+
 ZERO_VARIANCE_TOL = 1e-9
 """Rewards of one group whose spread (max - min) is below this count as equal: every group-relative advantage
 is 0, the group teaches nothing (ScoredGroup.zero_variance; learner/grpo.py gives such groups zeros)."""
@@ -56,6 +61,7 @@ class RolloutRequest(BaseModel):
     )
     sampling: SamplingConfig = SamplingConfig()
     min_policy_version: int = Field(0, ge=0, description="The worker must hold at least this version.")
+    purpose: Purpose = Field("train", description="train | val | eval: the `purpose` label of its metrics.")
 
     @classmethod
     def for_sample(
@@ -67,6 +73,7 @@ class RolloutRequest(BaseModel):
         request_id: str,
         seed: int | None = None,
         min_policy_version: int = 0,
+        purpose: Purpose = "train",
     ) -> RolloutRequest:
         """The request for `sample` (its id, instruction and task). `sampling`: a SamplingConfig or any object with
         its fields (the rollout config's sampling section); `seed`, when given, replaces its seed."""
@@ -81,6 +88,7 @@ class RolloutRequest(BaseModel):
             group_size=group_size,
             sampling=base,
             min_policy_version=min_policy_version,
+            purpose=purpose,
         )
 
 
@@ -125,6 +133,7 @@ class RolloutGroup(BaseModel):
     )
     worker: str = Field("", description="Name of the rollout actor that generated the group.")
     generate_s: float = Field(0.0, ge=0.0)
+    purpose: Purpose = Field("train", description="Its request's purpose (train | val | eval).")
 
     @field_validator("completions")
     @classmethod

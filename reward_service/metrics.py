@@ -1,6 +1,7 @@
 """Metrics of the reward service (declared once; runtime/metrics.py records them locally and forwards to Ray).
 
-Ray exports each as `ray_<name>`; docs/reward.md lists them with their labels.
+Ray exports each as `ray_<name>`; docs/reward.md lists them with their labels. The throughput counters carry
+`purpose` (the groups' protos.Purpose): `score` serves training, `predict` validation while training.
 """
 
 from __future__ import annotations
@@ -9,10 +10,15 @@ from runtime.metrics import REWARD_BUCKETS, SECONDS_BUCKETS, counter, gauge, his
 
 MASKS_SCORED = counter(
     "segr1_reward_masks_scored",
-    "Completions scored (one predicted mask each, OR of its prompts' masks; unparsable ones included).",
-    labels=("worker",),
+    "Completions segmented (one predicted mask each, OR of its prompts' masks; unparsable ones included): "
+    "scored for training (purpose train), predicted for validation (purpose val).",
+    labels=("worker", "purpose"),
 )
-GROUPS_SCORED = counter("segr1_reward_groups_scored", "Rollout groups scored.", labels=("worker",))
+GROUPS_SCORED = counter(
+    "segr1_reward_groups_scored",
+    "Rollout groups scored (purpose train) or predicted (purpose val).",
+    labels=("worker", "purpose"),
+)
 PARSE_FAILURES = counter(
     "segr1_reward_parse_failures",
     "Completions that failed the format check, by reason (reward_service.parser.FAILURE_REASONS), plus "

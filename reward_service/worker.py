@@ -100,14 +100,18 @@ class RewardWorker:
                 out.append(next(scored))
             else:
                 out.append(self._failed_group(r, "bad_request"))
-                m.GROUPS_SCORED.inc(worker=self.name)
+                m.GROUPS_SCORED.inc(worker=self.name, purpose=r.purpose)
         return out
 
     def predict(self, groups: list[RolloutGroup], *samples: Sample) -> list[list[CompletionPrediction]]:
         """The Predictor's masks of each completion (evaluation's entry point, e.g. validation while training
         through the reward pool); one call at a time with scoring, on the same segmenter."""
         with self._lock:
-            return self.predictor.predict(groups, *samples)
+            out = self.predictor.predict(groups, *samples)
+        for group, preds in zip(groups, out, strict=True):
+            m.GROUPS_SCORED.inc(worker=self.name, purpose=group.purpose)
+            m.MASKS_SCORED.inc(len(preds), worker=self.name, purpose=group.purpose)
+        return out
 
     def score_requests(self, requests: list[RewardRequest]) -> list[GroupScores]:
         self._queue_depth(+len(requests))
@@ -118,8 +122,10 @@ class RewardWorker:
             logger.exception(
                 "%s: scoring %d groups failed; they score 0 (internal_error)", self.name, len(requests)
             )
-            m.GROUPS_SCORED.inc(len(requests), worker=self.name)
-            return [self._failed_group(r.group, "internal_error") for r in requests]
+            out = [self._failed_group(r.group, "internal_error") for r in requests]
+            for r in requests:
+                m.GROUPS_SCORED.inc(worker=self.name, purpose=r.group.purpose)
+            return out
         finally:
             self._queue_depth(-len(requests))
 
@@ -134,7 +140,8 @@ class RewardWorker:
         m.ENCODE_SECONDS.observe(encode_s, worker=self.name)
         m.DECODE_SECONDS.observe(decode_s, worker=self.name)
         m.TOTAL_SECONDS.observe(total_s, worker=self.name)
-        m.GROUPS_SCORED.inc(len(out), worker=self.name)
+        for job in jobs:
+            m.GROUPS_SCORED.inc(worker=self.name, purpose=job.request.group.purpose)
         return out
 
     def _prepare_all(self, requests: list[RewardRequest]) -> list[_Job]:
@@ -173,18 +180,18 @@ class RewardWorker:
             box_scores = box_terms((p.box for p in parsed.prompts), job.truth)
             rewards = combine(parsed.ok, iou_s, weights, box_scores)
             scores.append(CompletionReward(rewards=rewards, parse_ok=parsed.ok, parse_failure=parsed.failure))
-            self._record(rewards, parsed.failure)
+            self._record(rewards, parsed.failure, group.purpose)
         return GroupScores(group_id=group.group_id, scores=scores, reward_worker=self.name)
 
     def _failed_group(self, group: RolloutGroup, reason: str) -> GroupScores:
         scores = []
         for _ in group.completions:
             scores.append(CompletionReward(rewards=zero_rewards(), parse_ok=False, parse_failure=reason))
-            self._record(scores[-1].rewards, reason)
+            self._record(scores[-1].rewards, reason, group.purpose)
         return GroupScores(group_id=group.group_id, scores=scores, reward_worker=self.name)
 
-    def _record(self, rewards, failure: str | None) -> None:
-        m.MASKS_SCORED.inc(worker=self.name)
+    def _record(self, rewards, failure: str | None, purpose: str) -> None:
+        m.MASKS_SCORED.inc(worker=self.name, purpose=purpose)
         if failure is not None:
             m.PARSE_FAILURES.inc(worker=self.name, reason=failure)
         for term in m.TERMS:

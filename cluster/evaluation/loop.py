@@ -130,7 +130,12 @@ def make_requests(
         task_sampling = SamplingConfig(**{**sampling.model_dump(), "max_tokens": limit})
         out.append(
             RolloutRequest.for_sample(
-                s, group_size, task_sampling, request_id=f"eval-{start + k}", seed=seed + start + k
+                s,
+                group_size,
+                task_sampling,
+                request_id=f"eval-{start + k}",
+                seed=seed + start + k,
+                purpose="eval",
             )
         )
     return out

@@ -119,19 +119,26 @@ def _workers(metric: str) -> str:
     return f"count (count by (worker) ({metric}{sel()}))"
 
 
+# The pools' throughput counters carry `purpose`: training panels read "train" only, the Validation row "val".
+TRAIN, VAL = {"purpose": "train"}, {"purpose": "val"}
+
+
 def reward_throughput_row() -> Row:
     masks, groups = "ray_segr1_reward_masks_scored_total", "ray_segr1_reward_groups_scored_total"
     return Row(
-        "Reward throughput",
+        "Reward throughput (training)",
         [
             _stat(
                 "Masks / s",
-                rate(masks),
+                rate(masks, **TRAIN),
                 "cps",
-                "Completions scored per second (one mask each), whole reward pool.",
+                "Training completions scored per second (one mask each), whole reward pool; validation apart.",
             ),
             _stat(
-                "Groups / s", rate(groups), "cps", "Groups (G completions of one image) scored per second."
+                "Groups / s",
+                rate(groups, **TRAIN),
+                "cps",
+                "Training groups (G completions of one image) scored per second.",
             ),
             _stat(
                 "Mean total reward",
@@ -142,18 +149,23 @@ def reward_throughput_row() -> Row:
             _stat("Reward workers", _workers("ray_segr1_reward_queue_depth"), "short", "Live reward actors."),
             Panel(
                 "Masks / s and groups / s",
-                [(rate(masks), "masks/s"), (rate(groups), "groups/s")],
+                [(rate(masks, **TRAIN), "masks/s"), (rate(groups, **TRAIN), "groups/s")],
                 "cps",
                 width=12,
             ),
-            Panel("Masks / s per reward worker", [(rate(masks, "worker"), "{{worker}}")], "cps", width=12),
+            Panel(
+                "Masks / s per reward worker",
+                [(rate(masks, "worker", **TRAIN), "{{worker}}")],
+                "cps",
+                width=12,
+            ),
         ],
     )
 
 
 def reward_quality_row() -> Row:
     failures = rate("ray_segr1_reward_parse_failures_total", "reason")
-    scored = rate("ray_segr1_reward_masks_scored_total")
+    scored = rate("ray_segr1_reward_masks_scored_total", **TRAIN)  # parse failures: the score path only
     stages = [(stage, f"ray_segr1_reward_{stage}_seconds") for stage in ("encode", "decode", "total")]
     return Row(
         "Reward quality",
@@ -190,9 +202,10 @@ def rollout_row() -> Row:
             Panel(
                 "Tokens / s",
                 [
-                    (rate("ray_segr1_rollout_tokens_total"), "all workers"),
-                    (rate("ray_segr1_rollout_tokens_total", "worker"), "{{worker}}"),
+                    (rate("ray_segr1_rollout_tokens_total", **TRAIN), "all workers"),
+                    (rate("ray_segr1_rollout_tokens_total", "worker", **TRAIN), "{{worker}}"),
                 ],
+                description="Completion tokens of training rollouts per second (validation apart).",
             ),
             Panel(
                 "Requests in flight per worker",
@@ -231,6 +244,40 @@ def rollout_row() -> Row:
                     (rate("ray_segr1_driver_groups_filtered_total"), "filtered (zero variance)"),
                 ],
                 "cps",
+            ),
+        ],
+    )
+
+
+def validation_row() -> Row:
+    """Validation while training (eval.every): its own throughput (purpose="val") and its latest results."""
+    return Row(
+        "Validation",
+        [
+            Panel(
+                "Validation throughput",
+                [
+                    (rate("ray_segr1_rollout_groups_total", **VAL), "rollout groups/s"),
+                    (rate("ray_segr1_rollout_tokens_total", **VAL), "rollout tokens/s"),
+                    (rate("ray_segr1_reward_masks_scored_total", **VAL), "masks/s"),
+                ],
+                "cps",
+                description="Greedy validation rollouts and their masks, in the same pools as training.",
+            ),
+            Panel(
+                "Latest validation",
+                [
+                    (last("ray_segr1_driver_val_mean_iou"), "mean IoU"),
+                    (last("ray_segr1_driver_val_s_measure"), "S-measure"),
+                    (last("ray_segr1_driver_val_parse_rate"), "parse rate"),
+                ],
+                description="Results of the latest validation on the data.eval subset.",
+            ),
+            Panel(
+                "Validation seconds",
+                [(last("ray_segr1_driver_val_seconds"), "seconds")],
+                "s",
+                description="Wall time of the latest validation (interleaved with training work).",
             ),
         ],
     )
@@ -376,11 +423,12 @@ def scaling_row() -> Row:
 
 
 def rows() -> list[Row]:
-    """Top to bottom: reward throughput first, then quality, rollout, learner, weight sync, health, scaling."""
+    """Top to bottom: reward throughput, quality, rollout, validation, learner, weight sync, health, scaling."""
     return [
         reward_throughput_row(),
         reward_quality_row(),
         rollout_row(),
+        validation_row(),
         learner_row(),
         weight_sync_row(),
         health_row(),

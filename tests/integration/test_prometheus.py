@@ -7,6 +7,10 @@ demo.yaml, tiny test-preset policy, tiny synthetic set, GrabCut rewards) in a ch
 its own (the session's `ray_local` may already be up in this process, without a metrics port) and keeps it up
 after training until the test has read Prometheus, so the last export is scraped. The queries are the shipped
 Grafana dashboard's own (cluster/grafana/segr1.json), with its variables filled in as Grafana would.
+
+The run validates before its first step and every VAL_EVERY steps; after the stop, every count Prometheus holds
+is compared exactly with summary.json and metrics.jsonl, training (purpose="train") and validation
+(purpose="val") apart, so the test holds however many steps and validations a machine's speed allowed.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "cluster" / "configs" / "demo.yaml"
 DASHBOARD = REPO / "cluster" / "grafana" / "segr1.json"
 MAX_STEPS, BATCH, GROUP = 500, 4, 4  # the test stops the run once Prometheus has seen it
+# validation before the first step and every VAL_EVERY steps: greedy, G=2 (cluster/evaluation/loop.py)
+VAL_SAMPLES, VAL_GROUP, VAL_EVERY = 4, 2, 2
 
 pytestmark = [
     pytest.mark.slow,
@@ -184,6 +190,9 @@ def training(
         "rollout.engine=hf",  # the metrics path is the engine's neither; a transformers worker starts faster
         "rollout.num_workers=1",
         "reward.num_workers=1",
+        "eval.before_train=true",
+        f"eval.every={VAL_EVERY}",
+        f"eval.samples={VAL_SAMPLES}",
         f"checkpoint.dir={tmp_path / 'checkpoints'}",
         f"metrics.run_dir={tmp_path / 'run'}",
         f"metrics.port={metrics_port}",
@@ -294,21 +303,52 @@ def test_prometheus_scrapes_reward_throughput_of_a_local_training_run(prometheus
     summary = _wait_summary(proc, summary_path, log, timeout_s=60)
     assert summary["steps"] >= 1 and summary["groups_lost"] == 0 and summary["groups_failed"] == 0, summary
     groups = summary["groups_generated"]
-    assert groups == summary["steps"] * BATCH, summary
-    # 3. every group and mask the run produced reaches Prometheus, counted once
+    assert groups == summary["steps"] * BATCH == summary["groups_trained"], summary
+    # 3. every group and mask the run produced reaches Prometheus, counted once, under its purpose: exact counts
+    # from summary.json and metrics.jsonl, whatever number of steps and validations ran before the stop
+    vals = [
+        row for row in _jsonl(Path(summary_path).parent / "run" / "metrics.jsonl") if "val/samples" in row
+    ]
+    assert [row["step"] for row in vals] == list(range(0, summary["steps"] + 1, VAL_EVERY)), vals
+    val_groups = sum(row["val/samples"] for row in vals)  # every sample generated once (no fault in this run)
+    assert val_groups == len(vals) * VAL_SAMPLES, vals
+
+    expected = _expected_counts(groups, val_groups, len(vals))
     totals = _poll(
         prometheus,
-        {
-            "masks_scored": ("sum(ray_segr1_reward_masks_scored_total)", lambda v: v == groups * GROUP),
-            "groups_scored": ("sum(ray_segr1_reward_groups_scored_total)", lambda v: v == groups),
-            "rollout_groups": ("sum(ray_segr1_rollout_groups_total)", lambda v: v == groups),
-            "driver_groups_trained": ("sum(ray_segr1_driver_groups_trained_total)", lambda v: v == groups),
-        },
+        {k: (expr, lambda v, n=n: v == n) for k, (expr, n) in expected.items()},
         timeout_s=30,
         proc=proc,
         log=log,
     )
     print(
         f"\nprometheus after {t_live:.1f} s of training: {json.dumps(live)}; "
-        f"after the stop ({summary['steps']} steps): {json.dumps(totals)}"
+        f"after the stop ({summary['steps']} steps, {len(vals)} validations): {json.dumps(totals)}"
     )
+
+
+def _expected_counts(groups: int, val_groups: int, validations: int) -> dict[str, tuple[str, int]]:
+    """name -> (PromQL of a total, its exact value): training and validation work counted apart (`purpose`)."""
+
+    def count(series: str, purpose: str | None = None) -> str:
+        return f'sum({series}{{purpose="{purpose}"}})' if purpose else f"sum({series})"
+
+    rollout, masks, scored = (
+        "ray_segr1_rollout_groups_total",
+        "ray_segr1_reward_masks_scored_total",
+        "ray_segr1_reward_groups_scored_total",
+    )
+    return {
+        "rollout_groups": (count(rollout, "train"), groups),
+        "masks_scored": (count(masks, "train"), groups * GROUP),
+        "groups_scored": (count(scored, "train"), groups),
+        "driver_groups_trained": (count("ray_segr1_driver_groups_trained_total"), groups),
+        "val_rollout_groups": (count(rollout, "val"), val_groups),
+        "val_masks": (count(masks, "val"), val_groups * VAL_GROUP),
+        "val_groups": (count(scored, "val"), val_groups),
+        "validations": (count("ray_segr1_driver_validations_total"), validations),
+    }
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

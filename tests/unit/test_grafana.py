@@ -16,9 +16,10 @@ import yaml
 from cluster.grafana import dashboard as dash
 
 ROWS = [
-    "Reward throughput",
+    "Reward throughput (training)",
     "Reward quality",
     "Rollout",
+    "Validation",
     "Learner",
     "Weight sync",
     "Per-worker health",
@@ -120,6 +121,36 @@ def test_rows_in_order_with_reward_throughput_on_top():
     for metric in (MASKS_SCORED, GROUPS_SCORED):
         (series,) = dash.exported_names(metric.name, metric.kind)
         assert f"rate({series}{{" in top, f"the top row shows no rate of {metric.name}"
+
+
+def _rows_with_exprs() -> dict[str, list[str]]:
+    """Row title -> the PromQL of every panel under it."""
+    out: dict[str, list[str]] = {}
+    row = ""
+    for p in _panels():
+        if p["type"] == "row":
+            row = p["title"]
+            continue
+        out.setdefault(row, []).extend(t["expr"] for t in p["targets"])
+    return out
+
+
+def test_training_panels_count_training_work_only_and_validation_has_its_own():
+    """Every series with a `purpose` label (the pools' throughput counters) is filtered to purpose="train" outside
+    the Validation row, and to purpose="val" inside it: the training throughput panels do not move with
+    eval.every, and validation throughput is visible on its own."""
+    exported = _exported()
+    with_purpose = {n for n, m in exported.items() if "purpose" in m.labels}
+    assert {"ray_segr1_rollout_groups_total", "ray_segr1_reward_masks_scored_total"} <= with_purpose
+    seen = {"train": 0, "val": 0}
+    for row, exprs in _rows_with_exprs().items():
+        want = "val" if row == "Validation" else "train"
+        for expr in exprs:
+            for m in re.finditer(r"([a-zA-Z_:][\w:]*)\{([^}]*)\}", expr):
+                if m.group(1) in with_purpose:
+                    assert f'purpose="{want}"' in m.group(2), f"{row}: {m.group(0)} lacks purpose={want}"
+                    seen[want] += 1
+    assert seen["train"] >= 5 and seen["val"] >= 3, seen
 
 
 def test_grid_has_no_overlaps():

@@ -179,8 +179,8 @@ def test_metrics_are_recorded(cfg):
     s0, _, _ = _sample("s0", 0)
     worker = RewardWorker(cfg.policy_spec(), cfg.reward, name="w-metrics")
     worker.score([_group("s0", TEXTS), _group("s0", TEXTS[:2])], s0, s0)
-    assert m.MASKS_SCORED.value(worker="w-metrics") == 6
-    assert m.GROUPS_SCORED.value(worker="w-metrics") == 2
+    assert m.MASKS_SCORED.value(worker="w-metrics", purpose="train") == 6
+    assert m.GROUPS_SCORED.value(worker="w-metrics", purpose="train") == 2
     assert m.REWARD.value(worker="w-metrics", term="total") == 6
     assert m.REWARD.value(worker="w-metrics", term="iou") == 6
     assert m.ENCODE_SECONDS.value(worker="w-metrics") == 1
@@ -230,3 +230,19 @@ def test_scores_travel_without_the_group_and_join_it_by_id(cfg):
     assert joined[0].decode_s == out[0].decode_s > 0 and joined[1].reward_worker == "w-join"
     with pytest.raises(ValueError, match="'b' joined with RolloutGroup 'a'"):
         ScoredGroup.join(groups[0], out[1])
+
+
+def test_throughput_is_counted_under_each_groups_purpose(cfg):
+    """Training groups (score) and validation groups (predict) are counted apart: the dashboard's training
+    throughput reads purpose="train" only, so validation never moves it."""
+    s0, _, _ = _sample("s0", 0)
+    worker = RewardWorker(cfg.policy_spec(), cfg.reward, name="w-purpose")
+    worker.score([_group("s0", TEXTS)], s0)
+    val = _group("s0", TEXTS[:2]).model_copy(update={"purpose": "val"})
+    preds = worker.predict([val, val], s0, s0)
+    assert [len(p) for p in preds] == [2, 2]
+    by = {p: m.MASKS_SCORED.value(worker="w-purpose", purpose=p) for p in ("train", "val")}
+    assert by == {"train": 4, "val": 4}
+    assert m.GROUPS_SCORED.value(worker="w-purpose", purpose="train") == 1
+    assert m.GROUPS_SCORED.value(worker="w-purpose", purpose="val") == 2
+    assert m.REWARD.value(worker="w-purpose", term="total") == 4  # rewards: training completions only

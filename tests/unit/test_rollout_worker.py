@@ -77,9 +77,24 @@ def _request(sample: Sample, min_version: int = 0, g: int = 3) -> RolloutRequest
     )
 
 
+def test_each_request_is_counted_under_its_purpose(worker):
+    """A validation request (purpose "val") beside a training one: each group carries its request's purpose and
+    the throughput counters count each under it (the dashboard's training panels read purpose="train")."""
+    samples = [_sample(3), _sample(4)]
+    requests = [_request(samples[0]), _request(samples[1]).model_copy(update={"purpose": "val"})]
+    before = {p: M.GROUPS.value(worker="rollout-test", purpose=p) for p in ("train", "val")}
+    tokens = {p: M.TOKENS.value(worker="rollout-test", purpose=p) for p in ("train", "val")}
+    groups = worker.generate(requests, *samples)
+    assert [g.purpose for g in groups] == ["train", "val"]
+    for p, g in zip(("train", "val"), groups, strict=True):
+        assert M.GROUPS.value(worker="rollout-test", purpose=p) - before[p] == 1
+        generated = sum(len(c.token_ids) for c in g.completions)
+        assert M.TOKENS.value(worker="rollout-test", purpose=p) - tokens[p] == generated
+
+
 def test_generate_stamps_groups(worker):
     samples = [_sample(0), _sample(1, size=(40, 120))]
-    tokens_before = M.TOKENS.value(worker="rollout-test")
+    tokens_before = M.TOKENS.value(worker="rollout-test", purpose="train")
     groups = worker.generate([_request(s) for s in samples], *samples)
     assert [g.group_id for g in groups] == ["req-s-0", "req-s-1"]
     assert [g.sample_id for g in groups] == ["s-0", "s-1"]
@@ -87,7 +102,7 @@ def test_generate_stamps_groups(worker):
         assert g.worker == "rollout-test" and g.policy_version == worker.policy_version == 0
         assert g.group_size == 3 and g.prompt_tokens > 4 and g.generate_s > 0
     generated = sum(len(c.token_ids) for g in groups for c in g.completions)
-    assert M.TOKENS.value(worker="rollout-test") - tokens_before == generated
+    assert M.TOKENS.value(worker="rollout-test", purpose="train") - tokens_before == generated
     assert M.REQUESTS_IN_FLIGHT.value(worker="rollout-test") == 0
     assert M.POLICY_VERSION.value(worker="rollout-test") == 0
     assert M.GENERATE_SECONDS.value(worker="rollout-test") >= 1
