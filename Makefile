@@ -61,6 +61,7 @@ bench: $(STAMP)
 	$(PY) bench/reward_throughput.py --quick --device cpu --out bench/results/reward_throughput.json
 	$(PY) bench/rollout_throughput.py --quick --out bench/results/rollout_throughput.json
 	$(PY) bench/weight_sync.py --quick --out bench/results/weight_sync.json
+	$(PY) bench/parser_speed.py --out bench/results/parser_speed.json
 	$(PY) bench/e2e.py --quick --out bench/results/e2e.json
 
 # Every GPU path and GPU figure in one run of at most 8 minutes (docs/gpu.md); without CUDA the CPU mode with tiny

@@ -1,10 +1,14 @@
 """The GPU check end to end in its CPU mode (`python bench/gpu_check.py --device cpu --tiny`, what `make
-gpu-check` runs without CUDA): every part runs or is skipped with its reason, the ok ones measured positive
-figures, and the JSON says what ran where. About a minute on 2 cores."""
+gpu-check` runs without CUDA): every part that can run on a CPU ran (status ok, not skipped), the ones that need
+CUDA (or an optional package absent here) are skipped with that reason, each ok part measured its figures, and
+the JSON says what ran where. Speeds and ratios are the benchmark's output, not checked here. About a minute on
+2 cores."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +20,24 @@ from bench.gpu.runner import PARTS
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _expected() -> dict[str, tuple[str, str]]:
+    """Part -> (status, what its skip reason names) on a machine without CUDA. Meta's sam2 is an optional extra
+    (not in `make install`'s venv): its part runs where the package imports."""
+    meta_sam2 = ("ok", "") if importlib.util.find_spec("sam2") else ("skipped", "sam2 does not import")
+    return {
+        "environment": ("ok", ""),
+        "policy": ("ok", ""),
+        "reward_hf_sam2": ("ok", ""),
+        "learner_step": ("ok", ""),
+        "rollout_hf": ("ok", ""),
+        "ipc_publish": ("skipped", "CUDA"),
+        "reward_meta_sam2": meta_sam2,
+        "pytest_gpu": ("skipped", "no CUDA here"),
+    }
+
+
 @pytest.mark.slow
-def test_cpu_mode_runs_every_part(tmp_path):
+def test_cpu_mode_runs_every_part_it_can(tmp_path):
     done = subprocess.run(
         [sys.executable, "bench/gpu_check.py", "--device", "cpu", "--tiny", "--out", str(tmp_path)],
         cwd=REPO,
@@ -28,20 +48,23 @@ def test_cpu_mode_runs_every_part(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check-cpu-tiny.json").read_text())
     assert report["mode"] == "cpu-tiny" and report["complete"] and "ray" in report["hidden_packages"]
-    assert list(report["parts"]) == [s.name for s in PARTS]
+    expected = _expected()
+    assert list(report["parts"]) == [s.name for s in PARTS] == list(expected)  # a new part is classified here
+    statuses = {name: part["status"] for name, part in report["parts"].items()}
+    assert statuses == {name: status for name, (status, _) in expected.items()}, {
+        name: part.get("reason") for name, part in report["parts"].items()
+    }
     for name, part in report["parts"].items():
-        assert part["status"] in ("ok", "skipped"), (name, part.get("reason"), part.get("traceback"))
-        assert part["seconds"] > 0
-        if part["status"] == "ok":
-            assert part["figures"] and all(v > 0 for v in part["figures"].values()), (name, part["figures"])
+        assert part["seconds"] > 0, name
+        if part["status"] == "ok":  # measured: every figure a positive number (their size is bench output)
+            figures = part["figures"]
+            assert figures and all(math.isfinite(v) and v > 0 for v in figures.values()), (name, figures)
         else:
-            assert part["reason"], name
+            assert expected[name][1] in part["reason"], (name, part["reason"])
     parts = report["parts"]
-    for name in ("environment", "policy", "reward_hf_sam2", "learner_step", "rollout_hf"):
-        assert parts[name]["status"] == "ok", name
-    assert parts["reward_hf_sam2"]["figures"]["grouped_over_naive"] > 1.0  # one encode per image pays
+    reward_figures = {"grouped_masks_per_s", "naive_masks_per_s", "grouped_over_naive"}
+    assert set(parts["reward_hf_sam2"]["figures"]) == reward_figures  # grouped and naive both measured
     assert parts["learner_step"]["detail"]["gradient_checkpointing"]  # the 1-GPU config's settings
-    assert parts["ipc_publish"]["status"] == "skipped" and "CUDA" in parts["ipc_publish"]["reason"]
     assert parts["ipc_publish"]["detail"]["gloo"]["gb_per_s"] > 0  # the two-process harness itself ran
     gpu_tests = parts["pytest_gpu"]["detail"]
     assert gpu_tests["tests"] >= 7 and gpu_tests["skipped"] == gpu_tests["tests"] and gpu_tests["failed"] == 0

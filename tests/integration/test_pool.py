@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from cluster.pool import ActorPool, WorkFailed
+from tests.support.pool_results import DEADLINE_S, collect_exactly_once
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 class Echo:
-    """A tiny worker: answers (name, x) and can be told to fail or to block until released."""
+    """A tiny worker: answers (name, x) and can be told to fail or to wait at a Gate until the test opens it."""
 
     def __init__(self, name: str, version: int = 0):
         self.name = name
@@ -20,7 +24,7 @@ class Echo:
         if gate is not None:
             import ray
 
-            ray.get(gate[0])  # block until the test releases the gate
+            ray.get(gate.wait.remote())  # held in flight until the test releases the gate
         if x < 0:
             raise ValueError(f"bad input {x}")
         if self.version < 1 and x == 7:
@@ -30,6 +34,30 @@ class Echo:
     def set_version(self, v: int):
         self.version = v
         return v
+
+
+class Gate:
+    """A Ray-level event (an async actor): wait() returns once the test calls release(); arrived(n) returns once
+    n calls are waiting, so the test knows that work is held inside the actors, not merely queued."""
+
+    def __init__(self):
+        self._open = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._waiting = 0
+
+    async def wait(self) -> None:
+        async with self._changed:
+            self._waiting += 1
+            self._changed.notify_all()
+        await self._open.wait()
+
+    async def arrived(self, n: int) -> int:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._waiting >= n)
+            return self._waiting
+
+    async def release(self) -> None:
+        self._open.set()
 
 
 def _spawner(ray_local, names: list[str], version: int = 1):
@@ -42,37 +70,50 @@ def _spawner(ray_local, names: list[str], version: int = 1):
     return spawn
 
 
-def _answers(pool: ActorPool, n: int) -> dict:
-    """Poll until n keys are answered, each exactly once."""
-    results: dict = {}
-    while len(results) < n:
-        for key, value in pool.poll(timeout=5):
-            assert key not in results, f"key {key} answered twice"
-            results[key] = value
-    return results
+def _echo_all(pool: ActorPool, n: int) -> dict:
+    """pool.map of work(0), ..., work(n - 1), with the deadline."""
+    return pool.map([(i, lambda a, i=i: a.work.remote(i)) for i in range(n)], timeout=DEADLINE_S)
+
+
+def _started(ray_local, pool: ActorPool) -> None:
+    """Wait until every actor of a new pool is up (its readiness refs resolved): the next items dispatch at once."""
+    starting = pool.waitables()
+    ready, _ = ray_local.wait(starting, num_returns=len(starting), timeout=DEADLINE_S)
+    assert len(ready) == len(starting), f"{pool.prefix}: {len(starting) - len(ready)} actors never started"
 
 
 def test_every_item_answered_once_across_a_killed_actor(ray_local):
+    """Each actor holds its max_inflight items, the first of them waiting at a gate; echo-0 is killed while its
+    two items are in flight: they are re-issued, nothing is answered before the gate opens, and every item is
+    answered exactly once."""
     spawned: list[str] = []
     pool = ActorPool("echo", _spawner(ray_local, spawned), 2, max_inflight=2)
-    gate = ray_local.put(None)
-    blocker = ray_local.get_actor("test-echo-0", namespace="segr1-test")
-    # occupy the pool, kill one actor while its work is in flight, then let everything finish
-    for i in range(6):
-        pool.submit(i, lambda a, i=i: a.work.remote(i))
-    ray_local.kill(blocker, no_restart=True)
-    results = _answers(pool, 6)
+    gate = ray_local.remote(num_cpus=0)(Gate).options(namespace="segr1-test").remote()
+    _started(ray_local, pool)
+    for i in range(6):  # 0, 2 -> echo-0; 1, 3 -> echo-1; 4, 5 queued
+        pool.submit(i, lambda a, i=i: a.work.remote(i, gate))
+    assert ray_local.get(gate.arrived.remote(2), timeout=DEADLINE_S) == 2  # both actors are inside work()
+    ray_local.kill(ray_local.get_actor("test-echo-0", namespace="segr1-test"), no_restart=True)
+    early: dict = {}
+    deadline = time.monotonic() + DEADLINE_S
+    while pool.stats.restarts == 0:  # the pool sees the death through the dead actor's calls
+        assert time.monotonic() < deadline, "the pool never saw echo-0 die"
+        early.update(pool.poll(timeout=1.0))
+    assert early == {} and pool.stats.completed == 0  # the gate still holds every item
+    assert pool.stats.retries == 2  # echo-0's two items were in flight when it died, and were re-issued
+    ray_local.get(gate.release.remote())
+    results = collect_exactly_once(pool, range(6))
     assert {k: v[1] for k, v in results.items()} == {i: i * 10 for i in range(6)}
     assert pool.stats.restarts == 1 and pool.stats.completed == 6
     assert spawned.count("echo-0") == 2  # the dead actor was replaced under its own name
     assert pool.pending == 0
-    del gate
     pool.shutdown()
+    ray_local.kill(gate)
 
 
 def test_application_errors_are_returned_not_raised(ray_local):
     pool = ActorPool("err", _spawner(ray_local, []), 1)
-    out = pool.map([(0, lambda a: a.work.remote(-1)), (1, lambda a: a.work.remote(2))])
+    out = pool.map([(0, lambda a: a.work.remote(-1)), (1, lambda a: a.work.remote(2))], timeout=DEADLINE_S)
     assert isinstance(out[0], WorkFailed) and "bad input -1" in str(out[0].error)
     assert out[1][1] == 20
     pool.shutdown()
@@ -89,7 +130,7 @@ def test_on_error_repairs_and_retries(ray_local):
         return False
 
     pool = ActorPool("stale", _spawner(ray_local, [], version=0), 1, on_error=on_error)
-    out = pool.map([(0, lambda a: a.work.remote(7))])
+    out = pool.map([(0, lambda a: a.work.remote(7))], timeout=DEADLINE_S)
     assert out[0][1] == 70 and len(repaired) == 1
     pool.shutdown()
 
@@ -105,14 +146,14 @@ def test_resize_up_runs_on_start_and_down_drains(ray_local):
     pool = ActorPool("scale", _spawner(ray_local, []), 1, on_start=on_start)
     pool.resize(3)
     assert pool.size == 3 and len(started) == 3
-    out = pool.map([(i, lambda a, i=i: a.work.remote(i)) for i in range(9)])
+    out = _echo_all(pool, 9)
     assert sorted(v[1] for v in out.values()) == [i * 10 for i in range(9)]
     ray_local.get(
         started
     )  # every actor started: shrinking then drains the newest (a starting one goes first)
     pool.resize(1)
     assert pool.names == ["scale-0"]
-    out = pool.map([(i, lambda a, i=i: a.work.remote(i)) for i in range(3)])
+    out = _echo_all(pool, 3)
     assert {v[0] for v in out.values()} == {"scale-0"}
     pool.shutdown()
 
@@ -142,7 +183,9 @@ def test_ties_spread_work_over_every_actor(ray_local):
     ray_local.get([h.__ray_ready__.remote() for h in pool.handles().values()])
     served = []
     for i in range(4):  # one item at a time: every actor is idle at each dispatch
-        served.extend(v[0] for v in pool.map([(i, lambda a, i=i: a.work.remote(i))]).values())
+        served.extend(
+            v[0] for v in pool.map([(i, lambda a, i=i: a.work.remote(i))], timeout=DEADLINE_S).values()
+        )
     assert sorted(set(served)) == ["spread-0", "spread-1"]
     pool.shutdown()
 
@@ -153,18 +196,18 @@ def test_actor_without_capacity_left_is_dropped_not_restarted(ray_local):
     room = {"n": 1}
     spawned: list[str] = []
     pool = ActorPool("cap", _spawner(ray_local, spawned), 2, max_inflight=2, capacity=lambda: room["n"])
-    assert len(pool.map([(i, lambda a, i=i: a.work.remote(i)) for i in range(4)])) == 4  # both serving
+    assert len(_echo_all(pool, 4)) == 4  # both serving
     ray_local.kill(ray_local.get_actor("test-cap-1", namespace="segr1-test"), no_restart=True)
     for i in range(6):  # two of them go to the dead actor: its death is seen, its items re-issued
         pool.submit(i, lambda a, i=i: a.work.remote(i))
-    results = _answers(pool, 6)
+    results = collect_exactly_once(pool, range(6))
     assert {k: v[1] for k, v in results.items()} == {i: i * 10 for i in range(6)}
     assert pool.names == ["cap-0"] and pool.stats.dropped == 1 and pool.stats.restarts == 0
     assert spawned == ["cap-0", "cap-1"]
     room["n"] = 2  # capacity back: the pool grows into it, and a death with room restarts
     pool.resize(2)
     ray_local.kill(ray_local.get_actor("test-cap-0", namespace="segr1-test"), no_restart=True)
-    out = pool.map([(i, lambda a, i=i: a.work.remote(i)) for i in range(4)])
+    out = _echo_all(pool, 4)
     assert sorted(v[1] for v in out.values()) == [0, 10, 20, 30]
     assert pool.stats.restarts == 1 and pool.stats.dropped == 1 and pool.size == 2
     pool.shutdown()
@@ -184,7 +227,7 @@ def test_an_actor_never_placed_gets_no_work_and_is_shrunk_away_first(ray_local, 
         )
 
     pool = ActorPool("shrink", spawn, 2, on_start=on_start)
-    out = pool.map([(i, lambda a, i=i: a.work.remote(i)) for i in range(6)], timeout=60)
+    out = _echo_all(pool, 6)
     assert {who for who, _ in out.values()} == {"shrink-1"}
     pool.resize(1)
     assert pool.names == ["shrink-1"] and pool.pending == 0

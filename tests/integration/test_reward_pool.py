@@ -12,6 +12,7 @@ from protos import Completion, GroupScores, RolloutGroup, Sample
 from protos.answer import format_answer
 from reward_service.worker import RewardWorker
 from runtime.images import encode_png
+from tests.support.pool_results import collect_exactly_once, wait_until_dead
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -72,17 +73,14 @@ def test_killed_reward_actor_every_group_answered_once(ray_local):
         assert ray_local.get(handles["reward-0"].ping.remote())["segmenter"] == "grabcut"
         n = 10
         refs = {i: ray_local.put(_sample(i)) for i in range(n)}  # each sample in the object store once
-        for i in range(n):
-            pool.submit(f"g{i}", lambda a, i=i: a.score.remote([_group(i)], refs[i]))
         victim = ray_local.get_actor("reward-0", namespace=NAMESPACE)
         ray_local.kill(victim, no_restart=True)
-        results: dict[str, list[GroupScores]] = {}
-        while len(results) < n:
-            for key, value in pool.poll(timeout=10):
-                assert key not in results, f"{key} answered twice"
-                results[key] = value
-        assert pool.pending == 0 and pool.stats.restarts >= 1
-        assert pool.stats.retries >= 1  # the dead actor's in-flight groups were re-issued, not lost
+        wait_until_dead(ray_local, victim)  # the pool has not seen it: it still sends reward-0 its share
+        for i in range(n):
+            pool.submit(f"g{i}", lambda a, i=i: a.score.remote([_group(i)], refs[i]))
+        results: dict[str, list[GroupScores]] = collect_exactly_once(pool, [f"g{i}" for i in range(n)])
+        assert pool.pending == 0 and pool.stats.restarts == 1
+        assert pool.stats.retries >= 1  # the groups sent to the dead actor were re-issued, not lost
         assert pool.stats.completed == n and pool.stats.failed == 0
         assert "reward-0" in pool.names  # restarted under its own name
         assert (

@@ -1,7 +1,8 @@
 """The rollout pool on a real local Ray: RolloutWorker actors named rollout-<i> (cluster/topology.py) with the
-transformers engine and the tiny Qwen2.5-VL. A killed actor is replaced and its requests answered exactly once; a
-replacement that missed a weight update is detected (StaleWeightsError) and resynced before it generates; the
-pool grows and shrinks mid-run; every group is stamped with the version that generated it."""
+transformers engine and the tiny Qwen2.5-VL. A killed actor is replaced and its requests answered exactly once; its
+replacement, which missed the weight update, refuses (StaleWeightsError), is resynced by the pool's on_error and
+the request retried by the pool, once; the pool grows and shrinks mid-run; every group is stamped with the version
+that generated it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from cluster.config import build_config
 from cluster.pool import WorkFailed
 from cluster.topology import make_rollout_pool
 from protos import RolloutRequest, Sample, SamplingConfig
+from tests.support.pool_results import DEADLINE_S, collect_exactly_once, wait_until_dead
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -76,53 +78,47 @@ def _generate_call(ray, i: int, version: int, sample_refs: dict):
     return lambda handle: handle.generate.remote([_request(i, version)], sample_refs[i])
 
 
-def _collect(pool, n: int) -> dict:
-    results = {}
-    while len(results) < n:
-        for key, value in pool.poll(timeout=10):
-            assert key not in results, f"request {key} answered twice"
-            assert not isinstance(value, WorkFailed), value.error
-            results[key] = value[0]
-    return results
+def _collect(pool, keys) -> dict:
+    results = collect_exactly_once(pool, keys)
+    for value in results.values():
+        assert not isinstance(value, WorkFailed), value.error
+    return {key: value[0] for key, value in results.items()}
 
 
-def test_killed_worker_is_replaced_resynced_and_each_request_answered_once(ray_local, policy):
+def test_killed_worker_is_replaced_resynced_by_the_pool_and_each_request_answered_once(ray_local, policy):
+    """One worker, so that its replacement must take the work: version 1 pushed, the worker killed (and seen
+    dead) before a request is sent. The request goes to the dead actor, is re-issued to the replacement, which
+    holds version 0 and refuses it; on_error (the driver's repair) resyncs it, the pool retries, and it answers
+    with version 1. The stale refusal happens exactly once: every later request is served at version 1."""
     ray = ray_local
-    state = {"ref": None, "version": 0}
-    resyncs = []
+    state = {"ref": ray.put(_weights(policy, 1.5)), "version": 1}
+    refused = []
 
-    def on_error(handle, err) -> bool:  # what the driver does: push the current weights, then retry
-        if isinstance(err, StaleWeightsError) and state["ref"] is not None:
-            resyncs.append(err.worker)
+    def on_error(handle, err) -> bool:  # what the driver does (cluster/driver.py): push the current weights
+        if isinstance(err, StaleWeightsError):
+            refused.append((err.worker, err.held, err.needed))
             ray.get(handle.load_weights.remote(state["ref"], state["version"]))
             return True
         return False
 
-    pool = make_rollout_pool(_cfg(policy, 2), RolloutWorker, on_error=on_error)
+    pool = make_rollout_pool(_cfg(policy, 1), RolloutWorker, on_error=on_error)
     try:
-        state["ref"], state["version"] = ray.put(_weights(policy, 1.5)), 1
-        versions = pool.broadcast(lambda h: h.load_weights.remote(state["ref"], 1))
-        assert versions == {"rollout-0": 1, "rollout-1": 1}
-        refs = {i: ray.put(_sample(i)) for i in range(6)}
-        for i in range(6):
+        assert pool.broadcast(lambda h: h.load_weights.remote(state["ref"], 1)) == {"rollout-0": 1}
+        victim = pool.handles()["rollout-0"]
+        ray.kill(victim, no_restart=True)
+        wait_until_dead(ray, victim)  # a request sent now cannot reach the old actor
+        refs = {i: ray.put(_sample(i)) for i in range(4)}
+        pool.submit(0, _generate_call(ray, 0, 1, refs))
+        groups = _collect(pool, [0])
+        assert refused == [("rollout-0", 0, 1)]  # the replacement refused once, then was resynced
+        assert pool.stats.restarts == 1 and pool.stats.failed == 0
+        for i in range(1, 4):
             pool.submit(i, _generate_call(ray, i, 1, refs))
-        ray.kill(ray.get_actor("rollout-0", namespace=NAMESPACE), no_restart=True)
-        groups = _collect(pool, 6)
-        assert sorted(groups) == list(range(6))
+        groups.update(_collect(pool, range(1, 4)))
         assert all(g.policy_version == 1 and g.group_id == f"r{i}" for i, g in groups.items())
-        assert {g.worker for g in groups.values()} <= {"rollout-0", "rollout-1"}
-        assert pool.stats.restarts == 1 and pool.stats.completed == 6
-        # The replacement started on version 0: a request it took was refused, resynced, then answered.
-        assert set(resyncs) <= {"rollout-0"}
-        replacement = pool.handles()["rollout-0"]
-        if ray.get(replacement.ping.remote())["policy_version"] == 0:  # it took none of the re-issued work
-            with pytest.raises(StaleWeightsError, match="holds policy version 0"):
-                ray.get(replacement.generate.remote([_request(0, 1)], refs[0]))
-            ray.get(replacement.load_weights.remote(state["ref"], 1))
-        else:
-            assert resyncs == ["rollout-0"] * len(resyncs) and resyncs
-        again = ray.get(replacement.generate.remote([_request(0, 1)], refs[0]))
-        assert again[0].policy_version == 1 and again[0].worker == "rollout-0"
+        assert {g.worker for g in groups.values()} == {"rollout-0"}
+        assert refused == [("rollout-0", 0, 1)] and pool.stats.completed == 4 and pool.pending == 0
+        assert ray.get(pool.handles()["rollout-0"].ping.remote())["policy_version"] == 1
     finally:
         pool.shutdown()
 
@@ -146,12 +142,14 @@ def test_pool_grows_and_shrinks_mid_run_with_current_weights(ray_local, policy):
         assert pool.names == ["rollout-0", "rollout-1", "rollout-2"]
         for i in range(3, 8):
             pool.submit(i, _generate_call(ray, i, 3, refs))
-        first = _collect(pool, 8)
-        ray.get(started)  # all started: shrinking drains the newest (an actor still starting would go first)
+        first = _collect(pool, range(8))
+        ray.get(
+            started, timeout=DEADLINE_S
+        )  # all started: shrinking drains the newest (an actor still starting would go first)
         pool.resize(1)  # the two newest drain and go
         for i in range(8, 10):
             pool.submit(i, _generate_call(ray, i, 3, refs))
-        second = _collect(pool, 2)
+        second = _collect(pool, range(8, 10))
         groups = {**first, **second}
         assert sorted(groups) == list(range(10))
         assert all(g.policy_version == 3 for g in groups.values())

@@ -18,17 +18,25 @@ from actors.vllm_engine import VLLMEngine  # noqa: E402
 from cluster.tiny_models import build_tiny_text_policy  # noqa: E402
 from protos import RolloutRequest, SamplingConfig  # noqa: E402
 from protos.answer import COMPACT  # noqa: E402
+from tests.support.engine_state import lend_engines, weights_of  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_text_model_dir):
+def _shared_engines(tiny_text_model_dir):
     folder = tiny_text_model_dir
     vllm_engine = VLLMEngine(folder, max_model_len=1024, seed=0, prompts=COMPACT)
     hf_engine = HFEngine(folder, device="cpu", prompts=COMPACT)
-    yield vllm_engine, hf_engine
+    yield vllm_engine, hf_engine, weights_of(hf_engine.model)
     vllm_engine.close()
+
+
+@pytest.fixture
+def engines(_shared_engines):
+    """The module's engines, back at version 0 with the folder's weights after each test (none depends on which
+    ran before it: tests/support/engine_state.py)."""
+    yield from lend_engines(*_shared_engines)
 
 
 def _req(i: int, g: int = 4, **sampling) -> RolloutRequest:

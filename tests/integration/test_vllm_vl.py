@@ -18,6 +18,7 @@ from actors.hf_engine import HFEngine  # noqa: E402
 from actors.vllm_engine import AsyncVLLMEngine, VLLMEngine  # noqa: E402
 from protos.answer import COMPACT  # noqa: E402
 from tests.integration.test_vllm_engine import _req  # noqa: E402  (G completions of a short instruction)
+from tests.support.engine_state import lend_engines, weights_of  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -44,11 +45,17 @@ def _assert_greedy_equal(got, want) -> None:
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_policy_dir):
+def _shared_engines(tiny_policy_dir):
     v = VLLMEngine(tiny_policy_dir, max_model_len=2048, seed=0, prompts=COMPACT)
     h = HFEngine(tiny_policy_dir, device="cpu", prompts=COMPACT)
-    yield v, h
+    yield v, h, weights_of(h.model)
     v.close()
+
+
+@pytest.fixture
+def engines(_shared_engines):
+    """The module's engines, back at version 0 with the folder's weights after each test."""
+    yield from lend_engines(*_shared_engines)
 
 
 def test_greedy_equals_transformers_before_and_after_a_weight_push(engines):

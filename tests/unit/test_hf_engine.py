@@ -13,6 +13,7 @@ from cluster.tiny_models import SPECIAL_IDS
 from protos import RolloutRequest, SamplingConfig
 from protos.answer import COMPACT, preset_prompts
 from runtime.qwen_vl import append_completions, encode_prompts, model_inputs, unpadded_ids
+from tests.support.engine_state import lend, weights_of
 
 IMAGE_SIZE = 56  # 4 image tokens: keeps the tests fast
 IM_END = SPECIAL_IDS["<|im_end|>"]
@@ -30,14 +31,30 @@ def _threads():
     torch.set_num_threads(old)
 
 
+# One engine of each model per module; a test that loads weights into it gets it back at version 0 with the
+# initial weights afterwards (tests/support/engine_state.py), so no test depends on which ran before it.
 @pytest.fixture(scope="module")
-def vl_engine(tiny_policy_dir) -> HFEngine:
-    return HFEngine(tiny_policy_dir, device="cpu", image_size=IMAGE_SIZE, prompts=COMPACT)
+def _shared_vl(tiny_policy_dir) -> tuple[HFEngine, list]:
+    engine = HFEngine(tiny_policy_dir, device="cpu", image_size=IMAGE_SIZE, prompts=COMPACT)
+    return engine, weights_of(engine.model)
 
 
 @pytest.fixture(scope="module")
-def text_engine(tiny_text_model_dir) -> HFEngine:
-    return HFEngine(tiny_text_model_dir, device="cpu", image_size=IMAGE_SIZE, prompts=COMPACT)
+def _shared_text(tiny_text_model_dir) -> tuple[HFEngine, list]:
+    engine = HFEngine(tiny_text_model_dir, device="cpu", image_size=IMAGE_SIZE, prompts=COMPACT)
+    return engine, weights_of(engine.model)
+
+
+@pytest.fixture
+def vl_engine(_shared_vl) -> HFEngine:
+    engine, initial = _shared_vl
+    yield from lend(engine, initial, engine.model)
+
+
+@pytest.fixture
+def text_engine(_shared_text) -> HFEngine:
+    engine, initial = _shared_text
+    yield from lend(engine, initial, engine.model)
 
 
 def _image(seed: int) -> Image.Image:

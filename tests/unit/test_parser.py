@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.parser_speed import MAX_CHARS, PATHOLOGICAL
 from protos import MaskPrompt, ParsedAnswer
 from protos.answer import format_answer
 from reward_service.parser import FAILURE_REASONS, parse_answer
@@ -195,24 +194,42 @@ def test_non_strings_and_bad_sizes_do_not_raise():
     assert parse_answer(GOOD, 0, H).failure == "bad_image_size"
 
 
-@pytest.mark.parametrize(
-    "text",
-    [
-        "<points>[" + "[1," * 2000 + "</points><labels>[1]</labels>",
-        "<think>" + "<bbox>" * 1500 + "</think>",
-        "<bbox>[" + " " * 8000 + "</bbox>",
-        "<points>[[" + "1" * 8000 + ",1]]</points><labels>[1]</labels>",
-        "<think>x</think><bbox>[1,2,30,40]</bbox><points>"
-        + "[1,1]," * 1300
-        + "[1,1]]</points><labels>[1]</labels>",
-        "<labels>[" + "1," * 4000 + "</labels><points>[[1,1]]</points>",
-    ],
-)
-def test_pathological_inputs_are_fast(text):
-    t0 = time.perf_counter()
-    r = parse_answer(text[:8192], W, H, max_points=1024)
-    assert isinstance(r, ParsedAnswer) and not r.ok
-    assert time.perf_counter() - t0 < 0.25
+# The hostile inputs bench/parser_speed.py times (its figure: well under 0.25 s a parse). Here, what does not depend
+# on the machine: each is refused by a rule, the same way every time, in both formats, and the refusal stays small.
+REFUSED_BY = {  # input -> (full format, points format)
+    "nested_open_points": ("missing_bbox", "malformed_points"),
+    "open_bbox_tags": ("missing_bbox", "missing_points"),
+    "blank_bbox": ("missing_points", "missing_points"),
+    "huge_number": ("missing_bbox", "malformed_points"),  # more than 9 digits is not a number
+    "unbalanced_points": ("malformed_points", "malformed_points"),
+    "open_labels": ("missing_bbox", "malformed_labels"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PATHOLOGICAL))
+def test_pathological_inputs_are_refused_by_rule(name):
+    assert set(REFUSED_BY) == set(PATHOLOGICAL)
+    text = PATHOLOGICAL[name][:MAX_CHARS]
+    for fmt, reason in zip(("full", "points"), REFUSED_BY[name], strict=True):
+        r = parse_answer(text, W, H, answer_format=fmt, max_points=1024, max_completion_chars=MAX_CHARS)
+        assert (r.ok, r.failure, r.prompts) == (False, reason, []), (fmt, r.failure, r.detail)
+        assert len(r.detail) < 200  # the reason quotes a bounded preview, never the input
+    past_the_cap = PATHOLOGICAL[name].ljust(MAX_CHARS + 1)  # refused before anything is parsed
+    assert parse_answer(past_the_cap, W, H, max_completion_chars=MAX_CHARS).failure == "too_long"
+
+
+def test_counts_are_capped_while_scanning():
+    """More points or labels than max_points are refused by that cap (reward_service/parser.py stops its scan
+    there), inside the length cap: a list's size is bounded by a rule, not by how long a parse may take."""
+    many, cap = 600, 512
+    points = "<points>[" + ",".join(["[1,1]"] * many) + "]</points>"
+    labels = "<labels>[" + ",".join(["1"] * many) + "]</labels>"
+    assert len(points + labels) <= MAX_CHARS
+    r = parse_answer(points + "<labels>[1]</labels>", W, H, answer_format="points", max_points=cap)
+    assert r.failure == "too_many_points" and f"max_points={cap}" in r.detail
+    r = parse_answer("<points>[[1,1]]</points>" + labels, W, H, answer_format="points", max_points=cap)
+    assert r.failure == "length_mismatch" and f"max_points={cap}" in r.detail
+    assert parse_answer(points + labels, W, H, answer_format="points", max_points=many).ok
 
 
 _FRAGMENTS = st.sampled_from(

@@ -17,6 +17,7 @@ from actors.worker import RolloutWorker
 from cluster.config import build_config
 from protos import RolloutRequest, Sample, SamplingConfig
 from runtime.weights.inprocess import InProcessChannel
+from tests.support.engine_state import lend, weights_of
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,8 +41,16 @@ def cfg(tiny_policy_dir):
 
 
 @pytest.fixture(scope="module")
-def worker(cfg) -> RolloutWorker:
-    return RolloutWorker(cfg.policy_spec(), cfg.rollout, name="rollout-test")
+def _shared_worker(cfg) -> tuple[RolloutWorker, list]:
+    built = RolloutWorker(cfg.policy_spec(), cfg.rollout, name="rollout-test")
+    return built, weights_of(built.engine.model)
+
+
+@pytest.fixture
+def worker(_shared_worker) -> RolloutWorker:
+    """The module's worker at version 0 with its initial weights, whatever the tests before did to it."""
+    built, initial = _shared_worker
+    yield from lend(built, initial, built.engine.model)
 
 
 def _png(array: np.ndarray) -> bytes:
