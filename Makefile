@@ -62,6 +62,7 @@ bench: $(STAMP)
 	$(PY) bench/rollout_throughput.py --quick --out bench/results/rollout_throughput.json
 	$(PY) bench/weight_sync.py --quick --out bench/results/weight_sync.json
 	$(PY) bench/parser_speed.py --out bench/results/parser_speed.json
+	$(PY) bench/node_loss.py --out bench/results/node_loss.json
 	$(PY) bench/e2e.py --quick --out bench/results/e2e.json
 
 # Every GPU path and GPU figure in one run of at most 8 minutes (docs/gpu.md); without CUDA the CPU mode with tiny

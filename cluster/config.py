@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from actors.config import RolloutConfig, SamplingSection
 from learner.config import CheckpointConfig, GRPOConfig, LearnerConfig, LearnerSpec
@@ -78,6 +79,32 @@ class ModelConfig(BaseModel):
     )
 
 
+# The tracking stores MLflow 3 opens, by the URI's scheme (mlflow/tracking/_tracking_service/utils.py,
+# _register_tracking_stores): SQLAlchemy databases (mlflow/store/db/db_types.py; "postgresql+psycopg2" counts as
+# postgresql), a tracking server, Databricks. "file" and "" (a bare path) select the classic folder store, whose
+# constructor raises unless MLFLOW_ALLOW_FILE_STORE=true is set in the driver's process (mlflow/store/tracking/
+# file_store.py); "databricks-uc" and "uc" are model registries, for which MLflow raises as a tracking URI.
+MLFLOW_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+
+
+def mlflow_uri_problem(uri: str) -> str | None:
+    """Why MLflow 3 would refuse `uri` as metrics.mlflow_uri (None: a tracking store it opens)."""
+    scheme = uri if uri in ("databricks", "databricks-uc", "uc") else urlparse(uri).scheme.lower()
+    if scheme.split("+", 1)[0] in MLFLOW_SCHEMES:
+        return None
+    if scheme in ("file", ""):
+        folder = (urlparse(uri).path if scheme == "file" else uri).rstrip("/") or "."
+        return (
+            f"{uri!r} selects MLflow's classic folder store (file:// or a bare folder path), which MLflow 3 "
+            f"refuses; use a SQLite file, e.g. metrics.mlflow_uri=sqlite:///{folder}/mlflow.db, a tracking "
+            "server (http://HOST:5000), or leave metrics.mlflow_uri unset for <run_dir>/mlflow.db"
+        )
+    return (
+        f"scheme {scheme!r} of {uri!r} is not an MLflow tracking store; use sqlite:///<path>/mlflow.db, "
+        "postgresql://, mysql://, mssql://, http(s)://<tracking server> or databricks[://<profile>]"
+    )
+
+
 class MetricsConfig(BaseModel):
     """Prometheus export and run logs."""
 
@@ -106,11 +133,24 @@ class MetricsConfig(BaseModel):
         4, ge=1, le=32, description="Overlays per image_every step (the first groups)."
     )
     mlflow_uri: str | None = Field(
-        None, description="MLflow tracking URI; None: a local SQLite store <run_dir>/mlflow.db."
+        None,
+        description="MLflow tracking URI; None: a local SQLite store <run_dir>/mlflow.db. Accepted (MLflow 3's "
+        "tracking stores): sqlite:///<path>/mlflow.db (sqlite:////abs/path/mlflow.db for an absolute path), "
+        "postgresql://, mysql://, mssql:// (each optionally +driver), http(s)://<tracking server>, "
+        "databricks[://<profile>]. Refused before the job starts: file:// and bare folder paths (MLflow 3 "
+        "refuses its classic folder store) and databricks-uc / uc (model registries, not tracking stores).",
     )
     project: str = Field(
         "segr1", min_length=1, max_length=128, description="wandb project and MLflow experiment name."
     )
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _mlflow_uri(cls, uri: str | None) -> str | None:
+        problem = mlflow_uri_problem(uri) if uri else None
+        if problem:
+            raise ValueError(problem)
+        return uri
 
     @model_validator(mode="after")
     def _trackers(self) -> MetricsConfig:
@@ -148,7 +188,9 @@ class AutoscaleConfig(BaseModel):
     model_config = STRICT
 
     enabled: bool = Field(
-        False, description="Request capacity for a pool the learner waits on (disaggregated)."
+        False,
+        description="Ask Ray's autoscaler for rollout / reward capacity (request_resources, from the job's start: "
+        "`floor`, plus a unit for a pool the learner waits on; disaggregated).",
     )
     wait_share: float = Field(
         0.5,
@@ -167,6 +209,11 @@ class AutoscaleConfig(BaseModel):
     idle_window: int = Field(20, ge=1, le=100_000, description="Steps of idle before a request is released.")
     cooldown_s: float = Field(
         120.0, ge=0.0, le=86_400.0, description="Seconds between two decisions of the same pool."
+    )
+    floor: Literal["num_workers", "max_workers"] = Field(
+        "num_workers",
+        description="Units of each pool asked of the autoscaler from the job's start to its end: num_workers "
+        "(more only while the learner waits on the pool) or max_workers (the pools grow to their bounds).",
     )
 
 

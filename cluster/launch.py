@@ -10,6 +10,7 @@ start, not on the submitting machine.
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
@@ -18,9 +19,12 @@ from ray.exceptions import RayActorError
 
 from cluster.config import TrainConfig
 from cluster.driver import TrainDriver
-from cluster.job_paths import check_job_paths
+from cluster.job_paths import check_job_paths, check_start
+from cluster.learner_group import short_cause
 from cluster.placement import check_pool_resources
 from cluster.topology import Workers, init_ray, spawn_driver
+
+logger = logging.getLogger(__name__)
 
 
 def training_workers() -> Workers:
@@ -33,9 +37,10 @@ def training_workers() -> Workers:
 
 
 class DriverActor(TrainDriver):
-    """TrainDriver as the `driver` actor: an error while it starts (a data set missing, a checkpoint unreadable)
-    is raised by run(), not by __init__. Ray 2.60 ends a threaded actor (max_concurrency 2) whose __init__ raised
-    with a "Fatal Python error: Aborted" dump, printed after the real error."""
+    """TrainDriver as the `driver` actor: an error while it starts (a data set that does not read, a checkpoint
+    that does not load, a tracker that cannot open) is raised by run(), not by __init__, and close() then stops
+    what had started. Ray 2.60 ends a threaded actor (max_concurrency 2) whose __init__ raised with a "Fatal Python
+    error: Aborted" dump, printed after the real error."""
 
     def __init__(self, *args: Any):
         self._start_error: BaseException | None = None
@@ -52,11 +57,15 @@ class DriverActor(TrainDriver):
     def close(self) -> None:
         if self._start_error is None:
             return super().close()
-        for pool in (getattr(self, "rollout", None), getattr(self, "reward", None)):  # what started before
-            if pool is not None:
-                pool.shutdown()
-        if getattr(self, "learner", None) is not None:
-            ray.kill(self.learner, no_restart=True)
+        # what started before the error: each part closed on its own, so one that fails leaves the rest closing
+        # (the learner group's shutdown kills every rank and removes their placement group)
+        for part in ("rollout", "reward", "learner"):
+            started = getattr(self, part, None)
+            try:
+                if started is not None:
+                    started.shutdown()
+            except Exception as err:
+                logger.warning("closing the %s of a job that failed to start: %s", part, _reason(err))
 
 
 def spawn_driver_actor(cfg: TrainConfig, resume: bool = False) -> Any:
@@ -80,27 +89,47 @@ def _get_run(run_ref: Any) -> dict:
 
 def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     """Start (or connect to) Ray, run the driver actor to the end and return its summary. Ctrl-C asks the driver
-    to finish the step in progress, checkpoint and stop; a second Ctrl-C kills it."""
+    to finish the step in progress, checkpoint and stop; a second Ctrl-C kills it. What the machine can tell
+    before Ray starts is checked first (cluster/job_paths.py); an error after that is raised as it came, after
+    every actor of the job was stopped (a failure while stopping them is logged, never raised over it)."""
     check_job_paths(cfg)  # `ray job submit --working-dir .`: relative paths point into the uploaded copy
+    check_start(cfg, resume)  # tracker libraries, inputs readable, outputs writable: one ConfigError
     init_ray(cfg)
     check_pool_resources(cfg)  # disaggregated: every pool's resource is advertised somewhere, else say which
     driver = spawn_driver_actor(cfg, resume)
-    run_ref = driver.run.remote()
     try:
+        run_ref = driver.run.remote()
         try:
-            summary = _get_run(run_ref)
+            return _get_run(run_ref)
         except KeyboardInterrupt:
             print(
                 "\nstopping: finishing the current step and writing a checkpoint (Ctrl-C again to abort)",
                 file=sys.stderr,
             )
             ray.get(driver.request_stop.remote())
-            summary = _get_run(run_ref)
+            return _get_run(run_ref)
     finally:  # also when run() failed: free the actor names (`driver`, `rollout-0`, ...) for the next job
+        stop_driver(driver)
+
+
+def stop_driver(driver: Any, timeout_s: float = 120.0) -> None:
+    """Close the job's actors (the pools, every learner rank and their placement group), then kill the driver.
+    Never raises: it runs while the job's own error is on its way to the user, which must stay the last word."""
+    try:
         try:
-            ray.get(driver.close.remote(), timeout=120)
-        except RayActorError:  # it died: nothing to close, and the error above says why
+            ray.get(driver.close.remote(), timeout=timeout_s)
+        except RayActorError:  # it died: its actors died with it (Ray ends the actors an actor owns)
             pass
-        finally:
+        except Exception as err:
+            logger.warning("closing the job's actors failed: %s", _reason(err))
+    finally:  # a Ctrl-C while closing still ends the driver, and the actors it owns with it
+        try:
             ray.kill(driver, no_restart=True)
-    return summary
+        except Exception as err:
+            logger.warning("killing the driver actor failed: %s", _reason(err))
+
+
+def _reason(err: BaseException) -> str:
+    """What went wrong, in one line: for a RayTaskError its cause (its own first lines name the actor only)."""
+    cause = getattr(err, "cause", None) or err
+    return f"{type(cause).__name__}: {short_cause(cause)}"

@@ -179,32 +179,37 @@ def spawn_learner_ranks(cfg: TrainConfig, cls: type, ready_timeout_s: float = 60
     if res.num_gpus:
         bundle["GPU"] = res.num_gpus
     pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK")
-    if not ray.wait([pg.ready()], timeout=ready_timeout_s)[0]:
-        ray.util.remove_placement_group(pg)
-        raise RuntimeError(
-            f"the learner group's {n} rank(s) found no room in {ready_timeout_s:.0f} s: each asks for {bundle} "
-            "(learner.resources, plus segr1_learner in disaggregated placement); add nodes that have it or "
-            "lower learner.world_size"
-        )
-    pin = lambda i: PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)  # noqa: E731
-    probe = ray.remote(num_cpus=0, max_retries=0)(_free_port_on_node)
-    found = ray.get([probe.options(scheduling_strategy=pin(i)).remote() for i in range(n)])
-    address = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}  # the IP Ray's nodes use
-    nodes = [address.get(node_id, node_id) for node_id, _ in found]
-    init_method = f"tcp://{nodes[0]}:{found[0][1]}" if n > 1 else None
-    names = [f"learner-{i}" for i in range(n)]
-    handles = []
-    for i, name in enumerate(names):
-        # max_concurrency 2: a rank-0-only call (weight_sync_connect, mark_best) may run beside a collective one
-        # concurrency group "control": weight_sync_abort runs beside a blocked connect / broadcast (weights.py)
-        options = {
-            **base,
-            "name": name,
-            "scheduling_strategy": pin(i),
-            "max_concurrency": 2,
-            "concurrency_groups": {"control": 1},
-        }
-        handles.append(_spawn_named(cls, options, cfg.learner_spec(), i, n, init_method))
+    handles: list[Any] = []
+    try:  # an error part-way (no room, a name taken) takes back what was started: the caller has no handle yet
+        if not ray.wait([pg.ready()], timeout=ready_timeout_s)[0]:
+            raise RuntimeError(
+                f"the learner group's {n} rank(s) found no room in {ready_timeout_s:.0f} s: each asks for "
+                f"{bundle} (learner.resources, plus segr1_learner in disaggregated placement); add nodes that "
+                "have it or lower learner.world_size"
+            )
+        pin = lambda i: PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)  # noqa: E731
+        probe = ray.remote(num_cpus=0, max_retries=0)(_free_port_on_node)
+        found = ray.get([probe.options(scheduling_strategy=pin(i)).remote() for i in range(n)])
+        address = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}  # the IP Ray's nodes use
+        nodes = [address.get(node_id, node_id) for node_id, _ in found]
+        init_method = f"tcp://{nodes[0]}:{found[0][1]}" if n > 1 else None
+        names = [f"learner-{i}" for i in range(n)]
+        for i, name in enumerate(names):
+            # max_concurrency 2: a rank-0-only call (weight_sync_connect, mark_best) may run beside a collective
+            # one; concurrency group "control": weight_sync_abort runs beside a blocked connect (weights.py)
+            options = {
+                **base,
+                "name": name,
+                "scheduling_strategy": pin(i),
+                "max_concurrency": 2,
+                "concurrency_groups": {"control": 1},
+            }
+            handles.append(_spawn_named(cls, options, cfg.learner_spec(), i, n, init_method))
+    except BaseException:
+        for h in handles:
+            ray.kill(h, no_restart=True)
+        remove_learner_placement(LearnerRanks(handles, [], [], pg))
+        raise
     return LearnerRanks(handles, names, nodes, pg)
 
 

@@ -1,9 +1,14 @@
-"""`segr1 train --config FILE [key.sub=value ...] [--dry-run] [--resume]`: GRPO training.
+"""`segr1 train --config FILE [key.sub=value ...] [--dry-run] [--resume | --resume-if-any]`: GRPO training.
 
 `--dry-run` prints the resolved config (YAML), then the prompts it renders: the system prompt and the user text
 after the image, for training (reward.answer_format, data.image_size, the foreground instruction) and for
 evaluation per task, each verbatim between `# --8<--` and `# -->8--` lines; then the memory plan (`segr1 plan`,
---gpu-memory-gb and --model-shapes as there).
+--gpu-memory-gb and --model-shapes as there); then the start checks: what `segr1 train` would refuse before Ray
+starts (cluster/job_paths.py: tracker libraries, inputs readable, outputs writable), reported as comment lines
+(the dry run still exits 0: a config may name another machine's files).
+
+Exit status: 0 done; 1 the run lost groups, or a learner group could not be restarted; 2 a configuration the job
+cannot start with (an invalid value, or a start check), one message naming the key, before Ray starts.
 """
 
 from __future__ import annotations
@@ -21,10 +26,17 @@ def register(sub) -> None:
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the resolved config, the rendered prompts and the memory plan (segr1 plan), and exit",
+        help="print the resolved config, the rendered prompts, the memory plan (segr1 plan) and the start checks "
+        "(what `segr1 train` would refuse before Ray starts), and exit",
     )
     p.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir"
+    )
+    p.add_argument(
+        "--resume-if-any",
+        action="store_true",
+        help="--resume when checkpoint.dir holds a step-* checkpoint, else start afresh: for an entrypoint that "
+        "is run again as it is (a RayJob's retries, docs/kubernetes.md)",
     )
     add_plan_args(p)
     p.set_defaults(func=run)
@@ -34,10 +46,12 @@ def run(args: argparse.Namespace) -> int:
     from cluster.config import dump_config
 
     cfg = load_config_from_args(args)
+    args.resume = args.resume or (args.resume_if_any and has_checkpoint(cfg))
     if args.dry_run:
         print(dump_config(cfg), end="")
         print(rendered_prompts(cfg), end="")
         print(memory_plan(cfg, args), end="")
+        print(start_checks(cfg, args.resume), end="")
         return 0
     from cluster.config import ConfigError
     from cluster.launch import run_training
@@ -45,12 +59,19 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         summary = run_training(cfg, resume=args.resume)
-    except ConfigError as err:  # found before the job's actors start (paths, the cluster's resources)
+    except ConfigError as err:  # found before the job's actors start (start checks, the cluster's resources)
         raise CommandError(str(err), exit_code=2) from None
     except LearnerGroupFailed as err:
         raise CommandError(f"{err}\n{continue_command(args, err.resumable)}") from None
     print(json.dumps(summary, indent=1))
     return 0 if summary["groups_lost"] == 0 else 1
+
+
+def has_checkpoint(cfg) -> bool:
+    """checkpoint.dir holds a step-* checkpoint (--resume-if-any then resumes; an empty or new dir: afresh)."""
+    from learner.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(cfg.checkpoint.dir) is not None
 
 
 def continue_command(args: argparse.Namespace, resumable: bool) -> str:
@@ -92,6 +113,17 @@ def memory_plan(cfg, args: argparse.Namespace) -> str:
         return format_plan(cfg, make_plan(cfg, args))
     except CommandError as err:
         return f"# memory plan: not made: {err}\n"
+
+
+def start_checks(cfg, resume: bool) -> str:
+    """What `segr1 train` would refuse before starting Ray (cluster/job_paths.py `check_start`), as comments."""
+    from cluster.job_paths import start_problems
+
+    problems = start_problems(cfg, resume)
+    if not problems:
+        return "# start checks: passed (tracker libraries, inputs readable, outputs writable)\n"
+    lines = "".join(f"#   {p}\n" for p in problems)
+    return f"# start checks: `segr1 train` would stop before Ray starts:\n{lines}"
 
 
 def _block(title: str, text: str) -> str:

@@ -15,6 +15,7 @@ Resume: the ids of the tracker runs are kept in <run_dir>/trackers.json; a resum
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 from importlib import metadata
@@ -123,15 +124,36 @@ def run_info() -> dict[str, str]:
     return {"segr1_version": version, "git_commit": commit or "unknown"}
 
 
+def missing_library(tracker: str) -> str | None:
+    """Why `tracker` cannot start in this environment (its library is not installed, naming the pip extra), or
+    None. Looks the module up without importing it (mlflow takes seconds to import): the check before a job
+    starts (cluster/job_paths.py `check_start`)."""
+    module, extra = EXTRAS[tracker]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a module without a spec
+        found = False
+    if found:
+        return None
+    return (
+        f"metrics.trackers lists {tracker!r} but the {module!r} package is not installed: "
+        f"pip install -e '.[{extra}]' in the repository (pip install 'segr1[{extra}]' from a wheel), "
+        f"or remove {tracker!r} from metrics.trackers"
+    )
+
+
 def require(tracker: str) -> None:
     """Raise an ImportError naming the pip extra when the library of `tracker` is not installed."""
+    problem = missing_library(tracker)
+    if problem is not None:
+        raise ImportError(problem)
     module, extra = EXTRAS[tracker]
     try:
         __import__(module)
-    except ImportError:
+    except ImportError as err:
         raise ImportError(
-            f"metrics.trackers lists {tracker!r} but the {module!r} package is not installed: "
-            f"pip install 'segr1[{extra}]' (or remove {tracker!r} from metrics.trackers)"
+            f"metrics.trackers lists {tracker!r}: the {module!r} package is installed but does not import "
+            f"({err}); reinstall it: pip install -e '.[{extra}]'"
         ) from None
 
 

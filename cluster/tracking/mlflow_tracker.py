@@ -1,4 +1,5 @@
-"""MLflow (extra `mlflow`) through MlflowClient. Tracking URI: metrics.mlflow_uri, or by default a local SQLite
+"""MLflow (extra `mlflow`) through MlflowClient. Tracking URI: metrics.mlflow_uri (a store MLflow 3 opens: the config
+refuses file:// and folder paths, cluster/config.py `mlflow_uri_problem`), or by default a local SQLite
 store <run_dir>/mlflow.db with artifacts in <run_dir>/mlartifacts (browse it with
 `mlflow ui --backend-store-uri sqlite:///<run_dir>/mlflow.db`). Experiment: metrics.project. The run id is kept in
 <run_dir>/trackers.json; a resumed job continues that run. MLflow has no histogram type: the reward histograms

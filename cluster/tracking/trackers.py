@@ -118,12 +118,16 @@ def open_trackers(cfg, run_dir: Path, resume: bool = False, step: int = 0) -> Tr
     run_dir = Path(run_dir)
     config: dict[str, Any] = {**flatten(cfg.model_dump(mode="json")), **run_info()}
     started: dict[str, Tracker] = {}
-    for name in m.trackers:
-        if name == "jsonl":
-            continue
-        tracker = make_tracker(name, mlflow_uri=m.mlflow_uri, project=m.project)
-        tracker.start(run_dir, run_dir.resolve().name, config, resume, step)
-        started[name] = tracker
+    try:
+        for name in m.trackers:
+            if name == "jsonl":
+                continue
+            tracker = make_tracker(name, mlflow_uri=m.mlflow_uri, project=m.project)
+            tracker.start(run_dir, run_dir.resolve().name, config, resume, step)
+            started[name] = tracker
+    except Exception:  # one cannot open: end the runs the others opened (an MLflow run would stay RUNNING)
+        Trackers(started).close()
+        raise
     size = cfg.data.image_size
 
     def parse(text: str, w: int, h: int):

@@ -250,9 +250,12 @@ def start_job(cfg: TrainConfig, resume: bool = False):
     return driver, driver.run.remote()
 
 
-def finish_job(ray, driver, run_ref, timeout: float) -> dict:
-    """Wait for run() (at most `timeout` s), close the pools and the driver; returns the summary."""
-    summary = ray.get(run_ref, timeout=timeout)
+def finish_job(ray, driver, run_ref, timeout: float, what: str = "the run to end") -> dict:
+    """Wait for run() (at most `timeout` s, then fail naming `what`), close the pools and the driver; returns the
+    summary."""
+    if not ray.wait([run_ref], timeout=timeout)[0]:
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    summary = ray.get(run_ref)
     ray.get(driver.close.remote(), timeout=60)
     ray.kill(driver, no_restart=True)
     return summary

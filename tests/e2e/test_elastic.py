@@ -12,7 +12,9 @@ One job, several scenarios, as an operator and KubeRay would see them:
   pools grow into them, and the new rollout worker serves (its tokens > 0 in a trained step, its policy version
   current);
 - it removes both nodes: the pools shrink back without a crash loop;
-- the run ends with its configured steps and no lost group.
+- the test then stops the run (tests/e2e/run_control.py: each stage waits for its event, not for a number of
+  steps, so the run lasts as long as the scenario whatever the machine's speed): no lost group, and the wait share
+  that decided the request, read from the lines of the decision's steps, is above placement.autoscale.wait_share.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import REPO, assert_accounting, e2e_config, read_metrics, wait_for
+from tests.e2e.conftest import REPO, assert_accounting, assert_metric_lines, e2e_config, read_metrics
+from tests.e2e.run_control import following_the_cluster, stop_run, wait_for_event, wait_for_line
 
 pytestmark = pytest.mark.slow
 
@@ -138,22 +141,17 @@ def _dump_driver_log(cluster, run_dir) -> None:
             print(f"--- {path.name}\n" + "\n".join(text.splitlines()[-60:]))
 
 
-def _last(run_dir):
-    rows = read_metrics(run_dir)
-    return rows[-1] if rows else {}
+WAIT_SHARE, WINDOW = 0.2, 2  # placement.autoscale: a pool waited on > 20% of 2 steps asks for one more unit
 
 
-def _job_config(assets, run_dir, steps: int):
-    """Disaggregated, async, both pools 1..2 following the cluster, autoscaling quick to act."""
+def _job_config(assets, run_dir):
+    """Disaggregated, async, both pools 1..2 following the cluster, autoscaling quick to act; the test stops it."""
     return e2e_config(
         assets,
         run_dir,
-        f"grpo.steps={steps}",
-        "grpo.mode=async",
-        "placement.mode=disaggregated",
-        f"placement.namespace={NAMESPACE}",
-        "placement.capacity_interval_s=0.5",
-        "placement.autoscale={enabled: true, wait_share: 0.2, window: 2, idle_window: 1000, cooldown_s: 0}",
+        *following_the_cluster(NAMESPACE),
+        f"placement.autoscale={{enabled: true, wait_share: {WAIT_SHARE}, window: {WINDOW}, idle_window: 1000, "
+        "cooldown_s: 0}",
         "rollout.num_workers=1",
         "rollout.max_workers=2",
         "reward.num_workers=1",
@@ -173,60 +171,72 @@ def _assert_placed(ray, cluster, nodes) -> None:
     assert _node_of(ray, "driver") == cluster.head_node.node_id
 
 
+def _grow(ray, cluster, run_dir, run_ref, max_staleness: int) -> tuple[dict, int]:
+    """Play KubeRay: a reward node (what the request asks for) and a rollout node; both pools grow into them and
+    rollout-1 serves. (the added nodes, the step of the first line trained on rollout-1's groups)"""
+    extra = {"rollout": _node(cluster, segr1_rollout=1), "reward": _node(cluster, segr1_reward=1)}
+
+    def served_by_rollout_1(line):
+        return line.get("reward_workers") == 2 and line["by_rollout_worker"].get("rollout-1")
+
+    what = "a step trained on rollout-1's groups, two reward workers"
+    line = wait_for_line(run_dir, served_by_rollout_1, 180, what, run_ref)
+    new = line["by_rollout_worker"]["rollout-1"]
+    assert new["tokens"] > 0
+    assert line["policy_version"] - 1 - new["policy_version"] <= max_staleness, line
+    assert _node_of(ray, "rollout-1") == extra["rollout"].node_id
+    assert _node_of(ray, "reward-1") == extra["reward"].node_id
+    assert _requested_units(ray, "segr1_reward") <= 2  # reward.max_workers
+    return extra, line["step"]
+
+
+def _assert_decided_on_waits(summary: dict, rows: list[dict]) -> None:
+    """The first reward scale-up was decided on its window's wait shares: read from the lines of those steps."""
+    ups = [d for d in summary["scale_decisions"] if d["direction"] == "up"]
+    assert ups and all(d["units"] <= 2 for d in summary["scale_decisions"]), summary["scale_decisions"]
+    reward_up = next((d for d in ups if d["pool"] == "reward"), None)
+    assert reward_up is not None, summary["scale_decisions"]
+    window = [r for r in rows if reward_up["step"] - WINDOW < r["step"] <= reward_up["step"]]
+    shares = [r["wait_reward_share"] for r in window]
+    assert len(shares) == WINDOW and sum(shares) / WINDOW > WAIT_SHARE, (reward_up, shares)
+
+
 def test_pools_follow_the_cluster_and_autoscaling_asks_for_reward(assets, multinode, tmp_path):
     from cluster.driver import TrainDriver
     from cluster.topology import spawn_driver
 
     ray, cluster, nodes = multinode
-    steps = 32  # the changes take ~20 steps here; the rest is margin for a busier machine
-    cfg = _job_config(assets, tmp_path, steps)
+    cfg = _job_config(assets, tmp_path)
     driver = spawn_driver(cfg, TrainDriver, cfg, slow_reward_workers, False)
     run_ref = driver.run.remote()
     try:
-        wait_for(lambda: read_metrics(tmp_path), 300, "step 1 in metrics.jsonl")
+        wait_for_line(tmp_path, lambda r: r["step"] >= 1, 300, "step 1 in metrics.jsonl", run_ref)
         _assert_placed(ray, cluster, nodes)
 
         # the slow reward pool: the policy asks for a second reward unit, and never for a third
-        wait_for(
-            lambda: _requested_units(ray, "segr1_reward") >= 2, 120, "a request for 2 segr1_reward units"
-        )
-        assert _last(tmp_path)["wait_reward_share"] > 0.2
+        wanted = lambda: _requested_units(ray, "segr1_reward") >= 2  # noqa: E731
+        wait_for_event(wanted, 120, "a request for 2 segr1_reward units", run_ref)
 
         # KubeRay's answer (a reward pod), and an operator raising the rollout group: both pools grow into them
-        extra = {"rollout": _node(cluster, segr1_rollout=1), "reward": _node(cluster, segr1_reward=1)}
-
-        def served_by_rollout_1():
-            line = _last(tmp_path)
-            return line.get("reward_workers") == 2 and line["by_rollout_worker"].get("rollout-1")
-
-        new = wait_for(served_by_rollout_1, 180, "a step trained on rollout-1's groups, two reward workers")
-        line = _last(tmp_path)
-        assert new["tokens"] > 0
-        assert line["policy_version"] - 1 - new["policy_version"] <= cfg.grpo.max_staleness
-        assert _node_of(ray, "rollout-1") == extra["rollout"].node_id
-        assert _node_of(ray, "reward-1") == extra["reward"].node_id
-        assert _requested_units(ray, "segr1_reward") <= 2  # reward.max_workers
+        extra, at = _grow(ray, cluster, tmp_path, run_ref, cfg.grpo.max_staleness)
 
         # the nodes go away (spot reclaim, scale-down): the pools shrink back, no crash loop
-        at = line["step"]
         cluster.remove_node(extra["rollout"])
         cluster.remove_node(extra["reward"])
 
-        def shrunk():
-            line = _last(tmp_path)
+        def shrunk(line):
             return line["step"] > at and line["rollout_workers"] == 1 and line["reward_workers"] == 1
 
-        wait_for(shrunk, 180, "both pools back to one worker")
-        summary = ray.get(run_ref, timeout=600)
-        ray.get(driver.close.remote(), timeout=60)
+        wait_for_line(tmp_path, shrunk, 180, "both pools back to one worker", run_ref)
+        summary = stop_run(ray, driver, run_ref, timeout=600)
     except BaseException:
         _dump_driver_log(cluster, tmp_path)
         raise
     finally:
         ray.kill(driver, no_restart=True)
-    assert summary["steps"] == steps and not summary["stopped_early"]
+    rows = read_metrics(tmp_path)
+    assert summary["stopped_early"], summary
+    assert_metric_lines(rows, summary["steps"])
     assert_accounting(summary)
     assert summary["rollout_workers"] == ["rollout-0"] and summary["reward_workers"] == ["reward-0"]
-    ups = [d for d in summary["scale_decisions"] if d["direction"] == "up"]
-    assert ups and all(d["units"] <= 2 for d in summary["scale_decisions"]), summary["scale_decisions"]
-    assert {d["pool"] for d in ups} >= {"reward"}
+    _assert_decided_on_waits(summary, rows)

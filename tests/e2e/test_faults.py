@@ -1,21 +1,16 @@
 """Fault injection: a rollout actor and a reward actor are killed by name (`rollout-0`, `reward-0` in namespace
 segr1, as an operator or a node failure would) while the job runs as the driver actor. The pools restart them under
-the same names and re-issue their work: the run ends with the configured steps, groups_lost 0, two restarts, and it
-trained exactly the data an undisturbed run would have (no group skipped, none trained twice)."""
+the same names and re-issue their work: two restarts, groups_lost 0, and the run trained exactly the data an
+undisturbed run would have (no group skipped, none trained twice). Driven by events (tests/e2e/run_control.py):
+each kill follows a metrics line, the run is stopped once both restarts show in its lines, and the checks read the
+steps it did."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.e2e.conftest import (
-    assert_accounting,
-    assert_metric_lines,
-    e2e_config,
-    finish_job,
-    read_metrics,
-    start_job,
-    wait_for,
-)
+from tests.e2e.conftest import assert_accounting, assert_metric_lines, e2e_config, read_metrics, start_job
+from tests.e2e.run_control import UNTIL_STOPPED, stop_run, wait_for_line
 
 pytestmark = pytest.mark.slow
 
@@ -28,15 +23,19 @@ def _expected_ids(cfg, steps: int) -> list[set[str]]:
     return [{s.id for s in reader.next_batch(cfg.grpo.batch_size)} for _ in range(steps)]
 
 
+def _restarts(n: int):
+    """Matches a metrics line that counts at least n actor restarts."""
+    return lambda row: row["actor_restarts"] >= n
+
+
 def test_killed_rollout_and_reward_actors_cost_only_the_retry(assets, sft_policy, ray_job, tmp_path):
     ray = ray_job
-    steps = 6
     # transformers engine here: the kill/restart path is the same for both engines, and each vLLM restart (LLM()
     # start, 4-13 s; minutes on a loaded machine) cost this test 89 -> 244 s where the suite has a budget
     cfg = e2e_config(
         assets,
         tmp_path,
-        f"grpo.steps={steps}",
+        f"grpo.steps={UNTIL_STOPPED}",
         "rollout.engine=hf",
         "rollout.num_workers=2",  # the others carry on while the killed one restarts
         "reward.num_workers=2",
@@ -44,16 +43,17 @@ def test_killed_rollout_and_reward_actors_cost_only_the_retry(assets, sft_policy
     )
     driver, run_ref = start_job(cfg)
     try:
-        wait_for(lambda: len(read_metrics(tmp_path)) >= 1, 240, "step 1 in metrics.jsonl")
+        wait_for_line(tmp_path, lambda r: r["step"] >= 1, 240, "step 1 in metrics.jsonl", run_ref)
         ray.kill(ray.get_actor("rollout-0", namespace="segr1"), no_restart=True)
-        done = len(read_metrics(tmp_path))
-        wait_for(lambda: len(read_metrics(tmp_path)) >= done + 1, 180, "a step after killing rollout-0")
+        wait_for_line(tmp_path, _restarts(1), 180, "a step after rollout-0's restart", run_ref)
         ray.kill(ray.get_actor("reward-0", namespace="segr1"), no_restart=True)
-        summary = finish_job(ray, driver, run_ref, timeout=300)
+        wait_for_line(tmp_path, _restarts(2), 180, "a step after reward-0's restart", run_ref)
+        summary = stop_run(ray, driver, run_ref, timeout=300)
     finally:
         ray.kill(driver, no_restart=True)
     assert_accounting(summary)
-    assert summary["steps"] == steps and not summary["stopped_early"]
+    steps = summary["steps"]
+    assert summary["stopped_early"] and steps >= 3, summary  # stopped by the test: kills after steps 1 and 2+
     assert summary["actor_restarts"] >= 2, summary
     assert summary["rollout_workers"] == ["rollout-0", "rollout-1"]  # replaced under the same names
     assert summary["reward_workers"] == ["reward-0", "reward-1"]

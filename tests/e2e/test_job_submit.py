@@ -36,6 +36,7 @@ from tests.e2e.conftest import (
     read_summary,
     wait_for,
 )
+from tests.e2e.run_control import UNTIL_STOPPED, first_line
 
 pytestmark = pytest.mark.slow
 
@@ -154,17 +155,51 @@ def _scale(env: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
 
 
+def _stop_job(client: dict) -> None:
+    """request_stop of the job's driver (tests/e2e/run_control.py), from a process of its own: this one may be
+    connected to the session's Ray."""
+    cmd = [sys.executable, "-m", "tests.e2e.run_control", "stop", "segr1"]
+    r = subprocess.run(cmd, cwd=REPO, env=client, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+
+
+def _line_after(run_dir: Path, step: int, job: subprocess.Popen) -> dict | None:
+    """The first metrics line after `step`; fails at once if the job ended."""
+    if job.poll() is not None:
+        raise AssertionError(
+            f"the job ended (exit {job.returncode}) at step {step}: " + job.stdout.read()[-4000:]
+        )
+    return first_line(run_dir, lambda row: row["step"] > step)
+
+
+def _scale_while_it_runs(client: dict, run_dir: Path, job: subprocess.Popen) -> None:
+    """`segr1 scale --rollout 1`, `--rollout 2`, then `--rollout 3` (refused); each resize shows in the first
+    metrics line after the driver applied it (the answer comes once the loop applied it)."""
+    for before, after in ((2, 1), (1, 2)):
+        r = _scale(client, "--rollout", str(after))
+        assert r.returncode == 0 and f"rollout: {before} -> {after} workers" in r.stdout, (
+            r.stdout + r.stderr[-3000:]
+        )
+        at = read_metrics(run_dir)[-1]["step"]
+        line = wait_for(
+            lambda at=at: _line_after(run_dir, at, job), 120, f"a step after the resize to {after}"
+        )
+        assert line["rollout_workers"] == after, line
+    r = _scale(client, "--rollout", "3")  # above rollout.max_workers: refused, the job goes on
+    assert r.returncode != 0 and "outside 1..2 (rollout.max_workers)" in r.stderr, r.stdout + r.stderr
+
+
 def test_a_submitted_job_trains_and_segr1_scale_resizes_it(assets, ray_head, tmp_path):
     """The job runs the e2e preset (tests/e2e/conftest.py) with two rollout workers; while it runs, `segr1 scale
     --rollout 1` then `--rollout 2` change its rollout pool and `--rollout 3` (above rollout.max_workers) is
-    refused; it then finishes its steps and succeeds, every step on current weights."""
+    refused; the test then stops it (request_stop: its grpo.steps is more than it ever reaches, so it runs as long
+    as the scale calls take, whatever the machine's speed) and it succeeds, every step on current weights."""
     address, env = ray_head
     run_dir = tmp_path / "run"
-    steps = 32  # long enough for three `segr1 scale` calls (a few seconds each) while it runs
     overrides = [
         *e2e_overrides(assets, run_dir),
-        f"grpo.steps={steps}",
-        "rollout.sampling.max_tokens=16",  # seconds per step: the job outlives both scale calls, no longer
+        f"grpo.steps={UNTIL_STOPPED}",
+        "rollout.sampling.max_tokens=16",
         "rollout.num_workers=2",
         "rollout.max_workers=2",
         "reward.num_workers=1",
@@ -178,18 +213,9 @@ def test_a_submitted_job_trains_and_segr1_scale_resizes_it(assets, ray_head, tmp
         wait_for(lambda: read_metrics(run_dir) or job.poll() is not None, 300, "step 1 of the job")
         assert job.poll() is None, job.stdout.read()[-4000:]
         client = {**env, "RAY_ADDRESS": _gcs_address(env["RAY_AUTH_TOKEN_PATH"].rsplit("/", 1)[0])}
-
-        r = _scale(client, "--rollout", "1")
-        assert r.returncode == 0 and "rollout: 2 -> 1 workers" in r.stdout, r.stdout + r.stderr[-3000:]
-        at = read_metrics(run_dir)[-1]["step"]
-        wait_for(lambda: read_metrics(run_dir)[-1]["step"] > at, 120, "a step after the shrink")
-        assert read_metrics(run_dir)[-1]["rollout_workers"] == 1
-
-        r = _scale(client, "--rollout", "2")
-        assert r.returncode == 0 and "rollout: 1 -> 2 workers" in r.stdout, r.stdout + r.stderr[-3000:]
-        r = _scale(client, "--rollout", "3")  # above rollout.max_workers: refused, the job goes on
-        assert r.returncode != 0 and "outside 1..2 (rollout.max_workers)" in r.stderr, r.stdout + r.stderr
-        assert read_metrics(run_dir)[-1]["step"] < steps, "the job ended before the last scale: raise `steps`"
+        _scale_while_it_runs(client, run_dir, job)
+        assert job.poll() is None, "the job ended before the test stopped it: " + job.stdout.read()[-4000:]
+        _stop_job(client)
         out, _ = job.communicate(timeout=480)
     finally:
         if job.poll() is None:
@@ -197,11 +223,10 @@ def test_a_submitted_job_trains_and_segr1_scale_resizes_it(assets, ray_head, tmp
     assert job.returncode == 0 and "succeeded" in out, out[-4000:]
     summary = read_summary(run_dir)
     assert_accounting(summary)
-    assert summary["steps"] == steps
-    assert_metric_lines(read_metrics(run_dir), steps)
-    assert len(summary["rollout_workers"]) == 2 and "rollout-0" in summary["rollout_workers"]  # one joined
+    assert summary["stopped_early"], summary
     rows = read_metrics(run_dir)
-    assert 1 in {r["rollout_workers"] for r in rows}
+    assert_metric_lines(rows, summary["steps"])
+    assert len(summary["rollout_workers"]) == 2 and "rollout-0" in summary["rollout_workers"]  # one joined
     for r in rows:
         # sync mode: every group was generated by the learner's current weights, the joining worker's included
         # (it got them before serving); a worker left on older weights would show up as staleness and clipping
@@ -228,16 +253,21 @@ def test_a_failing_job_start_prints_the_real_error_last(assets, ray_head, tmp_pa
     out = _submit(address, env, "grpo.steps=1")
     assert "pass absolute paths" in out.lower() and 'data.train="$PWD/runs/data/train"' in out, out[-4000:]
     assert "ActorDiedError" not in out
-    # the driver actor's __init__ fails (a data set that does not exist)
-    missing = tmp_path / "no-such-data"
+    # the driver actor's __init__ fails (a data set that does not read: a missing one is refused before Ray
+    # starts, tests/unit/test_launch_checks.py); its own error is the last one printed
+    broken = tmp_path / "broken-data"
+    broken.mkdir()
+    (broken / "part-0.parquet").write_bytes(b"not a parquet file")
     out = _submit(
         address,
         env,
         f"model.policy={assets.policy}",
-        f"data.train={missing}",
+        f"data.train={broken}",
         "data.eval=null",
         "eval.every=0",
         f"metrics.run_dir={tmp_path / 'run'}",
         f"checkpoint.dir={tmp_path / 'ck'}",
     )
-    assert f"data path {missing} does not exist" in _last_error(out), out[-6000:]
+    last = _last_error(out)
+    assert "part-0.parquet is not a readable Parquet file" in last and "DatasetError" in last, out[-6000:]
+    assert "ray.kill() only supported for actors" not in out, out[-6000:]

@@ -3,9 +3,11 @@ does (cluster/k8s/): the head `segr1_driver`, two rollout nodes `segr1_rollout`,
 learner node `segr1_learner`. Disaggregated placement, the async test preset.
 
 - A missing pool resource fails at once, naming the resource and the KubeRay group that should advertise it.
-- Each pool's actors land on their own nodes (summary.json["placement"], by node id).
-- Removing the node holding the rollout actors mid-run costs seconds: the run ends with the configured steps,
-  groups_lost 0, and its wall exceeds an undisturbed run's (measured in the same test) by less than 30 s.
+- Each pool's actors land on their own nodes (by node id, asked of each actor).
+- Removing the node holding `rollout-0` mid-run (a crash): the worker is restarted under its name on the other
+  rollout node and serves again, groups_lost 0. The test stops the run once the replacement's groups are trained
+  (tests/e2e/run_control.py), so the run lasts as long as the scenario whatever the machine's speed. What the loss
+  costs in wall time is a figure, not a test: bench/node_loss.py.
 
 The session's local Ray (tests/conftest.py) is shut down for this module and started again afterwards. The head
 checks node health every second (Ray's default: every 3 s, a node is declared dead after 5 failed checks).
@@ -20,23 +22,20 @@ from tests.e2e.conftest import (
     assert_accounting,
     assert_metric_lines,
     e2e_config,
-    finish_job,
     kill_job_actors,
     read_metrics,
     start_job,
-    wait_for,
 )
+from tests.e2e.run_control import UNTIL_STOPPED, stop_run, wait_for_event, wait_for_line
 
 pytestmark = pytest.mark.slow
 
-STEPS = 6
-# the async test preset, disaggregated, two workers per pool; the transformers engine: the replacement of a lost
-# worker is what is timed, and a new vLLM engine's start (4-13 s, far more on a loaded machine) would be most of the
-# 30 s bound, while the node loss and the weight-sync teardown do not depend on the engine
+# the async test preset, disaggregated, two workers per pool; the transformers engine: a new vLLM engine's start
+# (4-13 s, far more on a loaded machine) would be most of the replacement's time, while the node loss and the
+# weight-sync teardown do not depend on the engine. bench/node_loss.py times the same scenario.
 OVERRIDES = (
     "placement.mode=disaggregated",
     "grpo.mode=async",
-    f"grpo.steps={STEPS}",
     "rollout.num_workers=2",
     "reward.num_workers=2",
     "rollout.engine=hf",
@@ -82,24 +81,36 @@ def _node_of(ray, actor: str) -> str:
     )
 
 
-def _run(ray, cfg, disturb=None) -> dict:
-    driver, run_ref = start_job(cfg)
-    try:
-        if disturb is not None:
-            disturb()
-        return finish_job(ray, driver, run_ref, timeout=600)
-    finally:
-        kill_job_actors(ray)
+def _assert_placed(ray, c, ids: dict) -> None:
+    """Each pool's actors on their own group's nodes, the driver on the head (asked of the running actors)."""
+    assert _node_of(ray, "driver") == c.head_node.node_id
+    assert _node_of(ray, "learner-0") == ids["learner"]
+    assert _node_of(ray, "reward-0") == _node_of(ray, "reward-1") == ids["reward"]
+    assert {_node_of(ray, "rollout-0"), _node_of(ray, "rollout-1")} <= {ids["rollout-a"], ids["rollout-b"]}
 
 
-def test_disaggregated_placement_and_a_lost_rollout_node_costs_seconds(cluster, assets, sft_policy, tmp_path):
+def _replacement_line(run_dir) -> dict | None:
+    """The first metrics line trained on groups of the replaced rollout-0: generated at a policy version no older
+    than that of the first line that counted the restart (the dead worker's groups are older)."""
+    rows = read_metrics(run_dir)
+    first = next((r for r in rows if r["actor_restarts"] >= 1), None)
+    if first is None:
+        return None
+    served = lambda r: r["by_rollout_worker"].get("rollout-0", {}).get("policy_version", -1)  # noqa: E731
+    return next(
+        (r for r in rows if r["step"] >= first["step"] and served(r) >= first["policy_version"]), None
+    )
+
+
+def test_disaggregated_placement_and_a_lost_rollout_node_is_replaced(cluster, assets, sft_policy, tmp_path):
     import ray
 
     from cluster.config import ConfigError
     from cluster.placement import check_pool_resources
 
     c, nodes = cluster
-    cfg = e2e_config(assets, tmp_path / "quiet", *OVERRIDES, policy=sft_policy)
+    run_dir = tmp_path / "lost"
+    cfg = e2e_config(assets, run_dir, *OVERRIDES, f"grpo.steps={UNTIL_STOPPED}", policy=sft_policy)
     with pytest.raises(ConfigError, match=r"segr1_reward: the worker group `reward` must advertise it"):
         check_pool_resources(cfg)  # no reward node yet: fails at once, not an actor pending forever
     nodes["reward"] = c.add_node(num_cpus=1, resources={"segr1_reward": 2})
@@ -107,41 +118,25 @@ def test_disaggregated_placement_and_a_lost_rollout_node_costs_seconds(cluster, 
     c.wait_for_nodes()
     check_pool_resources(cfg)
 
-    quiet = _run(ray, cfg)
-    assert_accounting(quiet)
-    assert quiet["steps"] == STEPS
     ids = {name: n.node_id for name, n in nodes.items()}
-    where = {actor: p["node_id"] for actor, p in quiet["placement"].items()}
-    assert where["driver"] == c.head_node.node_id
-    assert where["learner-0"] == ids["learner"]
-    assert where["reward-0"] == where["reward-1"] == ids["reward"]
-    assert {where["rollout-0"], where["rollout-1"]} <= {ids["rollout-a"], ids["rollout-b"]}
-    assert all(p["node_ip"] for p in quiet["placement"].values())
-    assert {p["pool"] for p in quiet["placement"].values()} == {"driver", "learner", "rollout", "reward"}
-
-    run_dir = tmp_path / "lost"
-    cfg = e2e_config(assets, run_dir, *OVERRIDES, policy=sft_policy)
-    lost: dict = {}
-
-    def remove_rollout_node() -> None:
-        wait_for(lambda: len(read_metrics(run_dir)) >= 2, 300, "step 2 of the run in metrics.jsonl")
-        node_id = _node_of(ray, "rollout-0")
-        victim = next(n for n in c.worker_nodes if n.node_id == node_id)
-        lost["node"], lost["at_step"] = node_id, len(read_metrics(run_dir))
-        c.remove_node(victim, allow_graceful=False)  # a node crash: raylet and its workers killed
-
-    summary = _run(ray, cfg, remove_rollout_node)
+    driver, run_ref = start_job(cfg)
+    try:
+        wait_for_line(run_dir, lambda r: r["step"] >= 2, 300, "step 2 of the run in metrics.jsonl", run_ref)
+        _assert_placed(ray, c, ids)
+        lost = _node_of(ray, "rollout-0")
+        c.remove_node(next(n for n in c.worker_nodes if n.node_id == lost), allow_graceful=False)  # a crash
+        what = "a step trained on the replaced rollout-0's groups"
+        wait_for_event(lambda: _replacement_line(run_dir), 300, what, run_ref)
+        summary = stop_run(ray, driver, run_ref, timeout=600)
+    finally:
+        kill_job_actors(ray)
     assert_accounting(summary)
-    assert summary["steps"] == STEPS and not summary["stopped_early"]
-    assert lost["at_step"] < STEPS  # removed mid-run
-    assert summary["actor_restarts"] >= 1, summary
+    assert summary["stopped_early"] and summary["actor_restarts"] >= 1, summary
     assert summary["rollout_workers"] == ["rollout-0", "rollout-1"]
-    assert all(p["node_id"] != lost["node"] for p in summary["placement"].values()), summary["placement"]
-    assert_metric_lines(read_metrics(run_dir), STEPS)
-    steps = [round(r["step_s"], 1) for r in read_metrics(run_dir)]
-    print(f"lost node at step {lost['at_step']}; step_s {steps}; aborts {summary['weight_sync_aborts']}")
-    extra = summary["wall_s"] - quiet["wall_s"]
-    print(
-        f"undisturbed {quiet['wall_s']:.1f} s, rollout node lost {summary['wall_s']:.1f} s (+{extra:.1f} s)"
-    )
-    assert extra < 30, (quiet["wall_s"], summary["wall_s"])
+    where = {actor: p["node_id"] for actor, p in summary["placement"].items()}
+    (survivor,) = {ids["rollout-a"], ids["rollout-b"]} - {lost}
+    assert where["rollout-0"] == where["rollout-1"] == survivor, summary["placement"]
+    assert lost not in where.values() and where["learner-0"] == ids["learner"], summary["placement"]
+    assert all(p["node_ip"] for p in summary["placement"].values())
+    assert {p["pool"] for p in summary["placement"].values()} == {"driver", "learner", "rollout", "reward"}
+    assert_metric_lines(read_metrics(run_dir), summary["steps"])

@@ -59,6 +59,34 @@ def test_missing_library_names_the_extra(monkeypatch):
         require("wandb")
 
 
+def test_a_tracker_that_cannot_open_ends_the_runs_the_others_opened(tmp_path, monkeypatch):
+    import cluster.tracking.trackers as trackers
+
+    events = []
+
+    class Opens:
+        def start(self, run_dir, run_name, config, resume, step):
+            events.append("tensorboard started")
+
+        def close(self):
+            events.append("tensorboard closed")
+
+    class Refuses:
+        def start(self, run_dir, run_name, config, resume, step):
+            raise PermissionError("the tracking store refused the run")
+
+        def close(self):
+            events.append("mlflow closed")
+
+    monkeypatch.setattr(
+        trackers, "make_tracker", lambda name, **_: Opens() if name == "tensorboard" else Refuses()
+    )
+    cfg = load_config(None, [f"metrics.run_dir={tmp_path}", "metrics.trackers=[jsonl,tensorboard,mlflow]"])
+    with pytest.raises(PermissionError, match="the tracking store refused the run"):
+        trackers.open_trackers(cfg, tmp_path)
+    assert events == ["tensorboard started", "tensorboard closed"]  # its run ended, not left open
+
+
 def test_tensorboard_scalars_image_hparams_and_resume(tmp_path):
     pytest.importorskip("tensorboard")
     tb = make_tracker("tensorboard")
