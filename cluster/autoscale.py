@@ -1,18 +1,20 @@
-"""Autoscaling the rollout and reward pools from the driver's own step timings (placement.autoscale; off by
-default; docs/scaling.md).
+"""Asking Ray's autoscaler for rollout and reward capacity (placement.autoscale; off by default, on in the
+cluster configs; docs/scaling.md).
 
 - `WaitClock` (driver hooks): while the learner has nothing to train, the driver's loop waits in `_pump`; each
   wait is charged to the reward pool when groups sit in scoring (the reward pool holds work), else to the
   rollout pool. `take(step_s)` gives each pool's share of the step's time and starts the next step.
-- `AutoscalePolicy` (pure: decisions from shares and a clock): a pool whose mean wait share over `window` steps
+- `AutoscalePolicy` (pure: decisions from shares and a clock): each pool starts wanting its floor
+  (`placement.autoscale.floor`: num_workers, or max_workers). A pool whose mean wait share over `window` steps
   exceeds `wait_share` gets one more unit requested (up to max_workers); a pool whose share stayed below
-  `idle_share` for `idle_window` steps gives one requested unit back (down to num_workers). After a decision the
+  `idle_share` for `idle_window` steps gives one requested unit back (down to its floor). After a decision the
   pool's history starts again and no other decision is taken for it for `cooldown_s` (hysteresis).
 - `RayCapacityRequest` (the thin Ray adapter): hands the TOTAL wanted to Ray's autoscaler with
   `ray.autoscaler.sdk.request_resources(bundles=[...])`, one bundle per wanted actor of each pool (its pool
-  resource and CPUs/GPUs); on KubeRay that adds a pod of the pool's worker group. When no pool wants more than
-  it started with, the request is released (an empty request).
-The pools themselves grow into the new capacity (cluster/capacity.py).
+  resource and CPUs/GPUs); on KubeRay that adds pods of the pool's worker group until the bundles fit. The
+  request stands from the job's start (so a group scaled down while no job ran comes back) and is replaced at
+  each decision; `release` (the job's end) sends an empty request.
+The pools themselves grow into the new capacity (cluster/capacity.py): no actor waits unplaced for a node.
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ class AutoscalePolicy:
     def __init__(self, settings: AutoscaleConfig, bounds: dict[str, tuple[int, int]]):
         self.settings = settings
         self.bounds = bounds  # pool -> (least: num_workers, most: max_workers)
-        self.wanted = {pool: lo for pool, (lo, _) in bounds.items()}
+        at_max = settings.floor == "max_workers"
+        self.floors = {pool: hi if at_max else lo for pool, (lo, hi) in bounds.items()}  # never asked below
+        self.wanted = dict(self.floors)
         keep = max(settings.window, settings.idle_window)
         self._history = {pool: deque(maxlen=keep) for pool in bounds}
         self._last: dict[str, float | None] = dict.fromkeys(bounds)
@@ -79,7 +83,7 @@ class AutoscalePolicy:
         return out
 
     def _decide(self, pool: str, now: float) -> Decision | None:
-        s, (lo, hi) = self.settings, self.bounds[pool]
+        s, hi = self.settings, self.bounds[pool][1]
         last = self._last[pool]
         if last is not None and now - last < s.cooldown_s:
             return None
@@ -91,7 +95,7 @@ class AutoscalePolicy:
                 why = f"learner waited {share:.0%} of the last {s.window} steps on it (> {s.wait_share:.0%})"
                 return Decision(pool, "up", wanted + 1, share, why)
         idle = history[-s.idle_window :]
-        if len(idle) == s.idle_window and wanted > lo and max(idle) < s.idle_share:
+        if len(idle) == s.idle_window and wanted > self.floors[pool] and max(idle) < s.idle_share:
             share = sum(idle) / len(idle)
             why = f"wait share below {s.idle_share:.0%} for {s.idle_window} steps"
             return Decision(pool, "down", wanted - 1, share, why)
@@ -110,18 +114,25 @@ def pool_bundle(cfg: TrainConfig, pool: str) -> dict[str, float]:
 
 
 class RayCapacityRequest:
-    """Tells Ray's autoscaler the total each pool wants (`request_resources` replaces the previous request)."""
+    """Tells Ray's autoscaler the total each pool wants (`request_resources` replaces the previous request; the
+    cluster holds one request at a time, so one job per cluster asks)."""
 
-    def __init__(self, cfg: TrainConfig, bounds: dict[str, tuple[int, int]], send: Callable | None = None):
+    def __init__(self, cfg: TrainConfig, send: Callable | None = None):
         if send is None:
             from ray.autoscaler.sdk import request_resources as send
         self.cfg = cfg
-        self.bounds = bounds
         self._send = send
+        self.sent = False  # a request stands (release() clears it)
 
     def __call__(self, wanted: dict[str, int]) -> list[dict[str, float]]:
-        """Request `wanted` actors of each pool in all; an empty request when none is above its start size."""
-        extra = any(wanted[p] > lo for p, (lo, _) in self.bounds.items())
-        bundles = [pool_bundle(self.cfg, p) for p, n in wanted.items() for _ in range(n)] if extra else []
+        """Request `wanted` actors of each pool in all (a standing request: the cluster keeps room for them)."""
+        bundles = [pool_bundle(self.cfg, p) for p, n in wanted.items() for _ in range(n)]
         self._send(bundles=bundles)
+        self.sent = True
         return bundles
+
+    def release(self) -> None:
+        """Withdraw the request (an empty one): the autoscaler may scale the idle groups down again."""
+        if self.sent:
+            self._send(bundles=[])
+            self.sent = False

@@ -1,6 +1,8 @@
 """The driver's scaling hooks in one object: pool sizes (cluster/capacity.py), the learner's waits and the
 autoscaling policy (cluster/autoscale.py), and their metrics. TrainDriver calls `apply` between pipeline rounds,
-`waited` after each wait of its loop and `step_done` after each optimiser step (docs/scaling.md)."""
+`waited` after each wait of its loop, `step_done` after each optimiser step and `close` at the end. With
+placement.autoscale on, the job's request to Ray's autoscaler stands from the driver's start (the policy's floor)
+to `close` (docs/scaling.md)."""
 
 from __future__ import annotations
 
@@ -26,8 +28,13 @@ class Elastic:
         bounds = {pool: pool_bounds(cfg, pool) for pool in SCALED_POOLS}
         settings = cfg.placement.autoscale
         self.policy = AutoscalePolicy(settings, bounds) if settings.enabled else None
-        self._request = request or (RayCapacityRequest(cfg, bounds) if self.policy else None)
+        self._request = request or (RayCapacityRequest(cfg) if self.policy else None)
         self.decisions: list[dict] = []
+        if self.policy is not None:  # the standing request, from the start: nobody has to ask by hand
+            logger.info(
+                "autoscale: asking Ray's autoscaler for %s (placement.autoscale.floor)", self.policy.wanted
+            )
+            self._request(self.policy.wanted)
         self._export()
 
     def apply(self) -> list[str]:
@@ -70,9 +77,9 @@ class Elastic:
 
     def close(self) -> None:
         """Release the autoscaler request this job made (the capacity goes back when the job ends)."""
-        if self.policy is not None and any(d["direction"] == "up" for d in self.decisions):
+        if self.policy is not None:
             try:
-                self._request({p: lo for p, (lo, _) in self.policy.bounds.items()})
+                self._request.release()
             except Exception as err:  # the cluster may be going away with the job
                 logger.warning("autoscale: releasing the capacity request failed: %s", err)
 

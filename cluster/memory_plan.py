@@ -20,6 +20,8 @@ Learner (per rank; learner.ranks ranks, FSDP2 sharding parameters, gradients and
 Rollout (vLLM, per GPU): gpu_memory_utilization x GPU, of which weights P x dtype / TP, a working set, and the KV
 cache that is left: 2 x layers x kv_heads x head_dim x dtype bytes per token. Reward (SAM2): weights, the cached
 features of max_inflight_per_worker images, the encoder's working set for a batch of them.
+Ray's object store (host shared memory) of one node per pool: object_store_plan (a rollout or learner node holds one
+weight version in the rollout dtype; cluster/k8s sizes the pods' /dev/shm from it, docs/kubernetes.md).
 """
 
 from __future__ import annotations
@@ -285,3 +287,58 @@ def reward_plan(cfg, sam: Sam2Shapes | None) -> PoolPlan:
     if on_gpu:
         pool.add("overhead", CUDA_CONTEXT, "CUDA context")
     return pool
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ray's object store per node: what a pod of each pool must hold (docs/kubernetes.md sizes /dev/shm from it)
+
+RAY_ARGS_PER_ROLLOUT_CALL = (
+    2  # cluster/topology.py make_rollout_pool: max_inflight=2 generate calls per actor
+)
+TOKEN_BYTES = 12  # an int64 token id + its float32 behaviour logprob (protos/messages.py Completion)
+
+
+def sample_bytes(cfg) -> int:
+    """Upper bound of one Sample as it travels: the image uncompressed (RGB) and its mask, data.image_size^2 each
+    (the shards hold encoded images, smaller)."""
+    return cfg.data.image_size**2 * 4
+
+
+def group_bytes(cfg, seq: Sequence) -> int:
+    """One RolloutGroup: G completions of max_tokens (id + logprob each) and the prompt ids."""
+    return cfg.grpo.group_size * seq.completion * TOKEN_BYTES + seq.prompt * 8
+
+
+def object_store_plan(cfg, s: PolicyShapes, seq: Sequence) -> list[PoolPlan]:
+    """Bytes Ray's object store of ONE node of each pool must hold at once (on_gpu False: host shared memory).
+    rollout: one weight version (learner.export_weights() in the rollout dtype: the catch-up of a new or restarted
+    worker, and the fallback when a broadcast fails) + its in-flight calls; learner: rank 0's export + one step's
+    groups; reward: its in-flight groups; driver (the head): the samples it hands out and the groups it gathers."""
+    weights = param_counts(s)["total"] * DTYPE_BYTES[cfg.rollout_dtype()]
+    version = f"{param_counts(s)['total']:,} x {DTYPE_BYTES[cfg.rollout_dtype()]} B ({cfg.rollout_dtype()})"
+    sample, group = sample_bytes(cfg), group_bytes(cfg, seq)
+    per_sample = f"{cfg.data.image_size}^2 x 4 B (RGB + mask)"
+    r, rw, g = cfg.rollout, cfg.reward, cfg.grpo
+    calls = RAY_ARGS_PER_ROLLOUT_CALL * r.max_batch_groups
+    rollout = PoolPlan("rollout", 1, r.resources.num_gpus, False)
+    rollout.add("weight version", weights, version + ": export_weights() for catch-up")
+    rollout.add("samples in flight", calls * sample, f"{calls} samples x {per_sample}")
+    rollout.add("groups returned", calls * group, f"{calls} groups x {group:,} B")
+    learner = PoolPlan("learner", 1, cfg.learner.resources.num_gpus, False)
+    learner.add("weight version", weights, version + ": rank 0's export_weights()")
+    learner.add("step's groups", g.batch_size * (sample + group), f"{g.batch_size} x (sample + group)")
+    reward = PoolPlan("reward", 1, rw.resources.num_gpus, False)
+    inflight = rw.max_inflight_per_worker
+    reward.add("groups in flight", inflight * (sample + group), f"{inflight} x (sample + group)")
+    rollouts, rewards = r.max_workers or r.num_workers, rw.max_workers or rw.num_workers
+    workers = rollouts * calls + rewards * rw.max_inflight_per_worker
+    driver = PoolPlan("driver", 1, 0, False)
+    driver.add("samples handed out", workers * sample, f"{workers} samples in flight x {per_sample}")
+    held = g.batch_size * (g.max_staleness + 1)
+    driver.add("groups gathered", held * group, f"{held} groups (batch x (max_staleness + 1))")
+    return [rollout, learner, reward, driver]
+
+
+def node_object_store(pools: list[PoolPlan], names: list[str]) -> int:
+    """The object store one node needs when it runs the actors of `names` (colocated: every pool on one node)."""
+    return sum(p.total for p in pools if p.pool in names)

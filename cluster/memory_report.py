@@ -13,6 +13,7 @@ from cluster.memory_plan import (
     Sequence,
     estimate_sequence,
     learner_plan,
+    object_store_plan,
     reward_plan,
     rollout_plan,
 )
@@ -36,6 +37,7 @@ class MemoryPlan:
     sources: list[str]
     failures: list[str] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
+    object_store: list[PoolPlan] = field(default_factory=list)  # Ray's object store per node of each pool
 
     @property
     def on_gpu(self) -> bool:
@@ -88,6 +90,7 @@ def build_plan(cfg, gpu_gb: float = 80.0, model_shapes: str | None = None) -> Me
     if cfg.reward.segmenter != "grabcut":
         sources.append(f"segmenter: {sam2_shapes(cfg.reward.segmenter_path, cfg.reward.sam2_config)[1]}")
     plan = MemoryPlan(gpu_bytes, pools, _gpus(pools), seq, sources)
+    plan.object_store = object_store_plan(cfg, shapes, seq)
     _check(cfg, plan, model_shapes)
     return plan
 
@@ -204,9 +207,20 @@ def format_plan(cfg, plan: MemoryPlan) -> str:
         for g in plan.gpus:
             ok = "ok" if g.bytes <= plan.gpu_bytes else "DOES NOT FIT"
             lines.append(f"  {' + '.join(g.members)}: {_gb(g.bytes)} of {plan.gpu_bytes / GB:.0f} GB  {ok}")
+    lines += _object_store_lines(plan)
     lines += [f"cannot fit: {f}" for f in plan.failures]
     lines += [f"  change: {a}" for a in plan.advice]
     return "\n".join(lines) + "\n"
+
+
+def _object_store_lines(plan: MemoryPlan) -> list[str]:
+    """Ray's object store one node of each pool needs: a pod's /dev/shm must hold it (docs/kubernetes.md)."""
+    lines = ["Ray object store per node (host shared memory, /dev/shm; docs/kubernetes.md):"]
+    for p in plan.object_store:
+        lines.append(f"  {p.pool}:")
+        lines += [f"    {t.name:18s} {_gb(t.bytes)}  {t.formula}" for t in p.terms]
+        lines.append(f"    {'total':18s} {_gb(p.total)}")
+    return lines
 
 
 def plan_json(plan: MemoryPlan) -> dict:
@@ -220,6 +234,7 @@ def plan_json(plan: MemoryPlan) -> dict:
         "gpus": [asdict(g) for g in plan.gpus],
         "failures": plan.failures,
         "advice": plan.advice,
+        "object_store": [{**asdict(p), "total": p.total} for p in plan.object_store],
     }
 
 

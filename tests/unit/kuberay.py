@@ -103,7 +103,17 @@ class Toleration(_Strict):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
 
 
+class PodSecurityContext(_Strict):  # Kubernetes PodSecurityContext (the fields a Ray pod uses)
+    fsGroup: StrictInt | None = Field(None, ge=0)
+    fsGroupChangePolicy: Literal["OnRootMismatch", "Always"] | None = None
+    runAsUser: StrictInt | None = Field(None, ge=0)
+    runAsGroup: StrictInt | None = Field(None, ge=0)
+    runAsNonRoot: StrictBool | None = None
+    supplementalGroups: list[StrictInt] | None = None
+
+
 class PodSpec(_Strict):
+    securityContext: PodSecurityContext | None = None
     containers: list[Container] = Field(min_length=1)
     volumes: list[Volume] = []
     tolerations: list[Toleration] = []
@@ -241,11 +251,20 @@ class PodMonitor(_Strict):
     spec: PodMonitorSpec
 
 
+class PVCSpec(_Strict):  # Kubernetes PersistentVolumeClaimSpec
+    accessModes: list[Literal["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]]
+    storageClassName: StrictStr | None = None
+    resources: Resources
+    volumeMode: Literal["Filesystem", "Block"] | None = None
+    volumeName: StrictStr | None = None
+    selector: dict[str, Any] | None = None
+
+
 class PVC(_Strict):
     apiVersion: Literal["v1"]
     kind: Literal["PersistentVolumeClaim"]
     metadata: Meta
-    spec: dict[str, Any]
+    spec: PVCSpec
 
 
 SCHEMAS: dict[str, type[BaseModel]] = {
@@ -272,14 +291,24 @@ def all_manifests() -> dict[str, BaseModel]:
     return out
 
 
-def raycluster(example: str) -> RayCluster:
-    (doc,) = read_docs(K8S / f"raycluster-{example}.yaml")
+def raycluster(example: str, text: str | None = None) -> RayCluster:
+    """raycluster-<example>.yaml as shipped, or `text` (another version of it, e.g. `git show HEAD:...`)."""
+    (doc,) = _docs(K8S / f"raycluster-{example}.yaml", text)
     return RayCluster.model_validate(doc)
 
 
-def rayjob(example: str) -> RayJob:
-    (doc,) = read_docs(K8S / f"rayjob-{example}.yaml")
+def rayjob(example: str, text: str | None = None) -> RayJob:
+    (doc,) = _docs(K8S / f"rayjob-{example}.yaml", text)
     return RayJob.model_validate(doc)
+
+
+def pvc(text: str | None = None) -> PVC:
+    (doc,) = _docs(K8S / "pvc.yaml", text)
+    return PVC.model_validate(doc)
+
+
+def _docs(path: Path, text: str | None) -> list[dict]:
+    return read_docs(path) if text is None else [d for d in yaml.safe_load_all(text) if d is not None]
 
 
 def config_path(job: RayJob) -> Path:

@@ -4,12 +4,17 @@ tests/e2e/test_elastic.py."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
+import yaml
 
 from cluster.autoscale import AutoscalePolicy, RayCapacityRequest, WaitClock, pool_bundle
 from cluster.capacity import capacity_of, check_request, pool_bounds
 from cluster.config import AutoscaleConfig, load_config
 
+REPO = Path(__file__).resolve().parents[2]
 BOUNDS = {"rollout": (1, 3), "reward": (1, 2)}
 
 
@@ -64,19 +69,107 @@ def test_releases_after_an_idle_window_down_to_num_workers_with_hysteresis():
     assert all(not p.observe({"reward": 0.0}, float(t)) for t in range(14, 40))  # never below num_workers
 
 
-def test_the_request_is_the_total_and_is_released_at_the_start_sizes():
+def test_the_request_is_the_total_of_every_pool_and_stands_until_released():
     cfg = load_config(
         None, ["placement.mode=disaggregated", "rollout.resources.num_cpus=2", "reward.max_workers=2"]
     )
     sent = []
-    request = RayCapacityRequest(
-        cfg, {"rollout": (1, 1), "reward": (1, 2)}, send=lambda **kw: sent.append(kw)
-    )
+    request = RayCapacityRequest(cfg, send=lambda **kw: sent.append(kw))
+    request.release()
+    assert sent == []  # nothing asked yet: nothing to withdraw
     request({"rollout": 1, "reward": 2})
     assert sent[-1]["bundles"] == [pool_bundle(cfg, "rollout")] + [pool_bundle(cfg, "reward")] * 2
     assert pool_bundle(cfg, "rollout") == {"segr1_rollout": 1.0, "CPU": 2.0}
-    request({"rollout": 1, "reward": 1})
-    assert sent[-1] == {"bundles": []}
+    request({"rollout": 1, "reward": 1})  # back at the start sizes: still asked (the cluster may have shrunk)
+    assert sent[-1]["bundles"] == [pool_bundle(cfg, "rollout"), pool_bundle(cfg, "reward")]
+    request.release()
+    request.release()
+    assert sent[-1] == {"bundles": []} and len(sent) == 3  # withdrawn once
+
+
+def test_floor_max_workers_asks_for_the_bounds_from_the_start_and_never_less():
+    p = _policy(floor="max_workers", wait_share=0.5, idle_share=0.05, window=1, idle_window=1, cooldown_s=0.0)
+    assert p.floors == {"rollout": 3, "reward": 2} and p.wanted == {"rollout": 3, "reward": 2}
+    busy_then_idle = [{"rollout": 0.9, "reward": 0.9}] * 5 + [{"rollout": 0.0, "reward": 0.0}] * 5
+    assert not [d for t, shares in enumerate(busy_then_idle) for d in p.observe(shares, float(t))]
+    assert p.wanted == {"rollout": 3, "reward": 2}
+
+
+class _Pool:
+    def __init__(self, size: int):
+        self.size = size
+
+
+class _Recorder:
+    """What Elastic hands Ray's autoscaler (RayCapacityRequest's interface), kept for the test to read."""
+
+    def __init__(self):
+        self.sent: list = []
+
+    def __call__(self, wanted):
+        self.sent.append(dict(wanted))
+
+    def release(self):
+        self.sent.append("released")
+
+
+@pytest.mark.parametrize(
+    ("floor", "asked"),
+    [("max_workers", {"rollout": 3, "reward": 2}), ("num_workers", {"rollout": 1, "reward": 1})],
+)
+def test_the_job_asks_at_its_start_without_anyone_scaling_and_releases_at_its_end(floor, asked):
+    from cluster.elastic import Elastic
+
+    cfg = load_config(
+        None,
+        [
+            "placement.mode=disaggregated",
+            f"placement.autoscale={{enabled: true, floor: {floor}}}",
+            "rollout.max_workers=3",
+            "reward.max_workers=2",
+        ],
+    )
+    recorder = _Recorder()
+    elastic = Elastic(cfg, {"rollout": _Pool(1), "reward": _Pool(1)}, request=recorder)
+    assert recorder.sent == [asked]
+    elastic.close()
+    assert recorder.sent == [asked, "released"]
+
+
+def test_without_the_policy_nothing_is_asked():
+    from cluster.elastic import Elastic
+
+    cfg = load_config(None, ["placement.mode=disaggregated", "rollout.max_workers=3"])
+    recorder = _Recorder()
+    Elastic(cfg, {"rollout": _Pool(1), "reward": _Pool(1)}, request=recorder).close()
+    assert recorder.sent == []
+
+
+def _group_units(manifest: Path, pool: str) -> tuple[int, float]:
+    """(maxReplicas, units of the pool's resource per pod) of the KubeRay worker group named `pool`."""
+    from cluster.topology import POOL_RESOURCES
+
+    spec = yaml.safe_load(manifest.read_text())["spec"]
+    group = next(g for g in spec["workerGroupSpecs"] if g["groupName"] == pool)
+    if "resources" in group:  # KubeRay >= 1.4: the group's own Ray resources
+        advertised = group["resources"]
+    else:  # rayStartParams.resources: '"{\\"segr1_x\\": 1}"'
+        advertised = json.loads(group["rayStartParams"]["resources"].strip('"').replace('\\"', '"'))
+    return group["maxReplicas"], float(advertised[POOL_RESOURCES[pool]])
+
+
+def test_the_shipped_8gpu_config_asks_for_what_its_groups_can_reach():
+    """qwen7b-8gpu.yaml: each pool's max_workers is its KubeRay group's maxReplicas x units per pod / units per
+    actor, and the standing request for them is on (placement.autoscale.floor=max_workers)."""
+    from cluster.capacity import units_per_actor
+
+    cfg = load_config(REPO / "cluster" / "configs" / "qwen7b-8gpu.yaml", [])
+    for pool in ("rollout", "reward"):
+        replicas, per_pod = _group_units(REPO / "cluster" / "k8s" / "raycluster-qwen7b-8gpu.yaml", pool)
+        reachable = int(replicas * per_pod / units_per_actor(cfg, pool))
+        assert pool_bounds(cfg, pool)[1] == reachable, f"{pool}.max_workers is not the group's {reachable}"
+        assert reachable > pool_bounds(cfg, pool)[0], f"{pool}: the group autoscales above num_workers"
+    assert cfg.placement.autoscale.enabled and cfg.placement.autoscale.floor == "max_workers"
 
 
 def test_capacity_counts_units_of_alive_nodes_per_actor():

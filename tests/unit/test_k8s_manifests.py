@@ -1,5 +1,7 @@
 """cluster/k8s and cluster/docker: the KubeRay manifests against the KubeRay v1 fields they use (our schema in
-tests/unit/kuberay.py), KubeRay's validation rules, the pods, the PodMonitor and the image recipe.
+tests/unit/kuberay.py), KubeRay's validation rules, the pods, the PodMonitor and the image recipe; the RayJob's
+long-run settings, the shared volume and the pods' `ray start` (tests/unit/k8s_checks.py), on the shipped manifests
+and on copies broken the way each check is there to catch.
 Ray's reading of the clusters and the fit of the training configs: test_k8s_resources.py.
 """
 
@@ -13,20 +15,24 @@ import yaml
 from pydantic import ValidationError
 
 from cluster.config import TrainConfig
+from tests.unit.k8s_checks import check_fs_group, check_pvc, check_ray_start, check_rayjob, shm_bytes
 from tests.unit.kuberay import (
     DOCKERFILE,
     EXAMPLES,
     IMAGE_WORKDIR,
     K8S,
     MANIFESTS,
+    PVC,
     ROOT,
     SCHEMAS,
     SHIPPED_YAML,
     PodMonitor,
     RayCluster,
+    RayJob,
     all_manifests,
     config_path,
     pod_specs,
+    pvc,
     raycluster,
     rayjob,
     read_docs,
@@ -115,7 +121,7 @@ def test_rayjob_runs_the_same_cluster_as_the_raycluster(example):
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_rayjob_entrypoint_and_runtime_env(example):
     job = rayjob(example)
-    assert job.spec.submissionMode in (None, "K8sJobMode")
+    assert check_rayjob(job) == []
     runtime_env = yaml.safe_load(job.spec.runtimeEnvYAML or "{}")
     assert set(runtime_env) <= {"env_vars", "pip", "working_dir", "py_modules", "excludes", "config"}
     assert all(isinstance(v, str) for v in runtime_env.get("env_vars", {}).values()), (
@@ -142,11 +148,80 @@ def test_every_pod_runs_one_project_image_with_the_data_mounted(example):
         ray_container = template.spec.containers[0]
         volumes = {v.name for v in template.spec.volumes}
         mounts = {m.mountPath for m in ray_container.volumeMounts if m.name in volumes}
-        assert "/dev/shm" in mounts, f"{group}: vLLM and NCCL need a large /dev/shm (emptyDir medium Memory)"
+        # vLLM, NCCL and Ray's object store need a large /dev/shm: KubeRay's own is sized to the memory limit
+        assert shm_bytes(template) is not None and shm_bytes(template) >= 2**30, f"{group}: no /dev/shm size"
         for p in paths:
             assert any(p.startswith(m.rstrip("/") + "/") for m in mounts), (
                 f"{group}: {p} is on no mounted volume"
             )
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_kuberay_starts_every_pod_with_its_resources_and_the_volume_is_writable(example):
+    for spec in (raycluster(example).spec, rayjob(example).spec.rayClusterSpec):
+        assert check_ray_start(spec) == []
+        assert check_fs_group(spec) == []
+    assert check_pvc(pvc()) == []
+
+
+def _doc(name: str) -> dict:
+    (doc,) = read_docs(K8S / name)
+    return doc
+
+
+def test_each_check_fails_on_what_it_is_there_to_catch():
+    """The manifests as they were before issue 29: each fault found by its check, naming key, value and fix."""
+    cluster = _doc("raycluster-qwen7b-8gpu.yaml")
+    head = cluster["spec"]["headGroupSpec"]
+    head.pop("resources")  # the escaped rayStartParams form KubeRay cannot parse, without num-gpus
+    head["rayStartParams"].update({"num-cpus": "0", "resources": '"{\\"segr1_driver\\": 1}"'})
+    problems = check_ray_start(RayCluster.model_validate(cluster).spec)
+    assert any("head: rayStartParams.resources=" in p and "not JSON to KubeRay" in p for p in problems)
+    assert any("head: `ray start` gets num-gpus=None, want 0" in p for p in problems)
+    head["resources"] = {"GPU": "0"}  # both forms at once: KubeRay's validation refuses the cluster
+    assert any(
+        "both set: KubeRay refuses it" in p for p in check_ray_start(RayCluster.model_validate(cluster).spec)
+    )
+    for template in [head["template"]] + [g["template"] for g in cluster["spec"]["workerGroupSpecs"]]:
+        template["spec"].pop("securityContext")
+    problems = check_fs_group(RayCluster.model_validate(cluster).spec)
+    assert len(problems) == 4 and all(
+        "securityContext.fsGroup=None" in p and "fsGroup: 100" in p for p in problems
+    )
+
+    job = _doc("rayjob-qwen7b-8gpu.yaml")
+    job["spec"].update(
+        submissionMode="K8sJobMode", entrypoint=job["spec"]["entrypoint"].replace("-if-any", "")
+    )
+    for key in ("backoffLimit", "preRunningDeadlineSeconds"):
+        job["spec"].pop(key)
+    problems = check_rayjob(RayJob.model_validate(job))
+    assert [p.split(":")[0].split("=")[0].split(" ")[0] for p in problems] == [
+        "submissionMode",
+        "backoffLimit",
+        "entrypoint",
+        "preRunningDeadlineSeconds",
+    ]
+    volume = _doc("pvc.yaml")
+    volume["spec"].pop("storageClassName")
+    assert "storageClassName unset" in check_pvc(PVC.model_validate(volume))[0]
+
+
+def test_resume_if_any_resumes_only_from_a_checkpoint(tmp_path, monkeypatch):
+    """The RayJob's entrypoint (--resume-if-any): afresh on the first attempt, --resume on a retry."""
+    import cluster.launch
+    from cluster.cli import main
+
+    seen = []
+    monkeypatch.setattr(
+        cluster.launch, "run_training", lambda cfg, resume: seen.append(resume) or {"groups_lost": 0}
+    )
+    argv = ["train", "--config", str(ROOT / "cluster/configs/demo.yaml"), f"checkpoint.dir={tmp_path}/ckpt"]
+    assert main([*argv, "--resume-if-any"]) == 0
+    (tmp_path / "ckpt" / "step-7").mkdir(parents=True)
+    assert main([*argv, "--resume-if-any"]) == 0
+    assert main(argv) == 0
+    assert seen == [False, True, False]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,17 +1,22 @@
 """cluster/k8s: Ray's own reading of each RayCluster (the autoscaler's) gives the resources we meant, each pool
-group advertises its pool's resource, and every actor of the shipped training config fits on its cluster.
+group advertises its pool's resource, every actor of the shipped training config fits on its cluster, each pod's
+object store holds what `segr1 plan` says it must, and the pools' max_workers equal their groups' bounds.
 """
 
 from __future__ import annotations
 
 import pytest
 
+from tests.unit.k8s_checks import check_bounds, check_object_store
 from tests.unit.kuberay import (
     DRIVER_RESOURCE,
     EXAMPLES,
     RayClusterSpec,
+    Volume,
+    VolumeMount,
     ray_node_types,
     raycluster,
+    rayjob,
     train_config,
     worker_groups,
 )
@@ -25,7 +30,9 @@ def test_ray_reads_the_resources_we_meant(example):
     spec = raycluster(example).spec
     node_types = ray_node_types(f"segr1-{example}", spec)
     head = node_types.pop("headgroup")
-    assert head["resources"].get("CPU", 0) == 0 and "GPU" not in head["resources"], "the head runs no actors"
+    assert head["resources"].get("CPU", 0) == 0 and head["resources"].get("GPU", 0) == 0, (
+        "the head runs no actors"
+    )
     assert head["resources"].get(DRIVER_RESOURCE) == 1
     for name, group in worker_groups(spec).items():
         limits = group.template.spec.containers[0].resources.limits
@@ -133,3 +140,52 @@ def test_every_actor_of_the_config_fits_on_the_cluster(example):
     most = cfg.rollout.max_workers or cfg.rollout.num_workers
     left = _pack(demands(most), _nodes(cluster.spec, node_types, at_most=True))
     assert left is None, f"{example}: at rollout.max_workers={most} these actors find no node: {left}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ray's object store against the memory plan; the pools' bounds against the groups'
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_every_pods_object_store_holds_what_the_plan_says(example):
+    from cluster.memory_report import build_plan
+
+    cfg = train_config(example)
+    plan = build_plan(cfg)
+    rollout = next(p for p in plan.object_store if p.pool == "rollout")
+    assert rollout.terms[0].name == "weight version" and rollout.terms[0].bytes > 0
+    for spec in (raycluster(example).spec, rayjob(example).spec.rayClusterSpec):
+        assert check_object_store(spec, cfg, plan) == []
+
+
+def test_a_16gi_dev_shm_cannot_hold_the_7b_weight_version():
+    """issue 29: the rollout pods' own 16Gi /dev/shm capped Ray's object store at 0.95 x 16 GiB = 15.2 GiB, less
+    than one bf16 version of the 7B policy (16.6 GB): a catch-up spilled to disk."""
+    from cluster.memory_report import build_plan
+
+    cfg = train_config("qwen7b-8gpu")
+    spec = raycluster("qwen7b-8gpu").spec.model_copy(deep=True)
+    rollout = worker_groups(spec)["rollout"].template.spec
+    rollout.volumes.append(Volume(name="dshm", emptyDir={"medium": "Memory", "sizeLimit": "16Gi"}))
+    rollout.containers[0].volumeMounts.append(VolumeMount(name="dshm", mountPath="/dev/shm"))
+    (problem,) = check_object_store(spec, cfg, build_plan(cfg))
+    assert (
+        problem.startswith("rollout: Ray's object store is 15.2 GiB (/dev/shm 16.0 GiB")
+        and "15.59 GiB" in problem
+    )
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_pool_bounds_equal_their_groups_max_replicas(example):
+    """<pool>.max_workers of the config (set with the autoscaler, docs/scaling.md) == maxReplicas x actors per pod."""
+    assert check_bounds(raycluster(example).spec, train_config(example), f"{example}.yaml") == []
+
+
+def test_a_bound_that_differs_from_max_replicas_names_both():
+    cfg = train_config("qwen7b-8gpu").model_copy(deep=True)
+    cfg.reward.max_workers = 1
+    (problem,) = check_bounds(raycluster("qwen7b-8gpu").spec, cfg, "qwen7b-8gpu.yaml")
+    assert problem == (
+        "qwen7b-8gpu.yaml: reward.max_workers=1 but worker group reward holds at most maxReplicas 2 x 1 actor(s) "
+        "per pod = 2; set reward.max_workers: 2 or change maxReplicas"
+    )

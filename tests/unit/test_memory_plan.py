@@ -85,6 +85,21 @@ def test_qwen7b_fits_with_its_ranks_and_one_rank_names_the_learner_and_the_fix(c
     assert "\n# memory plan (per GPU of 80 GB)\n" in capsys.readouterr().out
 
 
+def test_plan_says_what_each_pods_object_store_must_hold(capsys):
+    """Ray's object store per node (cluster/k8s sizes /dev/shm from it): a rollout pod holds one weight version
+    in the rollout dtype, more than the 0.95 x 16 GiB a 16Gi /dev/shm gives Ray (issue 29)."""
+    assert main(["plan", "--config", str(CONFIGS / "qwen7b-8gpu.yaml"), "--json"]) == 0
+    stores = {p["pool"]: p for p in json.loads(capsys.readouterr().out)["object_store"]}
+    assert set(stores) == {"rollout", "learner", "reward", "driver"}
+    version = stores["rollout"]["terms"][0]
+    params = param_counts(SHIPPED_SHAPES["Qwen/Qwen2.5-VL-7B-Instruct"])["total"]
+    assert version["name"] == "weight version" and version["bytes"] == params * 2  # bfloat16
+    assert stores["rollout"]["total"] > 0.95 * 16 * 2**30 > stores["reward"]["total"]
+    assert stores["learner"]["terms"][0]["bytes"] == params * 2  # rank 0's export
+    assert main(["plan", "--config", str(CONFIGS / "qwen7b-8gpu.yaml")]) == 0
+    assert "\nRay object store per node (host shared memory, /dev/shm" in capsys.readouterr().out
+
+
 def test_pools_sharing_one_gpu_add_up_and_the_advice_is_computed(capsys):
     argv = ["plan", "--config", str(CONFIGS / "qwen3b-1gpu.yaml"), "learner.lora_rank=0", "--json"]
     assert main(argv) == 1
