@@ -56,6 +56,10 @@ __all__ = [
 ]
 
 
+INFLIGHT_CALLS = 2
+"""generate calls the rollout pool keeps in flight per actor (cluster/topology.py; the object store plan)."""
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message says which field, why, and how to fix it."""
 

@@ -1,6 +1,7 @@
 """Metrics of the training driver: the accounting of every training group (generated = trained + dropped_stale +
-filtered, lost = 0; validation's groups are not among them: the pools count those under purpose="val"), the staleness of what was trained and the latest validation (cluster/validation.py),
-exported through Ray like every pool's; and the line metrics.jsonl gets per step (`step_line`: pool figures plus
+filtered, lost = 0; validation's groups are not among them: the pools count those under purpose="val"), the
+staleness of what was trained and the latest validation (cluster/validation.py), exported through Ray like every
+pool's; and the line metrics.jsonl gets per step (`step_line`: pool figures plus
 the learner's StepStats)."""
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from cluster.config import INFLIGHT_CALLS
 from cluster.model_shapes import (
     PolicyShapes,
     Sam2Shapes,
@@ -292,9 +293,6 @@ def reward_plan(cfg, sam: Sam2Shapes | None) -> PoolPlan:
 # ----------------------------------------------------------------------------------------------------------------
 # Ray's object store per node: what a pod of each pool must hold (docs/kubernetes.md sizes /dev/shm from it)
 
-RAY_ARGS_PER_ROLLOUT_CALL = (
-    2  # cluster/topology.py make_rollout_pool: max_inflight=2 generate calls per actor
-)
 TOKEN_BYTES = 12  # an int64 token id + its float32 behaviour logprob (protos/messages.py Completion)
 
 
@@ -314,12 +312,13 @@ def object_store_plan(cfg, s: PolicyShapes, seq: Sequence) -> list[PoolPlan]:
     rollout: one weight version (learner.export_weights() in the rollout dtype: the catch-up of a new or restarted
     worker, and the fallback when a broadcast fails) + its in-flight calls; learner: rank 0's export + one step's
     groups; reward: its in-flight groups; driver (the head): the samples it hands out and the groups it gathers."""
-    weights = param_counts(s)["total"] * DTYPE_BYTES[cfg.rollout_dtype()]
-    version = f"{param_counts(s)['total']:,} x {DTYPE_BYTES[cfg.rollout_dtype()]} B ({cfg.rollout_dtype()})"
+    params, dtype = param_counts(s)["total"], cfg.rollout_dtype()
+    weights = params * DTYPE_BYTES[dtype]
+    version = f"{params:,} x {DTYPE_BYTES[dtype]} B ({dtype})"
     sample, group = sample_bytes(cfg), group_bytes(cfg, seq)
     per_sample = f"{cfg.data.image_size}^2 x 4 B (RGB + mask)"
     r, rw, g = cfg.rollout, cfg.reward, cfg.grpo
-    calls = RAY_ARGS_PER_ROLLOUT_CALL * r.max_batch_groups
+    calls = INFLIGHT_CALLS * r.max_batch_groups
     rollout = PoolPlan("rollout", 1, r.resources.num_gpus, False)
     rollout.add("weight version", weights, version + ": export_weights() for catch-up")
     rollout.add("samples in flight", calls * sample, f"{calls} samples x {per_sample}")

@@ -25,7 +25,7 @@ from typing import Any
 
 import ray
 
-from cluster.config import Resources, TrainConfig
+from cluster.config import INFLIGHT_CALLS, Resources, TrainConfig
 from cluster.pool import ActorPool
 from runtime.threads import THREADS_ENV
 
@@ -190,7 +190,8 @@ def spawn_learner_ranks(cfg: TrainConfig, cls: type, ready_timeout_s: float = 60
         pin = lambda i: PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)  # noqa: E731
         probe = ray.remote(num_cpus=0, max_retries=0)(_free_port_on_node)
         found = ray.get([probe.options(scheduling_strategy=pin(i)).remote() for i in range(n)])
-        address = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}  # the IP Ray's nodes use
+        # the IP Ray's nodes use
+        address = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
         nodes = [address.get(node_id, node_id) for node_id, _ in found]
         init_method = f"tcp://{nodes[0]}:{found[0][1]}" if n > 1 else None
         names = [f"learner-{i}" for i in range(n)]
@@ -244,7 +245,7 @@ def make_rollout_pool(
         "rollout",
         lambda name: spawn_rollout_actor(cfg, cls, name, phase),
         cfg.rollout.num_workers,
-        max_inflight=2,
+        max_inflight=INFLIGHT_CALLS,
         on_start=on_start,
         on_error=on_error,
         capacity=capacity,
