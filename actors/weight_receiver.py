@@ -98,7 +98,7 @@ class InMemoryEngine:
 
 class WeightReceiverEndpoint:
     """A receiving endpoint with its own engine (default: InMemoryEngine). A plain class: a Ray actor in the
-    weight-broadcast integration test and benchmarks (created in cluster/topology.py), in-process otherwise."""
+    weight-broadcast integration test and benchmarks (created in cluster/pools/topology.py), in-process otherwise."""
 
     def __init__(self, name: str, engine: WeightLoadingEngine | None = None):
         self.name = name

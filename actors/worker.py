@@ -1,4 +1,4 @@
-"""`RolloutWorker`: a plain class around one rollout engine; cluster/topology.py makes it the Ray actor
+"""`RolloutWorker`: a plain class around one rollout engine; cluster/pools/topology.py makes it the Ray actor
 `rollout-<i>` (namespace segr1). The same class runs in-process in tests and on the GPU machine without Ray.
 
     worker = RolloutWorker(cfg, name="rollout-0")
@@ -176,7 +176,7 @@ class RolloutWorker:
         return self.engine.policy_version
 
     def rewind(self, version: int) -> int:
-        """The learner restarted from an older checkpoint (cluster/recovery.py): accept `version` next although
+        """The learner restarted from an older checkpoint (cluster/driver/recovery.py): accept `version` next although
         versions otherwise only increase. Generation refuses until that version is loaded."""
         self.engine.rewind(version)
         # the restarted learner numbers its weight-sync generations from 1 again: forget what was abandoned

@@ -11,7 +11,7 @@ What is compared (same policy, data, reward, B, G, sampling and seeds in all thr
 - sync / async: `cluster.launch.run_training` with cluster/configs/demo.yaml (two rollout workers, two reward
   workers, the learner, the driver actor; gloo weight broadcast), grpo.mode=sync / async (max_staleness 1).
 - sync_val / async_val (not in the default --modes): the same with validation during training, eval.every=10 on
-  eval.samples=32 held-out samples (cluster/validation.py), to show what validating costs the training throughput
+  eval.samples=32 held-out samples (cluster/driver/validation.py), to show what validating costs the training throughput
   (`--modes async,async_val`); their figures add the validations' val/seconds.
 A sample is one prompt (image) trained on; completions/s is samples/s x G. Throughput is steady state: the first
 `warmup` steps (engine start, first weight sync, pipeline fill) are excluded; for the Ray modes the time is the sum
@@ -77,7 +77,7 @@ FULL = dict(
 def build_policy(work: Path, s: dict, policy: str | None) -> tuple[Path, Path]:
     """(policy folder, training data folder): the tiny model, synthetic data and a short SFT, cached in work."""
     from cluster.data.synth import write_synthetic
-    from cluster.tiny_models import build_tiny_policy
+    from cluster.dev.tiny_models import build_tiny_policy
 
     data = work / "data" / "train"
     if not any(data.glob("*.parquet")):
@@ -183,7 +183,7 @@ def single_process(cfg, warmup: int) -> dict:
 
 def _requests(cfg, step: int, samples: list) -> list:
     """The requests the sync driver sends at `step` (one chunk per step here; seeds spaced G apart)."""
-    from cluster.driver_state import request_seed
+    from cluster.driver.state import request_seed
     from protos import RolloutRequest
 
     g = cfg.grpo
@@ -290,7 +290,7 @@ def ray_mode(cfg, warmup: int) -> dict:
     with CpuSampler() as cpu:
         summary = run_training(cfg)
     wall = time.perf_counter() - t0
-    from cluster.validation import is_validation_line
+    from cluster.driver.validation import is_validation_line
 
     lines = [
         json.loads(x) for x in (Path(cfg.metrics.run_dir) / "metrics.jsonl").read_text().splitlines() if x
@@ -394,7 +394,7 @@ def measure(mode: str, policy: Path, data: Path, run_dir: Path, s: dict) -> dict
 
 
 def _init_ray(cfg) -> None:
-    from cluster.topology import init_ray
+    from cluster.pools.topology import init_ray
 
     init_ray(cfg)
 

@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--threads-per-rank", type=int, default=1)
     ap.add_argument("--out", default="bench/results/learner_scaling_cpu.json")
     a = ap.parse_args()
-    from cluster.tiny_models import build_tiny_policy
+    from cluster.dev.tiny_models import build_tiny_policy
 
     steps = a.steps or (2 if a.quick else 4)
     groups = a.groups or (4 if a.quick else 8)

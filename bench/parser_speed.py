@@ -1,5 +1,5 @@
 """Answer-parser speed on hostile completions: the time of one `parse_answer` call on each pathological input
-(tests/unit/test_parser.py checks that each is refused, and by which rule; how fast is this script's figure), in
+(tests/unit/reward_service/test_parser.py checks that each is refused, and by which rule; how fast is this script's figure), in
 both answer formats, next to a clean answer.
 
     .venv/bin/python bench/parser_speed.py --out bench/results/parser_speed_cpu.json

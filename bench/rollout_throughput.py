@@ -3,7 +3,7 @@
     python bench/rollout_throughput.py --quick --out bench/results/rollout_throughput_cpu.json
     python bench/rollout_throughput.py --gpu --out bench/results/rollout_throughput_h100.json     # CUDA only
 
-CPU (always): the same tiny Qwen2.5-VL (`cluster.tiny_models.build_tiny_policy`, demo preset: vision tower,
+CPU (always): the same tiny Qwen2.5-VL (`cluster.dev.tiny_models.build_tiny_policy`, demo preset: vision tower,
 hidden-128 language model, merge 4; byte-level tokenizer) in both engines, the same requests WITH images (one
 --image-size noise image per request, fresh each round), G = 8 completions per request, temperature 1.0, fixed
 seeds, vLLM's prefix caching on (the G samples of a request share the prompt). Each engine gets one warm-up call;
@@ -113,7 +113,7 @@ def bench_cpu(args) -> dict:
     import torch
 
     from actors.hf_engine import HFEngine
-    from cluster.tiny_models import build_tiny_policy
+    from cluster.dev.tiny_models import build_tiny_policy
     from protos.answer import COMPACT  # the tiny models' short prompts, as every CPU figure here
 
     torch.set_num_threads(args.threads)
@@ -173,7 +173,7 @@ def _qwen3b_engine():
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from actors.hf_engine import HFEngine
-    from cluster.tiny_models import build_tiny_policy
+    from cluster.dev.tiny_models import build_tiny_policy
     from protos.answer import COMPACT
     from runtime.qwen_vl import load_processor
 

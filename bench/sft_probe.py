@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cluster.data.synth as synth  # noqa: E402
-import cluster.tiny_models as tiny  # noqa: E402
+import cluster.dev.tiny_models as tiny  # noqa: E402
 import learner.sft as sft  # noqa: E402
 
 
@@ -108,7 +108,7 @@ def box_iou_of_answers(answers: list[str], boxes: list[tuple[int, int, int, int]
 def prepare(a, out: Path):
     """The synthetic data set (cached per knob setting), the untrained tiny policy and the demo config on them."""
     from cluster.config import load_config
-    from cluster.demo import DEMO_CONFIG, _with
+    from cluster.dev.demo import DEMO_CONFIG, _with
 
     knobs = f"d{a.distractors.replace(',', '-')}-s{a.side.replace(',', '-') or 'default'}"
     data = Path(a.data) / f"{a.kind}-{knobs}"
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.vision_lr != 1.0:
         vision_lr_optimizer(a.vision_lr)
     from cluster.data.reader import DatasetReader
-    from cluster.demo import _with
+    from cluster.dev.demo import _with
     from cluster.evaluation.inputs import load_samples
     from learner.policy import Policy
     from reward_service.rewards import box_iou

@@ -57,7 +57,7 @@ __all__ = [
 
 
 INFLIGHT_CALLS = 2
-"""generate calls the rollout pool keeps in flight per actor (cluster/topology.py; the object store plan)."""
+"""generate calls the rollout pool keeps in flight per actor (cluster/pools/topology.py; the object store plan)."""
 
 
 class ConfigError(ValueError):
@@ -276,7 +276,7 @@ class EvalConfig(BaseModel):
         "top_k, repetition_penalty), as the reference's model.generate did; false: greedy (--sample: "
         "rollout.sampling).",
     )
-    # validation during training (cluster/validation.py): greedy answers on a fixed subset of data.eval, scored
+    # validation during training (cluster/driver/validation.py): greedy answers on a fixed subset of data.eval, scored
     # like `segr1 eval`, logged as val/* (metrics.jsonl, Prometheus, the trackers), through the training pools
     every: int = Field(
         0, ge=0, le=10_000_000, description="Validate every N optimiser steps (needs data.eval); 0: off."

@@ -18,11 +18,11 @@ import ray
 from ray.exceptions import RayActorError
 
 from cluster.config import TrainConfig
-from cluster.driver import TrainDriver
+from cluster.driver.loop import TrainDriver
 from cluster.job_paths import check_job_paths, check_start
-from cluster.learner_group import short_cause
-from cluster.placement import check_pool_resources
-from cluster.topology import Workers, init_ray, spawn_driver
+from cluster.pools.learner_group import short_cause
+from cluster.pools.placement import check_pool_resources
+from cluster.pools.topology import Workers, init_ray, spawn_driver
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +69,15 @@ class DriverActor(TrainDriver):
 
 
 def spawn_driver_actor(cfg: TrainConfig, resume: bool = False) -> Any:
-    """The training driver as the actor `driver` (cluster/topology.py places it), its pools of
+    """The training driver as the actor `driver` (cluster/pools/topology.py places it), its pools of
     `training_workers()`."""
     return spawn_driver(cfg, DriverActor, cfg, training_workers, resume)
 
 
 def _get_run(run_ref: Any) -> dict:
     """The driver's summary; a learner group that could not be restarted raises its own LearnerGroupFailed
-    (one message, no Ray traceback: cluster/recovery.py)."""
-    from cluster.recovery import LearnerGroupFailed
+    (one message, no Ray traceback: cluster/driver/recovery.py)."""
+    from cluster.driver.recovery import LearnerGroupFailed
 
     try:
         return ray.get(run_ref)

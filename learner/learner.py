@@ -2,7 +2,7 @@
 the behaviour importance weights from a no-grad pass first: learner/update.py), weight export/broadcast,
 checkpoints.
 
-A plain class (`ray.remote` is applied in cluster/topology.py only), usable in-process by tests and on the GPU
+A plain class (`ray.remote` is applied in cluster/pools/topology.py only), usable in-process by tests and on the GPU
 machine without Ray.
 
     learner = Learner(cfg.learner_spec())             # cluster/config.py hands the learner its sections

@@ -1,6 +1,6 @@
 """Messages between the components of Seg-R1, and the Arrow schemas of its Parquet files.
 
-Pure: importing this package imports no third-party package but pydantic and pyarrow (tests/unit/test_protos.py,
+Pure: importing this package imports no third-party package but pydantic and pyarrow (tests/unit/protos/test_protos.py,
 the `protos-pure` import-linter contract in pyproject.toml).
 Every hop has exactly one message type, named for what it carries; its docstring gives the direction.
 """

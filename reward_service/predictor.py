@@ -1,7 +1,7 @@
 """The predictor: parse completions, segment the image with their prompts, return each completion's mask.
 
 Shared by the reward worker (reward_service/worker.py: predict masks, then compute the reward terms) and by
-evaluation (cluster/evaluation/: in-process, or as Ray actors `eval-<i>` made by cluster/topology.py).
+evaluation (cluster/evaluation/: in-process, or as Ray actors `eval-<i>` made by cluster/pools/topology.py).
 
 One `segment(items)` call: encode each distinct image that has prompts to decode once, in one batch (image by
 image when the batch fails); decode every prompt of every item in one batched call (item by item when it fails);

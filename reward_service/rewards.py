@@ -48,7 +48,9 @@ class GroundTruth:
     cx: int
     quad_size: tuple[int, int, int, int]  # pixels per quadrant (lt, rt, lb, rb)
     quad_gt: tuple[int, int, int, int]  # GT pixels per quadrant
-    box: tuple[float, float, float, float] | None = None  # pixel-edge box of the GT foreground; None when empty
+    box: tuple[float, float, float, float] | None = (
+        None  # pixel-edge box of the GT foreground; None when empty
+    )
 
     @property
     def n(self) -> int:

@@ -4,7 +4,7 @@ One call: decode each sample's image and mask, parse every completion, then the 
 (reward_service/predictor.py) encodes each distinct image once (batched), decodes every prompt of every group in one
 batched call and ORs each completion's masks; the worker computes each completion's reward terms. It returns
 GroupScores (the rewards and timings, not the group: the driver joins them with the group it kept).
-A plain class: tests use it in-process; cluster/topology.py makes it a Ray actor (`reward-<i>`, namespace segr1).
+A plain class: tests use it in-process; cluster/pools/topology.py makes it a Ray actor (`reward-<i>`, namespace segr1).
 
 Nothing one request holds can make the worker raise: a sample whose bytes do not decode (or whose mask does not
 match its image) scores 0 on every completion with failure "corrupt_sample"; a segmenter error on one image scores

@@ -185,7 +185,7 @@ def load_all() -> dict[str, Metric]:
     """Import every package's metrics module and return the registry (for docs and the dashboard test)."""
     import importlib
 
-    for module in ("reward_service.metrics", "actors.metrics", "learner.metrics", "cluster.driver_metrics"):
+    for module in ("reward_service.metrics", "actors.metrics", "learner.metrics", "cluster.driver.metrics"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:

@@ -4,7 +4,7 @@ transformers' default Qwen2.5-VL processor builds a video processor that needs t
 installed on the CPU machines. `SegR1Processor` is the same processor with images only: the PIL image processor
 (`Qwen2VLImageProcessorPil`), the folder's tokenizer and its chat template. It reads the files of a real
 Qwen2.5-VL-7B folder (preprocessor_config.json, tokenizer.json / vocab.json + merges.txt, tokenizer_config.json,
-chat_template.json or chat_template.jinja) as well as the tiny folders of `cluster.tiny_models`.
+chat_template.json or chat_template.jinja) as well as the tiny folders of `cluster.dev.tiny_models`.
 
 Used by the HF rollout engine (`encode_prompts` -> `model.generate`) and by the learner (`encode_prompt_ids`
 of the prompt ids a rollout group carries, `append_completions` -> forward over prompt + completion, logprobs

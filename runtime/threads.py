@@ -1,5 +1,5 @@
 """Thread limits of a worker process. Several torch / OpenCV processes share a node's cores, so each Ray actor is
-told its share through SEGR1_NUM_THREADS (set per actor by cluster/topology.py); unset means unchanged."""
+told its share through SEGR1_NUM_THREADS (set per actor by cluster/pools/topology.py); unset means unchanged."""
 
 from __future__ import annotations
 

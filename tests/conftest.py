@@ -66,7 +66,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def tiny_policy_dir(tmp_path_factory) -> Path:
     """The tiny Qwen2.5-VL (test preset, seed 0, ~0.2M parameters) as a Hugging Face folder."""
-    from cluster.tiny_models import build_tiny_policy
+    from cluster.dev.tiny_models import build_tiny_policy
 
     return build_tiny_policy(tmp_path_factory.mktemp("tiny-policy") / "policy", seed=0, preset="test")
 
@@ -74,7 +74,7 @@ def tiny_policy_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_text_model_dir(tmp_path_factory) -> Path:
     """The tiny text-only Qwen2 (seed 0) as a Hugging Face folder: for engines that cannot run the VL model."""
-    from cluster.tiny_models import build_tiny_text_policy
+    from cluster.dev.tiny_models import build_tiny_text_policy
 
     return build_tiny_text_policy(tmp_path_factory.mktemp("tiny-text") / "text", seed=0)
 
@@ -82,7 +82,7 @@ def tiny_text_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sam2_dir(tmp_path_factory) -> Path:
     """The tiny SAM2 (seed 0) as a Hugging Face folder (transformers' Sam2Model)."""
-    from cluster.tiny_models import build_tiny_sam2
+    from cluster.dev.tiny_models import build_tiny_sam2
 
     return build_tiny_sam2(tmp_path_factory.mktemp("tiny-sam2"), seed=0)
 

@@ -1,10 +1,10 @@
 """The models of the GPU check, built offline with random weights (speed does not depend on the values).
 
 - the policy: Qwen2.5-VL-3B's shape (QWEN25_VL_3B) in bf16, saved as a Hugging Face folder with the tiny
-  tokenizer and processor files of `cluster.tiny_models` (no hub access). Only the token ids differ from the
+  tokenizer and processor files of `cluster.dev.tiny_models` (no hub access). Only the token ids differ from the
   release: the tiny tokenizer uses ids < 512 of the 151936-row embedding, so the compute is the 3B's;
 - SAM2.1-large (transformers' Sam2Model, hiera-large as in bench/reward_throughput.py);
-- with --tiny: the tiny test policy and tiny SAM2 of `cluster.tiny_models`.
+- with --tiny: the tiny test policy and tiny SAM2 of `cluster.dev.tiny_models`.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def qwen3b_config():
     """Qwen2_5_VLConfig of QWEN25_VL_3B with the tiny tokenizer's special token ids."""
     from transformers import Qwen2_5_VLConfig
 
-    from cluster.tiny_models import SPECIAL_IDS
+    from cluster.dev.tiny_models import SPECIAL_IDS
 
     ids = dict(
         bos_token_id=SPECIAL_IDS["<|endoftext|>"],
@@ -76,7 +76,7 @@ def policy_shapes(tiny: bool) -> list[tuple[str, tuple[int, ...]]]:
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from cluster.tiny_models import policy_config
+    from cluster.dev.tiny_models import policy_config
 
     config = policy_config("test") if tiny else qwen3b_config()
     with torch.device("meta"):
@@ -86,7 +86,7 @@ def policy_shapes(tiny: bool) -> list[tuple[str, tuple[int, ...]]]:
 
 def build_policy_part(ctx: Context) -> dict:
     """The `policy` part: write ctx.policy_folder (3B shape, or the tiny test policy with --tiny)."""
-    from cluster.tiny_models import build_tiny_policy, count_parameters
+    from cluster.dev.tiny_models import build_tiny_policy, count_parameters
 
     out = ctx.policy_folder
     t0 = time.perf_counter()
@@ -112,7 +112,7 @@ def _write_qwen3b(ctx: Context, out: Path) -> float:
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from cluster.tiny_models import build_tiny_policy
+    from cluster.dev.tiny_models import build_tiny_policy
     from runtime.qwen_vl import copy_processor_files
 
     tiny = build_tiny_policy(ctx.workdir / "tiny-policy", seed=0, preset="test")  # merge 2, as the 3B

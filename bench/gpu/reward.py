@@ -31,10 +31,10 @@ def run_hf_sam2(ctx: Context) -> dict:
 
     t0 = time.perf_counter()
     if ctx.tiny:
-        from cluster.tiny_models import build_tiny_sam2
+        from cluster.dev.tiny_models import build_tiny_sam2
 
         segmenter = HFSam2Segmenter(str(build_tiny_sam2(ctx.workdir / "tiny-sam2")), device=ctx.device)
-        model = "tiny Sam2Model (cluster.tiny_models, 256 px input), random init"
+        model = "tiny Sam2Model (cluster.dev.tiny_models, 256 px input), random init"
     else:
         from bench.gpu.models import sam2_large
 

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise CommandError(f"--seed {args.seed} must be >= 0")
     start = time.perf_counter()
-    from cluster.tiny_models import build_all, count_parameters
+    from cluster.dev.tiny_models import build_all, count_parameters
 
     try:
         folders = build_all(out, seed=args.seed, preset=args.preset)

@@ -1,5 +1,5 @@
 """`segr1 plan --config FILE [key.sub=value ...] [--gpu-memory-gb 80] [--model-shapes NAME] [--json]`: the memory
-plan of a training job before launch (cluster/memory_plan.py; formulas in docs/learner.md, "Memory plan").
+plan of a training job before launch (cluster/plan/memory.py; formulas in docs/learner.md, "Memory plan").
 
 Per pool, the bytes one GPU holds (one process on a CPU-only config), each term named; pools sharing a GPU
 (fractional GPUs) added up. Exits 1 when something cannot fit, naming it and the computed change that would make
@@ -36,8 +36,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
 
 
 def make_plan(cfg, args: argparse.Namespace):
-    from cluster.memory_report import build_plan
-    from cluster.model_shapes import ShapesError
+    from cluster.plan.model_shapes import ShapesError
+    from cluster.plan.report import build_plan
 
     if not 1 <= args.gpu_memory_gb <= 10_000:
         raise CommandError(
@@ -50,7 +50,7 @@ def make_plan(cfg, args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.memory_report import format_plan, plan_json
+    from cluster.plan.report import format_plan, plan_json
 
     cfg = load_config_from_args(args)
     plan = make_plan(cfg, args)

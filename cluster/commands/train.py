@@ -54,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
         print(start_checks(cfg, args.resume), end="")
         return 0
     from cluster.config import ConfigError
+    from cluster.driver.recovery import LearnerGroupFailed
     from cluster.launch import run_training
-    from cluster.recovery import LearnerGroupFailed
 
     try:
         summary = run_training(cfg, resume=args.resume)
@@ -107,7 +107,7 @@ PROMPTS_HEADER = "# ---- rendered prompts"
 
 def memory_plan(cfg, args: argparse.Namespace) -> str:
     """`segr1 plan`'s table, or one line saying why it could not be made (the dry run still succeeds)."""
-    from cluster.memory_report import format_plan
+    from cluster.plan.report import format_plan
 
     try:
         return format_plan(cfg, make_plan(cfg, args))

@@ -217,7 +217,7 @@ def score_chunk(
     meters: DatasetMeters,
 ) -> list[SampleResult]:
     """Each sample's result (score_sample) from its group and prediction (None: failed, scored as missing), also
-    added to `meters`. Shared by evaluate_samples and validation during training (cluster/validation.py)."""
+    added to `meters`. Shared by evaluate_samples and validation during training (cluster/driver/validation.py)."""
     from runtime.images import decode_mask
 
     out = []

@@ -1,5 +1,5 @@
 """Evaluation on Ray: the loop of cluster/evaluation/loop.py over the rollout pool and a pool of `eval-<i>`
-Predictor actors (reward_service.predictor.Predictor on the reward pool's resources, cluster/topology.py)."""
+Predictor actors (reward_service.predictor.Predictor on the reward pool's resources, cluster/pools/topology.py)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def _pool_call(
 ):
     """Split items into chunks, run `handle.<method>.remote(*lead, items, *sample_refs)` on the pool, return the
     flattened results in order (None for each item of a failed chunk)."""
-    from cluster.pool import WorkFailed
+    from cluster.pools.actor_pool import WorkFailed
 
     sample_refs = refs(samples)
     calls = []
@@ -90,10 +90,10 @@ class PoolPredictor:
 def evaluate_on_ray(
     cfg, samples: Sequence[Sample], settings: dict, baselines: bool = True, progress: bool = True
 ):
-    """evaluate_samples with the rollout pool and the Predictor actors of cluster/topology.py (local Ray or
+    """evaluate_samples with the rollout pool and the Predictor actors of cluster/pools/topology.py (local Ray or
     RAY_ADDRESS)."""
     from actors.worker import RolloutWorker
-    from cluster import topology
+    from cluster.pools import topology
     from reward_service.predictor import Predictor
 
     topology.init_ray(cfg)

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from cluster.config import TrainConfig, load_config
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "cluster" / "configs" / "demo.yaml"
 
 # The keys every metrics.jsonl line must carry (README / docs/e2e.md: "one line per step").
@@ -141,7 +141,7 @@ def held_out(tmp_path_factory) -> Path:
 
 def split_validation(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """metrics.jsonl lines: (one per step, the val/* lines of validations)."""
-    from cluster.validation import is_validation_line
+    from cluster.driver.validation import is_validation_line
 
     return [r for r in rows if not is_validation_line(r)], [r for r in rows if is_validation_line(r)]
 

@@ -140,7 +140,7 @@ def held_workers(gate: str, hold_from: int):
     import ray
 
     from cluster.launch import training_workers
-    from cluster.topology import Workers
+    from cluster.pools.topology import Workers
 
     real = training_workers()
 
@@ -156,7 +156,7 @@ def held_workers(gate: str, hold_from: int):
 def start_held_job(cfg, gate: str, hold_from: int, resume: bool = False):
     """conftest.start_job, its reward workers holding at the gate (held_workers)."""
     from cluster.launch import DriverActor
-    from cluster.topology import spawn_driver
+    from cluster.pools.topology import spawn_driver
 
     workers = functools.partial(held_workers, gate, hold_from)
     driver = spawn_driver(cfg, DriverActor, cfg, workers, resume)

@@ -48,7 +48,7 @@ def _slow_reward_class():
 def slow_reward_workers():
     """`Workers` of the job: the real rollout worker and learner, a slow reward worker."""
     from actors.worker import RolloutWorker
-    from cluster.topology import Workers
+    from cluster.pools.topology import Workers
     from learner.learner import Learner
 
     return Workers(rollout=RolloutWorker, reward=_slow_reward_class(), learner=Learner)
@@ -202,8 +202,8 @@ def _assert_decided_on_waits(summary: dict, rows: list[dict]) -> None:
 
 
 def test_pools_follow_the_cluster_and_autoscaling_asks_for_reward(assets, multinode, tmp_path):
-    from cluster.driver import TrainDriver
-    from cluster.topology import spawn_driver
+    from cluster.driver.loop import TrainDriver
+    from cluster.pools.topology import spawn_driver
 
     ray, cluster, nodes = multinode
     cfg = _job_config(assets, tmp_path)

@@ -2,7 +2,7 @@
 test with `ray start --head --node-ip-address 127.0.0.1` (dashboard / job server on, token auth on, as Ray 2.60
 does by default): the job uploads the repository, runs the driver as an actor on the cluster and succeeds, and
 `segr1 scale` resizes its rollout pool while it runs (the argument and connection errors of `segr1 scale`:
-tests/unit/test_scale_cli.py). A job whose start fails
+tests/unit/cluster/test_scale_cli.py). A job whose start fails
 ends with its real error as the last error printed: relative paths (the upload leaves runs/ behind) get one message
 naming the absolute form, and a driver whose __init__ fails leaves no "Fatal Python error: Aborted" dump after it.
 
@@ -254,7 +254,7 @@ def test_a_failing_job_start_prints_the_real_error_last(assets, ray_head, tmp_pa
     assert "pass absolute paths" in out.lower() and 'data.train="$PWD/runs/data/train"' in out, out[-4000:]
     assert "ActorDiedError" not in out
     # the driver actor's __init__ fails (a data set that does not read: a missing one is refused before Ray
-    # starts, tests/unit/test_launch_checks.py); its own error is the last one printed
+    # starts, tests/unit/cluster/test_launch_checks.py); its own error is the last one printed
     broken = tmp_path / "broken-data"
     broken.mkdir()
     (broken / "part-0.parquet").write_bytes(b"not a parquet file")

@@ -106,7 +106,7 @@ def test_disaggregated_placement_and_a_lost_rollout_node_is_replaced(cluster, as
     import ray
 
     from cluster.config import ConfigError
-    from cluster.placement import check_pool_resources
+    from cluster.pools.placement import check_pool_resources
 
     c, nodes = cluster
     run_dir = tmp_path / "lost"

@@ -10,7 +10,7 @@ placement group. One test per kind of start error, on the session's local Ray, e
 - a placement that cannot be met: disaggregated placement on a cluster advertising no segr1_* resource (refused
   after Ray is up, before any actor), and a learner group whose placement group finds no room (taken back).
 
-What can be known before Ray starts (the same kinds, caught earlier) is tests/unit/test_launch_checks.py's.
+What can be known before Ray starts (the same kinds, caught earlier) is tests/unit/cluster/test_launch_checks.py's.
 "Gone" is read from the GCS: the job's named actors (ray.util.list_named_actors lists every actor holding its name:
 alive, pending or restarting) and the placement groups created during the test that are not REMOVED. The state
 API (ray.util.state) needs the dashboard, which the session's Ray runs without.
@@ -138,7 +138,7 @@ def test_a_placement_that_cannot_be_met_ends_the_job_before_any_actor(assets, jo
 
 
 def test_a_learner_group_without_room_takes_back_its_placement_group(assets, job, tmp_path):
-    from cluster.topology import spawn_learner_ranks
+    from cluster.pools.topology import spawn_learner_ranks
     from learner.learner import Learner
 
     ray, namespace, before = job
@@ -160,7 +160,7 @@ class CloseFails:
 def test_a_close_that_fails_is_logged_and_the_driver_still_goes(job, caplog):
     from cluster.config import load_config
     from cluster.launch import stop_driver
-    from cluster.topology import spawn_driver
+    from cluster.pools.topology import spawn_driver
 
     ray, namespace, before = job
     driver = spawn_driver(load_config(DEMO_CONFIG, [f"placement.namespace={namespace}"]), CloseFails)

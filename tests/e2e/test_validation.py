@@ -1,4 +1,4 @@
-"""Validation during training (cluster/validation.py) in real runs: `eval.every=2` writes val/* lines at steps
+"""Validation during training (cluster/driver/validation.py) in real runs: `eval.every=2` writes val/* lines at steps
 0 (eval.before_train), 2, 4 beside the one line per step, with the figures `segr1 eval` computes for the same
 policy; `checkpoint.keep_best` keeps the best validated checkpoint through pruning (keep=1), and
 `checkpoint.resume_from=best` continues from it. Async mode validates without losing any group: tests/e2e/test_train.py
@@ -48,8 +48,8 @@ def _starting_policy_figures(cfg, samples) -> dict:
 def test_sync_run_validates_keeps_the_best_and_resumes_from_it(
     assets, sft_policy, held_out, ray_job, tmp_path
 ):
+    from cluster.driver.validation import select_samples
     from cluster.launch import run_training
-    from cluster.validation import select_samples
     from learner.checkpoint import read_best, step_dirs
 
     cfg = _val_config(

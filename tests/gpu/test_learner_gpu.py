@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from cluster.config import TrainConfig
 from cluster.data.synth import generate_samples
-from cluster.tiny_models import build_tiny_policy
+from cluster.dev.tiny_models import build_tiny_policy
 from learner.learner import Learner
 from learner.synthetic import scored_groups
 

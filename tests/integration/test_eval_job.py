@@ -232,7 +232,7 @@ def test_segr1_predict_writes_mask_overlay_and_completion(tiny, tmp_path: Path) 
 
 @pytest.mark.slow
 def test_ray_pools_give_the_in_process_results(tiny, ray_local) -> None:
-    """The Ray path (rollout pool + eval-<i> scorer actors from cluster/topology.py) matches the in-process one."""
+    """The Ray path (rollout pool + eval-<i> scorer actors from cluster/pools/topology.py) matches the in-process one."""
     from actors.worker import RolloutWorker
     from cluster.config import load_config
     from cluster.evaluation.inputs import load_samples

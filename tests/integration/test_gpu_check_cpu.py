@@ -11,13 +11,11 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from bench.gpu.runner import PARTS
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.paths import REPO
 
 
 def _expected() -> dict[str, tuple[str, str]]:

@@ -1,4 +1,4 @@
-"""cluster.learner_group.LearnerGroup on a real local Ray, with a stand-in rank class (the Learner's constructor and
+"""cluster.pools.learner_group.LearnerGroup on a real local Ray, with a stand-in rank class (the Learner's constructor and
 method names, no model): collective calls reach every rank, rank-0-only calls rank 0 alone, a rank's death is
 reported as LearnerDied at once while its peer still hangs in the "collective", and an ordinary error is raised
 as it is."""
@@ -11,7 +11,7 @@ import time
 import pytest
 
 from cluster.config import load_config
-from cluster.learner_group import LearnerDied, LearnerGroup
+from cluster.pools.learner_group import LearnerDied, LearnerGroup
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -1,4 +1,4 @@
-"""cluster.pool.ActorPool on a real local Ray: exactly-once answers across actor deaths, scaling, errors."""
+"""cluster.pools.actor_pool.ActorPool on a real local Ray: exactly-once answers across actor deaths, scaling, errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from cluster.pool import ActorPool, WorkFailed
+from cluster.pools.actor_pool import ActorPool, WorkFailed
 from tests.support.pool_results import DEADLINE_S, collect_exactly_once
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -167,7 +167,7 @@ class Broken:
 
 
 def test_crash_looping_actor_gives_a_clear_error(ray_local):
-    from cluster.pool import PoolError
+    from cluster.pools.actor_pool import PoolError
 
     cls = ray_local.remote(Broken)
     pool = ActorPool(

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.paths import REPO
+
 DEMO_CONFIG = REPO / "cluster" / "configs" / "demo.yaml"
 DASHBOARD = REPO / "cluster" / "grafana" / "segr1.json"
 MAX_STEPS, BATCH, GROUP = 500, 4, 4  # the test stops the run once Prometheus has seen it
@@ -53,7 +54,7 @@ import json, os, sys, threading
 from pathlib import Path
 import ray
 from cluster.config import load_config
-from cluster.topology import init_ray
+from cluster.pools.topology import init_ray
 from cluster.launch import run_training
 
 cfg = load_config(sys.argv[1], sys.argv[3:])

@@ -1,4 +1,4 @@
-"""The reward pool on a real local Ray: RewardWorker actors named reward-<i> (cluster/topology.py), a killed actor
+"""The reward pool on a real local Ray: RewardWorker actors named reward-<i> (cluster/pools/topology.py), a killed actor
 is restarted and every group is answered exactly once, with the same rewards as an in-process worker."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cluster.config import TrainConfig
-from cluster.topology import make_reward_pool
+from cluster.pools.topology import make_reward_pool
 from protos import Completion, GroupScores, RolloutGroup, Sample
 from protos.answer import format_answer
 from reward_service.worker import RewardWorker

@@ -1,4 +1,4 @@
-"""The rollout pool on a real local Ray: RolloutWorker actors named rollout-<i> (cluster/topology.py) with the
+"""The rollout pool on a real local Ray: RolloutWorker actors named rollout-<i> (cluster/pools/topology.py) with the
 transformers engine and the tiny Qwen2.5-VL. A killed actor is replaced and its requests answered exactly once; its
 replacement, which missed the weight update, refuses (StaleWeightsError), is resynced by the pool's on_error and
 the request retried by the pool, once; the pool grows and shrinks mid-run; every group is stamped with the version
@@ -15,8 +15,8 @@ from PIL import Image
 from actors.engine import StaleWeightsError
 from actors.worker import RolloutWorker
 from cluster.config import build_config
-from cluster.pool import WorkFailed
-from cluster.topology import make_rollout_pool
+from cluster.pools.actor_pool import WorkFailed
+from cluster.pools.topology import make_rollout_pool
 from protos import RolloutRequest, Sample, SamplingConfig
 from tests.support.pool_results import DEADLINE_S, collect_exactly_once, wait_until_dead
 
@@ -94,7 +94,9 @@ def test_killed_worker_is_replaced_resynced_by_the_pool_and_each_request_answere
     state = {"ref": ray.put(_weights(policy, 1.5)), "version": 1}
     refused = []
 
-    def on_error(handle, err) -> bool:  # what the driver does (cluster/driver.py): push the current weights
+    def on_error(
+        handle, err
+    ) -> bool:  # what the driver does (cluster/driver/loop.py): push the current weights
         if isinstance(err, StaleWeightsError):
             refused.append((err.worker, err.held, err.needed))
             ray.get(handle.load_weights.remote(state["ref"], state["version"]))

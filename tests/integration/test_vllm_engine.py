@@ -15,7 +15,7 @@ pytest.importorskip("vllm")
 from actors.engine import RolloutEngine, WeightUpdateError  # noqa: E402
 from actors.hf_engine import HFEngine, sampling_logprobs  # noqa: E402
 from actors.vllm_engine import VLLMEngine  # noqa: E402
-from cluster.tiny_models import build_tiny_text_policy  # noqa: E402
+from cluster.dev.tiny_models import build_tiny_text_policy  # noqa: E402
 from protos import RolloutRequest, SamplingConfig  # noqa: E402
 from protos.answer import COMPACT  # noqa: E402
 from tests.support.engine_state import lend_engines, weights_of  # noqa: E402

@@ -11,7 +11,7 @@ import ray
 import torch
 
 from actors.weight_receiver import WeightReceiverEndpoint
-from cluster.topology import make_weight_receiver_actor
+from cluster.pools.topology import make_weight_receiver_actor
 from protos import WeightsManifest
 from runtime.weights.collective import DistributedWeightSender
 from runtime.weights.layout import pack_bucket, plan_manifest

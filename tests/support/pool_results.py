@@ -1,4 +1,4 @@
-"""Collect a cluster.pool.ActorPool's answers with a deadline: a lost item (the defect the pool tests look for)
+"""Collect a cluster.pools.actor_pool.ActorPool's answers with a deadline: a lost item (the defect the pool tests look for)
 fails the test naming the keys still missing, instead of hanging the run."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def wait_until_dead(ray, handle, deadline_s: float = DEADLINE_S) -> None:
     served. Pings until one fails with the actor's death (each ping is answered at once while it lives)."""
     from ray.exceptions import GetTimeoutError
 
-    from cluster.pool import DEATH
+    from cluster.pools.actor_pool import DEATH
 
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.paths import REPO
+
 FOLDERS = ("protos", "runtime", "actors", "reward_service", "learner", "cluster", "bench", "tests")
 MAX_FILE_LINES = 499
 MAX_FUNCTION_LINES = 60

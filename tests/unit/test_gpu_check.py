@@ -31,8 +31,8 @@ def test_junit_counts_and_problems(tmp_path):
 def test_every_module_with_a_gpu_test_is_run():
     files = gpu_test_files()
     assert {"tests/gpu/test_learner_gpu.py", "tests/gpu/test_hf_engine_gpu.py"} <= set(files)
-    assert "tests/unit/test_segmenters.py" in files  # a gpu test outside tests/gpu
-    assert "tests/unit/test_parser.py" not in files
+    assert "tests/unit/reward_service/test_segmenters.py" in files  # a gpu test outside tests/gpu
+    assert "tests/unit/reward_service/test_parser.py" not in files
 
 
 def test_a_part_whose_dependency_failed_is_not_started(tmp_path):

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.paths import REPO
+
 PACKAGES = ("protos", "runtime", "actors", "reward_service", "learner", "cluster")
 LAYERS = "Layers: cluster > actors | reward_service | learner > runtime > protos"
 INDEPENDENT = "The three workers never import each other"

@@ -8,9 +8,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.paths import REPO
 
 SCRIPT = r"""
 import importlib, importlib.abc, json, pkgutil, sys
@@ -71,7 +70,7 @@ print(json.dumps({
 
 
 def test_workers_import_and_run_without_ray(tmp_path):
-    from cluster.tiny_models import build_tiny_policy
+    from cluster.dev.tiny_models import build_tiny_policy
 
     policy = build_tiny_policy(tmp_path / "policy", seed=0)
     done = subprocess.run(

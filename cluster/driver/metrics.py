@@ -1,0 +1,118 @@
+"""Metrics of the training driver: the accounting of every training group (generated = trained + dropped_stale +
+filtered, lost = 0; validation's groups are not among them: the pools count those under purpose="val"), the
+staleness of what was trained and the latest validation (cluster/driver/validation.py), exported through Ray like every
+pool's; and the line metrics.jsonl gets per step (`step_line`: pool figures plus
+the learner's StepStats)."""
+
+from __future__ import annotations
+
+import time
+
+from protos import StepStats
+from runtime.metrics import counter, gauge, histogram
+
+REWARD_TERMS = ("total", "format", "iou", "s_measure", "segmentation", "box_iou", "box_l1")
+# StepStats fields copied into every metrics.jsonl line (docs/e2e.md lists them)
+LEARNER_KEYS = (
+    "loss",
+    "kl",
+    "clip_fraction",
+    "ratio_mean",
+    "first_ratio_mean",
+    "first_clip_fraction",
+    "is_weight_mean",
+    "is_truncated_fraction",
+    "is_masked_fraction",
+    "mismatch_logp_abs",
+    "mismatch_outside_fraction",
+    "num_updates",
+    "grad_norm",
+)
+
+GROUPS_GENERATED = counter("segr1_driver_groups_generated", "Rollout groups the driver received.")
+GROUPS_TRAINED = counter("segr1_driver_groups_trained", "Groups that went into an optimiser step.")
+GROUPS_DROPPED_STALE = counter(
+    "segr1_driver_groups_dropped_stale", "Groups older than grpo.max_staleness policy versions, dropped."
+)
+GROUPS_FILTERED = counter(
+    "segr1_driver_groups_filtered", "Zero-variance groups filtered out (grpo.filter_zero_variance)."
+)
+GROUPS_ZERO_VARIANCE = counter(
+    "segr1_driver_groups_zero_variance",
+    "Scored groups whose G rewards were all equal (no learning signal); filtered when grpo.filter_zero_variance.",
+)
+ACTOR_RESTARTS = counter("segr1_driver_actor_restarts", "Dead actors replaced by the pools.", ("pool",))
+STALENESS = histogram(
+    "segr1_driver_staleness",
+    "Policy versions between the policy that generated a trained group and the learner's.",
+    boundaries=(0.5, 1.5, 2.5, 3.5, 4.5, 8.5, 16.5),
+)
+STEP = gauge("segr1_driver_step", "Optimiser steps completed by the job.")
+VAL_MEAN_IOU = gauge(
+    "segr1_driver_val_mean_iou", "Validation (eval.every): mean IoU of the latest validation."
+)
+VAL_S_MEASURE = gauge("segr1_driver_val_s_measure", "Validation: mean S-measure of the latest validation.")
+VAL_PARSE_RATE = gauge("segr1_driver_val_parse_rate", "Validation: share of answers that parsed.")
+VAL_BOX_IOU = gauge("segr1_driver_val_box_iou", "Validation: mean box IoU (answer_format=full only).")
+VAL_STEP = gauge("segr1_driver_val_step", "Optimiser step of the latest validation.")
+VAL_SECONDS = gauge("segr1_driver_val_seconds", "Validation: wall time of the latest validation.")
+VALIDATIONS = counter(
+    "segr1_driver_validations", "Validations written (one metrics.jsonl line with val/* each)."
+)
+
+
+def step_line(
+    stats: StepStats,
+    batch: list,
+    staleness: list[int],
+    sync: dict,
+    step_s: float,
+    *,
+    step: int,
+    policy_version: int,
+    restarts: int,
+    fill_rounds: int = 0,
+) -> dict:
+    """One metrics.jsonl line: the step's rewards, throughput and staleness over `batch` ((ScoredGroup, sample
+    ref) pairs trained), the learner's StepStats (LEARNER_KEYS) and the pools' figures."""
+    rewards = [c.rewards for sg, _ in batch for c in sg.scores]
+    n = max(1, len(rewards))
+    tokens = sum(len(c.token_ids) for sg, _ in batch for c in sg.group.completions)
+    failures = sum(not c.parse_ok for sg, _ in batch for c in sg.scores)
+    line = {
+        "step": step,
+        "time": time.time(),  # wall clock (Unix seconds) when the step finished
+        "policy_version": policy_version,
+        **{f"reward_{t}": sum(getattr(r, t) for r in rewards) / n for t in REWARD_TERMS},
+        "parse_failure_rate": failures / n,
+        "tokens_per_s": tokens / step_s if step_s > 0 else 0.0,
+        "masks_per_s": len(rewards) / step_s if step_s > 0 else 0.0,
+        "generate_s": max((sg.group.generate_s for sg, _ in batch), default=0.0),
+        "score_s": sum(sg.total_s for sg, _ in batch),
+        "staleness_mean": sum(staleness) / max(1, len(staleness)),
+        "staleness_max": max(staleness, default=0),
+        **{k: getattr(stats, k) for k in LEARNER_KEYS},
+        "learner_s": stats.step_s,
+        "weight_sync_s": sync.get("seconds", 0.0),
+        "step_s": step_s,
+        "groups": len(batch),
+        "fill_rounds": fill_rounds,  # sync + filter_zero_variance: extra generation rounds to refill the batch
+        "zero_variance_groups": sum(sg.zero_variance for sg, _ in batch),
+        "actor_restarts": restarts,
+        "by_rollout_worker": _by_worker(batch),
+        "sample_ids": [
+            sg.sample_id for sg, _ in batch
+        ],  # what this step trained on (resume / data-order checks)
+    }
+    return line
+
+
+def _by_worker(batch: list) -> dict[str, dict[str, int]]:
+    """Per rollout worker: tokens of the step's trained groups it generated and the oldest policy version used."""
+    out: dict[str, dict[str, int]] = {}
+    for sg, _ in batch:
+        g = sg.group
+        w = out.setdefault(g.worker or "?", {"tokens": 0, "policy_version": g.policy_version})
+        w["tokens"] += sum(len(c.token_ids) for c in g.completions)
+        w["policy_version"] = min(w["policy_version"], g.policy_version)
+    return out

@@ -1,0 +1,109 @@
+"""Recovery from a dead learner rank inside the job (the driver's hook: `run_with_recovery`).
+
+When a rank dies (its actor, or the node under it), the learner group (cluster/pools/learner_group.py) raises
+LearnerDied. Up to `learner.max_restarts` times the driver then
+1. kills every rank (the survivors hang in a collective) and frees their placement group;
+2. lets the work in flight in the rollout and reward pools finish and throws it away (it was drawn after the
+   checkpoint it rewinds to, and is drawn again);
+3. starts the group again (on any node with room: the dead node's bundles are placed elsewhere), loads the LATEST
+   checkpoint and rewinds to it what `--resume` rewinds: step, policy version, reader cursor, chunk numbering
+   (so sampling seeds replay identically), the accounting, and metrics.jsonl (cut to the checkpoint's step);
+4. re-forms the weight-sync group with the new rank 0 and publishes the checkpoint's weights to the rollout
+   workers (told first to accept an older version: `RolloutWorker.rewind`).
+The accounting of the final history is the checkpoint's plus what came after, so generated = trained + dropped +
+filtered + left_over still holds; what the rewind threw away is counted beside it (driver_state.Accounting:
+learner_restarts, groups_replayed, groups_rewound).
+
+When no restart is left or no checkpoint exists, the job fails with LearnerGroupFailed: which rank died, on which
+node, at which step, the cause Ray reported; `segr1 train` adds the command that continues the run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from cluster.pools.learner_group import LearnerDied, LearnerGroup
+
+logger = logging.getLogger(__name__)
+
+
+class LearnerGroupFailed(RuntimeError):
+    """The learner group died and was not restarted. `resumable`: a checkpoint exists to `--resume` from."""
+
+    def __init__(self, message: str, resumable: bool):
+        super().__init__(message)
+        self.resumable = resumable
+
+    def __reduce__(self):
+        return (LearnerGroupFailed, (str(self), self.resumable))
+
+
+def run_with_recovery(driver: Any, body: Callable[[], None]) -> None:
+    """Run `body` (the driver's training loop); after a learner death restart the group and run it again."""
+    while True:
+        try:
+            return body()
+        except LearnerDied as died:
+            died.step = driver.step + 1  # the step being trained, checkpointed or published when it died
+            restart_learner(driver, died)
+
+
+def _fail(died: LearnerDied, why: str, resumable: bool) -> LearnerGroupFailed:
+    return LearnerGroupFailed(
+        f"learner rank {died.rank_name} on node {died.node} died at step {died.step}: {died.cause} -- {why}",
+        resumable,
+    )
+
+
+def restart_learner(driver: Any, died: LearnerDied) -> None:
+    """Steps 1-4 of the module docstring, or LearnerGroupFailed."""
+    cfg = driver.cfg
+    logger.error("learner group: %s at step %s", died, died.step)
+    driver.learner.kill()
+    used, limit = driver.acct.learner_restarts, cfg.learner.max_restarts
+    saved = _has_checkpoint(driver)
+    if used >= limit:
+        spent = f", all {used} used" if used else ": no restart inside the job"
+        raise _fail(died, f"learner.max_restarts={limit}{spent}", resumable=saved)
+    if not saved:
+        why = f"no checkpoint to restart from yet (checkpoint.every={cfg.checkpoint.every})"
+        raise _fail(died, why, resumable=False)
+    discard_in_flight(driver)
+    before = driver.acct
+    driver.learner = LearnerGroup.start(cfg, driver.learner_cls)
+    driver.weights.rebind(driver.learner)
+    state = driver.learner.get(driver.learner.load_checkpoint.remote(None))
+    driver.reopen_metrics(lambda: driver.restore(state))
+    a = driver.acct
+    a.learner_restarts = before.learner_restarts + 1
+    a.groups_replayed = before.groups_replayed + before.groups_trained - a.groups_trained
+    a.groups_rewound = before.groups_rewound + before.groups_generated - a.groups_generated
+    driver.rollout.broadcast(lambda w: w.rewind.remote(driver.version))
+    driver.weights.setup(driver.rollout)
+    driver.weights.publish(driver.rollout, driver.version)
+    logger.warning(
+        "learner group restarted (%d of %d) on %s from step %d: %d group(s) to train again",
+        a.learner_restarts,
+        limit,
+        ", ".join(driver.learner.nodes),
+        driver.step,
+        before.groups_trained - a.groups_trained,
+    )
+
+
+def _has_checkpoint(driver: Any) -> bool:
+    """This run saved (or resumed from) a checkpoint, or one is in checkpoint.dir (a save that completed while
+    its rank died, before the driver heard back)."""
+    from learner.checkpoint import latest_checkpoint
+
+    return driver.last_checkpoint is not None or latest_checkpoint(driver.cfg.checkpoint.dir) is not None
+
+
+def discard_in_flight(driver: Any) -> None:
+    """Let the rollouts and scores in flight finish and drop them: they were drawn after the checkpoint."""
+    sink: list = []
+    while driver.rollout.pending or driver.reward.pending:
+        driver._pump(sink, timeout=0.5)
+    logger.info("learner restart: %d scored group(s) in flight discarded", len(sink))
