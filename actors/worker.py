@@ -23,7 +23,7 @@ from typing import Any
 from actors import metrics as M
 from actors.config import RolloutConfig
 from actors.engine import GenerationBatch, NamedTensors, RolloutEngine, StaleWeightsError
-from protos import RolloutGroup, RolloutRequest, Sample, check_pairs
+from protos import GroupHeader, RolloutGroup, RolloutRequest, Sample, check_pairs
 from protos.config import PolicySpec
 from runtime.images import resize_for_policy
 from runtime.threads import limit_threads
@@ -138,6 +138,14 @@ class RolloutWorker:
                 requests, batch.completions, batch.prompt_token_ids, strict=True
             )
         ]
+
+    def generate_by_ref(
+        self, requests: Sequence[RolloutRequest], *samples: Sample
+    ) -> tuple[list[GroupHeader], list[RolloutGroup]]:
+        """`generate`, answered in two parts for a driver that routes the groups without reading them (called
+        with Ray's num_returns=2): the headers it reads, and the groups it hands on by reference."""
+        groups = self.generate(requests, *samples)
+        return [GroupHeader.of(g) for g in groups], groups
 
     def _images(self, samples: Sequence[Sample]) -> list[Any]:
         """The policy's NxN RGB images; None for a text-only model (it sees the instruction only)."""

@@ -201,9 +201,11 @@ def _requests(cfg, step: int, samples: list) -> list:
 
 # -- where the CPU goes -----------------------------------------------------------------------------------------------
 class CpuSampler:
-    """Samples, every `every` s, the CPU seconds (utime + stime from /proc) of this process and all its
-    descendants: a local Ray's gcs_server, raylet and worker processes (ray::Learner, ray::RolloutWorker, ...).
-    `between(t0, t1)` gives the CPU seconds each kind of process used in that wall-clock window."""
+    """Samples, every `every` s, the CPU seconds (utime + stime from /proc) and the bytes read and written
+    through system calls (/proc/PID/io rchar, wchar: sockets and files, not shared memory) of this process and
+    all its descendants: a local Ray's gcs_server, raylet and worker processes (ray::Learner, ...).
+    `between(t0, t1)` gives the CPU seconds each kind of process used in that wall-clock window, `io_between`
+    the bytes."""
 
     def __init__(self, every: float = 0.25):
         import threading
@@ -250,18 +252,32 @@ class CpuSampler:
             known = self._kinds.get(pid, "")
             if not known.startswith("ray::") or known == "ray::IDLE":
                 self._kinds[pid] = _kind(pid)
-        return {pid: (self._kinds[pid], stats[pid][1]) for pid in mine if pid in stats}
+        return {pid: (self._kinds[pid], stats[pid][1], *_io(pid)) for pid in mine if pid in stats}
 
-    def between(self, t0: float, t1: float) -> dict[str, float]:
+    def between(self, t0: float, t1: float, field: int = 1) -> dict[str, float]:
+        """Per kind of process, the growth of snapshot field `field` (1: CPU s, 2: bytes read, 3: written)."""
         before = min(self.samples, key=lambda s: abs(s[0] - t0), default=None)
         after = min(self.samples, key=lambda s: abs(s[0] - t1), default=None)
         if before is None or after is None or after[0] <= before[0]:
             return {}
         used: dict[str, float] = {}
-        for pid, (kind, cpu) in after[1].items():
-            start = before[1].get(pid, (kind, 0.0))[1]
-            used[kind] = used.get(kind, 0.0) + max(0.0, cpu - start)
+        for pid, now in after[1].items():
+            start = before[1].get(pid, (now[0], 0.0, 0, 0))[field]
+            used[now[0]] = used.get(now[0], 0.0) + max(0.0, now[field] - start)
         return {k: round(v, 3) for k, v in sorted(used.items(), key=lambda kv: -kv[1])}
+
+    def io_between(self, t0: float, t1: float) -> dict[str, dict[str, float]]:
+        read, written = self.between(t0, t1, 2), self.between(t0, t1, 3)
+        return {k: {"read": read[k], "written": written.get(k, 0.0)} for k in read}
+
+
+def _io(pid: int) -> tuple[int, int]:
+    """(rchar, wchar) of the process: bytes it read and wrote through system calls."""
+    try:
+        fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+        return int(fields["rchar"]), int(fields["wchar"])
+    except (OSError, KeyError, ValueError):
+        return 0, 0
 
 
 def _kind(pid: int) -> str:
@@ -307,6 +323,12 @@ def ray_mode(cfg, warmup: int) -> dict:
         )
         used = cpu.between(t_from, t_to)
         out["cpu_s_per_step"] = {k: round(v / out["timed_steps"], 3) for k, v in used.items()}
+        io = cpu.io_between(t_from, t_to)
+        out["io_bytes_per_step"] = {
+            k: {d: round(b / out["timed_steps"]) for d, b in v.items()}
+            for k, v in io.items()
+            if "Driver" in k
+        }
         out["cpu_utilisation"] = round(
             sum(used.values()) / (t_to - t_from), 2
         )  # cores busy, of os.cpu_count()

@@ -29,6 +29,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -67,7 +68,7 @@ from learner.weights_io import (
     save_adapter,
     weight_specs,
 )
-from protos import Sample, ScoredGroup, StepStats, check_pairs
+from protos import Sample, ScoredGroup, StepStats, TrainBatch, check_pairs
 from runtime.threads import limit_threads
 from runtime.weights.abandon import Abandonable
 from runtime.weights.collective import DistributedWeightSender
@@ -176,6 +177,12 @@ class Learner:
         )
         self._record(out)
         return out
+
+    def step_by_ref(self, batch: TrainBatch, *rollouts_and_samples: Any) -> StepStats:
+        """`step` on a batch the driver routed by reference: Ray resolved the rollouts and samples it names
+        (protos/routing.py); this rank joins each group with its scores itself."""
+        groups, samples = batch.assemble(rollouts_and_samples)
+        return self.step(groups, *samples)
 
     def _update(self, lr: float, plan: Plan, k: int) -> float | None:
         """Clip the accumulated gradient and step AdamW at `lr`; a non-finite gradient norm skips the update (a

@@ -25,8 +25,12 @@ from protos.messages import (
     WeightsManifest,
     check_pairs,
 )
+from protos.routing import BatchPick, GroupHeader, TrainBatch
 
 __all__ = [
+    "BatchPick",
+    "GroupHeader",
+    "TrainBatch",
     "DATASET_SCHEMA",
     "ROLLOUT_LOG_SCHEMA",
     "Completion",

@@ -274,6 +274,12 @@ class GroupScores(BaseModel):
     def totals(self) -> list[float]:
         return [s.rewards.total for s in self.scores]
 
+    @property
+    def zero_variance(self) -> bool:
+        """All G rewards equal (spread below ZERO_VARIANCE_TOL): every advantage is 0, no learning signal."""
+        totals = self.totals
+        return max(totals) - min(totals) < ZERO_VARIANCE_TOL
+
 
 class ScoredGroup(BaseModel):
     """driver -> learner: a RolloutGroup with one CompletionReward per completion (`join` of the group the driver
@@ -325,8 +331,7 @@ class ScoredGroup(BaseModel):
     @property
     def zero_variance(self) -> bool:
         """All G rewards equal (spread below ZERO_VARIANCE_TOL): every advantage is 0, no learning signal."""
-        totals = self.totals
-        return max(totals) - min(totals) < ZERO_VARIANCE_TOL
+        return GroupScores(group_id=self.group.group_id, scores=self.scores).zero_variance
 
 
 def _pair_label(item: RolloutRequest | RolloutGroup | ScoredGroup) -> tuple[str, str]:

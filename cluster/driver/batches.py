@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-# draw(n): generate and score n new prompts; returns (the groups kept by the filter, as (ScoredGroup, sample
-# ref) pairs, at most n of them; the rollout chunks the n prompts went out in)
+# draw(n): generate and score n new prompts; returns (the groups kept by the filter, RoutedGroups of
+# cluster/driver/state.py, at most n of them; the rollout chunks the n prompts went out in)
 Draw = Callable[[int], tuple[list[tuple[Any, Any]], list[Any]]]
 
 

@@ -73,12 +73,13 @@ def step_line(
     restarts: int,
     fill_rounds: int = 0,
 ) -> dict:
-    """One metrics.jsonl line: the step's rewards, throughput and staleness over `batch` ((ScoredGroup, sample
-    ref) pairs trained), the learner's StepStats (LEARNER_KEYS) and the pools' figures."""
-    rewards = [c.rewards for sg, _ in batch for c in sg.scores]
+    """One metrics.jsonl line: the step's rewards, throughput and staleness over `batch` (the RoutedGroups
+    trained: headers and scores, cluster/driver/state.py), the learner's StepStats (LEARNER_KEYS) and the pools'
+    figures."""
+    rewards = [c.rewards for r in batch for c in r.scores.scores]
     n = max(1, len(rewards))
-    tokens = sum(len(c.token_ids) for sg, _ in batch for c in sg.group.completions)
-    failures = sum(not c.parse_ok for sg, _ in batch for c in sg.scores)
+    tokens = sum(r.header.completion_tokens for r in batch)
+    failures = sum(not c.parse_ok for r in batch for c in r.scores.scores)
     line = {
         "step": step,
         "time": time.time(),  # wall clock (Unix seconds) when the step finished
@@ -87,8 +88,8 @@ def step_line(
         "parse_failure_rate": failures / n,
         "tokens_per_s": tokens / step_s if step_s > 0 else 0.0,
         "masks_per_s": len(rewards) / step_s if step_s > 0 else 0.0,
-        "generate_s": max((sg.group.generate_s for sg, _ in batch), default=0.0),
-        "score_s": sum(sg.total_s for sg, _ in batch),
+        "generate_s": max((r.header.generate_s for r in batch), default=0.0),
+        "score_s": sum(r.scores.total_s for r in batch),
         "staleness_mean": sum(staleness) / max(1, len(staleness)),
         "staleness_max": max(staleness, default=0),
         **{k: getattr(stats, k) for k in LEARNER_KEYS},
@@ -97,12 +98,10 @@ def step_line(
         "step_s": step_s,
         "groups": len(batch),
         "fill_rounds": fill_rounds,  # sync + filter_zero_variance: extra generation rounds to refill the batch
-        "zero_variance_groups": sum(sg.zero_variance for sg, _ in batch),
+        "zero_variance_groups": sum(r.zero_variance for r in batch),
         "actor_restarts": restarts,
         "by_rollout_worker": _by_worker(batch),
-        "sample_ids": [
-            sg.sample_id for sg, _ in batch
-        ],  # what this step trained on (resume / data-order checks)
+        "sample_ids": [r.header.sample_id for r in batch],  # what this step trained on (resume / data order)
     }
     return line
 
@@ -110,9 +109,9 @@ def step_line(
 def _by_worker(batch: list) -> dict[str, dict[str, int]]:
     """Per rollout worker: tokens of the step's trained groups it generated and the oldest policy version used."""
     out: dict[str, dict[str, int]] = {}
-    for sg, _ in batch:
-        g = sg.group
-        w = out.setdefault(g.worker or "?", {"tokens": 0, "policy_version": g.policy_version})
-        w["tokens"] += sum(len(c.token_ids) for c in g.completions)
-        w["policy_version"] = min(w["policy_version"], g.policy_version)
+    for r in batch:
+        h = r.header
+        w = out.setdefault(h.worker or "?", {"tokens": 0, "policy_version": h.policy_version})
+        w["tokens"] += h.completion_tokens
+        w["policy_version"] = min(w["policy_version"], h.policy_version)
     return out

@@ -11,7 +11,7 @@ LearnerDied. Up to `learner.max_restarts` times the driver then
 4. re-forms the weight-sync group with the new rank 0 and publishes the checkpoint's weights to the rollout
    workers (told first to accept an older version: `RolloutWorker.rewind`).
 The accounting of the final history is the checkpoint's plus what came after, so generated = trained + dropped +
-filtered + left_over still holds; what the rewind threw away is counted beside it (driver_state.Accounting:
+filtered + left_over still holds; what the rewind threw away is counted beside it (cluster/driver/state.py Accounting:
 learner_restarts, groups_replayed, groups_rewound).
 
 When no restart is left or no checkpoint exists, the job fails with LearnerGroupFailed: which rank died, on which
@@ -22,11 +22,31 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Protocol
 
+from cluster.config import TrainConfig
+from cluster.driver.state import Accounting
 from cluster.pools.learner_group import LearnerDied, LearnerGroup
 
 logger = logging.getLogger(__name__)
+
+
+class Restartable(Protocol):
+    """What recovery needs of the driver (TrainDriver): its state, and four operations."""
+
+    cfg: TrainConfig
+    step: int
+    acct: Accounting
+    learner: LearnerGroup
+    last_checkpoint: str | None
+
+    def drain_in_flight(self) -> int: ...  # finish the pools' work in flight and throw it away
+
+    def start_learner(self) -> None: ...  # a new learner group, which the weight publisher sends from
+
+    def rewind(self, state: dict) -> None: ...  # back to a checkpoint's state, metrics.jsonl included
+
+    def republish(self) -> None: ...  # the current version to every rollout worker
 
 
 class LearnerGroupFailed(RuntimeError):
@@ -40,7 +60,7 @@ class LearnerGroupFailed(RuntimeError):
         return (LearnerGroupFailed, (str(self), self.resumable))
 
 
-def run_with_recovery(driver: Any, body: Callable[[], None]) -> None:
+def run_with_recovery(driver: Restartable, body: Callable[[], None]) -> None:
     """Run `body` (the driver's training loop); after a learner death restart the group and run it again."""
     while True:
         try:
@@ -57,7 +77,7 @@ def _fail(died: LearnerDied, why: str, resumable: bool) -> LearnerGroupFailed:
     )
 
 
-def restart_learner(driver: Any, died: LearnerDied) -> None:
+def restart_learner(driver: Restartable, died: LearnerDied) -> None:
     """Steps 1-4 of the module docstring, or LearnerGroupFailed."""
     cfg = driver.cfg
     logger.error("learner group: %s at step %s", died, died.step)
@@ -70,19 +90,15 @@ def restart_learner(driver: Any, died: LearnerDied) -> None:
     if not saved:
         why = f"no checkpoint to restart from yet (checkpoint.every={cfg.checkpoint.every})"
         raise _fail(died, why, resumable=False)
-    discard_in_flight(driver)
+    logger.info("learner restart: %d scored group(s) in flight discarded", driver.drain_in_flight())
     before = driver.acct
-    driver.learner = LearnerGroup.start(cfg, driver.learner_cls)
-    driver.weights.rebind(driver.learner)
-    state = driver.learner.get(driver.learner.load_checkpoint.remote(None))
-    driver.reopen_metrics(lambda: driver.restore(state))
+    driver.start_learner()
+    driver.rewind(driver.learner.load_checkpoint(None))
     a = driver.acct
     a.learner_restarts = before.learner_restarts + 1
     a.groups_replayed = before.groups_replayed + before.groups_trained - a.groups_trained
     a.groups_rewound = before.groups_rewound + before.groups_generated - a.groups_generated
-    driver.rollout.broadcast(lambda w: w.rewind.remote(driver.version))
-    driver.weights.setup(driver.rollout)
-    driver.weights.publish(driver.rollout, driver.version)
+    driver.republish()
     logger.warning(
         "learner group restarted (%d of %d) on %s from step %d: %d group(s) to train again",
         a.learner_restarts,
@@ -93,17 +109,9 @@ def restart_learner(driver: Any, died: LearnerDied) -> None:
     )
 
 
-def _has_checkpoint(driver: Any) -> bool:
+def _has_checkpoint(driver: Restartable) -> bool:
     """This run saved (or resumed from) a checkpoint, or one is in checkpoint.dir (a save that completed while
     its rank died, before the driver heard back)."""
     from learner.checkpoint import latest_checkpoint
 
     return driver.last_checkpoint is not None or latest_checkpoint(driver.cfg.checkpoint.dir) is not None
-
-
-def discard_in_flight(driver: Any) -> None:
-    """Let the rollouts and scores in flight finish and drop them: they were drawn after the checkpoint."""
-    sink: list = []
-    while driver.rollout.pending or driver.reward.pending:
-        driver._pump(sink, timeout=0.5)
-    logger.info("learner restart: %d scored group(s) in flight discarded", len(sink))

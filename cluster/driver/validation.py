@@ -4,7 +4,7 @@ Every `eval.every` optimiser steps (and before the first one with `eval.before_t
 `Validator.maybe_start(step, version)`: the subset's requests (temperature 0, G=2 as in cluster/evaluation/loop.py,
 `min_policy_version` = the learner's version) go into the SAME rollout pool as the training chunks, keyed by
 `ValChunk`, so they interleave with training work; nothing is drained for them. They are requests of purpose
-"val": the pools count them under purpose="val", apart from training throughput. The driver's `_pump` hands every
+"val": the pools count them under purpose="val", apart from training throughput. The driver's `_advance` hands every
 pool result to `Validator.take` first: a finished validation rollout goes on to the reward pool (RewardWorker.predict,
 the masks of the evaluation path), a finished prediction is stored. When a run's last chunk is in, the samples are
 scored with cluster/evaluation/loop.py's `score_chunk` and `summarize` (the definitions of the demo's eval.json) and
@@ -119,10 +119,11 @@ class Validator:
         """Validation runs started and not yet written."""
         return len(self._runs)
 
-    def drain(self, pump: Callable[..., None]) -> None:
-        """Wait for the validations still running (after the last step), through the driver's `pump`."""
+    def drain(self, pump: Callable[[], object]) -> None:
+        """Wait for the validations still running (after the last step), through the driver's `pump` (it waits
+        for the pools and hands their results to `take`)."""
         while self._runs:
-            pump([], timeout=0.5)
+            pump()
 
     def protected(self) -> list[int]:
         """Steps whose checkpoint must survive pruning until their validation is in (keep_best)."""

@@ -23,22 +23,22 @@ import ray
 
 from cluster.config import TrainConfig
 from cluster.pools.actor_pool import DEATH, ActorPool
-from cluster.pools.learner_group import LearnerDied
+from cluster.pools.learner_group import LearnerDied, LearnerGroup
 
 logger = logging.getLogger(__name__)
 
 
 class WeightPublisher:
-    def __init__(self, cfg: TrainConfig, learner: Any):
+    def __init__(self, cfg: TrainConfig, learner: LearnerGroup):
         self.cfg = cfg
         self.version = 0
         self.aborts = 0  # generations abandoned because a member died (or a call of the group failed)
         self.rebind(learner)
 
-    def rebind(self, learner: Any) -> None:
+    def rebind(self, learner: LearnerGroup) -> None:
         """Publish from `learner` (a LearnerGroup) from now on: at the start, and after a learner restart."""
         self.learner = learner
-        self.backend: str = learner.get(learner.weight_sync_backend.remote())
+        self.backend: str = learner.weight_sync_backend()
         self._members: tuple[str, ...] = ()  # the group's members; () while there is no working group
         self._tried: tuple[tuple[str, ...], int] | None = None  # (members, pool restarts) of the last forming
         self._export: tuple[int, Any] | None = None  # (version, ObjectRef of the CPU weights)
@@ -59,10 +59,10 @@ class WeightPublisher:
             return
         self._tried, self._members = (names, pool.stats.restarts), ()
         try:
-            info = self.learner.get(self.learner.weight_sync_prepare.remote(list(names)))
+            info = self.learner.weight_sync_prepare(list(names))
             self._generation = int(info["generation"])
             joins = {name: h.weight_sync_join.remote(info) for name, h in members.items()}
-            _gather({**self._learner_refs(self.learner.weight_sync_connect.remote()), **joins})
+            _gather({**self.learner.weight_sync_connect().by_rank(), **joins})
         except LearnerDied:
             raise  # the driver restarts the learner group (cluster/driver/recovery.py)
         except Exception as err:
@@ -100,19 +100,13 @@ class WeightPublisher:
 
     def _broadcast(self, pool: ActorPool) -> dict:
         receivers = {name: h.weight_sync_receive.remote() for name, h in pool.serving().items()}
-        send = self.learner.broadcast_weights.remote()
-        results = _gather({**self._learner_refs(send), **receivers})
+        results = _gather({**self.learner.broadcast_weights().by_rank(), **receivers})
         versions = [results[name] for name in receivers]
         if any(v != self.version for v in versions):
             raise RuntimeError(
                 f"workers report versions {versions} after broadcasting version {self.version}"
             )
         return results[self.learner.names[0]]
-
-    def _learner_refs(self, ref: Any) -> dict[str, Any]:
-        """Every learner rank's ref of the call whose rank-0 ref is `ref`, by rank name (for _gather)."""
-        refs = self.learner.refs(ref)  # a rank-0-only call: learner-0's alone
-        return dict(zip(self.learner.names[: len(refs)], refs, strict=True))
 
     def _raise_if_learner_died(self, err: BaseException) -> None:
         """A learner rank's death is the learner group's (cluster/driver/recovery.py restarts it), never a reason to
@@ -135,8 +129,8 @@ class WeightPublisher:
             self._generation,
             f" and restarting {dead}" if dead and dead != "learner" else "",
         )
-        try:  # the learner's `control` concurrency group: runs beside the blocked connect / broadcast
-            ray.get(self.learner.weight_sync_abort.options(concurrency_group="control").remote(), timeout=60)
+        try:  # runs beside the blocked connect / broadcast
+            self.learner.weight_sync_abort(timeout=60)
         except Exception as abort_err:
             logger.warning("weight sync: the learner did not abandon the generation (%s)", abort_err)
         for name, handle in pool.handles().items():
@@ -153,7 +147,7 @@ class WeightPublisher:
 
     def _exported(self) -> Any:
         if self._export is None or self._export[0] != self.version:
-            self._export = (self.version, self.learner.export_weights.remote())
+            self._export = (self.version, self.learner.export_weights())
         return self._export[1]
 
 

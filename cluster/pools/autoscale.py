@@ -1,7 +1,7 @@
 """Asking Ray's autoscaler for rollout and reward capacity (placement.autoscale; off by default, on in the
 cluster configs; docs/scaling.md).
 
-- `WaitClock` (driver hooks): while the learner has nothing to train, the driver's loop waits in `_pump`; each
+- `WaitClock` (driver hooks): while the learner has nothing to train, the driver's loop waits in `_advance`; each
   wait is charged to the reward pool when groups sit in scoring (the reward pool holds work), else to the
   rollout pool. `take(step_s)` gives each pool's share of the step's time and starts the next step.
 - `AutoscalePolicy` (pure: decisions from shares and a clock): each pool starts wanting its floor

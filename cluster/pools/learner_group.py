@@ -1,47 +1,36 @@
 """The learner ranks as one learner, as the driver and the weight publisher see it.
 
-    group = LearnerGroup.start(cfg, Learner)          # learner-0..n-1 (cluster/pools/topology.py places them)
-    ref = group.step.remote(groups, *samples)         # runs on EVERY rank; the ref is rank 0's
-    stats = group.get(ref)                            # waits on every rank's ref of that call
-    group.mark_best.remote(...)                       # rank-0-only methods run on rank 0 alone
+    group = LearnerGroup.start(cfg, Learner)       # learner-0..n-1 (cluster/pools/topology.py places them)
+    call = group.step(batch, refs)                 # Learner.step_by_ref on EVERY rank (one ray.put of the batch)
+    stats = group.wait(call)                       # rank 0's answer, once every rank's part returned
+    path = group.save_checkpoint(data_cursor=...)  # blocking calls for the rest
 
-Collective methods (the learner's contract: every rank takes part) are called on every rank with the same
-arguments; rank-0-only ones on rank 0. `get` / `ready` look at every rank's ref of the call, so a rank that died
-is seen as soon as Ray reports it, not after the survivors' collective times out: they raise `LearnerDied`
-naming the rank, its node and the cause Ray reported. The survivors of a dead rank are stuck in a collective, so
-a dead rank is the group's death: cluster/driver/recovery.py kills every rank and starts the group again.
+Every method is explicit. Collective ones (the learner's contract: every rank takes part) run on every rank with
+the same arguments; rank-0-only ones (weight-sync set-up, keep-best) on rank 0. A non-blocking call returns a
+`LearnerCall` holding every rank's ref, and `wait` / `done` look at all of them, so a rank that died is seen as
+soon as Ray reports it, not after the survivors' collective times out: they raise `LearnerDied` naming the rank,
+its node and the cause Ray reported. The survivors of a dead rank are stuck in a collective, so a dead rank is
+the group's death: cluster/driver/recovery.py kills every rank and starts the group again.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 
 from cluster.config import TrainConfig
 from cluster.pools.topology import LearnerRanks, remove_learner_placement, spawn_learner_ranks
+from protos import TrainBatch
 
 logger = logging.getLogger(__name__)
 
-COLLECTIVE = frozenset(
-    {"step", "loss_on", "save_checkpoint", "load_checkpoint", "broadcast_weights", "export_weights", "close"}
-)
-RANK0_ONLY = frozenset(
-    {
-        "weight_sync_prepare",
-        "weight_sync_connect",
-        "weight_sync_abort",
-        "weight_sync_backend",
-        "mark_best",
-        "weight_sync_group",
-    }
-)
 # How long the other ranks' refs are given to show a death when one rank's call raised an ordinary error (a rank
 # whose peer died fails in the collective, often before Ray reports the peer's death).
 DEATH_GRACE_S = 30.0
-_REMEMBERED_CALLS = 256
 
 
 def _death_errors() -> tuple[type[BaseException], ...]:
@@ -67,16 +56,16 @@ def short_cause(err: BaseException) -> str:
     return " ".join(lines[:3])[:600] or type(err).__name__
 
 
-class _Method:
-    def __init__(self, group: LearnerGroup, name: str, options: dict | None = None):
-        self._group, self._name, self._options = group, name, options or {}
+@dataclass(frozen=True)
+class LearnerCall:
+    """One method running on the ranks: every rank's ref, rank 0's first (rank 0's answer is the group's)."""
 
-    def options(self, **options: Any) -> _Method:
-        """Ray call options for every rank's call, e.g. concurrency_group="control" (weight_sync_abort)."""
-        return _Method(self._group, self._name, {**self._options, **options})
+    refs: tuple[Any, ...]
+    names: tuple[str, ...]
 
-    def remote(self, *args: Any, **kwargs: Any) -> Any:
-        return self._group._call(self._name, args, kwargs, self._options)
+    def by_rank(self) -> dict[str, Any]:
+        """{rank name: ref}: to wait on beside other actors' refs (cluster/driver/weights.py)."""
+        return dict(zip(self.names, self.refs, strict=True))
 
 
 class LearnerGroup:
@@ -84,7 +73,6 @@ class LearnerGroup:
 
     def __init__(self, ranks: LearnerRanks):
         self._ranks = ranks
-        self._calls: OrderedDict[Any, list[Any]] = OrderedDict()  # rank 0's ref -> every rank's ref
 
     @classmethod
     def start(cls, cfg: TrainConfig, learner_cls: type) -> LearnerGroup:
@@ -104,45 +92,73 @@ class LearnerGroup:
     def nodes(self) -> list[str]:
         return list(self._ranks.nodes)
 
-    def __getattr__(self, name: str) -> _Method:
-        if name in COLLECTIVE or name in RANK0_ONLY:
-            return _Method(self, name)
-        raise AttributeError(f"LearnerGroup has no method {name!r}")
+    # -- training (non-blocking) ------------------------------------------------------------------------------
+    def step(self, batch: TrainBatch, refs: Sequence[Any]) -> LearnerCall:
+        """Learner.step_by_ref on every rank: the batch is put in the object store once for all ranks, and
+        `refs` (its rollouts, then its samples) are resolved by Ray on each rank, never read here."""
+        return self._every_rank("step_by_ref", ray.put(batch), *refs)
 
-    def _call(self, name: str, args: tuple, kwargs: dict, options: dict) -> Any:
-        handles = self._ranks.handles if name in COLLECTIVE else self._ranks.handles[:1]
-        methods = [getattr(h, name) for h in handles]
-        refs = [(m.options(**options) if options else m).remote(*args, **kwargs) for m in methods]
-        self._calls[refs[0]] = refs
-        while (
-            len(self._calls) > _REMEMBERED_CALLS
-        ):  # refs handed on and never waited for here (export_weights)
-            self._calls.popitem(last=False)
-        return refs[0]
-
-    def refs(self, ref: Any) -> list[Any]:
-        """Every rank's ref of the call whose rank-0 ref is `ref` (to ray.wait on beside other work)."""
-        return list(self._calls.get(ref, [ref]))
-
-    def get(self, ref: Any, timeout: float | None = None) -> Any:
-        """Rank 0's result of the call, once every rank's part returned; LearnerDied when a rank died."""
-        refs = self.refs(ref)
-        pending = list(refs)
+    def wait(self, call: LearnerCall, timeout: float | None = None) -> Any:
+        """Rank 0's result of `call`, once every rank's part returned; LearnerDied when a rank died."""
+        pending = list(call.refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=timeout)
             if not done:
                 raise TimeoutError(f"learner group: no answer within {timeout} s")
-            self._check(done[0], refs)
-        self._calls.pop(ref, None)
-        return ray.get(ref)
+            self._check(done[0], list(call.refs))
+        return ray.get(call.refs[0])
 
-    def ready(self, ref: Any) -> bool:
-        """True when every rank's part of the call returned (non-blocking); LearnerDied when a rank died."""
-        refs = self.refs(ref)
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        for r in done:
+    def done(self, call: LearnerCall) -> bool:
+        """True when every rank's part of `call` returned (non-blocking); LearnerDied when a rank died."""
+        refs = list(call.refs)
+        finished, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for r in finished:
             self._check(r, refs)
-        return len(done) == len(refs)
+        return len(finished) == len(refs)
+
+    # -- checkpoints and keep-best (blocking) -----------------------------------------------------------------
+    def save_checkpoint(self, **kwargs: Any) -> str:
+        return self.wait(self._every_rank("save_checkpoint", **kwargs))
+
+    def load_checkpoint(self, path: str | None) -> dict:
+        """Every rank loads `path` (None: the latest); the checkpoint's driver state."""
+        return self.wait(self._every_rank("load_checkpoint", path))
+
+    def mark_best(self, *args: Any) -> Any:
+        return self.wait(self._rank0("mark_best", *args))
+
+    # -- weight sync (cluster/driver/weights.py) --------------------------------------------------------------
+    def weight_sync_backend(self) -> str:
+        return self.wait(self._rank0("weight_sync_backend"))
+
+    def weight_sync_prepare(self, members: list[str]) -> dict:
+        return self.wait(self._rank0("weight_sync_prepare", members))
+
+    def weight_sync_connect(self) -> LearnerCall:
+        return self._rank0("weight_sync_connect")
+
+    def broadcast_weights(self) -> LearnerCall:
+        return self._every_rank("broadcast_weights")
+
+    def weight_sync_abort(self, timeout: float) -> None:
+        """Abandon the generation on rank 0, in its `control` concurrency group: it runs beside the blocked
+        connect or broadcast."""
+        handle = self._ranks.handles[0]
+        ray.get(handle.weight_sync_abort.options(concurrency_group="control").remote(), timeout=timeout)
+
+    def export_weights(self) -> Any:
+        """The ObjectRef of rank 0's CPU copy of the weights (every rank takes part: a sharded learner gathers);
+        handed to rollout workers, never read here."""
+        return self._every_rank("export_weights").refs[0]
+
+    # -- calls ------------------------------------------------------------------------------------------------
+    def _every_rank(self, method: str, *args: Any, **kwargs: Any) -> LearnerCall:
+        refs = tuple(getattr(h, method).remote(*args, **kwargs) for h in self._ranks.handles)
+        return LearnerCall(refs, tuple(self._ranks.names))
+
+    def _rank0(self, method: str, *args: Any) -> LearnerCall:
+        ref = getattr(self._ranks.handles[0], method).remote(*args)
+        return LearnerCall((ref,), (self._ranks.names[0],))
 
     def _check(self, ref: Any, refs: list[Any]) -> None:
         """Raise LearnerDied when the finished `ref` reports its rank's death; an ordinary error is re-raised
@@ -178,7 +194,6 @@ class LearnerGroup:
             except Exception as err:  # already gone
                 logger.debug("killing a learner rank: %s", err)
         remove_learner_placement(self._ranks)
-        self._calls.clear()
 
     def shutdown(self, timeout: float = 60.0) -> None:
         """close() on every rank (removes the weight-sync shared memory), then kill them. Never raises: a dead

@@ -1,7 +1,7 @@
 """The driver's side: every configured tracker behind one object, fed once per optimiser step.
 
     trackers = open_trackers(cfg, run_dir, resume, step)    # in TrainDriver.__init__
-    trackers.log_step(step, line, batch, load)             # after each metrics.jsonl line
+    trackers.log_step(step, line, rewards, examples)       # after each metrics.jsonl line
     trackers.log_scalars(step, {"val/mean_iou": ...})      # any other scalars (the validation's val/*)
     trackers.log_image(step, "val/overlay_0", rgb)         # (H, W, 3) uint8, e.g. cluster.evaluation.pictures.overlay
     trackers.close()                                       # end of run()
@@ -72,32 +72,36 @@ class Trackers:
     def log_text(self, step: int, name: str, text: str) -> None:
         self._each("log_text", step, name, text)
 
-    def log_step(self, step: int, line: dict, batch: Sequence = (), load: Callable | None = None) -> None:
-        """One metrics.jsonl line, the reward histograms of `batch` ((ScoredGroup, sample ref) pairs) and, every
-        image_every steps, overlays of its first groups (`load` turns sample refs into Samples)."""
+    def log_step(
+        self,
+        step: int,
+        line: dict,
+        rewards: Sequence[Any] = (),
+        examples: Callable[[int], list[tuple[str, Any]]] | None = None,
+    ) -> None:
+        """One metrics.jsonl line, the histograms of the step's `rewards` (RewardComponents) and, every
+        image_every steps, overlays of `examples(n)`: the first answer and the Sample of the step's first n
+        groups (fetched only then: the driver does not hold the completions)."""
         if not self.trackers:
             return
         self.log_scalars(step, scalars_of(line))
-        scores = [c.rewards for sg, _ in batch for c in sg.scores]
-        if scores:
+        if rewards:
             for term in REWARD_TERMS:
-                self.log_histogram(step, f"reward_hist/{term}", np.array([getattr(r, term) for r in scores]))
-        if self.image_every and step % self.image_every == 0 and batch and load is not None:
-            chosen = list(batch)[: self.image_samples]
-            samples = load([ref for _, ref in chosen])
-            for i, ((sg, _), sample) in enumerate(zip(chosen, samples, strict=True)):
-                self.log_image(step, f"train/overlay_{i}", self.training_overlay(sg, sample))
+                self.log_histogram(step, f"reward_hist/{term}", np.array([getattr(r, term) for r in rewards]))
+        if self.image_every and step % self.image_every == 0 and examples is not None:
+            for i, (text, sample) in enumerate(examples(self.image_samples)):
+                self.log_image(step, f"train/overlay_{i}", self.training_overlay(text, sample))
 
-    def training_overlay(self, sg, sample) -> np.ndarray:
-        """(H, W, 3) uint8: the sample's image, its GT outline and what the group's first answer proposes."""
+    def training_overlay(self, answer: str, sample) -> np.ndarray:
+        """(H, W, 3) uint8: the sample's image, its GT outline and what `answer` (a group's first) proposes."""
         from cluster.evaluation.pictures import overlay
         from runtime.images import decode_image, decode_mask
 
         image = decode_image(sample.image)  # (H, W, 3) uint8
         gt = decode_mask(sample.mask)  # (H, W) bool
         boxes, points, labels = [], [], []
-        if self.parse is not None and sg.group.completions:
-            parsed = self.parse(sg.group.completions[0].text, image.shape[1], image.shape[0])
+        if self.parse is not None:
+            parsed = self.parse(answer, image.shape[1], image.shape[0])
             for p in parsed.prompts:
                 boxes += [p.box] if p.box is not None else []
                 points += list(p.points)

@@ -162,8 +162,6 @@ def test_wandb_offline_history_and_resume(tmp_path, monkeypatch):
 def test_training_overlay_draws_the_parsed_answer_and_the_gt(tmp_path):
     """open_trackers with jsonl only starts nothing; its overlay draws the first answer's box and points
     (parsed at the policy's image size) and the ground-truth outline on the sample's image."""
-    from types import SimpleNamespace
-
     from cluster.evaluation.pictures import BOX_RGB, GT_RGB, POINT_RGB
     from cluster.tracking import open_trackers
     from protos import Sample
@@ -189,8 +187,7 @@ def test_training_overlay_draws_the_parsed_answer_and_the_gt(tmp_path):
         height=64,
     )
     text = format_answer([[2, 2, 14, 14]], [[8, 8], [12, 4]], [1, 0])
-    group = SimpleNamespace(group=SimpleNamespace(completions=[SimpleNamespace(text=text)]))
-    out = trackers.training_overlay(group, sample)  # (64, 64, 3) uint8
+    out = trackers.training_overlay(text, sample)  # (64, 64, 3) uint8
     assert out.shape == (64, 64, 3) and out.dtype == np.uint8
     assert tuple(out[16, 16]) == POINT_RGB[1] and tuple(out[8, 24]) == POINT_RGB[0]
     assert tuple(out[4, 15]) == BOX_RGB and tuple(out[40, 50]) == GT_RGB

@@ -1,17 +1,30 @@
-"""The driver's bookkeeping that needs no Ray: which scored groups are too stale to train, and the accounting that
-must close (generated = trained + dropped_stale + filtered + left_over)."""
+"""The driver's bookkeeping that needs no Ray: which scored groups are too stale to train, the accounting that
+must close (generated = trained + dropped_stale + filtered + left_over), and the groups it routes by reference
+(a RoutedGroup per group, one TrainBatch per step that each learner rank assembles itself)."""
 
 from __future__ import annotations
 
+import pytest
+
 from cluster.driver.batches import fill_batch
-from cluster.driver.state import Accounting, request_seed, split_by_staleness
+from cluster.driver.state import (
+    Accounting,
+    Chunk,
+    RoutedGroup,
+    request_seed,
+    routed,
+    split_by_staleness,
+    train_batch,
+)
 from learner.synthetic import reward
-from protos import Completion, RolloutGroup, ScoredGroup
+from protos import Completion, GroupHeader, GroupScores, RolloutGroup, Sample, TrainBatch
 
 
-def scored(group_id: str, policy_version: int) -> tuple[ScoredGroup, str]:
-    completions = [Completion(text="x", token_ids=[1], logprobs=[-0.5]) for _ in range(2)]
-    group = RolloutGroup(
+def rollout_group(group_id: str, policy_version: int, tokens: int = 1) -> RolloutGroup:
+    completions = [
+        Completion(text=f"{group_id}/{j}", token_ids=[1] * tokens, logprobs=[-0.5] * tokens) for j in range(2)
+    ]
+    return RolloutGroup(
         temperature=1.0,
         max_tokens=64,
         prompt_token_ids=[1, 2, 3],
@@ -20,12 +33,73 @@ def scored(group_id: str, policy_version: int) -> tuple[ScoredGroup, str]:
         policy_version=policy_version,
         completions=completions,
     )
-    # the driver pairs each group with its sample's ObjectRef; the split never looks at it
-    return ScoredGroup(group=group, scores=[reward(1.0), reward(0.5)]), f"sample-{group_id}"
+
+
+def scores(group_id: str, totals=(1.0, 0.5)) -> GroupScores:
+    return GroupScores(group_id=group_id, scores=[reward(t) for t in totals])
+
+
+def scored(group_id: str, policy_version: int) -> RoutedGroup:
+    # the refs are opaque to the driver's bookkeeping: strings stand in for ObjectRefs here
+    header = GroupHeader.of(rollout_group(group_id, policy_version))
+    return RoutedGroup(0, 0, header, scores(group_id), f"rollout-{group_id}", f"sample-{group_id}")
 
 
 def ids(items) -> list[str]:
-    return [sg.group.group_id for sg, _ in items]
+    return [r.header.group_id for r in items]
+
+
+def test_a_header_carries_what_the_driver_reads_of_a_group():
+    group = rollout_group("c3-1", policy_version=7, tokens=5)
+    h = GroupHeader.of(group)
+    assert (h.group_id, h.sample_id, h.policy_version) == ("c3-1", "s-c3-1", 7)
+    assert h.completions == 2 and h.completion_tokens == 10
+
+
+def test_routed_joins_headers_and_scores_in_order_and_refuses_a_mismatch():
+    groups = [rollout_group("c2-0", 1), rollout_group("c2-1", 1)]
+    chunk = Chunk(2, [], ["s0", "s1"], {}, open=2, rollout="r2", headers=[GroupHeader.of(g) for g in groups])
+    out = routed(chunk, [scores("c2-0"), scores("c2-1", (1.0, 1.0))])
+    assert [(r.chunk_id, r.index, r.sample, r.rollout) for r in out] == [
+        (2, 0, "s0", "r2"),
+        (2, 1, "s1", "r2"),
+    ]
+    assert [r.zero_variance for r in out] == [False, True]
+    with pytest.raises(ValueError, match="scores of group 'c2-1' for group 'c2-0'"):
+        routed(chunk, [scores("c2-1"), scores("c2-0")])
+
+
+def test_a_train_batch_names_each_rollout_once_and_every_rank_assembles_the_same_groups():
+    """Groups of two chunks, picked out of order: the learner gets each rollout ref once, then one sample ref
+    per group; assembling the resolved values gives exactly the groups and samples picked, joined with their
+    scores."""
+    rollouts = {0: [rollout_group("c0-0", 0), rollout_group("c0-1", 0)], 1: [rollout_group("c1-0", 1)]}
+    batch = [
+        RoutedGroup(1, 0, GroupHeader.of(rollouts[1][0]), scores("c1-0"), "ref-c1", "sample-c1-0"),
+        RoutedGroup(0, 1, GroupHeader.of(rollouts[0][1]), scores("c0-1"), "ref-c0", "sample-c0-1"),
+    ]
+    tb, refs = train_batch(batch)
+    assert refs == ["ref-c1", "ref-c0", "sample-c1-0", "sample-c0-1"] and tb.rollouts == 2
+    samples = {
+        i: Sample(
+            id=f"s-{g}",
+            source="t",
+            split="train",
+            task="foreground",
+            instruction="",
+            image=b"png",
+            mask=b"png",
+            width=1,
+            height=1,
+        )
+        for i, g in enumerate(("c1-0", "c0-1"))
+    }
+    resolved = [rollouts[1], rollouts[0], samples[0], samples[1]]  # what Ray hands each rank
+    groups, got = TrainBatch.model_validate(tb.model_dump()).assemble(resolved)
+    assert [g.group.group_id for g in groups] == ["c1-0", "c0-1"] and got == [samples[0], samples[1]]
+    assert [g.totals for g in groups] == [[1.0, 0.5], [1.0, 0.5]]
+    with pytest.raises(ValueError, match="pass one sample per pick"):
+        tb.assemble(resolved[:3])
 
 
 def test_stale_groups_are_found_anywhere_in_arrival_order():
