@@ -249,7 +249,7 @@ def main(argv=None) -> int:
         sys.argv[1:] if argv is None else argv
     )
     result["total_s"] = round(time.perf_counter() - t0, 1)
-    # The headline keys at the top level (README's table reads these).
+    # The headline keys at the top level (docs/benchmarks.md's table reads these).
     result["hf_tokens_per_s"] = result["cpu"]["hf_tokens_per_s"]
     result["vllm_tokens_per_s"] = result["cpu"]["vllm_tokens_per_s"]
     result["hf_ttft_s"] = result["cpu"]["hf_ttft_s"]

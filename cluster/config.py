@@ -438,7 +438,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown field; check the spelling against `segr1 train --dry-run` or README's config reference"
+            msg = "unknown field; check the spelling against `segr1 train --dry-run` or docs/configuration.md"
         got = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
         lines.append(f"  {field}: {msg}{got}")
     return "\n".join(lines)

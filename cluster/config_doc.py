@@ -1,5 +1,5 @@
-"""The configuration reference as a Markdown table, generated from the pydantic models (README embeds it;
-tests/unit/cluster/test_config.py checks it is current). `python -m cluster.config_doc` prints it."""
+"""The configuration reference as a Markdown table, generated from the pydantic models (docs/configuration.md
+embeds it; tests/unit/cluster/test_config.py checks it is current). `python -m cluster.config_doc` prints it."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ from cluster.config import TrainConfig, load_config
 
 logger = logging.getLogger("segr1.demo")
 
-DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).parents[1] / "configs" / "demo.yaml"  # cluster/configs/demo.yaml
 
 
 def build_assets(
@@ -84,7 +84,7 @@ def run_sft_stage(cfg: TrainConfig, out: Path, steps: int, time_limit_s: float) 
     if result.steps < steps:
         logger.warning(
             "SFT stopped at --sft-time-limit after %d of %d steps (a busy machine?): the policy starts RL less "
-            "trained than in the README's figures",
+            "trained than in the figures of docs/benchmarks.md",
             result.steps,
             steps,
         )

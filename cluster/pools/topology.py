@@ -10,8 +10,8 @@ Actors are named `<pool>-<i>` in the job's namespace (placement.namespace, defau
 find, inspect or kill one by name.
 
 Topology decides where and how an actor runs, not what it is: the caller hands in the classes to run (`Workers`,
-wired by cluster/launch.py for training; the evaluation predictor by cluster/eval_job.py), so this module imports
-no worker package, no driver and no evaluation module.
+wired by cluster/launch.py for training; the evaluation predictor by cluster/evaluation/on_ray.py), so this module
+imports no worker package, no driver and no evaluation module.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Workers:
     learner: type
 
 
-# Custom Ray resource that each KubeRay worker group advertises (cluster/k8s/raycluster.yaml) and that
+# Custom Ray resource that each KubeRay worker group advertises (cluster/k8s/raycluster-*.yaml) and that
 # every actor of the pool requests in disaggregated mode.
 POOL_RESOURCES: dict[str, str] = {
     "rollout": "segr1_rollout",

@@ -3,7 +3,7 @@
 The driver owns them (one tracker run per job, never one per actor) and calls `Trackers.log_step` once per
 optimiser step. metrics.jsonl is the `jsonl` tracker: the driver always writes it (resume and the reports read it).
 
-What each tracker receives (names: `scalar_name`, table in README "Experiment trackers"):
+What each tracker receives (names: `scalar_name`, table in docs/training.md "Experiment trackers"):
 - every numeric key of a metrics.jsonl line, grouped with '/' (reward_total -> reward/total_mean); keys that
   already hold a '/' (the validation's val/*) keep their name;
 - histograms of the per-completion rewards of the step, one per reward term (reward_hist/<term>);
