@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from actors.weight_receiver import BackgroundWeightLoader, receive_and_load
+from actors.weight_receiver import receive_and_load
 from runtime.weights import layout
 from runtime.weights.collective import DistributedWeightReceiver, DistributedWeightSender
 from runtime.weights.inprocess import InProcessChannel
@@ -193,19 +193,6 @@ def test_receiver_refuses_a_group_without_its_name():
     info = sender.prepare(["rollout-0"])
     with pytest.raises(WeightSyncError, match="rollout-9"):
         DistributedWeightReceiver("rollout-9").join(info)
-
-
-def test_background_loader_switches_under_the_engine_lock():
-    ch = InProcessChannel(bucket_mb=0.01)
-    sender, engine = ch.sender(), _Engine()
-    loader = BackgroundWeightLoader(ch.receiver(), engine, threading.Lock())
-    with loader.lock:  # a "generation" in progress: the new version must wait for it
-        loader.start()
-        sender.send(_model(5), 1)
-        sender.close(notify=True)
-        assert engine.version == -1
-    loader.join(timeout=30)
-    assert loader.loaded_version == 1 and engine.version == 1
 
 
 def test_orphan_segments_of_dead_learners_are_removed():
