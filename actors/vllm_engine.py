@@ -25,8 +25,8 @@ Weight updates in place, no restart (`load_weights(named_tensors, version)`):
   backend's post-processing, e.g. re-packing the CPU linears) on the tensors themselves, zero copy;
 - engine core or workers in other processes (AsyncLLM, TP > 1): the tensors travel as one safetensors blob to a
   small function run on every worker (`_reload_from_safetensors`), which needs VLLM_ALLOW_INSECURE_SERIALIZATION=1.
-  A GPU cluster with TP > 1 should rather use vLLM's weight-transfer API (docs/rollout.md): construct the engine
-  with `weight_transfer_config=WeightTransferConfig(backend="nccl")` (extra_engine_args), then per version
+  A GPU cluster with TP > 1 should rather use vLLM's weight-transfer API (docs/rollout.md, not wired here): an
+  engine built with `weight_transfer_config=WeightTransferConfig(backend="nccl")`, then per version
   `collective_rpc("start_weight_update")`, `("update_weights", {names, dtype_names, shapes})` while the learner's
   `NCCLTrainerWeightTransferEngine.send_weights()` broadcasts, and `("finish_weight_update")`.
 After every update the prefix cache (KV blocks) and, for Qwen2.5-VL, the encoder cache (image embeddings) are
@@ -181,7 +181,6 @@ class _VLLMBase:
             args["gpu_memory_utilization"] = options.get("gpu_memory_utilization", 0.6)
         if self.is_vision_language:
             args["limit_mm_per_prompt"] = {"image": 1, "video": 0}
-        args.update(options.get("extra_engine_args") or {})
         return args
 
     def _default_max_len(self) -> int:
@@ -283,7 +282,6 @@ class VLLMEngine(_VLLMBase):
         max_model_len: int | None = None,
         enforce_eager: bool | None = None,
         seed: int = 0,
-        extra_engine_args: dict[str, Any] | None = None,
         prompts: PromptSet | None = None,
     ):
         folder = self._setup(model_path, answer_format, image_size, prompts)
@@ -402,7 +400,6 @@ class AsyncVLLMEngine(_VLLMBase):
         max_model_len: int | None = None,
         enforce_eager: bool | None = None,
         seed: int = 0,
-        extra_engine_args: dict[str, Any] | None = None,
         prompts: PromptSet | None = None,
     ):
         folder = self._setup(model_path, answer_format, image_size, prompts)

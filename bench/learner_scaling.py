@@ -48,7 +48,7 @@ def _cfg(policy_dir: str, micro_batch_size: int):
 def _batch(policy_dir: str, groups: int, seed: int):
     from cluster.data.synth import generate_samples
     from learner.learner import Learner
-    from learner.synthetic import scored_groups
+    from tests.support.synthetic import scored_groups
 
     learner = Learner(_cfg(policy_dir, 8).learner_spec())
     samples = list(generate_samples(groups, seed=seed, size=64))

@@ -143,7 +143,7 @@ class Learner:
         plan = self._plan(groups, samples)
         score_old(self.policy, plan, self.spec.grpo, self.world_size)
         lr = self.lr_at(self.step_count)
-        losses, norms, skipped = [], [], False
+        losses, norms, skipped = [], [], 0
         acc, first = dict.fromkeys((*LOSS_STAT_KEYS, "num_tokens"), 0.0), None
         for k in range(len(plan.minibatches)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -152,7 +152,7 @@ class Learner:
             losses.append(loss)
             acc = {key: acc[key] + sums[key] for key in acc}
             norm = self._update(lr, plan, k)
-            skipped |= norm is None
+            skipped += norm is None
             norms.extend([] if norm is None else [norm])
         finish_fused(plan, self.spec.grpo, self.policy.device, self.world_size)
         self.optimizer.zero_grad(set_to_none=True)
@@ -173,7 +173,7 @@ class Learner:
             **self._counts(groups, plan),
             **_token_means(acc),
             **plan.is_stats,
-            **_batch_stats(groups, plan.adv, self.policy_version),
+            advantage_abs_mean=_advantage_abs_mean(plan.adv),
         )
         self._record(out)
         return out
@@ -218,7 +218,7 @@ class Learner:
             acc = {key: acc[key] + sums[key] for key in acc}
         finish_fused(plan, self.spec.grpo, self.policy.device, self.world_size)
         losses, acc, _ = _over_ranks(losses, acc, None, self.policy.device, self.world_size)
-        stats = {**_token_means(acc), **plan.is_stats, **_batch_stats(groups, plan.adv, self.policy_version)}
+        stats = {**_token_means(acc), **plan.is_stats, "advantage_abs_mean": _advantage_abs_mean(plan.adv)}
         return sum(losses) / len(losses), stats, self._counts(groups, plan)
 
     def _plan(self, groups: Sequence[ScoredGroup], samples: Sequence[Sample]) -> Plan:
@@ -446,17 +446,10 @@ def _token_means(acc: dict) -> dict:
     return {k: acc[k] / max(acc["num_tokens"], 1.0) for k in LOSS_STAT_KEYS}
 
 
-def _batch_stats(groups: Sequence[ScoredGroup], adv: torch.Tensor, version: int) -> dict:
-    rewards = [r for sg in groups for r in sg.totals]
-    zero_var = sum(sg.zero_variance for sg in groups)
-    stale = [version - sg.group.policy_version for sg in groups]
-    return {
-        "reward_mean": sum(rewards) / len(rewards),
-        "zero_variance_groups": zero_var,
-        "advantage_abs_mean": float(adv.abs().mean()),
-        "staleness_max": max(stale),
-        "staleness_mean": sum(stale) / len(stale),
-    }
+def _advantage_abs_mean(adv: torch.Tensor) -> float:
+    """Mean |advantage| over the batch's completions (every rank plans the whole batch's advantages). The batch's
+    rewards, zero-variance groups and staleness are the driver's figures (cluster/driver/metrics.py)."""
+    return float(adv.abs().mean())
 
 
 def _weight_sender(backend: str, host: str, ws: WeightSyncConfig) -> WeightSender:

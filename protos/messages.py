@@ -411,16 +411,34 @@ class WeightsManifest(BaseModel):
 
 class StepStats(BaseModel):
     """learner -> driver: what one Learner.step (one batch, grpo.updates_per_batch optimiser updates) did. The
-    driver adds pool figures to metrics.jsonl. Means are over the batch's completion tokens in the loss."""
+    driver writes every field into the step's metrics.jsonl line (cluster/driver/metrics.py STEP_STATS_KEYS) next
+    to its own figures of the batch (rewards, staleness). Means are over the batch's completion tokens in the
+    loss. Strict: a figure the learner computes is declared here, or it would never reach metrics.jsonl."""
 
-    model_config = ConfigDict(frozen=True, extra="allow")
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     step: int = Field(ge=0)
     policy_version: int = Field(ge=0)
     loss: float
     kl: float = 0.0
-    clip_fraction: float = 0.0
+    clip_fraction: float = Field(0.0, description="clip_fraction_low + clip_fraction_high.")
+    clip_fraction_low: float = Field(
+        0.0, description="Share of tokens whose lower clip won the min (ratio < 1 - clip_low, advantage < 0)."
+    )
+    clip_fraction_high: float = Field(
+        0.0,
+        description="Share of tokens whose upper clip won the min (ratio > 1 + clip_high, advantage > 0).",
+    )
     ratio_mean: float = 1.0
+    entropy: float = Field(0.0, description="Mean -log p of the sampled tokens (per-token entropy estimate).")
+    advantage_abs_mean: float = Field(
+        0.0, ge=0.0, description="Mean |advantage| over the batch's completions."
+    )
+    skipped_non_finite: int = Field(
+        0,
+        ge=0,
+        description="Updates skipped because the gradient norm was not finite (weights left as they were).",
+    )
     grad_norm: float = 0.0
     lr: float = 0.0
     num_groups: int = Field(0, ge=0)

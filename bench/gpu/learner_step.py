@@ -3,7 +3,7 @@ settings of cluster/configs/qwen3b-1gpu.yaml but full fine-tuning (learner.lora_
 master weights, gradient checkpointing, micro-batch 2, B=8 groups of G=4, beta 0.04 so the frozen reference is
 loaded too).
 
-The batch is `learner.synthetic.scored_groups`: answer-shaped completions of the synthetic set's images, their
+The batch is `tests.support.synthetic.scored_groups`: answer-shaped completions of the synthetic set's images, their
 behaviour logprobs computed by the policy itself. Two steps on CUDA (the first pays for kernel selection and
 the allocator; the second is the figure), one with --tiny. Peak memory is torch.cuda.max_memory_allocated over
 the steps (weights, reference, gradients, AdamW state and activations). `segr1 plan`'s prediction (the same
@@ -44,7 +44,7 @@ def _config(ctx: Context):
 def run(ctx: Context) -> dict:
     from cluster.data.synth import generate_samples
     from learner.learner import Learner
-    from learner.synthetic import scored_groups
+    from tests.support.synthetic import scored_groups
 
     cfg = _config(ctx)
     t0 = time.perf_counter()

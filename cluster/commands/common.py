@@ -13,15 +13,6 @@ class CommandError(Exception):
         self.exit_code = exit_code
 
 
-def not_built(what: str, issue: str):
-    """Handler for a subcommand whose issue has not landed: exits 2 and says so plainly."""
-
-    def run(args: argparse.Namespace) -> int:
-        raise CommandError(f"{what} is not built yet ({issue}); nothing was run", exit_code=2)
-
-    return run
-
-
 def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config (see cluster/configs/); defaults when omitted")
     p.add_argument(

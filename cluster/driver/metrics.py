@@ -1,8 +1,8 @@
 """Metrics of the training driver: the accounting of every training group (generated = trained + dropped_stale +
 filtered, lost = 0; validation's groups are not among them: the pools count those under purpose="val"), the
 staleness of what was trained and the latest validation (cluster/driver/validation.py), exported through Ray like every
-pool's; and the line metrics.jsonl gets per step (`step_line`: pool figures plus
-the learner's StepStats)."""
+pool's; and the line metrics.jsonl gets per step (`step_line`: the batch's rewards and staleness, every field of
+the learner's StepStats, pool figures)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,15 @@ from protos import StepStats
 from runtime.metrics import counter, gauge, histogram
 
 REWARD_TERMS = ("total", "format", "iou", "s_measure", "segmentation", "box_iou", "box_l1")
-# StepStats fields copied into every metrics.jsonl line (docs/e2e.md lists them)
+# StepStats fields copied into every metrics.jsonl line under their own names (docs/e2e.md lists them)
 LEARNER_KEYS = (
     "loss",
     "kl",
     "clip_fraction",
+    "clip_fraction_low",
+    "clip_fraction_high",
     "ratio_mean",
+    "entropy",
     "first_ratio_mean",
     "first_clip_fraction",
     "is_weight_mean",
@@ -25,9 +28,22 @@ LEARNER_KEYS = (
     "is_masked_fraction",
     "mismatch_logp_abs",
     "mismatch_outside_fraction",
+    "advantage_abs_mean",
     "num_updates",
+    "skipped_non_finite",
     "grad_norm",
+    "lr",
+    "num_completions",
+    "num_tokens",
 )
+# The other StepStats fields -> their metrics.jsonl key: step and policy_version are the driver's own (equal to the
+# learner's: the driver takes its version from the StepStats), num_groups and step_s are named for the line.
+RENAMED_KEYS = {
+    "step": "step",
+    "policy_version": "policy_version",
+    "num_groups": "groups",
+    "step_s": "learner_s",
+}
 
 GROUPS_GENERATED = counter("segr1_driver_groups_generated", "Rollout groups the driver received.")
 GROUPS_TRAINED = counter("segr1_driver_groups_trained", "Groups that went into an optimiser step.")
@@ -73,12 +89,11 @@ def step_line(
     restarts: int,
     fill_rounds: int = 0,
 ) -> dict:
-    """One metrics.jsonl line: the step's rewards, throughput and staleness over `batch` (the RoutedGroups
-    trained: headers and scores, cluster/driver/state.py), the learner's StepStats (LEARNER_KEYS) and the pools'
-    figures."""
+    """One metrics.jsonl line: the step's rewards and staleness over `batch` (the RoutedGroups trained: headers
+    and scores, cluster/driver/state.py), every field of the learner's StepStats (LEARNER_KEYS, RENAMED_KEYS; its
+    counts give the throughput) and the pools' figures."""
     rewards = [c.rewards for r in batch for c in r.scores.scores]
     n = max(1, len(rewards))
-    tokens = sum(r.header.completion_tokens for r in batch)
     failures = sum(not c.parse_ok for r in batch for c in r.scores.scores)
     line = {
         "step": step,
@@ -86,8 +101,8 @@ def step_line(
         "policy_version": policy_version,
         **{f"reward_{t}": sum(getattr(r, t) for r in rewards) / n for t in REWARD_TERMS},
         "parse_failure_rate": failures / n,
-        "tokens_per_s": tokens / step_s if step_s > 0 else 0.0,
-        "masks_per_s": len(rewards) / step_s if step_s > 0 else 0.0,
+        "tokens_per_s": stats.num_tokens / step_s if step_s > 0 else 0.0,
+        "masks_per_s": stats.num_completions / step_s if step_s > 0 else 0.0,
         "generate_s": max((r.header.generate_s for r in batch), default=0.0),
         "score_s": sum(r.scores.total_s for r in batch),
         "staleness_mean": sum(staleness) / max(1, len(staleness)),
@@ -96,7 +111,7 @@ def step_line(
         "learner_s": stats.step_s,
         "weight_sync_s": sync.get("seconds", 0.0),
         "step_s": step_s,
-        "groups": len(batch),
+        "groups": stats.num_groups,
         "fill_rounds": fill_rounds,  # sync + filter_zero_variance: extra generation rounds to refill the batch
         "zero_variance_groups": sum(r.zero_variance for r in batch),
         "actor_restarts": restarts,

@@ -16,8 +16,7 @@ recognised from a Hugging Face folder's config.json (the Hiera backbone's widths
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -65,10 +64,6 @@ SHIPPED_SHAPES: dict[str, PolicyShapes] = {
     "segr1/tiny-test": _tiny(64, 2, 2, 1, 128, 2, 32, 64),
     "segr1/tiny-demo": _tiny(128, 4, 4, 2, 256, 2, 64, 128, merge=4),
 }
-
-
-def shipped_names() -> list[str]:
-    return list(SHIPPED_SHAPES)
 
 
 def from_config_json(cfg: dict) -> PolicyShapes:
@@ -151,10 +146,6 @@ def param_counts(s: PolicyShapes) -> dict[str, int]:
     return out
 
 
-def shapes_dict(s: PolicyShapes) -> dict:
-    return asdict(s)
-
-
 def image_tokens(s: PolicyShapes, image_size: int) -> tuple[int, int]:
     """(patches the vision tower sees, image tokens the language model sees) for an image_size x image_size
     image, after the processor rounds each side to a multiple of patch x merge (Qwen's smart_resize)."""
@@ -235,7 +226,3 @@ def sam2_encoder_working_bytes(s: Sam2Shapes, dtype_bytes: int) -> int:
     4, each holding its input, attention output and 4x MLP hidden (6 x width), plus the FPN's 256-channel map."""
     tokens = (s.image_size // 4) ** 2
     return tokens * (6 * s.stage1_dim + 256) * dtype_bytes
-
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)

@@ -269,13 +269,6 @@ def make_eval_scorer_pool(cfg: TrainConfig, cls: type) -> ActorPool:
     )
 
 
-def run_remote_function(
-    fn, *args: Any, num_cpus: float = 0, resources: dict[str, float] | None = None
-) -> Any:
-    """Run `fn(*args)` as a Ray task (the driver loop on a cluster: off the head node's own process)."""
-    return ray.remote(num_cpus=num_cpus, resources=resources or {}, max_retries=0)(fn).remote(*args)
-
-
 def requested_cpus(cfg: TrainConfig) -> float:
     """Logical CPUs the three pools ask for (the driver asks for none)."""
     return (
@@ -308,9 +301,3 @@ def init_ray(cfg: TrainConfig) -> None:
         _node_ip_address="127.0.0.1",
         _metrics_export_port=cfg.metrics.port or None,
     )
-
-
-def make_weight_receiver_actor(cls: type, name: str, num_cpus: float = 0) -> Any:
-    """A bare weight-receiving endpoint `cls(name)` (actors.weight_receiver.WeightReceiverEndpoint, no engine)
-    as the actor `weights-<name>`: the broadcast tests and benchmark."""
-    return ray.remote(cls).options(name=f"weights-{name}", num_cpus=num_cpus).remote(name)

@@ -15,7 +15,7 @@ from cluster.config import TrainConfig
 from cluster.data.synth import generate_samples
 from cluster.dev.tiny_models import build_tiny_policy
 from learner.learner import Learner
-from learner.synthetic import scored_groups
+from tests.support.synthetic import scored_groups
 
 pytestmark = pytest.mark.gpu
 

@@ -1,4 +1,4 @@
-"""Weight broadcast on a real local Ray: 3 receiver actors (WeightReceiverEndpoint) join the learner's gloo
+"""Weight broadcast on a real local Ray: 3 receiver actors (tests/support/weight_receivers.py) join the learner's gloo
 group, get bit-identical tensors, switch versions atomically (one load_weights per complete version; a transfer
 cut half-way leaves every engine on the previous version), and a 4th actor joins mid-run."""
 
@@ -10,18 +10,13 @@ import pytest
 import ray
 import torch
 
-from actors.weight_receiver import WeightReceiverEndpoint
-from cluster.pools.topology import make_weight_receiver_actor
 from protos import WeightsManifest
 from runtime.weights.collective import DistributedWeightSender
 from runtime.weights.layout import pack_bucket, plan_manifest
 from runtime.weights.wire import WireOp, broadcast, send_op
+from tests.support.weight_receivers import receiver_actor
 
 pytestmark = pytest.mark.usefixtures("ray_local")
-
-
-def _receiver_actor(name: str):
-    return make_weight_receiver_actor(WeightReceiverEndpoint, name)
 
 
 def _model(seed: int) -> list[tuple[str, torch.Tensor]]:
@@ -67,7 +62,7 @@ class _CutSender(DistributedWeightSender):
 
 
 def test_three_ray_actors_bit_identical_atomic_versions_and_a_late_joiner():
-    actors = {f"rollout-{i}": _receiver_actor(f"rollout-{i}") for i in range(3)}
+    actors = {f"rollout-{i}": receiver_actor(f"rollout-{i}") for i in range(3)}
     sender = DistributedWeightSender("gloo", bucket_mb=0.004, timeout_s=60, use_shm=False)
     try:
         _form_group(sender, actors)
@@ -79,7 +74,7 @@ def test_three_ray_actors_bit_identical_atomic_versions_and_a_late_joiner():
                 assert st["digests"] == _digests(_model(version))  # bit-identical
 
         # a new worker joins at the version boundary: new generation, everyone re-joins, current weights re-sent
-        actors["rollout-3"] = _receiver_actor("rollout-3")
+        actors["rollout-3"] = receiver_actor("rollout-3")
         _form_group(sender, actors)
         assert _send(sender, actors, _model(2), 2) == [2] * 4
         assert _send(sender, actors, _model(3), 3) == [3] * 4
@@ -92,7 +87,7 @@ def test_three_ray_actors_bit_identical_atomic_versions_and_a_late_joiner():
 
 
 def test_a_transfer_cut_half_way_leaves_every_engine_on_the_previous_version():
-    actors = {f"cut-{i}": _receiver_actor(f"cut-{i}") for i in range(2)}
+    actors = {f"cut-{i}": receiver_actor(f"cut-{i}") for i in range(2)}
     sender = _CutSender("gloo", bucket_mb=0.004, timeout_s=60, use_shm=False)
     try:
         _form_group(sender, actors)
@@ -115,7 +110,7 @@ def test_a_member_that_dies_before_joining_fails_the_forming_within_timeout_s():
     survivors form the next generation at once."""
     import time
 
-    actors = {f"die-{i}": _receiver_actor(f"die-{i}") for i in range(2)}
+    actors = {f"die-{i}": receiver_actor(f"die-{i}") for i in range(2)}
     sender = DistributedWeightSender("gloo", bucket_mb=0.004, timeout_s=5, use_shm=False)
     try:
         info = sender.prepare(list(actors))

@@ -39,7 +39,7 @@ for top in ("protos", "runtime", "actors", "reward_service", "learner"):
 from cluster.config import TrainConfig
 from cluster.data.synth import generate_item
 from learner.learner import Learner
-from learner.synthetic import scored_groups
+from tests.support.synthetic import scored_groups
 from protos import Completion, RolloutGroup
 from protos.answer import format_answer
 from reward_service.worker import RewardWorker

@@ -31,7 +31,7 @@ from learner.checkpoint import (
     supersede_after,
 )
 from learner.learner import Learner
-from learner.synthetic import scored_groups
+from tests.support.synthetic import scored_groups
 
 torch.set_num_threads(2)
 

@@ -14,8 +14,8 @@ from actors.worker import RolloutWorker
 from cluster.config import TrainConfig
 from cluster.data.synth import generate_samples
 from learner.learner import Learner, lr_multiplier
-from learner.synthetic import reward, scored_groups
 from protos import RolloutRequest, ScoredGroup
+from tests.support.synthetic import reward, scored_groups
 
 torch.set_num_threads(2)
 
@@ -51,6 +51,9 @@ def test_one_step_changes_every_trainable_parameter_and_lowers_the_loss(tiny_pol
     assert stats.loss == pytest.approx(loss0, abs=1e-6)
     assert abs(stats.ratio_mean - 1.0) < 1e-4 and stats.clip_fraction == 0.0  # on-policy batch
     assert stats.grad_norm > 0 and stats.num_completions == 8 and stats.num_groups == 2
+    assert stats.entropy > 0 and stats.skipped_non_finite == 0 and stats.lr > 0
+    adv = [a for sg in groups for a in _advantages(sg.totals)]
+    assert stats.advantage_abs_mean == pytest.approx(sum(abs(a) for a in adv) / len(adv), abs=1e-6)
     unchanged = [n for n, p in learner.policy.model.named_parameters() if torch.equal(p, before[n])]
     assert unchanged == []
     assert learner.loss_on(groups, *samples) < loss0
@@ -209,6 +212,16 @@ def test_mask_mode_drops_the_sequence_over_the_cap_from_the_loss_and_its_denomin
     masked = adv.pop(4 + 2)  # at ratio 1 and weight ~1 each sequence's loss is -A; the masked one is gone
     assert abs(masked) > 0.1  # so a denominator that still counted it (N, not N - 1) would show
     assert loss == pytest.approx(-sum(adv) / len(adv), abs=1e-4)
+
+
+def test_a_non_finite_gradient_skips_the_update_and_is_counted(tiny_policy_dir, batch, monkeypatch):
+    samples, groups = batch
+    learner = Learner(make_cfg(tiny_policy_dir).learner_spec())
+    before = {n: p.detach().clone() for n, p in learner.policy.model.named_parameters()}
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("nan")))
+    stats = learner.step(groups, *samples)
+    assert stats.skipped_non_finite == stats.num_updates == 1 and stats.grad_norm == 0.0
+    assert all(torch.equal(p, before[n]) for n, p in learner.policy.model.named_parameters())
 
 
 def _advantages(totals):

@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from cluster.data.synth import generate_samples
 from learner.learner import Learner
-from learner.synthetic import scored_groups
 from runtime.weights.inprocess import InProcessChannel
+from tests.support.synthetic import scored_groups
 
 torch.set_num_threads(2)
 TOL = {"rtol": 1e-5, "atol": 2e-6}

@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from cluster.data.synth import generate_samples
 from learner.learner import Learner
-from learner.synthetic import scored_groups
+from tests.support.synthetic import scored_groups
 
 pytest.importorskip("peft")
 torch.set_num_threads(2)

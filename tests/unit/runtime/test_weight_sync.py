@@ -10,11 +10,12 @@ import threading
 import pytest
 import torch
 
-from actors.weight_receiver import BackgroundWeightLoader, receive_and_load
+from actors.weight_receiver import receive_and_load
 from runtime.weights import layout
 from runtime.weights.collective import DistributedWeightReceiver, DistributedWeightSender
 from runtime.weights.inprocess import InProcessChannel
 from runtime.weights.layout import WeightSyncError, bucket_views, pack_bucket, plan_manifest
+from tests.support.weight_receivers import InMemoryEngine
 
 
 def _model(seed: int = 0) -> list[tuple[str, torch.Tensor]]:
@@ -37,20 +38,6 @@ def _streamed(model) -> layout.StreamedWeights:
     ordered = [(n, t) for d in dtypes for n, t in model if t.dtype == d]
     specs = [(n, torch.empty(t.shape, dtype=t.dtype, device="meta")) for n, t in ordered]
     return layout.StreamedWeights(specs, iter(ordered))
-
-
-class _Engine:
-    """A stand-in rollout engine that records what load_weights got (a real class, not a mock)."""
-
-    def __init__(self):
-        self.version = -1
-        self.weights: dict[str, torch.Tensor] = {}
-        self.calls = 0
-
-    def load_weights(self, named_tensors, version: int) -> None:
-        self.weights = {n: t.clone() for n, t in named_tensors}
-        self.version = version
-        self.calls += 1
 
 
 def test_manifest_one_dtype_per_bucket_and_size_limit():
@@ -95,14 +82,14 @@ def test_streamed_weights_pack_like_a_list_and_refuse_another_order():
 def test_in_process_channel_atomic_versions_and_late_joiner():
     ch = InProcessChannel(bucket_mb=0.001)
     sender, early = ch.sender(), ch.receiver()
-    engine = _Engine()
+    engine = InMemoryEngine()
     sender.send(_model(0), version=1)
     sender.send(_model(1), version=2)
     assert receive_and_load(early, engine) == 1
     assert torch.equal(engine.weights["layer.0.w"], dict(_model(0))["layer.0.w"])
-    assert receive_and_load(early, engine) == 2 and engine.calls == 2
+    assert receive_and_load(early, engine) == 2 and engine.loads == 2
     late = ch.receiver()  # joins after version 2: starts from the current weights
-    late_engine = _Engine()
+    late_engine = InMemoryEngine()
     assert receive_and_load(late, late_engine) == 2
     for name, t in _model(1):
         assert torch.equal(late_engine.weights[name], t)
@@ -117,7 +104,7 @@ def test_in_process_channel_atomic_versions_and_late_joiner():
 def _receiver_proc(name: str, info_q, result_q) -> None:
     torch.set_num_threads(1)
     receiver = DistributedWeightReceiver(name)
-    engine = _Engine()
+    engine = InMemoryEngine()
     try:
         while True:
             info = info_q.get()
@@ -193,19 +180,6 @@ def test_receiver_refuses_a_group_without_its_name():
     info = sender.prepare(["rollout-0"])
     with pytest.raises(WeightSyncError, match="rollout-9"):
         DistributedWeightReceiver("rollout-9").join(info)
-
-
-def test_background_loader_switches_under_the_engine_lock():
-    ch = InProcessChannel(bucket_mb=0.01)
-    sender, engine = ch.sender(), _Engine()
-    loader = BackgroundWeightLoader(ch.receiver(), engine, threading.Lock())
-    with loader.lock:  # a "generation" in progress: the new version must wait for it
-        loader.start()
-        sender.send(_model(5), 1)
-        sender.close(notify=True)
-        assert engine.version == -1
-    loader.join(timeout=30)
-    assert loader.loaded_version == 1 and engine.version == 1
 
 
 def test_orphan_segments_of_dead_learners_are_removed():

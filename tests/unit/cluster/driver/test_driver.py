@@ -16,8 +16,8 @@ from cluster.driver.state import (
     split_by_staleness,
     train_batch,
 )
-from learner.synthetic import reward
 from protos import Completion, GroupHeader, GroupScores, RolloutGroup, Sample, TrainBatch
+from tests.support.synthetic import reward
 
 
 def rollout_group(group_id: str, policy_version: int, tokens: int = 1) -> RolloutGroup:

@@ -177,7 +177,7 @@ def test_learner_terms_agree_with_a_measured_cpu_step(tiny_policy_dir, checkpoin
     AdamW states already exist and the peak is the forward/backward's."""
     from cluster.data.synth import generate_samples
     from learner.learner import Learner
-    from learner.synthetic import scored_groups
+    from tests.support.synthetic import scored_groups
     from tests.unit.learner.test_learner import make_cfg
 
     cfg = make_cfg(tiny_policy_dir, micro_batch_size=16, gradient_checkpointing=checkpointing)

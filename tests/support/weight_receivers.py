@@ -1,0 +1,71 @@
+"""Test doubles of a rollout worker's receiving side: an engine without a model that keeps the last version it
+was given (`InMemoryEngine`), and a bare receiving endpoint around it (`WeightReceiverEndpoint`), run as the Ray
+actor `weights-<name>` by `receiver_actor` (the weight-broadcast integration test). Production receives through
+actors/worker.py and actors/weight_receiver.py."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from actors.weight_receiver import WeightLoadingEngine, receive_and_load
+from runtime.weights.collective import DistributedWeightReceiver
+from runtime.weights.wire import GroupInfo
+
+
+class InMemoryEngine:
+    """Holds the last complete version it was given: a real engine without a model."""
+
+    def __init__(self):
+        self.version = -1
+        self.weights: dict[str, torch.Tensor] = {}
+        self.loads = 0
+
+    def load_weights(self, named_tensors, version: int) -> None:
+        self.weights = {n: t.detach().clone() for n, t in named_tensors}  # copy out of the staging buffers
+        self.version = version
+        self.loads += 1
+
+
+class WeightReceiverEndpoint:
+    """A receiving endpoint with its own engine (default: InMemoryEngine): a Ray actor (`receiver_actor`) or
+    in-process."""
+
+    def __init__(self, name: str, engine: WeightLoadingEngine | None = None):
+        self.name = name
+        self.engine = engine if engine is not None else InMemoryEngine()
+        self.receiver = DistributedWeightReceiver(name)
+        self.lock = threading.Lock()
+
+    def join(self, info: GroupInfo | Mapping[str, Any]) -> int:
+        return self.receiver.join(info)
+
+    def receive(self) -> int | None:
+        """Receive one version and switch the engine to it; None when the learner closed the stream."""
+        return receive_and_load(self.receiver, self.engine, self.lock)
+
+    def state(self) -> dict:
+        """Engine version, number of load_weights calls, sha256 of every tensor (bit-identity checks)."""
+        weights = getattr(self.engine, "weights", {})
+        digests = {
+            n: hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+            for n, t in weights.items()
+            if t.numel()
+        }
+        return {
+            "version": getattr(self.engine, "version", None),
+            "loads": getattr(self.engine, "loads", None),
+            "digests": digests,
+            "shared_memory": self.receiver.shared_memory,
+        }
+
+
+def receiver_actor(name: str, num_cpus: float = 0) -> Any:
+    """A WeightReceiverEndpoint(name) as the Ray actor `weights-<name>`."""
+    import ray
+
+    return ray.remote(WeightReceiverEndpoint).options(name=f"weights-{name}", num_cpus=num_cpus).remote(name)
