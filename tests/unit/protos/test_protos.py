@@ -30,20 +30,11 @@ from protos import (
     WeightsManifest,
     check_pairs,
 )
+from tests.support.samples import placeholder_sample
 
 
 def _sample(sid: str = "s0") -> Sample:
-    return Sample(
-        id=sid,
-        source="synthetic",
-        split="train",
-        task="foreground",
-        instruction="segment it",
-        image=b"\x89PNG...",
-        mask=b"\x89PNG...",
-        width=64,
-        height=48,
-    )
+    return placeholder_sample(sid)
 
 
 def _completion(n: int = 3) -> Completion:

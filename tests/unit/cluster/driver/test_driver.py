@@ -16,7 +16,8 @@ from cluster.driver.state import (
     split_by_staleness,
     train_batch,
 )
-from protos import Completion, GroupHeader, GroupScores, RolloutGroup, Sample, TrainBatch
+from protos import Completion, GroupHeader, GroupScores, RolloutGroup, TrainBatch
+from tests.support.samples import placeholder_sample
 from tests.support.synthetic import reward
 
 
@@ -80,20 +81,7 @@ def test_a_train_batch_names_each_rollout_once_and_every_rank_assembles_the_same
     ]
     tb, refs = train_batch(batch)
     assert refs == ["ref-c1", "ref-c0", "sample-c1-0", "sample-c0-1"] and tb.rollouts == 2
-    samples = {
-        i: Sample(
-            id=f"s-{g}",
-            source="t",
-            split="train",
-            task="foreground",
-            instruction="",
-            image=b"png",
-            mask=b"png",
-            width=1,
-            height=1,
-        )
-        for i, g in enumerate(("c1-0", "c0-1"))
-    }
+    samples = {i: placeholder_sample(f"s-{g}") for i, g in enumerate(("c1-0", "c0-1"))}
     resolved = [rollouts[1], rollouts[0], samples[0], samples[1]]  # what Ray hands each rank
     groups, got = TrainBatch.model_validate(tb.model_dump()).assemble(resolved)
     assert [g.group.group_id for g in groups] == ["c1-0", "c0-1"] and got == [samples[0], samples[1]]
