@@ -28,7 +28,7 @@ from cluster.config import TrainConfig, load_config
 
 logger = logging.getLogger("segr1.demo")
 
-DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).parents[1] / "configs" / "demo.yaml"  # cluster/configs/
 
 
 def build_assets(
