@@ -64,10 +64,18 @@ logger = logging.getLogger(__name__)
 
 class TrainDriver:
     """Runs `cfg.grpo.steps` optimiser steps (from the checkpoint when resuming) and returns the summary.
-    `workers()` names the actor classes (cluster.launch.training_workers); it runs in the driver's process."""
+    `workers()` names the actor classes (cluster.launch.training_workers); it runs in the driver's process.
+    `progress_bar`: the step bar Ray draws on the submitting process (the demo draws its own from metrics.jsonl)."""
 
-    def __init__(self, cfg: TrainConfig, workers: Callable[[], Workers], resume: bool = False):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        workers: Callable[[], Workers],
+        resume: bool = False,
+        progress_bar: bool = True,
+    ):
         self.cfg = cfg
+        self._progress_bar = progress_bar
         self.run_dir = Path(cfg.metrics.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.reader = DatasetReader.from_config(cfg)
@@ -115,10 +123,7 @@ class TrainDriver:
         return True
 
     def run(self) -> dict:
-        from ray.experimental.tqdm_ray import tqdm
-
-        g = self.cfg.grpo
-        bar = tqdm(total=g.steps, desc=f"GRPO ({g.mode})", position=0)
+        bar = _step_bar(self.cfg, self._progress_bar)
         bar.update(self.step)
         t0 = time.perf_counter()
         try:
@@ -456,3 +461,20 @@ class TrainDriver:
     def _apply_resize(self) -> None:
         if "rollout" in self.elastic.apply():
             self.weights.setup(self.rollout)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _step_bar(cfg: TrainConfig, shown: bool) -> Any:
+    """The bar of optimiser steps: Ray's tqdm, whose state the submitting process draws (log_to_driver)."""
+    if not shown:
+        return _NoBar()
+    from ray.experimental.tqdm_ray import tqdm
+
+    return tqdm(total=cfg.grpo.steps, desc=f"GRPO ({cfg.grpo.mode})", position=0)
