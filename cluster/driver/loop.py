@@ -38,7 +38,7 @@ from cluster.config import TrainConfig
 from cluster.data.reader import DatasetReader
 from cluster.driver import metrics as DM
 from cluster.driver.batches import fill_batch
-from cluster.driver.metrics import step_line
+from cluster.driver.metrics import step_bar, step_line
 from cluster.driver.recovery import run_with_recovery
 from cluster.driver.state import (
     Accounting,
@@ -67,10 +67,18 @@ logger = logging.getLogger(__name__)
 
 class TrainDriver:
     """Runs `cfg.grpo.steps` optimiser steps (from the checkpoint when resuming) and returns the summary.
-    `workers()` names the actor classes (cluster.launch.training_workers); it runs in the driver's process."""
+    `workers()` names the actor classes (cluster.launch.training_workers); it runs in the driver's process.
+    `progress_bar`: the step bar Ray draws on the submitting process (the demo draws its own from metrics.jsonl)."""
 
-    def __init__(self, cfg: TrainConfig, workers: Callable[[], Workers], resume: bool = False):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        workers: Callable[[], Workers],
+        resume: bool = False,
+        progress_bar: bool = True,
+    ):
         self.cfg = cfg
+        self._progress_bar = progress_bar
         self.run_dir = Path(cfg.metrics.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.reader = DatasetReader.from_config(cfg)
@@ -80,9 +88,7 @@ class TrainDriver:
         self._stop, self._resumed = False, resume
         self._chunk_seq = 0
         classes = workers()
-        self.learner_cls = (
-            classes.learner
-        )  # cluster/driver/recovery.py starts the learner group again after a death
+        self.learner_cls = classes.learner  # start_learner() starts the group again after a death
         self.last_checkpoint: str | None = None
         self.learner = LearnerGroup.start(cfg, classes.learner)
         self.weights = WeightPublisher(cfg, self.learner)
@@ -95,12 +101,10 @@ class TrainDriver:
             capacity=room("rollout"),
         )
         self.reward: ActorPool = make_reward_pool(cfg, classes.reward, capacity=room("reward"))
-        self.placement = Placement(
-            lambda: self.learner.handles(), (self.rollout, self.reward)
-        )  # placement.py
+        self.placement = Placement(lambda: self.learner.handles(), (self.rollout, self.reward))
         self.elastic = Elastic(
             cfg, {"rollout": self.rollout, "reward": self.reward}
-        )  # cluster/pools/elastic.py
+        )  # grows / shrinks the pools
         best = lambda *a: self.learner.mark_best(*a)  # noqa: E731  (keep_best; the learner may be restarted)
         self.validator = Validator(cfg, self.rollout, self.reward, self._write_metrics, best)
         if resume:
@@ -118,10 +122,7 @@ class TrainDriver:
         return True
 
     def run(self) -> dict:
-        from ray.experimental.tqdm_ray import tqdm
-
-        g = self.cfg.grpo
-        bar = tqdm(total=g.steps, desc=f"GRPO ({g.mode})", position=0)
+        bar = step_bar(self.cfg, self._progress_bar)
         bar.update(self.step)
         t0 = time.perf_counter()
         try:

