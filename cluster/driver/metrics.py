@@ -6,11 +6,17 @@ the learner's StepStats, pool figures)."""
 
 from __future__ import annotations
 
+import logging
 import time
+from dataclasses import asdict
 from typing import Any
+
+import ray
 
 from protos import StepStats
 from runtime.metrics import counter, gauge, histogram
+
+logger = logging.getLogger(__name__)
 
 REWARD_TERMS = ("total", "format", "iou", "s_measure", "segmentation", "box_iou", "box_l1")
 # StepStats fields copied into every metrics.jsonl line under their own names (docs/e2e.md lists them)
@@ -148,3 +154,44 @@ def step_bar(cfg: Any, shown: bool) -> Any:
     from ray.experimental.tqdm_ray import tqdm
 
     return tqdm(total=cfg.grpo.steps, desc=f"GRPO ({cfg.grpo.mode})", position=0)
+
+
+def run_summary(d: Any, wall_s: float) -> dict:
+    """summary.json: the job's figures at the end of TrainDriver.run (`d`), the accounting first."""
+    a = d.acct
+    return {
+        "steps": d.step,
+        "policy_version": d.version,
+        "mode": d.cfg.grpo.mode,
+        **asdict(a),  # every group's fate (generated = trained + dropped_stale + filtered + left_over)
+        "groups_lost": a.groups_lost,
+        "actor_restarts": d.rollout.stats.restarts + d.reward.stats.restarts,
+        "learner_ranks": d.learner.names,
+        "rollout_workers": d.rollout.names,
+        "reward_workers": d.reward.names,
+        "scale_decisions": d.elastic.decisions,
+        "corrupt_samples_skipped": d.reader.num_corrupt,
+        "wall_s": wall_s,
+        "stopped_early": d.stop_requested and d.step < d.cfg.grpo.steps,
+        "weight_sync_aborts": d.weights.aborts,
+        "placement": d.placement.summary(),
+    }
+
+
+def overlay_examples(batch: list) -> list[tuple[str, Any]]:
+    """(first answer, sample) of each group: the trackers' overlays, fetched only when they draw them (none
+    when a rollout was lost with its node)."""
+    try:
+        return _examples(batch)
+    except Exception as err:  # an overlay is not worth failing a step for
+        logger.warning("no training overlays this step: %s", err)
+        return []
+
+
+def _examples(batch: list) -> list[tuple[str, Any]]:
+    rollouts = ray.get([r.rollout for r in batch])
+    samples = ray.get([r.sample for r in batch])
+    return [
+        (groups[r.index].completions[0].text, s)
+        for r, groups, s in zip(batch, rollouts, samples, strict=True)
+    ]

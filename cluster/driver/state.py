@@ -83,6 +83,8 @@ class Chunk:
     open: int = field(default=0)  # groups of this chunk not yet trained, dropped or filtered
     rollout: Any = None  # ObjectRef of the rollout call's list[RolloutGroup]: handed on, never read here
     headers: list[GroupHeader] = field(default_factory=list)  # what the driver reads of those groups
+    requests: list[RolloutRequest] = field(default_factory=list)  # one per sample, to generate them again
+    again: bool = False  # generated again (its first rollout was lost): its groups are counted once
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ class RoutedGroup:
     scores: GroupScores
     rollout: Any
     sample: Any
+    request: RolloutRequest | None = None  # to generate it again when its rollout is lost
 
     @property
     def policy_version(self) -> int:
@@ -116,8 +119,20 @@ def routed(chunk: Chunk, scores: list[GroupScores]) -> list[RoutedGroup]:
             raise ValueError(
                 f"chunk {chunk.chunk_id}: scores of group {s.group_id!r} for group {h.group_id!r}"
             )
-        out.append(RoutedGroup(chunk.chunk_id, i, h, s, chunk.rollout, chunk.refs[i]))
+        request = chunk.requests[i] if chunk.requests else None
+        out.append(RoutedGroup(chunk.chunk_id, i, h, s, chunk.rollout, chunk.refs[i], request))
     return out
+
+
+def regeneration(groups: list[RoutedGroup]) -> list[Chunk]:
+    """Chunks that generate `groups` again (same requests, seeds and sample refs), one per chunk they came in:
+    their rollout was lost with the node that held it. Their groups keep their chunk id, so they close it."""
+    by_chunk: dict[int, Chunk] = {}
+    for r in groups:
+        c = by_chunk.setdefault(r.chunk_id, Chunk(r.chunk_id, [], [], {}, again=True))
+        c.refs.append(r.sample)
+        c.requests.append(r.request)
+    return list(by_chunk.values())
 
 
 def train_batch(batch: list[RoutedGroup]) -> tuple[TrainBatch, list[Any]]:

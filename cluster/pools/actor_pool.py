@@ -34,6 +34,18 @@ Call = Callable[[Any], "ray.ObjectRef"]  # actor handle -> ObjectRef of the meth
 DEATH = (RayActorError, ActorDiedError, ActorUnavailableError)  # how Ray reports a dead actor's call
 
 
+def lost_object(err: BaseException | None) -> bool:
+    """The call failed because an object it was given is gone (the node that held its only copy died), not
+    because of anything the actor did: what it was computing from has to be made again."""
+    from ray.exceptions import ObjectLostError
+
+    while err is not None:
+        if isinstance(err, ObjectLostError):
+            return True
+        err = getattr(err, "cause", None) or err.__cause__
+    return False
+
+
 @dataclass
 class WorkFailed:
     """The result of a key whose call raised an application error that was not repaired."""

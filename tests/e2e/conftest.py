@@ -188,10 +188,13 @@ def e2e_overrides(assets: Assets, run_dir: Path, policy: Path | None = None) -> 
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The complete lines of metrics.jsonl: while the job runs, the driver may be writing the last one."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    complete = text[: text.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
 def read_summary(run_dir: Path) -> dict:

@@ -5,7 +5,7 @@ learner node `segr1_learner`. Disaggregated placement, the async test preset.
 - A missing pool resource fails at once, naming the resource and the KubeRay group that should advertise it.
 - Each pool's actors land on their own nodes (by node id, asked of each actor).
 - Removing the node holding `rollout-0` mid-run (a crash): the worker is restarted under its name on the other
-  rollout node and serves again, groups_lost 0. The test stops the run once the replacement's groups are trained
+  rollout node and serves again, the rollouts stored on the lost node are generated again, groups_lost 0. The test stops the run once the replacement's groups are trained
   (tests/e2e/run_control.py), so the run lasts as long as the scenario whatever the machine's speed. What the loss
   costs in wall time is a figure, not a test: bench/node_loss.py.
 
@@ -57,7 +57,10 @@ def cluster():
             "include_dashboard": False,
             # Ray declares a node dead after health_check_failure_threshold (5) failed checks, one every
             # health_check_period_ms (3000 by default: ~15 s); 1 s here keeps the test's margin on a loaded machine
-            "_system_config": {"health_check_period_ms": 1000},
+            # Ray keeps a task's result under 100 KB inline with its owner (the driver), where no node loss can
+            # take it; 1 KB here puts the rollouts in the rollout nodes' object stores, as real groups are, so a
+            # lost rollout node loses the rollouts on it and the driver must generate them again
+            "_system_config": {"health_check_period_ms": 1000, "max_direct_call_object_size": 1024},
         },
     )
     nodes = {

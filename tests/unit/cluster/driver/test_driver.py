@@ -157,3 +157,43 @@ def test_fill_batch_stops_after_max_fill_rounds_and_without_the_filter():
     assert len(filled.kept) == 3 and filled.fill_rounds == 0 and src.draws == [4]
     filled = fill_batch(Source(flat={0}).draw, 4, refill=True, max_fill_rounds=0)
     assert len(filled.kept) == 3 and filled.fill_rounds == 0
+
+
+def test_groups_whose_rollout_was_lost_are_generated_again_once_per_chunk_keeping_their_chunk():
+    """A node that held rollouts died: the groups' requests and sample refs go out again, one chunk per chunk
+    they came in (the chunk id is kept, so training them closes the original chunk), marked as generated again
+    (their groups were counted when first generated)."""
+    from cluster.driver.state import regeneration
+
+    def routed_group(chunk_id: int, i: int) -> RoutedGroup:
+        r = rollout_group(f"c{chunk_id}-{i}", 0)
+        return RoutedGroup(
+            chunk_id,
+            i,
+            GroupHeader.of(r),
+            scores(r.group_id),
+            f"lost-{chunk_id}",
+            f"s{chunk_id}{i}",
+            request=f"request-c{chunk_id}-{i}",
+        )
+
+    again = regeneration([routed_group(3, 1), routed_group(5, 0), routed_group(3, 0)])
+    assert [(c.chunk_id, c.refs, c.requests, c.again) for c in again] == [
+        (3, ["s31", "s30"], ["request-c3-1", "request-c3-0"], True),
+        (5, ["s50"], ["request-c5-0"], True),
+    ]
+    assert all(c.rollout is None and c.headers == [] and c.open == 0 for c in again)
+
+
+def test_a_lost_object_is_told_from_an_actor_error_however_ray_wraps_it():
+    from ray.exceptions import ObjectLostError, OwnerDiedError
+
+    from cluster.pools.actor_pool import lost_object
+
+    lost = ObjectLostError("ab" * 14, None, "")
+    assert lost_object(lost) and lost_object(OwnerDiedError("ab" * 14, None, ""))
+    try:
+        raise RuntimeError("learner rank failed") from lost
+    except RuntimeError as wrapped:
+        assert lost_object(wrapped)
+    assert not lost_object(ValueError("bad batch")) and not lost_object(None)
