@@ -39,10 +39,11 @@ def lost_object(err: BaseException | None) -> bool:
     because of anything the actor did: what it was computing from has to be made again."""
     from ray.exceptions import ObjectLostError
 
-    while err is not None:
+    while isinstance(err, BaseException):
         if isinstance(err, ObjectLostError):
             return True
-        err = getattr(err, "cause", None) or err.__cause__
+        cause = getattr(err, "cause", None)  # RayTaskError's; other errors may name a text `cause`
+        err = cause if isinstance(cause, BaseException) else err.__cause__
     return False
 
 

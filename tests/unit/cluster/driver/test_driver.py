@@ -197,3 +197,7 @@ def test_a_lost_object_is_told_from_an_actor_error_however_ray_wraps_it():
     except RuntimeError as wrapped:
         assert lost_object(wrapped)
     assert not lost_object(ValueError("bad batch")) and not lost_object(None)
+    from cluster.pools.learner_group import LearnerDied
+
+    died = LearnerDied("learner-1", "node-a", "the actor died unexpectedly")  # its `cause` is a text
+    assert not lost_object(died)
