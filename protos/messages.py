@@ -277,8 +277,7 @@ class GroupScores(BaseModel):
     @property
     def zero_variance(self) -> bool:
         """All G rewards equal (spread below ZERO_VARIANCE_TOL): every advantage is 0, no learning signal."""
-        totals = self.totals
-        return max(totals) - min(totals) < ZERO_VARIANCE_TOL
+        return _all_equal(self.totals)
 
 
 class ScoredGroup(BaseModel):
@@ -331,7 +330,12 @@ class ScoredGroup(BaseModel):
     @property
     def zero_variance(self) -> bool:
         """All G rewards equal (spread below ZERO_VARIANCE_TOL): every advantage is 0, no learning signal."""
-        return GroupScores(group_id=self.group.group_id, scores=self.scores).zero_variance
+        return _all_equal(self.totals)
+
+
+def _all_equal(totals: list[float]) -> bool:
+    """The zero-variance rule: G rewards whose spread is below ZERO_VARIANCE_TOL."""
+    return max(totals) - min(totals) < ZERO_VARIANCE_TOL
 
 
 def _pair_label(item: RolloutRequest | RolloutGroup | ScoredGroup) -> tuple[str, str]:

@@ -15,7 +15,14 @@ if os.environ.get("SEGR1_BYTES_OUT"):
     import ray
     import ray.actor
 
-    _tally = {"get_bytes": 0, "get_calls": 0, "sent_bytes": 0, "sent_calls": 0, "put_bytes": 0, "put_calls": 0}
+    _tally = {
+        "get_bytes": 0,
+        "get_calls": 0,
+        "sent_bytes": 0,
+        "sent_calls": 0,
+        "put_bytes": 0,
+        "put_calls": 0,
+    }
     _state = {"driver": None}
 
     def _in_driver() -> bool:

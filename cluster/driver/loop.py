@@ -220,7 +220,7 @@ class TrainDriver:
         chunks = []
         for start in range(0, len(samples), per_call):
             part = samples[start : start + per_call]
-            chunk = Chunk(self._chunk_seq, part, [ray.put(s) for s in part], cursor, open=len(part))
+            chunk = Chunk(self._chunk_seq, [ray.put(s) for s in part], cursor, open=len(part))
             self._chunk_seq += 1
             chunk.requests = [
                 rollout_request(self.cfg, self.version, chunk.chunk_id, i, s) for i, s in enumerate(part)

@@ -77,7 +77,6 @@ class Chunk:
     """Samples sent to one rollout call; the reader cursor before they were read (async resume point)."""
 
     chunk_id: int
-    samples: list[Sample]
     refs: list[Any]  # each sample's ObjectRef (put once; every actor reads the sample from the object store)
     cursor_before: dict
     open: int = field(default=0)  # groups of this chunk not yet trained, dropped or filtered
@@ -129,7 +128,7 @@ def regeneration(groups: list[RoutedGroup]) -> list[Chunk]:
     their rollout was lost with the node that held it. Their groups keep their chunk id, so they close it."""
     by_chunk: dict[int, Chunk] = {}
     for r in groups:
-        c = by_chunk.setdefault(r.chunk_id, Chunk(r.chunk_id, [], [], {}, again=True))
+        c = by_chunk.setdefault(r.chunk_id, Chunk(r.chunk_id, [], {}, again=True))
         c.refs.append(r.sample)
         c.requests.append(r.request)
     return list(by_chunk.values())

@@ -59,7 +59,7 @@ def test_a_header_carries_what_the_driver_reads_of_a_group():
 
 def test_routed_joins_headers_and_scores_in_order_and_refuses_a_mismatch():
     groups = [rollout_group("c2-0", 1), rollout_group("c2-1", 1)]
-    chunk = Chunk(2, [], ["s0", "s1"], {}, open=2, rollout="r2", headers=[GroupHeader.of(g) for g in groups])
+    chunk = Chunk(2, ["s0", "s1"], {}, open=2, rollout="r2", headers=[GroupHeader.of(g) for g in groups])
     out = routed(chunk, [scores("c2-0"), scores("c2-1", (1.0, 1.0))])
     assert [(r.chunk_id, r.index, r.sample, r.rollout) for r in out] == [
         (2, 0, "s0", "r2"),
