@@ -129,24 +129,15 @@ def plan_bytes(plan) -> dict[str, int]:
 def build_report(cfg, result: dict, plan) -> dict:
     """preflight.json: the measured figures of run_preflight's `result` beside the plan's."""
     planned = plan_bytes(plan)
-    memory = [
-        {
-            "pool": m["pool"],
-            "actor": m["actor"],
-            "device": m["device"],
-            "gpus": m.get("gpus", ""),
-            "node": m.get("node", ""),
-            "peak_bytes": int(m["peak_bytes"]),
-            "plan_bytes": planned.get(m["pool"]),
-        }
-        for m in result["memory"]
-    ]
+    keys = ("pool", "actor", "device", "measure", "gpus", "node", "peak_bytes")
+    memory = [{**{k: m.get(k) for k in keys}, "plan_bytes": planned.get(m["pool"])} for m in result["memory"]]
     steps = [m for m in result["metrics"] if "learner_s" in m]  # not the validation lines (val/*)
     return {
         "passed": True,
         "steps": len(steps),
         "mode": cfg.grpo.mode,
         "memory": memory,
+        "shared_gpus": shared_gpus(memory, plan),
         "weight_sync": weight_sync_figures(result["weight_syncs"]),
         "rollout_tokens_per_s": rollout_tokens_per_s(steps),
         "reward_masks_per_s": masks_per_s(steps, cfg.grpo.group_size),
@@ -154,6 +145,23 @@ def build_report(cfg, result: dict, plan) -> dict:
         "plan_sources": [] if plan is None else plan.sources,
         "summary": result["summary"],
     }
+
+
+def shared_gpus(memory: list[dict], plan) -> list[dict]:
+    """GPUs the plan packs several actors onto (fractional GPUs, colocated): the actors' measured peaks added up
+    beside the plan's figure for that GPU. Only where every member was measured on a GPU."""
+    if plan is None:
+        return []
+    by_actor = {m["actor"]: m for m in memory}
+    out = []
+    for gpu in plan.gpus:
+        members = [by_actor.get(name) for name in gpu.members]
+        if len(members) < 2 or any(m is None or m["device"] != "cuda" for m in members):
+            continue
+        peaks = [m["peak_bytes"] for m in members]
+        measured = None if None in peaks else sum(peaks)
+        out.append({"actors": list(gpu.members), "peak_bytes": measured, "plan_bytes": int(gpu.bytes)})
+    return out
 
 
 def weight_sync_figures(syncs: list[dict]) -> dict[str, dict]:
@@ -183,27 +191,27 @@ def _gb(n: float | None) -> str:
     return "n/a" if n is None else f"{n / GB:.2f} GB"
 
 
+def _measure(m: dict) -> str:
+    if m["device"] != "cuda":
+        return "RSS"
+    return "GPU" if str(m.get("measure", "")).startswith("torch") else "GPU, NVML"
+
+
 def format_report(report: dict) -> str:
     """The one table `segr1 preflight` prints."""
     rows = [("pool", "actor", "device", "GPU", "node", "peak measured", "plan (segr1 plan)")]
     for m in report["memory"]:
-        where = "GPU" if m["device"] == "cuda" else "RSS"
-        measured = f"{_gb(m['peak_bytes'])} ({where})"
+        measured = f"{_gb(m['peak_bytes'])} ({_measure(m)})"
         rows.append(
             (m["pool"], m["actor"], m["device"], m["gpus"] or "-", m["node"], measured, _gb(m["plan_bytes"]))
         )
-    for backend, w in report["weight_sync"].items():
+    for g in report["shared_gpus"]:
         rows.append(
-            (
-                "weight sync",
-                backend,
-                "",
-                "",
-                "",
-                f"{w['mean_s']:.3f} s mean",
-                f"{w['publishes']} publishes, first {w['first_s']:.3f} s, max {w['max_s']:.3f} s",
-            )
+            ("one GPU", "+".join(g["actors"]), "cuda", "", "", _gb(g["peak_bytes"]), _gb(g["plan_bytes"]))
         )
+    for backend, w in report["weight_sync"].items():
+        detail = f"{w['publishes']} publishes, first {w['first_s']:.3f} s, max {w['max_s']:.3f} s"
+        rows.append(("weight sync", backend, "", "", "", f"{w['mean_s']:.3f} s mean", detail))
     rows.append(("rollout", "all", "", "", "", f"{report['rollout_tokens_per_s']:.1f} tokens/s", ""))
     rows.append(("reward", "all", "", "", "", f"{report['reward_masks_per_s']:.1f} masks/s", ""))
     rows.append(("learner", "all", "", "", "", f"{report['learner_s_per_step']:.2f} s/step", ""))

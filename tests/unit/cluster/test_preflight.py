@@ -123,3 +123,37 @@ def test_describe_gives_the_remote_cause_in_one_line():
     died = ActorDiedError(cause=_remote_error(FileNotFoundError("/x/config.json not found")))
     assert describe(died) == "FileNotFoundError: /x/config.json not found"
     assert describe(RuntimeError("two\nlines")) == "RuntimeError: two lines"
+
+
+def test_actors_packed_on_one_gpu_are_added_up_beside_the_plans_gpu():
+    cfg = load_config(REPO / "cluster" / "configs" / "qwen3b-1gpu.yaml")  # learner, rollout, reward: one GPU
+    plan = build_plan(cfg)
+    gpu = lambda pool, actor, peak: {  # noqa: E731
+        "pool": pool,
+        "actor": actor,
+        "device": "cuda",
+        "measure": "torch max_memory_allocated",
+        "gpus": "0",
+        "node": "n",
+        "peak_bytes": peak,
+    }
+    result = {
+        **_result(),
+        "memory": [
+            gpu("learner", "learner-0", 20e9),
+            gpu("rollout", "rollout-0", 18e9),
+            gpu("reward", "reward-0", 2e9),
+        ],
+    }
+    report = build_report(cfg, result, plan)
+    assert report["shared_gpus"] == [
+        {
+            "actors": ["learner-0", "rollout-0", "reward-0"],
+            "peak_bytes": 40e9,
+            "plan_bytes": plan.gpus[0].bytes,
+        }
+    ]
+    table = format_report(report)
+    assert "learner-0+rollout-0+reward-0" in table and "40.00 GB" in table and "20.00 GB (GPU)" in table
+    result["memory"][1]["peak_bytes"] = None  # an engine core in a child process without NVML: not measured
+    assert build_report(cfg, result, plan)["shared_gpus"][0]["peak_bytes"] is None

@@ -7,6 +7,8 @@ process reports its peak memory (runtime/memory.py)."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,8 +62,22 @@ def test_sam2_builds_at_its_config_shape_without_weights(tiny_sam2_dir, tmp_path
     }
 
 
-def test_peak_memory_covers_what_the_process_held():
+def test_peak_memory_covers_what_the_process_and_its_children_held():
     block = bytearray(64 * 2**20)  # touched: resident
     block[::4096] = b"x" * len(block[::4096])
     got = peak_memory()
-    assert got["device"] == "cpu" and got["peak_bytes"] == got["rss_peak_bytes"] >= 64 * 2**20
+    assert got["device"] == "cpu" and got["rss_peak_bytes"] >= 64 * 2**20
+
+    # a child that holds 96 MiB (an engine core in its own process): counted while it lives
+    code = "import sys; b = bytearray(96 * 2**20); b[::4096] = b'x' * len(b[::4096]); print('ready', flush=True); sys.stdin.read()"
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        got = peak_memory()
+        assert got["children_rss_peak_bytes"] >= 96 * 2**20
+        assert got["peak_bytes"] == got["rss_peak_bytes"] + got["children_rss_peak_bytes"]
+    finally:
+        child.stdin.close()
+        child.wait(timeout=60)
