@@ -157,3 +157,10 @@ def test_actors_packed_on_one_gpu_are_added_up_beside_the_plans_gpu():
     assert "learner-0+rollout-0+reward-0" in table and "40.00 GB" in table and "20.00 GB (GPU)" in table
     result["memory"][1]["peak_bytes"] = None  # an engine core in a child process without NVML: not measured
     assert build_report(cfg, result, plan)["shared_gpus"][0]["peak_bytes"] is None
+
+
+def test_train_refuses_dummy_weights(capsys):
+    from cluster.cli import main
+
+    assert main(["train", "--config", str(DEMO), "model.dummy_weights=true"]) == 2
+    assert "segr1 preflight" in capsys.readouterr().err
