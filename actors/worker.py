@@ -26,6 +26,7 @@ from actors.engine import GenerationBatch, NamedTensors, RolloutEngine, StaleWei
 from protos import GroupHeader, RolloutGroup, RolloutRequest, Sample, check_pairs
 from protos.config import PolicySpec
 from runtime.images import resize_for_policy
+from runtime.memory import peak_memory
 from runtime.quiet import quiet_libraries
 from runtime.threads import limit_threads
 from runtime.weights.abandon import Abandonable
@@ -58,7 +59,7 @@ def build_engine(
     if kind == "hf":
         from actors.hf_engine import HFEngine
 
-        return HFEngine(policy.path, device=rollout_device(rollout), **common)
+        return HFEngine(policy.path, device=rollout_device(rollout), dummy=policy.dummy_weights, **common)
     if kind != "vllm":
         raise ValueError(f"rollout.engine={kind!r} is not one of hf, vllm")
     from actors.vllm_engine import AsyncVLLMEngine, VLLMEngine
@@ -72,6 +73,7 @@ def build_engine(
         max_model_len=rollout.max_model_len,
         enforce_eager=rollout.enforce_eager,
         seed=policy.seed,
+        load_format="dummy" if policy.dummy_weights else "auto",
         **common,
     )
 
@@ -230,6 +232,10 @@ class RolloutWorker:
             "in_flight": self._in_flight,
             "pid": os.getpid(),
         }
+
+    def peak_memory(self) -> dict:
+        """This process's peak memory (runtime/memory.py): segr1 preflight's measured column."""
+        return peak_memory()
 
     def close(self) -> None:
         self.engine.close()

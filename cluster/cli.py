@@ -15,6 +15,7 @@ from cluster.commands import (
     models,
     plan,
     predict,
+    preflight,
     scale,
     score,
     sft,
@@ -22,7 +23,21 @@ from cluster.commands import (
 )
 from cluster.commands.common import CommandError
 
-COMMANDS = (train, plan, sft, eval_job, eval_masks, predict, score, generate, data, models, scale, bench)
+COMMANDS = (
+    train,
+    preflight,
+    plan,
+    sft,
+    eval_job,
+    eval_masks,
+    predict,
+    score,
+    generate,
+    data,
+    models,
+    scale,
+    bench,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -81,6 +81,11 @@ class ModelConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; auto: bfloat16 on GPU, float32 on CPU."
     )
+    dummy_weights: bool = Field(
+        False,
+        description="Build the policy, reference and segmenter from their config.json with random weights, "
+        "reading no weight file (`segr1 preflight` sets it); never for a real run.",
+    )
 
 
 # The tracking stores MLflow 3 opens, by the URI's scheme (mlflow/tracking/_tracking_service/utils.py,
@@ -373,6 +378,7 @@ class TrainConfig(BaseModel):
             answer_format=self.reward.answer_format,
             prompt=self.prompt.resolve(phase),
             seed=self.seed,
+            dummy_weights=self.model.dummy_weights,
         )
 
     def weight_transport(self) -> WeightSyncConfig:

@@ -69,6 +69,7 @@ from learner.weights_io import (
     weight_specs,
 )
 from protos import Sample, ScoredGroup, StepStats, TrainBatch, check_pairs
+from runtime.memory import peak_memory
 from runtime.quiet import quiet_libraries
 from runtime.threads import limit_threads
 from runtime.weights.abandon import Abandonable
@@ -328,6 +329,10 @@ class Learner:
 
     def weight_sync_group(self) -> GroupInfo | None:
         return self._sender.info if self._sender is not None else None
+
+    def peak_memory(self) -> dict:
+        """This rank's peak memory (runtime/memory.py): segr1 preflight's measured column."""
+        return peak_memory()
 
     def close(self) -> None:
         """Close the weight-sync sender; a sharded learner also leaves its process group (every rank calls it)."""

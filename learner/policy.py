@@ -111,7 +111,10 @@ class Policy:
         self.processor = load_processor(spec.path)
         self.pad_token_id = int(self.processor.tokenizer.pad_token_id)
         load_device = load_device or self.device
-        self.model = load_policy(spec.path, dtype=torch.float32, device=load_device).train()
+        dummy = spec.dummy_weights  # segr1 preflight: random weights at the config's shapes (seeded)
+        if dummy:
+            torch.manual_seed(spec.seed)
+        self.model = load_policy(spec.path, dtype=torch.float32, device=load_device, dummy=dummy).train()
         self.model.config.use_cache = False
         if learner.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -124,7 +127,10 @@ class Policy:
             self.lora and spec.reference is None
         ):  # LoRA: the base model IS the reference
             ref_dtype = resolve_dtype(spec.dtype, self.device)
-            self.reference = load_policy(spec.reference or spec.path, dtype=ref_dtype, device=load_device)
+            if dummy:
+                torch.manual_seed(spec.seed)
+            ref = spec.reference or spec.path
+            self.reference = load_policy(ref, dtype=ref_dtype, device=load_device, dummy=dummy)
             self.reference.requires_grad_(False)
         self.share_vision = _has_mm_encoder_outputs(self.model)
         # the ids the rollout engines never sample (actors/engine.py): scoring over the same support keeps the

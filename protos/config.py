@@ -136,3 +136,6 @@ class PolicySpec(BaseModel):
         description="The resolved prompt texts every renderer uses (PromptConfig.resolve(phase)).",
     )
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of sampling and initialisation.")
+    dummy_weights: bool = Field(
+        False, description="Every model built from its config.json with random weights (segr1 preflight)."
+    )

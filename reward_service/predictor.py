@@ -82,7 +82,9 @@ class Predictor:
         kind = self.reward.segmenter if segmenter is None else getattr(segmenter, "name", "")
         quiet_libraries()
         limit_threads(torch_threads=kind != "grabcut", opencv_threads=True)
-        self.segmenter = segmenter if segmenter is not None else build_segmenter_for(self.reward)
+        if segmenter is None:
+            segmenter = build_segmenter_for(self.reward, dummy=policy.dummy_weights)
+        self.segmenter = segmenter
 
     def ping(self) -> dict:
         return {

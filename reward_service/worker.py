@@ -45,6 +45,7 @@ from reward_service.rewards import (
     scores_from_counts,
     zero_rewards,
 )
+from runtime.memory import peak_memory
 from runtime.threads import thread_budget
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,10 @@ class RewardWorker:
 
     def ping(self) -> dict:
         return self.predictor.ping()
+
+    def peak_memory(self) -> dict:
+        """This process's peak memory (runtime/memory.py): segr1 preflight's measured column."""
+        return peak_memory()
 
     def score(self, groups: list[RolloutGroup], *samples: Sample) -> list[GroupScores]:
         """Score `groups`; sample i belongs to group i (Ray resolves ObjectRefs passed as the varargs)."""

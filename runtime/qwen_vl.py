@@ -356,12 +356,17 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch
 
 
 def load_policy(
-    path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", **kwargs: Any
+    path: str | Path,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    dummy: bool = False,
+    **kwargs: Any,
 ):
     """Qwen2_5_VLForConditionalGeneration.from_pretrained(path), the same call that loads Qwen2.5-VL-7B.
 
     `kwargs` go to from_pretrained (e.g. attn_implementation="sdpa"). Returned in eval mode on `device`; the
-    learner calls `.train()` itself."""
+    learner calls `.train()` itself. `dummy`: built from config.json alone with random weights, directly on
+    `device` (`segr1 preflight`: the real shapes without downloading the weights)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     folder = resolve_folder(path)
@@ -370,7 +375,38 @@ def load_policy(
             f"{folder}/config.json not found: the policy must be a local Hugging Face folder "
             "(`segr1 models tiny --out DIR` writes DIR/policy)"
         )
+    if dummy:
+        return build_from_config(folder, Qwen2_5_VLForConditionalGeneration, dtype, device, **kwargs)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         str(folder), dtype=resolve_dtype(dtype, device), **kwargs
     )
     return model.to(device).eval()
+
+
+def build_from_config(folder: Path, model_cls: Any, dtype, device, **kwargs: Any):
+    """`model_cls` from the folder's config.json with random weights, allocated on `device` (meta: shapes
+    only). Seeded by torch's global generator, so two builds in one seeded process are equal."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(folder))
+    # a model class has _from_config, an Auto class from_config
+    build = getattr(model_cls, "_from_config", None) or model_cls.from_config
+    with torch.device(device):
+        model = build(config, dtype=resolve_dtype(dtype, device), **kwargs)
+    return model.eval()
+
+
+def config_weight_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor the folder's checkpoint holds (or would hold), derived from config.json
+    alone: the model built on the meta device, under the names save_pretrained writes (checkpoint_names).
+    What a weight update must carry when the folder has no weights (dummy weights)."""
+    from transformers import AutoModelForCausalLM, Qwen2_5_VLForConditionalGeneration
+
+    from runtime.weights.layout import checkpoint_names
+
+    folder = resolve_folder(path)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    cls = Qwen2_5_VLForConditionalGeneration if "vision_config" in config else AutoModelForCausalLM
+    model = build_from_config(folder, cls, "float32", "meta")
+    names = checkpoint_names(model)
+    return {names[n]: tuple(p.shape) for n, p in model.named_parameters()}

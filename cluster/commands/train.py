@@ -53,6 +53,11 @@ def run(args: argparse.Namespace) -> int:
         print(memory_plan(cfg, args), end="")
         print(start_checks(cfg, args.resume), end="")
         return 0
+    if cfg.model.dummy_weights:  # random weights would train and be checkpointed as if they were the policy
+        raise CommandError(
+            "model.dummy_weights=true builds random weights: it is for `segr1 preflight`; remove it to train",
+            exit_code=2,
+        )
     from cluster.config import ConfigError
     from cluster.driver.recovery import LearnerGroupFailed
     from cluster.launch import run_training

@@ -16,8 +16,16 @@ from reward_service.segmenters.protocol import (
 )
 
 
-def build_segmenter(kind: str, path: str | None = None, sam2_config: str | None = None, device: str = "auto"):
-    """A Segmenter of `kind` (grabcut | hf-sam2 | sam2); heavy packages are imported only for the one built."""
+def build_segmenter(
+    kind: str,
+    path: str | None = None,
+    sam2_config: str | None = None,
+    device: str = "auto",
+    dummy: bool = False,
+):
+    """A Segmenter of `kind` (grabcut | hf-sam2 | sam2); heavy packages are imported only for the one built.
+    `dummy` (segr1 preflight): SAM2 at its config's shape with random weights (hf-sam2: the folder's config.json;
+    sam2: the config name, no checkpoint read)."""
     if kind == "grabcut":
         from reward_service.segmenters.grabcut import GrabCutSegmenter
 
@@ -29,6 +37,10 @@ def build_segmenter(kind: str, path: str | None = None, sam2_config: str | None 
             )
         from reward_service.segmenters.hf_sam2 import HFSam2Segmenter
 
+        if dummy:
+            from reward_service.segmenters.hf_sam2 import random_model
+
+            return HFSam2Segmenter(model=random_model(path), device=device)
         return HFSam2Segmenter(path, device=device)
     if kind == "sam2":
         if not path or not sam2_config:
@@ -38,13 +50,14 @@ def build_segmenter(kind: str, path: str | None = None, sam2_config: str | None 
             )
         from reward_service.segmenters.meta_sam2 import MetaSam2Segmenter
 
-        return MetaSam2Segmenter(path, sam2_config, device=device)
+        return MetaSam2Segmenter(None if dummy else path, sam2_config, device=device)
     raise ValueError(f"unknown segmenter {kind!r}: use grabcut, hf-sam2 or sam2")
 
 
-def build_segmenter_for(reward_cfg, device: str = "auto"):
+def build_segmenter_for(reward_cfg, device: str = "auto", dummy: bool = False):
     """build_segmenter from a RewardConfig."""
-    return build_segmenter(reward_cfg.segmenter, reward_cfg.segmenter_path, reward_cfg.sam2_config, device)
+    cfg = reward_cfg
+    return build_segmenter(cfg.segmenter, cfg.segmenter_path, cfg.sam2_config, device, dummy)
 
 
 __all__ = [

@@ -222,6 +222,19 @@ def _load_model(path: str):
         raise SegmenterUnavailable(f"cannot load a Sam2Model from {path!r}: {err}") from err
 
 
+def random_model(path: str):
+    """A Sam2Model at the shape of the folder's config.json with random weights (no weight file read)."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise SegmenterUnavailable(
+            f"reward.segmenter_path={path!r} has no config.json: dummy weights build SAM2 from its config "
+            "(download only the folder's *.json files, e.g. of facebook/sam2.1-hiera-large)"
+        )
+    from transformers import Sam2Config, Sam2Model
+
+    return Sam2Model._from_config(Sam2Config.from_pretrained(str(folder)), attn_implementation="sdpa")
+
+
 def _normalisation(path: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """image_mean / image_std from the folder's preprocessor_config.json, else ImageNet's."""
     if path is not None:
