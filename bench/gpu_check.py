@@ -8,7 +8,9 @@ Parts (each in its own process under a time limit; a failing part is recorded an
 bench/gpu/__init__.py): environment, policy (a Qwen2.5-VL-3B-shaped folder, random bf16 weights), reward_hf_sam2
 and reward_meta_sam2 (masks/s grouped vs naive at SAM2.1-large shape, 1024 px, 16 images x G=8), learner_step
 (seconds and peak memory of a GRPO step at the 1-GPU config's settings), rollout_hf (tokens/s, 8 prompts x G=8
-with images), ipc_publish (CUDA-IPC weight publish GB/s vs a device copy), pytest_gpu (`pytest -m gpu`).
+with images), ipc_publish (CUDA-IPC weight publish GB/s vs a device copy), pytest_gpu (`pytest -m gpu`),
+vllm_sync and vllm_async (the vLLM engines with dummy weights, a reload through each transport, greedy vs
+transformers, tokens/s; skipped where vLLM is not installed).
 
 Writes DIR/gpu_check-<mode>.json (mode cuda, cuda-tiny or cpu-tiny; rewritten after every part) and
 DIR/gpu_check.log (every part's output). Exit status 0 when no part failed or timed out. How to run it on the
@@ -18,6 +20,7 @@ lent GPU machine, with the wheels it needs carried along: docs/gpu.md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -26,6 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.gpu.runner import PARTS, result_path, run_all  # noqa: E402
 
 DEFAULT_BUDGET_S = {"cuda": 480.0, "cpu": 1200.0}
+VLLM_BUDGET_S = 480.0  # added on CUDA where vLLM is installed: its two parts start a 3B engine each
+
+
+def default_budget(device: str) -> float:
+    vllm = importlib.util.find_spec("vllm") is not None
+    return DEFAULT_BUDGET_S[device] + (VLLM_BUDGET_S if device == "cuda" and vllm else 0.0)
 
 
 def _cuda_available() -> bool:
@@ -47,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         "--parts", default="", help=f"comma-separated subset of: {','.join(s.name for s in PARTS)}"
     )
     p.add_argument(
-        "--budget-s", type=float, default=None, help="whole run (default 480 on cuda, 1200 on cpu)"
+        "--budget-s",
+        type=float,
+        default=None,
+        help="whole run (default 480 on cuda, 960 where vLLM is installed, 1200 on cpu)",
     )
     p.add_argument("--keep-workdir", action="store_true", help="keep the scratch folder (model folders)")
     args = p.parse_args(argv)
@@ -64,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"gpu_check: unknown part(s) {unknown}; choose from {[s.name for s in PARTS]}", file=sys.stderr)
         return 2
-    budget = args.budget_s or DEFAULT_BUDGET_S[device]
+    budget = args.budget_s or default_budget(device)
     print(f"gpu_check: device {device}{' (tiny)' if tiny else ''}, budget {budget:.0f} s", flush=True)
     report = run_all(Path(args.out), device, tiny, budget, only, args.keep_workdir)
     print(f"gpu_check: {report['wall_s']} s -> {result_path(Path(args.out), device, tiny)}")

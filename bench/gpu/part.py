@@ -2,7 +2,7 @@
 
     python -m bench.gpu.part NAME --device cuda|cpu [--tiny] --workdir DIR --limit-s S --result FILE
 
-Ray and vLLM are hidden before anything else is imported. The result: {"status": ok | skipped | failed,
+Ray and vLLM are hidden before anything else is imported (the vLLM parts hide only Ray). The result: {"status": ok | skipped | failed,
 "figures": {name: number}, "detail": {...}, "reason": why skipped / failed, "traceback": of a failure}.
 """
 
@@ -31,7 +31,11 @@ PARTS: dict[str, str] = {
     "ipc_publish": "bench.gpu.ipc:run",
     "reward_meta_sam2": "bench.gpu.reward:run_meta_sam2",
     "pytest_gpu": "bench.gpu.pytest_gpu:run",
+    "vllm_sync": "bench.gpu.vllm_engines:run_sync",
+    "vllm_async": "bench.gpu.vllm_engines:run_async",
 }
+# The vLLM parts run vLLM where it is installed (skipped where not); every other part runs with it hidden.
+HIDDEN_FOR = {"vllm_sync": ("ray",), "vllm_async": ("ray",)}
 
 
 def run_part(name: str, ctx: Context) -> dict:
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit-s", type=float, required=True)
     p.add_argument("--result", required=True, help="JSON file to write the result to")
     args = p.parse_args(argv)
-    hide_packages(HIDDEN_PACKAGES)
+    hide_packages(HIDDEN_FOR.get(args.name, HIDDEN_PACKAGES))
     ctx = Context(args.device, args.tiny, Path(args.workdir), args.limit_s)
     result = run_part(args.name, ctx)
     Path(args.result).write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -14,7 +14,7 @@ PROMPTS = 8
 GROUP_SIZE = 8
 
 
-def _requests(n: int, g: int, max_tokens: int, seed: int = 1000):
+def requests(n: int, g: int, max_tokens: int, seed: int = 1000, temperature: float = 1.0):
     from protos import RolloutRequest, SamplingConfig
 
     return [
@@ -23,7 +23,7 @@ def _requests(n: int, g: int, max_tokens: int, seed: int = 1000):
             sample_id=f"gpu-check-{i}",
             instruction=f"Identify and segment the object number {i} in the image.",
             group_size=g,
-            sampling=SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=max_tokens, seed=seed + i),
+            sampling=SamplingConfig(temperature=temperature, top_p=1.0, max_tokens=max_tokens, seed=seed + i),
         )
         for i in range(n)
     ]
@@ -45,10 +45,10 @@ def run(ctx: Context) -> dict:
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(PROMPTS)]
-    engine.generate_batch(_requests(1, 2, 4, seed=1), images[:1])  # warm-up: kernels, allocator
+    engine.generate_batch(requests(1, 2, 4, seed=1), images[:1])  # warm-up: kernels, allocator
     reset_peak_memory(ctx)
     t0 = time.perf_counter()
-    batch = engine.generate_batch(_requests(PROMPTS, GROUP_SIZE, max_tokens), images)
+    batch = engine.generate_batch(requests(PROMPTS, GROUP_SIZE, max_tokens), images)
     synchronize(ctx)
     wall = time.perf_counter() - t0
     lengths = [len(c.token_ids) for group in batch.completions for c in group]

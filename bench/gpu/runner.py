@@ -47,6 +47,10 @@ PARTS: tuple[PartSpec, ...] = (
     PartSpec("ipc_publish", "CUDA-IPC weight publish GB/s vs a device copy", 90),
     PartSpec("reward_meta_sam2", "reward masks/s, Meta's sam2, grouped vs naive", 120),
     PartSpec("pytest_gpu", "pytest -m gpu", 180),
+    PartSpec(
+        "vllm_sync", "vLLM engine: dummy start, reload per transport, vs transformers", 240, ("policy",)
+    ),
+    PartSpec("vllm_async", "async vLLM engine: the same on AsyncLLM", 240, ("policy",)),
 )
 
 

