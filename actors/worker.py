@@ -191,7 +191,9 @@ class RolloutWorker:
         """The learner restarted from an older checkpoint (cluster/driver/recovery.py): accept `version` next although
         versions otherwise only increase. Generation refuses until that version is loaded."""
         self.engine.rewind(version)
-        # the restarted learner numbers its weight-sync generations from 1 again: forget what was abandoned
+        # the restarted learner numbers its weight-sync generations from 1 again: forget what was abandoned, after
+        # aborting the dead learner's group (an NCCL receive cut by its death would hold this process's stream)
+        self._sync.abandon_all()
         self._sync, self._receiver = Abandonable(), None
         return version
 

@@ -32,6 +32,7 @@ from cluster.driver import metrics as DM
 from cluster.driver.batches import fill_batch
 from cluster.driver.metrics import overlay_examples, run_summary, step_bar, step_line
 from cluster.driver.recovery import run_with_recovery
+from cluster.driver.start import start_workers
 from cluster.driver.state import (
     Accounting,
     Chunk,
@@ -46,12 +47,11 @@ from cluster.driver.state import (
 )
 from cluster.driver.validation import Validator
 from cluster.driver.weights import WeightPublisher
-from cluster.pools.actor_pool import DEATH, WorkFailed, lost_object
-from cluster.pools.capacity import capacity_of
+from cluster.pools.actor_pool import DEATH, ActorPool, WorkFailed, lost_object
 from cluster.pools.elastic import Elastic
 from cluster.pools.learner_group import LearnerCall, LearnerGroup
 from cluster.pools.placement import Placement
-from cluster.pools.topology import Workers, make_reward_pool, make_rollout_pool
+from cluster.pools.topology import Workers
 from cluster.tracking import open_trackers
 from protos import GroupHeader, GroupScores, StepStats
 
@@ -77,15 +77,11 @@ class TrainDriver:
         classes = workers()
         self.learner_cls = classes.learner  # start_learner() starts the group again after a death
         self.last_checkpoint: str | None = None
-        self.learner = LearnerGroup.start(cfg, classes.learner)
-        self.weights = WeightPublisher(cfg, self.learner)
-        room = lambda pool: lambda: capacity_of(cfg, pool)  # noqa: E731  (dead actor: restart, or drop if no room)
-        # a new or restarted rollout worker loads the current weights; one with stale weights is resynced
-        start, repair = self.weights.on_start, self._repair
-        self.rollout = make_rollout_pool(
-            cfg, classes.rollout, on_start=start, on_error=repair, capacity=room("rollout")
-        )
-        self.reward = make_reward_pool(cfg, classes.reward, capacity=room("reward"))
+        self.learner: LearnerGroup
+        self.weights: WeightPublisher
+        self.rollout: ActorPool
+        self.reward: ActorPool
+        start_workers(self, cfg, classes, on_error=self._repair)  # rollout first where vLLM shares a GPU
         self.placement = Placement(lambda: self.learner.handles(), (self.rollout, self.reward))
         self.elastic = Elastic(cfg, {"rollout": self.rollout, "reward": self.reward})
         best = lambda *a: self.learner.mark_best(*a)  # noqa: E731  (keep_best; the learner may be restarted)

@@ -29,11 +29,14 @@ logger = logging.getLogger(__name__)
 
 
 class WeightPublisher:
-    def __init__(self, cfg: TrainConfig, learner: LearnerGroup):
+    def __init__(self, cfg: TrainConfig, learner: LearnerGroup | None = None):
+        """learner None: bound later by rebind() (the driver starts the rollout pool before the learner where they
+        share a GPU: cluster/driver/start.py); until then only on_start at version 0 is served."""
         self.cfg = cfg
         self.version = 0
         self.aborts = 0  # generations abandoned because a member died (or a call of the group failed)
-        self.rebind(learner)
+        if learner is not None:
+            self.rebind(learner)
 
     def rebind(self, learner: LearnerGroup) -> None:
         """Publish from `learner` (a LearnerGroup) from now on: at the start, and after a learner restart."""

@@ -149,6 +149,14 @@ class ActorPool:
         weights (a weight-sync group formed with such an actor would wait for it)."""
         return {n: m.handle for n, m in self._members.items() if not m.draining and _started(m)}
 
+    def wait_started(self, timeout: float | None = None) -> bool:
+        """Block until every actor's start (placement, __init__, on_start) has finished or failed (a failure is
+        the pool's to handle, as always: the actor is restarted when its work is dispatched). False when some
+        were still starting after `timeout` seconds."""
+        refs = [m.ready_ref for m in self._members.values() if not m.draining]
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        return not pending
+
     def submit(self, key: Hashable, call: Call) -> None:
         self._queue.append(_Item(key, call))
         self.stats.submitted += 1

@@ -92,6 +92,12 @@ class LearnerGroup:
     def nodes(self) -> list[str]:
         return list(self._ranks.nodes)
 
+    def wait_started(self, timeout: float | None = None) -> bool:
+        """Block until every rank is constructed (or failed to be); False when some were not after `timeout` s."""
+        refs = [h.__ray_ready__.remote() for h in self._ranks.handles]
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        return not pending
+
     # -- training (non-blocking) ------------------------------------------------------------------------------
     def step(self, batch: TrainBatch, refs: Sequence[Any]) -> LearnerCall:
         """Learner.step_by_ref on every rank: the batch is put in the object store once for all ranks, and

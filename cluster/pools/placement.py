@@ -7,6 +7,7 @@
 - `check_pool_resources` (cluster/launch.py, before the driver starts): in disaggregated mode every pool's custom
   resource must be advertised by some node, else the job fails at once naming the resource and the KubeRay worker
   group that should advertise it, instead of an actor pending forever.
+- `start_phases` (the driver's start, cluster/driver/start.py): which pools start together, in which order.
 """
 
 from __future__ import annotations
@@ -58,6 +59,27 @@ def check_pool_resources(cfg: TrainConfig) -> None:
             "'{\"segr1_rollout\": 1}'`; a group scaled to 0 replicas advertises nothing), or run with "
             "placement.mode=colocated"
         )
+
+
+def shares_gpu(cfg: TrainConfig) -> bool:
+    """Whether vLLM rollout engines may share a GPU with the learner or the reward workers: colocated placement
+    with fractional GPU requests, which Ray packs onto one device (a whole-GPU request gets a device of its own;
+    disaggregated pools run on different nodes)."""
+    if cfg.placement.mode != "colocated" or cfg.rollout.engine != "vllm":
+        return False
+    fractional = lambda section: 0 < section.resources.num_gpus < 1  # noqa: E731
+    return fractional(cfg.rollout) and (fractional(cfg.learner) or fractional(cfg.reward))
+
+
+def start_phases(cfg: TrainConfig) -> tuple[tuple[str, ...], ...]:
+    """The pools (learner, rollout, reward) started together, phase by phase: every actor of a phase has
+    finished starting (constructed, its on_start done) before the next phase is created. Where vLLM shares a
+    GPU, the rollout engines start alone first: vLLM measures the device's free memory while it profiles
+    (vllm/v1/worker/gpu_worker.py determine_available_memory), so a learner or SAM2 loading meanwhile would
+    shrink its KV cache, possibly to nothing, or trip its profiling assertion. Elsewhere all three start at once."""
+    if shares_gpu(cfg):
+        return (("rollout",), ("learner", "reward"))
+    return (("learner", "rollout", "reward"),)
 
 
 def _where(_instance: Any) -> dict:

@@ -11,13 +11,20 @@ Group membership changes at a version boundary: the learner's `SenderGroup.prepa
 rendezvous (TCPStore on a free port, generation g+1) and returns a `GroupInfo`; every member (old and new) joins it
 with `join_group(info, rank)` while the learner calls `SenderGroup.connect()`, and the old group is dropped.
 Groups are not the default process group, so they coexist with the learner's FSDP group.
+
+A generation given up because a member is gone (runtime/weights/abandon.py) is aborted where the backend can
+(`abort_group`): NCCL yes, gloo no (see ABORTABLE_BACKENDS).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
-from collections.abc import Mapping, Sequence
+import logging
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -26,6 +33,8 @@ import torch
 import torch.distributed as dist
 
 from runtime.weights.layout import WeightSyncError
+
+logger = logging.getLogger(__name__)
 
 
 class WireOp(StrEnum):
@@ -72,16 +81,70 @@ def open_store(host: str, port: int, world_size: int, is_master: bool, timeout_s
 
 
 def make_group(store: dist.Store, info: GroupInfo, rank: int):
-    """A stand-alone process group (not the default group) for one generation; blocks until all ranks joined."""
+    """A stand-alone process group (not the default group) for one generation; blocks until all ranks joined
+    (gloo; NCCL connects at its first collective). Handed to the `formed_groups` sink of this thread, if any."""
     prefixed = dist.PrefixStore(f"segr1-weights-{info.generation}", store)
     timeout = datetime.timedelta(seconds=info.timeout_s)
     if info.backend == "gloo":
-        return dist.ProcessGroupGloo(prefixed, rank, info.world_size, timeout)
-    if info.backend == "nccl":
+        pg = dist.ProcessGroupGloo(prefixed, rank, info.world_size, timeout)
+    elif info.backend == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
-        return dist.ProcessGroupNCCL(prefixed, rank, info.world_size, opts)
-    raise WeightSyncError(f"weight_sync backend {info.backend!r} is not a process-group backend (gloo, nccl)")
+        pg = dist.ProcessGroupNCCL(prefixed, rank, info.world_size, opts)
+    else:
+        raise WeightSyncError(
+            f"weight_sync backend {info.backend!r} is not a process-group backend (gloo, nccl)"
+        )
+    sink = getattr(_forming, "sink", None)
+    if sink is not None:
+        sink(pg)
+    return pg
+
+
+# Backends whose abort() ends an operation in flight, as of torch 2.13 (torch/csrc/distributed/c10d/*.hpp):
+# - ProcessGroupNCCL overrides Backend::abort(): ncclCommAbort on its communicators. A kernel waiting for a lost
+#   peer exits, so the CUDA streams made to wait on it (`work.wait()` blocks a stream, not the CPU) run again, and
+#   its watchdog stops instead of tearing the process down after timeout_s (TORCH_NCCL_ASYNC_ERROR_HANDLING).
+# - ProcessGroupGloo inherits Backend::abort(), which does nothing (only its point-to-point send/recv works can be
+#   aborted; the wire uses collectives): a blocked gloo call runs to its timeout in the thread it was left in. On
+#   the CPU it holds that thread and the group's buffers, no device stream.
+ABORTABLE_BACKENDS = frozenset({"nccl"})
+
+_forming = threading.local()  # .sink: called with every group this thread makes (formed_groups)
+_aborted: weakref.WeakSet = weakref.WeakSet()  # groups abort_group() aborted (aborting twice does nothing)
+
+
+@contextlib.contextmanager
+def formed_groups(sink: Callable[[Any], None]) -> Iterator[None]:
+    """Within the block, every group this thread makes (make_group) is also handed to `sink(pg)`: how
+    runtime/weights/abandon.py learns which communicators a generation's calls created, on either end."""
+    previous = getattr(_forming, "sink", None)
+    _forming.sink = sink
+    try:
+        yield
+    finally:
+        _forming.sink = previous
+
+
+def can_abort(pg) -> bool:
+    return pg is not None and pg.name() in ABORTABLE_BACKENDS
+
+
+def abort_group(pg) -> bool:
+    """End `pg`'s communicator now (one of its members is gone), without talking to the other members. True
+    when it is aborted (every pending and later call on it fails), False when its backend cannot abort (gloo:
+    a call blocked on it ends at the group's timeout)."""
+    if not can_abort(pg):
+        return False
+    if pg in _aborted:
+        return True
+    try:
+        pg.abort()
+    except Exception as err:  # an abort that fails leaves the group to its timeout, as gloo's
+        logger.warning("aborting the weight-sync group (%s) failed: %s", pg.name(), err)
+        return False
+    _aborted.add(pg)
+    return True
 
 
 def join_group(info: GroupInfo, rank: int) -> tuple[dist.Store, Any]:
@@ -192,14 +255,18 @@ class SenderGroup:
         store, info = pending
         pg = make_group(store, info, 0)
         if self._pending is not pending:  # abandon() (or a newer prepare) happened while this one formed
+            abort_group(pg)
             raise WeightSyncError(f"weight-sync generation {info.generation} was abandoned while forming")
         self._store, self.pg, self.info, self._pending = store, pg, info, None
         return pg
 
-    def abandon(self) -> None:
-        """Drop the generation being formed or used without talking to its members (one of them is gone);
-        a call still blocked on it keeps only its own reference. The generation count goes on."""
-        self.pg, self._store, self._pending = None, None, None
+    def abandon(self) -> bool:
+        """Drop the generation being formed or used without talking to its members (one of them is gone), and
+        abort its communicator where the backend can (abort_group): a call blocked on it then fails at once.
+        Returns whether it was aborted (False for gloo, or before the group exists: a call still blocked on it
+        keeps only its own reference). The generation count goes on."""
+        pg, self.pg, self._store, self._pending = self.pg, None, None, None
+        return abort_group(pg)
 
     def require(self):
         if self.pg is None:
