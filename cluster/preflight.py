@@ -123,14 +123,11 @@ class PreflightDriver(DriverActor):
         }
 
     def _start_stage(self) -> str:
-        """Which part of TrainDriver.__init__ raised: the parts start in this order."""
-        if not hasattr(self, "weights"):  # the learner group, or its first call (its ranks' constructors)
+        """Which part of the start raised (cluster/driver/start.py names the one it was starting)."""
+        part = getattr(self, "starting", "learner")  # unset: the failure came before any part started
+        if part == "learner":  # the learner group, or its first call (its ranks' constructors)
             return "placement" if "found no room" in str(self._start_error) else "learner start"
-        if not hasattr(self, "rollout"):
-            return "engine start"
-        if not hasattr(self, "reward"):
-            return "reward start"
-        return "driver start"
+        return {"rollout": "engine start", "reward": "reward start"}.get(part, "driver start")
 
     def _wait_started(self, timeout_s: float) -> None:
         """Every rollout and reward actor up (placed, its engine or segmenter built), the first failure raised."""

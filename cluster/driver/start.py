@@ -28,7 +28,9 @@ PHASE_TIMEOUT_S = 1800.0
 
 
 def start_workers(driver: Any, cfg: TrainConfig, classes: Workers, on_error: Callable) -> None:
-    """Set driver.weights, .learner, .rollout and .reward. on_error(handle, err): the rollout pool's repair."""
+    """Set driver.weights, .learner, .rollout and .reward. on_error(handle, err): the rollout pool's repair.
+    driver.starting names the part being started ("learner", "rollout", "reward"; None once all are), so a failed
+    start can be attributed (cluster/preflight.py)."""
     driver.weights = WeightPublisher(cfg)  # bound to the learner once it exists
     room = lambda pool: lambda: capacity_of(cfg, pool)  # noqa: E731  (dead actor: restart, or drop if no room)
     starters = {
@@ -46,10 +48,13 @@ def start_workers(driver: Any, cfg: TrainConfig, classes: Workers, on_error: Cal
     phases = start_phases(cfg)
     for i, phase in enumerate(phases):
         for part in phase:
+            driver.starting = part
             setattr(driver, part, starters[part]())
         if i + 1 < len(phases):
             _wait_started(driver, phase, phases[i + 1])
+    driver.starting = "learner"  # binding to the learner asks its backend: a first call to its ranks
     driver.weights.rebind(driver.learner)
+    driver.starting = None
 
 
 def _wait_started(driver: Any, phase: tuple[str, ...], then: tuple[str, ...]) -> None:
