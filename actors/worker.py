@@ -205,12 +205,13 @@ class RolloutWorker:
         return self._sync.run(generation, lambda: receiver.join(info), "joining")
 
     def weight_sync_receive(self) -> int | None:
-        """Receive one complete version from the learner and load it; the version, or None when closed."""
+        """Receive one version from the learner, streaming its buckets into the engine; the version, or None when
+        closed. A transfer that breaks off leaves the engine refusing to generate until a complete one loads."""
         from actors.weight_receiver import receive_and_load
 
         if self._receiver is None or self._receiver.info is None:
             raise RuntimeError(f"{self.name}: call weight_sync_join(info) before weight_sync_receive()")
-        receiver = self._receiver  # calls self.load_weights once, with every tensor
+        receiver = self._receiver  # calls self.load_weights once, with the version's stream of buckets
         return self._sync.run(receiver.info.generation, lambda: receive_and_load(receiver, self), "receiving")
 
     def weight_sync_abort(self, generation: int) -> None:
@@ -219,6 +220,8 @@ class RolloutWorker:
         self._sync.abandon(generation)
         joined = self._receiver.info if self._receiver is not None else None
         if joined is None or joined.generation <= generation:
+            if self._receiver is not None:  # an engine load waiting for the next bucket stops (and unlocks)
+                self._receiver.abort()
             self._receiver = None
 
     # -- health ----------------------------------------------------------------------------------------------------
