@@ -7,9 +7,9 @@ shared memory (same node; probed once per generation), `DistributedWeightSender`
 instead (shm.py). `DistributedWeightReceiver` is every member of the group: whichever way the learner sends them
 (buckets, shared memory, CUDA IPC handles (cuda_ipc.py)), it hands the buckets of version v to the engine one at
 a time as a `WeightStream` (stream.py), staging at most the bucket being loaded and the one arriving; the
-per-parameter benchmark baseline is received whole. Membership changes (a worker joins mid-run) are a new generation: the
-learner calls prepare(members) then connect() while every member calls join(info) again; the learner then
-re-sends the current version so a new member starts from the current weights.
+per-parameter benchmark baseline is received whole. Membership changes (a worker joins mid-run) are a new
+generation: the learner calls prepare(members) then connect() while every member calls join(info) again; the
+learner then re-sends the current version so a new member starts from the current weights.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class DistributedWeightSender:
             )
 
     def send(self, named_tensors: NamedTensors, version: int) -> SendStats:
-        """Broadcast every bucket of `version`; returns once every member acknowledged staging all of them."""
+        """Broadcast every bucket of `version`; returns once every member's engine took all of them (ack)."""
         pg, t0 = self.group.require(), time.perf_counter()
         manifest = plan_manifest(layout_of(named_tensors), version, self.bucket_mb)
         if self.shm_active:
@@ -176,7 +176,7 @@ class DistributedWeightReceiver:
 
     def __init__(self, name: str, device: str | torch.device | None = None):
         self.name = name
-        self.version = -1  # last version fully staged
+        self.version = -1  # last version whose every bucket the engine took
         self.info: GroupInfo | None = None
         self._device = torch.device(device) if device is not None else None
         self._pg = None

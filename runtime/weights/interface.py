@@ -58,7 +58,7 @@ class WeightReceiver(Protocol):
     the sender announces a version and returns (version, WeightStream: iterate it to receive the buckets, taking
     the last one acknowledges the version), or None once the sender closed the stream."""
 
-    version: int  # the last version fully staged, -1 before the first
+    version: int  # the last version whose every bucket was taken, -1 before the first
 
     def join(self, info: GroupInfo | Mapping[str, Any] | None) -> int: ...
 
