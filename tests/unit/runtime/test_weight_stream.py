@@ -23,8 +23,8 @@ def _weights(n: int = 8) -> list[tuple[str, torch.Tensor]]:
     return [(f"layers.{i}.w", torch.randn(16, 16, generator=g)) for i in range(n)]
 
 
-def _pair(timeout_s: float = 60):
-    sender = DistributedWeightSender("gloo", bucket_mb=BUCKET_MB, timeout_s=timeout_s, use_shm=False)
+def _pair(timeout_s: float = 60, use_shm: bool | None = False):
+    sender = DistributedWeightSender("gloo", bucket_mb=BUCKET_MB, timeout_s=timeout_s, use_shm=use_shm)
     receiver = DistributedWeightReceiver("rollout-0")
     info = sender.prepare(["rollout-0"])
     joined = threading.Thread(target=receiver.join, args=(info,), daemon=True)
@@ -64,8 +64,9 @@ def _load(receiver, took: threading.Event | None = None) -> tuple[int, dict, int
     return version, copied, peak
 
 
-def test_the_receiving_side_holds_at_most_two_buckets_and_the_engine_gets_every_tensor():
-    sender, receiver = _pair()
+@pytest.mark.parametrize("use_shm", [None, False], ids=["shared-memory", "tcp"])
+def test_the_receiving_side_holds_at_most_two_buckets_and_the_engine_gets_every_tensor(use_shm):
+    sender, receiver = _pair(use_shm=use_shm)
     weights = _weights()
     bucket = max(plan_manifest(weights, 1, BUCKET_MB).bucket_nbytes)
     try:
@@ -73,7 +74,8 @@ def test_the_receiving_side_holds_at_most_two_buckets_and_the_engine_gets_every_
         stats = sender.send(weights, 1)
         t.join(30)
         version, copied, peak = out["value"]
-        assert version == 1 and stats.buckets == 8 and receiver.version == 1
+        assert version == 1 and receiver.version == 1 and receiver.shared_memory is (use_shm is None)
+        assert stats.nbytes == 8 * 1024
         assert peak <= 2 * bucket and receiver.staging.peak_bytes <= 2 * bucket  # not 8 buckets
         assert all(torch.equal(copied[n], w) for n, w in weights)
     finally:
