@@ -19,8 +19,9 @@ Completions end at <|im_end|> or <|endoftext|>; the stop token is part of `token
 learner also learns to stop) but not of `text`. `finish_reason` is "stop" or "length" (max_tokens reached).
 
 Weight updates are atomic: `load_weights(named_tensors, version)` validates every name and shape before it
-touches the model, so a bad update leaves the engine on its previous version; if copying fails half-way the
-engine refuses to generate (`InconsistentWeightsError`) until a complete update succeeds. Generation and
+touches the model (a `WeightStream` from its manifest, before the first bucket arrives), so a bad update leaves
+the engine on its previous version; if copying fails half-way (or a stream breaks off) the engine refuses to
+generate (`InconsistentWeightsError`) until a complete update succeeds. Generation and
 loading are serialised by a lock, so no completion ever mixes two versions.
 """
 
@@ -216,20 +217,31 @@ def validate_update(
     expected: Mapping[str, tuple[int, ...]],
     optional: Iterable[str] = (),
     where: str = "engine",
-) -> list[tuple[str, torch.Tensor]]:
-    """Materialise an update and check it before anything is copied.
+) -> NamedTensors:
+    """Check an update before anything is copied.
 
     `expected`: name -> shape of every weight the engine holds; `optional`: names that may be left out (tied
     aliases such as lm_head.weight when the embeddings are tied). Names are compared in their canonical
     (checkpoint) spelling, so the learner's in-memory names and a checkpoint's names are both accepted. Every
-    required name must come exactly once, with its shape; unknown names are refused. Returns the list of
-    (name, tensor) with the names as sent."""
+    required name must come exactly once, with its shape; unknown names are refused. A `WeightStream`
+    (runtime/weights/stream.py: the buckets arrive as the engine loads them) is checked from its manifest and
+    returned as it is, unread; anything else is materialised and returned as a list of (name, tensor)."""
+    from runtime.weights.stream import WeightStream
+
+    if isinstance(named_tensors, WeightStream):
+        _check_layout(named_tensors.shapes(), expected, optional, where)
+        return named_tensors
     items = list(named_tensors)
+    _check_layout([(n, tuple(t.shape)) for n, t in items], expected, optional, where)
+    return items
+
+
+def _check_layout(shapes, expected, optional, where: str) -> None:
     expected = {canonical_name(n): tuple(shape) for n, shape in expected.items()}
     optional = {canonical_name(n) for n in optional}
     seen: set[str] = set()
     problems: list[str] = []
-    for sent, tensor in items:
+    for sent, shape in shapes:
         name = canonical_name(sent)
         if name in seen:
             problems.append(f"{name!r} sent twice")
@@ -237,10 +249,8 @@ def validate_update(
         seen.add(name)
         if name not in expected:
             problems.append(f"unknown name {name!r}")
-        elif tuple(tensor.shape) != tuple(expected[name]):
-            problems.append(
-                f"{name!r} has shape {tuple(tensor.shape)}, the model needs {tuple(expected[name])}"
-            )
+        elif tuple(shape) != tuple(expected[name]):
+            problems.append(f"{name!r} has shape {tuple(shape)}, the model needs {tuple(expected[name])}")
     missing = sorted(set(expected) - seen - optional)
     if missing:
         problems.append(f"{len(missing)} weights missing (e.g. {missing[:3]})")
@@ -250,7 +260,6 @@ def validate_update(
             f"{where}: weight update refused, nothing was loaded: {shown}. Send every parameter of the policy "
             "with its Hugging Face name (learner Policy.named_weights()), for the model this worker loaded"
         )
-    return items
 
 
 def check_version(current: int, version: int, where: str = "engine") -> None:

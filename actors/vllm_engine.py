@@ -20,18 +20,15 @@ Both take the same requests as the transformers engine and return the same compl
 - `load_format="dummy"` (`segr1 preflight`): random weights at the config's shapes, no weight file read; the names
   and shapes an update must carry then come from config.json (runtime.qwen_vl.config_weight_shapes).
 
-Weight updates in place, no restart (`load_weights(named_tensors, version)`):
+Weight updates in place, no restart (`load_weights(named_tensors, version)`, a list or a weight receiver's
+`WeightStream` of buckets), in the three steps of vLLM's own reload (actors/vllm_reload.py):
 - engine core in this process and one worker (VLLM_ENABLE_V1_MULTIPROCESSING=0, tensor_parallel_size=1: the
-  CPU setting, and the recommended GPU setting for a TP=1 rollout actor): `llm.collective_rpc("reload_weights",
-  kwargs={"weights_iterator": ...})` runs the worker's `reload_weights` (vllm/v1/worker/gpu_worker.py ->
-  model_runner.reload_weights -> model_loader/reload/inplace.py: layer-wise `model.load_weights` plus the
-  backend's post-processing, e.g. re-packing the CPU linears) on the tensors themselves, zero copy;
-- engine core or workers in other processes (AsyncLLM, TP > 1): the tensors travel as one safetensors blob to a
-  small function run on every worker (`_reload_from_safetensors`), which needs VLLM_ALLOW_INSECURE_SERIALIZATION=1.
-  A GPU cluster with TP > 1 should rather use vLLM's weight-transfer API (docs/rollout.md, not wired here): an
-  engine built with `weight_transfer_config=WeightTransferConfig(backend="nccl")`, then per version
-  `collective_rpc("start_weight_update")`, `("update_weights", {names, dtype_names, shapes})` while the learner's
-  `NCCLTrainerWeightTransferEngine.send_weights()` broadcasts, and `("finish_weight_update")`.
+  CPU setting, and the recommended GPU setting for a TP=1 rollout actor): one `collective_rpc(load_iterator)` on
+  a lazy iterator over the tensors, zero copy: each bucket of a stream is loaded as it arrives;
+- engine core or workers in other processes (AsyncLLM, TP > 1): pieces of at most `piece_bytes` (512 MiB), each
+  packed into one host buffer only while it is sent, one collective_rpc each (needs
+  VLLM_ALLOW_INSECURE_SERIALIZATION=1 for the functions); vLLM's msgpack refuses one bytes object over 4 GiB.
+  A GPU cluster with TP > 1 could rather use vLLM's weight-transfer API (docs/rollout.md, not wired here).
 After every update the prefix cache (KV blocks) and, for Qwen2.5-VL, the encoder cache (image embeddings) are
 reset: both were computed with the old weights, and vLLM 0.32's reload clears the worker's encoder cache but not
 the scheduler's record of it, so an image seen before would otherwise fail with "Encoder cache miss".
@@ -68,9 +65,11 @@ from actors.engine import (
     validate_update,
 )
 from actors.vllm_options import image_args, suppression_bias
+from actors.vllm_reload import WEIGHT_PIECE_BYTES, areload_in_pieces, load_iterator, reload_in_pieces
 from protos import Completion, RolloutRequest
 from protos.answer import PromptSet
 from runtime.qwen_vl import config_weight_shapes, resolve_dtype, resolve_folder, stop_token_ids
+from runtime.weights.stream import WeightStream
 
 CPU_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -120,23 +119,13 @@ def _tied(folder: Path) -> bool:
     return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
 
 
-def _reload_from_safetensors(worker, blob: bytes) -> int:
-    """Runs inside each vLLM worker (collective_rpc): reload the weights of a safetensors blob in place."""
-    from safetensors.torch import load
-
-    tensors = load(blob)
-    worker.reload_weights(weights_iterator=iter(tensors.items()))
-    return len(tensors)
-
-
-def _to_blob(items: list[tuple[str, torch.Tensor]]) -> bytes:
-    from safetensors.torch import save
-
-    return save({name: t.detach().to("cpu").contiguous().clone() for name, t in items})
-
-
 class _VLLMBase:
     """What both vLLM engines share: prompts, sampling params, weight bookkeeping, outputs."""
+
+    piece_bytes = (
+        WEIGHT_PIECE_BYTES  # cap of one piece sent to workers in other processes (actors/vllm_reload.py)
+    )
+    last_load_pieces = 0  # pieces the last update took (0: one lazy iterator in this process)
 
     def _setup(
         self, model_path, answer_format: str, image_size: int, prompts: PromptSet | None, load_format: str
@@ -328,9 +317,10 @@ class VLLMEngine(_VLLMBase):
             items = validate_update(named_tensors, self._expected, self._optional, where)
             self._consistent = False
             if self._in_process():
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items)})
+                self.llm.collective_rpc(load_iterator, args=(iter(items),))
+                self.last_load_pieces = 0
             else:
-                self.llm.collective_rpc(_reload_from_safetensors, args=(_to_blob(items),))
+                self.last_load_pieces = reload_in_pieces(self.llm.collective_rpc, items, self.piece_bytes)
             self.llm.reset_prefix_cache()
             if self.is_vision_language:
                 self.llm.llm_engine.reset_encoder_cache()
@@ -452,12 +442,13 @@ class AsyncVLLMEngine(_VLLMBase):
     async def aload_weights(self, named_tensors: NamedTensors, version: int) -> None:
         where = f"AsyncVLLMEngine({self.model_path})"
         items = validate_update(named_tensors, self._expected, self._optional, where)
-        blob = await asyncio.to_thread(_to_blob, items)
         await self._gate.acquire_write()
         try:
             check_version(self._version, version, where)
             self._consistent = False
-            await self.engine.collective_rpc(_reload_from_safetensors, args=(blob,))
+            self.last_load_pieces = await areload_in_pieces(
+                self.engine.collective_rpc, items, self.piece_bytes
+            )
             await self.engine.reset_prefix_cache()
             if self.is_vision_language:
                 await self.engine.reset_encoder_cache()
@@ -476,7 +467,9 @@ class AsyncVLLMEngine(_VLLMBase):
         return self._run(self.agenerate_batch(requests, images))
 
     def load_weights(self, named_tensors: NamedTensors, version: int) -> None:
-        self._run(self.aload_weights(list(named_tensors), version))
+        if not isinstance(named_tensors, WeightStream):  # a stream is read on the way, bucket by bucket
+            named_tensors = list(named_tensors)
+        self._run(self.aload_weights(named_tensors, version))
 
     def close(self) -> None:
         if getattr(self, "engine", None) is not None:

@@ -190,6 +190,10 @@ class RolloutWorker:
     def rewind(self, version: int) -> int:
         """The learner restarted from an older checkpoint (cluster/driver/recovery.py): accept `version` next although
         versions otherwise only increase. Generation refuses until that version is loaded."""
+        if (
+            self._receiver is not None
+        ):  # a load still waiting for the old learner's next bucket stops (and unlocks)
+            self._receiver.abort()
         self.engine.rewind(version)
         # the restarted learner numbers its weight-sync generations from 1 again: forget what was abandoned, after
         # aborting the dead learner's group (an NCCL receive cut by its death would hold this process's stream)
@@ -209,12 +213,13 @@ class RolloutWorker:
         return self._sync.run(generation, lambda: receiver.join(info), "joining")
 
     def weight_sync_receive(self) -> int | None:
-        """Receive one complete version from the learner and load it; the version, or None when closed."""
+        """Receive one version from the learner, streaming its buckets into the engine; the version, or None when
+        closed. A transfer that breaks off leaves the engine refusing to generate until a complete one loads."""
         from actors.weight_receiver import receive_and_load
 
         if self._receiver is None or self._receiver.info is None:
             raise RuntimeError(f"{self.name}: call weight_sync_join(info) before weight_sync_receive()")
-        receiver = self._receiver  # calls self.load_weights once, with every tensor
+        receiver = self._receiver  # calls self.load_weights once, with the version's stream of buckets
         return self._sync.run(receiver.info.generation, lambda: receive_and_load(receiver, self), "receiving")
 
     def weight_sync_abort(self, generation: int) -> None:
@@ -223,6 +228,8 @@ class RolloutWorker:
         self._sync.abandon(generation)
         joined = self._receiver.info if self._receiver is not None else None
         if joined is None or joined.generation <= generation:
+            if self._receiver is not None:  # an engine load waiting for the next bucket stops (and unlocks)
+                self._receiver.abort()
             self._receiver = None
 
     # -- health ----------------------------------------------------------------------------------------------------

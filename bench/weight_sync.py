@@ -76,7 +76,7 @@ def _receiver(name: str, device: str | None, info_q, out_q) -> None:
     r.join(info_q.get())
     last = None
     while (got := r.receive()) is not None:
-        last = got
+        last = got = (got[0], list(got[1]))  # taking every bucket acknowledges the version
         out_q.put(("version", got[0], r.last_receive_s))
     out_q.put(("digest", last[0], digest(last[1])))
 

@@ -116,6 +116,7 @@ def receive_versions(device: str, versions: int, info_q, out_q) -> None:
         receiver.join(info_q.get(timeout=QUEUE_TIMEOUT_S))
         for _ in range(versions):
             version, named = receiver.receive()
+            named = list(named)  # taking every bucket acknowledges the version
         out_q.put(
             {"version": version, "digest": digest(named), "receive_s": round(receiver.last_receive_s, 4)}
         )

@@ -3,7 +3,8 @@
 Backends (weight_sync.backend; `auto` is resolved by the learner: nccl on GPU, gloo on CPU, cuda-ipc when
 colocated on one GPU):
 - a process group (gloo / nccl / cuda-ipc): the learner's rank 0 and every rollout worker. Parameters go in flat
-  buckets (runtime/weights/); a worker switches version only when every bucket arrived. The group is
+  buckets (runtime/weights/), streamed into each engine one bucket at a time; an engine refuses to generate until
+  it took every bucket of the version (a transfer cut half-way: until the next one re-sends it whole). The group is
   formed again (a new generation) whenever the pool's membership changes: a worker added, removed or restarted.
 - a member that dies (a node lost) costs seconds, not weight_sync.timeout_s: Ray fails its pending call at once,
   the driver then abandons the generation on the learner and on every live member (runtime/weights/abandon.py),

@@ -55,6 +55,7 @@ class Term:
     name: str
     bytes: int
     formula: str
+    outside_claim: bool = False  # held beside what vLLM claims (gpu_memory_utilization x GPU), added to it
 
 
 @dataclass
@@ -72,10 +73,12 @@ class PoolPlan:
 
     @property
     def total(self) -> int:
-        return self.claimed if self.claimed is not None else sum(t.bytes for t in self.terms)
+        if self.claimed is None:
+            return sum(t.bytes for t in self.terms)
+        return self.claimed + sum(t.bytes for t in self.terms if t.outside_claim)
 
-    def add(self, name: str, nbytes: float, formula: str) -> None:
-        self.terms.append(Term(name, int(nbytes), formula))
+    def add(self, name: str, nbytes: float, formula: str, outside_claim: bool = False) -> None:
+        self.terms.append(Term(name, int(nbytes), formula, outside_claim))
 
 
 @dataclass(frozen=True)
@@ -345,3 +348,72 @@ def object_store_plan(cfg, s: PolicyShapes, seq: Sequence) -> list[PoolPlan]:
 def node_object_store(pools: list[PoolPlan], names: list[str]) -> int:
     """The object store one node needs when it runs the actors of `names` (colocated: every pool on one node)."""
     return sum(p.total for p in pools if p.pool in names)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weight sync: what each transport stages on both ends (runtime/weights/, actors/vllm_reload.py)
+
+MIB = 1 << 20
+WEIGHT_PIECE_BYTES = 512 * MIB  # actors/vllm_reload.py: one piece sent to a vLLM worker in another process
+
+
+def sync_bucket(cfg, s: PolicyShapes) -> tuple[int, str]:
+    """(bytes, formula) of the largest bucket: weight_sync.bucket_mb, or the largest tensor (the embeddings,
+    V x h x dtype) when that is larger (a tensor over a bucket travels alone)."""
+    dtype = DTYPE_BYTES[cfg.rollout_dtype()]
+    embed = s.vocab * s.hidden * dtype
+    bucket = cfg.weight_sync.bucket_mb * MIB
+    if embed > bucket:
+        return (
+            embed,
+            f"embeddings {s.vocab} x {s.hidden} x {dtype} B (over bucket_mb {cfg.weight_sync.bucket_mb})",
+        )
+    return bucket, f"bucket_mb {cfg.weight_sync.bucket_mb} MiB"
+
+
+def multiprocess_engine(cfg) -> bool:
+    """vLLM whose workers run in other processes (AsyncLLM in async mode, or TP > 1): weights go in pieces."""
+    r = cfg.rollout
+    return r.engine == "vllm" and (cfg.grpo.mode == "async" or r.tensor_parallel_size > 1)
+
+
+def add_weight_sync_terms(cfg, s: PolicyShapes, learner: PoolPlan, rollout: PoolPlan) -> None:
+    """The GPU side: the learner's packing slots (nccl, cuda-ipc: bucket i+1 packed while i travels), the
+    rollout's receive buffers (the bucket its engine loads + the next arriving) and vLLM's layer-wise reload (one
+    layer materialised at a time, the largest being the embeddings), both beside vLLM's claimed budget."""
+    backend = cfg.weight_transport().backend
+    bucket, what = sync_bucket(cfg, s)
+    if backend in ("nccl", "cuda-ipc") and learner.on_gpu:
+        learner.add("sync packing", 2 * bucket, f"2 x bucket ({what}), {backend}")
+    if not rollout.on_gpu:
+        return
+    if backend in ("nccl", "cuda-ipc"):
+        formula = f"2 x bucket ({what}): the one loading + the next arriving, {backend}"
+        rollout.add("sync receive", 2 * bucket, formula, outside_claim=True)
+    if cfg.rollout.engine == "vllm":
+        dtype = DTYPE_BYTES[cfg.rollout_dtype()]
+        tp = cfg.rollout.tensor_parallel_size
+        formula = f"largest layer, V {s.vocab} x h {s.hidden} x {dtype} B / TP {tp}: vLLM's layer-wise reload"
+        rollout.add("reload layer", s.vocab * s.hidden * dtype / tp, formula, outside_claim=True)
+
+
+def weight_sync_host_plan(cfg, s: PolicyShapes) -> list[PoolPlan]:
+    """Host memory of ONE process per pool for weight sync: gloo's buckets (packed on the learner's host,
+    received on the rollout's), the object store's version (learner rank 0 exports it; a new or restarted rollout
+    worker, and any worker when a broadcast fails, deserialises it whole), and the pieces a multi-process vLLM
+    engine sends (one packed by the actor, one received by the engine core)."""
+    backend = cfg.weight_transport().backend
+    params, dtype = param_counts(s)["total"], DTYPE_BYTES[cfg.rollout_dtype()]
+    bucket, what = sync_bucket(cfg, s)
+    version = f"{params:,} x {dtype} B"
+    learner = PoolPlan("learner", 1, cfg.learner.resources.num_gpus, False)
+    rollout = PoolPlan("rollout", 1, cfg.rollout.resources.num_gpus, False)
+    if backend == "gloo":
+        learner.add("sync packing", 2 * bucket, f"2 x bucket ({what}), gloo")
+        rollout.add("sync receive", 2 * bucket, f"2 x bucket ({what}), gloo")
+    learner.add("export", params * dtype, version + ": export_weights() for the object store (rank 0)")
+    rollout.add("catch-up copy", params * dtype, version + ": the object store's version, deserialised")
+    if multiprocess_engine(cfg):
+        piece = max(WEIGHT_PIECE_BYTES, s.vocab * s.hidden * dtype)
+        rollout.add("pieces", 2 * piece, f"2 x {piece / MIB:.0f} MiB: one packed, one in the engine core")
+    return [learner, rollout]

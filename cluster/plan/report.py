@@ -11,11 +11,13 @@ from cluster.plan.memory import (
     VLLM_DEFAULT_MAX_MODEL_LEN,
     PoolPlan,
     Sequence,
+    add_weight_sync_terms,
     estimate_sequence,
     learner_plan,
     object_store_plan,
     reward_plan,
     rollout_plan,
+    weight_sync_host_plan,
 )
 from cluster.plan.model_shapes import load_policy_shapes, sam2_shapes
 
@@ -38,6 +40,7 @@ class MemoryPlan:
     failures: list[str] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
     object_store: list[PoolPlan] = field(default_factory=list)  # Ray's object store per node of each pool
+    sync_host: list[PoolPlan] = field(default_factory=list)  # weight sync's host memory per process
 
     @property
     def on_gpu(self) -> bool:
@@ -54,6 +57,7 @@ def _pools(cfg, gpu_bytes: int, shapes) -> tuple[list[PoolPlan], Sequence]:
     if cfg.reward.segmenter != "grabcut":
         sam = sam2_shapes(cfg.reward.segmenter_path, cfg.reward.sam2_config)[0]
     pools = [learner_plan(cfg, shapes, seq), rollout_plan(cfg, shapes, seq, gpu_bytes), reward_plan(cfg, sam)]
+    add_weight_sync_terms(cfg, shapes, pools[0], pools[1])
     return pools, seq
 
 
@@ -91,6 +95,7 @@ def build_plan(cfg, gpu_gb: float = 80.0, model_shapes: str | None = None) -> Me
         sources.append(f"segmenter: {sam2_shapes(cfg.reward.segmenter_path, cfg.reward.sam2_config)[1]}")
     plan = MemoryPlan(gpu_bytes, pools, _gpus(pools), seq, sources)
     plan.object_store = object_store_plan(cfg, shapes, seq)
+    plan.sync_host = weight_sync_host_plan(cfg, shapes)
     _check(cfg, plan, model_shapes)
     return plan
 
@@ -198,8 +203,12 @@ def format_plan(cfg, plan: MemoryPlan) -> str:
         if p.pool == "learner":
             unit = f"per rank, {cfg.learner.ranks} rank(s)" + (" on GPU" if p.on_gpu else " on CPU")
         lines.append(f"{p.pool} ({unit}):")
-        lines += [f"  {t.name:20s} {_gb(t.bytes)}  {t.formula}" for t in p.terms]
-        claimed = " (vLLM claims gpu_memory_utilization x GPU)" if p.claimed is not None else ""
+        lines += [f"  {t.name:20s} {_gb(t.bytes)}  {t.formula}{_beside(p, t)}" for t in p.terms]
+        claimed = ""
+        if p.claimed is not None:
+            claimed = " (vLLM claims gpu_memory_utilization x GPU" + (
+                " + the terms beside it)" if p.total > p.claimed else ")"
+            )
         lines.append(f"  {'total':20s} {_gb(p.total)}{claimed}")
         lines += [f"  {n}" for n in p.notes]
     if plan.on_gpu:
@@ -208,6 +217,7 @@ def format_plan(cfg, plan: MemoryPlan) -> str:
             ok = "ok" if g.bytes <= plan.gpu_bytes else "DOES NOT FIT"
             lines.append(f"  {' + '.join(g.members)}: {_gb(g.bytes)} of {plan.gpu_bytes / GB:.0f} GB  {ok}")
     lines += _object_store_lines(plan)
+    lines += _sync_host_lines(plan)
     lines += [f"cannot fit: {f}" for f in plan.failures]
     lines += [f"  change: {a}" for a in plan.advice]
     return "\n".join(lines) + "\n"
@@ -217,6 +227,20 @@ def _object_store_lines(plan: MemoryPlan) -> list[str]:
     """Ray's object store one node of each pool needs: a pod's /dev/shm must hold it (docs/kubernetes.md)."""
     lines = ["Ray object store per node (host shared memory, /dev/shm; docs/kubernetes.md):"]
     for p in plan.object_store:
+        lines.append(f"  {p.pool}:")
+        lines += [f"    {t.name:18s} {_gb(t.bytes)}  {t.formula}" for t in p.terms]
+        lines.append(f"    {'total':18s} {_gb(p.total)}")
+    return lines
+
+
+def _beside(pool: PoolPlan, term) -> str:
+    return " [beside vLLM's claim]" if pool.claimed is not None and term.outside_claim else ""
+
+
+def _sync_host_lines(plan: MemoryPlan) -> list[str]:
+    """Weight sync's host memory of one process per pool (RAM, not /dev/shm)."""
+    lines = ["Weight sync, host memory per process (RAM):"]
+    for p in plan.sync_host:
         lines.append(f"  {p.pool}:")
         lines += [f"    {t.name:18s} {_gb(t.bytes)}  {t.formula}" for t in p.terms]
         lines.append(f"    {'total':18s} {_gb(p.total)}")
@@ -235,6 +259,7 @@ def plan_json(plan: MemoryPlan) -> dict:
         "failures": plan.failures,
         "advice": plan.advice,
         "object_store": [{**asdict(p), "total": p.total} for p in plan.object_store],
+        "weight_sync_host": [{**asdict(p), "total": p.total} for p in plan.sync_host],
     }
 
 

@@ -4,15 +4,17 @@
 One version travels as header (`WireOp.WEIGHTS` + manifest) -> every bucket (one broadcast each, the learner
 packing bucket i+1 while bucket i is on the wire) -> ack (wire.py). On CPU, when every member maps the learner's
 shared memory (same node; probed once per generation), `DistributedWeightSender` moves the bytes through /dev/shm
-instead (shm.py). `DistributedWeightReceiver` is every member of the group: it stages EVERY bucket of version v,
-whichever way the learner sends them (buckets, shared memory, CUDA IPC handles (cuda_ipc.py), the per-parameter
-baseline), and only then returns them. Membership changes (a worker joins mid-run) are a new generation: the
-learner calls prepare(members) then connect() while every member calls join(info) again; the learner then
-re-sends the current version so a new member starts from the current weights.
+instead (shm.py). `DistributedWeightReceiver` is every member of the group: whichever way the learner sends them
+(buckets, shared memory, CUDA IPC handles (cuda_ipc.py)), it hands the buckets of version v to the engine one at
+a time as a `WeightStream` (stream.py), staging at most the bucket being loaded and the one arriving; the
+per-parameter benchmark baseline is received whole. Membership changes (a worker joins mid-run) are a new
+generation: the learner calls prepare(members) then connect() while every member calls join(info) again; the
+learner then re-sends the current version so a new member starts from the current weights.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,13 +22,11 @@ from typing import Any
 import torch
 
 from protos import WeightsManifest
-from runtime.weights.cuda_ipc import copy_from_ipc
+from runtime.weights.cuda_ipc import ipc_buffers
 from runtime.weights.interface import SendStats
 from runtime.weights.layout import (
     NamedTensors,
-    Staging,
     WeightSyncError,
-    bucket_views,
     dtype_from_name,
     dtype_name,
     layout_of,
@@ -41,6 +41,7 @@ from runtime.weights.shm import (
     probe_shared_memory,
     send_shm,
 )
+from runtime.weights.stream import Staging, WeightStream, wait_work
 from runtime.weights.wire import (
     GroupInfo,
     SenderGroup,
@@ -104,7 +105,7 @@ class DistributedWeightSender:
             )
 
     def send(self, named_tensors: NamedTensors, version: int) -> SendStats:
-        """Broadcast every bucket of `version`; returns once every member acknowledged staging all of them."""
+        """Broadcast every bucket of `version`; returns once every member's engine took all of them (ack)."""
         pg, t0 = self.group.require(), time.perf_counter()
         manifest = plan_manifest(layout_of(named_tensors), version, self.bucket_mb)
         if self.shm_active:
@@ -170,17 +171,18 @@ class DistributedWeightSender:
 class DistributedWeightReceiver:
     """`WeightReceiver`: a member (rank >= 1) of the learner's weight-sync group.
 
-    The tensors receive() returns are views into staging buffers this receiver owns, valid until the next
-    receive(): the engine's load_weights copies them."""
+    receive() returns a `WeightStream` whose tensors are views into one bucket's staging buffer at a time: the
+    engine's load_weights copies them, and the buffer is freed once it dropped them."""
 
     def __init__(self, name: str, device: str | torch.device | None = None):
         self.name = name
-        self.version = -1  # last version fully staged
+        self.version = -1  # last version whose every bucket the engine took
         self.info: GroupInfo | None = None
         self._device = torch.device(device) if device is not None else None
         self._pg = None
         self._store = None
-        self._staging = Staging()
+        self.staging = Staging()  # fresh buffers per bucket; peak_bytes: at most two buckets at once
+        self._abort = threading.Event()
         self._mapped = MappedSegments()  # the learner's /dev/shm segments, mapped (same node)
         self.shared_memory = False  # whether this generation moves the bytes through shared memory
         self.last_receive_s = 0.0
@@ -196,6 +198,7 @@ class DistributedWeightReceiver:
                 f"(members: {sorted(info.ranks)}); the learner must prepare() the group with this worker's name"
             )
         self._pg = None  # drop the previous generation first
+        self._abort.clear()
         rank = info.ranks[self.name]
         self._store, self._pg = join_group(info, rank)
         self.info = info
@@ -208,45 +211,66 @@ class DistributedWeightReceiver:
             return self._device
         return group_device(self.info.backend if self.info else "gloo")
 
-    def receive(self) -> tuple[int, list[tuple[str, torch.Tensor]]] | None:
-        """Block until one complete version arrived; None when the learner closed the stream."""
+    def receive(self) -> tuple[int, WeightStream | list[tuple[str, torch.Tensor]]] | None:
+        """Block until the learner announces a version; None when it closed the stream. Returns the version and
+        its `WeightStream`: iterating it receives the buckets one at a time (the engine loads bucket i while
+        bucket i+1 arrives), and taking the last one acknowledges the version to the learner."""
         if self._pg is None:
             raise WeightSyncError(
                 f"weight receiver {self.name!r} has not joined a group: call join(info) first"
             )
-        t0 = time.perf_counter()
+        t0, pg = time.perf_counter(), self._pg
         wire = group_device(self.info.backend)
-        op, header = recv_op(self._pg, wire)
+        op, header = recv_op(pg, wire)
         if op is WireOp.CLOSE:
             self._pg = None
             self._mapped.close()
             return None
-        version, named = self._receive_payload(op, header, wire)
-        all_min(self._pg, torch.device("cpu") if op is WireOp.WEIGHTS_IPC else wire, version)
-        self.version = version
-        self.last_receive_s = time.perf_counter() - t0
-        return version, named
-
-    def _receive_payload(
-        self, op: WireOp, header: dict, wire: torch.device
-    ) -> tuple[int, list[tuple[str, torch.Tensor]]]:
-        """What follows the header of `op`: (version, named views into the staging buffers)."""
         if op is WireOp.PER_PARAM:
-            return int(header["version"]), self._receive_per_param(int(header["count"]), wire)
+            version = int(header["version"])
+            named = self._receive_per_param(int(header["count"]), wire)
+            self._acknowledge(pg, version, True, wire, t0)
+            return version, named
         manifest = WeightsManifest.model_validate(header["manifest"])
+        ack_on = torch.device("cpu") if op is WireOp.WEIGHTS_IPC else wire
+        finish = lambda ok: self._acknowledge(pg, manifest.version, ok, ack_on, t0)  # noqa: E731
+        return manifest.version, WeightStream(manifest, self._buffers(pg, op, header, manifest, wire), finish)
+
+    def abort(self) -> None:
+        """The generation was abandoned (a member left): a wait for a bucket raises WeightSyncAborted at once, so
+        an engine load blocked on it ends (and releases the rollout lock)."""
+        self._abort.set()
+
+    def _acknowledge(self, pg, version: int, ok: bool, device: torch.device, t0: float) -> None:
+        all_min(pg, device, version if ok else -1)
+        if ok:
+            self.version = version
+        self.last_receive_s = time.perf_counter() - t0
+
+    def _buffers(self, pg, op: WireOp, header: dict, manifest: WeightsManifest, wire: torch.device):
+        """The buckets of `op`, one flat buffer at a time (staging holds the one handed out and the next)."""
         if op is WireOp.WEIGHTS:
-            buffers = self._staging.for_manifest(manifest, wire)
-            works = [broadcast(self._pg, buf) for buf in buffers]  # all buckets posted at once
-            for w in works:
-                w.wait()
-            return manifest.version, bucket_views(manifest, buffers)
+            return self._broadcast_buffers(pg, manifest, wire)
         if op is WireOp.WEIGHTS_SHM:
-            return manifest.version, self._mapped.copy_into(
-                self._pg, manifest, header["segments"], self._staging
-            )
+            return self._mapped.buffers(pg, manifest, header["segments"], self.staging, self._abort)
         if op is WireOp.WEIGHTS_IPC:
-            return manifest.version, copy_from_ipc(manifest, header["handles"], self._staging)
+            return ipc_buffers(pg, manifest, self.staging, self._abort)
         raise WeightSyncError(f"weight-sync op {op.value!r} cannot start a version (protocol mismatch?)")
+
+    def _broadcast_buffers(self, pg, manifest: WeightsManifest, wire: torch.device):
+        """One broadcast per bucket; bucket i+1 is posted as soon as bucket i arrived, so it travels while the
+        engine loads bucket i."""
+        sizes = manifest.bucket_nbytes
+        post = lambda i: (buf := self.staging.new(sizes[i], wire), broadcast(pg, buf))  # noqa: E731
+        nxt = post(0) if sizes else None
+        for i in range(len(sizes)):
+            buf, work = nxt
+            nxt = None
+            wait_work(work, self._abort, f"receiving bucket {i}")
+            if i + 1 < len(sizes):
+                nxt = post(i + 1)
+            yield buf
+            del buf
 
     def _receive_per_param(self, count: int, wire: torch.device) -> list[tuple[str, torch.Tensor]]:
         """Benchmark baseline only: one header and one broadcast per parameter, each tensor freshly allocated."""

@@ -1,9 +1,11 @@
 """CUDA-IPC weight transport: learner and rollout workers on ONE GPU.
 
-The buckets stay on the GPU; the learner sends CUDA IPC handles of them (JSON, no pickle) over a gloo weight-sync
-group (header op `WireOp.WEIGHTS_IPC`); every member maps them, copies into its own staging buffers
-(`copy_from_ipc`, driven by collective.DistributedWeightReceiver) and acks, and only then may the learner free
-the buckets. No bytes cross the host.
+The buckets stay on the GPU; the learner packs them one at a time into two reused slots and sends the CUDA IPC
+handle of each (JSON, no pickle) over a gloo weight-sync group (header op `WireOp.WEIGHTS_IPC`, then one header
+per bucket); every member maps it, copies it into a staging buffer of its own (`ipc_buffers`, driven by
+collective.DistributedWeightReceiver when its engine asks for the bucket) and acks the bucket, and only then is
+the slot packed again. The learner holds two buckets, a member one (plus the one its engine is loading). No
+bytes cross the host.
 """
 
 from __future__ import annotations
@@ -18,15 +20,22 @@ from protos import WeightsManifest
 from runtime.weights.interface import SendStats
 from runtime.weights.layout import (
     NamedTensors,
-    Staging,
     WeightSyncError,
-    bucket_views,
     layout_of,
     pack_bucket,
     plan_manifest,
     tensor_source,
 )
-from runtime.weights.wire import GroupInfo, SenderGroup, WireOp, check_ack, send_op
+from runtime.weights.stream import Staging, recv_json
+from runtime.weights.wire import (
+    GroupInfo,
+    SenderGroup,
+    WireOp,
+    all_min,
+    check_ack,
+    send_header,
+    send_op,
+)
 
 _CPU = torch.device("cpu")
 
@@ -51,18 +60,26 @@ class CudaIpcSender:
         self.group.connect()
 
     def send(self, named_tensors: NamedTensors, version: int) -> SendStats:
+        """Header (manifest), then per bucket: its handle, and every member's ack that it copied it out. Two
+        packing slots: bucket i+1 is packed while the members copy bucket i, and a slot is packed again only once
+        every member copied what it held."""
         pg, t0 = self.group.require(), time.perf_counter()
         manifest = plan_manifest(layout_of(named_tensors), version, self.bucket_mb)
         by_name = tensor_source(named_tensors)
-        buckets = [pack_bucket(manifest, i, by_name) for i in range(len(manifest.bucket_nbytes))]
-        if any(not b.is_cuda for b in buckets):
-            raise WeightSyncError("cuda-ipc weight sync needs the policy's parameters on a CUDA device")
-        torch.cuda.current_stream().synchronize()  # the packing kernels finished before anyone maps the buffers
-        handles = [cuda_ipc_handle(b) for b in buckets]
-        send_op(pg, _CPU, WireOp.WEIGHTS_IPC, manifest=manifest.model_dump(mode="json"), handles=handles)
-        check_ack(pg, _CPU, version, "map CUDA IPC weights")  # receivers copied out; buckets may be freed now
-        del buckets
-        return SendStats(version, manifest.total_bytes, len(handles), time.perf_counter() - t0)
+        send_op(pg, _CPU, WireOp.WEIGHTS_IPC, manifest=manifest.model_dump(mode="json"))
+        n = len(manifest.bucket_nbytes)
+        slots: list[torch.Tensor | None] = [_pack(manifest, 0, by_name) if n else None, None]
+        for i in range(n):
+            torch.cuda.current_stream().synchronize()  # bucket i packed before anyone maps it
+            send_header(pg, _CPU, {"bucket": i, "handle": cuda_ipc_handle(slots[i % 2])})
+            if i + 1 < n:  # the other slot's bucket (i-1) was copied out by every member: free it, pack i+1
+                slots[(i + 1) % 2] = None
+                slots[(i + 1) % 2] = _pack(manifest, i + 1, by_name)
+            if all_min(pg, _CPU, i) != i:
+                raise WeightSyncError(f"a rollout worker failed to copy bucket {i} of version {version}")
+        check_ack(pg, _CPU, version, "load CUDA IPC weights")
+        del slots
+        return SendStats(version, manifest.total_bytes, n, time.perf_counter() - t0)
 
     def abandon(self) -> None:
         """Drop the current generation without talking to its members (one of them is gone)."""
@@ -90,16 +107,27 @@ def open_cuda_ipc_handle(h: Mapping) -> torch.Tensor:
     return out.set_(storage, int(h["storage_offset"]), (int(h["numel"]),), (1,))
 
 
-def copy_from_ipc(
-    manifest: WeightsManifest, handles: list, staging: Staging
-) -> list[tuple[str, torch.Tensor]]:
-    """Member side: map the learner's GPU buckets, copy them into our own staging, release the mapping."""
-    shared = [
-        open_cuda_ipc_handle(h) for h in handles
-    ]  # each (bucket_nbytes[i],) uint8, the learner's memory
-    buffers = staging.for_manifest(manifest, shared[0].device)
-    for dst, src in zip(buffers, shared, strict=True):
-        dst.copy_(src[: dst.numel()])
-    torch.cuda.current_stream().synchronize()
-    del shared
-    return bucket_views(manifest, buffers)
+def _pack(manifest: WeightsManifest, index: int, by_name) -> torch.Tensor:
+    """Bucket `index` in a fresh buffer on the parameters' GPU (the caching allocator reuses the freed slot)."""
+    buf = pack_bucket(manifest, index, by_name)
+    if not buf.is_cuda:
+        raise WeightSyncError("cuda-ipc weight sync needs the policy's parameters on a CUDA device")
+    return buf
+
+
+def ipc_buffers(pg, manifest: WeightsManifest, staging: Staging, abort=None):
+    """Member side: per bucket, map the learner's slot from its handle, copy it into a fresh staging buffer,
+    release the mapping and ack the bucket (the learner may pack the slot again); one bucket at a time, when the
+    engine asks for the next."""
+    for i, size in enumerate(manifest.bucket_nbytes):
+        header = recv_json(pg, _CPU, abort, f"waiting for CUDA IPC bucket {i}")
+        if int(header.get("bucket", -1)) != i:
+            raise WeightSyncError(f"CUDA IPC bucket {header.get('bucket')} arrived, expected {i}")
+        shared = open_cuda_ipc_handle(header["handle"])  # (>= size,) uint8, the learner's memory
+        buf = staging.new(size, shared.device)
+        buf.copy_(shared[:size])
+        torch.cuda.current_stream().synchronize()
+        del shared
+        all_min(pg, _CPU, i)
+        yield buf
+        del buf

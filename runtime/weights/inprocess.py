@@ -14,12 +14,12 @@ from protos import WeightsManifest
 from runtime.weights.interface import SendStats
 from runtime.weights.layout import (
     NamedTensors,
-    bucket_views,
     layout_of,
     pack_bucket,
     plan_manifest,
     tensor_source,
 )
+from runtime.weights.stream import Staging, WeightStream
 from runtime.weights.wire import GroupInfo
 
 
@@ -91,19 +91,32 @@ class InProcessReceiver:
     def __init__(self, q: queue.Queue):
         self._q = q
         self.version = -1
+        self.staging = Staging()
 
     def join(self, info: GroupInfo | Mapping[str, Any] | None = None) -> int:
         """Already joined (channel.receiver()); returns 0."""
         return 0
 
     def receive(self, timeout: float | None = None):
+        """(version, WeightStream) of the next published version; each bucket is copied out of the published
+        one when the engine asks for it (the sender may publish again at once)."""
         item = self._q.get(timeout=timeout)
         if item is None:
             return None
         manifest, buckets = item
-        staged = [b.clone() for b in buckets]  # private staging copy: the sender may publish again at once
-        self.version = manifest.version
-        return manifest.version, bucket_views(manifest, staged)
+
+        def buffers():
+            for b in buckets:
+                buf = self.staging.new(b.numel(), b.device)
+                buf.copy_(b)
+                yield buf
+                del buf
+
+        def finish(ok: bool) -> None:
+            if ok:
+                self.version = manifest.version
+
+        return manifest.version, WeightStream(manifest, buffers(), finish)
 
     def close(self) -> None:
         pass

@@ -5,13 +5,14 @@ buckets over gloo / NCCL, or through /dev/shm (shm.py) when every member maps th
 `DistributedWeightReceiver`: every group member, whatever the learner sends), cuda_ipc.py (`CudaIpcSender`:
 learner and rollout workers on one GPU).
 
-A sender publishes one version at a time; a receiver stages EVERY bucket of a version before `receive()` returns
-it, so the engine it feeds switches versions atomically.
+A sender publishes one version at a time; a receiver's `receive()` returns it as a `WeightStream` (stream.py) that
+hands the engine one bucket at a time (the receiving side stages at most two); the engine refuses to generate
+from the moment it starts loading until it took the last bucket, so it never generates from a mix of versions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,7 +37,7 @@ class WeightSender(Protocol):
 
     prepare(members) opens a new generation for those receivers (non-blocking; returns what each passes to
     `WeightReceiver.join`, None where the transport has no rendezvous); connect() blocks until all joined;
-    send() returns once every receiver staged the whole version; abandon() drops the current generation without
+    send() returns once every receiver acknowledged the whole version; abandon() drops the current generation without
     talking to its members (one is gone); close(notify=True) ends the receivers' streams."""
 
     info: GroupInfo | None  # the connected generation, None before connect() (and for in-process)
@@ -54,13 +55,13 @@ class WeightSender(Protocol):
 
 class WeightReceiver(Protocol):
     """Worker side: join(info) joins the sender's generation (returns this member's rank); receive() blocks until
-    every bucket of one version arrived and returns (version, named views valid until the next receive), or None
-    once the sender closed the stream."""
+    the sender announces a version and returns (version, WeightStream: iterate it to receive the buckets, taking
+    the last one acknowledges the version), or None once the sender closed the stream."""
 
-    version: int  # the last version fully staged, -1 before the first
+    version: int  # the last version whose every bucket was taken, -1 before the first
 
     def join(self, info: GroupInfo | Mapping[str, Any] | None) -> int: ...
 
-    def receive(self) -> tuple[int, list[tuple[str, torch.Tensor]]] | None: ...
+    def receive(self) -> tuple[int, Iterable[tuple[str, torch.Tensor]]] | None: ...
 
     def close(self) -> None: ...

@@ -146,24 +146,6 @@ def pack_bucket(
     return buf if buf is not None else torch.empty(0, dtype=torch.uint8)
 
 
-class Staging:
-    """A receiver's own flat buffers, one per bucket, reused while the layout stays the same (the usual case).
-
-    The views `bucket_views` returns into them stay valid until the next version is staged."""
-
-    def __init__(self):
-        self.buffers: list[torch.Tensor] = []  # each (bucket_nbytes[i],) uint8
-
-    def for_manifest(self, manifest: WeightsManifest, device: torch.device) -> list[torch.Tensor]:
-        same = len(self.buffers) == len(manifest.bucket_nbytes) and all(
-            b.numel() == n and b.device == device
-            for b, n in zip(self.buffers, manifest.bucket_nbytes, strict=True)
-        )
-        if not same:
-            self.buffers = [torch.empty(n, dtype=torch.uint8, device=device) for n in manifest.bucket_nbytes]
-        return self.buffers
-
-
 def checkpoint_names(model) -> dict[str, str]:
     """In-memory parameter name -> the name `save_pretrained` writes to model.safetensors (transformers 5 renames
     e.g. Qwen2.5-VL's `model.language_model.layers.0...` to `model.layers.0...`). Weight updates carry the

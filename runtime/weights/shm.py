@@ -2,9 +2,10 @@
 
 When every member of a gloo weight-sync group can map the learner's shared memory (probed once per generation:
 `probe_shared_memory` / `answer_shared_memory_probe`), the learner packs each bucket into a /dev/shm segment of
-its own (`SharedSegments`, reused across versions) and announces, every SHM_CHUNK_BYTES packed, a (bucket, end
-offset) integer pair over gloo (`send_shm`), so receivers copy (`MappedSegments.copy_into`) while the learner packs
-on; then the usual ack. The sending side is driven by collective.DistributedWeightSender, the receiving side by
+its own (`SharedSegments`, reused across versions: the whole version in the learner node's /dev/shm) and
+announces, every SHM_CHUNK_BYTES packed, a (bucket, end offset) integer pair over gloo (`send_shm`); a receiver
+copies one bucket at a time out of them (`MappedSegments.buffers`) when its engine asks for it; then the usual
+ack. The sending side is driven by collective.DistributedWeightSender, the receiving side by
 collective.DistributedWeightReceiver (header op `WireOp.WEIGHTS_SHM`).
 """
 
@@ -23,7 +24,8 @@ from pathlib import Path
 import torch
 
 from protos import WeightsManifest
-from runtime.weights.layout import Staging, WeightSyncError, bucket_views
+from runtime.weights.layout import WeightSyncError
+from runtime.weights.stream import Staging, wait_work
 from runtime.weights.wire import WireOp, all_min, broadcast, recv_header, send_op
 
 # Announce packed bytes every 16 MiB, so receivers copy while the learner packs.
@@ -191,24 +193,21 @@ class MappedSegments:
     def __init__(self):
         self._segments: list[tuple[str, shared_memory.SharedMemory]] = []
 
-    def copy_into(
-        self, pg, manifest: WeightsManifest, names: list[str], staging: Staging
-    ) -> list[tuple[str, torch.Tensor]]:
-        """Copy bucket i out of segment i chunk by chunk, as the learner's (bucket, end offset) broadcasts
-        arrive; returns views into the staging buffers."""
+    def buffers(self, pg, manifest: WeightsManifest, names: list[str], staging: Staging, abort=None):
+        """Bucket i copied out of segment i (into a fresh staging buffer) chunk by chunk, as the learner's
+        (bucket, end offset) broadcasts arrive; one buffer at a time, when the engine asks for the next bucket."""
         if [n for n, _ in self._segments] != names:
             self.close()
             self._segments = [(n, open_shared(n)) for n in names]
-        buffers = staging.for_manifest(manifest, _CPU)
-        sources = [
-            shared_tensor(seg, buf.numel()) for buf, (_, seg) in zip(buffers, self._segments, strict=True)
-        ]
-        try:
-            for i, buf in enumerate(buffers):
-                _copy_bucket(pg, i, sources[i], buf)
-        finally:
-            del sources
-        return bucket_views(manifest, buffers)
+        for i, size in enumerate(manifest.bucket_nbytes):
+            buf = staging.new(size, _CPU)
+            source = shared_tensor(self._segments[i][1], size)
+            try:
+                _copy_bucket(pg, i, source, buf, abort)
+            finally:
+                del source  # a view of the mapping would keep it from closing
+            yield buf
+            del buf
 
     def close(self) -> None:
         for _, seg in self._segments:
@@ -217,12 +216,12 @@ class MappedSegments:
         self._segments = []
 
 
-def _copy_bucket(pg, index: int, source: torch.Tensor, buf: torch.Tensor) -> None:
+def _copy_bucket(pg, index: int, source: torch.Tensor, buf: torch.Tensor, abort=None) -> None:
     """The learner announces bucket `index` in chunks, in order; the last one ends at its size."""
     ready = torch.zeros(2, dtype=torch.int64)  # (bucket, end offset) packed so far
     start = 0
     while True:
-        broadcast(pg, ready).wait()
+        wait_work(broadcast(pg, ready), abort, f"copying bucket {index} from shared memory")
         b, end = int(ready[0]), int(ready[1])
         if b != index or not start <= end <= buf.numel():
             raise WeightSyncError(f"shared-memory chunk ({b}, {end}) out of order (bucket {index})")

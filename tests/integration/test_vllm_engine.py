@@ -2,7 +2,9 @@
 
 One LLM() per module. Checks: G completions with behaviour logprobs equal to a teacher-forced transformers pass
 at the sampling temperature and top-p; after new weights arrive, greedy output equals transformers' greedy
-output with the same weights; the version advances; bad updates are refused.
+output with the same weights; the version advances; bad updates are refused; a weight stream that breaks off
+leaves the engine refusing until a whole version loads; engines whose engine core is another process (AsyncLLM,
+VLLM_ENABLE_V1_MULTIPROCESSING=1) take the weights in several pieces, with exactly a one-shot reload's result.
 """
 
 from __future__ import annotations
@@ -12,13 +14,17 @@ import torch
 
 pytest.importorskip("vllm")
 
-from actors.engine import RolloutEngine, WeightUpdateError  # noqa: E402
+from actors.engine import InconsistentWeightsError, RolloutEngine, WeightUpdateError  # noqa: E402
 from actors.hf_engine import HFEngine, sampling_logprobs  # noqa: E402
 from actors.vllm_engine import VLLMEngine  # noqa: E402
+from actors.vllm_reload import pack_piece  # noqa: E402
 from cluster.dev.tiny_models import build_tiny_text_policy  # noqa: E402
 from protos import RolloutRequest, SamplingConfig  # noqa: E402
 from protos.answer import COMPACT  # noqa: E402
+from runtime.weights.layout import WeightSyncError  # noqa: E402
 from tests.support.engine_state import lend_engines, weights_of  # noqa: E402
+from tests.support.vllm_probe import oneshot_reload, param_digests  # noqa: E402
+from tests.support.weight_receivers import bucket_stream  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -48,6 +54,27 @@ def _req(i: int, g: int = 4, **sampling) -> RolloutRequest:
         group_size=g,
         sampling=SamplingConfig(**sampling),
     )
+
+
+def _perturbed(model: torch.nn.Module, seed: int) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (n, p.detach() * 2.0 + 0.2 * torch.randn(p.shape, generator=g)) for n, p in model.named_parameters()
+    ]
+
+
+def _sixth(named) -> int:
+    """A sixth of the update's bytes: a bucket or piece cap that splits the tiny policy into several."""
+    return sum(t.numel() * t.element_size() for _, t in named) // 6
+
+
+def _stream(named, version: int, fail_at: int | None = None):
+    """A receiver's stream of `named` in six buckets; `fail_at`: it breaks off before that bucket."""
+    return bucket_stream(named, version, _sixth(named), fail_at)
+
+
+def _greedy(engine, reqs) -> list[list[int]]:
+    return [g[0].token_ids for g in engine.generate(reqs, [None] * len(reqs))]
 
 
 def _prompt_ids(engine: VLLMEngine, req: RolloutRequest) -> list[int]:
@@ -159,10 +186,52 @@ def test_rollout_worker_on_the_vllm_engine(engines, tmp_path):
     )  # RequestOutput.prompt_token_ids, stamped on the group
 
 
+def test_a_stream_broken_off_leaves_the_engine_refusing_until_a_whole_version_loads(engines):
+    """The in-process engine loads a receiver's stream bucket by bucket; one that breaks off half-way leaves it
+    refusing to generate (its layers were half replaced), and a whole version streamed next (the driver's resend)
+    gives exactly transformers' greedy output with those weights."""
+    v, h = engines
+    new = _perturbed(h.model, 3)
+    version = v.policy_version + 1
+    reqs = [_req(i, g=2, temperature=0.0, max_tokens=12) for i in range(2)]
+    with pytest.raises(WeightSyncError, match="went away"):
+        v.load_weights(_stream(new, version, fail_at=3), version)
+    with pytest.raises(InconsistentWeightsError):
+        v.generate(reqs, [None] * 2)
+    v.load_weights(_stream(new, version), version)
+    h.load_weights(new, version)
+    assert v.policy_version == version and v.last_load_pieces == 0  # one lazy iterator, in process
+    assert _greedy(v, reqs) == _greedy(h, reqs)
+
+
+@pytest.mark.slow
+def test_sync_engine_with_its_worker_in_another_process_reloads_in_pieces(tiny_text_model_dir, monkeypatch):
+    """VLLM_ENABLE_V1_MULTIPROCESSING=1: the engine core is a child process, so a receiver's stream goes in
+    pieces under the cap (lowered: the tiny policy needs several), and greedy output equals transformers'."""
+    import vllm.envs
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    vllm.envs.disable_envs_cache()  # the module's in-process engine cached the environment
+    engine = VLLMEngine(tiny_text_model_dir, max_model_len=1024, seed=0, prompts=COMPACT)
+    try:
+        assert not engine._in_process()
+        h = HFEngine(tiny_text_model_dir, device="cpu", prompts=COMPACT)
+        new = _perturbed(h.model, 4)
+        engine.piece_bytes = _sixth(new)
+        engine.load_weights(_stream(new, 1), 1)
+        h.load_weights(new, 1)
+        assert engine.last_load_pieces >= 4 and engine.policy_version == 1
+        reqs = [_req(i, g=2, temperature=0.0, max_tokens=12) for i in range(2)]
+        assert _greedy(engine, reqs) == _greedy(h, reqs)
+    finally:
+        engine.close()
+
+
 @pytest.mark.slow
 def test_async_engine_generates_and_reloads(tmp_path_factory):
-    """AsyncLLM (engine core in a child process): generates, and after new weights arrive (safetensors blob
-    through collective_rpc) its greedy output equals transformers' with those weights. ~1 min on 2 cores."""
+    """AsyncLLM (engine core in a child process): generates, and after new weights arrive in pieces under the cap
+    (lowered: the tiny policy needs several; one collective_rpc each) its parameters equal those of vLLM's own
+    one-shot reload of the same weights and its greedy output equals transformers'. ~1 min on 2 cores."""
     from actors.vllm_engine import AsyncVLLMEngine
 
     # a seed-1 model of its own, not the session's seed-0 one that the module's engines load
@@ -176,13 +245,16 @@ def test_async_engine_generates_and_reloads(tmp_path_factory):
         assert [g[0].token_ids for g in first.completions] == [
             g[0].token_ids for g in h.generate(reqs, [None] * 2)
         ]
-        g = torch.Generator().manual_seed(2)
-        new = [
-            (n, p.detach() * 2.0 + 0.2 * torch.randn(p.shape, generator=g))
-            for n, p in h.model.named_parameters()
-        ]
+        new = _perturbed(h.model, 2)
+        rpc = engine.engine.collective_rpc
+        before = engine._run(rpc(param_digests))
+        engine.piece_bytes = _sixth(new)
         engine.load_weights(new, 1)
         h.load_weights(new, 1)
+        assert engine.last_load_pieces >= 4
+        pieced = engine._run(rpc(param_digests))
+        engine._run(rpc(oneshot_reload, args=pack_piece(new)))
+        assert pieced == engine._run(rpc(param_digests)) != before  # exactly one full reload's weights
         after = engine.generate_batch(reqs, [None, None])
         assert after.policy_version == 1
         assert [g[0].token_ids for g in after.completions] == [

@@ -144,7 +144,7 @@ def test_encoder_profile_is_capped_at_image_size(engines):
 
 
 def test_async_engine_with_images_and_a_weight_push(tiny_policy_dir, capfd):
-    """AsyncLLM (engine core in a child process, weights as a safetensors blob): greedy equals transformers'
+    """AsyncLLM (engine core in a child process, weights in pieces through collective_rpc): greedy equals transformers'
     before and after a push with the same images; close() leaves no EngineDeadError behind."""
     h = HFEngine(tiny_policy_dir, device="cpu", prompts=COMPACT)
     engine = AsyncVLLMEngine(tiny_policy_dir, max_model_len=2048, seed=0, prompts=COMPACT)

@@ -1,6 +1,7 @@
 """Weight broadcast on a real local Ray: 3 receiver actors (tests/support/weight_receivers.py) join the learner's gloo
-group, get bit-identical tensors, switch versions atomically (one load_weights per complete version; a transfer
-cut half-way leaves every engine on the previous version), and a 4th actor joins mid-run."""
+group, get bit-identical tensors streamed one bucket at a time (one load_weights per version, never more than two
+buckets of it staged on the receiving side), and a 4th actor joins mid-run; a transfer cut half-way leaves every
+engine refusing to generate until the next generation re-sends the version whole."""
 
 from __future__ import annotations
 
@@ -69,9 +70,12 @@ def test_three_ray_actors_bit_identical_atomic_versions_and_a_late_joiner():
         for version in (1, 2):
             assert _send(sender, actors, _model(version), version) == [version] * 3
             states = ray.get([a.state.remote() for a in actors.values()])
+            bucket = max(plan_manifest(_model(version), version, 0.004).bucket_nbytes)
             for st in states:
                 assert st["version"] == version and st["loads"] == version  # one load_weights per version
                 assert st["digests"] == _digests(_model(version))  # bit-identical
+                # 8 buckets sent; the engine saw at most two alive at once, the receiver staged at most two
+                assert 0 < st["staged_peak"] <= 2 * bucket and st["receiver_peak"] <= 2 * bucket
 
         # a new worker joins at the version boundary: new generation, everyone re-joins, current weights re-sent
         actors["rollout-3"] = receiver_actor("rollout-3")
@@ -86,7 +90,7 @@ def test_three_ray_actors_bit_identical_atomic_versions_and_a_late_joiner():
             ray.kill(a)
 
 
-def test_a_transfer_cut_half_way_leaves_every_engine_on_the_previous_version():
+def test_a_transfer_cut_half_way_leaves_every_engine_refusing_until_the_next_generation_resends_it():
     actors = {f"cut-{i}": receiver_actor(f"cut-{i}") for i in range(2)}
     sender = _CutSender("gloo", bucket_mb=0.004, timeout_s=60, use_shm=False)
     try:
@@ -98,7 +102,13 @@ def test_a_transfer_cut_half_way_leaves_every_engine_on_the_previous_version():
             with pytest.raises(ray.exceptions.RayTaskError):
                 ray.get(ref, timeout=60)
         for st in ray.get([a.state.remote() for a in actors.values()]):
-            assert st["version"] == 1 and st["loads"] == 1 and st["digests"] == _digests(_model(1))
+            assert (
+                st["version"] == 1 and st["loads"] == 1 and st["consistent"] is False
+            )  # refuses to generate
+        _form_group(sender, actors)  # the driver's next generation re-sends the current version
+        assert _send(sender, actors, _model(2), 2) == [2, 2]
+        for st in ray.get([a.state.remote() for a in actors.values()]):
+            assert st["version"] == 2 and st["consistent"] is True and st["digests"] == _digests(_model(2))
     finally:
         for a in actors.values():
             ray.kill(a)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,16 +19,30 @@ from runtime.weights.wire import GroupInfo
 
 
 class InMemoryEngine:
-    """Holds the last complete version it was given: a real engine without a model."""
+    """Holds the last complete version it was given: a real engine without a model. Like the real engines it is
+    inconsistent (would refuse to generate) from the start of a load until the load completed, and it records the
+    most bytes of received buckets alive at once while it loads (`staged_peak`, from the tensors' bases)."""
 
     def __init__(self):
         self.version = -1
         self.weights: dict[str, torch.Tensor] = {}
         self.loads = 0
+        self.consistent = True
+        self.staged_peak = 0
 
     def load_weights(self, named_tensors, version: int) -> None:
-        self.weights = {n: t.detach().clone() for n, t in named_tensors}  # copy out of the staging buffers
-        self.version = version
+        self.consistent = False
+        bases: list[weakref.ref] = []
+        weights = {}
+        for n, t in named_tensors:
+            base = t._base if t._base is not None else t
+            if not any(b() is base for b in bases):
+                bases.append(weakref.ref(base))
+            live = sum(b().numel() * b().element_size() for b in bases if b() is not None)
+            self.staged_peak = max(self.staged_peak, live)
+            weights[n] = t.detach().clone()  # copy out of the staging buffers
+            del t, base
+        self.weights, self.version, self.consistent = weights, version, True
         self.loads += 1
 
 
@@ -61,7 +76,32 @@ class WeightReceiverEndpoint:
             "loads": getattr(self.engine, "loads", None),
             "digests": digests,
             "shared_memory": self.receiver.shared_memory,
+            "consistent": getattr(self.engine, "consistent", None),
+            "staged_peak": getattr(self.engine, "staged_peak", None),
+            "receiver_peak": getattr(getattr(self.receiver, "staging", None), "peak_bytes", None),
         }
+
+
+def bucket_stream(
+    named, version: int, bucket_bytes: int, fail_at: int | None = None, taken: list | None = None
+):
+    """What a weight receiver hands an engine (runtime/weights/stream.py): the buckets of `named` one at a time;
+    `fail_at`: the transfer breaks off before that bucket; `taken` collects the indices of the buckets read."""
+    from runtime.weights.layout import WeightSyncError, pack_bucket, plan_manifest
+    from runtime.weights.stream import WeightStream
+
+    manifest = plan_manifest(named, version, bucket_bytes / 2**20)
+    by_name = dict(named)
+
+    def buffers():
+        for i in range(len(manifest.bucket_nbytes)):
+            if i == fail_at:
+                raise WeightSyncError("the learner went away")
+            if taken is not None:
+                taken.append(i)
+            yield pack_bucket(manifest, i, by_name)
+
+    return WeightStream(manifest, buffers())
 
 
 def receiver_actor(name: str, num_cpus: float = 0) -> Any:

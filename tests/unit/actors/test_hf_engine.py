@@ -248,6 +248,30 @@ def test_failure_mid_copy_blocks_generation_until_a_full_update(text_engine):
     assert len(text_engine.generate([_req(0, g=2)], [None])[0]) == 2
 
 
+def test_a_weight_stream_is_checked_first_loaded_bucket_by_bucket_and_a_broken_one_blocks_generation(
+    text_engine,
+):
+    """The transformers engine takes a receiver's stream like vLLM's: refused from its manifest before any bucket
+    is read; broken off half-way it leaves the engine refusing to generate; whole, it loads exactly."""
+    from runtime.weights.layout import WeightSyncError
+    from tests.support.weight_receivers import bucket_stream
+
+    version = text_engine.policy_version
+    good = _mutated(text_engine, 1.2, seed=4)
+    taken: list[int] = []
+    with pytest.raises(WeightUpdateError, match="missing"):
+        text_engine.load_weights(bucket_stream(good[1:], version + 1, 4096, taken=taken), version + 1)
+    assert taken == [] and text_engine.policy_version == version  # refused before a bucket was received
+    with pytest.raises(WeightSyncError, match="went away"):
+        text_engine.load_weights(bucket_stream(good, version + 1, 4096, fail_at=3), version + 1)
+    with pytest.raises(InconsistentWeightsError):
+        text_engine.generate([_req(0, g=2)], [None])
+    text_engine.load_weights(bucket_stream(good, version + 1, 4096, taken=taken), version + 1)
+    assert text_engine.policy_version == version + 1 and len(taken) > 3
+    params = dict(text_engine.model.named_parameters())
+    assert all(torch.equal(params[n], t) for n, t in good)
+
+
 def test_stop_token_ends_the_completion_and_is_kept(tiny_text_model_dir):
     # the random weights stop ~1/270 per token
     engine = HFEngine(tiny_text_model_dir, device="cpu", image_size=IMAGE_SIZE, prompts=COMPACT)

@@ -190,3 +190,61 @@ def test_weights_over_the_gloo_weight_sync_group(worker):
     assert got["version"] == version == worker.policy_version
     params = dict(worker.engine.model.named_parameters())
     assert all(torch.equal(params[n], t) for n, t in named)
+
+
+def test_an_abandoned_stream_unlocks_the_engine_which_refuses_until_the_object_store_resends(worker):
+    """The learner fails half-way through a version: the worker's engine is waiting for the next bucket under
+    the rollout lock. The driver's weight_sync_abort ends that wait at once (not after weight_sync.timeout_s),
+    the engine refuses to generate (half its tensors are new), and the driver's resend of the current version
+    through the object store (a Mapping) makes it whole again."""
+    import threading
+
+    from actors.engine import InconsistentWeightsError
+    from runtime.weights.abandon import WeightSyncAborted
+    from runtime.weights.collective import DistributedWeightSender
+    from runtime.weights.layout import StreamedWeights
+
+    sender = DistributedWeightSender(backend="gloo", bucket_mb=0.01, timeout_s=5, use_shm=False)
+    info = sender.prepare([worker.name])
+    t = threading.Thread(target=worker.weight_sync_join, args=(info,))
+    t.start()
+    sender.connect()
+    t.join(timeout=60)
+    version = worker.policy_version + 1
+    named = [(n, p.detach() * 0.8) for n, p in worker.engine.model.named_parameters()]
+    failing = threading.Event()
+
+    def gathered():  # the learner's tensors, until it fails half-way (buckets 0 .. i-2 were received by then)
+        for k, item in enumerate(named):
+            if k == len(named) // 2:
+                failing.set()
+                raise RuntimeError("learner failed while gathering")
+            yield item
+
+    got: dict = {}
+
+    def receive() -> None:
+        try:
+            got["version"] = worker.weight_sync_receive()
+        except BaseException as err:  # handed to the test
+            got["error"] = err
+
+    r = threading.Thread(target=receive, daemon=True)
+    r.start()
+    with pytest.raises(RuntimeError, match="gathering"):
+        sender.send(StreamedWeights(named, gathered()), version)
+    assert failing.is_set() and worker.engine._consistent is False  # the engine is half-way through its load
+    receiver = worker._receiver
+    worker.weight_sync_abort(info.generation)
+    assert (
+        receiver._abort.is_set()
+    )  # the load's wait for the next bucket ends now, releasing the rollout lock
+    r.join(30)
+    assert not r.is_alive() and isinstance(got.get("error"), WeightSyncAborted), got
+    s = _sample(6)
+    with pytest.raises(InconsistentWeightsError):  # the lock is free: it refuses instead of blocking
+        worker.generate([_request(s)], s)
+    assert worker.load_weights(dict(named), version) == version  # the object store's resend
+    assert worker.generate([_request(s)], s)[0].policy_version == version
+    sender.abandon()  # gloo's teardown waits timeout_s for what the abandoned generation left pending
+    sender.close()

@@ -69,7 +69,7 @@ def _rank(rank: int, port: int, policy_dir: str, out: str, batches) -> None:
     sent = a.broadcast_weights()
     if rank == 0:
         version, named = receiver.receive(timeout=60)
-        save("two_sent", dict(named))
+        save("two_sent", dict(named))  # the stream's bucket views, each bucket's buffer kept alive by them
         stats.append({"sent_version": version, "buckets": sent["buckets"]})
     else:
         stats.append({"sent": sent})

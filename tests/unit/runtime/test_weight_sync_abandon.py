@@ -71,7 +71,12 @@ def test_a_generation_missing_a_member_is_abandoned_at_once_then_reformed_withou
     t.join(30)
     weights = [("w", torch.randn(8, 4)), ("b", torch.arange(5, dtype=torch.int64))]
     got: dict = {}
-    r = threading.Thread(target=lambda: got.setdefault("v", fresh.receive()), daemon=True)
+
+    def receive() -> None:
+        version, stream = fresh.receive()
+        got["v"] = version, list(stream)  # taking every bucket acknowledges the version
+
+    r = threading.Thread(target=receive, daemon=True)
     r.start()
     learner_side.run(2, lambda: sender.send(weights, 7), "broadcasting")
     r.join(30)

@@ -81,7 +81,7 @@ def test_qwen7b_fits_with_its_ranks_and_one_rank_names_the_learner_and_the_fix(c
     assert main(["plan", "--config", str(CONFIGS / "qwen7b-8gpu.yaml"), "learner.world_size=1"]) == 1
     captured = capsys.readouterr()
     assert "segr1 plan: learner" in captured.err and "on one GPU of 80 GB" in captured.err
-    assert "change: learner.world_size=3 fits (3 learner GPUs): learner 69." in captured.out
+    assert "change: learner.world_size=3 fits (3 learner GPUs): learner 71." in captured.out
     # the dry run prints the same plan after the config and the prompts
     assert main(["train", "--config", str(CONFIGS / "qwen7b-8gpu.yaml"), "--dry-run"]) == 0
     assert "\n# memory plan (per GPU of 80 GB)\n" in capsys.readouterr().out
@@ -100,6 +100,54 @@ def test_plan_says_what_each_pods_object_store_must_hold(capsys):
     assert stores["learner"]["terms"][0]["bytes"] == params * 2  # rank 0's export
     assert main(["plan", "--config", str(CONFIGS / "qwen7b-8gpu.yaml")]) == 0
     assert "\nRay object store per node (host shared memory, /dev/shm" in capsys.readouterr().out
+
+
+def _plan(capsys, config: str, *overrides: str) -> dict:
+    assert main(["plan", "--config", str(CONFIGS / config), *overrides, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _terms(pools: list[dict], pool: str) -> dict[str, int]:
+    return {t["name"]: t["bytes"] for p in pools if p["pool"] == pool for t in p["terms"]}
+
+
+def test_weight_sync_staging_is_planned_on_both_ends_for_every_transport(capsys):
+    """Issue 23: every transport's staging is a named term. nccl: two packing buckets on the learner's GPU, two
+    receive buckets and vLLM's layer-wise reload beside what vLLM claims on the rollout GPU; a bucket is never
+    smaller than the largest tensor (the 7B's embeddings, 1.09 GB, over bucket_mb 512). cuda-ipc: the same on
+    the one shared GPU. gloo: the buckets on both hosts. Every config: the object store's version on both hosts;
+    the async engine's pieces."""
+    s7 = SHIPPED_SHAPES["Qwen/Qwen2.5-VL-7B-Instruct"]
+    embed7, params7 = s7.vocab * s7.hidden * 2, param_counts(s7)["total"]
+    plan = _plan(capsys, "qwen7b-8gpu.yaml")
+    assert plan["fits"]
+    assert _terms(plan["pools"], "learner")["sync packing"] == 2 * embed7
+    rollout = _terms(plan["pools"], "rollout")
+    assert rollout["sync receive"] == 2 * embed7 and rollout["reload layer"] == embed7
+    pool = next(p for p in plan["pools"] if p["pool"] == "rollout")
+    assert pool["total"] == pool["claimed"] + 3 * embed7  # beside gpu_memory_utilization x GPU
+    host = _terms(plan["weight_sync_host"], "rollout")
+    assert (
+        host["catch-up copy"] == params7 * 2 and host["pieces"] == 2 * embed7
+    )  # async: pieces of one tensor
+    assert _terms(plan["weight_sync_host"], "learner") == {"export": params7 * 2}
+
+    gloo = _plan(capsys, "qwen7b-8gpu.yaml", "weight_sync.backend=gloo", "weight_sync.bucket_mb=2048")
+    assert "sync packing" not in _terms(gloo["pools"], "learner")
+    assert "sync receive" not in _terms(gloo["pools"], "rollout")
+    assert _terms(gloo["weight_sync_host"], "learner")["sync packing"] == 2 * 2048 * 2**20
+    assert _terms(gloo["weight_sync_host"], "rollout")["sync receive"] == 2 * 2048 * 2**20
+
+    s3 = SHIPPED_SHAPES["Qwen/Qwen2.5-VL-3B-Instruct"]
+    embed3 = s3.vocab * s3.hidden * 2
+    ipc = _plan(capsys, "qwen3b-1gpu.yaml")
+    assert ipc["fits"] and _terms(ipc["pools"], "learner")["sync packing"] == 2 * embed3
+    assert _terms(ipc["pools"], "rollout")["sync receive"] == 2 * embed3
+    assert ipc["gpus"][0]["bytes"] == sum(p["total"] for p in ipc["pools"])
+    assert "pieces" not in _terms(ipc["weight_sync_host"], "rollout")  # sync, TP 1: one process
+    assert main(["plan", "--config", str(CONFIGS / "qwen7b-8gpu.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "[beside vLLM's claim]" in out and "\nWeight sync, host memory per process (RAM):\n" in out
 
 
 def test_pools_sharing_one_gpu_add_up_and_the_advice_is_computed(capsys):
