@@ -190,9 +190,7 @@ class RolloutWorker:
     def rewind(self, version: int) -> int:
         """The learner restarted from an older checkpoint (cluster/driver/recovery.py): accept `version` next although
         versions otherwise only increase. Generation refuses until that version is loaded."""
-        if (
-            self._receiver is not None
-        ):  # a load still waiting for the old learner's next bucket stops (and unlocks)
+        if self._receiver is not None:  # a load waiting for the old learner's next bucket stops (and unlocks)
             self._receiver.abort()
         self.engine.rewind(version)
         # the restarted learner numbers its weight-sync generations from 1 again: forget what was abandoned, after
