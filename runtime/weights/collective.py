@@ -172,7 +172,7 @@ class DistributedWeightReceiver:
     """`WeightReceiver`: a member (rank >= 1) of the learner's weight-sync group.
 
     receive() returns a `WeightStream` whose tensors are views into one bucket's staging buffer at a time: the
-    engine's load_weights copies them, and the buffer is freed once it dropped them."""
+    engine's load_weights copies them, and the buffer serves a later bucket once it dropped them (stream.py Staging)."""
 
     def __init__(self, name: str, device: str | torch.device | None = None):
         self.name = name
@@ -181,7 +181,7 @@ class DistributedWeightReceiver:
         self._device = torch.device(device) if device is not None else None
         self._pg = None
         self._store = None
-        self.staging = Staging()  # fresh buffers per bucket; peak_bytes: at most two buckets at once
+        self.staging = Staging()  # a buffer per bucket in flight; peak_bytes: at most two buckets at once
         self._abort = threading.Event()
         self._mapped = MappedSegments()  # the learner's /dev/shm segments, mapped (same node)
         self.shared_memory = False  # whether this generation moves the bytes through shared memory

@@ -14,6 +14,7 @@ import torch
 from runtime.weights.abandon import WeightSyncAborted
 from runtime.weights.collective import DistributedWeightReceiver, DistributedWeightSender
 from runtime.weights.layout import StreamedWeights, WeightSyncError, plan_manifest
+from runtime.weights.stream import Staging
 
 BUCKET_MB = 0.001  # 1,048 bytes: a 16 x 16 float32 tensor (1 KiB) per bucket
 
@@ -56,7 +57,8 @@ def _load(receiver, took: threading.Event | None = None) -> tuple[int, dict, int
     peak, copied = 0, {}
     for name, t in stream:
         bases.append(weakref.ref(t._base))
-        peak = max(peak, sum(b().numel() for b in bases if b() is not None))
+        alive = {id(b()): b().numel() for b in bases if b() is not None}  # a reused buffer counts once
+        peak = max(peak, sum(alive.values()))
         copied[name] = t.clone()
         del t
         if took is not None and len(copied) == 2:
@@ -135,3 +137,19 @@ def test_abort_ends_a_wait_for_the_next_bucket_at_once():
         sender.abandon()
         sender.close()
         receiver.close()
+
+
+def test_staging_reuses_a_cpu_buffer_only_once_nothing_holds_a_view_of_it():
+    staging = Staging()
+    first = staging.new(1024, torch.device("cpu"))
+    held = first[:8].view(torch.int64)  # the engine still holds a tensor of bucket 0 (an incomplete layer)
+    base = first._base
+    del first
+    second = staging.new(1024, torch.device("cpu"))
+    assert second._base is not base  # the held view keeps bucket 0's buffer from being written over
+    assert staging.live_bytes() == 2048
+    made = {id(base), id(second._base)}
+    del held, second
+    third = staging.new(512, torch.device("cpu"))  # a smaller last bucket fits an idle buffer: no new one
+    assert id(third._base) in made and third.numel() == 512
+    assert staging.live_bytes() == 1024 and staging.peak_bytes == 2048
