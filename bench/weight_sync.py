@@ -68,17 +68,24 @@ def digest(named) -> str:
     return h.hexdigest()
 
 
-def _receiver(name: str, device: str | None, info_q, out_q) -> None:
+def _receiver(name: str, device: str | None, versions: int, info_q, out_q) -> None:
+    """Takes `versions` versions like an engine (each bucket's views dropped once taken, so its buffer serves a
+    later bucket; an engine copies them into its weights), keeping only the last one's views for the digest."""
     torch.set_num_threads(1)
     from runtime.weights.collective import DistributedWeightReceiver
 
     r = DistributedWeightReceiver(name, device=device)
     r.join(info_q.get())
-    last = None
-    while (got := r.receive()) is not None:
-        last = got = (got[0], list(got[1]))  # taking every bucket acknowledges the version
-        out_q.put(("version", got[0], r.last_receive_s))
-    out_q.put(("digest", last[0], digest(last[1])))
+    for k in range(versions):
+        version, stream = r.receive()
+        if k + 1 < versions:
+            for _ in stream:  # taking every bucket acknowledges the version
+                pass
+        else:
+            kept = list(stream)
+        out_q.put(("version", version, r.last_receive_s))
+    assert r.receive() is None  # the sender closed the stream
+    out_q.put(("digest", version, digest(kept)))
 
 
 def memcpy_gbps(nbytes: int, rounds: int, device: str = "cpu") -> float:
@@ -107,9 +114,11 @@ def run_transport(
     out_q = ctx.Queue()
     device = "cuda" if backend == "cuda-ipc" else None
     procs, queues = [], []
+    modes = ("bucketed", "per_param") if backend == "gloo" and not use_shm else ("bucketed",)
+    versions = len(modes) * (rounds + 1) + 1  # every timed mode's rounds, then the checked one
     for k in range(receivers):
         q = ctx.Queue()
-        p = ctx.Process(target=_receiver, args=(f"rollout-{k}", device, q, out_q), daemon=True)
+        p = ctx.Process(target=_receiver, args=(f"rollout-{k}", device, versions, q, out_q), daemon=True)
         p.start()
         procs.append(p)
         queues.append(q)
@@ -124,7 +133,7 @@ def run_transport(
     sender.connect()
     result = {}
     version = 0
-    for mode in ("bucketed", "per_param") if backend == "gloo" and not use_shm else ("bucketed",):
+    for mode in modes:
         send = sender.send if mode == "bucketed" else sender.send_per_param
         times = []
         for r in range(rounds + 1):  # round 0 warms up (receivers allocate their staging buffers)
