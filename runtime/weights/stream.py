@@ -91,7 +91,8 @@ def wait_work(work, abort: threading.Event | None, what: str) -> None:
     """Wait for a collective's Work, giving up at once (WeightSyncAborted) when `abort` is set: a worker whose
     generation was abandoned must not stay blocked inside its engine's load (it holds the rollout lock)."""
     if abort is not None:
-        delay = 5e-5  # short at first: a chunk announcement arrives within microseconds when the sender is ahead
+        # short at first: a chunk announcement arrives within microseconds when the sender is ahead
+        delay = 5e-5
         while not work.is_completed():
             delay = min(2 * delay, POLL_S)
             if abort.wait(delay):
