@@ -27,6 +27,14 @@ from tests.e2e.conftest import (
 
 pytestmark = pytest.mark.slow
 
+# `python -m cluster.train` with Ctrl-C raising KeyboardInterrupt as in a terminal: a process started in the
+# background of a non-interactive shell (CI runners, nohup, `cmd &`) inherits SIGINT ignored, and Python then keeps
+# it ignored, so the test would depend on how the suite was launched
+AS_IN_A_TERMINAL = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'cluster.train'; runpy.run_module('cluster.train', run_name='__main__', alter_sys=True)"
+)
+
 
 def test_ctrl_c_checkpoints_exits_cleanly_and_resume_continues(assets, sft_policy, ray_job, tmp_path):
     from cluster.config import dump_config
@@ -44,7 +52,7 @@ def test_ctrl_c_checkpoints_exits_cleanly_and_resume_continues(assets, sft_polic
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.train", "--config", str(config_file)],
+        [sys.executable, "-c", AS_IN_A_TERMINAL, "--config", str(config_file)],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
