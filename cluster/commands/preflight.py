@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     user = load_config_from_args(args)
     args.overrides = preflight_overrides(args, user.metrics.run_dir)
     cfg = load_config_from_args(args)
+    build_demo_assets(cfg)
     out = Path(cfg.metrics.run_dir)
     plan = _plan(cfg, args)
     started_ray = not _ray_running()
@@ -89,6 +90,32 @@ def run(args: argparse.Namespace) -> int:
     path = _write(out, report)
     print(f"wrote {path}")
     return 0
+
+
+# cluster/configs/demo.yaml reads the tiny policy and synthetic data sets that `make demo` builds offline, under
+# runs/; on a fresh clone they are missing, so preflight builds them the same way (seconds) before it starts.
+DEMO_ROOT = Path("runs")
+DEMO_TRAIN, DEMO_EVAL = 2048, 128  # the demo's own sizes (cluster/dev/demo.py --n-train / --n-eval)
+
+
+def build_demo_assets(cfg) -> bool:
+    """Build the demo config's tiny models and data where the config points at them and they are missing; True
+    when something was built. Any other config is left alone: its missing files are the model-files stage's."""
+    wanted = {
+        "model.policy": DEMO_ROOT / "models" / "policy",
+        "data.train": DEMO_ROOT / "data" / "train",
+        "data.eval": DEMO_ROOT / "data" / "eval",
+    }
+    given = {"model.policy": cfg.model.policy, "data.train": cfg.data.train, "data.eval": cfg.data.eval}
+    if any(given[key] is None or Path(given[key]) != path for key, path in wanted.items()):
+        return False
+    if (wanted["model.policy"] / "config.json").is_file() and any(wanted["data.train"].glob("*.parquet")):
+        return False
+    from cluster.dev.demo import build_assets
+
+    build_assets(cfg, DEMO_ROOT, seed=cfg.seed, n_train=DEMO_TRAIN, n_eval=DEMO_EVAL)
+    print(f"built the demo config's tiny models and synthetic data under {DEMO_ROOT}/ (offline)", flush=True)
+    return True
 
 
 def _ray_running() -> bool:

@@ -164,3 +164,21 @@ def test_train_refuses_dummy_weights(capsys):
 
     assert main(["train", "--config", str(DEMO), "model.dummy_weights=true"]) == 2
     assert "segr1 preflight" in capsys.readouterr().err
+
+
+def test_the_demo_configs_tiny_models_and_data_are_built_where_missing(tmp_path, monkeypatch):
+    """A fresh clone has no runs/: `segr1 preflight --config cluster/configs/demo.yaml` builds what the demo would
+    (tiny policy, synthetic sets) and then finds every model file; another config is never touched."""
+    from cluster.commands import preflight
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(preflight, "DEMO_TRAIN", 8)
+    monkeypatch.setattr(preflight, "DEMO_EVAL", 4)
+    demo = load_config(REPO / "cluster" / "configs" / "demo.yaml")
+    assert model_file_problems(demo)  # nothing under runs/ yet
+    assert preflight.build_demo_assets(demo)
+    assert model_file_problems(demo) == []
+    assert (tmp_path / "runs" / "data" / "eval").is_dir()
+    assert not preflight.build_demo_assets(demo)  # built once
+    other = load_config(REPO / "cluster" / "configs" / "demo.yaml", ["model.policy=elsewhere/policy"])
+    assert not preflight.build_demo_assets(other) and not (tmp_path / "elsewhere").exists()
