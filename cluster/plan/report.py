@@ -225,12 +225,9 @@ def format_plan(cfg, plan: MemoryPlan) -> str:
 
 def _object_store_lines(plan: MemoryPlan) -> list[str]:
     """Ray's object store one node of each pool needs: a pod's /dev/shm must hold it (docs/kubernetes.md)."""
-    lines = ["Ray object store per node (host shared memory, /dev/shm; docs/kubernetes.md):"]
-    for p in plan.object_store:
-        lines.append(f"  {p.pool}:")
-        lines += [f"    {t.name:18s} {_gb(t.bytes)}  {t.formula}" for t in p.terms]
-        lines.append(f"    {'total':18s} {_gb(p.total)}")
-    return lines
+    return _pool_terms(
+        "Ray object store per node (host shared memory, /dev/shm; docs/kubernetes.md):", plan.object_store
+    )
 
 
 def _beside(pool: PoolPlan, term) -> str:
@@ -239,8 +236,13 @@ def _beside(pool: PoolPlan, term) -> str:
 
 def _sync_host_lines(plan: MemoryPlan) -> list[str]:
     """Weight sync's host memory of one process per pool (RAM, not /dev/shm)."""
-    lines = ["Weight sync, host memory per process (RAM):"]
-    for p in plan.sync_host:
+    return _pool_terms("Weight sync, host memory per process (RAM):", plan.sync_host)
+
+
+def _pool_terms(title: str, pools) -> list[str]:
+    """A titled section: per pool its terms (name, size, formula) and their total."""
+    lines = [title]
+    for p in pools:
         lines.append(f"  {p.pool}:")
         lines += [f"    {t.name:18s} {_gb(t.bytes)}  {t.formula}" for t in p.terms]
         lines.append(f"    {'total':18s} {_gb(p.total)}")
