@@ -45,6 +45,12 @@ WEIGHT_LOAD_SECONDS = histogram(
     boundaries=SECONDS_BUCKETS,
     labels=("worker",),
 )
+WEIGHT_DECODE_SECONDS = histogram(
+    "segr1_rollout_weight_decode_seconds",
+    "Time to apply one version's weight_sync.delta payloads to the worker's copy of the policy (0 without delta).",
+    boundaries=SECONDS_BUCKETS,
+    labels=("worker",),
+)
 STALE_REQUESTS = counter(
     "segr1_rollout_stale_requests",
     "Requests refused because they need a newer policy than the worker holds (StaleWeightsError).",

@@ -210,15 +210,23 @@ class RolloutWorker:
         receiver = self._receiver
         return self._sync.run(generation, lambda: receiver.join(info), "joining")
 
-    def weight_sync_receive(self) -> int | None:
-        """Receive one version from the learner, streaming its buckets into the engine; the version, or None when
-        closed. A transfer that breaks off leaves the engine refusing to generate until a complete one loads."""
+    def weight_sync_receive(self) -> dict | None:
+        """Receive one version from the learner, streaming its buckets into the engine: {"version", "decode_s"
+        (applying weight_sync.delta's payloads)}, or None when closed. A transfer that breaks off leaves the
+        engine refusing to generate until a complete one loads."""
         from actors.weight_receiver import receive_and_load
 
         if self._receiver is None or self._receiver.info is None:
             raise RuntimeError(f"{self.name}: call weight_sync_join(info) before weight_sync_receive()")
         receiver = self._receiver  # calls self.load_weights once, with the version's stream of buckets
-        return self._sync.run(receiver.info.generation, lambda: receive_and_load(receiver, self), "receiving")
+        version = self._sync.run(
+            receiver.info.generation, lambda: receive_and_load(receiver, self), "receiving"
+        )
+        if version is None:
+            return None
+        decode_s = receiver.delta.decode_s
+        M.WEIGHT_DECODE_SECONDS.observe(decode_s, worker=self.name)
+        return {"version": version, "decode_s": decode_s}
 
     def weight_sync_abort(self, generation: int) -> None:
         """The learner gave up `generation` (a member died): a join or receive blocked on it returns at once

@@ -4,9 +4,14 @@ over gloo on CPU, with a plain memory copy of the same bytes measured in the sam
 also the CUDA IPC path (learner and receivers on one GPU) against a device-to-device copy.
 
     .venv/bin/python bench/weight_sync.py [--quick] --out bench/results/weight_sync_cpu.json
+    .venv/bin/python bench/weight_sync.py [--quick] --delta --out bench/results/weight_sync_delta_cpu.json
 
 --quick uses a smaller model of the same layer shapes (fewer layers, smaller vocabulary) and says so in the JSON.
 Each figure is the median of --rounds rounds after one warm-up round (receivers allocate staging buffers once).
+
+--delta (weight_sync.delta, bench/weight_sync_delta.py): the versions come from real AdamW steps (fp32 master
+weights at init scale 0.02, random gradients) at lr 1e-6 and 1e-5, and each one goes to 2 receivers four ways,
+interleaved: full and delta, over gloo TCP and through /dev/shm.
 """
 
 from __future__ import annotations
@@ -228,8 +233,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--bucket-mb", type=int, default=64, help="bucket size in MiB (weight_sync.bucket_mb)")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds per mode (median reported)")
+    ap.add_argument(
+        "--delta", action="store_true", help="delta vs full on AdamW versions (bench/weight_sync_delta.py)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
+    if args.delta:
+        from bench.weight_sync_delta import run_delta
+
+        return run_delta(args, model_shapes(QUICK if args.quick else QWEN25_05B))
     named = random_model(QUICK if args.quick else QWEN25_05B)
     nbytes = sum(t.numel() * t.element_size() for _, t in named)
     res = _meta(args, named, nbytes)

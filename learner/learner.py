@@ -76,6 +76,7 @@ from runtime.weights.abandon import Abandonable
 from runtime.weights.collective import DistributedWeightSender
 from runtime.weights.config import WeightSyncConfig
 from runtime.weights.cuda_ipc import CudaIpcSender
+from runtime.weights.delta import DeltaEncoder
 from runtime.weights.interface import SendStats, WeightSender
 from runtime.weights.layout import StreamedWeights
 from runtime.weights.wire import GroupInfo
@@ -283,7 +284,8 @@ class Learner:
         if backend == "object-store":
             raise RuntimeError("weight_sync.backend=object-store has no group: ship export_weights() instead")
         if self._sender is None or self._sender_backend != backend:
-            self._sender = _weight_sender(backend, host or _node_ip(), self.spec.weight_sync)
+            gpu = self.policy.device.type == "cuda"
+            self._sender = _weight_sender(backend, host or _node_ip(), self.spec.weight_sync, gpu)
             self._sender_backend = backend
         info = self._sender.prepare(list(members))
         self._generation = info.generation
@@ -311,10 +313,7 @@ class Learner:
             s: SendStats = send() if info is None else self._sync.run(info.generation, send, "broadcasting")
         finally:
             drain(stream)  # a failed or abandoned send still completes every gather
-        M.SYNC_SECONDS.observe(s.seconds, backend=self._sender_backend)
-        M.SYNC_BYTES.inc(s.nbytes, backend=self._sender_backend)
-        M.SYNC_VERSION.set(s.version)
-        return {"version": s.version, "bytes": s.nbytes, "buckets": s.buckets, "seconds": s.seconds}
+        return M.record_sync(s, self._sender_backend)
 
     def weight_sync_abort(self) -> int:
         """A member of the group is gone (the driver saw it die): give up the generation being formed or used at
@@ -459,11 +458,14 @@ def _advantage_abs_mean(adv: torch.Tensor) -> float:
     return float(adv.abs().mean())
 
 
-def _weight_sender(backend: str, host: str, ws: WeightSyncConfig) -> WeightSender:
+def _weight_sender(backend: str, host: str, ws: WeightSyncConfig, gpu: bool) -> WeightSender:
     """The sender of a resolved weight_sync.backend (gloo, nccl or cuda-ipc) at this node's address."""
+    delta = DeltaEncoder(ws.delta_max_changed, ws.full_every) if ws.delta_on(backend, gpu) else None
     if backend == "cuda-ipc":
-        return CudaIpcSender(host=host, bucket_mb=ws.bucket_mb, timeout_s=ws.timeout_s)
-    return DistributedWeightSender(backend=backend, host=host, bucket_mb=ws.bucket_mb, timeout_s=ws.timeout_s)
+        return CudaIpcSender(host=host, bucket_mb=ws.bucket_mb, timeout_s=ws.timeout_s, delta=delta)
+    return DistributedWeightSender(
+        backend=backend, host=host, bucket_mb=ws.bucket_mb, timeout_s=ws.timeout_s, delta=delta
+    )
 
 
 def _node_ip() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from runtime.metrics import counter, gauge, histogram
+from runtime.weights.interface import SendStats
 
 STEP_SECONDS = histogram(
     "segr1_learner_step_seconds", "Wall time of one learner optimiser step (forward, backward, update)."
@@ -55,4 +56,29 @@ SYNC_SECONDS = histogram(
 SYNC_BYTES = counter(
     "segr1_weight_sync_bytes_total", "Payload bytes broadcast to the rollout workers.", ("backend",)
 )
+SYNC_VERSIONS = counter(
+    "segr1_weight_sync_versions_total",
+    "Versions sent to the rollout workers, by kind: delta (only the changed values) or full.",
+    ("backend", "kind"),
+)
+SYNC_CHANGED = gauge(
+    "segr1_weight_sync_changed_fraction",
+    "Fraction of the policy's values that changed in the last version compared against its base (weight_sync.delta).",
+)
 SYNC_VERSION = gauge("segr1_weight_sync_version", "Last policy version every rollout worker acknowledged.")
+
+
+def record_sync(s: SendStats, backend: str) -> dict:
+    """One send's figures: to Prometheus, and (returned) to the driver's metrics.jsonl line."""
+    kind = "full" if s.delta_base is None else "delta"
+    SYNC_SECONDS.observe(s.seconds, backend=backend)
+    SYNC_BYTES.inc(s.nbytes, backend=backend)
+    SYNC_VERSIONS.inc(1, backend=backend, kind=kind)
+    SYNC_VERSION.set(s.version)
+    out = {"version": s.version, "bytes": s.nbytes, "buckets": s.buckets, "seconds": s.seconds}
+    if s.full_bytes is not None:  # weight_sync.delta
+        out.update(full_bytes=s.full_bytes, delta=s.delta_base is not None, encode_s=s.encode_s)
+        if s.changed_fraction is not None:
+            SYNC_CHANGED.set(s.changed_fraction)
+            out["changed_fraction"] = s.changed_fraction
+    return out

@@ -185,7 +185,14 @@ def load_all() -> dict[str, Metric]:
     """Import every package's metrics module and return the registry (for docs and the dashboard test)."""
     import importlib
 
-    for module in ("reward_service.metrics", "actors.metrics", "learner.metrics", "cluster.driver.metrics"):
+    modules = (
+        "reward_service.metrics",
+        "actors.metrics",
+        "learner.metrics",
+        "cluster.driver.metrics",
+        "cluster.pools.metrics",
+    )
+    for module in modules:
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:

@@ -117,6 +117,7 @@ def step_line(
         **{k: getattr(stats, k) for k in LEARNER_KEYS},
         "learner_s": stats.step_s,
         "weight_sync_s": sync.get("seconds", 0.0),
+        **sync_figures(sync),
         "step_s": step_s,
         "groups": stats.num_groups,
         "fill_rounds": fill_rounds,  # sync + filter_zero_variance: extra generation rounds to refill the batch
@@ -126,6 +127,22 @@ def step_line(
         "sample_ids": [r.header.sample_id for r in batch],  # what this step trained on (resume / data order)
     }
     return line
+
+
+def sync_figures(sync: dict) -> dict:
+    """The weight publish's figures (cluster/driver/weights.py): bytes sent, and with weight_sync.delta the bytes
+    of the whole version, whether it went as a delta, the changed fraction and the encode / decode seconds."""
+    out = {"weight_sync_bytes": sync.get("bytes", 0)}
+    if "full_bytes" in sync:
+        out.update(
+            weight_sync_full_bytes=sync["full_bytes"],
+            weight_sync_delta=int(bool(sync.get("delta"))),
+            weight_sync_encode_s=sync.get("encode_s", 0.0),
+            weight_sync_decode_s=sync.get("decode_s", 0.0),
+        )
+        if "changed_fraction" in sync:
+            out["weight_sync_changed_fraction"] = sync["changed_fraction"]
+    return out
 
 
 def _by_worker(batch: list) -> dict[str, dict[str, int]]:

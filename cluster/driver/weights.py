@@ -105,12 +105,14 @@ class WeightPublisher:
     def _broadcast(self, pool: ActorPool) -> dict:
         receivers = {name: h.weight_sync_receive.remote() for name, h in pool.serving().items()}
         results = _gather({**self.learner.broadcast_weights().by_rank(), **receivers})
-        versions = [results[name] for name in receivers]
+        got = [results[name] or {} for name in receivers]
+        versions = [r.get("version") for r in got]
         if any(v != self.version for v in versions):
             raise RuntimeError(
                 f"workers report versions {versions} after broadcasting version {self.version}"
             )
-        return results[self.learner.names[0]]
+        decode_s = max((r.get("decode_s", 0.0) for r in got), default=0.0)
+        return {**results[self.learner.names[0]], "decode_s": decode_s}
 
     def _raise_if_learner_died(self, err: BaseException) -> None:
         """A learner rank's death is the learner group's (cluster/driver/recovery.py restarts it), never a reason to

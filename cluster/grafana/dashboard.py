@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.grafana.grafana_json import DATASOURCE, layout, templating  # noqa: F401  (DATASOURCE: for callers)
+from cluster.grafana.promql import RATE, hist_mean, hist_quantile, increase, last, rate, sel  # noqa: F401
 
 DASHBOARD_PATH = Path(__file__).with_name("segr1.json")
 DASHBOARD_UID = "segr1-training"
@@ -46,47 +47,6 @@ def exported_names(name: str, kind: str) -> tuple[str, ...]:
     if kind == "histogram":
         return (base + "_bucket", base + "_sum", base + "_count")
     raise ValueError(f"unknown metric kind {kind!r} of {name}; expected counter, gauge or histogram")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# PromQL helpers: every series is filtered by the $cluster variable; `metric` is the exported name.
-
-RATE = "[$__rate_interval]"
-
-
-def sel(**matchers: str) -> str:
-    """Label selector: the $cluster filter plus exact matchers."""
-    parts = ['ray_io_cluster=~"$cluster"'] + [f'{k}="{v}"' for k, v in matchers.items()]
-    return "{" + ", ".join(parts) + "}"
-
-
-def _by(labels: str) -> str:
-    return f" by ({labels})" if labels else ""
-
-
-def rate(metric: str, by: str = "", **matchers: str) -> str:
-    """sum [by (labels)] (rate(metric{...}[interval])): per-second rate of a counter."""
-    return f"sum{_by(by)} (rate({metric}{sel(**matchers)}{RATE}))"
-
-
-def hist_mean(metric: str, by: str = "", **matchers: str) -> str:
-    """Mean of a histogram's observations over the interval (`metric` without the _sum/_count suffix)."""
-    return f"{rate(metric + '_sum', by, **matchers)} / {rate(metric + '_count', by, **matchers)}"
-
-
-def hist_quantile(q: float, metric: str, by: str = "") -> str:
-    keep = f"le, {by}" if by else "le"
-    return f"histogram_quantile({q}, sum by ({keep}) (rate({metric}_bucket{sel()}{RATE})))"
-
-
-def increase(metric: str, by: str) -> str:
-    """sum by (labels) (increase(counter{...}[range])): how much a counter grew over the dashboard's range."""
-    return f"sum{_by(by)} (increase({metric}{sel()}[$__range]))"
-
-
-def last(metric: str, agg: str = "max", by: str = "", **matchers: str) -> str:
-    """agg [by (labels)] (gauge{...})."""
-    return f"{agg}{_by(by)} ({metric}{sel(**matchers)})"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -334,6 +294,25 @@ def weight_sync_row() -> Row:
             ),
             Panel("Bytes per sync", [(f"{rate(sent)} / {rate(seconds + '_count')}", "bytes/sync")], "bytes"),
             Panel("Bytes / s sent", [(rate(sent), "bytes/s")], "Bps"),
+            Panel(
+                "Versions sent, delta vs full",
+                [(rate("ray_segr1_weight_sync_versions_total", "kind"), "{{kind}}")],
+                "ops",
+                description="weight_sync.delta: versions sent as only their changed values, and whole ones "
+                "(the first of a group, every full_every-th, after a large change).",
+            ),
+            Panel(
+                "Changed fraction",
+                [(last("ray_segr1_weight_sync_changed_fraction"), "changed")],
+                "percentunit",
+                description="Of the values compared in the last delta version: what changed since its base.",
+            ),
+            Panel(
+                "Delta decode per worker (p95)",
+                [(hist_quantile(0.95, "ray_segr1_rollout_weight_decode_seconds", "worker"), "{{worker}}")],
+                "s",
+                description="Receiver side: applying a version's delta payloads to the worker's copy.",
+            ),
             Panel(
                 "Weight load into each rollout engine (p95)",
                 [(hist_quantile(0.95, "ray_segr1_rollout_weight_load_seconds", "worker"), "{{worker}}")],

@@ -385,6 +385,10 @@ def add_weight_sync_terms(cfg, s: PolicyShapes, learner: PoolPlan, rollout: Pool
     bucket, what = sync_bucket(cfg, s)
     if backend in ("nccl", "cuda-ipc") and learner.on_gpu:
         learner.add("sync packing", 2 * bucket, f"2 x bucket ({what}), {backend}")
+    if learner.on_gpu and delta_on(cfg, learner_gpu=True):
+        params, dtype = param_counts(s)["total"], DTYPE_BYTES[cfg.rollout_dtype()]
+        formula = f"{params:,} x {dtype} B + 1 bucket: weight_sync.delta's last version (rank 0)"
+        learner.add("delta base", params * dtype + bucket, formula)
     if not rollout.on_gpu:
         return
     if backend in ("nccl", "cuda-ipc"):
@@ -395,6 +399,12 @@ def add_weight_sync_terms(cfg, s: PolicyShapes, learner: PoolPlan, rollout: Pool
         tp = cfg.rollout.tensor_parallel_size
         formula = f"largest layer, V {s.vocab} x h {s.hidden} x {dtype} B / TP {tp}: vLLM's layer-wise reload"
         rollout.add("reload layer", s.vocab * s.hidden * dtype / tp, formula, outside_claim=True)
+
+
+def delta_on(cfg, learner_gpu: bool) -> bool:
+    """Whether weight_sync.delta is on for this config (WeightSyncConfig.delta_on, with the resolved backend)."""
+    ws = cfg.weight_transport()
+    return ws.backend != "object-store" and ws.delta_on(ws.backend, learner_gpu)
 
 
 def weight_sync_host_plan(cfg, s: PolicyShapes) -> list[PoolPlan]:
@@ -413,6 +423,13 @@ def weight_sync_host_plan(cfg, s: PolicyShapes) -> list[PoolPlan]:
         rollout.add("sync receive", 2 * bucket, f"2 x bucket ({what}), gloo")
     learner.add("export", params * dtype, version + ": export_weights() for the object store (rank 0)")
     rollout.add("catch-up copy", params * dtype, version + ": the object store's version, deserialised")
+    learner_gpu = cfg.learner.resources.num_gpus > 0
+    if delta_on(cfg, learner_gpu):
+        if not learner_gpu:
+            learner.add(
+                "delta base", params * dtype + bucket, version + " + 1 bucket: weight_sync.delta (rank 0)"
+            )
+        rollout.add("delta copy", params * dtype, version + ": weight_sync.delta's last version, applied to")
     if multiprocess_engine(cfg):
         piece = max(WEIGHT_PIECE_BYTES, s.vocab * s.hidden * dtype)
         rollout.add("pieces", 2 * piece, f"2 x {piece / MIB:.0f} MiB: one packed, one in the engine core")

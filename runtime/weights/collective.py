@@ -23,6 +23,7 @@ import torch
 
 from protos import WeightsManifest
 from runtime.weights.cuda_ipc import ipc_buffers
+from runtime.weights.delta import DeltaDecoder, DeltaEncoder
 from runtime.weights.interface import SendStats
 from runtime.weights.layout import (
     NamedTensors,
@@ -34,6 +35,7 @@ from runtime.weights.layout import (
     plan_manifest,
     tensor_source,
 )
+from runtime.weights.payloads import agree_on_base, payload_buffers, send_payloads
 from runtime.weights.shm import (
     MappedSegments,
     SharedSegments,
@@ -68,10 +70,12 @@ class DistributedWeightSender:
         bucket_mb: float = 256,
         timeout_s: float = 1800.0,
         use_shm: bool | None = None,
+        delta: DeltaEncoder | None = None,
     ):
         """use_shm (gloo only): None probes at connect() whether every member maps this process's shared memory
         (same node) and then moves the bytes through /dev/shm (gloo carries only the control messages); False
-        always sends the bytes over gloo (TCP); True requires shared memory."""
+        always sends the bytes over gloo (TCP); True requires shared memory. delta: send each version as deltas
+        against the last one every member acknowledged (runtime/weights/delta.py, payloads.py)."""
         if backend not in ("gloo", "nccl"):
             raise WeightSyncError(f"DistributedWeightSender backend must be gloo or nccl, got {backend!r}")
         self.backend, self.bucket_mb = backend, bucket_mb
@@ -81,6 +85,10 @@ class DistributedWeightSender:
         self._buffers: list[torch.Tensor] = []
         self._segments = SharedSegments()
         self._abandoned_segments: list[SharedSegments] = []
+        self.delta = delta
+        self._fresh = (
+            True  # a generation whose members may not hold the encoder's base: the next version is full
+        )
 
     @property
     def info(self) -> GroupInfo | None:
@@ -97,6 +105,7 @@ class DistributedWeightSender:
     def connect(self) -> None:
         """Blocks until every member of the prepared generation called join(); the old group is dropped."""
         pg = self.group.connect()
+        self._fresh = True
         self.shm_active = probe_shared_memory(pg) if self.group.info.shm_probe else False
         if self.use_shm is True and not self.shm_active:
             raise WeightSyncError(
@@ -108,12 +117,38 @@ class DistributedWeightSender:
         """Broadcast every bucket of `version`; returns once every member's engine took all of them (ack)."""
         pg, t0 = self.group.require(), time.perf_counter()
         manifest = plan_manifest(layout_of(named_tensors), version, self.bucket_mb)
+        if self.delta is not None:
+            return self._send_delta(pg, manifest, tensor_source(named_tensors), t0)
         if self.shm_active:
             sent = send_shm(pg, self._segments, manifest, tensor_source(named_tensors))
         else:
             sent = self._send_buckets(pg, manifest, tensor_source(named_tensors))
         check_ack(pg, self.device, version, "stage weights")
         return SendStats(version, manifest.total_bytes, sent, time.perf_counter() - t0)
+
+    def _send_delta(self, pg, manifest: WeightsManifest, tensors, t0: float) -> SendStats:
+        """The version as payloads (deltas where every member holds the base); the base is kept only once every
+        member acknowledged the version."""
+        segments = self._segments if self.shm_active else None
+        try:
+            sent = send_payloads(pg, self.device, self.delta, manifest, tensors, self._fresh, segments)
+            check_ack(pg, self.device, manifest.version, "stage weights")
+        except BaseException:
+            self.delta.invalidate()
+            raise
+        self.delta.commit(manifest.version)
+        self._fresh = False
+        d = self.delta.stats
+        return SendStats(
+            manifest.version,
+            d.payload_bytes,
+            sent,
+            time.perf_counter() - t0,
+            full_bytes=d.full_bytes,
+            delta_base=d.base,
+            changed_fraction=d.changed_fraction if d.compared else None,
+            encode_s=d.encode_s,
+        )
 
     def _send_buckets(self, pg, manifest: WeightsManifest, by_name: dict) -> int:
         """Header, then one broadcast per bucket, double buffered: bucket i+1 is packed while i is on the wire."""
@@ -151,6 +186,7 @@ class DistributedWeightSender:
         """Drop the current generation (a member is gone, runtime/weights/abandon.py): a transfer still blocked on
         it keeps its buffers and shared-memory segments; the next generation gets new ones."""
         self.group.abandon()
+        self._fresh = True
         self._buffers = []
         self._abandoned_segments.append(self._segments)
         self._segments = SharedSegments()
@@ -186,6 +222,7 @@ class DistributedWeightReceiver:
         self._mapped = MappedSegments()  # the learner's /dev/shm segments, mapped (same node)
         self.shared_memory = False  # whether this generation moves the bytes through shared memory
         self.last_receive_s = 0.0
+        self.delta = DeltaDecoder()  # the last version, in host memory, when the learner sends deltas
 
     def join(self, info: GroupInfo | Mapping[str, Any]) -> int:
         """Join the generation described by info; blocks until every member and the learner are there.
@@ -233,15 +270,36 @@ class DistributedWeightReceiver:
             return version, named
         manifest = WeightsManifest.model_validate(header["manifest"])
         ack_on = torch.device("cpu") if op is WireOp.WEIGHTS_IPC else wire
-        finish = lambda ok: self._acknowledge(pg, manifest.version, ok, ack_on, t0)  # noqa: E731
-        return manifest.version, WeightStream(manifest, self._buffers(pg, op, header, manifest, wire), finish)
+        decoded = bool(header.get("delta"))
+        if decoded:
+            buffers = self._payloads(pg, op, header, manifest, ack_on)
+        else:
+            self.delta.version = -1  # the engine moves past what the decoder holds
+            buffers = self._buffers(pg, op, header, manifest, wire)
+        finish = lambda ok: self._acknowledge(pg, manifest.version, ok, ack_on, t0, decoded)  # noqa: E731
+        return manifest.version, WeightStream(manifest, buffers, finish)
+
+    def _payloads(self, pg, op: WireOp, header: dict, manifest: WeightsManifest, wire: torch.device):
+        """A version sent as payloads: agree on its base, then apply each bucket to the decoder's held buckets."""
+        delta = agree_on_base(pg, wire, self.delta, header, manifest)
+        self.delta.begin(manifest, delta)
+        if op is WireOp.WEIGHTS_SHM:
+            self._mapped.open(header["segments"])
+            return payload_buffers(pg, wire, self.delta, manifest, self.staging, self._abort, self._mapped)
+        if op is WireOp.WEIGHTS_IPC:
+            return ipc_buffers(pg, manifest, self.staging, self._abort, self.delta)
+        return payload_buffers(pg, wire, self.delta, manifest, self.staging, self._abort)
 
     def abort(self) -> None:
         """The generation was abandoned (a member left): a wait for a bucket raises WeightSyncAborted at once, so
         an engine load blocked on it ends (and releases the rollout lock)."""
         self._abort.set()
 
-    def _acknowledge(self, pg, version: int, ok: bool, device: torch.device, t0: float) -> None:
+    def _acknowledge(
+        self, pg, version: int, ok: bool, device: torch.device, t0: float, decoded=False
+    ) -> None:
+        if ok and decoded:
+            self.delta.finish(version)  # every bucket applied: later deltas may build on it
         all_min(pg, device, version if ok else -1)
         if ok:
             self.version = version

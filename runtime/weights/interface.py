@@ -24,12 +24,18 @@ from runtime.weights.wire import GroupInfo
 
 @dataclass(frozen=True)
 class SendStats:
-    """What one send did: version, payload bytes, number of buckets (or tensors), seconds end to end."""
+    """What one send did: version, payload bytes, number of buckets (or tensors), seconds end to end; with
+    `weight_sync.delta`, also the bytes of the whole version, the base its deltas applied to (None: sent whole),
+    the fraction of compared elements that changed (None: nothing compared) and the seconds spent encoding."""
 
     version: int
     nbytes: int
     buckets: int
     seconds: float
+    full_bytes: int | None = None
+    delta_base: int | None = None
+    changed_fraction: float | None = None
+    encode_s: float = 0.0
 
 
 class WeightSender(Protocol):

@@ -193,12 +193,20 @@ class MappedSegments:
     def __init__(self):
         self._segments: list[tuple[str, shared_memory.SharedMemory]] = []
 
-    def buffers(self, pg, manifest: WeightsManifest, names: list[str], staging: Staging, abort=None):
-        """Bucket i copied out of segment i (into a fresh staging buffer) chunk by chunk, as the learner's
-        (bucket, end offset) broadcasts arrive; one buffer at a time, when the engine asks for the next bucket."""
+    def open(self, names: list[str]) -> None:
+        """Map the learner's segments `names` (kept while they stay the same)."""
         if [n for n, _ in self._segments] != names:
             self.close()
             self._segments = [(n, open_shared(n)) for n in names]
+
+    def tensor(self, index: int, nbytes: int) -> torch.Tensor:
+        """The first nbytes of segment `index`, in place (drop it before the mapping closes). # (nbytes,)"""
+        return shared_tensor(self._segments[index][1], nbytes)
+
+    def buffers(self, pg, manifest: WeightsManifest, names: list[str], staging: Staging, abort=None):
+        """Bucket i copied out of segment i (into a fresh staging buffer) chunk by chunk, as the learner's
+        (bucket, end offset) broadcasts arrive; one buffer at a time, when the engine asks for the next bucket."""
+        self.open(names)
         for i, size in enumerate(manifest.bucket_nbytes):
             buf = staging.new(size, _CPU)
             source = shared_tensor(self._segments[i][1], size)

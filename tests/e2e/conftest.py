@@ -305,6 +305,10 @@ def sync_run(assets, sft_policy, e2e_ray, tmp_path_factory):
         "reward.num_workers=2",
         f"metrics.image_every={IMAGE_EVERY}",
         "metrics.image_samples=2",
+        # deltas whatever the changed fraction (auto leaves them off for a learner on the CPU): test_train checks
+        # that the workers generate with exactly the learner's weights
+        "weight_sync.delta=true",
+        "weight_sync.delta_max_changed=1.0",
         *RISE_OVERRIDES,
         policy=sft_policy,
     )

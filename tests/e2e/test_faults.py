@@ -39,6 +39,10 @@ def test_killed_rollout_and_reward_actors_cost_only_the_retry(assets, sft_policy
         "rollout.engine=hf",
         "rollout.num_workers=2",  # the others carry on while the killed one restarts
         "reward.num_workers=2",
+        # weights that barely move (only the smallest fp32 values change), sent as deltas: the restarted worker
+        # joins a new weight-sync generation, which must start from a full version
+        "learner.lr=1e-10",
+        "weight_sync.delta=true",
         policy=sft_policy,
     )
     driver, run_ref = start_job(cfg)
@@ -62,3 +66,8 @@ def test_killed_rollout_and_reward_actors_cost_only_the_retry(assets, sft_policy
     assert rows[-1]["actor_restarts"] == summary["actor_restarts"]
     assert [set(r["sample_ids"]) for r in rows] == _expected_ids(cfg, steps)
     assert summary["groups_trained"] == steps * cfg.grpo.batch_size
+    # deltas that were applied: fewer bytes than the whole policy, and the engines hold the learner's weights
+    assert any(
+        r["weight_sync_delta"] and r["weight_sync_bytes"] < r["weight_sync_full_bytes"] for r in rows
+    ), rows
+    assert all(r["mismatch_logp_abs"] < 1e-3 and r["mismatch_outside_fraction"] == 0.0 for r in rows), rows

@@ -42,6 +42,8 @@ def test_sync_run_writes_one_metrics_line_per_step(sync_run):
         assert r["groups"] == cfg.grpo.batch_size and len(r["sample_ids"]) == cfg.grpo.batch_size
         assert r["policy_version"] == r["step"]
         assert 0.0 <= r["parse_failure_rate"] <= 1.0 and r["weight_sync_s"] > 0
+        assert 0 < r["weight_sync_bytes"] <= r["weight_sync_full_bytes"]  # weight_sync.delta is on
+        assert 0.0 <= r.get("weight_sync_changed_fraction", 0.0) <= 1.0, r
         # the rollout workers generate with exactly the learner's weights (sync): the PPO ratio is 1, nothing
         # is clipped; a broken weight sync shows up here as clipping
         assert r["clip_fraction"] < 0.01, r
@@ -54,6 +56,8 @@ def test_sync_run_writes_one_metrics_line_per_step(sync_run):
         assert abs(r["is_weight_mean"] - 1.0) < 1e-3 and r["is_truncated_fraction"] == 0.0, r
     # no filter: every zero-variance group is trained (with zero advantage) and counted both per step and in total
     assert sum(r["zero_variance_groups"] for r in rows) == read_summary(run_dir)["groups_zero_variance"]
+
+    assert any(r["weight_sync_delta"] for r in rows), [r["weight_sync_bytes"] for r in rows]
 
 
 def test_reward_rises(sync_run):

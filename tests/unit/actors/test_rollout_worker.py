@@ -187,7 +187,7 @@ def test_weights_over_the_gloo_weight_sync_group(worker):
     sender.send(named, version)
     t.join(timeout=60)
     sender.close()
-    assert got["version"] == version == worker.policy_version
+    assert got["version"]["version"] == version == worker.policy_version
     params = dict(worker.engine.model.named_parameters())
     assert all(torch.equal(params[n], t) for n, t in named)
 
