@@ -14,6 +14,7 @@ the learner scores the completions after exactly the same prompt.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -30,6 +31,9 @@ from runtime.memory import peak_memory
 from runtime.quiet import quiet_libraries
 from runtime.threads import limit_threads
 from runtime.weights.abandon import Abandonable
+from runtime.weights.delta import DeltaDecoder, DeltaExport, apply_export
+
+logger = logging.getLogger(__name__)
 
 
 def rollout_device(rollout: RolloutConfig) -> str:
@@ -96,6 +100,7 @@ class RolloutWorker:
         self.engine_kind = type(self.engine).__name__
         self._receiver = None
         self._sync = Abandonable()  # weight_sync_abort(generation) ends a blocked join / receive at once
+        self._store_delta = DeltaDecoder()  # the object store's last version, with weight_sync.delta
         self._in_flight = 0
         self._count_lock = threading.Lock()
         M.POLICY_VERSION.set(self.engine.policy_version, worker=name)
@@ -176,11 +181,21 @@ class RolloutWorker:
         M.POLICY_VERSION.set(batch.policy_version, worker=self.name)
 
     # -- weights ---------------------------------------------------------------------------------------------------
-    def load_weights(self, named_tensors: NamedTensors, version: int) -> int:
+    def load_weights(self, named_tensors: NamedTensors | DeltaExport, version: int) -> int:
         """Switch the engine to `version` atomically (every tensor of the policy, Hugging Face names). Takes
-        (name, tensor) pairs or a name -> tensor mapping (the learner's export_weights(), via the object store)."""
+        (name, tensor) pairs or a name -> tensor mapping (the learner's export_weights(), via the object store), or
+        a DeltaExport (weight_sync.delta). Returns the engine's version: still the old one when the export is a
+        delta against a version this worker does not hold (the driver then sends it whole)."""
         t0 = time.perf_counter()
-        if isinstance(named_tensors, Mapping):
+        if isinstance(named_tensors, DeltaExport):
+            named_tensors = apply_export(self._store_delta, named_tensors)
+            if named_tensors is None:
+                logger.info(
+                    "%s: a delta against a version it does not hold; waiting for the whole one", self.name
+                )
+                return self.engine.policy_version
+        elif isinstance(named_tensors, Mapping):
+            self._store_delta.version = -1  # the engine moves past what the decoder holds
             named_tensors = list(named_tensors.items())
         self.engine.load_weights(named_tensors, version)
         M.WEIGHT_LOAD_SECONDS.observe(time.perf_counter() - t0, worker=self.name)

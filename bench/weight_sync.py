@@ -11,7 +11,8 @@ Each figure is the median of --rounds rounds after one warm-up round (receivers 
 
 --delta (weight_sync.delta, bench/weight_sync_delta.py): the versions come from real AdamW steps (fp32 master
 weights at init scale 0.02, random gradients) at lr 1e-6 and 1e-5, and each one goes to 2 receivers four ways,
-interleaved: full and delta, over gloo TCP and through /dev/shm.
+interleaved: full and delta, over gloo TCP and through /dev/shm. --learner-device cuda keeps the learner's weights
+on the GPU (the deployment `weight_sync.delta: auto` turns delta on for: the changes are found on the GPU).
 """
 
 from __future__ import annotations
@@ -235,6 +236,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds per mode (median reported)")
     ap.add_argument(
         "--delta", action="store_true", help="delta vs full on AdamW versions (bench/weight_sync_delta.py)"
+    )
+    ap.add_argument(
+        "--learner-device",
+        default="cpu",
+        help="--delta: where the learner's weights live (cuda: encode on the GPU)",
     )
     args = ap.parse_args(argv)
     torch.set_num_threads(2)

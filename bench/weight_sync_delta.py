@@ -25,22 +25,22 @@ LRS = (1e-6, 1e-5)
 
 
 class AdamWPolicy:
-    """fp32 master weights and their AdamW state; `export()` is the bf16 policy a learner sends."""
+    """fp32 master weights and their AdamW state; `export()` is the bf16 policy a learner sends. One AdamW per
+    tensor (AdamW is element-wise: the same update), so only one tensor's gradient exists at a time."""
 
-    def __init__(self, shapes, lr: float, seed: int = 0):
+    def __init__(self, shapes, lr: float, seed: int = 0, device: str = "cpu"):
         self.g = torch.Generator().manual_seed(seed)
         self.params = []
         for name, shape in shapes:
             norm = name.endswith("norm.weight")
             init = torch.ones(shape) if norm else torch.randn(shape, generator=self.g) * 0.02
-            self.params.append((name, torch.nn.Parameter(init)))
-        self.opt = torch.optim.AdamW([p for _, p in self.params], lr=lr, weight_decay=0.01, foreach=False)
+            self.params.append((name, torch.nn.Parameter(init.to(device))))
+        self.opts = [torch.optim.AdamW([p], lr=lr, weight_decay=0.01, foreach=False) for _, p in self.params]
 
     def step(self) -> None:
-        for _, p in self.params:
-            p.grad = torch.randn(p.shape, generator=self.g)
-        self.opt.step()
-        for _, p in self.params:
+        for (_, p), opt in zip(self.params, self.opts, strict=True):
+            p.grad = torch.randn(p.shape, generator=self.g).to(p.device)
+            opt.step()
             p.grad = None
 
     def export(self) -> list[tuple[str, torch.Tensor]]:
@@ -69,14 +69,14 @@ def _start_way(ctx, way: tuple[str, str], versions: int, bucket_mb: int, out_q, 
     return sender, procs
 
 
-def run_lr(shapes, lr: float, versions: int, bucket_mb: int) -> dict:
+def run_lr(shapes, lr: float, versions: int, bucket_mb: int, device: str = "cpu") -> dict:
     """Every way's figures for `versions` AdamW versions at `lr`."""
     from bench.weight_sync import digest  # noqa: PLC0415
 
     ctx = mp.get_context("spawn")
     out_q = ctx.Queue()
     ways = {way: _start_way(ctx, way, versions, bucket_mb, out_q, f"lr{lr:g}") for way in WAYS}
-    policy = AdamWPolicy(shapes, lr)
+    policy = AdamWPolicy(shapes, lr, device=device)
     rows: dict = {way: [] for way in WAYS}
     for v in range(1, versions + 1):
         policy.step()
@@ -115,6 +115,7 @@ def _summary(rows: dict) -> dict:
         key = f"{transport}_{mode}"
         out[key] = {
             "seconds_per_version": statistics.median(r["seconds"] for r in later),
+            "mean_seconds_per_version": statistics.mean(r["seconds"] for r in later),
             "bytes_per_version": statistics.median(r["bytes"] for r in later),
             "versions_as_delta": sum(r["delta"] for r in later),
             "changed_fraction": [round(r["changed_fraction"], 4) for r in later if r["changed_fraction"]],
@@ -128,6 +129,9 @@ def _summary(rows: dict) -> dict:
         )
         out[f"{transport}_seconds_ratio_full_over_delta"] = (
             full["seconds_per_version"] / delta["seconds_per_version"]
+        )
+        out[f"{transport}_mean_seconds_ratio_full_over_delta"] = (
+            full["mean_seconds_per_version"] / delta["mean_seconds_per_version"]
         )
     return out
 
@@ -148,14 +152,21 @@ def run_delta(args, shapes) -> int:
         "each, delta with max_changed 0.1. seconds/bytes: median over the versions after the first (sent whole "
         "by every way). *_ratio_full_over_delta: full / delta."
     )
-    res["by_lr"] = [run_lr(shapes, lr, versions, args.bucket_mb) for lr in LRS]
+    res["learner_device"] = args.learner_device
+    res["by_lr"] = [run_lr(shapes, lr, versions, args.bucket_mb, args.learner_device) for lr in LRS]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     for r in res["by_lr"]:
         brief = {k: v for k, v in r.items() if "ratio" in k or k in ("lr", "bit_identical")}
         for key in ("tcp_full", "tcp_delta", "shm_full", "shm_delta"):
             brief[key] = {
-                k: r[key][k] for k in ("seconds_per_version", "bytes_per_version", "changed_fraction")
+                k: r[key][k]
+                for k in (
+                    "seconds_per_version",
+                    "mean_seconds_per_version",
+                    "bytes_per_version",
+                    "changed_fraction",
+                )
             }
         print(json.dumps(brief, indent=2))
     return 0

@@ -50,6 +50,7 @@ from learner.checkpoint import (
 )
 from learner.config import LearnerSpec
 from learner.policy import Policy, learner_device
+from learner.publish import export_streamed, node_ip, weight_sender
 from learner.sharding import (
     barrier,
     broadcast_object,
@@ -73,10 +74,7 @@ from runtime.memory import peak_memory
 from runtime.quiet import quiet_libraries
 from runtime.threads import limit_threads
 from runtime.weights.abandon import Abandonable
-from runtime.weights.collective import DistributedWeightSender
-from runtime.weights.config import WeightSyncConfig
-from runtime.weights.cuda_ipc import CudaIpcSender
-from runtime.weights.delta import DeltaEncoder
+from runtime.weights.delta import DeltaEncoder, DeltaExport
 from runtime.weights.interface import SendStats, WeightSender
 from runtime.weights.layout import StreamedWeights
 from runtime.weights.wire import GroupInfo
@@ -128,6 +126,7 @@ class Learner:
         self.step_count = 0
         self.policy_version = 0
         self._sender: WeightSender | None = None
+        self._export_delta: DeltaEncoder | None = None  # the object store's versions, with weight_sync.delta
         self._sender_backend = ""
         self._sync = Abandonable()  # weight_sync_abort() ends a blocked connect / broadcast at once
         M.POLICY_VERSION.set(0)
@@ -262,13 +261,29 @@ class Learner:
         under FSDP2: every rank exhausts it, in the same order (learner/weights_io.py)."""
         return self.policy.named_weights(self.export_dtype())
 
-    def export_weights(self) -> dict[str, torch.Tensor]:
+    def export_weights(self, base: int | None = None) -> dict[str, torch.Tensor] | DeltaExport:
         """CPU copies of named_weights() on rank 0 (the object-store transport; tests); {} on the other ranks,
-        which only take part in the gathers. COLLECTIVE."""
+        which only take part in the gathers. COLLECTIVE. With weight_sync.delta on for the object store, a
+        DeltaExport instead (weight_sync.backend object-store only): deltas against `base`, the version every rollout
+        worker holds (None: whole)."""
         if self.rank != 0:
             drain(self.named_weights())
             return {}
-        return {n: t.detach().to("cpu", copy=True) for n, t in self.named_weights()}
+        store = self.weight_sync_backend() == "object-store"  # else only catch-up and fallback: whole
+        if not (store and self.spec.weight_sync.delta_on("object-store", self.policy.device.type == "cuda")):
+            return {n: t.detach().to("cpu", copy=True) for n, t in self.named_weights()}
+        if self._export_delta is None:
+            self._export_delta = DeltaEncoder(
+                self.spec.weight_sync.delta_max_changed, self.spec.weight_sync.full_every
+            )
+        stream = OneAtATime(self.named_weights())
+        try:
+            weights = StreamedWeights(weight_specs(self.policy, self.export_dtype()), stream)
+            return export_streamed(
+                self._export_delta, weights, self.spec.weight_sync.bucket_mb, base, self.policy_version
+            )
+        finally:
+            drain(stream)
 
     def weight_sync_backend(self) -> str:
         """weight_sync.backend as resolved by cluster/config.py (TrainConfig.weight_transport)."""
@@ -285,7 +300,7 @@ class Learner:
             raise RuntimeError("weight_sync.backend=object-store has no group: ship export_weights() instead")
         if self._sender is None or self._sender_backend != backend:
             gpu = self.policy.device.type == "cuda"
-            self._sender = _weight_sender(backend, host or _node_ip(), self.spec.weight_sync, gpu)
+            self._sender = weight_sender(backend, host or node_ip(), self.spec.weight_sync, gpu)
             self._sender_backend = backend
         info = self._sender.prepare(list(members))
         self._generation = info.generation
@@ -456,25 +471,6 @@ def _advantage_abs_mean(adv: torch.Tensor) -> float:
     """Mean |advantage| over the batch's completions (every rank plans the whole batch's advantages). The batch's
     rewards, zero-variance groups and staleness are the driver's figures (cluster/driver/metrics.py)."""
     return float(adv.abs().mean())
-
-
-def _weight_sender(backend: str, host: str, ws: WeightSyncConfig, gpu: bool) -> WeightSender:
-    """The sender of a resolved weight_sync.backend (gloo, nccl or cuda-ipc) at this node's address."""
-    delta = DeltaEncoder(ws.delta_max_changed, ws.full_every) if ws.delta_on(backend, gpu) else None
-    if backend == "cuda-ipc":
-        return CudaIpcSender(host=host, bucket_mb=ws.bucket_mb, timeout_s=ws.timeout_s, delta=delta)
-    return DistributedWeightSender(
-        backend=backend, host=host, bucket_mb=ws.bucket_mb, timeout_s=ws.timeout_s, delta=delta
-    )
-
-
-def _node_ip() -> str:
-    import sys
-
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        return ray.util.get_node_ip_address()
-    return "127.0.0.1"
 
 
 def _over_ranks(

@@ -33,6 +33,7 @@ PARTS: dict[str, str] = {
     "pytest_gpu": "bench.gpu.pytest_gpu:run",
     "vllm_sync": "bench.gpu.vllm_engines:run_sync",
     "vllm_async": "bench.gpu.vllm_engines:run_async",
+    "weight_sync_delta": "bench.gpu.delta:run",
 }
 # The vLLM parts run vLLM where it is installed (skipped where not); every other part runs with it hidden.
 HIDDEN_FOR = {"vllm_sync": ("ray",), "vllm_async": ("ray",)}

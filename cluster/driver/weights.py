@@ -10,8 +10,9 @@ colocated on one GPU):
   the driver then abandons the generation on the learner and on every live member (runtime/weights/abandon.py),
   the pool restarts the dead one and the next publish forms a new generation with the live members.
 - object-store: the learner exports CPU copies once per version, put in Ray's object store, and every worker
-  loads them. Also the path by which a new or restarted worker catches up before it serves, and the fallback
-  when a broadcast fails because a member died mid-transfer.
+  loads them (with weight_sync.delta: deltas against the version every worker holds, whole to one that does not).
+  Also the path by which a new or restarted worker catches up before it serves, and the fallback when a broadcast
+  fails because a member died mid-transfer (both whole).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class WeightPublisher:
         self.backend: str = learner.weight_sync_backend()
         self._members: tuple[str, ...] = ()  # the group's members; () while there is no working group
         self._tried: tuple[tuple[str, ...], int] | None = None  # (members, pool restarts) of the last forming
-        self._export: tuple[int, Any] | None = None  # (version, ObjectRef of the CPU weights)
+        self._export: tuple[tuple, Any] | None = None  # ((version, base), ObjectRef of the CPU weights)
+        self._held: int | None = None  # the version every serving worker loaded from the object store
         self._generation = 0  # the weight-sync generation last prepared
 
     @property
@@ -99,8 +101,23 @@ class WeightPublisher:
                     err,
                 )
                 self._members, self._tried = (), None
-        pool.broadcast(lambda a: a.load_weights.remote(self._exported(), version))
+        self._store_publish(pool, version)
         return {"seconds": time.perf_counter() - t0, "backend": "object-store"}
+
+    def _store_publish(self, pool: ActorPool, version: int) -> None:
+        """Every serving worker loads `version` from the object store: with weight_sync.delta, as deltas against
+        the version they all hold (Learner.export_weights), then whole to any that does not hold it (its
+        load_weights answers its old version); a worker still starting gets it whole from on_start."""
+        base = self._held if not self.collective else None  # after a failed broadcast: whole
+        loaded = pool.broadcast(lambda a: a.load_weights.remote(self._exported(base), version))
+        handles = pool.handles()
+        behind = [name for name, v in loaded.items() if v != version and name in handles]
+        if behind:
+            logger.info(
+                "weight sync: %s did not hold version %s; sending version %d whole", behind, base, version
+            )
+            ray.get([handles[name].load_weights.remote(self._exported(), version) for name in behind])
+        self._held = version
 
     def _broadcast(self, pool: ActorPool) -> dict:
         receivers = {name: h.weight_sync_receive.remote() for name, h in pool.serving().items()}
@@ -151,9 +168,11 @@ class WeightPublisher:
             return [handle.ping.remote()]  # it loaded the starting policy from model.policy itself
         return [handle.load_weights.remote(self._exported(), self.version)]
 
-    def _exported(self) -> Any:
-        if self._export is None or self._export[0] != self.version:
-            self._export = (self.version, self.learner.export_weights())
+    def _exported(self, base: int | None = None) -> Any:
+        """The ObjectRef of the current version from the learner: whole, or (weight_sync.delta) as deltas against
+        `base`, the version every worker holds."""
+        if self._export is None or self._export[0] != (self.version, base):
+            self._export = ((self.version, base), self.learner.export_weights(base))
         return self._export[1]
 
 

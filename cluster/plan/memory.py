@@ -404,7 +404,7 @@ def add_weight_sync_terms(cfg, s: PolicyShapes, learner: PoolPlan, rollout: Pool
 def delta_on(cfg, learner_gpu: bool) -> bool:
     """Whether weight_sync.delta is on for this config (WeightSyncConfig.delta_on, with the resolved backend)."""
     ws = cfg.weight_transport()
-    return ws.backend != "object-store" and ws.delta_on(ws.backend, learner_gpu)
+    return ws.delta_on(ws.backend, learner_gpu)
 
 
 def weight_sync_host_plan(cfg, s: PolicyShapes) -> list[PoolPlan]:

@@ -152,10 +152,10 @@ class LearnerGroup:
         handle = self._ranks.handles[0]
         ray.get(handle.weight_sync_abort.options(concurrency_group="control").remote(), timeout=timeout)
 
-    def export_weights(self) -> Any:
+    def export_weights(self, base: int | None = None) -> Any:
         """The ObjectRef of rank 0's CPU copy of the weights (every rank takes part: a sharded learner gathers);
-        handed to rollout workers, never read here."""
-        return self._every_rank("export_weights").refs[0]
+        handed to rollout workers, never read here. base: see Learner.export_weights."""
+        return self._every_rank("export_weights", base).refs[0]
 
     # -- calls ------------------------------------------------------------------------------------------------
     def _every_rank(self, method: str, *args: Any, **kwargs: Any) -> LearnerCall:

@@ -18,7 +18,7 @@ class WeightSyncConfig(BaseModel):
         """Whether `delta` is on for a resolved backend and a learner on a GPU (`gpu`) or the CPU."""
         if isinstance(self.delta, bool):
             return self.delta
-        return gpu and backend in ("gloo", "nccl")
+        return gpu and backend in ("gloo", "nccl", "object-store")
 
     backend: Literal["auto", "gloo", "nccl", "cuda-ipc", "object-store"] = Field(
         "auto", description="auto: nccl on GPU, gloo on CPU, cuda-ipc when colocated on one GPU."
@@ -27,7 +27,7 @@ class WeightSyncConfig(BaseModel):
     delta: bool | Literal["auto"] = Field(
         "auto",
         description="Send only the values that changed since the version every rollout worker holds "
-        "(runtime/weights/delta.py). auto: on for a learner on GPUs over gloo or nccl; off for cuda-ipc (one "
+        "(runtime/weights/delta.py). auto: on for a learner on GPUs over gloo, nccl or the object store; off for cuda-ipc (one "
         "GPU, no network to save) and for a learner on the CPU, where finding the changes costs more than "
         "sending everything (docs/benchmarks.md). Costs the learner one copy of the policy on its device and "
         "every rollout worker one in host memory.",
@@ -36,8 +36,8 @@ class WeightSyncConfig(BaseModel):
         0.1,
         gt=0.0,
         le=1.0,
-        description="A bucket whose changed fraction exceeds this is sent whole, and after such a version the "
-        "next ones are sent whole without comparing (1, 2, 4, ... versions, up to full_every).",
+        description="A bucket whose changed fraction exceeds this is sent whole, and so is the rest of its "
+        "version; the next 1, 2, 4, ... versions (up to full_every) are then sent whole without comparing.",
     )
     full_every: int = Field(
         50, ge=1, le=1_000_000, description="Every Nth version is sent whole even when a delta would do."

@@ -93,6 +93,9 @@ def test_async_mode_respects_max_staleness_and_validates(assets, sft_policy, hel
         f"data.eval={held_out}",
         "eval.every=2",
         f"eval.samples={VAL_SAMPLES}",
+        # through the object store, as deltas against the version every worker holds (gloo: the other runs)
+        "weight_sync.backend=object-store",
+        "weight_sync.delta=true",
         policy=sft_policy,
     )
     summary = run_training(cfg)

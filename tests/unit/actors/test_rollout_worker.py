@@ -248,3 +248,42 @@ def test_an_abandoned_stream_unlocks_the_engine_which_refuses_until_the_object_s
     assert worker.generate([_request(s)], s)[0].policy_version == version
     sender.abandon()  # gloo's teardown waits timeout_s for what the abandoned generation left pending
     sender.close()
+
+
+def test_object_store_versions_as_deltas_and_a_delta_against_another_base_refused(worker, tiny_policy_dir):
+    """weight_sync.delta over the object store (Learner.export_weights(base) -> RolloutWorker.load_weights): the
+    first export is whole, the next a delta against the version the worker holds; a delta against a version the
+    worker does not hold is refused (it answers its old version, weights untouched) and the whole one loads."""
+    from learner.learner import Learner
+    from runtime.weights.delta import DELTA, RAW, DeltaExport
+
+    spec = build_config(
+        {
+            "model": {"policy": str(tiny_policy_dir)},
+            "grpo": {"beta": 0.0},
+            "weight_sync": {"backend": "object-store", "delta": True, "delta_max_changed": 1.0},
+        }
+    ).learner_spec()
+    learner = Learner(spec)
+    params = list(learner.policy.hf_model().parameters())
+
+    def version(v: int, base: int | None) -> DeltaExport:
+        with torch.no_grad():
+            params[0].view(-1)[: 16 * v] += 0.5  # a few values change
+        learner.policy_version = v
+        return learner.export_weights(base)
+
+    def engine_equals_learner() -> bool:
+        return all(torch.equal(a, b) for a, b in zip(worker.engine.model.parameters(), params, strict=True))
+
+    first = version(1, None)
+    assert first.base is None and {k for k, _ in first.payloads} == {RAW}
+    assert worker.load_weights(first, 1) == 1 and engine_equals_learner()
+    second = version(2, 1)
+    assert second.base == 1 and DELTA in {k for k, _ in second.payloads}
+    assert sum(p.numel() for _, p in second.payloads) < sum(p.numel() for _, p in first.payloads) // 10
+    assert worker.load_weights(second, 2) == 2 and engine_equals_learner()
+    third = version(3, 2)
+    worker._store_delta.version = 1  # as if it missed version 2
+    assert worker.load_weights(third, 3) == 2 and not engine_equals_learner()
+    assert worker.load_weights(learner.export_weights(None), 3) == 3 and engine_equals_learner()

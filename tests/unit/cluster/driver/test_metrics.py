@@ -49,7 +49,16 @@ def _line(stats: StepStats) -> dict:
     batch = _batch(stats)
     staleness = [1] * len(batch)
     where = {"step": stats.step, "policy_version": stats.policy_version, "restarts": 0}
-    return step_line(stats, batch, staleness, {"seconds": 0.5}, 2.0, **where)
+    sync = {  # a delta version's figures (weight_sync.delta): every key the line can carry
+        "seconds": 0.5,
+        "bytes": 1000,
+        "full_bytes": 50_000,
+        "delta": True,
+        "changed_fraction": 0.02,
+        "encode_s": 0.01,
+        "decode_s": 0.02,
+    }
+    return step_line(stats, batch, staleness, sync, 2.0, **where)
 
 
 def test_every_step_stats_field_is_in_the_metrics_line():

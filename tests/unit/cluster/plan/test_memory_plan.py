@@ -81,7 +81,7 @@ def test_qwen7b_fits_with_its_ranks_and_one_rank_names_the_learner_and_the_fix(c
     assert main(["plan", "--config", str(CONFIGS / "qwen7b-8gpu.yaml"), "learner.world_size=1"]) == 1
     captured = capsys.readouterr()
     assert "segr1 plan: learner" in captured.err and "on one GPU of 80 GB" in captured.err
-    assert "change: learner.world_size=3 fits (3 learner GPUs): learner 71." in captured.out
+    assert "change: learner.world_size=4 fits (4 learner GPUs): learner 76." in captured.out
     # the dry run prints the same plan after the config and the prompts
     assert main(["train", "--config", str(CONFIGS / "qwen7b-8gpu.yaml"), "--dry-run"]) == 0
     assert "\n# memory plan (per GPU of 80 GB)\n" in capsys.readouterr().out
