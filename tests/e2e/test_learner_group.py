@@ -67,6 +67,9 @@ def killed_rank_run(assets, sft_policy, e2e_ray, tmp_path_factory):
         f"grpo.steps={UNTIL_STOPPED}",
         f"learner.world_size={RANKS}",
         *SMALL,
+        # deltas from a sharded learner (rank 0 packs the gathered tensors); the restarted group starts whole
+        "weight_sync.delta=true",
+        "weight_sync.delta_max_changed=1.0",
         policy=sft_policy,
     )
     gate = start_gate(ray, "learner-group-gate")
@@ -98,6 +101,10 @@ def test_a_killed_learner_rank_restarts_the_group_from_its_checkpoint(killed_ran
     rows = read_metrics(run_dir)
     assert_metric_lines(rows, steps)  # the lines after the checkpoint were dropped and written again
     assert [set(r["sample_ids"]) for r in rows] == _expected_ids(cfg, steps)
+    # every line's version went as deltas but the first (the restarted learner's first version, the checkpoint's,
+    # went whole when it was re-sent, a publish without a line); the engines held exactly the learner's weights
+    assert [r["weight_sync_delta"] for r in rows][:2] == [0, 1], rows
+    assert all(r["mismatch_logp_abs"] < 1e-3 and r["mismatch_outside_fraction"] == 0.0 for r in rows), rows
 
 
 def test_resume_from_two_ranks_to_one_and_back(killed_rank_run, assets, sft_policy, ray_job, tmp_path):
