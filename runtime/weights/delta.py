@@ -211,10 +211,12 @@ class DeltaEncoder:
 
 class DeltaDecoder:
     """A receiver's side: the last version it received, as the manifest's packed buckets in host memory; each
-    version is applied to them and the engine loads from them."""
+    version is applied to them and the engine loads from them. Where CUDA is available the buckets are pinned: an
+    engine on the GPU copies the whole version from them at every load."""
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
+        self.pin = self.device.type == "cpu" and torch.cuda.is_available()
         self.version = -1  # the version the buckets hold; -1: none (or a version cut half-way)
         self._buckets: list[torch.Tensor] = []
         self._layout: tuple | None = None
@@ -232,7 +234,8 @@ class DeltaDecoder:
         self.decode_s = 0.0
         if not delta and self._layout != layout_key(manifest):
             self._buckets = [
-                torch.zeros(n, dtype=torch.uint8, device=self.device) for n in manifest.bucket_nbytes
+                torch.zeros(n, dtype=torch.uint8, device=self.device, pin_memory=self.pin)
+                for n in manifest.bucket_nbytes
             ]
             self._layout = layout_key(manifest)
         self._manifest = manifest
