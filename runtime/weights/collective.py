@@ -134,9 +134,9 @@ class DistributedWeightSender:
             sent = send_payloads(pg, self.device, self.delta, manifest, tensors, self._fresh, segments)
             check_ack(pg, self.device, manifest.version, "stage weights")
         except BaseException:
-            self.delta.invalidate()
+            self.delta.invalidate(manifest)
             raise
-        self.delta.commit(manifest.version)
+        self.delta.commit(manifest)
         self._fresh = False
         d = self.delta.stats
         return SendStats(

@@ -80,19 +80,19 @@ class CudaIpcSender:
         fields: dict = {"manifest": manifest.model_dump(mode="json")}
         if self.delta is not None:
             base = self.delta.begin(manifest, fresh=self._fresh)
-            payload = lambda i: self.delta.payload(i, by_name)  # noqa: E731
+            payload = lambda i: self.delta.payload(manifest, i, by_name)  # noqa: E731
             fields.update(delta=True, base=base)
         try:
             self._send(pg, manifest, fields, payload)
         except BaseException:
             if self.delta is not None:
-                self.delta.invalidate()
+                self.delta.invalidate(manifest)
             raise
         if self.delta is None:
             return SendStats(
                 version, manifest.total_bytes, len(manifest.bucket_nbytes), time.perf_counter() - t0
             )
-        self.delta.commit(version)
+        self.delta.commit(manifest)
         self._fresh, d = False, self.delta.stats
         return SendStats(
             version,
@@ -106,7 +106,7 @@ class CudaIpcSender:
     def _send(self, pg, manifest: WeightsManifest, fields: dict, payload) -> None:
         send_op(pg, _CPU, WireOp.WEIGHTS_IPC, **fields)
         if fields.get("base") is not None and all_min(pg, _CPU, 1) != 1:
-            self.delta.full()  # a member does not hold the base: this version goes whole
+            self.delta.full(manifest)  # a member does not hold the base: this version goes whole
         n = len(manifest.bucket_nbytes)
         slots: list = [payload(0) if n else None, None]  # (kind, buffer) of buckets i and i+1
         for i in range(n):

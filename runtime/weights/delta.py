@@ -152,14 +152,24 @@ class DeltaEncoder:
         self.stats = DeltaStats(base=base, full_bytes=manifest.total_bytes)
         return base
 
-    def full(self) -> None:
+    def _current(self, manifest: WeightsManifest) -> None:
+        """A send left behind by an abandoned generation (gloo cannot abort its blocked call) must not touch the
+        buckets of the version sent since: they are the next delta's base."""
+        if manifest is not self._manifest:
+            raise WeightSyncError(f"version {manifest.version}'s send was superseded by a newer one")
+
+    def full(self, manifest: WeightsManifest) -> None:
         """The version goes full after all (a receiver refused its base)."""
+        self._current(manifest)
         self.stats.base = None
 
-    def payload(self, index: int, tensors: Mapping[str, torch.Tensor]) -> tuple[int, torch.Tensor]:
+    def payload(
+        self, manifest: WeightsManifest, index: int, tensors: Mapping[str, torch.Tensor]
+    ) -> tuple[int, torch.Tensor]:
         """Pack bucket `index` and return (RAW, the bucket) or (DELTA, the changed elements). Once one bucket of a
         version changed too much, the rest go RAW without comparing: a large change is rarely confined to one."""
-        m, t0 = self._manifest, time.perf_counter()
+        self._current(manifest)
+        m, t0 = manifest, time.perf_counter()
         n = m.bucket_nbytes[index]
         if self.stats.base is None or self.stats.raw_buckets or index >= len(self._base):
             out = self._base[index] if index < len(self._base) else None
@@ -183,9 +193,10 @@ class DeltaEncoder:
         self.stats.payload_bytes += delta.numel()
         return DELTA, delta
 
-    def commit(self, version: int) -> None:
-        """Every receiver holds `version`: later versions may be deltas against it."""
-        self._acked = version
+    def commit(self, manifest: WeightsManifest) -> None:
+        """Every receiver holds the version: later versions may be deltas against it."""
+        self._current(manifest)
+        self._acked = manifest.version
         full = self.stats.base is None
         self._since_full = 0 if full else self._since_full + 1
         if not full and self.stats.changed_fraction > self.max_changed:
@@ -198,9 +209,11 @@ class DeltaEncoder:
         """The version every receiver acknowledged (the base of the next delta), None when there is none."""
         return self._acked
 
-    def invalidate(self) -> None:
-        """A send failed: no receiver is known to hold the buckets, the next version goes full."""
-        self._acked = None
+    def invalidate(self, manifest: WeightsManifest) -> None:
+        """A send failed: no receiver is known to hold the buckets, the next version goes full (a superseded send
+        changes nothing: the version sent since is the encoder's)."""
+        if manifest is self._manifest:
+            self._acked = None
 
     @property
     def nbytes(self) -> int:
@@ -293,11 +306,9 @@ def export_version(
     got = encoder.begin(manifest, fresh=base is None or base != encoder.acked)
     payloads = []
     for i in range(len(manifest.bucket_nbytes)):
-        kind, payload = encoder.payload(i, tensors)
-        payloads.append(
-            (kind, payload.to("cpu", copy=True))
-        )  # the encoder keeps (and later changes) its buckets
-    encoder.commit(manifest.version)
+        kind, payload = encoder.payload(manifest, i, tensors)
+        payloads.append((kind, payload.to("cpu", copy=True)))  # the encoder changes its own buckets later
+    encoder.commit(manifest)
     return DeltaExport(manifest.model_dump(mode="json"), got, payloads)
 
 

@@ -44,21 +44,26 @@ def send_payloads(
         fields["segments"] = segments.ensure(manifest.bucket_nbytes)
     send_op(pg, device, WireOp.WEIGHTS_SHM if segments is not None else WireOp.WEIGHTS, **fields)
     if base is not None and all_min(pg, device, 1) != 1:
-        encoder.full()  # a member does not hold the base: this version goes whole
-    works: list = []
+        encoder.full(manifest)  # a member does not hold the base: this version goes whole
+    # per bucket: its (work, tensor) pairs; a tensor lives until its work is done
+    in_flight: list[list] = []
     for i in range(len(manifest.bucket_nbytes)):
-        kind, payload = encoder.payload(i, tensors)
+        kind, payload = encoder.payload(manifest, i, tensors)
         n = payload.numel()
         if segments is not None:
             segments.tensor(i)[:n].copy_(payload.to(_CPU))
-            works.append(broadcast(pg, torch.tensor([i, n, kind], dtype=torch.int64)))
+            ready = torch.tensor([i, n, kind], dtype=torch.int64)
+            in_flight.append([(broadcast(pg, ready), ready)])
             continue
-        if len(works) >= 4:  # at most two buckets in flight (their meta and bytes)
-            works[-4].wait()
-        works.append(broadcast(pg, torch.tensor([kind, n], dtype=torch.int64, device=device)))
-        works.append(broadcast(pg, payload.to(device)))
-    for w in works:
-        w.wait()
+        if len(in_flight) >= 2:  # two buckets in flight at most; the older one's tensors then dropped
+            for work, _ in in_flight[-2]:
+                work.wait()
+            in_flight[-2] = []
+        meta, data = torch.tensor([kind, n], dtype=torch.int64, device=device), payload.to(device)
+        in_flight.append([(broadcast(pg, meta), meta), (broadcast(pg, data), data)])
+    for pairs in in_flight:
+        for work, _ in pairs:
+            work.wait()
     return len(manifest.bucket_nbytes)
 
 

@@ -45,7 +45,7 @@ class Policy:
 def _send(encoder: DeltaEncoder, named, version: int, fresh: bool = False):
     m = plan_manifest(named, version, BUCKET_MB)
     base = encoder.begin(m, fresh=fresh)
-    return m, base, [encoder.payload(i, dict(named)) for i in range(len(m.bucket_nbytes))]
+    return m, base, [encoder.payload(m, i, dict(named)) for i in range(len(m.bucket_nbytes))]
 
 
 def _receive(decoder: DeltaDecoder, m, base, payloads) -> dict[str, torch.Tensor]:
@@ -63,7 +63,7 @@ def _version(policy: Policy, encoder: DeltaEncoder, decoder: DeltaDecoder, versi
     named = policy.export()
     m, base, payloads = _send(encoder, named, version)
     got = _receive(decoder, m, base, payloads)
-    encoder.commit(version)
+    encoder.commit(m)
     for n, t in named:
         assert torch.equal(got[n].view(torch.uint8), t.contiguous().view(torch.uint8)), (version, n)
     return base, payloads
@@ -99,13 +99,33 @@ def test_large_changes_go_whole_and_the_next_versions_skip_the_comparison():
 def test_a_fresh_generation_or_a_failed_send_goes_whole():
     policy, encoder = Policy(lr=1e-6), DeltaEncoder()
     policy.step()
-    _send(encoder, policy.export(), 1)
-    encoder.commit(1)
-    assert _send(encoder, policy.export(), 2)[1] == 1
-    encoder.invalidate()  # version 2's send failed
-    assert _send(encoder, policy.export(), 3)[1] is None
-    encoder.commit(3)
+    encoder.commit(_send(encoder, policy.export(), 1)[0])
+    m2, base2, _ = _send(encoder, policy.export(), 2)
+    assert base2 == 1
+    encoder.invalidate(m2)  # version 2's send failed
+    m3, base3, _ = _send(encoder, policy.export(), 3)
+    assert base3 is None
+    encoder.commit(m3)
     assert _send(encoder, policy.export(), 4, fresh=True)[1] is None  # a receiver may be new
+
+
+def test_a_superseded_send_cannot_touch_the_newer_versions_buckets():
+    """gloo cannot abort a blocked broadcast: the send of an abandoned generation may wake after the next version
+    began. It must neither encode into the encoder's buckets nor invalidate or commit the newer version."""
+    policy, encoder = Policy(lr=1e-6), DeltaEncoder()
+    policy.step()
+    named = policy.export()
+    old = plan_manifest(named, 1, BUCKET_MB)
+    encoder.begin(old)
+    encoder.payload(old, 0, dict(named))
+    new, base, payloads = _send(encoder, named, 2, fresh=True)  # the next generation sends version 2 whole
+    with pytest.raises(WeightSyncError, match="superseded"):
+        encoder.payload(old, 1, dict(named))
+    with pytest.raises(WeightSyncError, match="superseded"):
+        encoder.commit(old)
+    encoder.invalidate(old)  # the old send's failure path: changes nothing
+    encoder.commit(new)
+    assert encoder.acked == 2 and base is None and {k for k, _ in payloads} == {RAW}
 
 
 def test_a_corrupt_delta_payload_is_refused_by_what_is_wrong():
