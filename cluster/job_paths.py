@@ -120,7 +120,7 @@ def _dataset(key: str, path: str) -> str | None:
 
 def _resume_checkpoint(cfg: TrainConfig) -> str | None:
     """--resume: the checkpoint it continues from (checkpoint.resume_from: latest | best) exists and is readable."""
-    from learner.checkpoint import best_checkpoint, latest_checkpoint
+    from learner.checkpoint import best_checkpoint, checkpoint_problems, latest_checkpoint, step_dirs
 
     root, frm = Path(cfg.checkpoint.dir), cfg.checkpoint.resume_from
     problem = _readable("checkpoint.dir", root, "run without --resume to start afresh")
@@ -128,10 +128,12 @@ def _resume_checkpoint(cfg: TrainConfig) -> str | None:
         return f"{problem} (--resume continues from it)"
     folder = best_checkpoint(root) if frm == "best" else latest_checkpoint(root)
     if folder is None:
-        what = "a best.json naming an existing step-* folder" if frm == "best" else "a step-* folder"
+        what = "a best.json naming an existing step-* folder" if frm == "best" else "a complete step-* folder"
+        incomplete = "".join(f"; {f.name}: {', '.join(checkpoint_problems(f))}" for _, f in step_dirs(root))
         return (
             f"checkpoint.dir={root}: --resume with checkpoint.resume_from={frm} needs {what} in it and there is "
-            "none; run without --resume to start afresh, or point checkpoint.dir at the run's checkpoints"
+            f"none{incomplete}; run without --resume to start afresh, or point checkpoint.dir at the run's "
+            "checkpoints"
         )
     return _readable("checkpoint.dir", folder, "run without --resume to start afresh")
 

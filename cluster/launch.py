@@ -75,14 +75,14 @@ def spawn_driver_actor(cfg: TrainConfig, resume: bool = False, progress_bar: boo
 
 
 def _get_run(run_ref: Any) -> dict:
-    """The driver's summary; a learner group that could not be restarted raises its own LearnerGroupFailed
-    (one message, no Ray traceback: cluster/driver/recovery.py)."""
-    from cluster.driver.recovery import LearnerGroupFailed
+    """The driver's summary; a learner group that could not be restarted or a checkpoint that could not be
+    written raises its own JobFailed (one message, no Ray traceback: cluster/driver/recovery.py)."""
+    from cluster.driver.recovery import JobFailed
 
     try:
         return ray.get(run_ref)
     except ray.exceptions.RayTaskError as err:
-        if isinstance(err.cause, LearnerGroupFailed):
+        if isinstance(err.cause, JobFailed):
             raise err.cause from None
         raise
 

@@ -19,9 +19,12 @@ still read, by a 1-rank learner.
 whose validation is still running). Resuming from a step before the newest one moves the later step-* folders to
 `superseded/`, so the continued run's checkpoints are the newest again.
 
-Written atomically: everything goes to a hidden temporary folder that rank 0 renames into place last, after a
-barrier (every rank wrote its part), so a `step-*` folder is always complete (a crash leaves only a `.tmp-*`
-folder, removed by the next save). Nothing is unpickled but DCP's own .metadata file, which DCP writes and reads
+Written atomically: everything goes to a hidden temporary folder that rank 0 syncs to disk (fsync, files and
+folders) and renames into place last, after every rank wrote its part, so a `step-*` folder is always complete: a
+killed process or a crashed machine leaves only a `.tmp-*` folder, removed by the next save. A write that fails
+(disk full, quota, permissions) raises CheckpointError naming the checkpoint, the cause and the newest complete
+checkpoint, which is untouched. Resuming takes the newest COMPLETE checkpoint (`checkpoint_problems`): a step-*
+folder copied in part or damaged by hand is skipped with a warning, and named with what it lacks when asked for. Nothing is unpickled but DCP's own .metadata file, which DCP writes and reads
 itself; tensors are safetensors or DCP shards, everything else JSON.
 """
 
@@ -29,7 +32,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import json
+import logging
 import os
 import random
 import re
@@ -44,6 +49,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from learner.sharding import barrier, broadcast_object, gather_objects, together
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -220,8 +227,37 @@ def step_dirs(root: str | Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    dirs = step_dirs(root)
-    return dirs[-1][1] if dirs else None
+    """The newest complete checkpoint under root. A newer step-* folder that is not complete (copied in part,
+    damaged by hand: this module's saves never leave one) is skipped with a warning that says what it lacks."""
+    for _, folder in reversed(step_dirs(root)):
+        problems = checkpoint_problems(folder)
+        if not problems:
+            return folder
+        logger.warning("skipping %s, not a complete checkpoint: %s", folder, "; ".join(problems))
+    return None
+
+
+def checkpoint_problems(folder: str | Path) -> list[str]:
+    """What `folder` lacks to be resumed from; empty when it is a complete checkpoint of this format."""
+    folder = Path(folder)
+    problems = []
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        if state.get("format_version") != FORMAT_VERSION:
+            problems.append(
+                f"state.json is format {state.get('format_version')}, not {FORMAT_VERSION} (written by another "
+                "version of this project; start from its policy/ folder instead: model.policy=.../policy)"
+            )
+    except (OSError, ValueError) as err:
+        problems.append(f"no readable state.json ({type(err).__name__}: {err})")
+    policy = folder / "policy"
+    if not (policy / "config.json").is_file():
+        problems.append("no policy/config.json")
+    if not any(policy.glob("*.safetensors")):
+        problems.append("no policy/*.safetensors")
+    if not ((folder / OPTIMIZER_DIR / ".metadata").is_file() or (folder / "optimizer.json").is_file()):
+        problems.append(f"no optimiser state ({OPTIMIZER_DIR}/.metadata)")
+    return problems
 
 
 BEST_FILE = "best.json"
@@ -230,7 +266,9 @@ BEST_FILE = "best.json"
 def _write_json_atomic(path: Path, body: dict) -> None:
     tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
     tmp.write_text(json.dumps(body, indent=1))
+    _fsync(tmp)
     os.replace(tmp, path)
+    _fsync(path.parent)
 
 
 def read_best(root: str | Path) -> dict | None:
@@ -301,9 +339,12 @@ def save_checkpoint(
     write_optimizer(folder): writes the optimiser state into the checkpoint folder (save_optimizer_state).
     """
     root, final = Path(root), Path(root) / f"step-{step:06d}"
-    tmp = together(lambda: _make_tmp(root, step) if rank == 0 else None, world_size, "creating the folder")
-    tmp = broadcast_object(tmp, world_size)
+    tmp = None
     try:
+        tmp = together(
+            lambda: _make_tmp(root, step) if rank == 0 else None, world_size, "creating the folder"
+        )
+        tmp = broadcast_object(tmp, world_size)
         together(lambda: write_policy(tmp / "policy"), world_size, "writing the policy folder")
         if write_optimizer is not None:
             together(lambda: write_optimizer(tmp), world_size, "writing the optimiser state")
@@ -313,12 +354,15 @@ def save_checkpoint(
         def publish() -> None:  # rank 0, once every rank's part is written
             if rank == 0:
                 (tmp / "state.json").write_text(json.dumps(full, indent=1))
+                _sync_tree(tmp)
                 _replace(root, tmp, final)
 
         together(publish, world_size, "publishing the checkpoint")
-    except BaseException:
-        if rank == 0:
+    except BaseException as err:
+        if rank == 0 and tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception) and not isinstance(err, CheckpointError):
+            raise CheckpointError(_write_failed(root, final, keep, err)) from err
         raise
     if rank == 0:
         prune(root, keep, protect)
@@ -341,19 +385,72 @@ def _replace(root: Path, tmp: Path, final: Path) -> None:
         os.rename(final, old)
         shutil.rmtree(old, ignore_errors=True)
     os.rename(tmp, final)
+    _fsync(root)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder`: once it is renamed into place, a machine that crashes (not
+    only a killed process) still finds it whole. Rank 0 syncs what every rank wrote: one page cache on one node;
+    across nodes the shared filesystem has each writer's data once it closed its files (close-to-open)."""
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            _fsync(Path(dirpath) / name)
+        _fsync(Path(dirpath))
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _errno(err: BaseException) -> int | None:
+    """The OS error number behind `err`: an OSError in its chain, or one quoted in its message (safetensors
+    raises SafetensorError "I/O error: No space left on device (os error 28)"; another rank's error comes as
+    text, learner.sharding.together)."""
+    for e in (err, err.__cause__, err.__context__):
+        if isinstance(e, OSError) and e.errno is not None:
+            return e.errno
+    m = re.search(r"os error (\d+)|\[Errno (\d+)\]", str(err))
+    return int(m.group(1) or m.group(2)) if m else None
+
+
+def _write_failed(root: Path, final: Path, keep: int, err: Exception) -> str:
+    """The message of a failed save: which checkpoint, why, what is still there and what to do."""
+    code = _errno(err)
+    if code in _NO_SPACE:
+        fix = (
+            f"free space under {root}, or point checkpoint.dir at a larger volume (checkpoint.keep={keep} "
+            "checkpoints are kept, plus the best one)"
+        )
+    elif code in _NOT_WRITABLE:
+        fix = f"make {root} writable by the learner"
+    else:
+        fix = "fix the cause above"
+    previous = latest_checkpoint(root)
+    kept = (
+        f"the newest complete checkpoint is still {previous}"
+        if previous
+        else "there is no earlier checkpoint"
+    )
+    return (
+        f"checkpoint {final} was not written: {type(err).__name__}: {err}. Nothing of it was kept and {kept}; "
+        f"{fix}, then continue the run with --resume"
+    )
 
 
 def read_state(path: str | Path) -> dict:
     """state.json of a checkpoint folder (step, policy_version, data_cursor, rng, ...)."""
-    p = Path(path) / "state.json"
-    if not p.is_file():
+    problems = checkpoint_problems(path)
+    if problems:
         raise CheckpointError(
-            f"{path} is not a checkpoint (no state.json); pass a step-* folder under checkpoint.dir"
+            f"{path} is not a complete checkpoint: {'; '.join(problems)}; pass a complete step-* folder under "
+            "checkpoint.dir, or resume from the latest complete one (--resume)"
         )
-    state = json.loads(p.read_text())
-    if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{p}: checkpoint format {state.get('format_version')} is not {FORMAT_VERSION} (written by another "
-            "version of this project); start from its policy/ folder instead (model.policy=.../policy)"
-        )
-    return state
+    return json.loads((Path(path) / "state.json").read_text())

@@ -418,8 +418,8 @@ class Learner:
 
     def load_checkpoint(self, path: str | None = None) -> dict:
         """Restore policy weights, optimiser, step, policy_version and RNG states from a checkpoint folder
-        (default: the newest under checkpoint.dir; "best": the one best.json names, later step-* folders moved
-        to superseded/). Returns its state (data_cursor for the driver's reader) and "best" (best.json).
+        (default: the newest complete one under checkpoint.dir; "best": the one best.json names; either way the
+        step-* folders after it are moved to superseded/). Returns its state (data_cursor for the driver's reader) and "best" (best.json).
         COLLECTIVE; the checkpoint may come from a group of any size (the optimiser state is resharded)."""
         root = self.spec.checkpoint.dir
         folder = best_checkpoint(root) if path == "best" else Path(path) if path else latest_checkpoint(root)
@@ -434,7 +434,7 @@ class Learner:
         M.POLICY_VERSION.set(self.policy_version)
         best = read_best(root)
         barrier(self.world_size)  # every rank read the folder before rank 0 moves later ones away
-        if path == "best" and self.rank == 0:
+        if path in (None, "best") and self.rank == 0:  # latest: the incomplete step-* folders it skipped
             supersede_after(root, self.step_count)
         return {**state, "best": best}
 

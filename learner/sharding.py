@@ -136,15 +136,19 @@ def copy_full_into(param: torch.Tensor, value: torch.Tensor) -> None:
 
 def together(fn, world_size: int, what: str):
     """fn() on every rank; when it failed on any rank, raise on every rank, so that none is left waiting in the
-    next collective. fn must complete its own collectives even when its local part fails (HFWriter does)."""
+    next collective: the failing rank its own error, the others one that quotes it (whichever rank's answer the
+    caller reads says what went wrong). fn must complete its own collectives even when its local part fails
+    (HFWriter does)."""
     err, out = None, None
     try:
         out = fn()
     except Exception as e:  # re-raised below, once the other ranks heard of it
         err = e
-    failed = any(gather_objects(err is not None, world_size))
+    errors = gather_objects(None if err is None else f"{type(err).__name__}: {err}", world_size)
     if err is not None:
         raise err
+    failed = [(rank, msg) for rank, msg in enumerate(errors) if msg is not None]
     if failed:
-        raise RuntimeError(f"{what} failed on another learner rank (that rank's error says why)")
+        rank, msg = failed[0]
+        raise RuntimeError(f"{what} failed on learner rank {rank}: {msg}")
     return out

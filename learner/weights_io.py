@@ -194,7 +194,14 @@ def load_hf_weights(policy, folder: Path) -> None:
     for path in _saved_files(folder):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: {folder} is not a complete policy folder")
-        with safe_open(str(path), "pt") as f:
+        try:
+            opened = safe_open(str(path), "pt")
+        except Exception as err:  # safetensors' message does not name the file
+            raise RuntimeError(
+                f"{path} is not a readable safetensors file ({err}): this checkpoint is damaged; resume from "
+                "an earlier one (checkpoint.resume_from=<its step-* folder>)"
+            ) from None
+        with opened as f:
             for name in f.keys():
                 if name not in own:
                     raise RuntimeError(

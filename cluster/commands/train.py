@@ -59,14 +59,14 @@ def run(args: argparse.Namespace) -> int:
             exit_code=2,
         )
     from cluster.config import ConfigError
-    from cluster.driver.recovery import LearnerGroupFailed
+    from cluster.driver.recovery import JobFailed
     from cluster.launch import run_training
 
     try:
         summary = run_training(cfg, resume=args.resume)
     except ConfigError as err:  # found before the job's actors start (start checks, the cluster's resources)
         raise CommandError(str(err), exit_code=2) from None
-    except LearnerGroupFailed as err:
+    except JobFailed as err:  # a learner group not restarted, a checkpoint not written
         raise CommandError(f"{err}\n{continue_command(args, err.resumable)}") from None
     print(json.dumps(summary, indent=1))
     return 0 if summary["groups_lost"] == 0 else 1

@@ -31,7 +31,7 @@ from cluster.data.reader import DatasetReader
 from cluster.driver import metrics as DM
 from cluster.driver.batches import fill_batch
 from cluster.driver.metrics import overlay_examples, run_summary, step_bar, step_line
-from cluster.driver.recovery import run_with_recovery
+from cluster.driver.recovery import checkpoint_failed, run_with_recovery
 from cluster.driver.start import start_workers
 from cluster.driver.state import (
     Accounting,
@@ -403,7 +403,10 @@ class TrainDriver:
             "chunk_seq": self._chunk_seq,
         }
         protect = self.validator.protected()  # keep_best: steps still being validated
-        path = self.learner.save_checkpoint(data_cursor=cursor, extra=extra, protect=protect)
+        try:
+            path = self.learner.save_checkpoint(data_cursor=cursor, extra=extra, protect=protect)
+        except ray.exceptions.RayTaskError as err:  # a rank's CheckpointError: the job ends saying why
+            raise checkpoint_failed(err, self.cfg.checkpoint.dir) from None
         self.last_checkpoint = path
         return path
 

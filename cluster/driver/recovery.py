@@ -49,15 +49,34 @@ class Restartable(Protocol):
     def republish(self) -> None: ...  # the current version to every rollout worker
 
 
-class LearnerGroupFailed(RuntimeError):
-    """The learner group died and was not restarted. `resumable`: a checkpoint exists to `--resume` from."""
+class JobFailed(RuntimeError):
+    """What ends a job with one message and no Ray traceback (`segr1 train` adds the command that continues it).
+    `resumable`: a checkpoint exists to `--resume` from."""
 
     def __init__(self, message: str, resumable: bool):
         super().__init__(message)
         self.resumable = resumable
 
     def __reduce__(self):
-        return (LearnerGroupFailed, (str(self), self.resumable))
+        return (type(self), (str(self), self.resumable))
+
+
+class LearnerGroupFailed(JobFailed):
+    """The learner group died and was not restarted."""
+
+
+class CheckpointFailed(JobFailed):
+    """The learner could not write a checkpoint (disk full, quota, permissions): learner/checkpoint.py's
+    CheckpointError says which, why, and that the newest complete checkpoint is untouched."""
+
+
+def checkpoint_failed(err: Exception, checkpoint_dir: str) -> CheckpointFailed:
+    """The CheckpointFailed of a save that raised `err` on a learner rank (Ray's error around the rank's)."""
+    from learner.checkpoint import latest_checkpoint
+
+    cause = getattr(err, "cause", None) or err
+    resumable = latest_checkpoint(checkpoint_dir) is not None
+    return CheckpointFailed(f"the learner could not write a checkpoint: {cause}", resumable)
 
 
 def run_with_recovery(driver: Restartable, body: Callable[[], None]) -> None:

@@ -38,15 +38,16 @@ class PolicyCheckpoint:
 
 def resolve_checkpoint(checkpoint) -> PolicyCheckpoint:
     """`checkpoint` is a Hugging Face folder, a `step-*` checkpoint (its policy/) or a checkpoint root (its latest
-    step's policy/); raises FileNotFoundError naming the three layouts otherwise."""
-    from learner.checkpoint import latest_checkpoint
+    step's policy/: the newest step-* folder with one, its optimiser state not needed); raises FileNotFoundError
+    naming the three layouts otherwise."""
+    from learner.checkpoint import step_dirs
 
     root = Path(checkpoint)
     given = root.resolve()
     name = given.parent.name if given.name == POLICY_DIR else given.name
-    latest = latest_checkpoint(root)
-    for folder in (root, root / POLICY_DIR, latest / POLICY_DIR if latest is not None else None):
-        if folder is not None and (folder / "config.json").is_file():
+    newest_first = [folder / POLICY_DIR for _, folder in reversed(step_dirs(root))]
+    for folder in (root, root / POLICY_DIR, *newest_first):
+        if (folder / "config.json").is_file():
             return PolicyCheckpoint(str(folder), name)
     raise FileNotFoundError(
         f"--checkpoint {root} is not a model folder (config.json), a checkpoint (policy/config.json) or a "

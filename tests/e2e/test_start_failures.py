@@ -5,8 +5,8 @@ placement group. One test per kind of start error, on the session's local Ray, e
 - a tracker that cannot open (TensorBoard's log folder is a file): the last step of the driver's start, so the
   learner group and both pools are up when it fails (the issue's case: an MLflow store that would not open);
 - a data set that does not read (a shard that is not Parquet): the driver's first step, nothing else started;
-- a checkpoint that does not load (--resume onto a step-* folder without state.json): the learner fails after the
-  pools started;
+- a checkpoint that does not load (--resume onto a step-* folder whose weights file is damaged): the learner fails
+  after the pools started;
 - a placement that cannot be met: disaggregated placement on a cluster advertising no segr1_* resource (refused
   after Ray is up, before any actor), and a learner group whose placement group finds no room (taken back).
 
@@ -18,6 +18,7 @@ API (ray.util.state) needs the dashboard, which the session's Ray runs without.
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -116,9 +117,18 @@ def test_a_checkpoint_that_does_not_load_ends_the_job_with_its_error_and_stops_e
 
     ray, namespace, before = job
     run_dir = tmp_path / "run"
-    (run_dir / "checkpoints" / "step-000001").mkdir(parents=True)  # found by --resume, without its state.json
+    folder = (
+        run_dir / "checkpoints" / "step-000001"
+    )  # complete to --resume's start check, its weights damaged
+    (folder / "policy").mkdir(parents=True)
+    (folder / "policy" / "config.json").write_text("{}")
+    (folder / "policy" / "model.safetensors").write_bytes(b"\xff" * 64)
+    (folder / "optimizer.json").write_text("{}")
+    (folder / "state.json").write_text(json.dumps({"format_version": 1, "step": 1, "policy_version": 1}))
     cfg = e2e_config(assets, run_dir, ENGINE, f"placement.namespace={namespace}")
-    with pytest.raises(Exception, match=r"step-000001 is not a checkpoint \(no state\.json\)") as err:
+    with pytest.raises(
+        Exception, match=r"step-000001/policy/model\.safetensors is not a readable safetensors"
+    ) as err:
         run_training(cfg, resume=True)
     assert err.value.__context__ is None, err.value.__context__
     assert_all_gone(ray, namespace, before)

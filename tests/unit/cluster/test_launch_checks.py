@@ -19,7 +19,9 @@ import pytest
 from cluster.config import ConfigError, load_config
 from cluster.job_paths import check_job_paths, check_start, start_problems
 from cluster.tracking.base import EXTRAS
+from learner.checkpoint import save_checkpoint
 from tests.e2e.conftest import DEMO_CONFIG, REPO
+from tests.support.checkpoints import empty_optimizer, empty_policy
 
 JOB_CWD = "/tmp/ray/session_1/runtime_resources/working_dir_files/_ray_pkg_0123abcd"
 
@@ -152,10 +154,13 @@ def test_resume_needs_the_checkpoint_it_continues_from(tmp_path):
     assert problem.startswith(f"checkpoint.dir={tmp_path / 'run' / 'checkpoints'}: no such file or folder")
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (problem,) = start_problems(cfg, resume=True)
-    assert problem.startswith("checkpoint.dir=") and "needs a step-* folder" in problem
+    assert problem.startswith("checkpoint.dir=") and "needs a complete step-* folder" in problem
     assert "run without --resume" in problem
-    (tmp_path / "run" / "checkpoints" / "step-000002").mkdir()
-    assert start_problems(cfg, resume=True) == []
+    (tmp_path / "run" / "checkpoints" / "step-000002").mkdir()  # empty: named with what it lacks
+    (problem,) = start_problems(cfg, resume=True)
+    assert "step-000002: no readable state.json" in problem and "no policy/config.json" in problem, problem
+    save_checkpoint(tmp_path / "run" / "checkpoints", 1, {"policy_version": 1}, empty_policy, empty_optimizer)
+    assert start_problems(cfg, resume=True) == []  # the complete step-1 (the empty step-2 is skipped)
     best = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"resume_from": "best"})})
     (problem,) = start_problems(best, resume=True)
     assert "checkpoint.resume_from=best needs a best.json" in problem

@@ -5,11 +5,18 @@ tiny policy and the real data reader."""
 from __future__ import annotations
 
 import json
+import logging
 import random
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from cluster.config import TrainConfig
 from cluster.data.reader import DatasetReader
@@ -31,14 +38,10 @@ from learner.checkpoint import (
     supersede_after,
 )
 from learner.learner import Learner
+from tests.support.checkpoints import empty_optimizer, empty_policy
 from tests.support.synthetic import scored_groups
 
 torch.set_num_threads(2)
-
-
-def _noop_policy(folder):
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
 
 
 def test_rng_state_round_trips_through_json():
@@ -106,7 +109,7 @@ def test_dcp_optimizer_state_by_parameter_name_and_the_old_format_still_read(tmp
 
 def test_keep_k_atomic_and_crash_leftovers(tmp_path):
     for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, {"policy_version": step}, _noop_policy, keep=2)
+        save_checkpoint(tmp_path, step, {"policy_version": step}, empty_policy, empty_optimizer, keep=2)
     assert [s for s, _ in step_dirs(tmp_path)] == [2, 3]
     assert read_state(latest_checkpoint(tmp_path))["policy_version"] == 3
 
@@ -115,7 +118,7 @@ def test_keep_k_atomic_and_crash_leftovers(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        save_checkpoint(tmp_path, 4, {}, crash, keep=2)
+        save_checkpoint(tmp_path, 4, {}, crash, empty_optimizer, keep=2)
     assert [s for s, _ in step_dirs(tmp_path)] == [2, 3]  # no half-written step-4
     assert not list(tmp_path.glob(".tmp-*"))
 
@@ -125,25 +128,116 @@ def test_read_state_names_a_folder_that_is_not_a_checkpoint(tmp_path):
         read_state(tmp_path)
 
 
+# A checkpoint writer in its own process, with the real writers (safetensors, DCP): "full" lets its files grow to
+# 1 MB only (RLIMIT_FSIZE, SIGXFSZ ignored: a write past it fails with EFBIG, as on a full disk), "kill" SIGKILLs
+# it in the middle of writing step 2.
+_WRITER = """
+import json, os, resource, signal, sys
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save_file
+from learner.checkpoint import CheckpointError, save_checkpoint, save_optimizer_state
+
+root, how = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+model = torch.nn.Linear(256, 256)
+opt = torch.optim.AdamW(model.parameters())
+model(torch.ones(1, 256)).sum().backward()
+opt.step()
+
+def policy(folder):
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    save_file({"w": model.weight.detach().repeat(8, 1).contiguous()}, str(folder / "model.safetensors"))  # 2 MB
+    if how == "kill" and folder.parent.name.startswith(".tmp-step-000002"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+save_checkpoint(root, 1, {"policy_version": 1}, policy, lambda folder: save_optimizer_state(model, opt, folder))
+if how == "full":
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+try:
+    save_checkpoint(root, 2, {"policy_version": 2}, policy, lambda folder: save_optimizer_state(model, opt, folder))
+except CheckpointError as err:
+    print(json.dumps({"error": str(err)}))
+"""
+
+
+def _writer(root, how: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", _WRITER, str(root), how], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_a_write_that_finds_no_space_keeps_the_previous_checkpoint_and_says_why(tmp_path):
+    out = _writer(tmp_path, "full")
+    assert out.returncode == 0, out.stderr
+    message = json.loads(out.stdout)["error"]
+    assert f"checkpoint {tmp_path / 'step-000002'} was not written" in message, message
+    assert "File too large (os error 27)" in message, message  # what safetensors said, errno found in it
+    assert f"the newest complete checkpoint is still {tmp_path / 'step-000001'}" in message, message
+    assert f"free space under {tmp_path}" in message and "--resume" in message, message
+    assert _steps(tmp_path) == [1] and not list(tmp_path.glob(".tmp-*"))
+    # the previous checkpoint still loads: state, weights, optimiser state
+    folder = latest_checkpoint(tmp_path)
+    assert read_state(folder)["policy_version"] == 1
+    assert load_file(str(folder / "policy" / "model.safetensors"))["w"].shape == (2048, 256)
+    model = torch.nn.Linear(256, 256)
+    opt = torch.optim.AdamW(model.parameters())
+    load_optimizer_state(model, opt, folder)
+    assert opt.state_dict()["state"][0]["step"] == 1
+
+
+def test_a_writer_killed_mid_write_leaves_only_a_hidden_folder_and_resume_takes_the_previous(tmp_path):
+    out = _writer(tmp_path, "kill")
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    assert _steps(tmp_path) == [1] and len(list(tmp_path.glob(".tmp-step-000002-*"))) == 1
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-000001"
+    save_checkpoint(tmp_path, 2, {}, empty_policy, empty_optimizer)  # the next save clears the leftover
+    assert _steps(tmp_path) == [1, 2] and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_resume_skips_a_step_folder_that_is_not_complete_and_names_what_it_lacks(tmp_path, caplog):
+    save_checkpoint(tmp_path, 1, {"policy_version": 1}, empty_policy, empty_optimizer)
+    partial = tmp_path / "step-000002"  # a copy cut short
+    shutil.copytree(tmp_path / "step-000001", partial)
+    (partial / "optimizer.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="learner.checkpoint"):
+        assert latest_checkpoint(tmp_path) == tmp_path / "step-000001"
+    assert "step-000002, not a complete checkpoint: no optimiser state" in caplog.text
+    with pytest.raises(
+        CheckpointError, match=r"step-000002 is not a complete checkpoint: no optimiser state"
+    ):
+        read_state(partial)
+    state = json.loads((partial / "state.json").read_text())
+    (partial / "state.json").write_text(json.dumps({**state, "format_version": 0}))
+    with pytest.raises(CheckpointError, match=r"state.json is format 0, not 1 \(written by another version"):
+        read_state(partial)
+
+
 def _steps(root) -> list[int]:
     return [s for s, _ in step_dirs(root)]
 
 
 def test_best_checkpoint_and_protected_steps_survive_pruning(tmp_path):
     for step in (1, 2):
-        save_checkpoint(tmp_path, step, {}, _noop_policy, keep=1)
+        save_checkpoint(tmp_path, step, {}, empty_policy, empty_optimizer, keep=1)
     assert _steps(tmp_path) == [2]
     mark_best(tmp_path, 2, "val/mean_iou", 0.5)
-    save_checkpoint(tmp_path, 3, {}, _noop_policy, keep=1)
-    save_checkpoint(tmp_path, 4, {}, _noop_policy, keep=1)  # 3 goes, the best (2) stays
-    save_checkpoint(tmp_path, 5, {}, _noop_policy, keep=1, protect={4})  # 4 is still being validated
+    save_checkpoint(tmp_path, 3, {}, empty_policy, empty_optimizer, keep=1)
+    save_checkpoint(tmp_path, 4, {}, empty_policy, empty_optimizer, keep=1)  # 3 goes, the best (2) stays
+    save_checkpoint(
+        tmp_path, 5, {}, empty_policy, empty_optimizer, keep=1, protect={4}
+    )  # 4 is still being validated
     assert _steps(tmp_path) == [2, 4, 5]
-    save_checkpoint(tmp_path, 6, {}, _noop_policy, keep=1)  # 4's validation is in and was not better
+    save_checkpoint(
+        tmp_path, 6, {}, empty_policy, empty_optimizer, keep=1
+    )  # 4's validation is in and was not better
     assert _steps(tmp_path) == [2, 6]
     assert read_best(tmp_path) == {"step": 2, "path": "step-000002", "metric": "val/mean_iou", "value": 0.5}
     assert best_checkpoint(tmp_path) == tmp_path / "step-000002"
     mark_best(tmp_path, 6, "val/mean_iou", 0.7)
-    save_checkpoint(tmp_path, 7, {}, _noop_policy, keep=1)
+    save_checkpoint(tmp_path, 7, {}, empty_policy, empty_optimizer, keep=1)
     assert _steps(tmp_path) == [6, 7]  # the old best is an ordinary old checkpoint again
 
 
@@ -152,7 +246,7 @@ def test_mark_best_names_a_missing_step_and_supersede_moves_later_steps(tmp_path
     with pytest.raises(CheckpointError, match="step-000003"):
         mark_best(tmp_path, 3, "val/mean_iou", 0.1)
     for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, {}, _noop_policy, keep=3)
+        save_checkpoint(tmp_path, step, {}, empty_policy, empty_optimizer, keep=3)
     moved = supersede_after(tmp_path, 1)
     assert _steps(tmp_path) == [1]
     assert sorted(p.name[:11] for p in moved) == ["step-000002", "step-000003"]
@@ -204,10 +298,15 @@ def test_resume_gives_the_same_next_batch_loss_and_weights(setup):
     torch.manual_seed(123)
     path = first.save_checkpoint(data_cursor=reader.state_dict())
     del first
+    partial = Path(path).with_name("step-000003")  # a copy cut short: skipped, then moved aside by the resume
+    shutil.copytree(f"{path}/policy", partial / "policy")
 
     resumed = Learner(cfg.learner_spec())
-    state = resumed.load_checkpoint()  # newest under checkpoint.dir
+    state = resumed.load_checkpoint()  # newest complete one under checkpoint.dir
     assert str(latest_checkpoint(cfg.checkpoint.dir)) == path
+    assert not partial.exists() and [p.name[:11] for p in partial.parent.glob("superseded/*")] == [
+        "step-000003"
+    ]
     assert torch.equal(torch.rand(3), marker)  # RNG states restored
     assert (resumed.step_count, resumed.policy_version) == (2, 2)
     reader2 = DatasetReader.from_config(cfg)

@@ -201,3 +201,47 @@ def test_a_lost_object_is_told_from_an_actor_error_however_ray_wraps_it():
 
     died = LearnerDied("learner-1", "node-a", "the actor died unexpectedly")  # its `cause` is a text
     assert not lost_object(died)
+
+
+def test_a_checkpoint_a_learner_rank_could_not_write_ends_the_job_with_its_message(ray_local, tmp_path):
+    """learner rank -> driver -> `segr1 train`: the rank's CheckpointError (disk full here) reaches the user as one
+    CheckpointFailed, without Ray's tracebacks, saying the earlier checkpoint is there to --resume from."""
+    import errno
+
+    from cluster.driver.recovery import CheckpointFailed, checkpoint_failed
+    from cluster.launch import _get_run
+    from learner.checkpoint import save_checkpoint
+    from tests.support.checkpoints import empty_optimizer, empty_policy
+
+    ray = ray_local
+    root = str(tmp_path / "checkpoints")
+
+    def policy(folder, fail=False):
+        empty_policy(folder)
+        if fail:
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder / "model.safetensors"))
+
+    @ray.remote
+    def rank_saves(step: int, fail: bool) -> str:
+        return str(save_checkpoint(root, step, {}, lambda f: policy(f, fail), empty_optimizer))
+
+    @ray.remote
+    def driver(step: int) -> str:
+        try:
+            return ray.get(rank_saves.remote(step, True))
+        except ray.exceptions.RayTaskError as err:
+            raise checkpoint_failed(err, root) from None
+
+    with pytest.raises(CheckpointFailed) as first:
+        _get_run(driver.remote(1))
+    assert not first.value.resumable and "there is no earlier checkpoint" in str(first.value)
+    ray.get(rank_saves.remote(1, False))
+    with pytest.raises(CheckpointFailed) as second:
+        _get_run(driver.remote(2))
+    message = str(second.value)
+    assert second.value.resumable and "Traceback" not in message, message
+    assert message.startswith(f"the learner could not write a checkpoint: checkpoint {root}/step-000002"), (
+        message
+    )
+    assert "[Errno 28] No space left on device" in message and f"free space under {root}" in message, message
+    assert f"the newest complete checkpoint is still {root}/step-000001" in message, message
