@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -324,3 +325,17 @@ def ray_job(e2e_ray):
     """The session's Ray; afterwards every actor a training job left behind (a failed test) is killed."""
     yield e2e_ray
     kill_job_actors(e2e_ray)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Processes (other than this one) whose command line contains `text`: a cluster's temp dir, a run dir."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids

@@ -1,17 +1,23 @@
 """Operating a running job: Ctrl-C on `python -m cluster.train` finishes the step in progress, writes a checkpoint
 and exits 0, and `--resume` goes on from exactly there (async mode: the cursor before the oldest chunk still in
-the pipeline). Scaling a running job by hand: tests/e2e/test_job_submit.py (`segr1 scale`, i.e. the driver's
+the pipeline); a job whose every process (its Ray too) is SIGKILLed between two checkpoints continues with
+`segr1 train --resume` at the checkpoint's step and cursor, each step logged once. Scaling a running job by hand: tests/e2e/test_job_submit.py (`segr1 scale`, i.e. the driver's
 `request_resize`); by the cluster's capacity: tests/e2e/test_elastic.py."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
+from cluster.data.reader import DatasetReader
 from tests.e2e.conftest import (
     REPO,
     assert_accounting,
@@ -19,6 +25,7 @@ from tests.e2e.conftest import (
     e2e_config,
     finish_job,
     job_actor_names,
+    processes_mentioning,
     read_metrics,
     read_summary,
     start_job,
@@ -91,3 +98,100 @@ def test_ctrl_c_checkpoints_exits_cleanly_and_resume_continues(assets, sft_polic
     assert resumed["steps"] == resumed["policy_version"] == stopped + 2 and not resumed["stopped_early"]
     assert_accounting(resumed)
     assert_metric_lines(read_metrics(tmp_path), stopped + 2)
+
+
+def _kill_everything(proc: subprocess.Popen, ray_tmp: Path) -> int:
+    """SIGKILL the job's every process at once: `segr1 train`, the local Ray it started (GCS, raylet, agents)
+    and every worker (driver actor, pools, learner, engines). Returns how many there were."""
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    procs = {p.pid: p for p in (root, *root.children(recursive=True))}
+    for pid in processes_mentioning(str(ray_tmp)):  # anything of that Ray's session not under the CLI
+        with contextlib.suppress(psutil.NoSuchProcess):
+            procs.setdefault(pid, psutil.Process(pid))
+    for p in procs.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(list(procs.values()), timeout=60)
+    proc.wait(timeout=60)
+    return len(procs)
+
+
+def _run_and_kill_everything(train: list[str], env: dict, cfg, ray_tmp: Path, log_path: Path) -> None:
+    """`train` started; once step 3's line and a checkpoint exist (the kill lands between two checkpoints), every
+    process of the job SIGKILLed at once, and none left."""
+    from learner.checkpoint import latest_checkpoint
+
+    run_dir = Path(cfg.metrics.run_dir)
+    log = log_path.open("w")
+    proc = subprocess.Popen(
+        train, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        wait_for(
+            lambda: (
+                proc.poll() is not None
+                or (len(read_metrics(run_dir)) >= 3 and latest_checkpoint(cfg.checkpoint.dir) is not None)
+            ),
+            300,
+            "step 3 in metrics.jsonl after the step-2 checkpoint",
+        )
+        assert proc.poll() is None, log_path.read_text()[-4000:]
+        killed_procs = _kill_everything(proc, ray_tmp)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    assert killed_procs >= 6 and not processes_mentioning(str(ray_tmp)), (
+        killed_procs
+    )  # CLI, GCS, raylet, workers
+
+
+def test_a_whole_job_killed_with_sigkill_resumes_at_its_checkpoint_and_trains_each_sample_once(
+    assets, sft_policy, tmp_path
+):
+    """Every process of a running `segr1 train` (its own local Ray included) SIGKILLed after its step-2
+    checkpoint; `segr1 train --resume` continues at the checkpoint's step and cursor, trains the reader's samples
+    across the epoch boundary (each sample of the interrupted epoch once), and metrics.jsonl and TensorBoard hold
+    each step once (the resumed TensorBoard writer purges the killed run's steps after the checkpoint)."""
+    from cluster.config import dump_config
+    from learner.checkpoint import latest_checkpoint, read_state
+    from tests.tracker_readers import tensorboard_events
+
+    steps, batch = 6, 12  # 64 samples: the epoch ends inside step 6
+    run_dir = tmp_path / "run"
+    # the transformers engine: what is killed is every process whatever the engine, and a vLLM start costs
+    # 4-13 s per run here
+    cfg = e2e_config(
+        assets, run_dir, f"grpo.steps={steps}", f"grpo.batch_size={batch}", "checkpoint.every=2",
+        "rollout.engine=hf", policy=sft_policy,
+    )  # fmt: skip
+    config_file = tmp_path / "job.yaml"
+    config_file.write_text(dump_config(cfg))
+    ray_tmp = Path(tempfile.mkdtemp(prefix="segr1kill-", dir="/tmp"))  # short: Ray puts unix sockets in it
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not the session's
+    env.update(RAY_TMPDIR=str(ray_tmp), HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+    train = [str(Path(sys.executable).parent / "segr1"), "train", "--config", str(config_file)]
+    _run_and_kill_everything(train, env, cfg, ray_tmp, tmp_path / "killed.log")
+    killed = read_metrics(run_dir)
+    resumed_from = int(read_state(latest_checkpoint(cfg.checkpoint.dir))["step"])
+    assert resumed_from in (2, 4) and len(killed) >= resumed_from, (resumed_from, len(killed))
+
+    out = subprocess.run([*train, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-4000:]
+    summary = read_summary(run_dir)
+    assert summary["steps"] == summary["policy_version"] == steps and summary["groups_lost"] == 0, summary
+    assert_accounting(summary)
+    rows = read_metrics(run_dir)
+    assert_metric_lines(rows, steps)  # each step once: the killed run's lines after the checkpoint were cut
+    assert rows[:resumed_from] == killed[:resumed_from]
+    trained = [set(r["sample_ids"]) for r in rows]
+    reader = DatasetReader.from_config(cfg)
+    assert trained == [{s.id for s in reader.next_batch(batch)} for _ in range(steps)]
+    first_epoch = [i for r in rows[:5] for i in r["sample_ids"]]
+    assert len(first_epoch) == len(set(first_epoch)) == 5 * batch  # none of the interrupted epoch twice
+    reward = tensorboard_events(run_dir / "tensorboard").Scalars("reward/total_mean")
+    assert [e.step for e in reward] == list(range(1, steps + 1))
+    assert [e.value for e in reward] == pytest.approx([r["reward_total"] for r in rows], rel=1e-6)

@@ -32,6 +32,7 @@ from tests.e2e.conftest import (
     assert_accounting,
     assert_metric_lines,
     e2e_overrides,
+    processes_mentioning,
     read_metrics,
     read_summary,
     wait_for,
@@ -67,19 +68,6 @@ def _cluster_env(token: Path) -> dict[str, str]:
         OMP_WAIT_POLICY="PASSIVE",
     )
     return env
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +114,9 @@ def ray_head():
         except ProcessLookupError:
             pass
         deadline = time.monotonic() + 30
-        while _processes_mentioning(str(tmp)) and time.monotonic() < deadline:
+        while processes_mentioning(str(tmp)) and time.monotonic() < deadline:
             time.sleep(0.5)
-        for pid in _processes_mentioning(str(tmp)):  # started by this cluster (its temp dir): ours to end
+        for pid in processes_mentioning(str(tmp)):  # started by this cluster (its temp dir): ours to end
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -140,7 +128,7 @@ def ray_head():
 def _gcs_address(tmp: str) -> str:
     """The GCS address of the fixture's cluster: the --port of its `ray start` (which names the cluster's own temp
     dir, `tmp`)."""
-    for pid in _processes_mentioning(tmp):
+    for pid in processes_mentioning(tmp):
         try:
             args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
         except OSError:

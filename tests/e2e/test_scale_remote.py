@@ -29,12 +29,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import DEMO_CONFIG, REPO, e2e_overrides, read_metrics, wait_for
+from tests.e2e.conftest import DEMO_CONFIG, REPO, e2e_overrides, processes_mentioning, read_metrics, wait_for
 from tests.e2e.run_control import UNTIL_STOPPED, first_line
 from tests.e2e.test_job_submit import (  # ray_head: the cluster fixture
     BIN,
     RAY,
-    _processes_mentioning,
     ray_head,  # noqa: F401
 )
 from tests.support.sockets import pump
@@ -168,7 +167,7 @@ def _start_training(assets, address: str, env: dict, run_dir: Path, log: Path) -
 def _stop_training(run_dir: Path, job: subprocess.Popen) -> None:
     """What `ray job stop` does, without its CLI's start-up: SIGTERM to the job's entrypoint (its processes
     are the ones naming run_dir, the submitting CLI's included); Ray then ends the job's actors."""
-    for pid in _processes_mentioning(str(run_dir)):
+    for pid in processes_mentioning(str(run_dir)):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     try:
