@@ -312,10 +312,12 @@ def supersede_after(root: str | Path, step: int) -> list[Path]:
 
 
 def prune(root: str | Path, keep: int, protect: frozenset[int] | set[int] = frozenset()) -> None:
-    """Delete all but the newest `keep` checkpoints, sparing the best one and the `protect`ed steps."""
+    """Delete all but the newest `keep` complete checkpoints, sparing the best one and the `protect`ed steps (a
+    step-* folder that is not complete is not counted, nor deleted: it is not this run's)."""
     best = read_best(root)
     spared = set(protect) | ({int(best["step"])} if best else set())
-    for s, old in step_dirs(root)[:-keep] if keep > 0 else []:
+    complete = [(s, p) for s, p in step_dirs(root) if not checkpoint_problems(p)]
+    for s, old in complete[:-keep] if keep > 0 else []:
         if s not in spared:
             shutil.rmtree(old, ignore_errors=True)
 

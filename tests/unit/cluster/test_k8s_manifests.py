@@ -216,12 +216,17 @@ def test_resume_if_any_resumes_only_from_a_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(
         cluster.launch, "run_training", lambda cfg, resume: seen.append(resume) or {"groups_lost": 0}
     )
+    from learner.checkpoint import save_checkpoint
+    from tests.support.checkpoints import empty_optimizer, empty_policy
+
     argv = ["train", "--config", str(ROOT / "cluster/configs/demo.yaml"), f"checkpoint.dir={tmp_path}/ckpt"]
     assert main([*argv, "--resume-if-any"]) == 0
-    (tmp_path / "ckpt" / "step-7").mkdir(parents=True)
+    (tmp_path / "ckpt" / "step-000009").mkdir(parents=True)  # a folder cut short is no checkpoint
+    assert main([*argv, "--resume-if-any"]) == 0
+    save_checkpoint(tmp_path / "ckpt", 7, {"policy_version": 7}, empty_policy, empty_optimizer)
     assert main([*argv, "--resume-if-any"]) == 0
     assert main(argv) == 0
-    assert seen == [False, True, False]
+    assert seen == [False, False, True, False]
 
 
 # ----------------------------------------------------------------------------------------------------------------

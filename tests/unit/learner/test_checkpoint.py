@@ -213,6 +213,8 @@ def test_resume_skips_a_step_folder_that_is_not_complete_and_names_what_it_lacks
     (partial / "state.json").write_text(json.dumps({**state, "format_version": 0}))
     with pytest.raises(CheckpointError, match=r"state.json is format 0, not 1 \(written by another version"):
         read_state(partial)
+    save_checkpoint(tmp_path, 3, {}, empty_policy, empty_optimizer, keep=1)  # keep counts complete ones only
+    assert _steps(tmp_path) == [2, 3]  # step 1 pruned; the partial step 2 neither counted nor deleted
 
 
 def _steps(root) -> list[int]:
