@@ -20,7 +20,6 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +30,15 @@ from cluster.data.reader import DatasetReader
 from cluster.driver import metrics as DM
 from cluster.driver.batches import fill_batch
 from cluster.driver.metrics import overlay_examples, run_summary, step_bar, step_line
-from cluster.driver.recovery import checkpoint_failed, run_with_recovery
+from cluster.driver.recovery import checkpoint_failed, discard_in_flight, run_with_recovery
 from cluster.driver.start import start_workers
 from cluster.driver.state import (
     Accounting,
     Chunk,
     InFlight,
     RoutedGroup,
+    Samples,
+    open_work,
     regeneration,
     rollout_request,
     routed,
@@ -69,6 +70,7 @@ class TrainDriver:
         self.run_dir = Path(cfg.metrics.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.reader = DatasetReader.from_config(cfg)
+        self.samples = Samples(self.reader)  # the reader's, after those a checkpoint left open
         self.acct = Accounting()
         self.step = 0
         self.version = 0
@@ -210,13 +212,12 @@ class TrainDriver:
     def _generate(self, n: int) -> list[Chunk]:
         """Read n samples, put each image in the object store once, and send them to the rollout pool. The
         groups stay in the object store (Chunk.rollout); the driver reads their headers."""
-        cursor = self.reader.state_dict()
-        samples = self.reader.next_batch(n)
+        samples, cursors = self.samples.read(n)
         per_call = max(1, min(self.cfg.rollout.max_batch_groups, math.ceil(n / self.rollout.size)))
         chunks = []
         for start in range(0, len(samples), per_call):
-            part = samples[start : start + per_call]
-            chunk = Chunk(self._chunk_seq, [ray.put(s) for s in part], cursor, open=len(part))
+            part, at = samples[start : start + per_call], cursors[start : start + per_call]
+            chunk = Chunk(self._chunk_seq, [ray.put(s) for s in part], at, open=len(part))
             self._chunk_seq += 1
             chunk.requests = [
                 rollout_request(self.cfg, self.version, chunk.chunk_id, i, s) for i, s in enumerate(part)
@@ -229,11 +230,13 @@ class TrainDriver:
         """Block until a rollout, a score or one of `also` finishes (at most `timeout` s; one ray.wait over both
         pools, no busy loop), send finished rollouts on to the reward pool, and return the groups scored."""
         refs = [*self.rollout.waitables(), *self.reward.waitables(), *also]
+        t0 = time.perf_counter()
         if refs:
-            t0 = time.perf_counter()
             ray.wait(refs, num_returns=1, timeout=timeout)
-            if not also:  # the learner has nothing to train: it waits on scoring, else on generation
-                self.elastic.waited(time.perf_counter() - t0, scoring=self.reward.pending > 0)
+        else:  # nothing runs: the pools' actors are waiting out a restart's backoff (cluster/pools/actor_pool.py)
+            time.sleep(min(timeout, 0.05))
+        if not also:  # the learner has nothing to train: it waits on scoring, else on generation
+            self.elastic.waited(time.perf_counter() - t0, scoring=self.reward.pending > 0)
         for chunk, result in self.rollout.poll(timeout=0):
             if not self.validator.take(chunk, result):
                 self._score(chunk, result)
@@ -253,7 +256,8 @@ class TrainDriver:
             raise RuntimeError(
                 f"rollout of chunk {chunk.chunk_id} failed: {headers.error}"
             ) from headers.error
-        if not chunk.again:  # a rollout generated again replaces a lost one: its groups were counted
+        if not chunk.counted:  # a rollout generated again replaces a lost one: its groups were counted
+            chunk.counted = True
             self.acct.groups_generated += len(headers)
             DM.GROUPS_GENERATED.inc(len(headers))
         chunk.headers = headers
@@ -324,7 +328,7 @@ class TrainDriver:
             self._regenerate_chunk(chunk)
 
     def _regenerate_chunk(self, chunk: Chunk) -> None:
-        chunk.again, chunk.headers = True, []
+        chunk.headers = []
         self.rollout.submit(chunk, lambda a, c=chunk: _generate_by_ref(a, c))
 
     def _publish(self, stats: StepStats) -> dict:
@@ -369,6 +373,7 @@ class TrainDriver:
         chunk = chunks.get(r.chunk_id)
         if chunk is not None:
             chunk.open -= 1
+            chunk.closed.add(r.index)
             if chunk.open == 0:
                 chunks.pop(r.chunk_id, None)
 
@@ -393,12 +398,13 @@ class TrainDriver:
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _checkpoint(self, open_chunks: list[Chunk] | None) -> str:
-        """Save through the learner. The cursor is the reader's, or in async mode the point before the oldest
-        chunk still in the pipeline (its samples are generated again after a resume)."""
-        pending = [c for c in (open_chunks or []) if c.open > 0]
-        cursor = min(pending, key=lambda c: c.chunk_id).cursor_before if pending else self.reader.state_dict()
+        """Save through the learner: the reader's cursor, and the samples of `open_chunks` whose groups are not done
+        yet (async mode's pipeline), generated again first after a resume (state.py `open_work`)."""
+        replay, acct = open_work(open_chunks or [], self.acct)
+        cursor = self.reader.state_dict()
         extra = {
-            "accounting": asdict(self.acct),
+            "accounting": acct,
+            "replay": replay,
             "actor_restarts": self._restarts(),
             "chunk_seq": self._chunk_seq,
         }
@@ -420,8 +426,7 @@ class TrainDriver:
     def restore(self, state: dict) -> None:
         """Rewind to a checkpoint's state (the learner loaded it): --resume, and a learner restart."""
         self.validator.restore_best(state.get("best"))
-        if state.get("data_cursor"):
-            self.reader.load_state_dict(state["data_cursor"])
+        self.samples.restore(state.get("data_cursor"), state.get("extra", {}).get("replay", []))
         self.step, self.version = int(state["step"]), int(state["policy_version"])
         acct = state.get("extra", {}).get("accounting")
         if acct:
@@ -433,11 +438,7 @@ class TrainDriver:
 
     # -- what recovery uses (cluster/driver/recovery.py's `Restartable`) ----------------------------------------
     def drain_in_flight(self) -> int:
-        """Let the rollouts and scores in flight finish and throw them away; how many groups that was."""
-        thrown = 0
-        while self.rollout.pending or self.reward.pending:
-            thrown += len(self._advance(timeout=0.5))
-        return thrown
+        return discard_in_flight((self.rollout, self.reward), self.validator)
 
     def start_learner(self) -> None:
         """A new learner group (the old one was killed); the weight publisher sends from it from now on."""
@@ -489,8 +490,6 @@ class TrainDriver:
 
 
 def _generate_by_ref(actor: Any, chunk: Chunk) -> Any:
-    """A chunk's rollout call: RolloutWorker.generate_by_ref answers in two objects. The pool waits on the
-    headers; the groups' ref is kept on the chunk and handed to the reward and learner calls (a retried call
-    replaces it)."""
+    """A chunk's rollout call: the pool waits on the headers; the groups' ref is kept for the next calls."""
     headers, chunk.rollout = actor.generate_by_ref.options(num_returns=2).remote(chunk.requests, *chunk.refs)
     return headers

@@ -3,8 +3,8 @@
 When a rank dies (its actor, or the node under it), the learner group (cluster/pools/learner_group.py) raises
 LearnerDied. Up to `learner.max_restarts` times the driver then
 1. kills every rank (the survivors hang in a collective) and frees their placement group;
-2. lets the work in flight in the rollout and reward pools finish and throws it away (it was drawn after the
-   checkpoint it rewinds to, and is drawn again);
+2. throws away the training work in the rollout and reward pools: the queued at once, the running once it ends
+   (it was drawn after the checkpoint it rewinds to, and is drawn again; `discard_in_flight`);
 3. starts the group again (on any node with room: the dead node's bundles are placed elsewhere), loads the LATEST
    checkpoint and rewinds to it what `--resume` rewinds: step, policy version, reader cursor, chunk numbering
    (so sampling seeds replay identically), the accounting, and metrics.jsonl (cut to the checkpoint's step);
@@ -21,11 +21,14 @@ node, at which step, the cause Ray reported; `segr1 train` adds the command that
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Protocol
 
 from cluster.config import TrainConfig
-from cluster.driver.state import Accounting
+from cluster.driver.state import Accounting, Chunk
+from cluster.driver.validation import Validator
+from cluster.pools.actor_pool import ActorPool
 from cluster.pools.learner_group import LearnerDied, LearnerGroup
 
 logger = logging.getLogger(__name__)
@@ -109,7 +112,7 @@ def restart_learner(driver: Restartable, died: LearnerDied) -> None:
     if not saved:
         why = f"no checkpoint to restart from yet (checkpoint.every={cfg.checkpoint.every})"
         raise _fail(died, why, resumable=False)
-    logger.info("learner restart: %d scored group(s) in flight discarded", driver.drain_in_flight())
+    logger.info("learner restart: %d group(s) in flight discarded", driver.drain_in_flight())
     before = driver.acct
     driver.start_learner()
     driver.rewind(driver.learner.load_checkpoint(None))
@@ -126,6 +129,32 @@ def restart_learner(driver: Restartable, died: LearnerDied) -> None:
         driver.step,
         before.groups_trained - a.groups_trained,
     )
+
+
+def discard_in_flight(pools: tuple[ActorPool, ...], validator: Validator) -> int:
+    """Step 2 of the module docstring: the training work of the pools is thrown away, the queued at once, the
+    running once it ends (failed included: a rollout worker that missed a version cannot catch up while no learner
+    runs), and a finished rollout is not sent on to scoring. Validation work goes to the validator as always. How
+    many groups were thrown away."""
+    import ray
+
+    thrown = 0
+    while True:
+        for pool in pools:
+            thrown += sum(
+                len(chunk.requests) for chunk in pool.discard_queued(lambda k: isinstance(k, Chunk))
+            )
+        if not any(pool.pending for pool in pools):
+            return thrown
+        refs = [ref for pool in pools for ref in pool.waitables()]
+        if refs:
+            ray.wait(refs, num_returns=1, timeout=0.5)
+        else:  # the actors are waiting out a restart's backoff (cluster/pools/actor_pool.py)
+            time.sleep(0.05)
+        for pool in pools:
+            for key, result in pool.poll(timeout=0):
+                if not validator.take(key, result):
+                    thrown += len(key.requests)
 
 
 def _has_checkpoint(driver: Restartable) -> bool:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,16 +74,60 @@ class Accounting:
 
 @dataclass
 class Chunk:
-    """Samples sent to one rollout call; the reader cursor before they were read (async resume point)."""
+    """Samples sent to one rollout call, each with the reader cursor that reads it again (`Samples`)."""
 
     chunk_id: int
     refs: list[Any]  # each sample's ObjectRef (put once; every actor reads the sample from the object store)
-    cursor_before: dict
+    cursors: list[dict]  # per sample: the reader's cursor just before it (a checkpoint's open samples)
     open: int = field(default=0)  # groups of this chunk not yet trained, dropped or filtered
+    closed: set[int] = field(
+        default_factory=set
+    )  # indices of the groups that are (trained, dropped, filtered)
+    counted: bool = (
+        False  # its groups were counted as generated (a rollout generated again is not counted twice)
+    )
     rollout: Any = None  # ObjectRef of the rollout call's list[RolloutGroup]: handed on, never read here
     headers: list[GroupHeader] = field(default_factory=list)  # what the driver reads of those groups
     requests: list[RolloutRequest] = field(default_factory=list)  # one per sample, to generate them again
-    again: bool = False  # generated again (its first rollout was lost): its groups are counted once
+
+
+class Samples:
+    """Where the driver's samples come from: first those a checkpoint left open (their groups were generated but
+    not yet trained, dropped or filtered: read again at their cursors and generated again), then the reader's.
+    Each sample comes with the cursor that reads it again, so a checkpoint names exactly the open ones and the
+    resumed run trains every sample of the epoch once: none skipped, none twice (`open_work`)."""
+
+    def __init__(self, reader):
+        self.reader = reader
+        self.replay: deque[tuple[Sample, dict]] = deque()
+
+    def read(self, n: int) -> tuple[list[Sample], list[dict]]:
+        pairs = [self.replay.popleft() for _ in range(min(n, len(self.replay)))]
+        while len(pairs) < n:
+            cursor = self.reader.state_dict()
+            pairs.append((self.reader.next_batch(1)[0], cursor))
+        return [s for s, _ in pairs], [c for _, c in pairs]
+
+    def restore(self, cursor: dict | None, replay: list[dict]) -> None:
+        """The reader at `cursor` (None: where it is), the samples at the `replay` cursors read first."""
+        pairs = []
+        for c in replay:
+            self.reader.load_state_dict(c)
+            pairs.append((self.reader.next_batch(1)[0], c))
+        if cursor:
+            self.reader.load_state_dict(cursor)
+        self.replay = deque(pairs)
+
+
+def open_work(chunks: list[Chunk], acct: Accounting) -> tuple[list[dict], dict]:
+    """What a checkpoint saves of the pipeline: the cursors of the samples whose groups are still open (oldest
+    chunk first), and the accounting with those groups not yet generated (they are generated again after a
+    resume or a learner restart, and counted then)."""
+    ordered = sorted((c for c in chunks if c.open > 0), key=lambda c: c.chunk_id)
+    replay = [c.cursors[i] for c in ordered for i in range(len(c.cursors)) if i not in c.closed]
+    saved = asdict(acct)
+    saved["groups_generated"] -= sum(c.open for c in ordered if c.counted)
+    return replay, saved
 
 
 @dataclass(frozen=True)
@@ -128,7 +172,9 @@ def regeneration(groups: list[RoutedGroup]) -> list[Chunk]:
     their rollout was lost with the node that held it. Their groups keep their chunk id, so they close it."""
     by_chunk: dict[int, Chunk] = {}
     for r in groups:
-        c = by_chunk.setdefault(r.chunk_id, Chunk(r.chunk_id, [], {}, again=True))
+        c = by_chunk.setdefault(
+            r.chunk_id, Chunk(r.chunk_id, [], [], counted=True)
+        )  # counted when first scored
         c.refs.append(r.sample)
         c.requests.append(r.request)
     return list(by_chunk.values())

@@ -71,7 +71,28 @@ class _Member:
     ready_ref: Any = None  # the actor's start (placement, __init__, on_start): serves only once this resolves
     draining: bool = False
     deaths: int = 0  # consecutive deaths of this name without a completed item (crash-loop detection)
+    first_death: float = 0.0  # time.monotonic() of the first of them
     dispatched: int = 0  # items ever sent: ties in load go to the actor that has had the least work
+
+
+RESTART_BACKOFF_S = (
+    0.0,
+    0.5,
+    1.0,
+    2.0,
+    4.0,
+    8.0,
+)  # before the 1st, 2nd, ... restart of a name in a row (8 s on)
+CRASH_LOOP_S = 60.0  # a name that keeps dying this long without finishing anything is a crash loop
+
+
+@dataclass
+class _Restart:
+    """A dead actor's replacement, started once `due` (time.monotonic()) has come."""
+
+    due: float
+    deaths: int
+    first_death: float
 
 
 class PoolError(RuntimeError):
@@ -100,6 +121,7 @@ class ActorPool:
         on_error: Callable[[Any, BaseException], bool] | None = None,
         max_attempts: int = 5,
         max_consecutive_deaths: int = 3,
+        crash_loop_s: float = CRASH_LOOP_S,
         capacity: Callable[[], int | None] | None = None,
     ):
         if size < 1:
@@ -111,7 +133,8 @@ class ActorPool:
         self._capacity = capacity
         self.max_inflight = max_inflight
         self.max_attempts = max_attempts
-        self.max_consecutive_deaths = max_consecutive_deaths
+        self.max_consecutive_deaths, self.crash_loop_s = max_consecutive_deaths, crash_loop_s
+        self._restarts: dict[str, _Restart] = {}  # dead actors waiting out their backoff
         self.stats = PoolStats()
         self._queue: deque[_Item] = deque()
         self._members: dict[str, _Member] = {}
@@ -123,12 +146,12 @@ class ActorPool:
     # -- public API --------------------------------------------------------------------------------------------
     @property
     def size(self) -> int:
-        """Actors that take new work (draining ones excluded)."""
-        return sum(not m.draining for m in self._members.values())
+        """Actors that take new work (draining ones excluded; restarting ones included)."""
+        return sum(not m.draining for m in self._members.values()) + len(self._restarts)
 
     @property
     def names(self) -> list[str]:
-        return sorted(n for n, m in self._members.items() if not m.draining)
+        return sorted([*(n for n, m in self._members.items() if not m.draining), *self._restarts])
 
     @property
     def pending(self) -> int:
@@ -172,6 +195,9 @@ class ActorPool:
                 if ready:  # collect everything already finished, not just the first
                     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
                     self._collect(ready)
+            elif self._restarts and timeout != 0:  # nothing runs: wait for the next restart's turn
+                due = min(r.due for r in self._restarts.values()) - time.monotonic()
+                time.sleep(max(0.0, min(due, 1.0 if timeout is None else timeout)))
         out = list(self._done)
         self._done.clear()
         self._dispatch()
@@ -200,6 +226,8 @@ class ActorPool:
         starting (e.g. waiting for a node that is gone), then the newest ones."""
         if n < 1:
             raise ValueError(f"{self.prefix} pool cannot shrink below 1 actor (asked {n})")
+        while self.size > n and self._restarts:  # the restarts waiting out their backoff go first
+            self._restarts.pop(max(self._restarts, key=_index))
         while self.size < n:
             self._add_member()
         active = sorted(
@@ -227,6 +255,13 @@ class ActorPool:
                 self._replace(name, err)
         return out
 
+    def discard_queued(self, which: Callable[[Hashable], bool]) -> list[Hashable]:
+        """Drop the queued items (not yet sent to an actor) whose key `which` picks: their results are no longer
+        wanted. Their keys, in queue order."""
+        dropped = [item.key for item in self._queue if which(item.key)]
+        self._queue = deque(item for item in self._queue if not which(item.key))
+        return dropped
+
     def report_death(self, name: str, cause: BaseException) -> None:
         """The actor `name` was seen dead by a call outside the pool (e.g. the weight sync): replace it now."""
         if name in self._members:
@@ -236,6 +271,7 @@ class ActorPool:
         for m in self._members.values():
             ray.kill(m.handle, no_restart=True)
         self._members.clear()
+        self._restarts.clear()
 
     # -- internals ---------------------------------------------------------------------------------------------
     def _add_member(self, name: str | None = None) -> None:
@@ -266,24 +302,38 @@ class ActorPool:
                 self.size,
             )
             return
-        if member.deaths + 1 >= self.max_consecutive_deaths:
+        now = time.monotonic()
+        deaths, first = member.deaths + 1, member.first_death if member.deaths else now
+        if deaths >= self.max_consecutive_deaths and now - first >= self.crash_loop_s:
             raise PoolError(
-                f"{self.prefix} pool: actor {name} died {member.deaths + 1} times in a row without finishing any "
-                f"work; giving up. Last error: {cause}"
+                f"{self.prefix} pool: actor {name} died {deaths} times in a row in {now - first:.0f} s without "
+                f"finishing any work; giving up. Last error: {cause}"
             ) from cause
         self._requeue(member)
         self._kill(member)
         self.stats.restarts += 1
         if member.draining:
             return
+        # A restart that dies at once backs off: the node it was placed on may be lost and not yet known to be
+        # (Ray sees a lost node within ~5-30 s); a crash loop is only called one after crash_loop_s.
+        wait = RESTART_BACKOFF_S[min(deaths, len(RESTART_BACKOFF_S)) - 1]
         logger.warning(
-            "%s: actor %s died; restarting it and re-issuing %d items",
+            "%s: actor %s died; restarting it%s and re-issuing %d items",
             self.prefix,
             name,
+            f" in {wait:.1f} s" if wait else "",
             len(member.inflight),
         )
-        self._add_member(name)
-        self._members[name].deaths = member.deaths + 1
+        self._restarts[name] = _Restart(now + wait, deaths, first)
+        self._start_due()
+
+    def _start_due(self) -> None:
+        """Start the restarts whose backoff is over."""
+        now = time.monotonic()
+        for name in [n for n, r in self._restarts.items() if r.due <= now]:
+            restart = self._restarts.pop(name)
+            self._add_member(name)
+            self._members[name].deaths, self._members[name].first_death = restart.deaths, restart.first_death
 
     def _no_room(self) -> bool:
         """The others (at least one) already fill what the cluster can hold of this pool."""
@@ -315,6 +365,7 @@ class ActorPool:
         return refs
 
     def _dispatch(self) -> None:
+        self._start_due()
         while self._queue:
             member = self._least_loaded()
             if member is None:

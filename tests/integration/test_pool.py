@@ -167,14 +167,25 @@ class Broken:
 
 
 def test_crash_looping_actor_gives_a_clear_error(ray_local):
+    """An actor that dies at every start is restarted with a growing backoff, and called a crash loop only once
+    it has died max_consecutive_deaths times over at least crash_loop_s: a restart placed on a node that is lost
+    but not yet known to be (a few seconds in Ray) dies at once too, and must not end the job."""
+    import re
+
     from cluster.pools.actor_pool import PoolError
 
     cls = ray_local.remote(Broken)
     pool = ActorPool(
-        "broken", lambda n: cls.options(name=f"test-{n}", namespace="segr1-test", num_cpus=0).remote(n), 1
+        "broken",
+        lambda n: cls.options(name=f"test-{n}", namespace="segr1-test", num_cpus=0).remote(n),
+        1,
+        crash_loop_s=2.0,
     )
-    with pytest.raises(PoolError, match="(?s)broken-0 died 3 times .*cannot load model"):
+    with pytest.raises(PoolError, match="(?s)broken-0 died .*cannot load model") as err:
         pool.map([(0, lambda a: a.work.remote(1))], timeout=120)
+    deaths, seconds = map(int, re.search(r"died (\d+) times in a row in (\d+) s", str(err.value)).groups())
+    assert deaths >= 3 and seconds >= 2, str(err.value)
+    assert pool.stats.restarts == deaths - 1  # the last death is the one it gave up on
 
 
 def test_ties_spread_work_over_every_actor(ray_local):

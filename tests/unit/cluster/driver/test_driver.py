@@ -59,7 +59,9 @@ def test_a_header_carries_what_the_driver_reads_of_a_group():
 
 def test_routed_joins_headers_and_scores_in_order_and_refuses_a_mismatch():
     groups = [rollout_group("c2-0", 1), rollout_group("c2-1", 1)]
-    chunk = Chunk(2, ["s0", "s1"], {}, open=2, rollout="r2", headers=[GroupHeader.of(g) for g in groups])
+    chunk = Chunk(
+        2, ["s0", "s1"], [{}, {}], open=2, rollout="r2", headers=[GroupHeader.of(g) for g in groups]
+    )
     out = routed(chunk, [scores("c2-0"), scores("c2-1", (1.0, 1.0))])
     assert [(r.chunk_id, r.index, r.sample, r.rollout) for r in out] == [
         (2, 0, "s0", "r2"),
@@ -178,7 +180,7 @@ def test_groups_whose_rollout_was_lost_are_generated_again_once_per_chunk_keepin
         )
 
     again = regeneration([routed_group(3, 1), routed_group(5, 0), routed_group(3, 0)])
-    assert [(c.chunk_id, c.refs, c.requests, c.again) for c in again] == [
+    assert [(c.chunk_id, c.refs, c.requests, c.counted) for c in again] == [
         (3, ["s31", "s30"], ["request-c3-1", "request-c3-0"], True),
         (5, ["s50"], ["request-c5-0"], True),
     ]
@@ -245,3 +247,31 @@ def test_a_checkpoint_a_learner_rank_could_not_write_ends_the_job_with_its_messa
     )
     assert "[Errno 28] No space left on device" in message and f"free space under {root}" in message, message
     assert f"the newest complete checkpoint is still {root}/step-000001" in message, message
+
+
+def test_a_checkpoint_names_the_open_samples_and_a_restore_generates_exactly_those_first(synthetic_data):
+    """Async mode's pipeline at a checkpoint: chunk A half trained, chunk B still generating. The checkpoint keeps
+    the reader where it is and names the open samples (A's untrained half, all of B); a restored driver generates
+    those first and then goes on where the reader was: nothing trained twice, nothing skipped. A's open groups
+    were counted as generated, so the saved accounting leaves them out (they are counted again when generated
+    again); B's were not counted yet."""
+    from cluster.config import TrainConfig
+    from cluster.data.reader import DatasetReader
+    from cluster.driver.state import Accounting, Chunk, Samples, open_work
+
+    cfg = TrainConfig.model_validate({"model": {"policy": "unused"}, "data": {"train": str(synthetic_data)}})
+    samples = Samples(DatasetReader.from_config(cfg))
+    a, a_at = samples.read(4)
+    b, b_at = samples.read(4)
+    chunk_a = Chunk(0, [], a_at, open=2, closed={0, 2}, counted=True)
+    chunk_b = Chunk(1, [], b_at, open=4)
+    replay, saved = open_work([chunk_b, chunk_a, Chunk(2, [], [], open=0)], Accounting(4, groups_trained=2))
+    assert replay == [a_at[1], a_at[3], *b_at]
+    assert saved["groups_generated"] == 2 and Accounting(**saved).groups_lost == 0
+
+    restored = Samples(DatasetReader.from_config(cfg))
+    restored.restore(samples.reader.state_dict(), replay)
+    got, got_at = restored.read(8)
+    after, _ = samples.read(2)  # the uninterrupted run's next samples
+    assert [s.id for s in got] == [a[1].id, a[3].id, *(s.id for s in b), *(s.id for s in after)]
+    assert got_at[:6] == replay  # a second checkpoint names them by the same cursors
