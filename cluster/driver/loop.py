@@ -384,8 +384,8 @@ class TrainDriver:
         if isinstance(err, StaleWeightsError):
             try:
                 ray.get(self.weights.on_start(handle))
-            except DEATH:  # it died catching up: the retry finds it dead and the pool replaces it
-                pass
+            except DEATH:  # it died catching up (the pool replaces it), or the learner it loads from died
+                self.learner.check_alive()  # LearnerDied: the driver restarts the learner group
             return True
         return False
 

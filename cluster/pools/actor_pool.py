@@ -417,7 +417,13 @@ class ActorPool:
 
     def _handle_error(self, member: _Member, item: _Item, err: BaseException) -> None:
         item.attempts += 1
-        repaired = self._on_error is not None and self._on_error(member.handle, err)
+        try:
+            repaired = self._on_error is not None and self._on_error(member.handle, err)
+        except (
+            BaseException
+        ):  # on_error's own error (the learner it repairs from died): the item stays pending
+            self._queue.appendleft(item)
+            raise
         if repaired and item.attempts < self.max_attempts:
             self.stats.retries += 1
             self._queue.appendleft(item)

@@ -185,6 +185,17 @@ class LearnerGroup:
                     continue
             raise
 
+    def check_alive(self, timeout: float = 5.0) -> None:
+        """Raise LearnerDied when a rank is dead: Ray answers a call to a dead actor at once (a live rank busy
+        with a step answers later, and counts as alive)."""
+        refs = [h.__ray_ready__.remote() for h in self._ranks.handles]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except _death_errors() as err:
+                raise self._died(refs.index(ref), err) from None
+
     def died(self, rank_name: str, err: BaseException) -> LearnerDied:
         """The LearnerDied of rank `rank_name`, whose call failed with `err` (seen by another waiter)."""
         return self._died(self._ranks.names.index(rank_name), err)

@@ -135,6 +135,31 @@ def test_on_error_repairs_and_retries(ray_local):
     pool.shutdown()
 
 
+def test_an_on_error_that_raises_reaches_the_caller_and_keeps_the_item(ray_local):
+    """on_error's own error (the driver's: the learner it repairs a stale worker from died) is raised to the
+    caller, and the item is not lost: it is queued again and answered once the repair works."""
+
+    class LearnerGone(RuntimeError):
+        pass
+
+    attempts = []
+
+    def on_error(handle, err):
+        attempts.append(err)
+        if len(attempts) == 1:
+            raise LearnerGone("the learner died")
+        ray_local.get(handle.set_version.remote(1))
+        return True
+
+    pool = ActorPool("gone", _spawner(ray_local, [], version=0), 1, on_error=on_error)
+    pool.submit(0, lambda a: a.work.remote(7))
+    with pytest.raises(LearnerGone):
+        collect_exactly_once(pool, [0])
+    assert pool.pending == 1  # queued again, not lost
+    assert collect_exactly_once(pool, [0])[0] == ("gone-0", 70)
+    pool.shutdown()
+
+
 def test_resize_up_runs_on_start_and_down_drains(ray_local):
     started = []
 
