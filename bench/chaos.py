@@ -52,6 +52,7 @@ KINDS = ("kill_rollout", "kill_reward", "rollout_node", "reward_node", "kill_lea
 NAMESPACE = "segr1-chaos"
 BATCH, GROUP = 4, 4
 SETTLE = 2  # steps trained after the last fault before the run is stopped
+CHECKPOINT_EVERY = 4  # a killed learner restarts from the latest checkpoint: no fault before the first one
 UNTIL = 100_000  # grpo.steps: the run is stopped by the bench
 OVERRIDES = [
     f"grpo.steps={UNTIL}",
@@ -67,22 +68,23 @@ OVERRIDES = [
     "rollout.max_workers=2",
     "reward.num_workers=2",
     "reward.max_workers=2",
-    "checkpoint.every=4",
+    f"checkpoint.every={CHECKPOINT_EVERY}",
     "weight_sync.timeout_s=10",  # a group member on a removed node: not five minutes (docs/scaling.md)
 ]
 
 
 def schedule(seed: int, steps: int, faults: int) -> list[tuple[int, str]]:
     """(step, kind) pairs: each kind once per round of len(KINDS), in a seeded order, at distinct seeded steps
-    from 3 (a checkpoint exists by then for a learner kill) to steps - 2 (the run goes on after the last)."""
+    after the first checkpoint (once step CHECKPOINT_EVERY + 1's line is written, its checkpoint is: a killed
+    learner has one to restart from) up to steps - 2 (the run goes on after the last)."""
     rng = random.Random(seed)
     kinds: list[str] = []
     while len(kinds) < faults:
         kinds += rng.sample(KINDS, len(KINDS))
-    room = range(3, steps - 1)
+    room = range(CHECKPOINT_EVERY + 1, steps - 1)
     if faults > len(room):
         raise SystemExit(
-            f"--steps {steps} has room for {len(room)} faults (steps 3..{steps - 2}), not {faults}"
+            f"--steps {steps} has room for {len(room)} faults (steps {room.start}..{steps - 2}), not {faults}"
         )
     return list(zip(sorted(rng.sample(room, faults)), kinds[:faults], strict=True))
 
@@ -146,7 +148,7 @@ def run_once(ray, chaos: Chaos, cfg, steps: int, plan: list[tuple[int, str]], de
     shutil.rmtree(run_dir, ignore_errors=True)  # an earlier call's lines would fire the faults at once
     driver = spawn_driver_actor(cfg, progress_bar=False)
     run_ref = driver.run.remote()
-    t0, fired, hung, reached_s = time.monotonic(), [], False, None
+    t0, fired, hung, reached_s, error = time.monotonic(), [], False, None, None
 
     def last_step() -> int:
         if ray.wait([run_ref], timeout=0)[0]:
@@ -171,6 +173,8 @@ def run_once(ray, chaos: Chaos, cfg, steps: int, plan: list[tuple[int, str]], de
         summary = ray.get(run_ref, timeout=max(1.0, deadline_s - (time.monotonic() - t0)))
     except (TimeoutError, ray.exceptions.GetTimeoutError):
         hung, summary = True, {}
+    except Exception as err:  # the job failed: reported as a problem, with its error
+        error, summary = f"{type(err).__name__}: {err}"[-4000:], {}
     finally:
         try:
             ray.get(driver.close.remote(), timeout=120)
@@ -183,6 +187,7 @@ def run_once(ray, chaos: Chaos, cfg, steps: int, plan: list[tuple[int, str]], de
         "rows": _metrics(run_dir),
         "fired": fired,
         "hung": hung,
+        "error": error,
         "reached_s": reached_s,
     }
 
@@ -192,6 +197,8 @@ def problems(cfg, run: dict, plan: list) -> list[str]:
     s, rows = run["summary"], run["rows"]
     if run["hung"]:
         return [f"no end before the deadline (last line: step {rows[-1]['step'] if rows else 0})"]
+    if run["error"]:
+        return [f"the job failed after step {rows[-1]['step'] if rows else 0}: {run['error']}"]
     out = []
     if s["groups_lost"] or s["groups_failed"]:
         out.append(f"groups lost {s['groups_lost']}, failed {s['groups_failed']}")
