@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         "--policy", default=None, help="policy folder (default: bench/e2e.py's --quick SFT policy)"
     )
     p.add_argument("--data", type=Path, default=None, help="training data, (steps + 50) x 4 samples at least")
-    p.add_argument("--deadline-s", type=float, default=None, help="per run (default: 60 + 10 s per step)")
+    p.add_argument("--deadline-s", type=float, default=None, help="per run (default: 600 + 10 s per step)")
     p.add_argument("--work", type=Path, default=None, help="folder for the policy, data and runs")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "chaos_cpu.json")
     args = p.parse_args(argv)
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     if _data_rows(data) < s["n_train"]:  # a second epoch would train samples twice, rightly
         raise SystemExit(f"--data {data}: {_data_rows(data)} samples; {args.steps} steps need {s['n_train']}")
     plan = schedule(args.seed, args.steps, args.faults)
-    deadline_s = args.deadline_s or 60 + 10 * args.steps
+    deadline_s = args.deadline_s or 600 + 10 * args.steps  # a hang guard: a loaded machine starts jobs slowly
     cluster = _cluster()
     ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
     runs = {}

@@ -36,7 +36,7 @@ def test_an_async_job_under_a_seeded_schedule_of_faults_keeps_every_invariant(sf
     ]  # fmt: skip
     # its own cluster in its own process, not the session's Ray
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     replay = f"SEGR1_CHAOS_SEED={seed}"
     assert out.is_file(), f"{replay}: bench/chaos.py wrote no result\n{proc.stderr[-6000:]}"
     run = json.loads(out.read_text())["disturbed"]
