@@ -100,7 +100,7 @@ def ray_head():
             r = subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True)
             return r.returncode == 0
 
-        wait_for(job_server_up, 120, "the Ray job server", every=1.0)
+        wait_for(job_server_up, 600, "the Ray job server", every=1.0)  # a hang guard: slow under load
         yield address, env
     finally:
         head.send_signal(signal.SIGTERM)  # --block: stops the processes of this node, then exits
