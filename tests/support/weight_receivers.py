@@ -109,3 +109,39 @@ def receiver_actor(name: str, num_cpus: float = 0) -> Any:
     import ray
 
     return ray.remote(WeightReceiverEndpoint).options(name=f"weights-{name}", num_cpus=num_cpus).remote(name)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A receiver in a process of its own (gloo between real processes): test_weight_sync, test_weight_delta
+
+
+def receiver_process(name: str, info_q, result_q) -> None:
+    """Join every group announced on `info_q` (None: exit) and report each version loaded on `result_q` as
+    (name, version, weights), then (name, "closed", None) when the group closed, or (name, "error", repr)."""
+    torch.set_num_threads(1)
+    receiver, engine = DistributedWeightReceiver(name), InMemoryEngine()
+    try:
+        while (info := info_q.get()) is not None:
+            receiver.join(info)
+            while (v := receive_and_load(receiver, engine)) is not None:
+                result_q.put((name, v, dict(engine.weights)))
+            result_q.put((name, "closed", None))
+    except Exception as err:  # report to the test instead of hanging it
+        result_q.put((name, "error", repr(err)))
+
+
+def start_receiver(ctx, name: str) -> tuple[Any, Any, Any]:
+    """(process, info queue, result queue) of a `receiver_process` started in multiprocessing context `ctx`."""
+    info_q, result_q = ctx.Queue(), ctx.Queue()
+    p = ctx.Process(target=receiver_process, args=(name, info_q, result_q), daemon=True)
+    p.start()
+    return p, info_q, result_q
+
+
+def stop_receivers(procs: Mapping[str, tuple[Any, Any, Any]]) -> None:
+    """Ask every receiver process to exit; kill one that does not within 10 s."""
+    for p, info_q, _ in procs.values():
+        info_q.put(None)
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()

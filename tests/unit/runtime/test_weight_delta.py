@@ -15,7 +15,7 @@ from actors.weight_receiver import receive_and_load
 from runtime.weights.collective import DistributedWeightReceiver, DistributedWeightSender
 from runtime.weights.delta import DELTA, RAW, DeltaDecoder, DeltaEncoder, apply_delta, delta_nbytes
 from runtime.weights.layout import StreamedWeights, WeightSyncError, bucket_views, plan_manifest
-from tests.support.weight_receivers import InMemoryEngine
+from tests.support.weight_receivers import InMemoryEngine, start_receiver, stop_receivers
 
 BUCKET_MB = 4096 / 2**20  # 4 KiB buckets: several per version
 
@@ -160,19 +160,6 @@ def _streamed(named) -> StreamedWeights:
     return StreamedWeights(specs, iter(ordered))
 
 
-def _receiver_proc(name: str, info_q, result_q) -> None:
-    torch.set_num_threads(1)
-    receiver, engine = DistributedWeightReceiver(name), InMemoryEngine()
-    try:
-        while (info := info_q.get()) is not None:
-            receiver.join(info)
-            while (v := receive_and_load(receiver, engine)) is not None:
-                result_q.put((name, v, dict(engine.weights)))
-            result_q.put((name, "closed", None))
-    except Exception as err:  # report to the test instead of hanging it
-        result_q.put((name, "error", repr(err)))
-
-
 @pytest.mark.parametrize("use_shm", [None, False], ids=["shared-memory", "tcp"])
 def test_fifty_versions_over_gloo_with_a_late_joiner_and_a_restart(use_shm):
     """Every other version streamed as a sharded learner sends it."""
@@ -181,10 +168,7 @@ def test_fifty_versions_over_gloo_with_a_late_joiner_and_a_restart(use_shm):
     procs: dict = {}
 
     def start(name):
-        info_q, result_q = ctx.Queue(), ctx.Queue()
-        p = ctx.Process(target=_receiver_proc, args=(name, info_q, result_q), daemon=True)
-        p.start()
-        procs[name] = (p, info_q, result_q)
+        procs[name] = start_receiver(ctx, name)
 
     def regroup(sender):
         sender.close(notify=True)
@@ -224,11 +208,7 @@ def test_fifty_versions_over_gloo_with_a_late_joiner_and_a_restart(use_shm):
         assert [v for v, b in enumerate(bases, 1) if b is None] == [1, 20, 35]
     finally:
         sender.close(notify=False)
-        for p, iq, _ in procs.values():
-            iq.put(None)
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+        stop_receivers(procs)
 
 
 def test_a_receiver_that_lost_its_base_refuses_the_delta_and_gets_the_version_whole():

@@ -15,7 +15,7 @@ from runtime.weights import layout
 from runtime.weights.collective import DistributedWeightReceiver, DistributedWeightSender
 from runtime.weights.inprocess import InProcessChannel
 from runtime.weights.layout import WeightSyncError, bucket_views, pack_bucket, plan_manifest
-from tests.support.weight_receivers import InMemoryEngine
+from tests.support.weight_receivers import InMemoryEngine, start_receiver, stop_receivers
 
 
 def _model(seed: int = 0) -> list[tuple[str, torch.Tensor]]:
@@ -101,30 +101,6 @@ def test_in_process_channel_atomic_versions_and_late_joiner():
 # Real processes over gloo
 
 
-def _receiver_proc(name: str, info_q, result_q) -> None:
-    torch.set_num_threads(1)
-    receiver = DistributedWeightReceiver(name)
-    engine = InMemoryEngine()
-    try:
-        while True:
-            info = info_q.get()
-            if info is None:
-                return
-            receiver.join(info)
-            while (v := receive_and_load(receiver, engine)) is not None:
-                result_q.put((name, v, {n: t for n, t in engine.weights.items()}))
-            result_q.put((name, "closed", None))
-    except Exception as err:  # report to the test instead of hanging it
-        result_q.put((name, "error", repr(err)))
-
-
-def _start(ctx, name):
-    info_q, result_q = ctx.Queue(), ctx.Queue()
-    p = ctx.Process(target=_receiver_proc, args=(name, info_q, result_q), daemon=True)
-    p.start()
-    return p, info_q, result_q
-
-
 def _expect(result_q, name, version, model):
     got_name, got_version, weights = result_q.get(timeout=60)
     assert (got_name, got_version) == (name, version), weights
@@ -144,7 +120,7 @@ def test_gloo_broadcast_two_receivers_bit_identical_then_a_third_joins(use_shm, 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     monkeypatch.setattr("runtime.weights.shm.SHM_CHUNK_BYTES", 256)  # several shared-memory chunks per bucket
     ctx = mp.get_context("spawn")
-    procs = {n: _start(ctx, n) for n in ("rollout-0", "rollout-1")}
+    procs = {n: start_receiver(ctx, n) for n in ("rollout-0", "rollout-1")}
     sender = DistributedWeightSender("gloo", bucket_mb=0.002, timeout_s=60, use_shm=use_shm)
     try:
         _connect(sender, list(procs), [p[1] for p in procs.values()])
@@ -155,7 +131,7 @@ def test_gloo_broadcast_two_receivers_bit_identical_then_a_third_joins(use_shm, 
             for n, (_, _, rq) in procs.items():
                 _expect(rq, n, version, _model(seed))
         # a new worker joins at a version boundary: new generation, everyone rejoins, current weights re-sent
-        procs["rollout-2"] = _start(ctx, "rollout-2")
+        procs["rollout-2"] = start_receiver(ctx, "rollout-2")
         sender.close(notify=True)
         for n in ("rollout-0", "rollout-1"):
             assert procs[n][2].get(timeout=60)[1] == "closed"
@@ -168,11 +144,7 @@ def test_gloo_broadcast_two_receivers_bit_identical_then_a_third_joins(use_shm, 
             _expect(rq, n, 3, _model(3))
         sender.close(notify=True)
     finally:
-        for p, iq, _ in procs.values():
-            iq.put(None)
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+        stop_receivers(procs)
 
 
 def test_receiver_refuses_a_group_without_its_name():
