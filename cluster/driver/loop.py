@@ -48,7 +48,7 @@ from cluster.driver.state import (
 )
 from cluster.driver.validation import Validator
 from cluster.driver.weights import WeightPublisher
-from cluster.pools.actor_pool import DEATH, ActorPool, WorkFailed, lost_object
+from cluster.pools.actor_pool import DEATH, ActorPool, WorkFailed, lost_object, wait_any
 from cluster.pools.elastic import Elastic
 from cluster.pools.learner_group import LearnerCall, LearnerGroup
 from cluster.pools.placement import Placement
@@ -229,12 +229,8 @@ class TrainDriver:
     def _advance(self, timeout: float, also: tuple = ()) -> list[RoutedGroup]:
         """Block until a rollout, a score or one of `also` finishes (at most `timeout` s; one ray.wait over both
         pools, no busy loop), send finished rollouts on to the reward pool, and return the groups scored."""
-        refs = [*self.rollout.waitables(), *self.reward.waitables(), *also]
         t0 = time.perf_counter()
-        if refs:
-            ray.wait(refs, num_returns=1, timeout=timeout)
-        else:  # nothing runs: the pools' actors are waiting out a restart's backoff (cluster/pools/actor_pool.py)
-            time.sleep(min(timeout, 0.05))
+        wait_any((self.rollout, self.reward), timeout, also)
         if not also:  # the learner has nothing to train: it waits on scoring, else on generation
             self.elastic.waited(time.perf_counter() - t0, scoring=self.reward.pending > 0)
         for chunk, result in self.rollout.poll(timeout=0):

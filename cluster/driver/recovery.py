@@ -21,14 +21,13 @@ node, at which step, the cause Ray reported; `segr1 train` adds the command that
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Protocol
 
 from cluster.config import TrainConfig
 from cluster.driver.state import Accounting, Chunk
 from cluster.driver.validation import Validator
-from cluster.pools.actor_pool import ActorPool
+from cluster.pools.actor_pool import ActorPool, wait_any
 from cluster.pools.learner_group import LearnerDied, LearnerGroup
 
 logger = logging.getLogger(__name__)
@@ -136,8 +135,6 @@ def discard_in_flight(pools: tuple[ActorPool, ...], validator: Validator) -> int
     running once it ends (failed included: a rollout worker that missed a version cannot catch up while no learner
     runs), and a finished rollout is not sent on to scoring. Validation work goes to the validator as always. How
     many groups were thrown away."""
-    import ray
-
     thrown = 0
     while True:
         for pool in pools:
@@ -146,11 +143,7 @@ def discard_in_flight(pools: tuple[ActorPool, ...], validator: Validator) -> int
             )
         if not any(pool.pending for pool in pools):
             return thrown
-        refs = [ref for pool in pools for ref in pool.waitables()]
-        if refs:
-            ray.wait(refs, num_returns=1, timeout=0.5)
-        else:  # the actors are waiting out a restart's backoff (cluster/pools/actor_pool.py)
-            time.sleep(0.05)
+        wait_any(pools, timeout=0.5)
         for pool in pools:
             for key, result in pool.poll(timeout=0):
                 if not validator.take(key, result):

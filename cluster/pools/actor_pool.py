@@ -438,6 +438,16 @@ class ActorPool:
             logger.info("%s: removed %s", self.prefix, name)
 
 
+def wait_any(pools: Iterable[ActorPool], timeout: float, also: Iterable = ()) -> None:
+    """Block until a call of any of `pools` (or one of `also`) finishes, at most `timeout` s: one ray.wait over all
+    of them, no busy loop. With nothing to wait on (every actor waiting out a restart's backoff), a short sleep."""
+    refs = [*(ref for pool in pools for ref in pool.waitables()), *also]
+    if refs:
+        ray.wait(refs, num_returns=1, timeout=timeout)
+    else:
+        time.sleep(min(timeout, 0.05))
+
+
 def _started(member: _Member) -> bool:
     """The actor is up and on_start (if any) has finished: it may serve."""
     return member.ready_ref is None or _resolved(member.ready_ref)
