@@ -472,8 +472,18 @@ class AsyncVLLMEngine(_VLLMBase):
         self._run(self.aload_weights(named_tensors, version))
 
     def close(self) -> None:
-        if getattr(self, "engine", None) is not None:
-            self.engine.shutdown()
-            self.engine = None
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is not None:
+            # AsyncLLM.shutdown stops the engine core before it cancels its output handler, which can then read
+            # the core's death first and log an EngineDeadError at every close: the handler goes first here
+            self._run(_cancelled(getattr(engine, "output_handler", None)))
+            engine.shutdown()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+
+
+async def _cancelled(task: asyncio.Task | None) -> None:
+    """`task` (of this event loop) cancelled and finished."""
+    if task is not None and not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

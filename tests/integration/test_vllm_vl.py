@@ -1,6 +1,7 @@
 """vLLM with the tiny Qwen2.5-VL and images (through actors/vllm_plugin.py, registered on every install).
 
-One LLM() for the module, one AsyncLLM for the async check. Checks: greedy ids equal transformers' on two random
+One LLM() for the module (AsyncLLM with images: the async runs of tests/e2e and the vllm_async part of
+tests/integration/test_gpu_check_cpu.py). Checks: greedy ids equal transformers' on two random
 images of different sizes, before and after a weight push (the same images again after the push: the encoder
 cache is reset with the weights); seeded G=4 sampling reproduces; a video request is refused with a clear error;
 vLLM's own multimodal processing feeds the encoder the learner's pixel values; the encoder profile is capped at
@@ -19,7 +20,7 @@ pytest.importorskip("vllm")
 import uuid  # noqa: E402
 
 from actors.hf_engine import HFEngine  # noqa: E402
-from actors.vllm_engine import AsyncVLLMEngine, VLLMEngine  # noqa: E402
+from actors.vllm_engine import VLLMEngine  # noqa: E402
 from protos.answer import COMPACT  # noqa: E402
 from runtime.images import resize_for_policy  # noqa: E402
 from runtime.qwen_vl import encode_prompt_ids, expected_image_tokens, load_processor  # noqa: E402
@@ -141,24 +142,3 @@ def test_encoder_profile_is_capped_at_image_size(engines):
     info = MULTIMODAL_REGISTRY.create_processor(v.llm.llm_engine.model_config).info
     assert want == 729 and info.get_max_image_tokens() == want
     assert info.get_mm_max_tokens_per_item(2048, {"image": 1})["image"] == want
-
-
-def test_async_engine_with_images_and_a_weight_push(tiny_policy_dir, capfd):
-    """AsyncLLM (engine core in a child process, weights in pieces through collective_rpc): greedy equals transformers'
-    before and after a push with the same images; close() leaves no EngineDeadError behind."""
-    h = HFEngine(tiny_policy_dir, device="cpu", prompts=COMPACT)
-    engine = AsyncVLLMEngine(tiny_policy_dir, max_model_len=2048, seed=0, prompts=COMPACT)
-    try:
-        images = _images(14)
-        reqs = [_req(4, g=2, temperature=0.0), _req(5, g=2, temperature=0.0)]
-        _assert_greedy_equal(engine.generate(reqs, images), h.generate(reqs, images))
-        new = _new_weights(h, 2)
-        engine.load_weights(new, 1)
-        h.load_weights(new, 1)
-        after = engine.generate_batch(reqs, images)
-        assert after.policy_version == 1
-        _assert_greedy_equal(after.completions, h.generate(reqs, images))
-    finally:
-        engine.close()
-    out = capfd.readouterr()
-    assert "EngineDeadError" not in out.out + out.err
