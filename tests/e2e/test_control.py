@@ -165,12 +165,14 @@ def _run_and_kill_everything(train: list[str], env: dict, cfg, ray_tmp: Path, lo
 
 
 def test_a_whole_job_killed_with_sigkill_resumes_at_its_checkpoint_and_trains_each_sample_once(
-    assets, sft_policy, tmp_path
+    assets, sft_policy, ray_job, tmp_path
 ):
     """Every process of a running `segr1 train` (its own local Ray included) SIGKILLed after its step-2
-    checkpoint; `segr1 train --resume` continues at the checkpoint's step and cursor, trains the reader's samples
-    across the epoch boundary (each sample of the interrupted epoch once), and metrics.jsonl and TensorBoard hold
-    each step once (the resumed TensorBoard writer purges the killed run's steps after the checkpoint)."""
+    checkpoint; `segr1 train --resume` (on the session's Ray: a Ray started again would only cost time) continues at the checkpoint's step and cursor, trains the reader's samples
+    across the epoch boundary (each sample of the interrupted epoch once), the steps the killed run trained after
+    its checkpoint again with the same samples, rewards and loss (same weights, cursor and sampling seeds), and
+    metrics.jsonl and TensorBoard hold each step once (the resumed TensorBoard writer purges the killed run's steps
+    after the checkpoint)."""
     from cluster.config import dump_config
     from learner.checkpoint import latest_checkpoint, read_state
     from tests.tracker_readers import tensorboard_events
@@ -194,13 +196,10 @@ def test_a_whole_job_killed_with_sigkill_resumes_at_its_checkpoint_and_trains_ea
     resumed_from = int(read_state(latest_checkpoint(cfg.checkpoint.dir))["step"])
     assert resumed_from in (2, 4) and len(killed) >= resumed_from, (resumed_from, len(killed))
 
-    for _ in range(RAY_START_TRIES):
-        out = subprocess.run(
-            [*train, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-        )
-        if out.returncode == 0 or not _ray_did_not_start(out.stderr):
-            break
     shutil.rmtree(ray_tmp, ignore_errors=True)
+    env = {**env, "RAY_ADDRESS": ray_job.get_runtime_context().gcs_address}
+    env.pop("RAY_TMPDIR")
+    out = subprocess.run([*train, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     summary = read_summary(run_dir)
     assert summary["steps"] == summary["policy_version"] == steps and summary["groups_lost"] == 0, summary
@@ -208,6 +207,11 @@ def test_a_whole_job_killed_with_sigkill_resumes_at_its_checkpoint_and_trains_ea
     rows = read_metrics(run_dir)
     assert_metric_lines(rows, steps)  # each step once: the killed run's lines after the checkpoint were cut
     assert rows[:resumed_from] == killed[:resumed_from]
+    redone = list(zip(killed[resumed_from:], rows[resumed_from : len(killed)], strict=True))
+    for before, after in redone:  # trained by the killed run after its checkpoint: same data, seeds, weights
+        assert sorted(before["sample_ids"]) == sorted(after["sample_ids"])
+        assert after["reward_total"] == pytest.approx(before["reward_total"], abs=1e-6)
+        assert after["loss"] == pytest.approx(before["loss"], abs=1e-5)
     trained = [set(r["sample_ids"]) for r in rows]
     reader = DatasetReader.from_config(cfg)
     assert trained == [{s.id for s in reader.next_batch(batch)} for _ in range(steps)]
