@@ -111,9 +111,10 @@ def assets(tmp_path_factory, tiny_policy_dir: Path) -> Assets:
 
 
 @pytest.fixture(scope="session")
-def sft_policy(assets: Assets) -> Path:
-    """The test-preset policy after a short SFT on the points-only format (~30 s on the 2-core machine): it
-    parses most of its sampled answers at temperature 1, so GRPO has a reward signal to climb."""
+def sft_run(assets: Assets):
+    """The test-preset policy after a short SFT on the points-only format (~30 s on the 2-core machine), with
+    run_sft's result: it parses most of its sampled answers at temperature 1, so GRPO has a reward signal to climb
+    (tests/e2e/test_train.py checks what it learned)."""
     import torch
 
     from cluster.data.reader import DatasetReader
@@ -122,7 +123,7 @@ def sft_policy(assets: Assets) -> Path:
     torch.set_num_threads(2)
     cfg = e2e_config(assets, assets.root / "sft-run")
     out = assets.root / "models" / "sft-policy"
-    run_sft(
+    result = run_sft(
         cfg.policy_spec(),
         cfg.learner,
         DatasetReader.from_config(cfg).next_batch,
@@ -134,7 +135,13 @@ def sft_policy(assets: Assets) -> Path:
         n_fg=1,
         n_bg=1,
     )
-    return out
+    return out, result
+
+
+@pytest.fixture(scope="session")
+def sft_policy(sft_run) -> Path:
+    """The SFT'd policy folder every e2e run starts from (unless it says otherwise)."""
+    return sft_run[0]
 
 
 VAL_SAMPLES = 8  # held-out samples a validating run scores at each validation

@@ -1,6 +1,7 @@
 """Short runs of the demo config on local Ray (driver actor, vLLM rollout workers, reward workers with GrabCut, the
 learner, gloo weight broadcast): the synchronous run with two workers per pool, as the demo has, loses no group,
-writes one metrics line per step with every documented key and its reward rises; the asynchronous run stays within
+writes one metrics line per step with every documented key and its reward rises (from the SFT warm-up's policy,
+which answers in a parseable format); the asynchronous run stays within
 max_staleness and validates every two steps; the synchronous filter refills every batch."""
 
 from __future__ import annotations
@@ -58,6 +59,24 @@ def test_sync_run_writes_one_metrics_line_per_step(sync_run):
     assert sum(r["zero_variance_groups"] for r in rows) == read_summary(run_dir)["groups_zero_variance"]
 
     assert any(r["weight_sync_delta"] for r in rows), [r["weight_sync_bytes"] for r in rows]
+
+
+def test_the_sft_warm_up_teaches_a_parseable_answer(sft_run, assets, tmp_path):
+    """The short SFT every run here starts from (conftest `sft_run`): its loss fell to under a third, and the
+    policy answers images it never saw in the format the reward parser accepts (greedy: 3 of 4 at least)."""
+    from cluster.data.synth import generate_samples
+    from learner.policy import Policy
+    from learner.sft import greedy_answers
+    from reward_service.parser import parse_answer
+
+    folder, result = sft_run
+    assert result.last_loss < result.first_loss / 3, result
+    cfg = e2e_config(assets, tmp_path, policy=folder)
+    held_out = list(generate_samples(4, seed=7, size=64))
+    answers = greedy_answers(Policy(cfg.policy_spec(), cfg.learner), held_out, max_new_tokens=100)
+    fmt, size = cfg.reward.answer_format, cfg.data.image_size
+    parsed = [parse_answer(a, 64, 64, policy_image_size=size, answer_format=fmt) for a in answers]
+    assert sum(p.ok for p in parsed) >= 3, [(a, p.failure) for a, p in zip(answers, parsed, strict=True)]
 
 
 def test_reward_rises(sync_run):
