@@ -198,6 +198,7 @@ def test_losing_the_learners_node_restarts_the_group_on_another(assets, sft_poli
         f"grpo.steps={UNTIL_STOPPED}",
         f"learner.world_size={RANKS}",
         *SMALL,
+        "rollout.engine=hf",  # the learner group's restart on another node; a transformers worker starts faster
     ]
     out = tmp_path / "node-loss.json"
     cmd = [sys.executable, "-m", "tests.e2e.node_loss_job", str(out), str(HELD), *overrides]
