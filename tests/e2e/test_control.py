@@ -49,7 +49,11 @@ def test_ctrl_c_checkpoints_exits_cleanly_and_resume_continues(assets, sft_polic
 
     ray = ray_job
     steps = 40  # far more than run before the signal
-    cfg = e2e_config(assets, tmp_path, f"grpo.steps={steps}", "grpo.mode=async", policy=sft_policy)
+    # the transformers engine: what is checked is the driver's stop and resume (async mode on vLLM ends and
+    # validates in test_train's async run), and a vLLM engine start costs 4-13 s per run here
+    cfg = e2e_config(
+        assets, tmp_path, f"grpo.steps={steps}", "grpo.mode=async", "rollout.engine=hf", policy=sft_policy
+    )
     config_file = tmp_path / "job.yaml"
     config_file.write_text(dump_config(cfg))
     env = {
@@ -92,7 +96,8 @@ def test_ctrl_c_checkpoints_exits_cleanly_and_resume_continues(assets, sft_polic
     assert int(read_state(ckpt)["step"]) == stopped  # written on the way out, at the last finished step
     wait_for(lambda: not job_actor_names(ray), 60, "the stopped job's actors to exit")
 
-    cfg2 = e2e_config(assets, tmp_path, f"grpo.steps={stopped + 2}", "grpo.mode=async", policy=sft_policy)
+    more = (f"grpo.steps={stopped + 2}", "grpo.mode=async", "rollout.engine=hf")
+    cfg2 = e2e_config(assets, tmp_path, *more, policy=sft_policy)
     driver, run_ref = start_job(cfg2, resume=True)
     resumed = finish_job(ray, driver, run_ref, timeout=300)
     assert resumed["steps"] == resumed["policy_version"] == stopped + 2 and not resumed["stopped_early"]
