@@ -1,8 +1,9 @@
 """Operating a running job: Ctrl-C on `python -m cluster.train` finishes the step in progress, writes a checkpoint
 and exits 0, and `--resume` goes on from exactly there (async mode: the cursor before the oldest chunk still in
 the pipeline); a job whose every process (its Ray too) is SIGKILLed between two checkpoints continues with
-`segr1 train --resume` at the checkpoint's step and cursor, each step logged once. Scaling a running job by hand: tests/e2e/test_job_submit.py (`segr1 scale`, i.e. the driver's
-`request_resize`); by the cluster's capacity: tests/e2e/test_elastic.py."""
+`segr1 train --resume` at the checkpoint's step and cursor, each step logged once. Scaling a running job by hand:
+tests/e2e/test_job_submit.py (`segr1 scale`, i.e. the driver's `request_resize`); by the cluster's capacity:
+tests/e2e/test_elastic.py."""
 
 from __future__ import annotations
 
@@ -51,9 +52,8 @@ def test_ctrl_c_checkpoints_exits_cleanly_and_resume_continues(assets, sft_polic
     steps = 40  # far more than run before the signal
     # the transformers engine: what is checked is the driver's stop and resume (async mode on vLLM ends and
     # validates in test_train's async run), and a vLLM engine start costs 4-13 s per run here
-    cfg = e2e_config(
-        assets, tmp_path, f"grpo.steps={steps}", "grpo.mode=async", "rollout.engine=hf", policy=sft_policy
-    )
+    job = ("grpo.mode=async", "rollout.engine=hf")
+    cfg = e2e_config(assets, tmp_path, f"grpo.steps={steps}", *job, policy=sft_policy)
     config_file = tmp_path / "job.yaml"
     config_file.write_text(dump_config(cfg))
     env = {
@@ -96,8 +96,7 @@ def test_ctrl_c_checkpoints_exits_cleanly_and_resume_continues(assets, sft_polic
     assert int(read_state(ckpt)["step"]) == stopped  # written on the way out, at the last finished step
     wait_for(lambda: not job_actor_names(ray), 60, "the stopped job's actors to exit")
 
-    more = (f"grpo.steps={stopped + 2}", "grpo.mode=async", "rollout.engine=hf")
-    cfg2 = e2e_config(assets, tmp_path, *more, policy=sft_policy)
+    cfg2 = e2e_config(assets, tmp_path, f"grpo.steps={stopped + 2}", *job, policy=sft_policy)
     driver, run_ref = start_job(cfg2, resume=True)
     resumed = finish_job(ray, driver, run_ref, timeout=300)
     assert resumed["steps"] == resumed["policy_version"] == stopped + 2 and not resumed["stopped_early"]
@@ -172,12 +171,12 @@ def _run_and_kill_everything(train: list[str], env: dict, cfg, ray_tmp: Path, lo
 def test_a_whole_job_killed_with_sigkill_resumes_at_its_checkpoint_and_trains_each_sample_once(
     assets, sft_policy, ray_job, tmp_path
 ):
-    """Every process of a running `segr1 train` (its own local Ray included) SIGKILLed after its step-2
-    checkpoint; `segr1 train --resume` (on the session's Ray: a Ray started again would only cost time) continues at the checkpoint's step and cursor, trains the reader's samples
-    across the epoch boundary (each sample of the interrupted epoch once), the steps the killed run trained after
-    its checkpoint again with the same samples, rewards and loss (same weights, cursor and sampling seeds), and
-    metrics.jsonl and TensorBoard hold each step once (the resumed TensorBoard writer purges the killed run's steps
-    after the checkpoint)."""
+    """Every process of a running `segr1 train` (its own local Ray included) SIGKILLed after its step-2 checkpoint;
+    `segr1 train --resume` (on the session's Ray: a Ray started again would only cost time) continues at the
+    checkpoint's step and cursor, trains the reader's samples across the epoch boundary (each sample of the
+    interrupted epoch once), the steps the killed run trained after its checkpoint again with the same samples,
+    rewards and loss (same weights, cursor and sampling seeds), and metrics.jsonl and TensorBoard hold each step
+    once (the resumed TensorBoard writer purges the killed run's steps after the checkpoint)."""
     from cluster.config import dump_config
     from learner.checkpoint import latest_checkpoint, read_state
     from tests.tracker_readers import tensorboard_events
