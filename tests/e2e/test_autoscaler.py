@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 
@@ -32,6 +31,7 @@ from tests.e2e.conftest import (
     wait_for,
 )
 from tests.e2e.run_control import following_the_cluster, stop_run, wait_for_event, wait_for_line
+from tests.support.sockets import listen_ports
 
 pytestmark = pytest.mark.slow
 
@@ -46,12 +46,6 @@ ENV = {
     "RAY_FAKE_CLUSTER": "1",
     "AUTOSCALER_UPDATE_INTERVAL_S": "1",
 }  # the fake provider; a 1 s autoscaler loop
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _autoscaling_config(gcs_address: str) -> dict:
@@ -118,7 +112,7 @@ def autoscaling(tmp_path_factory):
     saved = {key: os.environ.get(key) for key in (*ENV, "PYTHONPATH")}
     os.environ.update(ENV)  # read by the monitor the head starts, which launches the nodes
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), saved["PYTHONPATH"]) if p)
-    port = _free_port()
+    (port,) = listen_ports(1)  # not ephemeral: still free when the head binds it
     config = tmp_path_factory.mktemp("autoscaler") / "cluster.json"
     config.write_text(json.dumps(_autoscaling_config(f"{ray.util.get_node_ip_address()}:{port}")))
     head = {"num_cpus": HEAD["CPU"], "resources": {k: v for k, v in HEAD.items() if k != "CPU"}}

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,23 +37,12 @@ from tests.e2e.conftest import (
     wait_for,
 )
 from tests.e2e.run_control import UNTIL_STOPPED, first_line
+from tests.support.sockets import listen_ports
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _cluster_env(token: Path) -> dict[str, str]:
@@ -77,14 +65,16 @@ def ray_head():
     token = tmp / "auth_token"
     token.write_text(uuid.uuid4().hex)
     env = _cluster_env(token)
-    gcs, dash, client, agent_http, agent_grpc, metrics, rt_env, node_mgr, obj_mgr = _free_ports(9)
+    # Fixed: the ports a client must know before the start. Every other listener binds port 0 and Ray publishes what
+    # it got (the job head finds the agent through the GCS): a port picked here and bound seconds later by the agent
+    # can be taken by then, and the job server then answers "No available agent to submit job".
+    gcs, dash, client = listen_ports(3)
     cmd = [
         RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
         "--num-cpus", "4", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
         "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
-        "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
-        "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(rt_env),
-        "--node-manager-port", str(node_mgr), "--object-manager-port", str(obj_mgr),
+        "--dashboard-agent-listen-port", "0", "--dashboard-agent-grpc-port", "0", "--metrics-export-port", "0",
+        "--runtime-env-agent-port", "0", "--node-manager-port", "0", "--object-manager-port", "0",
         "--temp-dir", str(tmp / "ray"),
     ]  # fmt: skip
     log = (tmp / "ray-start.log").open("w")
@@ -97,6 +87,8 @@ def ray_head():
                 raise AssertionError(
                     f"ray start exited ({head.returncode}): {(tmp / 'ray-start.log').read_text()}"
                 )
+            if _agent_port(tmp / "ray") is None:  # submissions go through the head node's agent
+                return False
             r = subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True)
             return r.returncode == 0
 
@@ -123,6 +115,21 @@ def ray_head():
                 pass
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _agent_port(ray_tmp: Path) -> int | None:
+    """The head's dashboard agent HTTP port once the agent has published it (None before). Ray writes -1 when the
+    agent's HTTP server failed: the job server can then take no submission, so that fails here with the agent's log."""
+    session = ray_tmp / "session_latest"
+    found = sorted(session.glob("dashboard_agent_listen_port_*"))
+    if not found or not (text := found[0].read_text().strip()):
+        return None
+    if int(text) < 0:
+        logs = sorted((session / "logs").glob("dashboard_agent*.log"))
+        raise AssertionError(
+            f"the dashboard agent's HTTP server did not start: {logs[0].read_text()[-3000:]}"
+        )
+    return int(text)
 
 
 def _gcs_address(tmp: str) -> str:
