@@ -334,15 +334,33 @@ def ray_job(e2e_ray):
     kill_job_actors(e2e_ray)
 
 
-def processes_mentioning(text: str) -> list[int]:
-    """Processes (other than this one) whose command line contains `text`: a cluster's temp dir, a run dir."""
+def processes_mentioning(text: str, open_files: bool = False) -> list[int]:
+    """Processes (other than this one) whose command line contains `text` (a cluster's temp dir, a run dir); with
+    `open_files`, also those holding a file under it open: Ray's agents and workers retitle themselves
+    (`ray::DashboardAgent`), and only their log files, kept open in the session's folder, still name the cluster
+    they belong to."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
-            if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+            named = text in (proc / "cmdline").read_bytes().decode(errors="replace")
+            if named or (open_files and _holds_open(proc, text)):
                 pids.append(int(proc.name))
         except OSError:
             continue
     return pids
+
+
+def _holds_open(proc: Path, text: str) -> bool:
+    try:
+        fds = list((proc / "fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if text in os.readlink(fd):
+                return True
+        except OSError:
+            continue
+    return False

@@ -27,6 +27,7 @@ from tests.e2e.conftest import (
     assert_accounting,
     assert_metric_lines,
     e2e_config,
+    processes_mentioning,
     read_metrics,
     wait_for,
 )
@@ -79,14 +80,16 @@ def _autoscaling_config(gcs_address: str) -> dict:
 
 
 def _end_session_processes(session_dir: str) -> list[int]:
-    """End, by pid, what is left of the cluster's session (the nodes the provider launched in the monitor)."""
+    """End, by pid, what is left of the cluster's session (the nodes the provider launched in the monitor, and
+    their agents, found by the session's log files they hold open)."""
     import psutil
 
-    name = os.path.basename(session_dir)
     left = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if any(name in arg for arg in proc.info["cmdline"] or ()):
-            left.append(proc)
+    for pid in processes_mentioning(session_dir, open_files=True):
+        try:
+            left.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            continue
     for proc in left:
         try:
             proc.kill()

@@ -111,7 +111,8 @@ def _kill_everything(proc: subprocess.Popen, ray_tmp: Path) -> int:
 
     root = psutil.Process(proc.pid)
     procs = {p.pid: p for p in (root, *root.children(recursive=True))}
-    for pid in processes_mentioning(str(ray_tmp)):  # anything of that Ray's session not under the CLI
+    # anything of that Ray's session not under the CLI
+    for pid in processes_mentioning(str(ray_tmp), open_files=True):
         with contextlib.suppress(psutil.NoSuchProcess):
             procs.setdefault(pid, psutil.Process(pid))
     for p in procs.values():
@@ -159,13 +160,15 @@ def _run_and_kill_everything(train: list[str], env: dict, cfg, ray_tmp: Path, lo
                 proc.kill()
             log.close()
         assert _ray_did_not_start(log_path.read_text()), log_path.read_text()[-4000:]
-        for pid in processes_mentioning(str(ray_tmp)):  # what the failed start left of its Ray
+        for pid in processes_mentioning(
+            str(ray_tmp), open_files=True
+        ):  # what the failed start left of its Ray
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     else:
         pytest.fail(f"the job's Ray did not start in {RAY_START_TRIES} tries")
     # none left: the CLI, GCS, raylet, agents and workers
-    assert killed_procs >= 6 and not processes_mentioning(str(ray_tmp)), killed_procs
+    assert killed_procs >= 6 and not processes_mentioning(str(ray_tmp), open_files=True), killed_procs
 
 
 def test_a_whole_job_killed_with_sigkill_resumes_at_its_checkpoint_and_trains_each_sample_once(

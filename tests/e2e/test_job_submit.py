@@ -106,9 +106,11 @@ def ray_head():
         except ProcessLookupError:
             pass
         deadline = time.monotonic() + 30
-        while processes_mentioning(str(tmp)) and time.monotonic() < deadline:
+        while processes_mentioning(str(tmp), open_files=True) and time.monotonic() < deadline:
             time.sleep(0.5)
-        for pid in processes_mentioning(str(tmp)):  # started by this cluster (its temp dir): ours to end
+        for pid in processes_mentioning(
+            str(tmp), open_files=True
+        ):  # started by this cluster (its temp dir): ours to end
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
