@@ -19,7 +19,9 @@ of metrics.jsonl `step_s` after the warm-up (in async mode step_s is the time be
 The modes are measured `--rounds` times, interleaved (single, sync, async, single, ...); each mode's figure is its
 best round, the one least disturbed by other jobs on the shared machine; every round is in the JSON.
 The JSON also has the mean seconds per step of each stage (generate, score, learner, weight sync) to show where the
-time goes, and the load average, since every process shares the machine's cores with whatever else runs.
+time goes, each Ray mode's throughput profile fitted from its steps (`segr1 plan --throughput --profile`; one batch
+size, so proportional lines), and the load average, since every process shares the machine's cores with whatever
+else runs.
 
 Policy: by default a tiny policy built offline and taught the answer format by a short SFT (so that completions
 parse and GrabCut runs, as in the demo): --quick uses the 0.2M-parameter test preset, 56-px images and the
@@ -333,6 +335,12 @@ def ray_mode(cfg, warmup: int) -> dict:
             sum(used.values()) / (t_to - t_from), 2
         )  # cores busy, of os.cpu_count()
     out["staleness_max"] = max((r["staleness_max"] for r in rows), default=0)
+    if len(rows) > warmup:  # the stage costs `segr1 preflight` records (`segr1 plan --throughput --profile`)
+        from cluster.plan.profile import fit_profile
+        from cluster.plan.throughput import Shape
+
+        shape = Shape.from_config(cfg)
+        out["profile"] = fit_profile([(shape, rows[warmup:])], os.cpu_count(), "bench/e2e.py").to_json()
     out["groups_lost"] = summary["groups_lost"]
     out["groups_dropped_stale"] = summary["groups_dropped_stale"]
     out["job_wall_s"] = wall  # Ray actors' start included

@@ -1,6 +1,10 @@
 """`segr1 plan --config FILE [key.sub=value ...] [--gpu-memory-gb 80] [--model-shapes NAME] [--json]`: the memory
 plan of a training job before launch (cluster/plan/memory.py; formulas in docs/learner.md, "Memory plan").
 
+`segr1 plan --throughput --profile preflight.json [--gpus N]`: the predicted samples/s of the config as written,
+its bottleneck pool and, for N GPUs, the best splits between the pools (cluster/plan/throughput.py, split.py;
+docs/scaling.md, "Throughput model").
+
 Per pool, the bytes one GPU holds (one process on a CPU-only config), each term named; pools sharing a GPU
 (fractional GPUs) added up. Exits 1 when something cannot fit, naming it and the computed change that would make
 it fit. Reads the policy's config.json, or the built-in shapes when model.policy is not a local folder.
@@ -19,6 +23,17 @@ def register(sub) -> None:
     add_config_args(p)
     add_plan_args(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument(
+        "--throughput",
+        action="store_true",
+        help="predict samples/s and the bottleneck from a measured profile",
+    )
+    p.add_argument(
+        "--profile", default=None, metavar="FILE", help="preflight.json (segr1 preflight) or a profile JSON"
+    )
+    p.add_argument(
+        "--gpus", type=int, default=None, metavar="N", help="with --throughput: the best splits of N GPUs"
+    )
     p.set_defaults(func=run)
 
 
@@ -53,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
     from cluster.plan.report import format_plan, plan_json
 
     cfg = load_config_from_args(args)
+    if args.throughput:
+        from cluster.commands.plan_throughput import run_throughput
+
+        return run_throughput(cfg, args)
     plan = make_plan(cfg, args)
     print(json.dumps(plan_json(plan), indent=1) if args.json else format_plan(cfg, plan).rstrip(), flush=True)
     if not plan.on_gpu or plan.fits:

@@ -169,9 +169,26 @@ def build_report(cfg, result: dict, plan) -> dict:
         "rollout_tokens_per_s": rollout_tokens_per_s(steps),
         "reward_masks_per_s": masks_per_s(steps, cfg.grpo.group_size),
         "learner_s_per_step": mean(s["learner_s"] for s in steps) if steps else 0.0,
+        "profile": throughput_profile(cfg, steps),
         "plan_sources": [] if plan is None else plan.sources,
         "summary": result["summary"],
     }
+
+
+def throughput_profile(cfg, steps: list[dict]) -> dict | None:
+    """The stage costs of these steps for `segr1 plan --throughput` (cluster/plan/profile.py), the first step
+    (engine warm-up, first publish) left out when there are more; None without a step."""
+    import os
+
+    from cluster.plan.profile import fit_profile
+    from cluster.plan.throughput import Shape
+
+    timed = steps[1:] or steps
+    if not timed:
+        return None
+    cores = None if cfg.rollout.resources.num_gpus > 0 else float(os.cpu_count() or 1)
+    source = f"segr1 preflight, {len(timed)} steps of B={cfg.grpo.batch_size}"
+    return fit_profile([(Shape.from_config(cfg), timed)], cores, source).to_json()
 
 
 def shared_gpus(memory: list[dict], plan) -> list[dict]:

@@ -6,6 +6,7 @@ in tests/e2e/test_preflight.py."""
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 
 import pytest
@@ -27,6 +28,8 @@ def _step(step: int, tokens: int, generate_s: float, score_s: float, learner_s: 
         "learner_s": learner_s,
         "generate_s": generate_s,
         "score_s": score_s,
+        "weight_sync_s": 0.25,
+        "step_s": generate_s + score_s + learner_s + 0.5,
         "groups": 2,
         "by_rollout_worker": {"rollout-0": {"tokens": tokens, "policy_version": step - 1}},
     }
@@ -77,6 +80,10 @@ def test_report_puts_each_actor_beside_its_pools_plan_and_computes_the_rates(tin
     assert {("weight", "sync"), ("rollout", "all"), ("reward", "all"), ("learner", "all")} <= rows
     assert "3.00 GB (RSS)" in table[2] and "200.0 tokens/s" in "\n".join(table)
     assert build_report(cfg, _result(), None)["memory"][0]["plan_bytes"] is None  # no plan: n/a
+    # the throughput profile of the steps after the first: B=8 over 2 rollout workers, calls of 4 prompts
+    profile = report["profile"]
+    assert profile["rollout"] == {"fixed": 0.0, "per_unit": 0.25} and profile["learner"]["per_unit"] == 0.5
+    assert profile["cores"] == os.cpu_count()  # a CPU config: its processes share this machine's cores
 
 
 def test_weight_sync_figures_per_transport():
