@@ -180,7 +180,7 @@ def predict(shape: Shape, profile: Profile) -> Prediction:
     gen, score = profile.rollout(s.chunk), profile.reward(s.chunk)
     learn = profile.learner(s.batch_size / s.learner_ranks)
     publish = profile.weight_sync(s.rollout_workers)
-    busy = {  # the work of one worker of each pool per step (a rollout worker also loads each publish)
+    busy = {  # the work of one worker of each pool per step (the learner's with its publish)
         "rollout": s.calls * gen / s.rollout_workers,
         "reward": s.calls * score / s.reward_workers,
         "learner": learn + publish,
@@ -197,6 +197,7 @@ def predict(shape: Shape, profile: Profile) -> Prediction:
         step, limit = chain + overhead, "stages"
     else:  # pipelined: max_staleness + 1 steps' chains overlap, the busiest pool sets the pace, and on CPU
         # every pool shares the cores at once
+        # (a rollout worker also loads each publish)
         bounds = {**busy, "rollout": busy["rollout"] + publish, "stages": chain / (s.max_staleness + 1)}
         if cores is not None:
             bounds["cpu"] = (
