@@ -105,10 +105,13 @@ def bucket_stream(
 
 
 def receiver_actor(name: str, num_cpus: float = 0) -> Any:
-    """A WeightReceiverEndpoint(name) as the Ray actor `weights-<name>`."""
+    """A WeightReceiverEndpoint(name) as the Ray actor `weights-<name>`, started: a group's `timeout_s` then bounds
+    its join alone, not the worker process's start too (a minute and more on a loaded 2-core machine)."""
     import ray
 
-    return ray.remote(WeightReceiverEndpoint).options(name=f"weights-{name}", num_cpus=num_cpus).remote(name)
+    actor = ray.remote(WeightReceiverEndpoint).options(name=f"weights-{name}", num_cpus=num_cpus).remote(name)
+    ray.get(actor.__ray_ready__.remote(), timeout=600)  # a hang guard
+    return actor
 
 
 # ------------------------------------------------------------------------------------------------------------
