@@ -50,12 +50,10 @@ def run_throughput(cfg, args: argparse.Namespace) -> int:
 
 def _learner_fits(cfg, args: argparse.Namespace):
     """ranks -> whether the learner's memory plan fits one GPU at that many FSDP ranks."""
-    from cluster.config import apply_overrides, build_config
-    from cluster.plan.report import build_plan
+    from cluster.plan.report import build_plan, with_overrides
 
     def fits(ranks: int) -> bool:
-        overrides = [f"learner.world_size={ranks}", f"learner.num_gpus={ranks}"]
-        changed = build_config(apply_overrides(cfg.model_dump(mode="json"), overrides), "plan")
+        changed = with_overrides(cfg, f"learner.world_size={ranks}", f"learner.num_gpus={ranks}")
         plan = build_plan(changed, args.gpu_memory_gb, args.model_shapes)
         return not any(f.startswith("learner") for f in plan.failures)
 

@@ -15,6 +15,8 @@ bench/plan_validation.py).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from cluster.plan.throughput import Linear, Profile, Shape, predict
 
 Run = tuple[Shape, list[dict]]  # a config's shape and its steady-state metrics.jsonl lines
@@ -46,13 +48,4 @@ def fit_profile(runs: list[Run], cores: float | None, source: str = "") -> Profi
         f"{s.mode} B={s.batch_size} R={s.rollout_workers} W={s.reward_workers}": len(lines)
         for s, lines in runs
     }
-    return Profile(
-        rollout=stages.rollout,
-        reward=stages.reward,
-        learner=stages.learner,
-        weight_sync=stages.weight_sync,
-        overhead=overhead,
-        cores=cores,
-        source=source,
-        measured={"steps": measured},
-    )
+    return replace(stages, overhead=overhead, source=source, measured={"steps": measured})

@@ -118,7 +118,7 @@ def _check(cfg, plan: MemoryPlan, model_shapes: str | None) -> None:
         plan.advice.append(_rollout_advice(cfg, plan, need, model_shapes))
 
 
-def _with(cfg, *overrides: str):
+def with_overrides(cfg, *overrides: str):
     from cluster.config import apply_overrides, build_config
 
     return build_config(apply_overrides(cfg.model_dump(mode="json"), list(overrides)), "plan")
@@ -127,7 +127,7 @@ def _with(cfg, *overrides: str):
 def _fits(cfg, overrides: tuple[str, ...], gpu_bytes: float, model_shapes) -> tuple[bool, float]:
     """(the learner fits, its per-GPU figure) with `overrides`, on what the learner's GPU leaves it."""
     shapes = load_policy_shapes(cfg.model.policy, model_shapes)[0]
-    changed = _with(cfg, *overrides)
+    changed = with_overrides(cfg, *overrides)
     pools, _ = _pools(changed, int(gpu_bytes), shapes)
     return pools[0].total <= gpu_bytes, pools[0].total
 
@@ -171,7 +171,7 @@ def _advice(cfg, plan: MemoryPlan, gpu: GPU, model_shapes) -> list[str]:
 def _rollout_advice(cfg, plan: MemoryPlan, need: int, model_shapes) -> str:
     shapes = load_policy_shapes(cfg.model.policy, model_shapes)[0]
     for u in range(5, 99):
-        changed = _with(cfg, f"rollout.gpu_memory_utilization={u / 100}")
+        changed = with_overrides(cfg, f"rollout.gpu_memory_utilization={u / 100}")
         pools, _ = _pools(changed, plan.gpu_bytes, shapes)
         if (pools[1].kv_tokens or 0) >= need:
             return (

@@ -35,9 +35,9 @@ def best_splits(cfg, profile: Profile, gpus: int, learner_fits=None, top: int = 
     per = gpus_per_actor(cfg)
     if min(per) <= 0:
         raise ValueError("a split of GPUs needs a GPU config: every pool with resources.num_gpus > 0")
-    shape, fits, out = Shape.from_config(cfg), {}, []
+    shape, out = Shape.from_config(cfg), []
     for ranks in range(1, int(gpus / per[2]) + 1):
-        if learner_fits is not None and not fits.setdefault(ranks, learner_fits(ranks)):
+        if learner_fits is not None and not learner_fits(ranks):
             continue
         left = gpus - ranks * per[2]
         for rollout in range(1, int(left / per[0]) + 1):
