@@ -1,6 +1,6 @@
-"""The vLLM rollout engines (production): `VLLMEngine` on `vllm.LLM`, `AsyncVLLMEngine` on vLLM's `AsyncLLM`.
+"""The vLLM rollout engine (production): `VLLMEngine` on `vllm.LLM`, in both training modes.
 
-Both take the same requests as the transformers engine and return the same completions (actors/engine.py):
+It takes the same requests as the transformers engine and return the same completions (actors/engine.py):
 - prompts: the chat template of the model's tokenizer over `render_messages(...)`; text-only requests go in as
   token ids (identical to the transformers engine's), image requests as {"prompt": text, "multi_modal_data":
   {"image": PIL image}} (Qwen2.5-VL: vLLM expands the <|image_pad|> placeholder itself);
@@ -25,8 +25,8 @@ Weight updates in place, no restart (`load_weights(named_tensors, version)`, a l
 - engine core in this process and one worker (VLLM_ENABLE_V1_MULTIPROCESSING=0, tensor_parallel_size=1: the
   CPU setting, and the recommended GPU setting for a TP=1 rollout actor): one `collective_rpc(load_iterator)` on
   a lazy iterator over the tensors, zero copy: each bucket of a stream is loaded as it arrives;
-- engine core or workers in other processes (AsyncLLM, TP > 1): pieces of at most `piece_bytes` (512 MiB), each
-  packed into one host buffer only while it is sent, one collective_rpc each (needs
+- engine core or workers in other processes (VLLM_ENABLE_V1_MULTIPROCESSING=1, TP > 1): pieces of at most
+  `piece_bytes` (512 MiB), each packed into one host buffer only while it is sent, one collective_rpc each (needs
   VLLM_ALLOW_INSECURE_SERIALIZATION=1 for the functions); vLLM's msgpack refuses one bytes object over 4 GiB.
   A GPU cluster with TP > 1 could rather use vLLM's weight-transfer API (docs/rollout.md, not wired here).
 After every update the prefix cache (KV blocks) and, for Qwen2.5-VL, the encoder cache (image embeddings) are
@@ -41,11 +41,8 @@ profiled at `image_size` (actors/vllm_options.py `image_args`).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import threading
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -65,11 +62,11 @@ from actors.engine import (
     validate_update,
 )
 from actors.vllm_options import image_args, suppression_bias
-from actors.vllm_reload import WEIGHT_PIECE_BYTES, areload_in_pieces, load_iterator, reload_in_pieces
+from actors.vllm_reload import WEIGHT_PIECE_BYTES, load_iterator, reload_in_pieces
+from actors.vllm_steps import ReadWriteGate, SharedSteps
 from protos import Completion, RolloutRequest
 from protos.answer import PromptSet
 from runtime.qwen_vl import config_weight_shapes, resolve_dtype, resolve_folder, stop_token_ids
-from runtime.weights.stream import WeightStream
 
 CPU_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -82,19 +79,17 @@ CPU_ENV = {
 DEFAULT_MAX_MODEL_LEN = 8192  # (or the model's limit if smaller) prompt (768 px image: ~730 tokens) + 400 completion tokens fit many times over
 
 
-def prepare_environment(on_cpu: bool, asynchronous: bool = False, tensor_parallel_size: int = 1) -> None:
+def prepare_environment(on_cpu: bool, tensor_parallel_size: int = 1) -> None:
     """Set vLLM's environment defaults for this process (values already set are kept).
 
     A synchronous engine with tensor_parallel_size 1 runs its engine core in this process on GPU too, so a weight
     update is a zero-copy `reload_weights` on the tensors the weight receiver staged (on the GPU); set
     VLLM_ENABLE_V1_MULTIPROCESSING=1 to trade that for vLLM's overlapped scheduling."""
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-    if not asynchronous and tensor_parallel_size == 1:
+    if tensor_parallel_size == 1:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if on_cpu:
         for key, value in CPU_ENV.items():
-            if asynchronous and key == "VLLM_ENABLE_V1_MULTIPROCESSING":
-                continue  # AsyncLLM always runs its engine core in a child process
             os.environ.setdefault(key, value)
 
 
@@ -206,15 +201,11 @@ class _VLLMBase:
             )
         return {"prompt": text, "multi_modal_data": {"image": image}}
 
-    def _params(self, request: RolloutRequest, final_only: bool = False):
+    def _params(self, request: RolloutRequest):
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         s = request.sampling
-        kwargs: dict[str, Any] = {}
-        if final_only:
-            from vllm.sampling_params import RequestOutputKind
-
-            kwargs["output_kind"] = RequestOutputKind.FINAL_ONLY
         return SamplingParams(
             n=request.group_size if s.temperature > 0 else 1,  # greedy: one completion, copied G times
             temperature=s.temperature,
@@ -226,8 +217,9 @@ class _VLLMBase:
             logprobs=0,
             stop_token_ids=list(self.stop_ids),
             logit_bias=dict(self._suppress) or None,  # a copy per request: vLLM keeps it with the request
-            skip_special_tokens=True,
-            **kwargs,
+            detokenize=False,  # the text comes from the token ids (`_decode`); vLLM's per-step detokenizing and
+            # the logprobs' token strings are CPU work for nobody
+            output_kind=RequestOutputKind.FINAL_ONLY,  # one output per request, when it is done
         )
 
     def _completions(self, output, group_size: int) -> list[Completion]:
@@ -260,7 +252,9 @@ class _VLLMBase:
 
 
 class VLLMEngine(_VLLMBase):
-    """`RolloutEngine` on `vllm.LLM` (synchronous: one generate call runs to completion)."""
+    """`RolloutEngine` on `vllm.LLM`, for both training modes. Callable from several threads (async GRPO keeps two
+    requests in flight per worker): their requests run in the same engine steps (actors/vllm_steps.py), and a
+    weight update waits for the generations in flight and holds new ones back."""
 
     def __init__(
         self,
@@ -290,7 +284,14 @@ class VLLMEngine(_VLLMBase):
         vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         self._after_tokenizer(self.llm.get_tokenizer(), vocab_size)
         self._tp = tensor_parallel_size
-        self._lock = threading.RLock()
+        self._gate = ReadWriteGate()  # generations together, a weight update alone
+        self._steps = SharedSteps(
+            self._add_request, self.llm.llm_engine.abort_request, self.llm.llm_engine.step
+        )
+
+    def _add_request(self, request_id: str, prompt: dict[str, Any], params) -> None:
+        # what LLM.generate does per prompt (render it: chat text + image into token ids and image inputs; add it)
+        self.llm.llm_engine.add_request(request_id, self.llm._preprocess_cmpl_one(prompt), params)
 
     def generate(
         self, requests: Sequence[RolloutRequest], images: Sequence[Image.Image | None]
@@ -303,16 +304,16 @@ class VLLMEngine(_VLLMBase):
         check_batch(requests, images)
         prompts = [self._prompt(r, img) for r, img in zip(requests, images, strict=True)]
         params = [self._params(r) for r in requests]
-        with self._lock:
+        with self._gate.reading():
             self._check_consistent()
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
             version = self._version
+            outputs = self._steps.run(prompts, params)  # in the same engine steps as other threads' requests
         completions = [self._completions(o, r.group_size) for o, r in zip(outputs, requests, strict=True)]
         return GenerationBatch(completions, [list(o.prompt_token_ids or []) for o in outputs], version)
 
     def load_weights(self, named_tensors: NamedTensors, version: int) -> None:
         where = f"VLLMEngine({self.model_path})"
-        with self._lock:
+        with self._gate.writing():
             check_version(self._version, version, where)
             items = validate_update(named_tensors, self._expected, self._optional, where)
             self._consistent = False
@@ -332,158 +333,10 @@ class VLLMEngine(_VLLMBase):
         return isinstance(self.llm.llm_engine.engine_core, InprocClient) and self._tp == 1
 
     def close(self) -> None:
-        with self._lock:
+        with self._gate.writing():
             llm, self.llm = self.llm, None
             if llm is not None:
                 llm.llm_engine.engine_core.shutdown()
             del llm
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-
-
-class _VersionGate:
-    """Asyncio readers-writer gate: generations run concurrently, a weight update waits for them to finish and
-    holds new ones back until it is done (writer preference), so no request ever spans two versions."""
-
-    def __init__(self):
-        self._cond = asyncio.Condition()
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-
-    async def acquire_read(self) -> None:
-        async with self._cond:
-            await self._cond.wait_for(lambda: not self._writer and not self._writers_waiting)
-            self._readers += 1
-
-    async def release_read(self) -> None:
-        async with self._cond:
-            self._readers -= 1
-            self._cond.notify_all()
-
-    async def acquire_write(self) -> None:
-        async with self._cond:
-            self._writers_waiting += 1
-            await self._cond.wait_for(lambda: not self._writer and self._readers == 0)
-            self._writers_waiting -= 1
-            self._writer = True
-
-    async def release_write(self) -> None:
-        async with self._cond:
-            self._writer = False
-            self._cond.notify_all()
-
-
-class AsyncVLLMEngine(_VLLMBase):
-    """`RolloutEngine` on vLLM's `AsyncLLM` (asynchronous training mode).
-
-    Requests of concurrent callers are batched continuously by vLLM: from async code await `agenerate_batch` /
-    `aload_weights`; from threads (a threaded Ray actor) call `generate_batch` / `load_weights`, which run on the
-    engine's own event-loop thread. A weight update waits for the generations in flight to finish, holds new ones
-    back, reloads, resets the prefix cache and bumps the version (`_VersionGate`)."""
-
-    def __init__(
-        self,
-        model_path: str | Path,
-        *,
-        dtype: str = "auto",
-        answer_format: str = "full",
-        image_size: int = 768,
-        gpu_memory_utilization: float = 0.6,
-        tensor_parallel_size: int = 1,
-        enable_prefix_caching: bool = True,
-        max_model_len: int | None = None,
-        enforce_eager: bool | None = None,
-        seed: int = 0,
-        prompts: PromptSet | None = None,
-        load_format: str = "auto",
-    ):
-        folder = self._setup(model_path, answer_format, image_size, prompts, load_format)
-        prepare_environment(self.on_cpu, asynchronous=True)
-        options = dict(locals())
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="async-vllm", daemon=True)
-        self._thread.start()
-        self.engine = self._run(self._create(self._engine_args(folder, dtype, options)))
-        self._after_tokenizer(self.engine.get_tokenizer(), self.engine.model_config.get_vocab_size())
-
-    async def _create(self, args: dict[str, Any]):
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        self._gate = _VersionGate()
-        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
-
-    def _run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    async def _one(self, prompt: dict[str, Any], params) -> Any:
-        final = None
-        async for out in self.engine.generate(prompt, params, request_id=uuid.uuid4().hex):
-            final = out
-        return final
-
-    async def agenerate_batch(
-        self, requests: Sequence[RolloutRequest], images: Sequence[Image.Image | None]
-    ) -> GenerationBatch:
-        check_batch(requests, images)
-        prompts = [self._prompt(r, img) for r, img in zip(requests, images, strict=True)]
-        params = [self._params(r, final_only=True) for r in requests]
-        await self._gate.acquire_read()
-        try:
-            self._check_consistent()
-            version = self._version
-            outputs = await asyncio.gather(*(self._one(p, sp) for p, sp in zip(prompts, params, strict=True)))
-        finally:
-            await self._gate.release_read()
-        completions = [self._completions(o, r.group_size) for o, r in zip(outputs, requests, strict=True)]
-        return GenerationBatch(completions, [list(o.prompt_token_ids or []) for o in outputs], version)
-
-    async def aload_weights(self, named_tensors: NamedTensors, version: int) -> None:
-        where = f"AsyncVLLMEngine({self.model_path})"
-        items = validate_update(named_tensors, self._expected, self._optional, where)
-        await self._gate.acquire_write()
-        try:
-            check_version(self._version, version, where)
-            self._consistent = False
-            self.last_load_pieces = await areload_in_pieces(
-                self.engine.collective_rpc, items, self.piece_bytes
-            )
-            await self.engine.reset_prefix_cache()
-            if self.is_vision_language:
-                await self.engine.reset_encoder_cache()
-            self._version, self._consistent = version, True
-        finally:
-            await self._gate.release_write()
-
-    def generate(
-        self, requests: Sequence[RolloutRequest], images: Sequence[Image.Image | None]
-    ) -> list[list[Completion]]:
-        return self.generate_batch(requests, images).completions
-
-    def generate_batch(
-        self, requests: Sequence[RolloutRequest], images: Sequence[Image.Image | None]
-    ) -> GenerationBatch:
-        return self._run(self.agenerate_batch(requests, images))
-
-    def load_weights(self, named_tensors: NamedTensors, version: int) -> None:
-        if not isinstance(named_tensors, WeightStream):  # a stream is read on the way, bucket by bucket
-            named_tensors = list(named_tensors)
-        self._run(self.aload_weights(named_tensors, version))
-
-    def close(self) -> None:
-        engine, self.engine = getattr(self, "engine", None), None
-        if engine is not None:
-            # AsyncLLM.shutdown stops the engine core before it cancels its output handler, which can then read
-            # the core's death first and log an EngineDeadError at every close: the handler goes first here
-            self._run(_cancelled(getattr(engine, "output_handler", None)))
-            engine.shutdown()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-
-
-async def _cancelled(task: asyncio.Task | None) -> None:
-    """`task` (of this event loop) cancelled and finished."""
-    if task is not None and not task.done():
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)

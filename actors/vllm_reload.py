@@ -14,9 +14,10 @@ finish_weight_update), then the runner's cache resets reload_weights does. The r
 
 - engine core and its single worker in this process: one call, `load_iterator`, on a lazy iterator (zero copy: the
   weight receiver's bucket views go straight into model.load_weights);
-- workers in other processes (AsyncLLM, tensor parallelism > 1): pieces of at most `WEIGHT_PIECE_BYTES`, each
-  packed into ONE host buffer only while it is sent (`send_in_pieces`): vLLM's msgpack encoder refuses a bytes
-  object over 2**32 - 1 (the 7B policy is 16.6 GB in bf16), and no host copy of the whole policy is ever made.
+- workers in other processes (VLLM_ENABLE_V1_MULTIPROCESSING=1, tensor parallelism > 1): pieces of at most
+  `WEIGHT_PIECE_BYTES`, each packed into ONE host buffer only while it is sent (`send_in_pieces`): vLLM's msgpack
+  encoder refuses a bytes object over 2**32 - 1 (the 7B policy is 16.6 GB in bf16), and no host copy of the whole
+  policy is ever made.
 
 A session that breaks off (the stream failed or was abandoned) is finalized on the way out, and `begin_reload`
 finalizes one left open, so the next complete load starts clean; the engine refuses to generate meanwhile.
@@ -24,10 +25,9 @@ finalizes one left open, so the next complete load starts clean; the engine refu
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import warnings
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 WEIGHT_PIECE_BYTES = 512 << 20  # the default cap of one piece sent to a vLLM worker in another process
 MSGPACK_MAX_BYTES = 2**32 - 1  # vllm/v1/serial_utils.py (msgspec): the largest bytes object it encodes
@@ -173,24 +173,6 @@ def send_in_pieces(named: Iterable, cap: int, send: Callable, alloc=bytearray) -
     return count
 
 
-async def asend_in_pieces(named: Iterable, cap: int, send: Callable[..., Awaitable], alloc=bytearray) -> int:
-    """send_in_pieces for an event loop: taking a piece from the stream and packing it run in a thread."""
-    it = pieces(named, cap)
-
-    def next_packed():
-        piece = next(it, None)
-        return None if piece is None else pack_piece(piece, alloc)
-
-    count = 0
-    while True:
-        packed = await asyncio.to_thread(next_packed)
-        if packed is None:
-            return count
-        await send(*packed)
-        packed = None
-        count += 1
-
-
 def reload_in_pieces(rpc: Callable, named: Iterable, cap: int) -> int:
     """One session through `rpc` (LLM.collective_rpc); returns the number of pieces."""
     rpc(begin_reload)
@@ -201,17 +183,4 @@ def reload_in_pieces(rpc: Callable, named: Iterable, cap: int) -> int:
             rpc(end_reload)
         raise
     rpc(end_reload)
-    return count
-
-
-async def areload_in_pieces(rpc: Callable[..., Awaitable], named: Iterable, cap: int) -> int:
-    """reload_in_pieces through AsyncLLM.collective_rpc."""
-    await rpc(begin_reload)
-    try:
-        count = await asend_in_pieces(named, cap, lambda specs, blob: rpc(load_piece, args=(specs, blob)))
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await rpc(end_reload)
-        raise
-    await rpc(end_reload)
     return count

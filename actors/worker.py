@@ -49,10 +49,9 @@ def rollout_device(rollout: RolloutConfig) -> str:
     return "cpu"
 
 
-def build_engine(
-    policy: PolicySpec, rollout: RolloutConfig, concurrent: bool = False, engine: str | None = None
-) -> RolloutEngine:
-    """The engine rollout.engine names (hf | vllm); `concurrent` (async GRPO) takes vLLM's AsyncVLLMEngine."""
+def build_engine(policy: PolicySpec, rollout: RolloutConfig, engine: str | None = None) -> RolloutEngine:
+    """The engine rollout.engine names (hf | vllm). Both serve concurrent callers (async GRPO's two requests in
+    flight): vLLM runs their requests in the same engine steps, transformers one call after the other."""
     kind = engine or rollout.engine
     common = dict(
         answer_format=policy.answer_format,
@@ -66,10 +65,9 @@ def build_engine(
         return HFEngine(policy.path, device=rollout_device(rollout), dummy=policy.dummy_weights, **common)
     if kind != "vllm":
         raise ValueError(f"rollout.engine={kind!r} is not one of hf, vllm")
-    from actors.vllm_engine import AsyncVLLMEngine, VLLMEngine
+    from actors.vllm_engine import VLLMEngine
 
-    cls = AsyncVLLMEngine if concurrent else VLLMEngine
-    return cls(
+    return VLLMEngine(
         policy.path,
         gpu_memory_utilization=rollout.gpu_memory_utilization,
         tensor_parallel_size=rollout.tensor_parallel_size,
@@ -91,12 +89,11 @@ class RolloutWorker:
         rollout: RolloutConfig | None = None,
         name: str = "rollout-0",
         engine: RolloutEngine | None = None,
-        concurrent: bool = False,
     ):
         quiet_libraries()
         limit_threads()
         self.policy, self.rollout, self.name = policy, rollout or RolloutConfig(), name
-        self.engine = engine if engine is not None else build_engine(policy, self.rollout, concurrent)
+        self.engine = engine if engine is not None else build_engine(policy, self.rollout)
         self.engine_kind = type(self.engine).__name__
         self._receiver = None
         self._sync = Abandonable()  # weight_sync_abort(generation) ends a blocked join / receive at once

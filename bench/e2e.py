@@ -10,6 +10,8 @@ What is compared (same policy, data, reward, B, G, sampling and seeds in all thr
   and torch using every core (torch.set_num_threads(os.cpu_count())), GrabCut on a thread per core.
 - sync / async: `cluster.launch.run_training` with cluster/configs/demo.yaml (two rollout workers, two reward
   workers, the learner, the driver actor; gloo weight broadcast), grpo.mode=sync / async (max_staleness 1).
+- sync_hf / async_hf (not in the default --modes): sync / async with the transformers rollout engine
+  (rollout.engine=hf) instead of vLLM, to compare the shipped engine with the fallback in the same run.
 - sync_val / async_val (not in the default --modes): the same with validation during training, eval.every=10 on
   eval.samples=32 held-out samples (cluster/driver/validation.py), to show what validating costs the training throughput
   (`--modes async,async_val`); their figures add the validations' val/seconds.
@@ -48,7 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 DEMO_CONFIG = REPO / "cluster" / "configs" / "demo.yaml"
-MODES = ("single_process", "sync", "async", "sync_val", "async_val")
+MODES = ("single_process", "sync", "async", "sync_hf", "async_hf", "sync_val", "async_val")
 
 QUICK = dict(
     preset="test",
@@ -415,7 +417,9 @@ def main(argv: list[str] | None = None) -> int:
 def measure(mode: str, policy: Path, data: Path, run_dir: Path, s: dict) -> dict:
     if mode == "single_process":
         return single_process(bench_config(policy, data, run_dir, s, []), s["warmup"])
-    overrides = [f"grpo.mode={mode.removesuffix('_val')}"]
+    overrides = [f"grpo.mode={mode.split('_')[0]}"]
+    if mode.endswith("_hf"):
+        overrides.append("rollout.engine=hf")
     if mode.endswith("_val"):
         overrides += [f"data.eval={data.parent / 'eval'}", "eval.every=10", "eval.samples=32"]
     cfg = bench_config(policy, data, run_dir, s, overrides)

@@ -9,8 +9,8 @@ bench/gpu/__init__.py): environment, policy (a Qwen2.5-VL-3B-shaped folder, rand
 and reward_meta_sam2 (masks/s grouped vs naive at SAM2.1-large shape, 1024 px, 16 images x G=8), learner_step
 (seconds and peak memory of a GRPO step at the 1-GPU config's settings), rollout_hf (tokens/s, 8 prompts x G=8
 with images), ipc_publish (CUDA-IPC weight publish GB/s vs a device copy), pytest_gpu (`pytest -m gpu`),
-vllm_sync and vllm_async (the vLLM engines with dummy weights, a reload through each transport, greedy vs
-transformers, tokens/s; skipped where vLLM is not installed).
+vllm_sync (the vLLM engine with dummy weights, a reload through each transport, greedy vs transformers,
+tokens/s; skipped where vLLM is not installed).
 
 Writes DIR/gpu_check-<mode>.json (mode cuda, cuda-tiny or cpu-tiny; rewritten after every part) and
 DIR/gpu_check.log (every part's output). Exit status 0 when no part failed or timed out. How to run it on the

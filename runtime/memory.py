@@ -2,8 +2,8 @@
 
 - GPU, CUDA used in this process: torch's peak of allocated bytes over its devices (the caching allocator's view:
   what the learner, SAM2 and an in-process vLLM engine allocate through torch, KV cache included).
-- GPU, CUDA used only by child processes (vLLM's AsyncLLM engine core, tensor-parallel workers): NVML's figure of
-  the GPU memory those processes hold now, not a peak (vLLM claims its share at start and keeps it).
+- GPU, CUDA used only by child processes (a vLLM engine core in its own process, tensor-parallel workers): NVML's
+  figure of the GPU memory those processes hold now, not a peak (vLLM claims its share at start and keeps it).
 - CPU: the peak resident set of this process plus that of each live child (/proc VmHWM; an engine core on CPU).
 """
 

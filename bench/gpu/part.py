@@ -32,11 +32,10 @@ PARTS: dict[str, str] = {
     "reward_meta_sam2": "bench.gpu.reward:run_meta_sam2",
     "pytest_gpu": "bench.gpu.pytest_gpu:run",
     "vllm_sync": "bench.gpu.vllm_engines:run_sync",
-    "vllm_async": "bench.gpu.vllm_engines:run_async",
     "weight_sync_delta": "bench.gpu.delta:run",
 }
 # The vLLM parts run vLLM where it is installed (skipped where not); every other part runs with it hidden.
-HIDDEN_FOR = {"vllm_sync": ("ray",), "vllm_async": ("ray",)}
+HIDDEN_FOR = {"vllm_sync": ("ray",)}
 
 
 def run_part(name: str, ctx: Context) -> dict:

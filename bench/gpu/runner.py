@@ -50,7 +50,6 @@ PARTS: tuple[PartSpec, ...] = (
     PartSpec(
         "vllm_sync", "vLLM engine: dummy start, reload per transport, vs transformers", 240, ("policy",)
     ),
-    PartSpec("vllm_async", "async vLLM engine: the same on AsyncLLM", 240, ("policy",)),
     PartSpec("weight_sync_delta", "weight_sync.delta vs full, learner on the GPU, TCP and /dev/shm", 150),
 )
 

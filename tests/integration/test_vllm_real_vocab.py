@@ -70,11 +70,10 @@ def test_every_request_passes_the_v2_per_request_checks(engine):
     for i, sampling in enumerate(samplings):
         for image in (None, _image()):
             req = _req(i, g=4, max_tokens=4, **sampling)
-            for final_only in (False, True):  # VLLMEngine, AsyncVLLMEngine
-                params = _front_end(v, v._prompt(req, image), v._params(req, final_only=final_only))
-                assert v2_refusals(params) == [], (sampling, image is not None, final_only)
-                assert sorted(params.logit_bias) == suppressed
-                assert all(b == float("-inf") for b in params.logit_bias.values())
+            params = _front_end(v, v._prompt(req, image), v._params(req))
+            assert v2_refusals(params) == [], (sampling, image is not None)
+            assert sorted(params.logit_bias) == suppressed
+            assert all(b == float("-inf") for b in params.logit_bias.values())
 
 
 def test_suppressed_ids_are_never_sampled_and_logprobs_are_the_learners(engine):

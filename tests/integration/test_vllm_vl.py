@@ -1,9 +1,7 @@
 """vLLM with the tiny Qwen2.5-VL and images (through actors/vllm_plugin.py, registered on every install).
 
-One LLM() for the module (AsyncLLM with images: the async runs of tests/e2e and the vllm_async part of
-tests/integration/test_gpu_check_cpu.py). Checks: greedy ids equal transformers' on two random
-images of different sizes, before and after a weight push (the same images again after the push: the encoder
-cache is reset with the weights); seeded G=4 sampling reproduces; a video request is refused with a clear error;
+One LLM() for the module. Checks: greedy ids equal transformers' on two random images of different sizes, before
+and after a weight push (the same images again after the push: the encoder cache is reset with the weights); seeded G=4 sampling reproduces; a video request is refused with a clear error;
 vLLM's own multimodal processing feeds the encoder the learner's pixel values; the encoder profile is capped at
 the engine's image_size.
 """

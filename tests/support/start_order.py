@@ -34,7 +34,7 @@ def _record(event: str) -> None:
 
 
 class LoggedRollout:
-    def __init__(self, policy, rollout, name: str, engine=None, concurrent: bool = False):
+    def __init__(self, policy, rollout, name: str, engine=None):
         _record(f"{name} start")
         self.name = name
         _record(f"{name} up")

@@ -116,7 +116,8 @@ def test_weight_sync_staging_is_planned_on_both_ends_for_every_transport(capsys)
     receive buckets and vLLM's layer-wise reload beside what vLLM claims on the rollout GPU; a bucket is never
     smaller than the largest tensor (the 7B's embeddings, 1.09 GB, over bucket_mb 512). cuda-ipc: the same on
     the one shared GPU. gloo: the buckets on both hosts. Every config: the object store's version on both hosts;
-    the async engine's pieces."""
+    the pieces of an engine whose workers are other processes (TP > 1), and none for one in process (TP 1, both
+    modes)."""
     s7 = SHIPPED_SHAPES["Qwen/Qwen2.5-VL-7B-Instruct"]
     embed7, params7 = s7.vocab * s7.hidden * 2, param_counts(s7)["total"]
     plan = _plan(capsys, "qwen7b-8gpu.yaml")
@@ -127,9 +128,9 @@ def test_weight_sync_staging_is_planned_on_both_ends_for_every_transport(capsys)
     pool = next(p for p in plan["pools"] if p["pool"] == "rollout")
     assert pool["total"] == pool["claimed"] + 3 * embed7  # beside gpu_memory_utilization x GPU
     host = _terms(plan["weight_sync_host"], "rollout")
-    assert (
-        host["catch-up copy"] == params7 * 2 and host["pieces"] == 2 * embed7
-    )  # async: pieces of one tensor
+    assert host["catch-up copy"] == params7 * 2 and "pieces" not in host  # async, TP 1: one process
+    tp2 = _plan(capsys, "qwen7b-8gpu.yaml", "rollout.tensor_parallel_size=2")
+    assert _terms(tp2["weight_sync_host"], "rollout")["pieces"] == 2 * embed7  # pieces of one tensor
     assert _terms(plan["weight_sync_host"], "learner") == {"export": params7 * 2}
 
     gloo = _plan(capsys, "qwen7b-8gpu.yaml", "weight_sync.backend=gloo", "weight_sync.bucket_mb=2048")
