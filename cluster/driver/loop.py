@@ -449,6 +449,9 @@ class TrainDriver:
 
     def republish(self) -> None:
         """The current policy version to every rollout worker, which is told first to accept an older one."""
+        # first, so that a worker (re)started from here on (the broadcast restarts a dead one) loads the
+        # checkpoint's weights under the checkpoint's version, not under the dead learner's newer number
+        self.weights.version = self.version
         self.rollout.broadcast(lambda w: w.rewind.remote(self.version))
         self.weights.setup(self.rollout)
         self.weights.publish(self.rollout, self.version)
