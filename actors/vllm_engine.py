@@ -1,6 +1,6 @@
 """The vLLM rollout engine (production): `VLLMEngine` on `vllm.LLM`, in both training modes.
 
-It takes the same requests as the transformers engine and return the same completions (actors/engine.py):
+It takes the same requests as the transformers engine and returns the same completions (actors/engine.py):
 - prompts: the chat template of the model's tokenizer over `render_messages(...)`; text-only requests go in as
   token ids (identical to the transformers engine's), image requests as {"prompt": text, "multi_modal_data":
   {"image": PIL image}} (Qwen2.5-VL: vLLM expands the <|image_pad|> placeholder itself);
@@ -82,7 +82,7 @@ DEFAULT_MAX_MODEL_LEN = 8192  # (or the model's limit if smaller) prompt (768 px
 def prepare_environment(on_cpu: bool, tensor_parallel_size: int = 1) -> None:
     """Set vLLM's environment defaults for this process (values already set are kept).
 
-    A synchronous engine with tensor_parallel_size 1 runs its engine core in this process on GPU too, so a weight
+    With tensor_parallel_size 1 the engine core runs in this process on GPU too (both training modes), so a weight
     update is a zero-copy `reload_weights` on the tensors the weight receiver staged (on the GPU); set
     VLLM_ENABLE_V1_MULTIPROCESSING=1 to trade that for vLLM's overlapped scheduling."""
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
@@ -115,7 +115,7 @@ def _tied(folder: Path) -> bool:
 
 
 class _VLLMBase:
-    """What both vLLM engines share: prompts, sampling params, weight bookkeeping, outputs."""
+    """Prompts, sampling params, weight bookkeeping and outputs: the parts that do not drive the engine."""
 
     piece_bytes = (
         WEIGHT_PIECE_BYTES  # cap of one piece sent to workers in other processes (actors/vllm_reload.py)
