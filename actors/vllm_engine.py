@@ -114,13 +114,52 @@ def _tied(folder: Path) -> bool:
     return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
 
 
-class _VLLMBase:
-    """Prompts, sampling params, weight bookkeeping and outputs: the parts that do not drive the engine."""
+class VLLMEngine:
+    """`RolloutEngine` on `vllm.LLM`, for both training modes. Callable from several threads (async GRPO keeps two
+    requests in flight per worker): their requests run in the same engine steps (actors/vllm_steps.py), and a
+    weight update waits for the generations in flight and holds new ones back."""
 
     piece_bytes = (
         WEIGHT_PIECE_BYTES  # cap of one piece sent to workers in other processes (actors/vllm_reload.py)
     )
     last_load_pieces = 0  # pieces the last update took (0: one lazy iterator in this process)
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        dtype: str = "auto",
+        answer_format: str = "full",
+        image_size: int = 768,
+        gpu_memory_utilization: float = 0.6,
+        tensor_parallel_size: int = 1,
+        enable_prefix_caching: bool = True,
+        max_model_len: int | None = None,
+        enforce_eager: bool | None = None,
+        seed: int = 0,
+        prompts: PromptSet | None = None,
+        load_format: str = "auto",
+    ):
+        folder = self._setup(model_path, answer_format, image_size, prompts, load_format)
+        prepare_environment(self.on_cpu, tensor_parallel_size=tensor_parallel_size)
+        from vllm import LLM
+
+        options = dict(locals())
+        set_num_threads = torch.set_num_threads
+        self.llm = LLM(**self._engine_args(folder, dtype, options))
+        if self.on_cpu and os.environ.get("VLLM_CPU_OMP_THREADS_BIND") == "nobind":
+            torch.set_num_threads = set_num_threads  # vLLM's CPU worker disables it for bound threads only
+        vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+        self._after_tokenizer(self.llm.get_tokenizer(), vocab_size)
+        self._tp = tensor_parallel_size
+        self._gate = ReadWriteGate()  # generations together, a weight update alone
+        self._steps = SharedSteps(
+            self._add_request, self.llm.llm_engine.abort_request, self.llm.llm_engine.step
+        )
+
+    def _add_request(self, request_id: str, prompt: dict[str, Any], params) -> None:
+        # what LLM.generate does per prompt (render it: chat text + image into token ids and image inputs; add it)
+        self.llm.llm_engine.add_request(request_id, self.llm._preprocess_cmpl_one(prompt), params)
 
     def _setup(
         self, model_path, answer_format: str, image_size: int, prompts: PromptSet | None, load_format: str
@@ -249,49 +288,6 @@ class _VLLMBase:
     @property
     def policy_version(self) -> int:
         return self._version
-
-
-class VLLMEngine(_VLLMBase):
-    """`RolloutEngine` on `vllm.LLM`, for both training modes. Callable from several threads (async GRPO keeps two
-    requests in flight per worker): their requests run in the same engine steps (actors/vllm_steps.py), and a
-    weight update waits for the generations in flight and holds new ones back."""
-
-    def __init__(
-        self,
-        model_path: str | Path,
-        *,
-        dtype: str = "auto",
-        answer_format: str = "full",
-        image_size: int = 768,
-        gpu_memory_utilization: float = 0.6,
-        tensor_parallel_size: int = 1,
-        enable_prefix_caching: bool = True,
-        max_model_len: int | None = None,
-        enforce_eager: bool | None = None,
-        seed: int = 0,
-        prompts: PromptSet | None = None,
-        load_format: str = "auto",
-    ):
-        folder = self._setup(model_path, answer_format, image_size, prompts, load_format)
-        prepare_environment(self.on_cpu, tensor_parallel_size=tensor_parallel_size)
-        from vllm import LLM
-
-        options = dict(locals())
-        set_num_threads = torch.set_num_threads
-        self.llm = LLM(**self._engine_args(folder, dtype, options))
-        if self.on_cpu and os.environ.get("VLLM_CPU_OMP_THREADS_BIND") == "nobind":
-            torch.set_num_threads = set_num_threads  # vLLM's CPU worker disables it for bound threads only
-        vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
-        self._after_tokenizer(self.llm.get_tokenizer(), vocab_size)
-        self._tp = tensor_parallel_size
-        self._gate = ReadWriteGate()  # generations together, a weight update alone
-        self._steps = SharedSteps(
-            self._add_request, self.llm.llm_engine.abort_request, self.llm.llm_engine.step
-        )
-
-    def _add_request(self, request_id: str, prompt: dict[str, Any], params) -> None:
-        # what LLM.generate does per prompt (render it: chat text + image into token ids and image inputs; add it)
-        self.llm.llm_engine.add_request(request_id, self.llm._preprocess_cmpl_one(prompt), params)
 
     def generate(
         self, requests: Sequence[RolloutRequest], images: Sequence[Image.Image | None]
