@@ -91,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
 
     from cluster.evaluation.inputs import resolve_checkpoint
     from cluster.evaluation.loop import make_requests, settings_from_config
-    from cluster.evaluation.pictures import overlay
     from runtime.images import encode_png
+    from runtime.overlay import overlay
 
     _split_inputs(args)
     cfg = load_config_from_args(args)

@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from cluster.config import RewardConfig
     from reward_service.parser import parse_answer
     from reward_service.rewards import compute_rewards
+    from runtime.overlay import overlay_prompts
 
     image, gt, text = _load_inputs(args)
     h, w = gt.shape
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     if args.mask_out:
         _write_png(args.mask_out, shown.astype(np.uint8) * 255)
     if args.overlay:
-        _write_png(args.overlay, draw_overlay(image, gt, shown, parsed.prompts), rgb=True)
+        _write_png(args.overlay, overlay_prompts(image, shown, parsed.prompts, gt=gt), rgb=True)
     result = {
         "parsed": parsed.model_dump(mode="json"),
         "rewards": rewards.model_dump(),
@@ -147,26 +148,3 @@ def _write_png(path: str, array, rgb: bool = False) -> None:
         raise CommandError(f"cannot write {path}: {err}", exit_code=2) from None
     if not ok:
         raise CommandError(f"cannot write {path}: use a .png path in a writable folder", exit_code=2)
-
-
-def draw_overlay(image, gt, pred, prompts):
-    """RGB (H, W, 3) uint8: the image, the predicted mask tinted blue, the true mask's outline in green, boxes in
-    yellow, foreground points green and background points red."""
-    import cv2
-    import numpy as np
-
-    out = image.copy()
-    tint = np.array([40, 110, 255], dtype=np.float32)
-    out[pred] = (0.55 * out[pred] + 0.45 * tint).astype(np.uint8)
-    contours, _ = cv2.findContours(gt.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    cv2.drawContours(out, contours, -1, (0, 220, 0), 2)
-    r = max(3, round(max(image.shape[:2]) / 150))
-    for prompt in prompts:
-        if prompt.box is not None:
-            x1, y1, x2, y2 = (round(v) for v in prompt.box)
-            cv2.rectangle(out, (x1, y1), (x2, y2), (255, 220, 0), 2)
-        for (x, y), label in zip(prompt.points, prompt.labels, strict=True):
-            colour = (0, 200, 0) if label == 1 else (230, 30, 30)
-            cv2.circle(out, (round(x), round(y)), r, colour, -1)
-            cv2.circle(out, (round(x), round(y)), r, (255, 255, 255), 1)
-    return out

@@ -9,42 +9,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from protos import Sample
+from runtime.overlay import overlay
 
 if TYPE_CHECKING:
     from cluster.evaluation.loop import SampleResult
-
-PRED_RGB = (230, 40, 40)
-GT_RGB = (40, 220, 60)
-POINT_RGB = {1: (40, 220, 60), 0: (230, 40, 200)}
-BOX_RGB = (255, 200, 0)
-
-
-def overlay(
-    image: np.ndarray,
-    mask: np.ndarray | None,
-    boxes: Sequence[Sequence[float]] = (),
-    points: Sequence[Sequence[float]] = (),
-    labels: Sequence[int] = (),
-    gt: np.ndarray | None = None,
-) -> np.ndarray:
-    """(H, W, 3) uint8 RGB: the predicted mask tinted red, the GT outline green, boxes yellow, foreground points
-    green and background points magenta (all in the image's own pixels)."""
-    import cv2
-
-    out = image.astype(np.float32).copy()  # (H, W, 3)
-    if mask is not None:
-        out[mask] = 0.5 * out[mask] + 0.5 * np.asarray(PRED_RGB, np.float32)
-    out = np.clip(out, 0, 255).astype(np.uint8)
-    thick = max(1, round(max(image.shape[:2]) / 300))
-    if gt is not None:
-        contours, _ = cv2.findContours(gt.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(out, contours, -1, GT_RGB, thick)
-    for x1, y1, x2, y2 in boxes:
-        cv2.rectangle(out, (int(x1), int(y1)), (int(x2) - 1, int(y2) - 1), BOX_RGB, thick)
-    for (x, y), lab in zip(points, labels, strict=False):
-        cv2.circle(out, (int(x), int(y)), 2 * thick + 1, POINT_RGB.get(int(lab), BOX_RGB), -1)
-        cv2.circle(out, (int(x), int(y)), 2 * thick + 1, (0, 0, 0), 1)
-    return out
 
 
 def _tile(result: SampleResult, sample: Sample, size: int) -> np.ndarray:

@@ -94,19 +94,13 @@ class Trackers:
 
     def training_overlay(self, answer: str, sample) -> np.ndarray:
         """(H, W, 3) uint8: the sample's image, its GT outline and what `answer` (a group's first) proposes."""
-        from cluster.evaluation.pictures import overlay
         from runtime.images import decode_image, decode_mask
+        from runtime.overlay import overlay_prompts
 
         image = decode_image(sample.image)  # (H, W, 3) uint8
         gt = decode_mask(sample.mask)  # (H, W) bool
-        boxes, points, labels = [], [], []
-        if self.parse is not None:
-            parsed = self.parse(answer, image.shape[1], image.shape[0])
-            for p in parsed.prompts:
-                boxes += [p.box] if p.box is not None else []
-                points += list(p.points)
-                labels += list(p.labels)
-        return overlay(image, None, boxes, points, labels, gt=gt)
+        prompts = self.parse(answer, image.shape[1], image.shape[0]).prompts if self.parse is not None else []
+        return overlay_prompts(image, None, prompts, gt=gt)
 
     def close(self) -> None:
         self._each("close")

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -124,8 +125,9 @@ def _kill_everything(proc: subprocess.Popen, ray_tmp: Path) -> int:
 
 
 # The job under test starts its own local Ray (the point is to kill it). Ray waits a fixed 30 s for a new node's
-# raylet (ray/_private/node.py), which a loaded 2-core machine can miss: that start, and only that, is tried again.
-RAY_START_TRIES = 3
+# GCS and raylet (ray/_private/node.py), which a loaded 2-core machine can miss several times running (seen at load
+# 14: three tries in a row): that start, and only that, is tried again until this much time went into failed ones.
+RAY_START_BUDGET_S = 360
 
 
 def _ray_did_not_start(log: str) -> bool:
@@ -138,7 +140,9 @@ def _run_and_kill_everything(train: list[str], env: dict, cfg, ray_tmp: Path, lo
     from learner.checkpoint import latest_checkpoint
 
     run_dir = Path(cfg.metrics.run_dir)
-    for _ in range(RAY_START_TRIES):
+    started, tries = time.monotonic(), 0
+    while time.monotonic() - started < RAY_START_BUDGET_S:
+        tries += 1
         log = log_path.open("w")
         proc = subprocess.Popen(
             train, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -166,11 +170,14 @@ def _run_and_kill_everything(train: list[str], env: dict, cfg, ray_tmp: Path, lo
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     else:
-        pytest.fail(f"the job's Ray did not start in {RAY_START_TRIES} tries")
+        pytest.fail(f"the job's Ray did not start in {tries} tries ({RAY_START_BUDGET_S} s)")
     # none left: the CLI, GCS, raylet, agents and workers
     assert killed_procs >= 6 and not processes_mentioning(str(ray_tmp), open_files=True), killed_procs
 
 
+@pytest.mark.timeout(
+    600 + RAY_START_BUDGET_S
+)  # the suite's 600 s, plus the Ray starts a loaded machine missed
 def test_a_whole_job_killed_with_sigkill_resumes_at_its_checkpoint_and_trains_each_sample_once(
     assets, sft_policy, ray_job, tmp_path
 ):

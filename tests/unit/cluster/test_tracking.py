@@ -162,11 +162,11 @@ def test_wandb_offline_history_and_resume(tmp_path, monkeypatch):
 def test_training_overlay_draws_the_parsed_answer_and_the_gt(tmp_path):
     """open_trackers with jsonl only starts nothing; its overlay draws the first answer's box and points
     (parsed at the policy's image size) and the ground-truth outline on the sample's image."""
-    from cluster.evaluation.pictures import BOX_RGB, GT_RGB, POINT_RGB
     from cluster.tracking import open_trackers
     from protos import Sample
     from protos.answer import format_answer
     from runtime.images import encode_png
+    from runtime.overlay import BOX_RGB, GT_RGB, POINT_RGB
 
     cfg = load_config(None, ["metrics.trackers=[jsonl]", "data.image_size=32", f"metrics.run_dir={tmp_path}"])
     trackers = open_trackers(cfg, tmp_path)
