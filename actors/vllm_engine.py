@@ -139,6 +139,7 @@ class VLLMEngine:
         seed: int = 0,
         prompts: PromptSet | None = None,
         load_format: str = "auto",
+        images_per_prompt: int = 1,
     ):
         folder = self._setup(model_path, answer_format, image_size, prompts, load_format)
         prepare_environment(self.on_cpu, tensor_parallel_size=tensor_parallel_size)
@@ -212,7 +213,8 @@ class VLLMEngine:
         else:
             args["gpu_memory_utilization"] = options.get("gpu_memory_utilization", 0.6)
         if self.is_vision_language:
-            args["limit_mm_per_prompt"] = {"image": 1, "video": 0}
+            # a conversation that shows the policy a new picture in a later turn holds several
+            args["limit_mm_per_prompt"] = {"image": options.get("images_per_prompt", 1), "video": 0}
             args.update(image_args(folder, self.image_size))
         return args
 

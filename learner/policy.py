@@ -38,7 +38,7 @@ from runtime.qwen_vl import (
     append_completions,
     encode_prompt_ids,
     encode_prompts,
-    expected_image_tokens,
+    expected_row_image_tokens,
     image_token_counts,
     load_policy,
     load_processor,
@@ -162,7 +162,7 @@ class Policy:
 
     def _check_image_tokens(self, samples: Sequence[Sample], batch: dict[str, Any]) -> None:
         found = image_token_counts(self.processor, batch)
-        needed = expected_image_tokens(self.processor, batch["image_grid_thw"])
+        needed = expected_row_image_tokens(self.processor, batch)
         for s, f, n in zip(samples, found, needed, strict=True):
             if f != n:
                 raise ValueError(
@@ -175,7 +175,10 @@ class Policy:
     def batch(self, prompts: dict, completions: Sequence[Sequence[int]], prompt_index: Sequence[int]) -> dict:
         """Prompt + completion rows (N, W), left-padded; completion tokens are the last ones of each row."""
         out = append_completions(prompts, completions, prompt_index, pad_token_id=self.pad_token_id)
-        out["row_image"] = torch.as_tensor(list(prompt_index), dtype=torch.long)  # (N,) which prompt/image
+        if "images_per_row" not in out or bool((out["images_per_row"] == 1).all()):  # vision shared per image
+            out["row_image"] = torch.as_tensor(
+                list(prompt_index), dtype=torch.long
+            )  # (N,) which prompt/image
         return out
 
     # -- scoring ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.processing_utils import ProcessorMixin
@@ -182,31 +183,49 @@ def image_size_bounds(image_processor, image_size: int) -> dict[str, int]:
     return {"shortest_edge": lo, "longest_edge": h * w}
 
 
+RowImages = ImageLike | Sequence[ImageLike]
+"""The images of one prompt row: one image, or several in the order their placeholders appear in the row (a
+conversation that shows the policy a new picture in a later turn)."""
+
+
+def _row_images(images: Sequence[RowImages], rows: int, what: str) -> tuple[list[Image.Image], list[int]]:
+    """Every row's images flattened in order (PIL), and how many each row holds."""
+    if len(images) != rows:
+        raise ValueError(
+            f"{len(images)} image entries but {rows} {what}; give one image (or list of images) per row"
+        )
+    if not rows:
+        raise ValueError(f"no rows: give at least one of the {what}")
+    flat, counts = [], []
+    for entry in images:
+        row = list(entry) if isinstance(entry, (list, tuple)) else [entry]
+        if not row:
+            raise ValueError("a row with an empty list of images: give each row at least one image")
+        flat += [load_image(im) for im in row]
+        counts.append(len(row))
+    return flat, counts
+
+
 def encode_prompts(
     processor: SegR1Processor,
-    images: Sequence[ImageLike],
+    images: Sequence[RowImages],
     messages_list: Sequence[list[dict]],
 ) -> dict[str, Any]:
-    """One row per (image, messages), left-padded for generation.
+    """One row per (images, messages), left-padded for generation.
 
     Returns a dict of tensors: input_ids (B, T), attention_mask (B, T), mm_token_type_ids (B, T),
-    pixel_values (P, C*2*14*14) (the patches of all images, row after row), image_grid_thw (B, 3), and
-    prompt_lengths (B,) (unpadded prompt length of each row). Images go in as given: resize them first with
-    `runtime.images.resize_for_policy`. Pass `model_inputs(batch)` to the model.
+    pixel_values (P, C*2*14*14) (the patches of all images, row after row), image_grid_thw (I, 3) (one per image),
+    images_per_row (B,) and prompt_lengths (B,) (unpadded prompt length of each row). Images go in as given:
+    resize them first with `runtime.images.resize_for_policy`. Pass `model_inputs(batch)` to the model.
     """
-    if len(images) != len(messages_list):
-        raise ValueError(
-            f"{len(images)} images but {len(messages_list)} message lists; give one image per row"
-        )
-    if not images:
-        raise ValueError("encode_prompts needs at least one row")
+    pil, counts = _row_images(images, len(messages_list), "message lists")
     texts = [
         processor.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True)
         for m in messages_list
     ]
-    pil = [load_image(im) for im in images]
     enc = processor(images=pil, text=texts, padding=True, padding_side="left", return_tensors="pt")
     batch = {k: enc[k] for k in MODEL_INPUT_KEYS if k in enc}
+    batch["images_per_row"] = torch.tensor(counts, dtype=torch.long)  # (B,)
     batch["prompt_lengths"] = batch["attention_mask"].sum(dim=1)  # (B,)
     return batch
 
@@ -221,18 +240,15 @@ def unpadded_ids(batch: dict[str, Any]) -> list[list[int]]:
 
 def encode_prompt_ids(
     processor: SegR1Processor,
-    images: Sequence[ImageLike],
+    images: Sequence[RowImages],
     prompt_ids: Sequence[Sequence[int]],
 ) -> dict[str, Any]:
     """`encode_prompts` for prompts a rollout engine already tokenized (RolloutGroup.prompt_token_ids: chat
-    template applied, image tokens expanded): the ids left-padded as given, each image through the processor's
-    image processor. Same keys and shapes as `encode_prompts`. Whether a row's image tokens match its image is
-    the caller's check (`image_token_counts` vs `expected_image_tokens`)."""
-    if len(images) != len(prompt_ids):
-        raise ValueError(f"{len(images)} images but {len(prompt_ids)} prompts; give one image per prompt")
-    if not images:
-        raise ValueError("encode_prompt_ids needs at least one row")
-    vision = processor.image_processor(images=[load_image(im) for im in images], return_tensors="pt")
+    template applied, image tokens expanded): the ids left-padded as given, each row's images through the
+    processor's image processor. Same keys and shapes as `encode_prompts`. Whether a row's image tokens match its
+    images is the caller's check (`image_token_counts` vs `expected_row_image_tokens`)."""
+    pil, counts = _row_images(images, len(prompt_ids), "prompts")
+    vision = processor.image_processor(images=pil, return_tensors="pt")
     n, width = len(prompt_ids), max(len(p) for p in prompt_ids)
     input_ids = torch.full((n, width), int(processor.tokenizer.pad_token_id), dtype=torch.long)  # (B, T)
     attention_mask = torch.zeros((n, width), dtype=torch.long)  # (B, T)
@@ -247,7 +263,8 @@ def encode_prompt_ids(
         "attention_mask": attention_mask,
         "mm_token_type_ids": types,
         "pixel_values": vision["pixel_values"],  # (P, C*2*14*14)
-        "image_grid_thw": vision["image_grid_thw"],  # (B, 3)
+        "image_grid_thw": vision["image_grid_thw"],  # (I, 3)
+        "images_per_row": torch.tensor(counts, dtype=torch.long),  # (B,)
         "prompt_lengths": attention_mask.sum(dim=1),  # (B,)
     }
 
@@ -263,6 +280,13 @@ def expected_image_tokens(processor: SegR1Processor, image_grid_thw: torch.Tenso
     return [int(n) // merge**2 for n in image_grid_thw.prod(dim=1).tolist()]
 
 
+def expected_row_image_tokens(processor: SegR1Processor, batch: dict[str, Any]) -> list[int]:
+    """Image tokens each row of an encoded batch needs: the sum over its images (`expected_image_tokens`)."""
+    per_image = expected_image_tokens(processor, batch["image_grid_thw"])
+    bounds = _offsets(_images_per_row(batch))
+    return [sum(per_image[bounds[r] : bounds[r + 1]]) for r in range(len(bounds) - 1)]
+
+
 def model_inputs(batch: dict[str, Any], device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
     """The keys of an encoded batch that the model takes (drops prompt_lengths, completion_mask, ...)."""
     out = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
@@ -271,26 +295,37 @@ def model_inputs(batch: dict[str, Any], device: str | torch.device | None = None
     return out
 
 
-def _patch_offsets(image_grid_thw: torch.Tensor) -> list[int]:
-    counts = image_grid_thw.prod(dim=1).tolist()  # patches per image
+def _offsets(counts: Sequence[int]) -> list[int]:
     offsets = [0]
     for c in counts:
         offsets.append(offsets[-1] + int(c))
     return offsets
 
 
-def select_rows(batch: dict[str, Any], index: Sequence[int]) -> dict[str, Any]:
-    """Rows `index` of an encoded prompt batch (repeats allowed, e.g. each prompt G times), pixel_values included.
+def _images_per_row(batch: dict[str, Any]) -> list[int]:
+    """How many images each row holds (a batch without images_per_row: one each)."""
+    if "images_per_row" in batch:
+        return batch["images_per_row"].tolist()
+    return [1] * int(batch["image_grid_thw"].shape[0])
 
-    Assumes one image per row (as `encode_prompts` makes)."""
+
+def select_rows(batch: dict[str, Any], index: Sequence[int]) -> dict[str, Any]:
+    """Rows `index` of an encoded prompt batch (repeats allowed, e.g. each prompt G times), with their images:
+    image_grid_thw rows and pixel_values patches of each selected row's images, in row order."""
     idx = torch.as_tensor(list(index), dtype=torch.long)
     out: dict[str, Any] = {}
-    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "prompt_lengths", "image_grid_thw"):
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "prompt_lengths", "images_per_row"):
         if key in batch:
             out[key] = batch[key][idx]
-    if "pixel_values" in batch:
-        off = _patch_offsets(batch["image_grid_thw"])
-        out["pixel_values"] = torch.cat([batch["pixel_values"][off[i] : off[i + 1]] for i in idx.tolist()])
+    if "image_grid_thw" in batch:
+        rows = _offsets(_images_per_row(batch))  # row r holds images rows[r] .. rows[r+1]-1
+        images = [i for r in idx.tolist() for i in range(rows[r], rows[r + 1])]
+        out["image_grid_thw"] = batch["image_grid_thw"][torch.as_tensor(images, dtype=torch.long)]
+        if "pixel_values" in batch:
+            patches = _offsets(batch["image_grid_thw"].prod(dim=1).tolist())
+            out["pixel_values"] = torch.cat(
+                [batch["pixel_values"][patches[i] : patches[i + 1]] for i in images]
+            )
     return out
 
 
@@ -304,7 +339,8 @@ def append_completions(
 
     `prompts` is an `encode_prompts` batch; completion i belongs to prompt row `prompt_index[i]` (default: i).
     Returns input_ids (N, T), attention_mask (N, T), mm_token_type_ids (N, T), pixel_values, image_grid_thw
-    (N, 3), prompt_lengths (N,), completion_lengths (N,) and completion_mask (N, T) (1 on completion tokens).
+    (one row per image), images_per_row (N,), prompt_lengths (N,), completion_lengths (N,) and completion_mask
+    (N, T) (1 on completion tokens).
     The logits predicting completion token t sit at position t-1: logits[:, :-1] vs input_ids[:, 1:] masked by
     completion_mask[:, 1:].
     """
@@ -336,7 +372,7 @@ def append_completions(
     out = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
     if mm_types is not None:
         out["mm_token_type_ids"] = mm_types
-    for key in ("pixel_values", "image_grid_thw", "prompt_lengths"):
+    for key in ("pixel_values", "image_grid_thw", "images_per_row", "prompt_lengths"):
         if key in rows:
             out[key] = rows[key]
     out["completion_lengths"] = torch.tensor([len(c) for _, c in seqs], dtype=torch.long)  # (N,)

@@ -2,8 +2,9 @@
 
 One LLM() for the module. Checks: greedy ids equal transformers' on two random images of different sizes, before
 and after a weight push (the same images again after the push: the encoder cache is reset with the weights); seeded G=4 sampling reproduces; a video request is refused with a clear error;
-vLLM's own multimodal processing feeds the encoder the learner's pixel values; the encoder profile is capped at
-the engine's image_size.
+vLLM's own multimodal processing feeds the encoder the learner's pixel values; a conversation that shows a second
+picture in a later turn is, token for token and pixel for pixel, the learner's sequence, and the learner's
+forward over it gives vLLM's logprobs; the encoder profile is capped at the engine's image_size.
 """
 
 from __future__ import annotations
@@ -21,7 +22,17 @@ from actors.hf_engine import HFEngine  # noqa: E402
 from actors.vllm_engine import VLLMEngine  # noqa: E402
 from protos.answer import COMPACT  # noqa: E402
 from runtime.images import resize_for_policy  # noqa: E402
-from runtime.qwen_vl import encode_prompt_ids, expected_image_tokens, load_processor  # noqa: E402
+from runtime.qwen_vl import (  # noqa: E402
+    append_completions,
+    encode_prompt_ids,
+    encode_prompts,
+    expected_image_tokens,
+    expected_row_image_tokens,
+    image_token_counts,
+    load_processor,
+    model_inputs,
+    unpadded_ids,
+)
 from tests.integration.test_vllm_engine import _req  # noqa: E402  (G completions of a short instruction)
 from tests.support.engine_state import lend_engines, weights_of  # noqa: E402
 
@@ -51,7 +62,7 @@ def _assert_greedy_equal(got, want) -> None:
 
 @pytest.fixture(scope="module")
 def _shared_engines(tiny_policy_dir):
-    v = VLLMEngine(tiny_policy_dir, max_model_len=2048, seed=0, prompts=COMPACT)
+    v = VLLMEngine(tiny_policy_dir, max_model_len=2048, seed=0, prompts=COMPACT, images_per_prompt=2)
     h = HFEngine(tiny_policy_dir, device="cpu", prompts=COMPACT)
     yield v, h, weights_of(h.model)
     v.close()
@@ -126,6 +137,105 @@ def test_engine_and_learner_feed_identical_pixels(engines):
         batch = encode_prompt_ids(learner, [image], [list(request.prompt_token_ids)])
         assert torch.equal(item["image_grid_thw"].data, batch["image_grid_thw"][0])
         assert torch.equal(item["pixel_values"].data, batch["pixel_values"]), image.size
+
+
+def _two_image_conversation(v: VLLMEngine) -> list[dict]:
+    """Turn 1 (an image and the task), the policy's answer, turn 2 (a second picture and a question about it)."""
+    first = v.prompts.messages("Identify and segment the red shape.", image_size=v.image_size)
+    answer = {"role": "assistant", "content": [{"type": "text", "text": "<points>[[10,12]]</points>"}]}
+    look = {
+        "role": "user",
+        "content": [{"type": "image"}, {"type": "text", "text": "The mask it made. Refine."}],
+    }
+    return [*first, answer, look]
+
+
+def test_a_conversation_with_two_images_is_the_learners_sequence(engines):
+    """Two pictures in one prompt (a later turn shows the policy a new one), of different sizes: vLLM's prompt ids
+    equal the learner processor's rendering of the same conversation, its encoder inputs equal encode_prompt_ids'
+    for that row (each image's grid and pixels, in order), and the learner's forward over prompt + vLLM's greedy
+    completion gives vLLM's logprobs."""
+    from vllm import SamplingParams
+
+    v, h = engines
+    learner = load_processor(v.model_path)
+    images = _images(21)  # 56 x 84 and 100 x 60
+    messages = _two_image_conversation(v)
+    text = v.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = {"prompt": text, "multi_modal_data": {"image": images}}
+    out = v.llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=8, logprobs=0), use_tqdm=False)[0]
+    prompt_ids, completion = list(out.prompt_token_ids), list(out.outputs[0].token_ids)
+    assert unpadded_ids(encode_prompts(learner, [images], [messages])) == [prompt_ids]
+
+    batch = encode_prompt_ids(learner, [images], [prompt_ids])
+    assert batch["images_per_row"].tolist() == [2]
+    assert image_token_counts(learner, batch) == expected_row_image_tokens(learner, batch)
+    assert (
+        len(set(expected_image_tokens(learner, batch["image_grid_thw"]))) == 2
+    )  # two sizes, two token counts
+    core = v.llm.llm_engine
+    v.llm.reset_mm_cache()  # else the items just generated come back as cache hits, without their data
+    request = core.input_processor.process_inputs(
+        uuid.uuid4().hex, prompt, SamplingParams(max_tokens=1), supported_tasks=core.get_supported_tasks()
+    )
+    v.llm.reset_mm_cache()  # the request is never added: nothing may count as cached in the engine core
+    assert list(request.prompt_token_ids) == prompt_ids
+    items = [f.data for f in request.mm_features]
+    assert torch.equal(torch.stack([i["image_grid_thw"].data for i in items]), batch["image_grid_thw"])
+    assert torch.equal(torch.cat([i["pixel_values"].data for i in items]), batch["pixel_values"])
+
+    rows = append_completions(batch, [completion], pad_token_id=int(learner.tokenizer.pad_token_id))
+    assert rows["images_per_row"].tolist() == [2] and torch.equal(
+        rows["image_grid_thw"], batch["image_grid_thw"]
+    )
+    with torch.no_grad():
+        logits = h.model(**model_inputs(rows), use_cache=False).logits[0, -len(completion) - 1 : -1]  # (C, V)
+    learner_lp = torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(completion)[:, None])[:, 0]
+    vllm_lp = torch.tensor([lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, completion, strict=True)])
+    assert len(completion) > 0 and torch.allclose(learner_lp, vllm_lp, atol=1e-3), (learner_lp, vllm_lp)
+
+
+def test_the_next_turn_extends_the_engines_own_ids_and_one_forward_scores_both_answers(engines):
+    """Turn 2 built from turn 1's ids (runtime/turns.py) with a second picture: vLLM expands both images and
+    reports a prompt that starts with turn 1's prompt + answer exactly as it fed and generated them, and ONE
+    learner forward over the final sequence gives each answer's behaviour logprobs, turn 1's included."""
+    from vllm import SamplingParams
+
+    from runtime.turns import next_turn_ids
+
+    v, h = engines
+    learner = load_processor(v.model_path)
+    first, second = _images(22)
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, logprobs=0)
+
+    def generate(prompt):
+        out = v.llm.generate(prompt, greedy, use_tqdm=False)[0]
+        c = out.outputs[0]
+        return (
+            list(out.prompt_token_ids),
+            list(c.token_ids),
+            [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids, strict=True)],
+        )
+
+    text = v.tokenizer.apply_chat_template(
+        _two_image_conversation(v)[:-2], tokenize=False, add_generation_prompt=True
+    )
+    p1, a1, lp1 = generate({"prompt": text, "multi_modal_data": {"image": first}})
+    ids = next_turn_ids(v.tokenizer, p1, a1, "The mask your prompts made. Refine them, or stop.")
+    p2, a2, lp2 = generate({"prompt_token_ids": ids, "multi_modal_data": {"image": [first, second]}})
+    assert a1 and a2 and p2[: len(p1) + len(a1)] == p1 + a1 and len(p2) > len(p1) + len(a1)
+
+    batch = encode_prompt_ids(learner, [[first, second]], [p2])
+    assert image_token_counts(learner, batch) == expected_row_image_tokens(learner, batch)
+    rows = append_completions(batch, [a2], pad_token_id=int(learner.tokenizer.pad_token_id))
+    with torch.no_grad():
+        logp = torch.log_softmax(
+            h.model(**model_inputs(rows), use_cache=False).logits[0].float(), dim=-1
+        )  # (T, V)
+    seq = rows["input_ids"][0]  # (T,) no padding: one row
+    scored = logp[:-1].gather(1, seq[1:, None])[:, 0]  # (T-1,) logprob of token t+1 after its prefix
+    at = [len(p1) + i - 1 for i in range(len(a1))] + [len(p2) + i - 1 for i in range(len(a2))]
+    assert torch.allclose(scored[at], torch.tensor(lp1 + lp2), atol=1e-3), (scored[at], lp1 + lp2)
 
 
 def test_encoder_profile_is_capped_at_image_size(engines):

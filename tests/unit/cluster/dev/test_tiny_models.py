@@ -153,8 +153,33 @@ def test_encode_prompts_gives_16_image_tokens_for_112px_and_left_padding(policy)
     assert lengths[0] != lengths[1]
     short = int(np.argmin(lengths))
     assert batch["attention_mask"][short, 0] == 0 and batch["attention_mask"][short, -1] == 1  # left padded
-    with pytest.raises(ValueError, match="one image per row"):
+    with pytest.raises(ValueError, match=r"1 image entries but 2 message lists; give one image \(or list of"):
         proc_mod.encode_prompts(processor, _images(1), msgs)
+
+
+def test_rows_of_several_images_keep_each_rows_images_through_selection(policy):
+    """A row may hold several images (a later turn shows a new picture): image_grid_thw has one row per image,
+    and selecting / repeating rows (each prompt G times) carries exactly each row's images, in order."""
+    processor, _ = policy
+    small, big = Image.new("RGB", (56, 56), (200, 0, 0)), Image.new("RGB", (112, 112), (0, 0, 200))
+    first = COMPACT.messages("Segment it.", "foreground", "full", 112)
+    look = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Refine."}]}
+    two = [*first, {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}, look]
+    batch = proc_mod.encode_prompts(processor, [big, [small, big]], [first, two])
+    assert batch["images_per_row"].tolist() == [1, 2]
+    assert batch["image_grid_thw"].tolist() == [[1, 8, 8], [1, 4, 4], [1, 8, 8]]
+    assert proc_mod.image_token_counts(processor, batch) == [16, 20]
+    assert proc_mod.expected_row_image_tokens(processor, batch) == [16, 20]
+    rows = proc_mod.append_completions(batch, [[5, 6], [7], [8]], [1, 0, 1], pad_token_id=0)
+    assert rows["images_per_row"].tolist() == [2, 1, 2]
+    assert rows["image_grid_thw"].tolist() == [[1, 4, 4], [1, 8, 8], [1, 8, 8], [1, 4, 4], [1, 8, 8]]
+    pixels = batch["pixel_values"]  # (64 + 16 + 64 patches, C*2*14*14): big, small, big
+    row1 = pixels[64:]
+    assert torch.equal(rows["pixel_values"], torch.cat([row1, pixels[:64], row1]))
+    again = proc_mod.encode_prompt_ids(processor, [[small, big]], proc_mod.unpadded_ids(batch)[1:])
+    assert torch.equal(again["pixel_values"], row1) and again["images_per_row"].tolist() == [2]
+    with pytest.raises(ValueError, match="empty list of images"):
+        proc_mod.encode_prompts(processor, [[]], [first])
 
 
 def _trim(tokens: list[int], stops: list[int]) -> list[int]:

@@ -1,0 +1,65 @@
+"""The next turn of a conversation, in token ids: what a rollout engine feeds the policy when it shows it a new
+picture after its answer (multi-turn mask refinement).
+
+The next turn's prompt is built from the ids the engine saw and generated, never by rendering the conversation's
+text again: detokenizing an answer and tokenizing it back need not give the same ids, and the learner scores ONE
+sequence per episode (every turn's policy tokens after exactly the prefix the engine fed), so the earlier turns
+must be a prefix of the next turn's prompt, token for token. Image placeholders go in collapsed (one
+`<|image_pad|>` per image): the engine's multimodal processor expands every image of the prompt, the earlier
+ones to exactly the runs they had, so the expanded prompt it reports starts with the earlier prompt + answer.
+
+The text between the answer and the next generation (turn end, the user turn with its image, the assistant
+header) is taken from the policy's own chat template, so another template's markup follows it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+IMAGE_PAD = "<|image_pad|>"
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+TURN_END = "<|im_end|>"
+_ANSWER = "\x00answer\x00"  # stands for the policy's answer while the template renders the turns after it
+
+
+def collapse_images(ids: Sequence[int], image_pad: int) -> list[int]:
+    """`ids` with every run of image placeholder tokens reduced to one (an engine's expanded prompt back to what
+    its processor expands)."""
+    out: list[int] = []
+    for t in ids:
+        if t == image_pad and out and out[-1] == image_pad:
+            continue
+        out.append(int(t))
+    return out
+
+
+def turn_suffix(tokenizer, user_text: str, with_image: bool = True) -> list[int]:
+    """Token ids of what follows an answer's turn end in the chat template: the user turn (`user_text`, after one
+    image placeholder when `with_image`) and the assistant header the next answer is generated after."""
+    content = [{"type": "image"}] if with_image else []
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "x"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": _ANSWER}]},
+        {"role": "user", "content": [*content, {"type": "text", "text": user_text}]},
+    ]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    head, sep, tail = text.partition(_ANSWER + TURN_END)
+    if not sep:
+        raise ValueError(
+            f"the chat template does not end an assistant turn with {TURN_END}: multi-turn prompts need a "
+            "Qwen2.5-VL chat template"
+        )
+    return list(tokenizer(tail, add_special_tokens=False)["input_ids"])
+
+
+def next_turn_ids(
+    tokenizer, prompt_ids: Sequence[int], answer_ids: Sequence[int], user_text: str, with_image: bool = True
+) -> list[int]:
+    """The next turn's prompt: the turn's prompt (as the engine reported it, images expanded or not) + the answer's
+    ids as generated (+ the turn end when the answer stopped without one) + `turn_suffix`, images collapsed."""
+    vocab = tokenizer.get_vocab()
+    pad, end = vocab[IMAGE_PAD], vocab[TURN_END]
+    answer = [int(t) for t in answer_ids]
+    if not answer or answer[-1] != end:
+        answer.append(end)
+    return collapse_images(prompt_ids, pad) + answer + turn_suffix(tokenizer, user_text, with_image)
