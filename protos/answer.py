@@ -31,6 +31,7 @@ TaskKind = Literal["foreground", "referring", "reasoning"]
 TASK_KINDS: tuple[str, ...] = ("foreground", "referring", "reasoning")
 
 THINK_TAG, BBOX_TAG, POINTS_TAG, LABELS_TAG = "think", "bbox", "points", "labels"
+STOP_TAG = "stop"  # a later turn's answer that the mask it was shown is right: `<stop></stop>`, no prompts
 
 FOREGROUND_INSTRUCTION = "Identify and segment all the primary objects in the image."
 
@@ -108,6 +109,14 @@ SEG_R1_EVAL_SYSTEM = (
 SEG_R1_EVAL_USER = SEG_R1_USER + "    "
 
 
+# A later turn's user text, after the picture of the mask the policy's prompts made (runtime/overlay.py colours).
+# The reference answers once and has none; both presets use this one.
+REFINE_TEXT = (
+    "This is the mask your answer made: tinted red, your box yellow, your points green (foreground) and magenta "
+    "(background). Answer again in the same format to correct them, or answer <stop></stop> if the mask is right."
+)
+
+
 @dataclass(frozen=True)
 class PromptSet:
     """The texts of one phase (training or evaluation), fully resolved: what the rollout engines, the learner,
@@ -121,11 +130,12 @@ class PromptSet:
     referring: str  # full format, task referring
     reasoning: str  # full format, task reasoning
     points: str  # points format, every task
+    refine: str = REFINE_TEXT  # a later turn, after the picture of the mask (multi-turn refinement)
 
     def check(self) -> None:
         """ValueError naming the field when a template is empty, uses an unknown placeholder, or (referring,
         reasoning) drops {instruction}, the only place the expression / question reaches the policy."""
-        for name in ("system", "system_points", "foreground", "referring", "reasoning", "points"):
+        for name in ("system", "system_points", "foreground", "referring", "reasoning", "points", "refine"):
             text = getattr(self, name)
             unknown = sorted(set(re.findall(r"\{[A-Za-z_]*\}", text)) - set(PLACEHOLDERS))
             if unknown:
@@ -159,6 +169,10 @@ class PromptSet:
             raise ValueError(f"task={task!r} is not one of {TASK_KINDS}")
         template = self.points if answer_format == "points" else getattr(self, task)
         return _fill(template, instruction.strip(), image_size)
+
+    def refine_text(self, image_size: int = 768) -> str:
+        """The user text of a later turn, after the picture of the mask the previous answer made."""
+        return _fill(self.refine, "", image_size)
 
     def messages(
         self,
@@ -278,3 +292,11 @@ def format_answer(
         return tail
     parts = [f"<{BBOX_TAG}>{_list(_ints(b, 'a box', 4))}</{BBOX_TAG}>" for b in boxes]
     return f"<{THINK_TAG}> {think.strip()} </{THINK_TAG}> " + ", ".join([*parts, tail])
+
+
+def format_stop(think: str = "", answer_format: AnswerFormat = "full") -> str:
+    """The answer that ends a refinement: the mask shown is right (`<stop></stop>`, after the think in the full
+    format). format_stop("done") == "<think> done </think> <stop></stop>"."""
+    check_answer_format(answer_format)
+    stop = f"<{STOP_TAG}></{STOP_TAG}>"
+    return stop if answer_format == "points" else f"<{THINK_TAG}> {think.strip()} </{THINK_TAG}> {stop}"

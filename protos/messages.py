@@ -192,6 +192,9 @@ class ParsedAnswer(BaseModel):
     ok: bool
     prompts: list[MaskPrompt] = Field(default_factory=list)
     think: str = ""
+    stop: bool = Field(
+        False, description="A later turn's answer that the mask shown is right: no prompts, that mask stands."
+    )
     failure: str | None = Field(None, description="Why parsing failed: a short machine-readable reason.")
     detail: str | None = Field(None, description="Human-readable detail of the failure.")
 
@@ -199,8 +202,10 @@ class ParsedAnswer(BaseModel):
     def _ok_iff_no_failure(self) -> ParsedAnswer:
         if self.ok == (self.failure is not None):
             raise ValueError("ParsedAnswer: ok must be True exactly when failure is None")
-        if self.ok and not self.prompts:
-            raise ValueError("ParsedAnswer: a successful parse has at least one prompt")
+        if self.ok and not self.prompts and not self.stop:
+            raise ValueError("ParsedAnswer: a successful parse has at least one prompt, or is a stop")
+        if self.stop and self.prompts:
+            raise ValueError("ParsedAnswer: a stop answer has no prompts")
         return self
 
 

@@ -8,6 +8,9 @@ Two answer formats (RewardConfig.answer_format):
 - "points": the pre-RL format `<points>[[x,y],...]</points> <labels>[1,0,...]</labels>`: one MaskPrompt with
             every point, no box, no think.
 
+A later turn of a refinement (`allow_stop`) may answer `<stop></stop>` instead (after `<think>...</think>` in the full
+format): the mask shown is right; ParsedAnswer.stop, no prompts.
+
 Hostile-input rules: the text is capped (max_completion_chars), tags are found with str.find (linear), the contents
 are matched with anchored regexes without nested quantifiers, numbers are ASCII decimals of bounded length, the
 number of boxes and points is capped, nothing is ever eval'ed, and `parse_answer` never raises.
@@ -29,7 +32,7 @@ import unicodedata
 from collections.abc import Sequence
 
 from protos import MaskPrompt, ParsedAnswer
-from protos.answer import BBOX_TAG, LABELS_TAG, POINTS_TAG, THINK_TAG
+from protos.answer import BBOX_TAG, LABELS_TAG, POINTS_TAG, STOP_TAG, THINK_TAG
 
 FAILURE_REASONS: dict[str, str] = {
     "not_text": "the completion is not a string",
@@ -53,6 +56,7 @@ FAILURE_REASONS: dict[str, str] = {
     "box_outside_image": "a box that does not overlap the image",
     "point_outside_image": "a point outside the image (0 <= x < width, 0 <= y < height)",
     "bad_image_size": "the target image size is not positive (internal: a corrupt sample)",
+    "stop_with_prompts": "a <stop></stop> beside <bbox>, <points> or <labels>: stop, or answer anew, not both",
     "parser_error": "an unexpected error inside the parser (a bug: reported, never raised)",
 }
 
@@ -83,8 +87,11 @@ def parse_answer(
     max_boxes: int = 4,
     max_points: int = 32,
     max_completion_chars: int = 8192,
+    allow_stop: bool = False,
 ) -> ParsedAnswer:
-    """Parse one completion for a target image of `width` x `height` pixels. Never raises."""
+    """Parse one completion for a target image of `width` x `height` pixels. Never raises. `allow_stop`: a later
+    turn of a refinement, where `<stop></stop>` (after the think, full format) says the mask shown is right;
+    elsewhere a stop answer fails as an answer without prompts does."""
     try:
         if not isinstance(text, str):
             raise _Fail("not_text", f"completion is a {type(text).__name__}, not str")
@@ -95,6 +102,8 @@ def parse_answer(
         if width <= 0 or height <= 0:
             raise _Fail("bad_image_size", f"target image size {width}x{height}")
         view = (policy_image_size, policy_image_size) if policy_image_size else (width, height)
+        if allow_stop and _tags(text, STOP_TAG, limit=1):
+            return _parse_stop(text, answer_format)
         if answer_format == "points":
             return _parse_points_format(text, view, (width, height), max_points)
         return _parse_full_format(text, view, (width, height), max_boxes, max_points)
@@ -160,6 +169,21 @@ def _parse_full_format(
             ok=False, prompts=prompts, failure="empty_think", detail="<think></think> is empty"
         )
     return ParsedAnswer(ok=True, prompts=prompts, think=think[0].strip()[:_THINK_KEEP_CHARS])
+
+
+def _parse_stop(text: str, answer_format: str) -> ParsedAnswer:
+    if any(f"<{tag}>" in text for tag in (BBOX_TAG, POINTS_TAG, LABELS_TAG)):
+        raise _Fail("stop_with_prompts", "<stop></stop> beside segmenter prompts")
+    if answer_format == "points":
+        return ParsedAnswer(ok=True, stop=True)
+    think = _tags(text, THINK_TAG, limit=1)
+    if not think:
+        return ParsedAnswer(
+            ok=False, stop=True, failure="missing_think", detail="no <think>...</think> found"
+        )
+    if not think[0].strip():
+        return ParsedAnswer(ok=False, stop=True, failure="empty_think", detail="<think></think> is empty")
+    return ParsedAnswer(ok=True, stop=True, think=think[0].strip()[:_THINK_KEEP_CHARS])
 
 
 def _parse_points_format(

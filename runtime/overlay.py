@@ -2,7 +2,8 @@
 prompted it, and (for people, never for the policy) the ground truth's outline.
 
 Every picture of the project is drawn here: `segr1 score --overlay`, `segr1 predict`, the evaluation grid, the
-trackers' training overlays. All coordinates are in the image's own pixels.
+trackers' training overlays, and `feedback_image`, what a later turn of a refinement shows the policy (never the
+ground truth). All coordinates are in the image's own pixels.
 """
 
 from __future__ import annotations
@@ -56,3 +57,13 @@ def overlay_prompts(
         points += list(p.points)
         labels += list(p.labels)
     return overlay(image, mask, boxes, points, labels, gt=gt)
+
+
+def feedback_image(image: np.ndarray, mask: np.ndarray | None, prompts: Iterable[Any], size: int):
+    """What the policy sees in the turn after an answer: `overlay_prompts` of the mask its prompts made (no ground
+    truth), drawn at the image's resolution and resized to the policy's NxN like every image it sees (PIL)."""
+    from PIL import Image
+
+    from runtime.images import resize_for_policy
+
+    return resize_for_policy(Image.fromarray(overlay_prompts(image, mask, prompts)), size)

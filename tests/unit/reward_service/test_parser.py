@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from bench.parser_speed import MAX_CHARS, PATHOLOGICAL
 from protos import MaskPrompt, ParsedAnswer
-from protos.answer import format_answer
+from protos.answer import format_answer, format_stop
 from reward_service.parser import FAILURE_REASONS, parse_answer
 
 W, H = 160, 120
@@ -177,6 +177,25 @@ def test_think_failures_keep_the_prompts():
         assert len(r.prompts) == 1  # the masks are still scored; only the format reward is lost
 
 
+def test_a_later_turn_may_stop_and_turn_one_may_not():
+    """`<stop></stop>` ends a refinement (allow_stop: a later turn) with no prompts; in turn 1, and beside prompts,
+    it is a failure with its reason. The think rules hold for a stop as for an answer."""
+    stop = format_stop("the mask covers the disk")
+    r = parse_answer(stop, W, H, allow_stop=True)
+    assert (r.ok, r.stop, r.prompts, r.think) == (True, True, [], "the mask covers the disk")
+    assert parse_answer(stop, W, H).failure == "missing_bbox"  # turn 1: answering is the only way
+    assert parse_answer(
+        format_stop(answer_format="points"), W, H, answer_format="points", allow_stop=True
+    ).stop
+    both = parse_answer(GOOD + " <stop></stop>", W, H, allow_stop=True)
+    assert (both.ok, both.failure, both.prompts) == (False, "stop_with_prompts", [])
+    assert parse_answer("<stop></stop>", W, H, allow_stop=True).failure == "missing_think"
+    assert parse_answer(stop + "<stop></stop>", W, H, allow_stop=True).failure == "duplicate_tag"
+    assert parse_answer(GOOD, W, H, allow_stop=True) == parse_answer(
+        GOOD, W, H
+    )  # an answer parses as in turn 1
+
+
 def test_caps_are_configurable():
     many = format_answer([[0, 0, 150, 110]], [[i, i] for i in range(10)], [1] * 10, "x")
     assert parse_answer(many, W, H, max_points=10).ok
@@ -234,7 +253,7 @@ def test_counts_are_capped_while_scanning():
 
 _FRAGMENTS = st.sampled_from(
     ["<think>", "</think>", "<bbox>", "</bbox>", "<points>", "</points>", "<labels>", "</labels>", "[", "]", ",",
-     "[[", "]]", "-", ".", " ", "0", "1", "7", "99", "1e9", "٣", "\n", "nan"]
+     "[[", "]]", "-", ".", " ", "0", "1", "7", "99", "1e9", "٣", "\n", "nan", "<stop>", "</stop>"]
 )  # fmt: skip
 
 
@@ -242,10 +261,11 @@ _FRAGMENTS = st.sampled_from(
 @given(
     st.one_of(st.text(max_size=300), st.lists(_FRAGMENTS, max_size=60).map("".join)),
     st.sampled_from(["full", "points"]),
+    st.booleans(),
 )
-def test_arbitrary_text_never_raises(text, fmt):
-    r = parse_answer(text, W, H, answer_format=fmt, policy_image_size=64)
-    assert isinstance(r, ParsedAnswer)
+def test_arbitrary_text_never_raises(text, fmt, allow_stop):
+    r = parse_answer(text, W, H, answer_format=fmt, policy_image_size=64, allow_stop=allow_stop)
+    assert isinstance(r, ParsedAnswer) and (allow_stop or not r.stop)
     assert r.ok == (r.failure is None)
     assert r.failure is None or r.failure in FAILURE_REASONS
     for p in r.prompts:  # anything that parsed is inside the target image
