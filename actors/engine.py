@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from protos import Completion, RolloutRequest, SamplingConfig
 from protos.answer import DEFAULT_PRESET, PromptSet, preset_prompts
@@ -83,6 +83,22 @@ class GenerationBatch:
     def prompt_tokens(self) -> list[int]:
         """Each request's prompt length in tokens, image tokens included."""
         return [len(ids) for ids in self.prompt_token_ids]
+
+
+@dataclass(frozen=True)
+class NextTurn:
+    """One episode's next turn (multi-turn refinement): its prompt ids (runtime.turns.next_turn_ids: the previous
+    prompt and answer as the engine reported them, then the new user turn, image placeholders collapsed), its
+    images in order (the sample's, then each picture shown since), and how to sample its ONE answer."""
+
+    request_id: str
+    prompt_ids: list[int]
+    images: list[Any]
+    sampling: SamplingConfig
+
+    def key(self) -> BatchKey:
+        s = self.sampling
+        return BatchKey(s.temperature, s.top_p, s.max_tokens, 1, True, s.top_k, s.repetition_penalty)
 
 
 @runtime_checkable

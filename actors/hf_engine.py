@@ -35,6 +35,7 @@ from actors.engine import (
     GenerationBatch,
     InconsistentWeightsError,
     NamedTensors,
+    NextTurn,
     canonical_name,
     check_batch,
     check_version,
@@ -49,6 +50,7 @@ from protos import Completion, RolloutRequest
 from protos.answer import PromptSet
 from runtime.qwen_vl import (
     build_from_config,
+    encode_prompt_ids,
     encode_prompts,
     load_processor,
     model_inputs,
@@ -251,11 +253,7 @@ class HFEngine:
         results: list[list[Completion]] = [[] for _ in requests]
         prompt_ids: list[list[int]] = [[] for _ in requests]
         with self._lock:
-            if not self._consistent:
-                raise InconsistentWeightsError(
-                    f"HFEngine({self.model_path}): a weight update failed half-way; load a complete version "
-                    "before generating"
-                )
+            self._check_consistent()
             for key, idx in group_requests(requests, images).items():
                 for chunk in self._chunks(idx, key.group_size):
                     groups, ids = self._generate_batch(
@@ -263,6 +261,35 @@ class HFEngine:
                     )
                     for i, g, p in zip(chunk, groups, ids, strict=True):
                         results[i], prompt_ids[i] = g, p
+            return GenerationBatch(results, prompt_ids, self._version)
+
+    @torch.no_grad()
+    def generate_turns(self, turns: Sequence[NextTurn]) -> GenerationBatch:
+        """One answer for each episode's next turn (multi-turn refinement), batched by sampling settings; each
+        prompt as the model saw it (every image placeholder expanded)."""
+        if self.processor is None:
+            raise ValueError(
+                f"{self.model_path} is a text-only model: a next turn shows the policy a picture"
+            )
+        results: list[list[Completion]] = [[] for _ in turns]
+        prompt_ids: list[list[int]] = [[] for _ in turns]
+        groups: dict[BatchKey, list[int]] = {}
+        for i, t in enumerate(turns):
+            groups.setdefault(t.key(), []).append(i)
+        with self._lock:
+            self._check_consistent()
+            for key, idx in groups.items():
+                for chunk in self._chunks(idx, 1):
+                    chosen = [turns[i] for i in chunk]
+                    batch = encode_prompt_ids(
+                        self.processor,
+                        [t.images for t in chosen],
+                        [t.prompt_ids for t in chosen],
+                        collapsed=True,
+                    )
+                    answers = self._sample(key, batch, [request_seed(t.sampling) for t in chosen])
+                    for i, a, ids in zip(chunk, answers, unpadded_ids(batch), strict=True):
+                        results[i], prompt_ids[i] = a, ids
             return GenerationBatch(results, prompt_ids, self._version)
 
     def load_weights(self, named_tensors: NamedTensors, version: int) -> None:
@@ -293,6 +320,13 @@ class HFEngine:
                 torch.cuda.empty_cache()
 
     # -- internals -------------------------------------------------------------------------------------------------
+    def _check_consistent(self) -> None:
+        if not self._consistent:
+            raise InconsistentWeightsError(
+                f"HFEngine({self.model_path}): a weight update failed half-way; load a complete version before "
+                "generating"
+            )
+
     def _chunks(self, idx: list[int], group_size: int) -> list[list[int]]:
         if not self.max_batch_rows:
             return [idx]
@@ -324,8 +358,12 @@ class HFEngine:
     ) -> tuple[list[list[Completion]], list[list[int]]]:
         """(G completions per request, each request's prompt token ids)."""
         batch = self._encode(requests, images)
+        seeds = [request_seed(r.sampling) + j for r in requests for j in range(key.group_size)]
+        return self._sample(key, batch, seeds), unpadded_ids(batch)
+
+    def _sample(self, key: BatchKey, batch: dict, seeds: list[int]) -> list[list[Completion]]:
+        """G completions per row of an encoded prompt batch; completion j of a row samples with its seeds[.]."""
         g = key.group_size
-        seeds = [request_seed(r.sampling) + j for r in requests for j in range(g)]
         sampler = RowSampler(key.temperature, key.top_p, self.suppress_ids, seeds, self.device, key.top_k)
         out = self.model.generate(
             **model_inputs(batch, self.device),
@@ -339,12 +377,12 @@ class HFEngine:
         tokens, logprobs = tokens.cpu(), logprobs.float().cpu()
         stop = frozenset(self.stop_ids)
         groups = []
-        for i in range(len(requests)):
+        for i in range(len(seeds) // g):
             rows = range(i * g, (i + 1) * g)
             groups.append(
                 [make_completion(tokens[r].tolist(), logprobs[r].tolist(), stop, self._decode) for r in rows]
             )
-        return groups, unpadded_ids(batch)
+        return groups
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -54,6 +54,7 @@ from actors.engine import (
     GenerationBatch,
     InconsistentWeightsError,
     NamedTensors,
+    NextTurn,
     check_batch,
     check_version,
     default_prompts,
@@ -64,7 +65,7 @@ from actors.engine import (
 from actors.vllm_options import image_args, suppression_bias
 from actors.vllm_reload import WEIGHT_PIECE_BYTES, load_iterator, reload_in_pieces
 from actors.vllm_steps import ReadWriteGate, SharedSteps
-from protos import Completion, RolloutRequest
+from protos import Completion, RolloutRequest, SamplingConfig
 from protos.answer import PromptSet
 from runtime.qwen_vl import config_weight_shapes, resolve_dtype, resolve_folder, stop_token_ids
 
@@ -243,12 +244,17 @@ class VLLMEngine:
         return {"prompt": text, "multi_modal_data": {"image": image}}
 
     def _params(self, request: RolloutRequest):
+        s = request.sampling
+        return self._sampling_params(
+            s, request.group_size if s.temperature > 0 else 1
+        )  # greedy: one, copied G times
+
+    def _sampling_params(self, s: SamplingConfig, n: int):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        s = request.sampling
         return SamplingParams(
-            n=request.group_size if s.temperature > 0 else 1,  # greedy: one completion, copied G times
+            n=n,
             temperature=s.temperature,
             top_p=s.top_p,
             top_k=s.top_k,
@@ -307,6 +313,26 @@ class VLLMEngine:
             version = self._version
             outputs = self._steps.run(prompts, params)  # in the same engine steps as other threads' requests
         completions = [self._completions(o, r.group_size) for o, r in zip(outputs, requests, strict=True)]
+        return GenerationBatch(completions, [list(o.prompt_token_ids or []) for o in outputs], version)
+
+    def generate_turns(self, turns: Sequence[NextTurn]) -> GenerationBatch:
+        """One answer for each episode's next turn (multi-turn refinement), in the same engine steps as every other
+        call; each prompt as the model saw it (vLLM expands every image placeholder again: the previous turns'
+        ids come back unchanged, and their KV blocks are prefix-cache hits)."""
+        if not self.is_vision_language:
+            raise ValueError(
+                f"{self.model_path} is a text-only model: a next turn shows the policy a picture"
+            )
+        prompts = [
+            {"prompt_token_ids": list(t.prompt_ids), "multi_modal_data": {"image": list(t.images)}}
+            for t in turns
+        ]
+        params = [self._sampling_params(t.sampling, 1) for t in turns]
+        with self._gate.reading():
+            self._check_consistent()
+            version = self._version
+            outputs = self._steps.run(prompts, params)
+        completions = [self._completions(o, 1) for o in outputs]
         return GenerationBatch(completions, [list(o.prompt_token_ids or []) for o in outputs], version)
 
     def load_weights(self, named_tensors: NamedTensors, version: int) -> None:

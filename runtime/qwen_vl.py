@@ -26,6 +26,7 @@ from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProce
 from transformers.processing_utils import ProcessorMixin
 
 from runtime.images import ImageLike, load_image
+from runtime.turns import expand_images
 
 VISION_TOKENS: tuple[str, ...] = (
     "<|vision_start|>",
@@ -242,13 +243,22 @@ def encode_prompt_ids(
     processor: SegR1Processor,
     images: Sequence[RowImages],
     prompt_ids: Sequence[Sequence[int]],
+    *,
+    collapsed: bool = False,
 ) -> dict[str, Any]:
     """`encode_prompts` for prompts a rollout engine already tokenized (RolloutGroup.prompt_token_ids: chat
     template applied, image tokens expanded): the ids left-padded as given, each row's images through the
     processor's image processor. Same keys and shapes as `encode_prompts`. Whether a row's image tokens match its
-    images is the caller's check (`image_token_counts` vs `expected_row_image_tokens`)."""
+    images is the caller's check (`image_token_counts` vs `expected_row_image_tokens`). `collapsed`: the ids hold
+    one placeholder per image (runtime.turns.next_turn_ids), expanded here to each image's token count."""
     pil, counts = _row_images(images, len(prompt_ids), "prompts")
     vision = processor.image_processor(images=pil, return_tensors="pt")
+    if collapsed:
+        per_image, bounds = expected_image_tokens(processor, vision["image_grid_thw"]), _offsets(counts)
+        prompt_ids = [
+            expand_images(ids, processor.image_token_id, per_image[bounds[r] : bounds[r + 1]])
+            for r, ids in enumerate(prompt_ids)
+        ]
     n, width = len(prompt_ids), max(len(p) for p in prompt_ids)
     input_ids = torch.full((n, width), int(processor.tokenizer.pad_token_id), dtype=torch.long)  # (B, T)
     attention_mask = torch.zeros((n, width), dtype=torch.long)  # (B, T)

@@ -33,6 +33,22 @@ def collapse_images(ids: Sequence[int], image_pad: int) -> list[int]:
     return out
 
 
+def expand_images(ids: Sequence[int], image_pad: int, tokens_per_image: Sequence[int]) -> list[int]:
+    """`ids` with image placeholders collapsed (one per image) expanded to each image's token count, in order:
+    what an engine's multimodal processor does to a prompt of ids."""
+    found = sum(1 for t in ids if t == image_pad)
+    if found != len(tokens_per_image):
+        raise ValueError(
+            f"the prompt holds {found} image placeholders for {len(tokens_per_image)} images: give one collapsed "
+            "placeholder per image (runtime.turns.next_turn_ids), and the images in the order they appear"
+        )
+    out: list[int] = []
+    counts = iter(tokens_per_image)
+    for t in ids:
+        out += [int(t)] * next(counts) if t == image_pad else [int(t)]
+    return out
+
+
 def turn_suffix(tokenizer, user_text: str, with_image: bool = True) -> list[int]:
     """Token ids of what follows an answer's turn end in the chat template: the user turn (`user_text`, after one
     image placeholder when `with_image`) and the assistant header the next answer is generated after."""

@@ -208,9 +208,12 @@ def test_the_next_turn_extends_the_engines_own_ids_and_one_forward_scores_both_a
     first, second = _images(22)
     greedy = SamplingParams(temperature=0.0, max_tokens=8, logprobs=0)
 
+    cached = []
+
     def generate(prompt):
         out = v.llm.generate(prompt, greedy, use_tqdm=False)[0]
         c = out.outputs[0]
+        cached.append(out.num_cached_tokens)
         return (
             list(out.prompt_token_ids),
             list(c.token_ids),
@@ -224,6 +227,9 @@ def test_the_next_turn_extends_the_engines_own_ids_and_one_forward_scores_both_a
     ids = next_turn_ids(v.tokenizer, p1, a1, "The mask your prompts made. Refine them, or stop.")
     p2, a2, lp2 = generate({"prompt_token_ids": ids, "multi_modal_data": {"image": [first, second]}})
     assert a1 and a2 and p2[: len(p1) + len(a1)] == p1 + a1 and len(p2) > len(p1) + len(a1)
+    assert cached[1] > 0, (
+        cached
+    )  # turn 2 reads turn 1's KV blocks from the prefix cache (same ids, same image)
 
     batch = encode_prompt_ids(learner, [[first, second]], [p2])
     assert image_token_counts(learner, batch) == expected_row_image_tokens(learner, batch)
@@ -236,6 +242,36 @@ def test_the_next_turn_extends_the_engines_own_ids_and_one_forward_scores_both_a
     scored = logp[:-1].gather(1, seq[1:, None])[:, 0]  # (T-1,) logprob of token t+1 after its prefix
     at = [len(p1) + i - 1 for i in range(len(a1))] + [len(p2) + i - 1 for i in range(len(a2))]
     assert torch.allclose(scored[at], torch.tensor(lp1 + lp2), atol=1e-3), (scored[at], lp1 + lp2)
+
+
+def test_both_engines_continue_episodes_alike_from_turn_ones_ids(engines):
+    """generate_turns: each episode's next turn (turn 1's prompt and answer as vLLM reported them, the refine text,
+    the sample's image then the picture shown) gets the same prompt ids and the same greedy answer and logprobs
+    from vLLM and transformers (which expands the collapsed placeholders itself), and turn 1 is their prefix."""
+    from actors.engine import NextTurn
+    from protos import SamplingConfig
+    from runtime.turns import next_turn_ids
+
+    v, h = engines
+    images = _images(23)
+    reqs = [_req(7, g=2, temperature=0.0, max_tokens=6), _req(8, g=2, temperature=0.0, max_tokens=6)]
+    first = v.generate_batch(reqs, images)
+    refine = v.prompts.refine_text(v.image_size)
+    turns = [
+        NextTurn(
+            f"turn-{i}",
+            next_turn_ids(v.tokenizer, first.prompt_token_ids[i], first.completions[i][0].token_ids, refine),
+            [images[i], images[1 - i]],  # the sample's image, then the picture shown
+            SamplingConfig(temperature=0.0, max_tokens=8),
+        )
+        for i in range(2)
+    ]
+    got, want = v.generate_turns(turns), h.generate_turns(turns)
+    assert got.prompt_token_ids == want.prompt_token_ids and got.policy_version == want.policy_version == 0
+    for i, ids in enumerate(got.prompt_token_ids):
+        turn1 = first.prompt_token_ids[i] + first.completions[i][0].token_ids
+        assert ids[: len(turn1)] == turn1 and len(got.completions[i]) == 1
+    _assert_greedy_equal(got.completions, want.completions)
 
 
 def test_encoder_profile_is_capped_at_image_size(engines):

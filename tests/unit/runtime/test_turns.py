@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from runtime.qwen_vl import load_processor
-from runtime.turns import collapse_images, next_turn_ids, turn_suffix
+from runtime.turns import collapse_images, expand_images, next_turn_ids, turn_suffix
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +20,13 @@ def _id(tokenizer, token: str) -> int:
 def test_collapse_keeps_one_placeholder_per_image_run():
     assert collapse_images([1, 9, 9, 9, 2, 5, 9, 9, 3, 9], image_pad=9) == [1, 9, 2, 5, 9, 3, 9]
     assert collapse_images([], image_pad=9) == []
+
+
+def test_expand_gives_each_image_its_token_count_and_inverts_collapse():
+    expanded = expand_images([1, 9, 2, 9, 3], image_pad=9, tokens_per_image=[3, 1])
+    assert expanded == [1, 9, 9, 9, 2, 9, 3] and collapse_images(expanded, image_pad=9) == [1, 9, 2, 9, 3]
+    with pytest.raises(ValueError, match="2 image placeholders for 1 images"):
+        expand_images([9, 9], image_pad=9, tokens_per_image=[4])
 
 
 def test_the_suffix_is_the_templates_user_turn_and_assistant_header(tokenizer):
