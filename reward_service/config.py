@@ -67,3 +67,11 @@ class RewardConfig(BaseModel):
     max_inflight_per_worker: int = Field(
         4, ge=1, le=1024, description="Backpressure: requests queued per actor."
     )
+    embedding_cache: int = Field(
+        0,
+        ge=0,
+        le=65536,
+        description="Images whose segmenter embedding each reward actor keeps between calls (least recently used "
+        "dropped first), so an image scored again costs decodes only. 0: none kept. Each costs device memory "
+        "(SAM2 at 1024 px: about 16 MB).",
+    )

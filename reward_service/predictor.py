@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -85,6 +86,10 @@ class Predictor:
         if segmenter is None:
             segmenter = build_segmenter_for(self.reward, dummy=policy.dummy_weights)
         self.segmenter = segmenter
+        self._kept: OrderedDict[bytes, ImageHandle] = (
+            OrderedDict()
+        )  # reward.embedding_cache, most recent last
+        self.embedding_hits = 0
 
     def ping(self) -> dict:
         return {
@@ -92,6 +97,7 @@ class Predictor:
             "segmenter": self.segmenter.name,
             "encode_calls": self.segmenter.encode_calls,
             "decode_calls": self.segmenter.decode_calls,
+            "embedding_hits": self.embedding_hits,  # images scored again without an encode (embedding_cache)
             "pid": os.getpid(),
         }
 
@@ -110,14 +116,19 @@ class Predictor:
         return encode_s, self._decode(items, handles, on_device)
 
     def _encode(self, items: Sequence[Item]) -> tuple[float, dict[bytes, ImageHandle | None]]:
-        """Encode each distinct image that has prompts to decode, once, in one batch."""
+        """Encode each distinct image that has prompts to decode, once, in one batch (an image whose embedding
+        is kept, reward.embedding_cache, is not encoded again)."""
         images: dict[bytes, np.ndarray] = {}
         for item in _with_prompts(items):
             images.setdefault(item.key, item.image)
-        if not images:
-            return 0.0, {}
+        kept = {k: self._kept[k] for k in images if k in self._kept}
+        for k in kept:
+            self._kept.move_to_end(k)
+        self.embedding_hits += len(kept)
+        keys = [k for k in images if k not in kept]
+        if not keys:
+            return 0.0, kept
         t0 = time.perf_counter()
-        keys = list(images)
         try:
             handles: list[ImageHandle | None] = self.segmenter.encode_batch([images[k] for k in keys])
         except Exception as err:
@@ -127,8 +138,17 @@ class Predictor:
         by_key = dict(zip(keys, handles, strict=True))
         sharing = {k: sum(item.key == k for item in _with_prompts(items)) for k in keys}
         for item in _with_prompts(items):
-            item.encode_s = elapsed / len(keys) / sharing[item.key]
-        return elapsed, by_key
+            item.encode_s = elapsed / len(keys) / sharing[item.key] if item.key in by_key else 0.0
+        self._keep(by_key)
+        return elapsed, {**kept, **by_key}
+
+    def _keep(self, handles: dict[bytes, ImageHandle | None]) -> None:
+        limit = self.reward.embedding_cache
+        for k, handle in handles.items():
+            if limit and handle is not None:
+                self._kept[k] = handle
+        while len(self._kept) > limit:
+            self._kept.popitem(last=False)
 
     def _encode_one(self, image: np.ndarray) -> ImageHandle | None:
         try:

@@ -106,6 +106,30 @@ def test_one_encode_per_image_for_a_batch_of_groups(cfg):
     assert out[0].scores[0].rewards == out[2].scores[0].rewards  # same sample, same answer, same reward
 
 
+def test_kept_embeddings_score_an_image_again_with_decodes_only(cfg, tiny_sam2_dir):
+    """reward.embedding_cache: an image scored again (a later turn of an episode) is not encoded again, and its
+    rewards are those of a fresh encode; the least recently used image is dropped beyond the limit; 0 keeps none."""
+    reward = cfg.reward.model_copy(
+        update={"segmenter": "hf-sam2", "segmenter_path": str(tiny_sam2_dir), "embedding_cache": 1}
+    )
+    worker = RewardWorker(cfg.policy_spec(), reward, name="w-kept")
+    fresh = RewardWorker(cfg.policy_spec(), reward.model_copy(update={"embedding_cache": 0}), name="w-fresh")
+    s0, _, _ = _sample("s0", 0)
+    s1, _, _ = _sample("s1", 1, centre=(40, 40))
+    first = worker.score([_group("s0", TEXTS, "a")], s0)
+    again = worker.score([_group("s0", [LOOSE, GOOD], "b")], s0)  # the same image: decodes only
+    assert (worker.segmenter.encode_calls, worker.ping()["embedding_hits"]) == (1, 1)
+    assert again[0].scores[1].rewards == first[0].scores[0].rewards and again[0].encode_s == 0.0
+    want = fresh.score([_group("s0", [LOOSE, GOOD], "b")], s0)
+    assert [c.rewards for c in again[0].scores] == [c.rewards for c in want[0].scores]
+    worker.score([_group("s1", TEXTS, "c")], s1)  # a second image pushes the first out (limit 1)
+    worker.score([_group("s0", TEXTS, "d")], s0)
+    assert worker.segmenter.encode_calls == 3
+    for _ in range(2):
+        fresh.score([_group("s0", TEXTS, "e")], s0)
+    assert fresh.segmenter.encode_calls == 3 and fresh.ping()["embedding_hits"] == 0
+
+
 def test_one_encode_per_image_with_hf_sam2(cfg, tiny_sam2_dir):
     hf_cfg = cfg.model_copy(
         update={
