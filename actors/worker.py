@@ -24,7 +24,7 @@ from typing import Any
 from actors import metrics as M
 from actors.config import RolloutConfig
 from actors.engine import GenerationBatch, NamedTensors, RolloutEngine, StaleWeightsError
-from protos import GroupHeader, RolloutGroup, RolloutRequest, Sample, check_pairs
+from protos import GroupHeader, RolloutGroup, RolloutRequest, Sample, SamplingConfig, check_pairs
 from protos.config import PolicySpec
 from runtime.images import resize_for_policy
 from runtime.memory import peak_memory
@@ -49,9 +49,12 @@ def rollout_device(rollout: RolloutConfig) -> str:
     return "cpu"
 
 
-def build_engine(policy: PolicySpec, rollout: RolloutConfig, engine: str | None = None) -> RolloutEngine:
+def build_engine(
+    policy: PolicySpec, rollout: RolloutConfig, engine: str | None = None, images_per_prompt: int = 1
+) -> RolloutEngine:
     """The engine rollout.engine names (hf | vllm). Both serve concurrent callers (async GRPO's two requests in
-    flight): vLLM runs their requests in the same engine steps, transformers one call after the other."""
+    flight): vLLM runs their requests in the same engine steps, transformers one call after the other.
+    `images_per_prompt`: episodes of that many turns (each later turn shows one more picture)."""
     kind = engine or rollout.engine
     common = dict(
         answer_format=policy.answer_format,
@@ -76,6 +79,7 @@ def build_engine(policy: PolicySpec, rollout: RolloutConfig, engine: str | None 
         enforce_eager=rollout.enforce_eager,
         seed=policy.seed,
         load_format="dummy" if policy.dummy_weights else "auto",
+        images_per_prompt=images_per_prompt,
         **common,
     )
 
@@ -144,6 +148,35 @@ class RolloutWorker:
                 requests, batch.completions, batch.prompt_token_ids, strict=True
             )
         ]
+
+    def next_turns(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        answers: Sequence[Sequence[int]],
+        images: Sequence[Sequence[Any]],
+        sampling: SamplingConfig,
+    ) -> GenerationBatch:
+        """One answer per episode's next turn: episode i's previous prompt (as the engine reported it) and answer
+        ids, then the refine text after its newest picture; `images[i]`: the episode's pictures so far, the
+        sample's image first, each at the policy's NxN. Returns each new prompt as the model saw it."""
+        from actors.engine import NextTurn
+        from runtime.turns import next_turn_ids
+
+        refine = self.engine.prompts.refine_text(self.policy.image_size)
+        turns = [
+            NextTurn(
+                f"{self.name}-turn-{i}",
+                next_turn_ids(self.engine.tokenizer, p, a, refine),
+                list(im),
+                sampling,
+            )
+            for i, (p, a, im) in enumerate(zip(prompt_ids, answers, images, strict=True))
+        ]
+        self._track(len(turns))
+        try:
+            return self.engine.generate_turns(turns)
+        finally:
+            self._track(-len(turns))
 
     def generate_by_ref(
         self, requests: Sequence[RolloutRequest], *samples: Sample

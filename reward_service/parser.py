@@ -116,7 +116,7 @@ def parse_answer(
 
 
 def parse_answer_for(
-    cfg, text: object, width: int, height: int, policy_image_size: int | None
+    cfg, text: object, width: int, height: int, policy_image_size: int | None, allow_stop: bool = False
 ) -> ParsedAnswer:
     """parse_answer with the limits and format of a RewardConfig."""
     return parse_answer(
@@ -128,6 +128,7 @@ def parse_answer_for(
         max_boxes=cfg.max_boxes,
         max_points=cfg.max_points,
         max_completion_chars=cfg.max_completion_chars,
+        allow_stop=allow_stop,
     )
 
 

@@ -69,6 +69,7 @@ class CompletionPrediction:
     mask: np.ndarray | None = None
     points: list[tuple[float, float]] = field(default_factory=list)  # original pixels
     labels: list[int] = field(default_factory=list)  # 1 foreground, 0 background; one per point
+    stop: bool = False  # a later turn's stop answer: no prompts, the mask shown stands (the caller keeps it)
 
 
 class Predictor:
@@ -101,10 +102,13 @@ class Predictor:
             "pid": os.getpid(),
         }
 
-    def parse(self, text: str, width: int, height: int, policy_image_size: int | None) -> ParsedAnswer:
+    def parse(
+        self, text: str, width: int, height: int, policy_image_size: int | None, allow_stop: bool = False
+    ) -> ParsedAnswer:
         """One completion's prompts in the pixels of the (width x height) original image; `policy_image_size`:
-        the side of the square image the policy saw (None: it saw the original pixels)."""
-        return parse_answer_for(self.reward, text, width, height, policy_image_size)
+        the side of the square image the policy saw (None: it saw the original pixels); `allow_stop`: a later
+        turn of a refinement, where a stop answer is valid."""
+        return parse_answer_for(self.reward, text, width, height, policy_image_size, allow_stop)
 
     # -- the core ------------------------------------------------------------------------------------------------
     def segment(self, items: Sequence[Item], on_device: bool = False) -> tuple[float, float]:
@@ -221,13 +225,29 @@ class Predictor:
             out.append([by_text[c.text] for c in group.completions])
         return out
 
-    def _item(self, sample: Sample, texts: list[str]) -> Item:
+    def predict_answers(self, texts: Sequence[str], *samples: Sample) -> list[CompletionPrediction]:
+        """A later turn of a refinement: one answer per sample (text i answers sample i), where a stop answer is
+        valid (CompletionPrediction.stop, no mask: the caller keeps the one shown). Masks on the host."""
+        if len(texts) != len(samples):
+            raise ValueError(
+                f"predict_answers got {len(texts)} answers and {len(samples)} samples; pass one each"
+            )
+        items = [self._item(sample, [t], allow_stop=True) for t, sample in zip(texts, samples, strict=True)]
+        self.segment(items)
+        return [
+            _prediction(item.answers[0], item.masks[0], item.failure)
+            if item.image is not None
+            else CompletionPrediction(False, item.failure)
+            for item in items
+        ]
+
+    def _item(self, sample: Sample, texts: list[str], allow_stop: bool = False) -> Item:
         image = _decode_image(sample)
         if image is None:
             return Item(None, b"", [], failure="corrupt_sample")
         h, w = image.shape[:2]
         size = self.policy.image_size
-        return Item(image, _image_key(sample), [self.parse(t, w, h, size) for t in texts])
+        return Item(image, _image_key(sample), [self.parse(t, w, h, size, allow_stop) for t in texts])
 
     def baseline_masks(self, kind: str, *samples: Sample) -> list[np.ndarray | None]:
         """Masks of a constant answer: the whole-image box, or the centre box (middle half of each side)."""
@@ -275,7 +295,7 @@ def _prediction(answer: ParsedAnswer, mask, failure: str | None) -> CompletionPr
     labels = [lab for p in answer.prompts for lab in p.labels]
     if answer.prompts and failure is not None:
         return CompletionPrediction(answer.ok, answer.failure or failure, boxes, None, points, labels)
-    return CompletionPrediction(answer.ok, answer.failure, boxes, mask, points, labels)
+    return CompletionPrediction(answer.ok, answer.failure, boxes, mask, points, labels, stop=answer.stop)
 
 
 def _image_key(sample: Sample) -> bytes:

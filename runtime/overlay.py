@@ -59,11 +59,19 @@ def overlay_prompts(
     return overlay(image, mask, boxes, points, labels, gt=gt)
 
 
-def feedback_image(image: np.ndarray, mask: np.ndarray | None, prompts: Iterable[Any], size: int):
-    """What the policy sees in the turn after an answer: `overlay_prompts` of the mask its prompts made (no ground
-    truth), drawn at the image's resolution and resized to the policy's NxN like every image it sees (PIL)."""
+def feedback_image(
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    size: int,
+    boxes: Sequence[Sequence[float]] = (),
+    points: Sequence[Sequence[float]] = (),
+    labels: Sequence[int] = (),
+):
+    """What the policy sees in the turn after an answer: `overlay` of the mask its prompts made and the prompts
+    (never the ground truth), drawn at the image's resolution and resized to the policy's NxN like every image
+    it sees (PIL)."""
     from PIL import Image
 
     from runtime.images import resize_for_policy
 
-    return resize_for_policy(Image.fromarray(overlay_prompts(image, mask, prompts)), size)
+    return resize_for_policy(Image.fromarray(overlay(image, mask, boxes, points, labels)), size)

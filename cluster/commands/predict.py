@@ -2,6 +2,9 @@
 
 For each IMAGE writes, in --out: `<stem>_mask.png` (0/255, the image's size), `<stem>_overlay.png` (the mask in
 red, boxes yellow, foreground points green, background points magenta) and `<stem>.txt` (the raw completion).
+`--turns N`: after each answer the policy sees the mask its prompts made and may refine them or stop
+(cluster/evaluation/refine.py); the mask and overlay are the last turn's, `<stem>.txt` holds every turn's answer,
+`<stem>_turn<t>_overlay.png` each turn's mask and `<stem>_turn<t>_shown.png` the picture turn t was given.
 Runs the policy and the configured segmenter in this process (no Ray); greedy unless --sample, with the evaluation
 prompts and limits (prompt.eval, eval.*) as `segr1 eval`.
 """
@@ -35,6 +38,13 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--sample", action="store_true", help="configured sampling (rollout.sampling) instead of greedy"
+    )
+    p.add_argument(
+        "--turns",
+        type=int,
+        default=1,
+        help="answers per image: after each, the policy sees the mask its prompts made and may refine them or "
+        "stop (default 1: one answer)",
     )
     p.set_defaults(func=run)
 
@@ -87,13 +97,11 @@ def _split_inputs(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import numpy as np
-
     from cluster.evaluation.inputs import resolve_checkpoint
     from cluster.evaluation.loop import make_requests, settings_from_config
-    from runtime.images import encode_png
-    from runtime.overlay import overlay
 
+    if not 1 <= args.turns <= 16:
+        raise CommandError(f"--turns {args.turns}: give 1 to 16 answers per image", exit_code=2)
     _split_inputs(args)
     cfg = load_config_from_args(args)
     try:
@@ -111,27 +119,61 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:  # --sample with eval.generation_config
         raise CommandError(str(err), exit_code=2) from None
 
-    from actors.worker import RolloutWorker
+    from actors.worker import RolloutWorker, build_engine
+    from cluster.evaluation.refine import refine
     from reward_service.predictor import Predictor
 
-    rollout, predictor = (
-        RolloutWorker(cfg.policy_spec("eval"), cfg.rollout, name="rollout-0"),
-        Predictor(cfg.policy_spec("eval"), cfg.reward, name="eval-0"),
-    )
+    policy = cfg.policy_spec("eval")
+    engine = build_engine(policy, cfg.rollout, images_per_prompt=args.turns)
+    rollout = RolloutWorker(policy, cfg.rollout, name="rollout-0", engine=engine)
+    predictor = Predictor(policy, cfg.reward, name="eval-0")
     s = settings
     requests = make_requests(samples, 0, s["group_size"], s["sampling"], s["seed"], s["max_tokens"])
     groups = rollout.generate(requests, *samples)
-    preds = predictor.predict(groups, *samples)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for (sample, rgb), group, per_group in zip(pairs, groups, preds, strict=True):
-        pred = per_group[0]
-        mask = pred.mask if pred.mask is not None else np.zeros(rgb.shape[:2], bool)
-        (out / f"{sample.id}.txt").write_text(group.completions[0].text + "\n")
-        (out / f"{sample.id}_mask.png").write_bytes(encode_png(mask.astype(np.uint8) * 255))
-        pic = overlay(rgb, pred.mask, pred.boxes, pred.points, pred.labels)
-        (out / f"{sample.id}_overlay.png").write_bytes(encode_png(pic))
-        note = "" if pred.mask is not None else f" (no usable answer: {pred.failure}; empty mask)"
-        print(f"{sample.id}: {int(mask.sum())} mask pixels{note}", file=sys.stderr if note else sys.stdout)
-    print(f"wrote {len(samples)} x (mask, overlay, completion) to {out}")
+    first = [per_group[0] for per_group in predictor.predict(groups, *samples)]
+    rgbs = [rgb for _, rgb in pairs]
+    episodes = refine(rollout, predictor, samples, rgbs, groups, first, args.turns, s["sampling"])
+    _write(Path(args.out), samples, rgbs, episodes, args.turns)
     return 0
+
+
+def _write(out, samples, rgbs, episodes, turns_asked: int) -> None:
+    """Each sample's mask, overlay and transcript (and with several turns, every turn's pictures)."""
+    import numpy as np
+
+    from runtime.images import encode_png
+
+    out.mkdir(parents=True, exist_ok=True)
+    for sample, rgb, episode in zip(samples, rgbs, episodes, strict=True):
+        pred = episode[-1].prediction
+        mask = pred.mask if pred.mask is not None else np.zeros(rgb.shape[:2], bool)
+        (out / f"{sample.id}.txt").write_text(_transcript(episode, turns_asked))
+        (out / f"{sample.id}_mask.png").write_bytes(encode_png(mask.astype(np.uint8) * 255))
+        (out / f"{sample.id}_overlay.png").write_bytes(encode_png(_picture(rgb, pred)))
+        if turns_asked > 1:  # every turn's mask, and the picture each later answer was given
+            for t, turn in enumerate(episode, start=1):
+                (out / f"{sample.id}_turn{t}_overlay.png").write_bytes(
+                    encode_png(_picture(rgb, turn.prediction))
+                )
+                if turn.picture is not None:
+                    turn.picture.save(out / f"{sample.id}_turn{t}_shown.png")
+        note = "" if pred.mask is not None else f" (no usable answer: {pred.failure}; empty mask)"
+        turns = f", {len(episode)} turns{' (stopped)' if pred.stop else ''}" if turns_asked > 1 else ""
+        print(
+            f"{sample.id}: {int(mask.sum())} mask pixels{turns}{note}",
+            file=sys.stderr if note else sys.stdout,
+        )
+    print(f"wrote {len(samples)} x (mask, overlay, completion) to {out}")
+
+
+def _picture(rgb, pred):
+    from runtime.overlay import overlay
+
+    return overlay(rgb, pred.mask, pred.boxes, pred.points, pred.labels)
+
+
+def _transcript(episode, turns: int) -> str:
+    """The completion (one turn), or every turn's completion under a `turn t` heading."""
+    if turns == 1:
+        return episode[0].text + "\n"
+    return "".join(f"--- turn {t} ---\n{turn.text}\n" for t, turn in enumerate(episode, start=1))

@@ -228,6 +228,15 @@ def test_segr1_predict_writes_mask_overlay_and_completion(tiny, tmp_path: Path) 
         overlay = cv2.imread(str(out / f"{path.stem}_overlay.png"))
         assert mask.shape == shape and overlay.shape == (*shape, 3)
         assert (out / f"{path.stem}.txt").read_text().endswith("\n")
+    # --turns 2: every turn's answer and overlay (tests/integration/test_refine.py follows a turn 2 itself)
+    assert main([*argv[:4], str(tmp_path / "turns"), "--turns", "2", *argv[5:]]) == 0
+    for path, _ in images:
+        text = (tmp_path / "turns" / f"{path.stem}.txt").read_text()
+        assert (
+            text.startswith("--- turn 1 ---\n")
+            and (tmp_path / "turns" / f"{path.stem}_turn1_overlay.png").is_file()
+        )
+    assert main([*argv, "--turns", "0"]) == 2
 
 
 @pytest.mark.slow

@@ -28,9 +28,10 @@ def test_overlay_tints_the_mask_and_draws_prompts_and_the_truth():
 
 def test_the_feedback_is_the_policys_square_and_never_shows_the_truth():
     image, mask, prompts = _scene()
-    seen = np.asarray(feedback_image(image, mask, prompts, 56))  # (56, 56, 3)
+    (p,) = prompts
+    seen = np.asarray(feedback_image(image, mask, 56, [p.box], p.points, p.labels))  # (56, 56, 3)
     assert seen.shape == (56, 56, 3)
     red, green, _ = seen[28, 34].astype(int)  # inside the mask, off the point: tinted
     assert red > 150 and green < 90
-    none = np.asarray(feedback_image(image, None, [], 56))
+    none = np.asarray(feedback_image(image, None, 56))
     assert (none == 100).all()  # nothing drawn: no mask, no prompts, and no ground truth to draw

@@ -1,0 +1,82 @@
+"""Episodes of several turns outside training (`segr1 predict --turns N`): after each answer the policy sees the
+mask its prompts made (runtime/overlay.feedback_image: the mask and the prompts on the image, never the ground
+truth) with the refine text, and answers again: new prompts, or a stop that keeps the mask it was shown.
+
+An episode ends at a stop, at its N-th answer, or at an answer that does not parse (that turn has no mask, as
+an unparsable single answer has none). Each next turn is built from the ids the engine reported and generated
+(RolloutWorker.next_turns -> runtime/turns.py), so a turn's prompt is the previous turn's prompt and answer,
+token for token, then the new user turn. Training still answers once (rollout groups of one turn).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from protos import RolloutGroup, Sample, SamplingConfig
+
+
+@dataclass
+class Turn:
+    """One answer of an episode and the mask the episode stands at after it (a stop: the mask it was shown)."""
+
+    text: str
+    prediction: Any  # reward_service.predictor.CompletionPrediction; a stop's carries the kept mask
+    picture: Any = None  # the PIL picture this answer was given (None for turn 1: the sample's image)
+    prompt_ids: list[int] | None = None  # the prompt it was generated after, as the engine reported it
+
+    @property
+    def goes_on(self) -> bool:
+        p = self.prediction
+        return bool(p.parse_ok and not p.stop and p.mask is not None)
+
+
+def refine(
+    rollout,
+    predictor,
+    samples: Sequence[Sample],
+    rgbs: Sequence[np.ndarray],
+    groups: Sequence[RolloutGroup],
+    first: Sequence[Any],
+    turns: int,
+    sampling: SamplingConfig,
+) -> list[list[Turn]]:
+    """Every sample's episode: turn 1 is completion 0 of its group (`first[i]`: its prediction), then up to
+    `turns - 1` more. `rgbs[i]`: sample i's (H, W, 3) image, on which its masks are drawn."""
+    from runtime.images import resize_for_policy
+    from runtime.overlay import feedback_image
+
+    size = rollout.policy.image_size
+    episodes = [
+        [Turn(g.completions[0].text, p, prompt_ids=list(g.prompt_token_ids))]
+        for g, p in zip(groups, first, strict=True)
+    ]
+    prompt_ids = [list(g.prompt_token_ids) for g in groups]
+    answers = [list(g.completions[0].token_ids) for g in groups]
+    pictures = [[resize_for_policy(s.image, size)] for s in samples]
+    for _ in range(turns - 1):
+        active = [i for i, ep in enumerate(episodes) if ep[-1].goes_on]
+        if not active:
+            break
+        for i in active:
+            p = episodes[i][-1].prediction
+            pictures[i].append(feedback_image(rgbs[i], p.mask, size, p.boxes, p.points, p.labels))
+        batch = rollout.next_turns(
+            [prompt_ids[i] for i in active],
+            [answers[i] for i in active],
+            [pictures[i] for i in active],
+            sampling,
+        )
+        texts = [c[0].text for c in batch.completions]
+        preds = predictor.predict_answers(texts, *[samples[i] for i in active])
+        for k, i in enumerate(active):
+            pred = preds[k]
+            if pred.stop:  # the mask shown stands
+                shown = episodes[i][-1].prediction
+                pred = replace(shown, stop=True, failure=pred.failure, parse_ok=pred.parse_ok)
+            episodes[i].append(Turn(texts[k], pred, pictures[i][-1], batch.prompt_token_ids[k]))
+            prompt_ids[i], answers[i] = batch.prompt_token_ids[k], list(batch.completions[k][0].token_ids)
+    return episodes
