@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -155,9 +156,21 @@ class VLLMEngine:
         self._after_tokenizer(self.llm.get_tokenizer(), vocab_size)
         self._tp = tensor_parallel_size
         self._gate = ReadWriteGate()  # generations together, a weight update alone
-        self._steps = SharedSteps(
-            self._add_request, self.llm.llm_engine.abort_request, self.llm.llm_engine.step
-        )
+        self._threads = threading.local()  # per thread: the torch thread count its OpenMP team was set to
+        self._steps = SharedSteps(self._add_request, self.llm.llm_engine.abort_request, self._step)
+
+    def _step(self) -> list:
+        """One engine step in the calling thread. On CPU, vLLM's attention plans with the calling thread's OpenMP
+        team and runs with torch's thread count: a thread other than the one that last set torch's count (a Ray
+        actor's concurrency thread in async GRPO, after limit_threads) has its own team size, and the kernel
+        refuses ("Check failed: input->metadata->thread_num == thread_num"). Each thread sets its team to
+        torch's count before it steps."""
+        if self.on_cpu:
+            count = torch.get_num_threads()
+            if getattr(self._threads, "count", None) != count:
+                torch.set_num_threads(count)
+                self._threads.count = count
+        return self.llm.llm_engine.step()
 
     def _add_request(self, request_id: str, prompt: dict[str, Any], params) -> None:
         # what LLM.generate does per prompt (render it: chat text + image into token ids and image inputs; add it)

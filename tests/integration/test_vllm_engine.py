@@ -9,6 +9,7 @@ leaves the engine refusing until a whole version loads; an engine whose engine c
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -234,27 +235,48 @@ def test_sync_engine_with_its_worker_in_another_process_reloads_in_pieces(tiny_t
         engine.close()
 
 
+def test_a_call_from_another_thread_after_the_thread_count_changed(engines):
+    """A worker sets torch's thread count in its constructor (limit_threads) and an async worker's calls arrive on
+    Ray's concurrency threads, whose OpenMP teams were never set: vLLM's CPU attention refused such a step
+    ("thread_num (2 vs. 1)") until each stepping thread sets its team to torch's count first."""
+    v, _ = engines
+    reqs = [_req(0, g=2, temperature=0.0, max_tokens=6)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if before != 1 else 2)
+        here = _greedy(v, reqs)
+        with ThreadPoolExecutor(1) as pool:
+            assert pool.submit(_greedy, v, reqs).result(timeout=300) == here
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_concurrent_callers_share_the_engine_steps(engines):
     """Two threads generating at once (an async worker's two requests in flight): the second call's requests join
     the first's engine steps (continuous batching in this process, actors/vllm_steps.py), and each call gets what
-    it would get alone. The first step waits until both calls are queued, so the overlap does not depend on timing."""
+    it would get alone. The steps' make-up does not depend on timing: the second call is made while the first
+    call's first step waits, and that step waits until it is queued, so step 1 runs the first call's 3 requests
+    and every later step (until the second's finish) all 5 (two calls admitted in the same step would batch
+    their prefills otherwise, and a batch of another make-up may round a near-tie of greedy differently)."""
     v, _ = engines
     first = [_req(i, g=2, temperature=0.0, max_tokens=24) for i in range(3)]
     second = [_req(i, g=2, temperature=0.0, max_tokens=8) for i in range(3, 5)]
     alone = (_greedy(v, first), _greedy(v, second))
-    steps, real_step, waited = v._steps, v._steps._step, []
+    steps, real_step, first_step = v._steps, v._steps._step, threading.Event()
 
     def step_once_both_queued():
-        if not waited:  # the first step: both calls are queued before it
-            waited.append(True)
+        if not first_step.is_set():  # the first step: the first call alone is in the engine
+            first_step.set()
             with steps._cond:
-                assert steps._cond.wait_for(lambda: len(steps._pending) == 2, timeout=120)
+                assert steps._cond.wait_for(lambda: len(steps._pending) == 2, timeout=300)
         return real_step()
 
     steps._step, steps.max_running = step_once_both_queued, 0
     try:
         with ThreadPoolExecutor(2) as pool:
-            a, b = pool.submit(_greedy, v, first), pool.submit(_greedy, v, second)
+            a = pool.submit(_greedy, v, first)
+            assert first_step.wait(timeout=300)
+            b = pool.submit(_greedy, v, second)
             together = (a.result(timeout=300), b.result(timeout=300))
     finally:
         steps._step = real_step
