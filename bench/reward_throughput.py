@@ -3,6 +3,7 @@ every prompt of the call decoded in batches), in masks (scored completions) per 
 
     python bench/reward_throughput.py --quick --device cpu --out bench/results/reward_throughput_cpu.json
     python bench/reward_throughput.py --device cuda --out bench/results/reward_throughput_h100.json
+    python bench/reward_throughput.py --later-turn --quick --device cpu --out bench/results/reward_later_turn_cpu.json
 
 Model: transformers' Sam2Model with random weights (speed does not depend on them) in the SAM2.1 shape:
 hiera-tiny on CPU, hiera-large on CUDA (--model overrides), 1024 px input, 1024x1024 images.
@@ -10,6 +11,8 @@ hiera-tiny on CPU, hiera-large on CUDA (--model overrides), 1024 px input, 1024x
            mask does not depend on G, so it is measured once and reported for every G.
 - grouped: `RewardWorker.score_requests` on `--images` groups of G completions (distinct images): parse, one
            batched encode of the images, one batched decode of every prompt, rewards.
+`--later-turn` measures instead what a refinement's later turn costs the reward worker: the same G answers
+scored for images whose embeddings it kept (reward.embedding_cache), against a first turn that encodes them.
 Each completion has one box and 1-4 points (random), so the grouped decode meets several token layouts, as real
 completions do. The measurements are interleaved round by round (naive, then grouped at each G) so that load from
 other processes spreads over all of them; the JSON records the load average before and after. Besides wall-clock
@@ -240,6 +243,59 @@ def measure(args) -> dict:
     return out
 
 
+def measure_later_turn(args) -> dict:
+    """A refinement's later turn on the reward side: G answers scored for images whose embeddings the worker
+    kept (reward.embedding_cache) against the same G answers for images it encodes, per round and G."""
+    import torch
+
+    from cluster.config import TrainConfig
+    from reward_service.segmenters.hf_sam2 import HFSam2Segmenter
+    from reward_service.worker import RewardWorker
+
+    torch.set_num_threads(args.threads)
+    model_name = args.model or ("hiera-large" if args.device == "cuda" else "hiera-tiny")
+    segmenter = HFSam2Segmenter(model=build_model(model_name), device=args.device)
+    cfg = TrainConfig(data={"image_size": IMAGE_SIDE}, reward={"embedding_cache": args.images})
+    worker = RewardWorker(cfg.policy_spec(), cfg.reward, name="bench-turns", segmenter=segmenter)
+    run_grouped(worker, make_data(1, 2, seed=99, tag="warmup"))
+    times: dict[str, dict[str, list]] = {str(g): {"first": [], "later": []} for g in GROUP_SIZES}
+    load_before = os.getloadavg()
+    for r in range(args.rounds):
+        for g in GROUP_SIZES:
+            requests = make_data(args.images, g, seed=1000 + 10 * g + r, tag=f"turn-g{g}r{r}")
+            hits = worker.predictor.embedding_hits
+            times[str(g)]["first"].append(run_grouped(worker, requests))  # encodes its images
+            times[str(g)]["later"].append(run_grouped(worker, requests))  # the kept embeddings: decodes only
+            assert worker.predictor.embedding_hits - hits == args.images
+        print(f"round {r + 1}/{args.rounds} (cpu s, first/later): " + ", ".join(
+            f"G={g} {times[str(g)]['first'][-1][1]:.2f}/{times[str(g)]['later'][-1][1]:.2f}" for g in GROUP_SIZES
+        ), flush=True)  # fmt: skip
+    ratio = {
+        g: {
+            basis: round(sum(t[col] for t in v["later"]) / sum(t[col] for t in v["first"]), 3)
+            for col, basis in ((0, "wall"), (1, "cpu_time"))
+        }
+        for g, v in times.items()
+    }
+    return {
+        "later_over_first": ratio,
+        "setup": {
+            "device": args.device,
+            "model": f"SAM2.1 {model_name} shape, random init (transformers Sam2Model, sdpa)",
+            "images_per_call": args.images,
+            "rounds": args.rounds,
+            "seconds_wall_cpu": {
+                g: {k: [[round(x, 3) for x in t] for t in ts] for k, ts in v.items()}
+                for g, v in times.items()
+            },
+            "torch_threads": args.threads,
+            "load_average_before": [round(v, 2) for v in load_before],
+            "load_average_after": [round(v, 2) for v in os.getloadavg()],
+            "command": "python " + " ".join(sys.argv),
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -259,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
         help="groups (images) per grouped call (default 1 on cpu, 16 on cuda)",
     )
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument(
+        "--later-turn",
+        action="store_true",
+        help="instead: a refinement's later turn (embeddings kept) against a first turn (images encoded)",
+    )
     p.add_argument("--out", required=True, help="JSON file to write")
     args = p.parse_args(argv)
     if args.device == "cuda":
@@ -269,10 +330,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     args.rounds = args.rounds or (3 if args.quick else 5)
     args.images = args.images or (16 if args.device == "cuda" else 1)
-    result = measure(args)
+    result = measure_later_turn(args) if args.later_turn else measure(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.later_turn:
+        print(json.dumps(result["later_over_first"]))
+        return 0
     print(
         json.dumps({k: result[k] for k in ("naive_masks_per_s", "grouped_masks_per_s", "grouped_over_naive")})
     )

@@ -84,6 +84,9 @@ RESTART_BACKOFF_S = (
     8.0,
 )  # before the 1st, 2nd, ... restart of a name in a row (8 s on)
 CRASH_LOOP_S = 60.0  # a name that keeps dying this long without finishing anything is a crash loop
+# Ray's words (ray/exceptions.py, ActorDiedError) for an actor killed, or whose node was lost, before it was
+# placed: its code never ran, so its death is no sign of a crash loop (the only place Ray records it)
+NEVER_RAN = "The actor never ran"
 
 
 @dataclass
@@ -303,8 +306,10 @@ class ActorPool:
             )
             return
         now = time.monotonic()
-        deaths, first = member.deaths + 1, member.first_death if member.deaths else now
-        if deaths >= self.max_consecutive_deaths and now - first >= self.crash_loop_s:
+        counted = cause is None or NEVER_RAN not in str(cause)  # killed while waiting for its node: not its crash
+        deaths = member.deaths + counted
+        first = member.first_death if member.deaths else now
+        if counted and deaths >= self.max_consecutive_deaths and now - first >= self.crash_loop_s:
             raise PoolError(
                 f"{self.prefix} pool: actor {name} died {deaths} times in a row in {now - first:.0f} s without "
                 f"finishing any work; giving up. Last error: {cause}"
@@ -316,7 +321,7 @@ class ActorPool:
             return
         # A restart that dies at once backs off: the node it was placed on may be lost and not yet known to be
         # (Ray sees a lost node within ~5-30 s); a crash loop is only called one after crash_loop_s.
-        wait = RESTART_BACKOFF_S[min(deaths, len(RESTART_BACKOFF_S)) - 1]
+        wait = RESTART_BACKOFF_S[min(deaths, len(RESTART_BACKOFF_S)) - 1] if deaths else 0.0
         logger.warning(
             "%s: actor %s died; restarting it%s and re-issuing %d items",
             self.prefix,

@@ -213,6 +213,29 @@ def test_crash_looping_actor_gives_a_clear_error(ray_local):
     assert pool.stats.restarts == deaths - 1  # the last death is the one it gave up on
 
 
+def test_an_actor_killed_before_it_was_placed_is_no_crash_loop(ray_local):
+    """A replacement waiting for a node (here: a resource no node has) and killed there (the chaos run's rollout
+    kill landing on a replacement whose node was just lost) never ran its code: restarted at once each time, never
+    called a crash loop, however often and however long; an actor that ran and died is (the test above)."""
+    cls = ray_local.remote(Echo)
+
+    def spawn(name):
+        nowhere = {"segr1_test_absent": 1}
+        return cls.options(name=f"test-{name}", namespace="segr1-test", num_cpus=0, resources=nowhere).remote(
+            name, 1
+        )
+
+    pool = ActorPool("unplaced", spawn, 1, max_consecutive_deaths=2, crash_loop_s=0.0)
+    for kills in range(1, 4):
+        ray_local.kill(pool.handles()["unplaced-0"], no_restart=True)
+        deadline = time.monotonic() + DEADLINE_S
+        while pool.stats.restarts < kills:  # the pool sees the death when it polls the start
+            assert time.monotonic() < deadline, f"kill {kills} never seen"
+            pool.poll(timeout=1.0)
+    assert pool.names == ["unplaced-0"] and pool.stats.restarts == 3
+    pool.shutdown()
+
+
 def test_ties_spread_work_over_every_actor(ray_local):
     pool = ActorPool("spread", _spawner(ray_local, []), 2, max_inflight=2)
     # both up before the first item: an actor still starting takes no work
