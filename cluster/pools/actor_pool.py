@@ -306,7 +306,8 @@ class ActorPool:
             )
             return
         now = time.monotonic()
-        counted = cause is None or NEVER_RAN not in str(cause)  # killed while waiting for its node: not its crash
+        # an actor killed while it waited for its node never ran its code: its death is not its crash
+        counted = cause is None or NEVER_RAN not in str(cause)
         deaths = member.deaths + counted
         first = member.first_death if member.deaths else now
         if counted and deaths >= self.max_consecutive_deaths and now - first >= self.crash_loop_s:
