@@ -91,14 +91,12 @@ class NextTurn:
     prompt and answer as the engine reported them, then the new user turn, image placeholders collapsed), its
     images in order (the sample's, then each picture shown since), and how to sample its ONE answer."""
 
-    request_id: str
     prompt_ids: list[int]
     images: list[Any]
     sampling: SamplingConfig
 
     def key(self) -> BatchKey:
-        s = self.sampling
-        return BatchKey(s.temperature, s.top_p, s.max_tokens, 1, True, s.top_k, s.repetition_penalty)
+        return sampling_key(self.sampling, 1, True)
 
 
 @runtime_checkable
@@ -169,11 +167,14 @@ class BatchKey:
     repetition_penalty: float = 1.0
 
 
-def batch_key(request: RolloutRequest, has_image: bool) -> BatchKey:
-    s = request.sampling
+def sampling_key(s: SamplingConfig, group_size: int, has_image: bool) -> BatchKey:
     return BatchKey(
-        s.temperature, s.top_p, s.max_tokens, request.group_size, has_image, s.top_k, s.repetition_penalty
+        s.temperature, s.top_p, s.max_tokens, group_size, has_image, s.top_k, s.repetition_penalty
     )
+
+
+def batch_key(request: RolloutRequest, has_image: bool) -> BatchKey:
+    return sampling_key(request.sampling, request.group_size, has_image)
 
 
 def group_requests(requests: Sequence[RolloutRequest], images: Sequence[object]) -> dict[BatchKey, list[int]]:
@@ -275,6 +276,14 @@ def _check_layout(shapes, expected, optional, where: str) -> None:
         raise WeightUpdateError(
             f"{where}: weight update refused, nothing was loaded: {shown}. Send every parameter of the policy "
             "with its Hugging Face name (learner Policy.named_weights()), for the model this worker loaded"
+        )
+
+
+def check_consistent(consistent: bool, where: str) -> None:
+    """InconsistentWeightsError unless the engine's weights are one whole version."""
+    if not consistent:
+        raise InconsistentWeightsError(
+            f"{where}: a weight update failed half-way; load a complete version before generating"
         )
 
 

@@ -33,11 +33,11 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from actors.engine import (
     BatchKey,
     GenerationBatch,
-    InconsistentWeightsError,
     NamedTensors,
     NextTurn,
     canonical_name,
     check_batch,
+    check_consistent,
     check_version,
     default_prompts,
     group_requests,
@@ -253,7 +253,7 @@ class HFEngine:
         results: list[list[Completion]] = [[] for _ in requests]
         prompt_ids: list[list[int]] = [[] for _ in requests]
         with self._lock:
-            self._check_consistent()
+            check_consistent(self._consistent, f"HFEngine({self.model_path})")
             for key, idx in group_requests(requests, images).items():
                 for chunk in self._chunks(idx, key.group_size):
                     groups, ids = self._generate_batch(
@@ -277,7 +277,7 @@ class HFEngine:
         for i, t in enumerate(turns):
             groups.setdefault(t.key(), []).append(i)
         with self._lock:
-            self._check_consistent()
+            check_consistent(self._consistent, f"HFEngine({self.model_path})")
             for key, idx in groups.items():
                 for chunk in self._chunks(idx, 1):
                     chosen = [turns[i] for i in chunk]
@@ -320,13 +320,6 @@ class HFEngine:
                 torch.cuda.empty_cache()
 
     # -- internals -------------------------------------------------------------------------------------------------
-    def _check_consistent(self) -> None:
-        if not self._consistent:
-            raise InconsistentWeightsError(
-                f"HFEngine({self.model_path}): a weight update failed half-way; load a complete version before "
-                "generating"
-            )
-
     def _chunks(self, idx: list[int], group_size: int) -> list[list[int]]:
         if not self.max_batch_rows:
             return [idx]

@@ -53,10 +53,10 @@ from PIL import Image
 
 from actors.engine import (
     GenerationBatch,
-    InconsistentWeightsError,
     NamedTensors,
     NextTurn,
     check_batch,
+    check_consistent,
     check_version,
     default_prompts,
     make_completion,
@@ -258,9 +258,8 @@ class VLLMEngine:
 
     def _params(self, request: RolloutRequest):
         s = request.sampling
-        return self._sampling_params(
-            s, request.group_size if s.temperature > 0 else 1
-        )  # greedy: one, copied G times
+        n = request.group_size if s.temperature > 0 else 1  # greedy: one completion, copied G times
+        return self._sampling_params(s, n)
 
     def _sampling_params(self, s: SamplingConfig, n: int):
         from vllm import SamplingParams
@@ -296,13 +295,6 @@ class VLLMEngine:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _check_consistent(self) -> None:
-        if not self._consistent:
-            raise InconsistentWeightsError(
-                f"{type(self).__name__}({self.model_path}): a weight update failed half-way; load a complete "
-                "version before generating"
-            )
-
     def weight_names(self) -> list[str]:
         return list(self._expected)
 
@@ -322,7 +314,7 @@ class VLLMEngine:
         prompts = [self._prompt(r, img) for r, img in zip(requests, images, strict=True)]
         params = [self._params(r) for r in requests]
         with self._gate.reading():
-            self._check_consistent()
+            check_consistent(self._consistent, f"VLLMEngine({self.model_path})")
             version = self._version
             outputs = self._steps.run(prompts, params)  # in the same engine steps as other threads' requests
         completions = [self._completions(o, r.group_size) for o, r in zip(outputs, requests, strict=True)]
@@ -342,7 +334,7 @@ class VLLMEngine:
         ]
         params = [self._sampling_params(t.sampling, 1) for t in turns]
         with self._gate.reading():
-            self._check_consistent()
+            check_consistent(self._consistent, f"VLLMEngine({self.model_path})")
             version = self._version
             outputs = self._steps.run(prompts, params)
         completions = [self._completions(o, 1) for o in outputs]

@@ -164,13 +164,8 @@ class RolloutWorker:
 
         refine = self.engine.prompts.refine_text(self.policy.image_size)
         turns = [
-            NextTurn(
-                f"{self.name}-turn-{i}",
-                next_turn_ids(self.engine.tokenizer, p, a, refine),
-                list(im),
-                sampling,
-            )
-            for i, (p, a, im) in enumerate(zip(prompt_ids, answers, images, strict=True))
+            NextTurn(next_turn_ids(self.engine.tokenizer, p, a, refine), list(im), sampling)
+            for p, a, im in zip(prompt_ids, answers, images, strict=True)
         ]
         self._track(len(turns))
         try:

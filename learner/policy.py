@@ -178,7 +178,7 @@ class Policy:
         if "images_per_row" not in out or bool((out["images_per_row"] == 1).all()):  # vision shared per image
             out["row_image"] = torch.as_tensor(
                 list(prompt_index), dtype=torch.long
-            )  # (N,) which prompt/image
+            )  # (N,) which prompt's image
         return out
 
     # -- scoring ---------------------------------------------------------------------------------------------

@@ -87,9 +87,8 @@ class Predictor:
         if segmenter is None:
             segmenter = build_segmenter_for(self.reward, dummy=policy.dummy_weights)
         self.segmenter = segmenter
-        self._kept: OrderedDict[bytes, ImageHandle] = (
-            OrderedDict()
-        )  # reward.embedding_cache, most recent last
+        # reward.embedding_cache: image key -> its embedding, the most recently used last
+        self._kept: OrderedDict[bytes, ImageHandle] = OrderedDict()
         self.embedding_hits = 0
 
     def ping(self) -> dict:

@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 IMAGE_PAD = "<|image_pad|>"
-VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 TURN_END = "<|im_end|>"
 _ANSWER = "\x00answer\x00"  # stands for the policy's answer while the template renders the turns after it
 
@@ -59,7 +58,7 @@ def turn_suffix(tokenizer, user_text: str, with_image: bool = True) -> list[int]
         {"role": "user", "content": [*content, {"type": "text", "text": user_text}]},
     ]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    head, sep, tail = text.partition(_ANSWER + TURN_END)
+    _, sep, tail = text.partition(_ANSWER + TURN_END)
     if not sep:
         raise ValueError(
             f"the chat template does not end an assistant turn with {TURN_END}: multi-turn prompts need a "

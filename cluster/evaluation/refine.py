@@ -25,8 +25,9 @@ class Turn:
 
     text: str
     prediction: Any  # reward_service.predictor.CompletionPrediction; a stop's carries the kept mask
+    prompt_ids: list[int]  # the prompt it was generated after, as the engine reported it
+    answer_ids: list[int]  # the answer's token ids as generated
     picture: Any = None  # the PIL picture this answer was given (None for turn 1: the sample's image)
-    prompt_ids: list[int] | None = None  # the prompt it was generated after, as the engine reported it
 
     @property
     def goes_on(self) -> bool:
@@ -51,11 +52,9 @@ def refine(
 
     size = rollout.policy.image_size
     episodes = [
-        [Turn(g.completions[0].text, p, prompt_ids=list(g.prompt_token_ids))]
+        [Turn(g.completions[0].text, p, list(g.prompt_token_ids), list(g.completions[0].token_ids))]
         for g, p in zip(groups, first, strict=True)
     ]
-    prompt_ids = [list(g.prompt_token_ids) for g in groups]
-    answers = [list(g.completions[0].token_ids) for g in groups]
     pictures = [[resize_for_policy(s.image, size)] for s in samples]
     for _ in range(turns - 1):
         active = [i for i, ep in enumerate(episodes) if ep[-1].goes_on]
@@ -64,9 +63,10 @@ def refine(
         for i in active:
             p = episodes[i][-1].prediction
             pictures[i].append(feedback_image(rgbs[i], p.mask, size, p.boxes, p.points, p.labels))
+        last = [episodes[i][-1] for i in active]
         batch = rollout.next_turns(
-            [prompt_ids[i] for i in active],
-            [answers[i] for i in active],
+            [t.prompt_ids for t in last],
+            [t.answer_ids for t in last],
             [pictures[i] for i in active],
             sampling,
         )
@@ -77,6 +77,6 @@ def refine(
             if pred.stop:  # the mask shown stands
                 shown = episodes[i][-1].prediction
                 pred = replace(shown, stop=True, failure=pred.failure, parse_ok=pred.parse_ok)
-            episodes[i].append(Turn(texts[k], pred, pictures[i][-1], batch.prompt_token_ids[k]))
-            prompt_ids[i], answers[i] = batch.prompt_token_ids[k], list(batch.completions[k][0].token_ids)
+            answer = list(batch.completions[k][0].token_ids)
+            episodes[i].append(Turn(texts[k], pred, batch.prompt_token_ids[k], answer, pictures[i][-1]))
     return episodes

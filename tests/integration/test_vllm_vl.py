@@ -259,7 +259,6 @@ def test_both_engines_continue_episodes_alike_from_turn_ones_ids(engines):
     refine = v.prompts.refine_text(v.image_size)
     turns = [
         NextTurn(
-            f"turn-{i}",
             next_turn_ids(v.tokenizer, first.prompt_token_ids[i], first.completions[i][0].token_ids, refine),
             [images[i], images[1 - i]],  # the sample's image, then the picture shown
             SamplingConfig(temperature=0.0, max_tokens=8),
