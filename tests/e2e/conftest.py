@@ -221,6 +221,29 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, every: 
         time.sleep(every)
 
 
+def wait_while_progressing(
+    condition: Callable[[], object],
+    progress: Callable[[], object],
+    stall: float,
+    what: str,
+    every: float = 0.2,
+):
+    """Poll `condition` until it returns something truthy (returned); fail only when `progress()` (e.g. the size
+    of a job's log and metrics) stood still for `stall` seconds: a job that goes on but slowly, on a loaded
+    machine, is waited for (the test's own timeout is the last bound), one that stalls is not."""
+    last, moved = progress(), time.monotonic()
+    while True:
+        value = condition()
+        if value:
+            return value
+        now = progress()
+        if now != last:
+            last, moved = now, time.monotonic()
+        elif time.monotonic() - moved > stall:
+            raise AssertionError(f"no progress in {stall:.0f} s ({last}) waiting for {what}")
+        time.sleep(every)
+
+
 def assert_accounting(summary: dict) -> None:
     """No lost work: every generated group was trained, dropped as stale, filtered or left in the pipeline."""
     missing = [k for k in SUMMARY_KEYS if k not in summary]
