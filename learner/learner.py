@@ -231,7 +231,7 @@ class Learner:
 
     @staticmethod
     def _counts(groups: Sequence[ScoredGroup], plan: Plan) -> dict:
-        n_tokens = sum(len(c.token_ids) for _, c in plan.rows)
+        n_tokens = sum(c.policy_tokens for _, c in plan.rows)
         return {"num_groups": len(groups), "num_completions": len(plan.rows), "num_tokens": n_tokens}
 
     def _record(self, s: StepStats) -> None:

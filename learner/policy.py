@@ -31,11 +31,12 @@ from learner.config import LearnerConfig
 from learner.grpo import masked_logprobs_from_logits
 from learner.sharding import shard_model
 from learner.weights_io import iter_weights
-from protos import Sample
+from protos import Completion, Sample
 from protos.config import PolicySpec
 from runtime.images import resize_for_policy
 from runtime.qwen_vl import (
     append_completions,
+    encode_episodes,
     encode_prompt_ids,
     encode_prompts,
     expected_row_image_tokens,
@@ -180,6 +181,29 @@ class Policy:
                 list(prompt_index), dtype=torch.long
             )  # (N,) which prompt's image
         return out
+
+    def episode_batch(
+        self,
+        samples: Sequence[Sample],
+        prompt_ids: Sequence[Sequence[int]],
+        completions: Sequence[Completion],
+    ) -> dict:
+        """`batch` for episodes of several turns (runtime.qwen_vl.encode_episodes): row r is completion r after
+        its group's prompt (`prompt_ids[r]`, sample r's image), with the pictures the episode showed; the loss
+        mask covers the policy's answers only."""
+        size = self.spec.image_size
+        images = [
+            [resize_for_policy(s.image, size), *c.pictures] for s, c in zip(samples, completions, strict=True)
+        ]
+        batch = encode_episodes(
+            self.processor,
+            images,
+            prompt_ids,
+            [c.token_ids for c in completions],
+            [c.loss_mask for c in completions],
+        )
+        self._check_image_tokens(samples, batch)
+        return batch
 
     # -- scoring ---------------------------------------------------------------------------------------------
     def autocast(self):

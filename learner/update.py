@@ -51,6 +51,9 @@ class Plan:
     is_sums: list[float] = field(
         default_factory=lambda: [0.0] * 5
     )  # fused: weights, over, |diff|, outside, tokens
+    # episodes of several turns (a completion with a policy_mask): each group's (sample, prompt ids); rows are
+    # then encoded per micro-batch with their pictures (Policy.episode_batch), `prompts` is unused
+    episodes: list[tuple] | None = None
 
 
 def fused(grpo: GRPOConfig) -> bool:
@@ -99,7 +102,12 @@ def plan_batch(
     world_size: int = 1,
 ) -> Plan:
     """Prompts encoded once (the groups' own prompt ids), advantages per group, mini- and micro-batches."""
-    prompts = policy.encode(samples, [sg.group.prompt_token_ids for sg in groups])
+    prompt_ids = [sg.group.prompt_token_ids for sg in groups]
+    episodes = None
+    if any(c.policy_mask is not None for sg in groups for c in sg.group.completions):
+        prompts, episodes = {}, list(zip(samples, prompt_ids, strict=True))
+    else:
+        prompts = policy.encode(samples, prompt_ids)
     rows = [(i, c) for i, sg in enumerate(groups) for c in sg.group.completions]
     adv = torch.cat(
         [
@@ -110,10 +118,15 @@ def plan_batch(
     minibatches = [
         micro_chunks(mb, lc, rank, world_size) for mb in split_rows(len(rows), grpo.updates_per_batch)
     ]
-    return Plan(prompts, rows, adv, sampled[0], sampled[1], minibatches)
+    return Plan(prompts, rows, adv, sampled[0], sampled[1], minibatches, episodes=episodes)
 
 
 def _batch(policy: Policy, plan: Plan, chunk: Sequence[int]) -> dict:
+    if plan.episodes is not None:
+        groups = [plan.episodes[plan.rows[r][0]] for r in chunk]
+        return policy.episode_batch(
+            [g[0] for g in groups], [g[1] for g in groups], [plan.rows[r][1] for r in chunk]
+        )
     return policy.batch(
         plan.prompts, [plan.rows[r][1].token_ids for r in chunk], [plan.rows[r][0] for r in chunk]
     )
@@ -142,8 +155,8 @@ def score_old(
             logp, mask = policy.logprobs(_batch(policy, plan, chunk), temperature=plan.temperature)  # (n, T)
             old[chunk, width - logp.shape[1] :] = logp.float()
             mine[chunk] = True
-    lengths = [[1.0] * len(c.token_ids) for _, c in plan.rows]
-    mask = right_align(lengths, width).to(device) * mine[:, None]  # (N, L) this rank's completion tokens
+    policy_tokens = [c.loss_mask for _, c in plan.rows]
+    mask = right_align(policy_tokens, width).to(device) * mine[:, None]  # (N, L) this rank's policy tokens
     behaviour = right_align([c.logprobs for _, c in plan.rows], width).to(device)  # (N, L)
     bw = behaviour_weights(old, behaviour, mask, grpo.tis_cap, grpo.is_level, grpo.is_mode)
     plan.old, plan.weights = old, bw
@@ -181,7 +194,7 @@ def _fused_totals(plan: Plan, device: torch.device, world_size: int) -> None:
     sums = []
     for chunks in plan.minibatches:
         rows = [r for chunk in chunks for r in chunk]
-        sums += [float(len(rows)), float(sum(len(plan.rows[r][1].token_ids) for r in rows))]
+        sums += [float(len(rows)), float(sum(plan.rows[r][1].policy_tokens for r in rows))]
     sums = sum_over_ranks(sums, device, world_size)
     plan.totals = [(sums[2 * k], sums[2 * k + 1]) for k in range(len(plan.minibatches))]
     plan.is_sums = [0.0] * 5

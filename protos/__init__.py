@@ -21,11 +21,10 @@ from protos.messages import (
     SamplingConfig,
     ScoredGroup,
     StepStats,
-    TensorSpec,
-    WeightsManifest,
     check_pairs,
 )
 from protos.routing import BatchPick, GroupHeader, TrainBatch
+from protos.weights import TensorSpec, WeightsManifest
 
 __all__ = [
     "BatchPick",

@@ -389,6 +389,34 @@ def append_completions(
     return out
 
 
+def encode_episodes(
+    processor: SegR1Processor,
+    images: Sequence[RowImages],
+    prompt_ids: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    loss_masks: Sequence[Sequence[int]],
+) -> dict[str, Any]:
+    """`append_completions` for episodes of several turns (protos.Completion with a policy_mask): row r is
+    prompt_ids[r] + completions[r] as the engine fed and generated them (every image's tokens expanded, the
+    pictures shown between answers among the completion's tokens), with images[r] all of its images in order.
+    completion_mask is 1 only where loss_masks[r] is (the policy's answers), completion_lengths the whole
+    completion region, so the learner's right-aligned window covers every turn."""
+    rows = [list(p) + list(c) for p, c in zip(prompt_ids, completions, strict=True)]
+    out = encode_prompt_ids(processor, images, rows)
+    width = out["input_ids"].shape[1]
+    completion_mask = torch.zeros_like(out["attention_mask"])  # (N, W)
+    for r, (comp, mask) in enumerate(zip(completions, loss_masks, strict=True)):
+        if len(mask) != len(comp):
+            raise ValueError(
+                f"episode row {r}: {len(mask)} loss-mask entries for {len(comp)} completion tokens"
+            )
+        completion_mask[r, width - len(comp) :] = torch.as_tensor(list(mask), dtype=completion_mask.dtype)
+    out["completion_mask"] = completion_mask
+    out["prompt_lengths"] = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long)  # (N,)
+    out["completion_lengths"] = torch.tensor([len(c) for c in completions], dtype=torch.long)  # (N,)
+    return out
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
     """'auto': bfloat16 on CUDA, float32 elsewhere; or one of float32 / bfloat16 / float16."""
     if isinstance(dtype, torch.dtype):

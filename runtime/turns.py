@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from protos import Completion
+
 IMAGE_PAD = "<|image_pad|>"
 TURN_END = "<|im_end|>"
 _ANSWER = "\x00answer\x00"  # stands for the policy's answer while the template renders the turns after it
@@ -78,3 +80,46 @@ def next_turn_ids(
     if not answer or answer[-1] != end:
         answer.append(end)
     return collapse_images(prompt_ids, pad) + answer + turn_suffix(tokenizer, user_text, with_image)
+
+
+def join_turns(
+    turns: Sequence[tuple[Sequence[int], Completion]], pictures: Sequence[bytes] = ()
+) -> Completion:
+    """An episode as the learner scores it: ONE Completion after the first turn's prompt. `turns[k]` is turn k's
+    prompt as the engine reported it (images expanded) and its one-turn answer; `pictures` the PNG of each
+    picture shown after turn 1. Each later prompt must start with everything before it (the earlier prompt and
+    answer, token for token): what it adds (a turn end the answer lacked, the user turn, the picture's image
+    tokens) goes in with policy_mask 0 and logprob 0, every answer's tokens with 1 and their own logprobs."""
+    if not turns:
+        raise ValueError("join_turns: an episode needs at least one turn")
+    first = [int(t) for t in turns[0][0]]
+    ids: list[int] = []
+    logprobs: list[float] = []
+    mask: list[int] = []
+    for k, (prompt, answer) in enumerate(turns):
+        if answer.policy_mask is not None:
+            raise ValueError(
+                f"join_turns: turn {k + 1}'s answer is already an episode; give one-turn answers"
+            )
+        seen = first + ids
+        if k and [int(t) for t in prompt[: len(seen)]] != seen:
+            at = next(
+                (i for i, (a, b) in enumerate(zip(prompt, seen, strict=False)) if int(a) != b), len(prompt)
+            )
+            raise ValueError(
+                f"join_turns: turn {k + 1}'s prompt differs from the turns before it at token {at}: a next turn "
+                "must be built from the ids the engine reported and generated (runtime.turns.next_turn_ids)"
+            )
+        shown = [int(t) for t in prompt[len(seen) :]] if k else []
+        ids += shown + list(answer.token_ids)
+        logprobs += [0.0] * len(shown) + list(answer.logprobs)
+        mask += [0] * len(shown) + [1] * len(answer.token_ids)
+    last = turns[-1][1]
+    return Completion(
+        text=last.text,
+        token_ids=ids,
+        logprobs=logprobs,
+        finish_reason=last.finish_reason,
+        policy_mask=mask,
+        pictures=list(pictures),
+    )

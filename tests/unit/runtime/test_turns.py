@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from runtime.qwen_vl import load_processor
-from runtime.turns import collapse_images, expand_images, next_turn_ids, turn_suffix
+from runtime.turns import collapse_images, expand_images, join_turns, next_turn_ids, turn_suffix
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +49,37 @@ def test_next_turn_keeps_the_answer_ids_and_ends_a_cut_answer(tokenizer):
     ids = next_turn_ids(tokenizer, prompt, answer, "Refine.")
     assert ids == [5, start, pad, prompt[-2], 6, 40, 41, 42, end, *suffix]
     assert next_turn_ids(tokenizer, prompt, [*answer, end], "Refine.") == ids  # its own turn end, not twice
+
+
+def _answer(ids, lp=-0.5, text="a"):
+    from protos import Completion
+
+    return Completion(text=text, token_ids=list(ids), logprobs=[lp] * len(ids))
+
+
+def test_join_turns_keeps_the_engine_sequence_and_masks_what_the_policy_was_shown():
+    prompt1, answer1 = [1, 9, 9, 2], _answer([5, 6, 7], -0.25)
+    prompt2 = [*prompt1, 5, 6, 7, 8, 9, 9, 9, 3]  # + answer 1, the user turn with the picture's image tokens
+    answer2 = _answer([4, 7], -1.0, text="last")
+    episode = join_turns([(prompt1, answer1), (prompt2, answer2)], [b"png"])
+    assert prompt1 + episode.token_ids == prompt2 + [4, 7]
+    assert episode.policy_mask == [1, 1, 1, 0, 0, 0, 0, 0, 1, 1] and episode.policy_tokens == 5
+    assert episode.logprobs == [-0.25] * 3 + [0.0] * 5 + [-1.0] * 2
+    assert episode.text == "last" and episode.pictures == [b"png"]
+
+
+def test_join_turns_refuses_a_prompt_that_is_not_built_on_the_turns_before_it():
+    prompt1, answer1 = [1, 9, 2], _answer([5, 6])
+    retokenized = [1, 9, 2, 5, 66, 8, 9, 3]  # the answer's text tokenized again: not the ids generated
+    with pytest.raises(ValueError, match="turn 2's prompt differs from the turns before it at token 4"):
+        join_turns([(prompt1, answer1), (retokenized, _answer([4]))])
+
+
+def test_an_episode_completion_needs_one_mask_entry_per_token():
+    from protos import Completion
+
+    with pytest.raises(ValueError, match="policy_mask has 2 entries for 3 token_ids"):
+        Completion(text="", token_ids=[1, 2, 3], logprobs=[0.0] * 3, policy_mask=[1, 0])
+    with pytest.raises(ValueError, match="give its policy_mask"):
+        Completion(text="", token_ids=[1], logprobs=[0.0], pictures=[b"x"])
+    assert _answer([1, 2]).loss_mask == [1, 1] and _answer([1, 2]).policy_tokens == 2
