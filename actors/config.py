@@ -37,6 +37,13 @@ class RolloutConfig(BaseModel):
         True, description="vLLM prefix caching (the G samples share a prompt)."
     )
     max_batch_groups: int = Field(8, ge=1, le=4096, description="Groups one generate call may batch.")
+    max_turns: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="Turns of an episode: after each answer the policy sees the mask its prompts made and "
+        "refines it or stops. 1: Seg-R1's single answer.",
+    )
     max_model_len: int | None = Field(
         None, ge=64, le=1_048_576, description="vLLM context length (prompt + completion); None: 8192."
     )

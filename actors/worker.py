@@ -50,12 +50,17 @@ def rollout_device(rollout: RolloutConfig) -> str:
 
 
 def build_engine(
-    policy: PolicySpec, rollout: RolloutConfig, engine: str | None = None, images_per_prompt: int = 1
+    policy: PolicySpec,
+    rollout: RolloutConfig,
+    engine: str | None = None,
+    images_per_prompt: int | None = None,
 ) -> RolloutEngine:
     """The engine rollout.engine names (hf | vllm). Both serve concurrent callers (async GRPO's two requests in
     flight): vLLM runs their requests in the same engine steps, transformers one call after the other.
-    `images_per_prompt`: episodes of that many turns (each later turn shows one more picture)."""
+    `images_per_prompt`: episodes of that many turns (each later turn shows one more picture); None:
+    rollout.max_turns."""
     kind = engine or rollout.engine
+    images_per_prompt = images_per_prompt or rollout.max_turns
     common = dict(
         answer_format=policy.answer_format,
         image_size=policy.image_size,
@@ -180,6 +185,35 @@ class RolloutWorker:
         with Ray's num_returns=2): the headers it reads, and the groups it hands on by reference."""
         groups = self.generate(requests, *samples)
         return [GroupHeader.of(g) for g in groups], groups
+
+    def next_turns_by_ref(
+        self,
+        requests: Sequence[RolloutRequest],
+        groups: Sequence[RolloutGroup],
+        pictures: Sequence[Sequence[bytes | None]],
+        *samples: Sample,
+    ) -> tuple[list[GroupHeader], list[RolloutGroup]]:
+        """The next turn of the groups' episodes that go on (a picture from the reward pool's score_turn; None:
+        the episode ended), answered like `generate_by_ref` (Ray's num_returns=2): headers, and the groups with
+        those episodes one turn longer (actors/episodes.py)."""
+        from actors.episodes import next_turns
+
+        check_pairs(list(requests), samples, f"RolloutWorker {self.name!r}: next_turns_by_ref")
+        t0 = time.perf_counter()
+        self._track(len(requests))
+        try:
+            out, batch = next_turns(self.engine, self.policy.image_size, requests, groups, pictures, samples)
+        finally:
+            self._track(-len(requests))
+        elapsed = time.perf_counter() - t0
+        if batch is not None:
+            tokens = sum(len(c[0].token_ids) for c in batch.completions)
+            purpose = requests[0].purpose if requests else "train"
+            M.TOKENS.inc(tokens, worker=self.name, purpose=purpose)
+            M.PROMPT_TOKENS.inc(sum(batch.prompt_tokens), worker=self.name, purpose=purpose)
+            M.GENERATE_SECONDS.observe(elapsed, worker=self.name)
+        out = [g.model_copy(update={"generate_s": g.generate_s + elapsed, "worker": self.name}) for g in out]
+        return [GroupHeader.of(g) for g in out], out
 
     def _images(self, samples: Sequence[Sample]) -> list[Any]:
         """The policy's NxN RGB images; None for a text-only model (it sees the instruction only)."""

@@ -351,6 +351,8 @@ class TrainConfig(BaseModel):
                     f"{key}.max_workers={mw} is below {key}.num_workers={section.num_workers}; raise it or unset it"
                 )
         self._check_validation()
+        if self.rollout.max_turns > 1 and self.reward.embedding_cache == 0:  # a later turn: decodes only
+            self.reward.embedding_cache = self.reward.max_inflight_per_worker * self.rollout.max_batch_groups
         return self
 
     def _check_validation(self) -> None:

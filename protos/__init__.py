@@ -7,6 +7,7 @@ Every hop has exactly one message type, named for what it carries; its docstring
 
 from protos.dataset import DATASET_SCHEMA, ROLLOUT_LOG_SCHEMA, Sample, TaskKind
 from protos.messages import (
+    REWARD_TERMS,
     ZERO_VARIANCE_TOL,
     Completion,
     CompletionReward,
@@ -49,6 +50,7 @@ __all__ = [
     "TaskKind",
     "TensorSpec",
     "WeightsManifest",
+    "REWARD_TERMS",
     "ZERO_VARIANCE_TOL",
     "check_pairs",
 ]

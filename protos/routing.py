@@ -31,7 +31,9 @@ class GroupHeader(BaseModel):
     worker: str = ""
     generate_s: float = Field(0.0, ge=0.0)
     completions: int = Field(ge=0, description="G: completions in the group.")
-    completion_tokens: int = Field(ge=0, description="Tokens generated, over the G completions.")
+    completion_tokens: int = Field(
+        ge=0, description="Tokens generated, over the G completions (every turn's)."
+    )
 
     @classmethod
     def of(cls, group: RolloutGroup) -> GroupHeader:
@@ -42,7 +44,7 @@ class GroupHeader(BaseModel):
             worker=group.worker,
             generate_s=group.generate_s,
             completions=len(group.completions),
-            completion_tokens=sum(len(c.token_ids) for c in group.completions),
+            completion_tokens=sum(c.policy_tokens for c in group.completions),
         )
 
 

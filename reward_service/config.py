@@ -34,6 +34,13 @@ class RewardWeights(BaseModel):
         description="Weight of 1 - mean corner error / half the object's size (Seg-Zero's box L1 reward): pays "
         "for localising, where IoU terms pay for boxes enlarged to hedge. 0: Seg-R1's reward; the demo uses 2.",
     )
+    refine_gain: float = Field(
+        0.0,
+        ge=0.0,
+        le=100.0,
+        description="Episodes of several turns (rollout.max_turns > 1): weight of the IoU gained from the first "
+        "turn's mask to the last. 0: the last mask's reward alone.",
+    )
 
 
 class RewardConfig(BaseModel):
@@ -72,6 +79,7 @@ class RewardConfig(BaseModel):
         ge=0,
         le=65536,
         description="Images whose segmenter embedding each reward actor keeps between calls (least recently used "
-        "dropped first), so an image scored again costs decodes only. 0: none kept. Each costs device memory "
-        "(SAM2 at 1024 px: about 16 MB).",
+        "dropped first), so an image scored again costs decodes only. 0: none kept; with rollout.max_turns > 1 "
+        "the job sets max_inflight_per_worker x rollout.max_batch_groups (the images of the calls an actor may hold between "
+        "an episode's turns). Each costs device memory (SAM2 at 1024 px: about 16 MB).",
     )

@@ -54,5 +54,3 @@ QUEUE_DEPTH = gauge(
     "Groups accepted by a reward worker and not yet answered (0 when idle).",
     labels=("worker",),
 )
-
-TERMS = ("format", "iou", "s_measure", "segmentation", "box_iou", "box_l1", "total")

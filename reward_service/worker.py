@@ -29,22 +29,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protos import CompletionReward, GroupScores, RewardRequest, RolloutGroup, Sample
+from protos import REWARD_TERMS, CompletionReward, GroupScores, RewardRequest, RolloutGroup, Sample
 from protos.config import PolicySpec
 from protos.messages import check_pairs
 from reward_service import metrics as m
 from reward_service.config import RewardConfig
+from reward_service.episodes import episode_rewards, turn_items
 from reward_service.predictor import CompletionPrediction, Item, Predictor
-from reward_service.rewards import (
-    GroundTruth,
-    box_terms,
-    combine,
-    ground_truth,
-    mask_counts,
-    mask_counts_torch,
-    scores_from_counts,
-    zero_rewards,
-)
+from reward_service.rewards import GroundTruth, ground_truth, mask_counts, mask_counts_torch, zero_rewards
 from runtime.memory import peak_memory
 from runtime.threads import thread_budget
 
@@ -53,11 +45,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Job:
-    """The state of one request during a call: its Predictor item (image, parsed answers, masks, failure)."""
+    """The state of one request during a call: its Predictor items (image, parsed answers, masks, failure), one
+    per turn of its episodes (reward_service/episodes.py; one for one-turn answers)."""
 
     request: RewardRequest
-    item: Item
+    items: list[Item]
     truth: GroundTruth | None = None
+
+    @property
+    def failure(self) -> str | None:
+        return self.items[0].failure
 
 
 class RewardWorker:
@@ -87,6 +84,19 @@ class RewardWorker:
 
     def score(self, groups: list[RolloutGroup], *samples: Sample) -> list[GroupScores]:
         """Score `groups`; sample i belongs to group i (Ray resolves ObjectRefs passed as the varargs)."""
+        return self._score(groups, samples, pictures=False)[0]
+
+    def score_turn(
+        self, groups: list[RolloutGroup], *samples: Sample
+    ) -> tuple[list[GroupScores], list[list[bytes | None]]]:
+        """`score`, and for each completion whose episode goes on (CompletionReward.goes_on) the picture of its
+        newest mask for its next turn (runtime.overlay.feedback_image at the policy's size, PNG), else None.
+        Called with Ray's num_returns=2: the driver reads the scores, the pictures go to the rollout pool."""
+        return self._score(groups, samples, pictures=True)
+
+    def _score(
+        self, groups: list[RolloutGroup], samples, pictures: bool
+    ) -> tuple[list[GroupScores], list[list[bytes | None]]]:
         # counts only: a group paired with the wrong sample scores 0 (bad_request) below
         check_pairs(groups, samples, f"RewardWorker {self.name!r}: score", match_ids=False)
         size = self.policy.image_size
@@ -98,15 +108,18 @@ class RewardWorker:
                 logger.warning("%s: bad request for group %s: %s", self.name, group.group_id, err)
                 requests.append(group)
         good = [r for r in requests if isinstance(r, RewardRequest)]
-        scored = iter(self.score_requests(good)) if good else iter(())
-        out = []
+        scored, shown = self._score_requests(good, pictures) if good else ([], [])
+        scored, shown = iter(scored), iter(shown)
+        out, out_pictures = [], []
         for r in requests:
             if isinstance(r, RewardRequest):
                 out.append(next(scored))
+                out_pictures.append(next(shown) if pictures else [])
             else:
                 out.append(self._failed_group(r, "bad_request"))
+                out_pictures.append([None] * r.group_size if pictures else [])
                 m.GROUPS_SCORED.inc(worker=self.name, purpose=r.purpose)
-        return out
+        return out, out_pictures
 
     def predict(self, groups: list[RolloutGroup], *samples: Sample) -> list[list[CompletionPrediction]]:
         """The Predictor's masks of each completion (evaluation's entry point, e.g. validation while training
@@ -119,10 +132,15 @@ class RewardWorker:
         return out
 
     def score_requests(self, requests: list[RewardRequest]) -> list[GroupScores]:
+        return self._score_requests(requests, pictures=False)[0]
+
+    def _score_requests(
+        self, requests: list[RewardRequest], pictures: bool
+    ) -> tuple[list[GroupScores], list[list[bytes | None]]]:
         self._queue_depth(+len(requests))
         try:
             with self._lock:
-                return self._score_locked(requests)
+                return self._score_locked(requests, pictures)
         except Exception:  # a bug, not a bad request: logged with its traceback, counted, the groups score 0
             logger.exception(
                 "%s: scoring %d groups failed; they score 0 (internal_error)", self.name, len(requests)
@@ -130,16 +148,20 @@ class RewardWorker:
             out = [self._failed_group(r.group, "internal_error") for r in requests]
             for r in requests:
                 m.GROUPS_SCORED.inc(worker=self.name, purpose=r.group.purpose)
-            return out
+            return out, [[None] * r.group.group_size for r in requests]
         finally:
             self._queue_depth(-len(requests))
 
     # -- one call ------------------------------------------------------------------------------------------------
-    def _score_locked(self, requests: list[RewardRequest]) -> list[GroupScores]:
+    def _score_locked(
+        self, requests: list[RewardRequest], pictures: bool
+    ) -> tuple[list[GroupScores], list[list[bytes | None]]]:
         t0 = time.perf_counter()
         jobs = self._prepare_all(requests)
-        encode_s, decode_s = self.predictor.segment([job.item for job in jobs], on_device=True)
+        items = [item for job in jobs for item in job.items]
+        encode_s, decode_s = self.predictor.segment(items, on_device=True)
         out = [self._finish(job) for job in jobs]
+        shown = [self._pictures(job, gs) if pictures else [] for job, gs in zip(jobs, out, strict=True)]
         total_s = time.perf_counter() - t0
         out = self._with_timings(jobs, out, total_s)
         m.ENCODE_SECONDS.observe(encode_s, worker=self.name)
@@ -147,7 +169,7 @@ class RewardWorker:
         m.TOTAL_SECONDS.observe(total_s, worker=self.name)
         for job in jobs:
             m.GROUPS_SCORED.inc(worker=self.name, purpose=job.request.group.purpose)
-        return out
+        return out, shown
 
     def _prepare_all(self, requests: list[RewardRequest]) -> list[_Job]:
         """Decode and parse every request; image decoding releases the GIL, so several run on a thread pool."""
@@ -165,28 +187,44 @@ class RewardWorker:
             image, gt = decode_sample_arrays(s.image, s.mask, s.width, s.height, what=f"sample {s.id!r}")
         except Exception as err:  # CorruptSampleError, or anything else a hostile payload may trigger
             logger.warning("%s: %s; its %d completions score 0", self.name, err, request.group.group_size)
-            return _Job(request, Item(None, b"", [], failure="corrupt_sample"))
+            return _Job(request, [Item(None, b"", [], failure="corrupt_sample")])
         h, w = gt.shape
-        answers = [
-            self.predictor.parse(c.text, w, h, request.policy_image_size) for c in request.group.completions
-        ]
+        size = request.policy_image_size
+        parse = lambda text, allow_stop: self.predictor.parse(text, w, h, size, allow_stop)  # noqa: E731
         key = hashlib.blake2b(s.image, digest_size=16).digest()
-        return _Job(request, Item(image, key, answers), ground_truth(gt))
+        return _Job(request, turn_items(parse, request.group.completions, image, key), ground_truth(gt))
 
     # -- results -------------------------------------------------------------------------------------------------
     def _finish(self, job: _Job) -> GroupScores:
-        group, item = job.request.group, job.item
-        if item.failure is not None:
-            return self._failed_group(group, item.failure)
+        group = job.request.group
+        if job.failure is not None:
+            return self._failed_group(group, job.failure)
+        counts = [_mask_counts(item.masks, job.truth) for item in job.items]
         scores = []
-        weights = self.reward.weights
-        for parsed, counts in zip(item.answers, _mask_counts(item.masks, job.truth), strict=True):
-            iou_s = None if counts is None else scores_from_counts(counts, job.truth)
-            box_scores = box_terms((p.box for p in parsed.prompts), job.truth)
-            rewards = combine(parsed.ok, iou_s, weights, box_scores)
-            scores.append(CompletionReward(rewards=rewards, parse_ok=parsed.ok, parse_failure=parsed.failure))
-            self._record(rewards, parsed.failure, group.purpose)
+        for reward, failure in episode_rewards(job.items, counts, job.truth, self.reward.weights):
+            scores.append(reward)
+            self._record(reward.rewards, failure, group.purpose)
         return GroupScores(group_id=group.group_id, scores=scores, reward_worker=self.name)
+
+    def _pictures(self, job: _Job, scores: GroupScores) -> list[bytes | None]:
+        """The next turn's picture of each completion whose episode goes on: its newest mask and prompts drawn
+        on the image (never the ground truth), at the policy's size."""
+        from runtime.images import encode_png
+        from runtime.overlay import feedback_image
+
+        item, size = job.items[-1], job.request.policy_image_size or self.policy.image_size
+        out: list[bytes | None] = []
+        for answer, mask, score in zip(item.answers, item.masks, scores.scores, strict=True):
+            if not score.goes_on or mask is None:
+                out.append(None)
+                continue
+            mask = mask.cpu().numpy() if hasattr(mask, "cpu") else mask  # (H, W) bool
+            boxes = [p.box for p in answer.prompts if p.box is not None]
+            points = [pt for p in answer.prompts for pt in p.points]
+            labels = [lb for p in answer.prompts for lb in p.labels]
+            picture = feedback_image(item.image, mask, size, boxes, points, labels)
+            out.append(encode_png(np.asarray(picture)))
+        return out
 
     def _failed_group(self, group: RolloutGroup, reason: str) -> GroupScores:
         scores = []
@@ -199,7 +237,7 @@ class RewardWorker:
         m.MASKS_SCORED.inc(worker=self.name, purpose=purpose)
         if failure is not None:
             m.PARSE_FAILURES.inc(worker=self.name, reason=failure)
-        for term in m.TERMS:
+        for term in REWARD_TERMS:
             m.REWARD.observe(getattr(rewards, term), worker=self.name, term=term)
 
     def _with_timings(self, jobs: list[_Job], out: list[GroupScores], total_s: float) -> list[GroupScores]:
@@ -207,8 +245,8 @@ class RewardWorker:
         return [
             gs.model_copy(
                 update={
-                    "encode_s": job.item.encode_s,
-                    "decode_s": job.item.decode_s,
+                    "encode_s": sum(item.encode_s for item in job.items),
+                    "decode_s": sum(item.decode_s for item in job.items),
                     "total_s": total_s * job.request.group.group_size / n,
                 }
             )

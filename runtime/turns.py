@@ -86,20 +86,22 @@ def join_turns(
     turns: Sequence[tuple[Sequence[int], Completion]], pictures: Sequence[bytes] = ()
 ) -> Completion:
     """An episode as the learner scores it: ONE Completion after the first turn's prompt. `turns[k]` is turn k's
-    prompt as the engine reported it (images expanded) and its one-turn answer; `pictures` the PNG of each
-    picture shown after turn 1. Each later prompt must start with everything before it (the earlier prompt and
-    answer, token for token): what it adds (a turn end the answer lacked, the user turn, the picture's image
-    tokens) goes in with policy_mask 0 and logprob 0, every answer's tokens with 1 and their own logprobs."""
+    prompt as the engine reported it (images expanded) and its answer; `pictures` the PNG of each picture shown
+    after turn 1. The first answer may itself be an episode (its turns so far: it goes on). Each later prompt must
+    start with everything before it (the earlier prompt and answers, token for token): what it adds (a turn end
+    the answer lacked, the user turn, the picture's image tokens) goes in with policy_mask 0 and logprob 0, every
+    answer's tokens with 1 and their own logprobs."""
     if not turns:
         raise ValueError("join_turns: an episode needs at least one turn")
     first = [int(t) for t in turns[0][0]]
     ids: list[int] = []
     logprobs: list[float] = []
     mask: list[int] = []
+    texts: list[str] = []
     for k, (prompt, answer) in enumerate(turns):
-        if answer.policy_mask is not None:
+        if k and answer.policy_mask is not None:
             raise ValueError(
-                f"join_turns: turn {k + 1}'s answer is already an episode; give one-turn answers"
+                f"join_turns: turn {k + 1}'s answer is an episode; give one-turn answers after turn 1"
             )
         seen = first + ids
         if k and [int(t) for t in prompt[: len(seen)]] != seen:
@@ -113,7 +115,8 @@ def join_turns(
         shown = [int(t) for t in prompt[len(seen) :]] if k else []
         ids += shown + list(answer.token_ids)
         logprobs += [0.0] * len(shown) + list(answer.logprobs)
-        mask += [0] * len(shown) + [1] * len(answer.token_ids)
+        mask += [0] * len(shown) + answer.loss_mask
+        texts += answer.texts
     last = turns[-1][1]
     return Completion(
         text=last.text,
@@ -121,5 +124,14 @@ def join_turns(
         logprobs=logprobs,
         finish_reason=last.finish_reason,
         policy_mask=mask,
-        pictures=list(pictures),
+        pictures=[*turns[0][1].pictures, *pictures],
+        earlier_texts=texts[:-1],
     )
+
+
+def last_answer(episode: Completion) -> int:
+    """Where an episode's last answer starts in its token_ids (0 for a one-turn answer): after the last token
+    the policy was shown."""
+    mask = episode.loss_mask
+    shown = [i for i, m in enumerate(mask) if not m]
+    return shown[-1] + 1 if shown else 0

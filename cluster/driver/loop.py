@@ -5,6 +5,8 @@ and docs/architecture.md).
          draw more until B informative groups are kept: batches.py), learn, publish. Staleness 0.
 - async: `_run_async`, the stages pipelined: rollout and reward work ahead of the learner by at most
          `grpo.max_staleness` policy versions; older groups are dropped and counted.
+- turns: with rollout.max_turns > 1 a chunk goes rollout -> reward up to that many times (its episodes that go
+         on see their mask and answer again, `_next_turn`) before its groups are scored for good.
 
 The driver reads only each group's header and scores; the completions go rollout -> reward -> learner by ref
 (RoutedGroup, TrainBatch). A rollout lost with its node is generated again. Every group is accounted for:
@@ -21,7 +23,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import ray
 
@@ -29,6 +30,7 @@ from cluster.config import TrainConfig
 from cluster.data.reader import DatasetReader
 from cluster.driver import metrics as DM
 from cluster.driver.batches import fill_batch
+from cluster.driver.calls import generate_by_ref, next_turn_by_ref, score_by_ref
 from cluster.driver.metrics import overlay_examples, run_summary, step_bar, step_line
 from cluster.driver.recovery import checkpoint_failed, discard_in_flight, run_with_recovery
 from cluster.driver.start import start_workers
@@ -222,7 +224,7 @@ class TrainDriver:
             chunk.requests = [
                 rollout_request(self.cfg, self.version, chunk.chunk_id, i, s) for i, s in enumerate(part)
             ]
-            self.rollout.submit(chunk, lambda a, c=chunk: _generate_by_ref(a, c))
+            self.rollout.submit(chunk, lambda a, c=chunk: generate_by_ref(a, c))
             chunks.append(chunk)
         return chunks
 
@@ -257,7 +259,8 @@ class TrainDriver:
             self.acct.groups_generated += len(headers)
             DM.GROUPS_GENERATED.inc(len(headers))
         chunk.headers = headers
-        self.reward.submit(chunk, lambda a, c=chunk: a.score.remote(c.rollout, *c.refs))
+        last = chunk.turn >= self.cfg.rollout.max_turns  # a later turn: to the actor holding the embedding
+        self.reward.submit(chunk, lambda a, c=chunk: score_by_ref(a, c, last), prefer=chunk.scorer)
 
     def _scored(self, chunk: Chunk, result: list[GroupScores] | WorkFailed) -> list[RoutedGroup]:
         if isinstance(result, WorkFailed) and lost_object(result.error):  # the rollout's node died
@@ -270,6 +273,9 @@ class TrainDriver:
             logger.error("scoring chunk %s failed for good: %s", chunk.chunk_id, result.error)
             self.acct.groups_failed += len(chunk.requests)
             chunk.open = 0  # nothing of it will come back: it no longer holds a place in the pipeline
+            return []
+        if chunk.turn < self.cfg.rollout.max_turns and any(s.goes_on for g in result for s in g.scores):
+            self._next_turn(chunk, result[0].reward_worker)  # as soon as this turn's masks are back
             return []
         groups = routed(chunk, result)
         zero = sum(r.zero_variance for r in groups)
@@ -324,8 +330,14 @@ class TrainDriver:
             self._regenerate_chunk(chunk)
 
     def _regenerate_chunk(self, chunk: Chunk) -> None:
-        chunk.headers = []
-        self.rollout.submit(chunk, lambda a, c=chunk: _generate_by_ref(a, c))
+        chunk.headers, chunk.turn, chunk.pictures = [], 1, None  # every turn again, from the first
+        self.rollout.submit(chunk, lambda a, c=chunk: generate_by_ref(a, c))
+
+    def _next_turn(self, chunk: Chunk, scorer: str) -> None:
+        """The chunk's episodes that go on take their next turn; a retry (its actor died) sends the same refs."""
+        before, pictures, chunk.scorer = chunk.rollout, chunk.pictures, scorer
+        chunk.turn += 1
+        self.rollout.submit(chunk, lambda a, c=chunk: next_turn_by_ref(a, c, before, pictures))
 
     def _publish(self, stats: StepStats) -> dict:
         """The learner's new policy version to every rollout worker; the weight sync's figures."""
@@ -398,12 +410,9 @@ class TrainDriver:
         yet (async mode's pipeline), generated again first after a resume (state.py `open_work`)."""
         replay, acct = open_work(open_chunks or [], self.acct)
         cursor = self.reader.state_dict()
-        extra = {
-            "accounting": acct,
-            "replay": replay,
-            "actor_restarts": self._restarts(),
-            "chunk_seq": self._chunk_seq,
-        }
+        extra = dict(
+            accounting=acct, replay=replay, actor_restarts=self._restarts(), chunk_seq=self._chunk_seq
+        )
         protect = self.validator.protected()  # keep_best: steps still being validated
         try:
             path = self.learner.save_checkpoint(data_cursor=cursor, extra=extra, protect=protect)
@@ -486,9 +495,3 @@ class TrainDriver:
     def _apply_resize(self) -> None:
         if "rollout" in self.elastic.apply():
             self.weights.setup(self.rollout)
-
-
-def _generate_by_ref(actor: Any, chunk: Chunk) -> Any:
-    """A chunk's rollout call: the pool waits on the headers; the groups' ref is kept for the next calls."""
-    headers, chunk.rollout = actor.generate_by_ref.options(num_returns=2).remote(chunk.requests, *chunk.refs)
-    return headers

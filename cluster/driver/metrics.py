@@ -13,12 +13,11 @@ from typing import Any
 
 import ray
 
-from protos import StepStats
+from protos import REWARD_TERMS, StepStats
 from runtime.metrics import counter, gauge, histogram
 
 logger = logging.getLogger(__name__)
 
-REWARD_TERMS = ("total", "format", "iou", "s_measure", "segmentation", "box_iou", "box_l1")
 # StepStats fields copied into every metrics.jsonl line under their own names (docs/e2e.md lists them)
 LEARNER_KEYS = (
     "loss",
@@ -79,6 +78,15 @@ VAL_PARSE_RATE = gauge("segr1_driver_val_parse_rate", "Validation: share of answ
 VAL_BOX_IOU = gauge("segr1_driver_val_box_iou", "Validation: mean box IoU (answer_format=full only).")
 VAL_STEP = gauge("segr1_driver_val_step", "Optimiser step of the latest validation.")
 VAL_SECONDS = gauge("segr1_driver_val_seconds", "Validation: wall time of the latest validation.")
+EPISODE_TURNS = gauge(
+    "segr1_driver_episode_turns", "Turns per episode of the latest step's completions (rollout.max_turns)."
+)
+STOP_RATE = gauge(
+    "segr1_driver_stop_rate", "Share of the latest step's episodes that ended with a stop answer."
+)
+IOU_GAIN = gauge(
+    "segr1_driver_iou_gain", "Latest step: mean IoU of the episodes' last masks minus of their first turn's."
+)
 VALIDATIONS = counter(
     "segr1_driver_validations", "Validations written (one metrics.jsonl line with val/* each)."
 )
@@ -125,8 +133,25 @@ def step_line(
         "actor_restarts": restarts,
         "by_rollout_worker": _by_worker(batch),
         "sample_ids": [r.header.sample_id for r in batch],  # what this step trained on (resume / data order)
+        **episode_figures(batch),
     }
     return line
+
+
+def episode_figures(batch: list) -> dict:
+    """Episodes of several turns (rollout.max_turns): mean turns per episode, the share that ended with a stop and
+    the mean IoU of the first turn's masks (reward_iou is the last's). Also sets their Prometheus gauges."""
+    scores = [c for r in batch for c in r.scores.scores]
+    n = max(1, len(scores))
+    out = {
+        "episode_turns_mean": sum(c.num_turns for c in scores) / n,
+        "stop_rate": sum(c.stop for c in scores) / n,
+        "iou_turn1_mean": sum((c.turns[0] if c.turns else c.rewards).iou for c in scores) / n,
+    }
+    EPISODE_TURNS.set(out["episode_turns_mean"])
+    STOP_RATE.set(out["stop_rate"])
+    IOU_GAIN.set(sum(c.rewards.iou for c in scores) / n - out["iou_turn1_mean"])
+    return out
 
 
 def sync_figures(sync: dict) -> dict:

@@ -89,6 +89,11 @@ class Chunk:
     rollout: Any = None  # ObjectRef of the rollout call's list[RolloutGroup]: handed on, never read here
     headers: list[GroupHeader] = field(default_factory=list)  # what the driver reads of those groups
     requests: list[RolloutRequest] = field(default_factory=list)  # one per sample, to generate them again
+    turn: int = 1  # the turn its episodes are at (rollout.max_turns > 1): `rollout` holds that many turns
+    pictures: Any = (
+        None  # ObjectRef of the reward pool's pictures for the next turn (score_turn), not read here
+    )
+    scorer: str | None = None  # the reward actor that scored its last turn: it holds the image's embedding
 
 
 class Samples:

@@ -151,6 +151,15 @@ def reward_quality_row() -> Row:
                 "s",
                 description="One score call: image encodes (once per distinct image), prompt decodes, whole call.",
             ),
+            Panel(
+                "Refinement: turns, stops, IoU gained",
+                [
+                    (last("ray_segr1_driver_episode_turns"), "turns per episode"),
+                    (last("ray_segr1_driver_stop_rate"), "stop rate"),
+                    (last("ray_segr1_driver_iou_gain"), "IoU last - first turn"),
+                ],
+                description="rollout.max_turns > 1: the latest step's episodes (1, 0 and 0 with one turn).",
+            ),
         ],
     )
 

@@ -61,6 +61,7 @@ class _Item:
     key: Hashable
     call: Call
     attempts: int = 0
+    prefer: str | None = None  # the member to run it on when it has room (what it needs is cached there)
 
 
 @dataclass
@@ -183,8 +184,10 @@ class ActorPool:
         _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
         return not pending
 
-    def submit(self, key: Hashable, call: Call) -> None:
-        self._queue.append(_Item(key, call))
+    def submit(self, key: Hashable, call: Call, prefer: str | None = None) -> None:
+        """Queue `call(handle)` under `key`; `prefer`: the member to run it on when that one has room (e.g. the
+        reward actor that holds an episode's image embedding), else the least loaded, as any other call."""
+        self._queue.append(_Item(key, call, prefer=prefer))
         self.stats.submitted += 1
         self._dispatch()
 
@@ -373,19 +376,26 @@ class ActorPool:
     def _dispatch(self) -> None:
         self._start_due()
         while self._queue:
-            member = self._least_loaded()
+            member = self._preferred(self._queue[0].prefer) or self._least_loaded()
             if member is None:
                 return
             item = self._queue.popleft()
             member.inflight[item.call(member.handle)] = item
             member.dispatched += 1
 
+    def _preferred(self, name: str | None) -> _Member | None:
+        m = self._members.get(name) if name else None
+        return m if m is not None and self._has_room(m) else None
+
+    def _has_room(self, m: _Member) -> bool:
+        if m.draining or len(m.inflight) >= self.max_inflight:
+            return False
+        return m.ready_ref is None or _resolved(m.ready_ref)
+
     def _least_loaded(self) -> _Member | None:
         best = None
         for m in self._members.values():
-            if m.draining or len(m.inflight) >= self.max_inflight:
-                continue
-            if m.ready_ref is not None and not _resolved(m.ready_ref):
+            if not self._has_room(m):
                 continue
             if best is None or (len(m.inflight), m.dispatched) < (len(best.inflight), best.dispatched):
                 best = m

@@ -66,9 +66,11 @@ SCALAR_NAMES = {
     "groups": "groups/trained",
     "zero_variance_groups": "groups/zero_variance",
     "actor_restarts": "cluster/actor_restarts",
+    "episode_turns_mean": "episodes/turns_mean",
+    "stop_rate": "episodes/stop_rate",
+    "iou_turn1_mean": "episodes/iou_turn1_mean",
 }
 NOT_SENT = ("step", "time", "sample_ids")
-REWARD_TERMS = ("total", "format", "iou", "s_measure", "segmentation", "box_iou", "box_l1")
 
 
 class Tracker(Protocol):

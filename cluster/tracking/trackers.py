@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from cluster.tracking.base import REWARD_TERMS, Tracker, flatten, require, run_info, scalars_of
+from cluster.tracking.base import Tracker, flatten, require, run_info, scalars_of
+from protos import REWARD_TERMS
 
 logger = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from cluster.cli import main
+from protos import REWARD_TERMS
 from protos.answer import format_answer
 from runtime.images import decode_image, decode_mask, encode_png
 from tests.support.paths import REPO
@@ -57,7 +58,7 @@ def test_clean_answer(files, capsys, tmp_path):
     out = json.loads(cap.out)
     assert out["parsed"]["ok"] and out["parsed"]["prompts"][0]["box"] == [45, 25, 115, 95]
     r = out["rewards"]
-    assert set(r) == {"format", "iou", "s_measure", "segmentation", "box_iou", "box_l1", "total"}
+    assert set(r) == set(REWARD_TERMS)
     assert r["format"] == 1.0 and r["iou"] > 0.9 and r["total"] > 1.8
     pred = decode_mask(mask_out.read_bytes())
     assert pred.shape == (120, 160) and pred.sum() == out["mask_pixels"] > 0
