@@ -124,8 +124,17 @@ class SftTrainer:
         total_steps: int = 100,
         n_fg: int = 2,
         n_bg: int = 1,
+        turns: int = 1,
+        refine_share: float = 0.5,
     ):
+        """`turns` 2: `refine_share` of the examples are two-turn ones (learner/sft_turns.py), the others as
+        with 1."""
         learner = learner or LearnerConfig()
+        if turns not in (1, 2) or not 0.0 <= refine_share <= 1.0:
+            raise ValueError(
+                f"SFT turns={turns}, refine_share={refine_share}: turns is 1 or 2, the share in [0, 1]"
+            )
+        self.turns, self.refine_share = turns, refine_share
         torch.manual_seed(spec.seed)
         self.spec, self.learner, self.lr, self.batch_size = spec, learner, lr, batch_size
         self.micro = micro_batch_size or learner.micro_batch_size
@@ -138,30 +147,59 @@ class SftTrainer:
         )
         self.step_count, self.skipped = 0, 0
 
-    def targets(self, samples: list[Sample]) -> tuple[list[Sample], list[list[int]]]:
-        tok, keep, ids = self.policy.processor.tokenizer, [], []
+    def targets(self, samples: list[Sample]) -> tuple[list[Sample], list[SftTarget]]:
+        """The samples with a target answer (an empty mask has none: counted in `skipped`) and their targets."""
+        keep, out = [], []
         for s in samples:
-            t = sft_target(
-                s,
-                self.spec.image_size,
-                self.spec.answer_format,
-                self.n_fg,
-                self.n_bg,
-                self.spec.seed,
-            )
+            size, fmt = self.spec.image_size, self.spec.answer_format
+            t = sft_target(s, size, fmt, self.n_fg, self.n_bg, self.spec.seed)
             if t is None:
                 self.skipped += 1
                 continue
             keep.append(s)
-            ids.append(tok.encode(t.text, add_special_tokens=False) + [self.end_id])
-        return keep, ids
+            out.append(t)
+        return keep, out
+
+    def _ids(self, text: str) -> list[int]:
+        """An answer's token ids and the turn end it closes with (both in the loss)."""
+        return self.policy.processor.tokenizer.encode(text, add_special_tokens=False) + [self.end_id]
+
+    def _two_turn_prompts(
+        self, samples: list[Sample], targets: list[SftTarget]
+    ) -> tuple[dict, list[list[int]]]:
+        """Prompt rows and answer ids where `refine_share` of the examples are two-turn (learner/sft_turns.py):
+        their prompt is the first turn's, its shifted answer and the refine turn with the picture, built as a
+        rollout engine builds a next turn (runtime.turns.next_turn_ids); their answer is the second one."""
+        from learner.sft_turns import example_rng, refine_example
+        from runtime.images import resize_for_policy
+        from runtime.qwen_vl import encode_prompt_ids
+        from runtime.turns import collapse_images, next_turn_ids
+
+        processor, size, seed = self.policy.processor, self.spec.image_size, self.spec.seed
+        refine = self.spec.prompt.refine_text(size)
+        images, prompts, answers = [], [], []
+        for s, t, first in zip(samples, targets, self.policy.prompt_ids(samples), strict=True):
+            image = resize_for_policy(s.image, size)
+            if example_rng(seed, s.id, "turns").random() < self.refine_share:
+                ex = refine_example(s, t, size, self.spec.answer_format, seed)
+                prompts.append(next_turn_ids(processor.tokenizer, first, self._ids(ex.first), refine))
+                images.append([image, ex.picture])
+                answers.append(self._ids(ex.second))
+            else:
+                prompts.append(collapse_images(first, processor.image_token_id))
+                images.append([image])
+                answers.append(self._ids(t.text))
+        return encode_prompt_ids(processor, images, prompts, collapsed=True), answers
 
     def step(self, samples: list[Sample]) -> float:
         """One optimiser step on a batch; returns the token-mean cross entropy."""
-        samples, ids = self.targets(samples)
+        samples, targets = self.targets(samples)
         if not samples:
             return float("nan")
-        prompts = self.policy.encode(samples)
+        if self.turns == 1:
+            prompts, ids = self.policy.encode(samples), [self._ids(t.text) for t in targets]
+        else:
+            prompts, ids = self._two_turn_prompts(samples, targets)
         n_tok = sum(len(i) for i in ids)
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0

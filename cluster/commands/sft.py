@@ -27,6 +27,19 @@ def register(sub) -> None:
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds (then save)")
     p.add_argument("--fg-points", type=int, default=2, help="foreground points per answer (default 2)")
     p.add_argument("--bg-points", type=int, default=1, help="background points per answer (default 1)")
+    p.add_argument(
+        "--turns",
+        type=int,
+        default=None,
+        help="2: teach the refine turn too (a shifted first answer, the picture of its mask, then the corrected "
+        "answer or a stop) for --refine-share of the examples; default: 2 when rollout.max_turns > 1, else 1",
+    )
+    p.add_argument(
+        "--refine-share",
+        type=float,
+        default=0.5,
+        help="with --turns 2: share of two-turn examples (default 0.5)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -40,6 +53,8 @@ def _check(args: argparse.Namespace) -> None:
         raise CommandError(f"--lr {args.lr} must be in (0, 1]", exit_code=2)
     if args.fg_points < 1 or args.bg_points < 0:
         raise CommandError("--fg-points must be >= 1 and --bg-points >= 0", exit_code=2)
+    if args.turns not in (None, 1, 2) or not 0 <= args.refine_share <= 1:
+        raise CommandError("--turns must be 1 or 2 and --refine-share in [0, 1]", exit_code=2)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
             warmup_steps=args.warmup_steps,
             n_fg=args.fg_points,
             n_bg=args.bg_points,
+            turns=args.turns or (2 if cfg.rollout.max_turns > 1 else 1),
+            refine_share=args.refine_share,
         )
     except DatasetError as err:
         raise CommandError(str(err), exit_code=2) from None

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cluster.evaluation.metrics import DatasetMeters, IoUMeter, iou, s_measure
+from cluster.evaluation.refine import refine_chunk, refinement_summary
 from protos import RolloutGroup, RolloutRequest, Sample, SamplingConfig
 from reward_service.predictor import BASELINES, CompletionPrediction
 from reward_service.rewards import box_iou, enclosing_box, mask_bbox
@@ -189,13 +190,17 @@ def evaluate_samples(
     answer_format: str = "full",
     baselines: bool = True,
     progress: bool | str = False,
+    turns: int = 1,
 ) -> EvalRun:
-    """Every sample once, in the given order; see the module docstring. `progress`: a bar (a string: its label)."""
+    """Every sample once, in the given order; see the module docstring. `progress`: a bar (a string: its label).
+    `turns` > 1: each sample's policy looks again at the mask it made (cluster/evaluation/refine.py); its results
+    are the last turn's, with the turn-1 IoU and the episodes' turns in the summary's `refinement`."""
     from tqdm import tqdm
 
     check_unique_ids(samples)
     sampling = sampling or SamplingConfig(temperature=0.0, max_tokens=400)
     results: list[SampleResult] = []
+    looked: list = []  # turns > 1: each sample's refinement (cluster/evaluation/refine.py Looked)
     meters = DatasetMeters()
     desc = progress if isinstance(progress, str) else "eval"
     bar = tqdm(total=len(samples), desc=desc, unit="sample", disable=not progress)
@@ -203,11 +208,17 @@ def evaluate_samples(
         requests = make_requests(chunk, start, group_size, sampling, seed, max_tokens)
         groups = _generate(rollout, requests, chunk)
         preds = _predict(predictor, groups, chunk)
+        if turns > 1:
+            preds, seen = refine_chunk(rollout, predictor, chunk, groups, preds, turns, sampling)
+            looked += seen
         results += score_chunk(chunk, groups, preds, answer_format, meters)
         bar.update(len(chunk))
     bar.close()
     base = constant_baselines(predictor, samples, batch_size) if baselines else {}
-    return EvalRun(summarize(results, base, meters), results)
+    summary = summarize(results, base, meters)
+    if turns > 1:
+        summary["refinement"] = refinement_summary(looked, turns)
+    return EvalRun(summary, results)
 
 
 def score_chunk(
@@ -308,4 +319,5 @@ def settings_from_config(cfg, greedy: bool = True) -> dict:
         "batch_size": cfg.rollout.max_batch_groups * cfg.rollout.num_workers,
         "seed": cfg.seed,
         "answer_format": cfg.reward.answer_format,
+        "turns": cfg.rollout.max_turns,  # a policy trained to look again is evaluated looking again
     }

@@ -72,6 +72,17 @@ class PoolRollout:
     def generate(self, requests, *samples):
         return _pool_call(self.pool, "generate", self.chunk, requests, samples, self.refs)
 
+    def next_turns(self, prompt_ids, answers, images, sampling):
+        """RolloutWorker.next_turns (refinement's later turns) on one actor of the pool; raises when it fails
+        (cluster/evaluation/refine.py then counts the chunk's samples as they stood)."""
+        from cluster.pools.actor_pool import WorkFailed
+
+        call = lambda h: h.next_turns.remote(prompt_ids, answers, images, sampling)  # noqa: E731
+        out = self.pool.map([(0, call)])[0]
+        if isinstance(out, WorkFailed):
+            raise RuntimeError(f"next turns of {len(prompt_ids)} episodes failed: {out.error}")
+        return out
+
 
 class PoolPredictor:
     """`predict` / `baseline_masks` over the pool of `eval-<i>` Predictor actors."""
@@ -82,6 +93,12 @@ class PoolPredictor:
     def predict(self, groups, *samples):
         out = _pool_call(self.pool, "predict", self.chunk, groups, samples, self.refs)
         return [p if p is not None else [] for p in out]
+
+    def predict_answers(self, texts, *samples):
+        out = _pool_call(self.pool, "predict_answers", self.chunk, texts, samples, self.refs)
+        if any(p is None for p in out):
+            raise RuntimeError(f"scoring {len(texts)} later-turn answers failed")
+        return out
 
     def baseline_masks(self, kind: str, *samples):
         return _pool_call(self.pool, "baseline_masks", self.chunk, None, samples, self.refs, lead=(kind,))

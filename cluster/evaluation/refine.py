@@ -10,6 +10,7 @@ token for token, then the new user turn. Training still answers once (rollout gr
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from protos import RolloutGroup, Sample, SamplingConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,3 +83,55 @@ def refine(
             answer = list(batch.completions[k][0].token_ids)
             episodes[i].append(Turn(texts[k], pred, batch.prompt_token_ids[k], answer, pictures[i][-1]))
     return episodes
+
+
+@dataclass
+class Looked:
+    """What refinement did to one evaluated sample: its turns, whether it ended with a stop, and the IoU of its
+    first turn's mask (the evaluation's own `iou` is the last turn's)."""
+
+    turns: int = 1
+    stop: bool = False
+    iou_turn1: float | None = None
+
+
+def refine_chunk(
+    rollout, predictor, chunk: Sequence[Sample], groups, preds, turns: int, sampling: SamplingConfig
+):
+    """Evaluation with `turns` > 1: every sample whose group and turn-1 prediction exist gets its episode (`refine`);
+    returns (each sample's last prediction, its Looked). A sample without them, or whose later turns failed,
+    keeps its first prediction (counted as one turn)."""
+    from cluster.evaluation.metrics import iou
+    from runtime.images import decode_image, decode_mask
+
+    final = list(preds)
+    looked = []
+    for s, p in zip(chunk, preds, strict=True):
+        gt = decode_mask(s.mask, f"sample {s.id!r}: mask")  # (H, W) bool
+        looked.append(Looked(iou_turn1=iou(p.mask if p is not None else None, gt)))
+    idx = [k for k, (g, p) in enumerate(zip(groups, preds, strict=True)) if g is not None and p is not None]
+    if not idx:
+        return final, looked
+    rgbs = [decode_image(chunk[k].image) for k in idx]
+    first = ([chunk[k] for k in idx], rgbs, [groups[k] for k in idx], [preds[k] for k in idx])
+    try:
+        episodes = refine(rollout, predictor, *first, turns, sampling)
+    except Exception as err:  # a failed later turn: the samples keep their first answer, counted as one turn
+        logger.warning("eval: refining %d samples failed (%s); their first answers stand", len(idx), err)
+        return final, looked
+    for k, episode in zip(idx, episodes, strict=True):
+        final[k] = episode[-1].prediction
+        looked[k].turns, looked[k].stop = len(episode), bool(episode[-1].prediction.stop)
+    return final, looked
+
+
+def refinement_summary(looked: Sequence[Looked], turns: int) -> dict:
+    """The evaluation summary's `refinement` entry: turns asked, mean turns taken, stop rate, mean turn-1 IoU."""
+    n = max(1, len(looked))
+    first = [x.iou_turn1 for x in looked if x.iou_turn1 is not None]
+    return {
+        "turns": turns,
+        "turns_mean": sum(x.turns for x in looked) / n,
+        "stop_rate": sum(x.stop for x in looked) / n,
+        "turn1_mean_iou": float(np.mean(first)) if first else None,
+    }

@@ -43,7 +43,9 @@ def _sample(k: int) -> tuple[Sample, np.ndarray]:
     rgb = np.full((80, 120, 3), 40, np.uint8)  # (H, W, 3): a red rectangle on grey
     rgb[20:60, 30 + 10 * k : 90, 0] = 220
     data = encode_png(rgb)
-    mask = encode_png(np.zeros((80, 120), bool))
+    truth = np.zeros((80, 120), bool)  # (H, W): the red rectangle
+    truth[20:60, 30 + 10 * k : 90] = True
+    mask = encode_png(truth)
     sample = Sample(id=f"s{k}", source="t", split="test", task="foreground", instruction="Segment the red box.",
                     image=data, mask=mask, width=120, height=80)  # fmt: skip
     return sample, rgb
@@ -134,3 +136,41 @@ class _Scripted:
         return GenerationBatch(
             done, [list(p) + list(a) + [8] for p, a in zip(prompt_ids, answers, strict=True)], 0
         )
+
+
+class _ForcedEval(_Scripted):
+    """_Scripted, whose turn 1 is the real engine's prompt with a forced answer (`_forced_first_turn`): what an
+    evaluation of a policy that answers so would see."""
+
+    def __init__(self, real: RolloutWorker, samples, script, answer: str):
+        super().__init__(real, samples, script)
+        self.real, self.answer = real, answer
+
+    def generate(self, requests, *samples):
+        forced = _forced_first_turn(self.real, samples, self.answer)
+        return [
+            g.model_copy(update={"group_id": r.request_id}) for g, r in zip(forced, requests, strict=True)
+        ]
+
+
+def test_evaluation_with_turns_reports_the_last_turn_and_the_first(pools):
+    from cluster.evaluation.loop import evaluate_samples
+
+    rollout, predictor = pools
+    samples = [_sample(0)[0], _sample(1)[0]]
+    answer = format_answer([[14, 14, 42, 42]], [[28, 28]], [1], "the red box")
+    better = format_answer([[30, 16, 50, 44]], [[40, 30]], [1], "further right")
+    script = {"s0": [format_stop("right")], "s1": [better]}
+    settings = dict(sampling=SamplingConfig(temperature=0.0, max_tokens=8), baselines=False)
+    once = evaluate_samples(_ForcedEval(rollout, samples, {}, answer), predictor, samples, **settings)
+    looked = evaluate_samples(
+        _ForcedEval(rollout, samples, script, answer), predictor, samples, turns=2, **settings
+    )
+    r = looked.summary["refinement"]
+    assert "refinement" not in once.summary and r["turns"] == 2
+    assert r["turns_mean"] == 2.0 and r["stop_rate"] == 0.5
+    assert r["turn1_mean_iou"] == pytest.approx(once.summary["mean_iou"])
+    stopped, moved = looked.results
+    assert stopped.iou == once.results[0].iou  # a stop keeps the mask it was shown
+    assert moved.boxes != once.results[1].boxes and moved.parse_ok  # the second answer's own prompts
+    assert 0 < moved.iou != once.results[1].iou > 0  # and its own mask

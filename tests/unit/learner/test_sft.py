@@ -69,3 +69,48 @@ def test_sft_command_writes_a_loadable_policy_folder(setup, capsys):
 
     assert load_policy(out) is not None and load_processor(out) is not None
     assert cli_main(["sft", "--steps", "0"]) == 2  # a bad argument is a user error, not a traceback
+
+
+def test_two_turn_examples_shift_the_first_answer_and_stop_only_on_a_right_mask():
+    from learner.sft_turns import STOP_IOU, refine_example
+    from reward_service.parser import parse_answer
+
+    kinds = set()
+    for sample in generate_samples(24, seed=5, size=64):
+        t = sft_target(sample, SIZE, "full", n_fg=2, n_bg=1)
+        ex = refine_example(sample, t, SIZE, "full", seed=0)
+        assert ex == refine_example(sample, t, SIZE, "full", seed=0)  # deterministic per sample
+        assert ex.picture.size == (SIZE, SIZE)  # what the policy is shown: NxN like every image it sees
+        first = parse_answer(ex.first, 64, 64, policy_image_size=SIZE)
+        second = parse_answer(ex.second, 64, 64, policy_image_size=SIZE, allow_stop=True)
+        assert second.ok, (ex.second, second.failure)
+        if ex.iou >= STOP_IOU:
+            assert second.stop and not second.prompts
+        else:
+            assert ex.second == t.text and first.prompts[0].box != second.prompts[0].box
+        kinds.add(second.stop)
+    assert kinds == {True, False}  # both lessons occur
+
+
+def test_two_turn_sft_rows_hold_both_pictures_and_train_the_second_answer_only(setup):
+    from cluster.data.reader import DatasetReader
+    from learner.sft import SftTrainer
+    from runtime.turns import IMAGE_PAD
+
+    _, cfg = setup
+    samples = DatasetReader.from_config(cfg).next_batch(6)
+    trainer = SftTrainer(cfg.policy_spec(), cfg.learner, turns=2, refine_share=0.5, total_steps=2)
+    kept, targets = trainer.targets(samples)
+    prompts, answers = trainer._two_turn_prompts(kept, targets)
+    counts = prompts["images_per_row"].tolist()
+    assert set(counts) == {1, 2}  # one- and two-turn examples in one batch
+    pad = trainer.policy.processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    one_turn = trainer.policy.prompt_ids(kept)
+    for r, ids in enumerate(prompts["input_ids"].tolist()):
+        ids = [i for i, m in zip(ids, prompts["attention_mask"][r].tolist(), strict=True) if m]
+        if counts[r] == 1:
+            assert ids == one_turn[r] and answers[r] == trainer._ids(targets[r].text)
+        else:  # the first turn's prompt, then (its shifted answer, the refine turn with the picture)
+            assert ids[: len(one_turn[r])] == one_turn[r] and ids.count(pad) > one_turn[r].count(pad)
+    losses = [trainer.step(samples) for _ in range(2)]
+    assert all(np.isfinite(losses)) and trainer.step_count == 2
