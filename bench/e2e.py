@@ -15,6 +15,11 @@ What is compared (same policy, data, reward, B, G, sampling and seeds in all thr
 - sync_val / async_val (not in the default --modes): the same with validation during training, eval.every=10 on
   eval.samples=32 held-out samples (cluster/driver/validation.py), to show what validating costs the training throughput
   (`--modes async,async_val`); their figures add the validations' val/seconds.
+- sync_2turn / async_2turn (not in the default --modes): the same with episodes of two turns (rollout.max_turns=2:
+  each completion whose answer made a mask sees it and answers again); the JSON's `<mode>_2turn_step_vs_two_steps`
+  is a 2-turn step's time over two 1-turn steps' (below 1: the second turn costs less than a whole step: the
+  reward actor keeps the image's embedding, the rollout's prompt is a prefix-cache hit). With a 2-turn mode the
+  SFT teaches the refine turn too (segr1 sft --turns 2), for every mode of the run.
 A sample is one prompt (image) trained on; completions/s is samples/s x G. Throughput is steady state: the first
 `warmup` steps (engine start, first weight sync, pipeline fill) are excluded; for the Ray modes the time is the sum
 of metrics.jsonl `step_s` after the warm-up (in async mode step_s is the time between two learner steps).
@@ -50,7 +55,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 DEMO_CONFIG = REPO / "cluster" / "configs" / "demo.yaml"
-MODES = ("single_process", "sync", "async", "sync_hf", "async_hf", "sync_val", "async_val")
+MODES = (
+    "single_process",
+    "sync",
+    "async",
+    "sync_hf",
+    "async_hf",
+    "sync_val",
+    "async_val",
+    "sync_2turn",
+    "async_2turn",
+)
 
 QUICK = dict(
     preset="test",
@@ -78,8 +93,9 @@ FULL = dict(
 )
 
 
-def build_policy(work: Path, s: dict, policy: str | None) -> tuple[Path, Path]:
-    """(policy folder, training data folder): the tiny model, synthetic data and a short SFT, cached in work."""
+def build_policy(work: Path, s: dict, policy: str | None, turns: int = 1) -> tuple[Path, Path]:
+    """(policy folder, training data folder): the tiny model, synthetic data and a short SFT (`turns` 2: the
+    refine turn too), cached in work."""
     from cluster.data.synth import write_synthetic
     from cluster.dev.tiny_models import build_tiny_policy
 
@@ -91,7 +107,7 @@ def build_policy(work: Path, s: dict, policy: str | None) -> tuple[Path, Path]:
         write_synthetic(held_out, n=64, seed=1, size=s["image_px"], split="eval")
     if policy:
         return Path(policy), data
-    sft = work / "models" / "sft-policy"
+    sft = work / "models" / ("sft-policy" if turns == 1 else "sft-policy-2turn")
     if (sft / "config.json").is_file():
         return sft, data
     import torch
@@ -114,6 +130,7 @@ def build_policy(work: Path, s: dict, policy: str | None) -> tuple[Path, Path]:
         warmup_steps=5,
         n_fg=1,
         n_bg=1,
+        turns=turns,
     )
     print(
         f"SFT: {r.steps} steps in {time.perf_counter() - t0:.0f} s, loss {r.first_loss:.2f} -> {r.last_loss:.2f}"
@@ -337,6 +354,8 @@ def ray_mode(cfg, warmup: int) -> dict:
             sum(used.values()) / (t_to - t_from), 2
         )  # cores busy, of os.cpu_count()
     out["staleness_max"] = max((r["staleness_max"] for r in rows), default=0)
+    out["episode_turns_mean"] = _mean([r["episode_turns_mean"] for r in rows[warmup:]])
+    out["generated_tokens_per_step"] = _mean([r["num_tokens"] for r in rows[warmup:]])
     if len(rows) > warmup:  # the stage costs `segr1 preflight` records (`segr1 plan --throughput --profile`)
         from cluster.plan.profile import fit_profile
         from cluster.plan.throughput import Shape
@@ -387,8 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps:
         s["steps"] = args.steps
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="segr1-bench-e2e-"))
-    policy, data = build_policy(work, s, args.policy)
     modes = [m for m in MODES if m in args.modes.split(",")]
+    policy, data = build_policy(work, s, args.policy, 2 if any(m.endswith("_2turn") for m in modes) else 1)
     result: dict = {"config": _describe(s, policy, work), "load_avg_start": os.getloadavg(), "rounds": []}
     for r in range(args.rounds):
         figures = {m: measure(m, policy, data, work / f"round{r}" / m, s) for m in modes}
@@ -405,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     for m in ("sync", "async"):  # what validating every 10 steps costs, measured in the same run
         if m in result and f"{m}_val" in result:
             result[f"{m}_val_vs_{m}"] = result[f"{m}_val"]["samples_per_s"] / result[m]["samples_per_s"]
+        if m in result and f"{m}_2turn" in result:  # step time of 2 turns / (2 x step time of 1 turn)
+            result[f"{m}_2turn_step_vs_two_steps"] = (
+                result[m]["samples_per_s"] / result[f"{m}_2turn"]["samples_per_s"] / 2
+            )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(
@@ -422,6 +445,8 @@ def measure(mode: str, policy: Path, data: Path, run_dir: Path, s: dict) -> dict
         overrides.append("rollout.engine=hf")
     if mode.endswith("_val"):
         overrides += [f"data.eval={data.parent / 'eval'}", "eval.every=10", "eval.samples=32"]
+    if mode.endswith("_2turn"):
+        overrides.append("rollout.max_turns=2")
     cfg = bench_config(policy, data, run_dir, s, overrides)
     _init_ray(cfg)
     return ray_mode(cfg, s["warmup"])
