@@ -177,9 +177,9 @@ class Policy:
         """Prompt + completion rows (N, W), left-padded; completion tokens are the last ones of each row."""
         out = append_completions(prompts, completions, prompt_index, pad_token_id=self.pad_token_id)
         if "images_per_row" not in out or bool((out["images_per_row"] == 1).all()):  # vision shared per image
-            out["row_image"] = torch.as_tensor(
+            out["image_key"] = torch.as_tensor(
                 list(prompt_index), dtype=torch.long
-            )  # (N,) which prompt's image
+            )  # (I,) which prompt's image
         return out
 
     def episode_batch(
@@ -203,6 +203,13 @@ class Policy:
             [c.loss_mask for c in completions],
         )
         self._check_image_tokens(samples, batch)
+        # the vision tower once per distinct image: a group's rows share their sample's image (a negative key),
+        # each picture shown is its own
+        sample_key = {s.id: -1 - k for k, s in enumerate(samples)}
+        keys: list[int] = []
+        for s, row in zip(samples, images, strict=True):
+            keys += [sample_key[s.id], *range(len(keys), len(keys) + len(row) - 1)]
+        batch["image_key"] = torch.as_tensor(keys, dtype=torch.long)  # (I,)
         return batch
 
     # -- scoring ---------------------------------------------------------------------------------------------
@@ -249,30 +256,31 @@ class Policy:
         if "pixel_values" not in batch:
             return inputs
         pixels = batch["pixel_values"].to(self.device)
-        if not (self.share_vision and "row_image" in batch):
+        if not (self.share_vision and "image_key" in batch):
             inputs["pixel_values"] = pixels
             return inputs
         inputs["mm_encoder_outputs"] = {"image": self._shared_image_features(batch, pixels, model)}
         return inputs
 
     def _shared_image_features(self, batch: dict, pixels: torch.Tensor, model):
-        """Vision tower once per distinct image of the micro-batch; rows of one group share the output."""
+        """Vision tower once per distinct image of the micro-batch (`image_key`, one per image: the rows of one
+        group share their sample's image); every image gets its features, in the batch's order."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        grid = batch["image_grid_thw"].to(self.device)  # (N, 3)
+        grid = batch["image_grid_thw"].to(self.device)  # (I, 3)
         counts = grid.prod(dim=1).tolist()
         offsets = [0]
         for c in counts:
             offsets.append(offsets[-1] + int(c))
         first: dict[int, int] = {}
-        for row, img in enumerate(batch["row_image"]):
-            first.setdefault(int(img), row)
-        rows = list(first.values())
-        uniq_pixels = torch.cat([pixels[offsets[r] : offsets[r + 1]] for r in rows])  # (P', C*2*14*14)
+        for image, key in enumerate(batch["image_key"]):
+            first.setdefault(int(key), image)
+        picked = list(first.values())
+        uniq_pixels = torch.cat([pixels[offsets[i] : offsets[i + 1]] for i in picked])  # (P', C*2*14*14)
         with self.autocast():
-            feats = model.get_image_features(uniq_pixels, grid[rows], return_dict=True).pooler_output
-        by_image = {img: feats[i] for i, img in enumerate(first)}
-        return BaseModelOutputWithPooling(pooler_output=tuple(by_image[int(i)] for i in batch["row_image"]))
+            feats = model.get_image_features(uniq_pixels, grid[picked], return_dict=True).pooler_output
+        by_key = {key: feats[j] for j, key in enumerate(first)}
+        return BaseModelOutputWithPooling(pooler_output=tuple(by_key[int(k)] for k in batch["image_key"]))
 
     # -- weights ---------------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

@@ -21,10 +21,10 @@ from protos.messages import (
     RolloutRequest,
     SamplingConfig,
     ScoredGroup,
-    StepStats,
     check_pairs,
 )
 from protos.routing import BatchPick, GroupHeader, TrainBatch
+from protos.stats import StepStats
 from protos.weights import TensorSpec, WeightsManifest
 
 __all__ = [

@@ -3,7 +3,7 @@
 Shapes of the flow (docs/architecture.md):
   driver -RolloutRequest-> actors -RolloutGroup-> driver -RewardRequest-> reward_service -GroupScores-> driver
   driver -ScoredGroup (the RolloutGroup it kept, joined with its GroupScores)-> learner
-  learner -WeightsManifest (+ flat buckets; protos/weights.py)-> actors;  learner -StepStats-> driver
+  learner -WeightsManifest (+ flat buckets; protos/weights.py)-> actors;  learner -StepStats (protos/stats.py)-> driver
 """
 
 from __future__ import annotations
@@ -255,26 +255,6 @@ class ParsedAnswer(BaseModel):
         return self
 
 
-class RewardRequest(BaseModel):
-    """driver -> reward_service: score every completion of a group against the sample's ground truth."""
-
-    model_config = _FROZEN
-
-    group: RolloutGroup
-    sample: Sample
-    policy_image_size: int | None = Field(
-        None, ge=16, le=8192, description="Side of the square image the policy saw; None: original pixels."
-    )
-
-    @model_validator(mode="after")
-    def _same_sample(self) -> RewardRequest:
-        if self.group.sample_id != self.sample.id:
-            raise ValueError(
-                f"RewardRequest pairs group for sample {self.group.sample_id!r} with sample {self.sample.id!r}"
-            )
-        return self
-
-
 class RewardComponents(BaseModel):
     """Each reward term of one completion, so a user can see why it scored what it did."""
 
@@ -350,6 +330,37 @@ class GroupScores(BaseModel):
     def zero_variance(self) -> bool:
         """All G rewards equal (spread below ZERO_VARIANCE_TOL): every advantage is 0, no learning signal."""
         return _all_equal(self.totals)
+
+
+class RewardRequest(BaseModel):
+    """driver -> reward_service: score every completion of a group against the sample's ground truth."""
+
+    model_config = _FROZEN
+
+    group: RolloutGroup
+    sample: Sample
+    policy_image_size: int | None = Field(
+        None, ge=16, le=8192, description="Side of the square image the policy saw; None: original pixels."
+    )
+    previous: GroupScores | None = Field(
+        None,
+        description="Episodes of several turns: the group's scores after its previous turn, so that only the new "
+        "turn's answers are parsed and segmented. None: every turn is scored.",
+    )
+
+    @model_validator(mode="after")
+    def _same_sample(self) -> RewardRequest:
+        if self.group.sample_id != self.sample.id:
+            raise ValueError(
+                f"RewardRequest pairs group for sample {self.group.sample_id!r} with sample {self.sample.id!r}"
+            )
+        p = self.previous
+        if p is not None and (p.group_id != self.group.group_id or len(p.scores) != self.group.group_size):
+            raise ValueError(
+                f"RewardRequest for group {self.group.group_id!r} ({self.group.group_size} completions) got the "
+                f"previous scores of group {p.group_id!r} ({len(p.scores)} completions)"
+            )
+        return self
 
 
 class ScoredGroup(BaseModel):
@@ -444,55 +455,3 @@ def check_pairs(
                 f"{what}: {noun} {i} ({label!r}) is for sample {item.sample_id!r} but sample {i} is "
                 f"{sample.id!r}; keep the {noun}s and the samples in the same order"
             )
-
-
-class StepStats(BaseModel):
-    """learner -> driver: what one Learner.step (one batch, grpo.updates_per_batch optimiser updates) did. The
-    driver writes every field into the step's metrics.jsonl line (cluster/driver/metrics.py STEP_STATS_KEYS) next
-    to its own figures of the batch (rewards, staleness). Means are over the batch's completion tokens in the
-    loss. Strict: a figure the learner computes is declared here, or it would never reach metrics.jsonl."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    step: int = Field(ge=0)
-    policy_version: int = Field(ge=0)
-    loss: float
-    kl: float = 0.0
-    clip_fraction: float = Field(0.0, description="clip_fraction_low + clip_fraction_high.")
-    clip_fraction_low: float = Field(
-        0.0, description="Share of tokens whose lower clip won the min (ratio < 1 - clip_low, advantage < 0)."
-    )
-    clip_fraction_high: float = Field(
-        0.0,
-        description="Share of tokens whose upper clip won the min (ratio > 1 + clip_high, advantage > 0).",
-    )
-    ratio_mean: float = 1.0
-    entropy: float = Field(0.0, description="Mean -log p of the sampled tokens (per-token entropy estimate).")
-    advantage_abs_mean: float = Field(
-        0.0, ge=0.0, description="Mean |advantage| over the batch's completions."
-    )
-    skipped_non_finite: int = Field(
-        0,
-        ge=0,
-        description="Updates skipped because the gradient norm was not finite (weights left as they were).",
-    )
-    grad_norm: float = 0.0
-    lr: float = 0.0
-    num_groups: int = Field(0, ge=0)
-    num_completions: int = Field(0, ge=0)
-    num_tokens: int = Field(0, ge=0)
-    step_s: float = Field(0.0, ge=0.0)
-    num_updates: int = Field(1, ge=0, description="Optimiser updates made on the batch (mini-batches).")
-    first_ratio_mean: float = Field(
-        1.0, description="ratio_mean of the first micro-batch (1 when on-policy)."
-    )
-    first_clip_fraction: float = Field(0.0, description="clip_fraction of the first micro-batch.")
-    is_weight_mean: float = Field(1.0, description="Mean behaviour importance weight applied to the loss.")
-    is_truncated_fraction: float = Field(0.0, description="Share of tokens whose weight was cut to tis_cap.")
-    is_masked_fraction: float = Field(0.0, description="Share of tokens masked out (weight above tis_cap).")
-    mismatch_logp_abs: float = Field(
-        0.0, description="Mean |logp_behaviour - logp_old| (rollout vs learner)."
-    )
-    mismatch_outside_fraction: float = Field(
-        0.0, description="Share of tokens with pi_old / pi_behaviour outside [0.9, 1.1]."
-    )

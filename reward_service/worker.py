@@ -34,7 +34,7 @@ from protos.config import PolicySpec
 from protos.messages import check_pairs
 from reward_service import metrics as m
 from reward_service.config import RewardConfig
-from reward_service.episodes import episode_rewards, turn_items
+from reward_service.episodes import continue_items, continued_rewards, episode_rewards, turn_items
 from reward_service.predictor import CompletionPrediction, Item, Predictor
 from reward_service.rewards import GroundTruth, ground_truth, mask_counts, mask_counts_torch, zero_rewards
 from runtime.memory import peak_memory
@@ -49,7 +49,7 @@ class _Job:
     per turn of its episodes (reward_service/episodes.py; one for one-turn answers)."""
 
     request: RewardRequest
-    items: list[Item]
+    items: list[Item]  # one per turn; only the newest turn's when the request has the previous scores
     truth: GroundTruth | None = None
 
     @property
@@ -82,28 +82,34 @@ class RewardWorker:
         """This process's peak memory (runtime/memory.py): segr1 preflight's measured column."""
         return peak_memory()
 
-    def score(self, groups: list[RolloutGroup], *samples: Sample) -> list[GroupScores]:
-        """Score `groups`; sample i belongs to group i (Ray resolves ObjectRefs passed as the varargs)."""
-        return self._score(groups, samples, pictures=False)[0]
+    def score(
+        self, groups: list[RolloutGroup], *samples: Sample, previous: list[GroupScores] | None = None
+    ) -> list[GroupScores]:
+        """Score `groups`; sample i belongs to group i (Ray resolves ObjectRefs passed as the varargs).
+        `previous[i]`: group i's scores after its previous turn (episodes of several turns: only the newest turn
+        is scored, reward_service/episodes.py)."""
+        return self._score(groups, samples, False, previous)[0]
 
     def score_turn(
-        self, groups: list[RolloutGroup], *samples: Sample
+        self, groups: list[RolloutGroup], *samples: Sample, previous: list[GroupScores] | None = None
     ) -> tuple[list[GroupScores], list[list[bytes | None]]]:
         """`score`, and for each completion whose episode goes on (CompletionReward.goes_on) the picture of its
         newest mask for its next turn (runtime.overlay.feedback_image at the policy's size, PNG), else None.
         Called with Ray's num_returns=2: the driver reads the scores, the pictures go to the rollout pool."""
-        return self._score(groups, samples, pictures=True)
+        return self._score(groups, samples, True, previous)
 
     def _score(
-        self, groups: list[RolloutGroup], samples, pictures: bool
+        self, groups: list[RolloutGroup], samples, pictures: bool, previous: list[GroupScores] | None
     ) -> tuple[list[GroupScores], list[list[bytes | None]]]:
         # counts only: a group paired with the wrong sample scores 0 (bad_request) below
         check_pairs(groups, samples, f"RewardWorker {self.name!r}: score", match_ids=False)
         size = self.policy.image_size
         requests: list[RewardRequest | RolloutGroup] = []
-        for group, sample in zip(groups, samples, strict=True):
+        for group, sample, prev in zip(groups, samples, previous or [None] * len(groups), strict=True):
             try:
-                requests.append(RewardRequest(group=group, sample=sample, policy_image_size=size))
+                requests.append(
+                    RewardRequest(group=group, sample=sample, policy_image_size=size, previous=prev)
+                )
             except Exception as err:  # e.g. a group paired with the wrong sample: that group scores 0
                 logger.warning("%s: bad request for group %s: %s", self.name, group.group_id, err)
                 requests.append(group)
@@ -192,7 +198,10 @@ class RewardWorker:
         size = request.policy_image_size
         parse = lambda text, allow_stop: self.predictor.parse(text, w, h, size, allow_stop)  # noqa: E731
         key = hashlib.blake2b(s.image, digest_size=16).digest()
-        return _Job(request, turn_items(parse, request.group.completions, image, key), ground_truth(gt))
+        items = (turn_items if request.previous is None else continue_items)(
+            parse, request.group.completions, image, key
+        )
+        return _Job(request, items, ground_truth(gt))
 
     # -- results -------------------------------------------------------------------------------------------------
     def _finish(self, job: _Job) -> GroupScores:
@@ -200,8 +209,14 @@ class RewardWorker:
         if job.failure is not None:
             return self._failed_group(group, job.failure)
         counts = [_mask_counts(item.masks, job.truth) for item in job.items]
+        w, prev = self.reward.weights, job.request.previous
+        rewards = (
+            episode_rewards(job.items, counts, job.truth, w)
+            if prev is None
+            else continued_rewards(job.items[0], counts[0], job.truth, w, prev.scores)
+        )
         scores = []
-        for reward, failure in episode_rewards(job.items, counts, job.truth, self.reward.weights):
+        for reward, failure in rewards:
             scores.append(reward)
             self._record(reward.rewards, failure, group.purpose)
         return GroupScores(group_id=group.group_id, scores=scores, reward_worker=self.name)

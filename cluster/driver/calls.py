@@ -17,10 +17,14 @@ def generate_by_ref(actor: Any, chunk: Chunk) -> Any:
 
 def score_by_ref(actor: Any, chunk: Chunk, last_turn: bool = True) -> Any:
     """A chunk's scoring call: the pool waits on the scores. When its episodes may go on (not `last_turn`,
-    rollout.max_turns > 1) the next turn's pictures come back too, their ref kept for the next rollout call."""
+    rollout.max_turns > 1) the next turn's pictures come back too, their ref kept for the next rollout call. A later
+    turn sends the chunk's scores after the previous one: only the new turn's answers are segmented."""
+    prev = {"previous": chunk.scores} if chunk.scores is not None else {}
     if last_turn:
-        return actor.score.remote(chunk.rollout, *chunk.refs)
-    scores, chunk.pictures = actor.score_turn.options(num_returns=2).remote(chunk.rollout, *chunk.refs)
+        return actor.score.remote(chunk.rollout, *chunk.refs, **prev)
+    scores, chunk.pictures = actor.score_turn.options(num_returns=2).remote(
+        chunk.rollout, *chunk.refs, **prev
+    )
     return scores
 
 

@@ -275,6 +275,7 @@ class TrainDriver:
             chunk.open = 0  # nothing of it will come back: it no longer holds a place in the pipeline
             return []
         if chunk.turn < self.cfg.rollout.max_turns and any(s.goes_on for g in result for s in g.scores):
+            chunk.scores = result
             self._next_turn(chunk, result[0].reward_worker)  # as soon as this turn's masks are back
             return []
         groups = routed(chunk, result)
@@ -330,7 +331,7 @@ class TrainDriver:
             self._regenerate_chunk(chunk)
 
     def _regenerate_chunk(self, chunk: Chunk) -> None:
-        chunk.headers, chunk.turn, chunk.pictures = [], 1, None  # every turn again, from the first
+        chunk.headers, chunk.turn, chunk.pictures, chunk.scores = [], 1, None, None  # every turn again
         self.rollout.submit(chunk, lambda a, c=chunk: generate_by_ref(a, c))
 
     def _next_turn(self, chunk: Chunk, scorer: str) -> None:

@@ -94,6 +94,9 @@ class Chunk:
         None  # ObjectRef of the reward pool's pictures for the next turn (score_turn), not read here
     )
     scorer: str | None = None  # the reward actor that scored its last turn: it holds the image's embedding
+    scores: Any = (
+        None  # its groups' scores after its last turn (list[GroupScores]): the next turn's `previous`
+    )
 
 
 class Samples:

@@ -4,7 +4,8 @@ the same names and re-issue their work: two restarts, groups_lost 0, and the run
 undisturbed run would have: the same samples at every step (none skipped, none trained twice), to the same rewards
 and losses as the same steps run undisturbed (faults change nothing but time). Driven by events
 (tests/e2e/run_control.py): each kill follows a metrics line, the run is stopped once both restarts show in its
-lines, and the checks read the steps it did."""
+lines, and the checks read the steps it did. Episodes of two turns (rollout.max_turns=2): a step's chunks go
+rollout -> reward twice, so a kill may land on either turn's call, and either is retried as it is."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ RUN = (
     # new weight-sync generation, which must start from a full version
     "learner.lr=1e-10",
     "weight_sync.delta=true",
+    "rollout.max_turns=2",  # each turn's call is retried with its own inputs (the episodes so far, the pictures)
 )
 
 

@@ -78,7 +78,11 @@ def test_the_learner_scores_exactly_the_sequence_the_engine_saw(episodes):
         in_loss = batch["completion_mask"][k, width - n :].tolist()
         assert in_loss == episode.policy_mask and sum(in_loss) == len(answer1) + len(answer2)
         assert episode.token_ids[: len(answer1)] == answer1 and episode.token_ids[-len(answer2) :] == answer2
+    keys = batch["image_key"].tolist()  # per image, row 0's two then row 1's: the sample's once, each picture
+    assert keys[0] == keys[2] and len({keys[0], keys[1], keys[3]}) == 3
     logp, mask = learner.policy.logprobs(batch, temperature=1.0)  # (2, T) right-aligned
+    plain, _ = learner.policy.logprobs({k: v for k, v in batch.items() if k != "image_key"}, temperature=1.0)
+    torch.testing.assert_close(logp * mask, plain * mask, atol=1e-5, rtol=0)  # shared vision == per image
     behaviour = torch.tensor([c.logprobs for c in group.completions])  # same length: right-align is identity
     t = logp.shape[1]
     torch.testing.assert_close(logp * mask, behaviour[:, -t:] * mask, atol=2e-4, rtol=0)

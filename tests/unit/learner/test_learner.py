@@ -115,7 +115,7 @@ def test_shared_vision_features_match_per_row_images(tiny_policy_dir, batch):
     b = learner.policy.batch(prompts, [r[1] for r in rows], [r[0] for r in rows])
     with torch.no_grad():
         shared, mask = learner.policy.logprobs(b)
-        plain, _ = learner.policy.logprobs({k: v for k, v in b.items() if k != "row_image"})
+        plain, _ = learner.policy.logprobs({k: v for k, v in b.items() if k != "image_key"})
     assert torch.allclose(shared * mask, plain * mask, atol=1e-5)
 
 

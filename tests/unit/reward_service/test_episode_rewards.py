@@ -64,7 +64,7 @@ def test_an_episode_scores_its_last_turn_with_the_mean_format_and_the_iou_gained
     assert garbled.rewards.format == 0.5 and garbled.rewards.iou == 0.0
     assert garbled.rewards.refine_gain == pytest.approx(-part.rewards.iou)
     # an episode that ended at turn 1 (its second answer never came) scores as that answer, and does not go on
-    assert single.turns == [] and single.rewards == good.rewards and not single.goes_on
+    assert single.turns == [] and single.rewards == good.rewards and not single.goes_on and single.parse_ok
 
 
 def test_turn_one_scores_as_without_episodes_and_pictures_follow_what_goes_on(worker):
@@ -79,3 +79,23 @@ def test_turn_one_scores_as_without_episodes_and_pictures_follow_what_goes_on(wo
         picture = np.asarray(load_image(png))  # (POLICY, POLICY, 3): the image with the mask tinted on it
         assert picture.shape == (POLICY, POLICY, 3)
     assert not np.array_equal(pictures[0][0], pictures[0][2])  # each completion's own mask and prompts
+
+
+def test_a_later_turn_with_the_previous_scores_segments_only_its_own_answers(worker):
+    """What the training driver sends (RewardRequest.previous): the same rewards as scoring every turn again,
+    for the decodes of the newest turn only."""
+    sample, _, _ = _sample("s2", 2)
+    first = worker.score([_group("s2", [PART, PART, PART, GOOD])], sample)
+    group = _episodes(
+        "s2", [[PART, GOOD], [PART, format_stop("the mask covers it")], [PART, "garbled"], [GOOD]]
+    )
+    group = group.model_copy(update={"group_id": first[0].group_id})
+    decoded = worker.segmenter.prompts_decoded
+    again = worker.score([group], sample)[0]
+    every_turn = worker.segmenter.prompts_decoded - decoded
+    continued = worker.score([group], sample, previous=first)[0]
+    newest_only = worker.segmenter.prompts_decoded - decoded - every_turn
+    assert continued.scores == again.scores
+    assert (
+        newest_only == 1 < every_turn
+    )  # GOOD's one box of turn 2; the stop and the garbled answer have none
