@@ -1,5 +1,6 @@
 """Does looking again help? GRPO with episodes of two turns (rollout.max_turns=2) against one turn, from the same
-SFT policy, on synthetic data where one look is hard (`salient`: the target among 2-4 saturated distractors).
+SFT policy, on synthetic data where one look is hard (default `--kind salient`: the target among 2-4 saturated
+distractors).
 
     python bench/refine_evidence.py --out bench/results/refine_evidence_cpu.json [--steps 16] [--seeds 0,1,2]
 
@@ -114,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sft-steps", type=int, default=300)
     p.add_argument("--n-train", type=int, default=1024)
     p.add_argument("--n-eval", type=int, default=64)
+    p.add_argument("--kind", default="salient", help="synthetic data kind (cluster/data/synth.py KINDS)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="data.image_size (default: the demo's 56, one image token)",
+    )
     args = p.parse_args(argv)
     from cluster.config import load_config
     from cluster.data.reader import DatasetReader
@@ -121,9 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     from learner.sft import run_sft
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="segr1-refine-"))
-    cfg = load_config(DEMO_CONFIG, ["metrics.trackers=[jsonl]", "metrics.port=0"])
+    size = [f"data.image_size={args.image_size}"] if args.image_size else []
+    cfg = load_config(DEMO_CONFIG, ["metrics.trackers=[jsonl]", "metrics.port=0", *size])
     policy0, train, held_out = build_assets(
-        cfg, work / "assets", 0, args.n_train, args.n_eval, kind="salient"
+        cfg, work / "assets", 0, args.n_train, args.n_eval, kind=args.kind
     )
     cfg = _with(cfg, {"model.policy": str(policy0), "data.train": str(train), "data.eval": str(held_out)})
     sft = work / "sft-policy"
@@ -135,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     cfg = _with(cfg, {"model.policy": str(sft)})
     result: dict = {"command": " ".join(["python bench/refine_evidence.py", *(argv or sys.argv[1:])]),
-                    "load_avg_start": os.getloadavg(), "kind": "salient", "steps": args.steps,
+                    "load_avg_start": os.getloadavg(), "kind": args.kind, "steps": args.steps,
+                    "image_size": cfg.data.image_size,
                     "sft": {"eval_1turn": _eval(cfg, sft, held_out, 1), "eval_2turns": _eval(cfg, sft, held_out, 2)},
                     "runs": []}  # fmt: skip
     for seed in [int(s) for s in args.seeds.split(",")]:
