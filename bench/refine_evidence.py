@@ -106,7 +106,7 @@ def _summary(runs: list[dict]) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--work", default=None, help="folder for models, data and runs (default: a temp dir)")
@@ -122,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="data.image_size (default: the demo's 56, one image token)",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     from cluster.config import load_config
     from cluster.data.reader import DatasetReader
     from cluster.dev.demo import DEMO_CONFIG, _with, build_assets
