@@ -21,28 +21,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from protos import Completion, CompletionReward, ParsedAnswer, RewardComponents
-from reward_service.predictor import Item
+from protos import CompletionReward, ParsedAnswer, RewardComponents
+from reward_service.predictor import NO_TURN, Item
 from reward_service.rewards import GroundTruth, box_terms, combine, scores_from_counts
 
-# a turn the episode did not take (it ended before): parsed as nothing, segmented as nothing
-NO_TURN = ParsedAnswer(ok=False, failure="no_turn")
 
-
-def turn_items(parse, completions: Sequence[Completion], image, key: bytes) -> list[Item]:
-    """One Predictor item per turn index: item k holds every completion's k-th answer (NO_TURN where its episode
-    ended earlier). `parse(text, allow_stop)` parses one answer in the original image's pixels."""
-    texts = [c.texts for c in completions]
-    turns = max(len(t) for t in texts)
-    return [
-        Item(image, key, [parse(t[k], k > 0) if k < len(t) else NO_TURN for t in texts]) for k in range(turns)
-    ]
-
-
-def continue_items(parse, completions: Sequence[Completion], image, key: bytes) -> list[Item]:
-    """`turn_items` of the newest turn only: one item holding each completion's answer of the group's newest turn
-    (NO_TURN for the episodes that ended before it)."""
-    texts = [c.texts for c in completions]
+def continue_items(parse, texts: Sequence[Sequence[str]], image, key: bytes) -> list[Item]:
+    """`turn_items` (reward_service/predictor.py) of the newest turn only: one item holding each episode's answer
+    of the group's newest turn (NO_TURN for the episodes that ended before it)."""
     turns = max(len(t) for t in texts)
     return [Item(image, key, [parse(t[-1], turns > 1) if len(t) == turns else NO_TURN for t in texts])]
 

@@ -17,7 +17,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -70,6 +70,17 @@ class CompletionPrediction:
     points: list[tuple[float, float]] = field(default_factory=list)  # original pixels
     labels: list[int] = field(default_factory=list)  # 1 foreground, 0 background; one per point
     stop: bool = False  # a later turn's stop answer: no prompts, the mask shown stands (the caller keeps it)
+    # an episode of several turns: the predictions of its turns before this one, the first first (empty: one turn)
+    earlier: list[CompletionPrediction] = field(default_factory=list)
+
+    @property
+    def turns(self) -> int:
+        return len(self.earlier) + 1
+
+    @property
+    def first(self) -> CompletionPrediction:
+        """The prediction of the episode's first turn (this one for a single answer)."""
+        return self.earlier[0] if self.earlier else self
 
 
 class Predictor:
@@ -206,22 +217,22 @@ class Predictor:
         """Per group (sample i belongs to group i), one CompletionPrediction per completion, masks on the host.
 
         Bad completions, corrupt samples and segmenter errors give predictions without a mask, never an exception.
-        Identical completions of a group (greedy decoding) are parsed and segmented once."""
+        Identical completions of a group (greedy decoding) are parsed and segmented once. A completion of several
+        turns (an episode) gets its last turn's prediction (after a stop: the mask it was shown), every earlier
+        turn's in `earlier`; all its turns are segmented on one encode of the image."""
         if len(groups) != len(samples):
             raise ValueError(f"predict got {len(groups)} groups and {len(samples)} samples; pass one each")
-        texts = [list(dict.fromkeys(c.text for c in g.completions)) for g in groups]  # unique, in order
-        items = [self._item(sample, ts) for sample, ts in zip(samples, texts, strict=True)]
-        self.segment(items)
+        # unique episodes (their answers, turn by turn), in order
+        episodes = [list(dict.fromkeys(tuple(c.texts) for c in g.completions)) for g in groups]
+        per_sample = [self._turn_items(sample, eps) for sample, eps in zip(samples, episodes, strict=True)]
+        self.segment([item for items in per_sample for item in items])
         out = []
-        for group, ts, item in zip(groups, texts, items, strict=True):
-            if item.image is None:
-                out.append([CompletionPrediction(False, item.failure) for _ in group.completions])
+        for group, eps, items in zip(groups, episodes, per_sample, strict=True):
+            if items[0].image is None:
+                out.append([CompletionPrediction(False, items[0].failure) for _ in group.completions])
                 continue
-            by_text = {
-                t: _prediction(a, m, item.failure)
-                for t, a, m in zip(ts, item.answers, item.masks, strict=True)
-            }
-            out.append([by_text[c.text] for c in group.completions])
+            by_texts = {texts: episode_prediction(items, e) for e, texts in enumerate(eps)}
+            out.append([by_texts[tuple(c.texts)] for c in group.completions])
         return out
 
     def predict_answers(self, texts: Sequence[str], *samples: Sample) -> list[CompletionPrediction]:
@@ -247,6 +258,16 @@ class Predictor:
         h, w = image.shape[:2]
         size = self.policy.image_size
         return Item(image, _image_key(sample), [self.parse(t, w, h, size, allow_stop) for t in texts])
+
+    def _turn_items(self, sample: Sample, episodes: Sequence[Sequence[str]]) -> list[Item]:
+        """`turn_items` of episodes' answers on `sample` (one item, failed, when the image does not decode)."""
+        image = _decode_image(sample)
+        if image is None:
+            return [Item(None, b"", [], failure="corrupt_sample")]
+        h, w = image.shape[:2]
+        size = self.policy.image_size
+        parse = lambda text, allow_stop: self.parse(text, w, h, size, allow_stop)  # noqa: E731
+        return turn_items(parse, episodes, image, _image_key(sample))
 
     def baseline_masks(self, kind: str, *samples: Sample) -> list[np.ndarray | None]:
         """Masks of a constant answer: the whole-image box, or the centre box (middle half of each side)."""
@@ -295,6 +316,36 @@ def _prediction(answer: ParsedAnswer, mask, failure: str | None) -> CompletionPr
     if answer.prompts and failure is not None:
         return CompletionPrediction(answer.ok, answer.failure or failure, boxes, None, points, labels)
     return CompletionPrediction(answer.ok, answer.failure, boxes, mask, points, labels, stop=answer.stop)
+
+
+# a turn the episode did not take (it ended before): parsed as nothing, segmented as nothing
+NO_TURN = ParsedAnswer(ok=False, failure="no_turn")
+
+
+def turn_items(parse, episodes: Sequence[Sequence[str]], image, key: bytes) -> list[Item]:
+    """One item per turn index of episodes of answers (`episodes[c]`: completion c's answers, turn by turn): item k
+    holds every episode's k-th answer (NO_TURN where it ended earlier). `parse(text, allow_stop)` parses one
+    answer in the original image's pixels; a stop is a valid answer after the first turn."""
+    turns = max(len(t) for t in episodes)
+    return [
+        Item(image, key, [parse(t[k], k > 0) if k < len(t) else NO_TURN for t in episodes])
+        for k in range(turns)
+    ]
+
+
+def episode_prediction(items: Sequence[Item], c: int) -> CompletionPrediction:
+    """Episode c's prediction from its `turn_items`, segmented: its last turn's (a stop: the mask and prompts it
+    was shown, marked stop) with the turns before it in `earlier`."""
+    turns: list[CompletionPrediction] = []
+    for item in items:
+        answer = item.answers[c]
+        if answer is NO_TURN:
+            break
+        pred = _prediction(answer, item.masks[c], item.failure)
+        if answer.stop and turns:
+            pred = replace(turns[-1], stop=True, parse_ok=answer.ok, failure=pred.failure)
+        turns.append(pred)
+    return replace(turns[-1], earlier=turns[:-1]) if len(turns) > 1 else turns[0]
 
 
 def _image_key(sample: Sample) -> bytes:

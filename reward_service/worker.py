@@ -34,8 +34,8 @@ from protos.config import PolicySpec
 from protos.messages import check_pairs
 from reward_service import metrics as m
 from reward_service.config import RewardConfig
-from reward_service.episodes import continue_items, continued_rewards, episode_rewards, turn_items
-from reward_service.predictor import CompletionPrediction, Item, Predictor
+from reward_service.episodes import continue_items, continued_rewards, episode_rewards
+from reward_service.predictor import CompletionPrediction, Item, Predictor, turn_items
 from reward_service.rewards import GroundTruth, ground_truth, mask_counts, mask_counts_torch, zero_rewards
 from runtime.memory import peak_memory
 from runtime.threads import thread_budget
@@ -198,9 +198,8 @@ class RewardWorker:
         size = request.policy_image_size
         parse = lambda text, allow_stop: self.predictor.parse(text, w, h, size, allow_stop)  # noqa: E731
         key = hashlib.blake2b(s.image, digest_size=16).digest()
-        items = (turn_items if request.previous is None else continue_items)(
-            parse, request.group.completions, image, key
-        )
+        texts = [c.texts for c in request.group.completions]
+        items = (turn_items if request.previous is None else continue_items)(parse, texts, image, key)
         return _Job(request, items, ground_truth(gt))
 
     # -- results -------------------------------------------------------------------------------------------------

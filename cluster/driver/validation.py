@@ -6,7 +6,14 @@ Every `eval.every` optimiser steps (and before the first one with `eval.before_t
 `ValChunk`, so they interleave with training work; nothing is drained for them. They are requests of purpose
 "val": the pools count them under purpose="val", apart from training throughput. The driver's `_advance` hands every
 pool result to `Validator.take` first: a finished validation rollout goes on to the reward pool (RewardWorker.predict,
-the masks of the evaluation path), a finished prediction is stored. When a run's last chunk is in, the samples are
+the masks of the evaluation path), a finished prediction is stored.
+
+With rollout.max_turns > 1 validation looks again as training does, through the same pools: after each turn the
+reward pool scores the chunk and draws the next pictures (RewardWorker.score_turn), the rollout pool answers the
+episodes that go on (RolloutWorker.next_turns_by_ref), up to max_turns; then `predict` gives each episode's last
+mask with its earlier turns' (CompletionPrediction.earlier) and the line adds `val/iou_turn1`, `val/turns_mean` and
+`val/stop_rate` (cluster/evaluation/refine.py refinement_summary). A failed later turn leaves the episodes where
+they stood. When a run's last chunk is in, the samples are
 scored with cluster/evaluation/loop.py's `score_chunk` and `summarize` (the definitions of the demo's eval.json) and
 one line `{"step", "time", "policy_version", "val/mean_iou", "val/s_measure", "val/parse_rate", "val/box_iou",
 "val/samples", "val/missing", "val/seconds"}` goes through the driver's metrics path (metrics.jsonl, the trackers);
@@ -32,12 +39,19 @@ from typing import Any
 from cluster.driver import metrics as DM
 from cluster.evaluation.loop import score_chunk, settings_from_config, summarize
 from cluster.evaluation.metrics import DatasetMeters
+from cluster.evaluation.refine import refinement_summary
 from cluster.pools.actor_pool import ActorPool, WorkFailed
 from protos import RolloutRequest, Sample
 
 logger = logging.getLogger(__name__)
 
 VAL_METRICS: tuple[str, ...] = ("val/mean_iou", "val/s_measure", "val/parse_rate", "val/box_iou")
+# with rollout.max_turns > 1: from the summary's `refinement`
+VAL_TURN_METRICS = {
+    "val/iou_turn1": "turn1_mean_iou",
+    "val/turns_mean": "turns_mean",
+    "val/stop_rate": "stop_rate",
+}
 _GAUGES = {
     "val/mean_iou": DM.VAL_MEAN_IOU,
     "val/s_measure": DM.VAL_S_MEASURE,
@@ -81,13 +95,18 @@ class _Run:
 
 @dataclass(eq=False)
 class ValChunk:
-    """A pool key of validation work: `stage` is "generate" (rollout pool) then "predict" (reward pool)."""
+    """A pool key of validation work. `stage`: "generate" (rollout pool), then with rollout.max_turns > 1 "turn"
+    (reward pool: score_turn) and "next" (rollout pool: the next turn) until the episodes end, then "predict"
+    (reward pool). `active`: the samples whose group exists, in the order of the calls' groups."""
 
     run: _Run
     samples: list[Sample]
     refs: list[Any]
+    requests: list[RolloutRequest] = field(default_factory=list)
     stage: str = "generate"
+    turn: int = 1
     groups: list = field(default_factory=list)  # per sample its RolloutGroup, None when generation failed
+    active: list[int] = field(default_factory=list)
     preds: list = field(default_factory=list)  # per sample its CompletionPrediction, None when missing
 
 
@@ -170,6 +189,7 @@ class Validator:
                 )
                 for k, sample in enumerate(part)
             ]
+            chunk.requests = requests
             run.chunks.append(chunk)
             self.rollout.submit(chunk, lambda a, r=requests, refs=chunk.refs: a.generate.remote(r, *refs))
         run.left = len(run.chunks)
@@ -179,10 +199,8 @@ class Validator:
         """Handle a pool result if it is validation work (True), else leave it to the driver (False)."""
         if not isinstance(key, ValChunk):
             return False
-        if key.stage == "generate":
-            self._generated(key, result)
-        else:
-            self._predicted(key, result)
+        handle = {"generate": self._generated, "turn": self._turned, "next": self._answered}
+        handle.get(key.stage, self._predicted)(key, result)
         return True
 
     def _generated(self, chunk: ValChunk, result: Any) -> None:
@@ -194,17 +212,55 @@ class Validator:
             chunk.groups = [
                 g if g.sample_id == s.id else None for g, s in zip(result, chunk.samples, strict=True)
             ]
-        idx = [k for k, g in enumerate(chunk.groups) if g is not None]
-        if not idx:
+        chunk.active = [k for k, g in enumerate(chunk.groups) if g is not None]
+        if not chunk.active:
             self._predicted(chunk, WorkFailed(chunk, RuntimeError("no group to score"), 0))
+        else:
+            self._next_stage(chunk)
+
+    def _turned(self, chunk: ValChunk, result: Any) -> None:
+        """A turn scored: the episodes with a picture take the next turn; none (or a failure): the masks."""
+        pictures = None if isinstance(result, WorkFailed) else result[1]
+        if pictures is None or not any(p is not None for per_group in pictures for p in per_group):
+            chunk.turn = self.cfg.rollout.max_turns
+            self._next_stage(chunk)
             return
-        chunk.stage = "predict"
-        groups, refs = [chunk.groups[k] for k in idx], [chunk.refs[k] for k in idx]
-        chunk.preds = idx  # which samples the reward call answers, in order
-        self.reward.submit(chunk, lambda a, gs=groups, rs=refs: a.predict.remote(gs, *rs))
+        requests = [chunk.requests[k] for k in chunk.active]
+        self._submit(
+            chunk,
+            "next",
+            self.rollout,
+            lambda a, gs, rs: a.next_turns_by_ref.remote(requests, gs, pictures, *rs),
+        )
+
+    def _answered(self, chunk: ValChunk, result: Any) -> None:
+        """The next turn answered (RolloutWorker.next_turns_by_ref's (headers, groups)): score it, or, after a
+        failure, take the masks of the turns so far."""
+        if isinstance(result, WorkFailed):
+            logger.warning("validation at step %d: a later turn failed; its episodes stand", chunk.run.step)
+            chunk.turn = self.cfg.rollout.max_turns
+        else:
+            for k, group in zip(chunk.active, result[1], strict=True):
+                chunk.groups[k] = group
+            chunk.turn += 1
+        self._next_stage(chunk)
+
+    def _next_stage(self, chunk: ValChunk) -> None:
+        """After a turn's answers: the reward pool scores them for the next turn, or (the last turn) predicts."""
+        if chunk.turn < self.cfg.rollout.max_turns:
+            self._submit(chunk, "turn", self.reward, lambda a, gs, rs: a.score_turn.remote(gs, *rs))
+        else:
+            self._submit(chunk, "predict", self.reward, lambda a, gs, rs: a.predict.remote(gs, *rs))
+
+    def _submit(self, chunk: ValChunk, stage: str, pool: ActorPool, call: Callable) -> None:
+        """The chunk's next call on its active samples' groups and images (a retry sends the same)."""
+        chunk.stage = stage
+        groups = [chunk.groups[k] for k in chunk.active]
+        refs = [chunk.refs[k] for k in chunk.active]
+        pool.submit(chunk, lambda a: call(a, groups, refs))
 
     def _predicted(self, chunk: ValChunk, result: Any) -> None:
-        idx, preds = (chunk.preds if chunk.stage == "predict" else []), [None] * len(chunk.samples)
+        idx, preds = (chunk.active if chunk.stage == "predict" else []), [None] * len(chunk.samples)
         if isinstance(result, WorkFailed):
             logger.warning("validation at step %d: scoring failed: %s", chunk.run.step, result.error)
         else:
@@ -221,6 +277,8 @@ class Validator:
         for c in run.chunks:
             results += score_chunk(c.samples, c.groups, c.preds, self._settings["answer_format"], meters)
         summary = summarize(results, {}, meters)
+        turns = self.cfg.rollout.max_turns
+        refined = refinement_summary(results, turns) if turns > 1 else {}
         versions = [g.policy_version for c in run.chunks for g in c.groups if g is not None]
         line = {
             "step": run.step,
@@ -230,6 +288,7 @@ class Validator:
             "val/samples": summary["n"],
             "val/missing": summary["missing"],
             "val/seconds": time.perf_counter() - run.t0,
+            **{m: refined[k] for m, k in VAL_TURN_METRICS.items() if refined},
         }
         self._write(line)
         for m, gauge in _GAUGES.items():

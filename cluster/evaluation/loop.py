@@ -55,6 +55,12 @@ class SampleResult:
     finish_reason: str
     # the predicted 0/1 mask as PNG; None when missing
     mask_png: bytes | None = field(default=None, repr=False)
+    # an episode of several turns (rollout.max_turns > 1): the answers it took, whether it ended with a stop, the
+    # IoU of its first turn's mask (= iou for one turn) and the masks of the turns before the last (PNG or None)
+    turns: int = 1
+    stop: bool = False
+    iou_turn1: float = 0.0
+    earlier_png: list[bytes | None] = field(default_factory=list, repr=False)
 
 
 def score_sample(
@@ -69,6 +75,7 @@ def score_sample(
 
     completion = group.completions[0] if group is not None else None
     mask = pred.mask if pred is not None else None
+    earlier = pred.earlier if pred is not None else []
     true_box = mask_bbox(gt)
     b_iou = None
     if true_box is not None and answer_format == "full":
@@ -91,6 +98,10 @@ def score_sample(
         num_tokens=len(completion.token_ids) if completion is not None else 0,
         finish_reason=completion.finish_reason if completion is not None else "abort",
         mask_png=None if mask is None else encode_png(mask),
+        turns=len(earlier) + 1,
+        stop=bool(pred is not None and pred.stop),
+        iou_turn1=iou(earlier[0].mask, gt) if earlier else iou(mask, gt),
+        earlier_png=[None if p.mask is None else encode_png(p.mask) for p in earlier],
     )
 
 
@@ -200,7 +211,6 @@ def evaluate_samples(
     check_unique_ids(samples)
     sampling = sampling or SamplingConfig(temperature=0.0, max_tokens=400)
     results: list[SampleResult] = []
-    looked: list = []  # turns > 1: each sample's refinement (cluster/evaluation/refine.py Looked)
     meters = DatasetMeters()
     desc = progress if isinstance(progress, str) else "eval"
     bar = tqdm(total=len(samples), desc=desc, unit="sample", disable=not progress)
@@ -209,15 +219,14 @@ def evaluate_samples(
         groups = _generate(rollout, requests, chunk)
         preds = _predict(predictor, groups, chunk)
         if turns > 1:
-            preds, seen = refine_chunk(rollout, predictor, chunk, groups, preds, turns, sampling)
-            looked += seen
+            preds = refine_chunk(rollout, predictor, chunk, groups, preds, turns, sampling)
         results += score_chunk(chunk, groups, preds, answer_format, meters)
         bar.update(len(chunk))
     bar.close()
     base = constant_baselines(predictor, samples, batch_size) if baselines else {}
     summary = summarize(results, base, meters)
     if turns > 1:
-        summary["refinement"] = refinement_summary(looked, turns)
+        summary["refinement"] = refinement_summary(results, turns)
     return EvalRun(summary, results)
 
 

@@ -1,11 +1,12 @@
-"""Episodes of several turns outside training (`segr1 predict --turns N`): after each answer the policy sees the
+"""Episodes of several turns in-process (`segr1 predict --turns N`, `segr1 eval` with rollout.max_turns > 1): after each answer the policy sees the
 mask its prompts made (runtime/overlay.feedback_image: the mask and the prompts on the image, never the ground
 truth) with the refine text, and answers again: new prompts, or a stop that keeps the mask it was shown.
 
 An episode ends at a stop, at its N-th answer, or at an answer that does not parse (that turn has no mask, as
 an unparsable single answer has none). Each next turn is built from the ids the engine reported and generated
 (RolloutWorker.next_turns -> runtime/turns.py), so a turn's prompt is the previous turn's prompt and answer,
-token for token, then the new user turn. Training still answers once (rollout groups of one turn).
+token for token, then the new user turn. Training and validation during training take their turns through the
+pools instead (cluster/driver/loop.py, cluster/driver/validation.py).
 """
 
 from __future__ import annotations
@@ -85,53 +86,37 @@ def refine(
     return episodes
 
 
-@dataclass
-class Looked:
-    """What refinement did to one evaluated sample: its turns, whether it ended with a stop, and the IoU of its
-    first turn's mask (the evaluation's own `iou` is the last turn's)."""
-
-    turns: int = 1
-    stop: bool = False
-    iou_turn1: float | None = None
-
-
 def refine_chunk(
     rollout, predictor, chunk: Sequence[Sample], groups, preds, turns: int, sampling: SamplingConfig
-):
+) -> list:
     """Evaluation with `turns` > 1: every sample whose group and turn-1 prediction exist gets its episode (`refine`);
-    returns (each sample's last prediction, its Looked). A sample without them, or whose later turns failed,
-    keeps its first prediction (counted as one turn)."""
-    from cluster.evaluation.metrics import iou
-    from runtime.images import decode_image, decode_mask
+    returns each sample's last prediction, with its earlier turns' in `earlier` (CompletionPrediction). A sample
+    without them, or whose later turns failed, keeps its first prediction (one turn)."""
+    from runtime.images import decode_image
 
     final = list(preds)
-    looked = []
-    for s, p in zip(chunk, preds, strict=True):
-        gt = decode_mask(s.mask, f"sample {s.id!r}: mask")  # (H, W) bool
-        looked.append(Looked(iou_turn1=iou(p.mask if p is not None else None, gt)))
     idx = [k for k, (g, p) in enumerate(zip(groups, preds, strict=True)) if g is not None and p is not None]
     if not idx:
-        return final, looked
+        return final
     rgbs = [decode_image(chunk[k].image) for k in idx]
     first = ([chunk[k] for k in idx], rgbs, [groups[k] for k in idx], [preds[k] for k in idx])
     try:
         episodes = refine(rollout, predictor, *first, turns, sampling)
     except Exception as err:  # a failed later turn: the samples keep their first answer, counted as one turn
         logger.warning("eval: refining %d samples failed (%s); their first answers stand", len(idx), err)
-        return final, looked
+        return final
     for k, episode in zip(idx, episodes, strict=True):
-        final[k] = episode[-1].prediction
-        looked[k].turns, looked[k].stop = len(episode), bool(episode[-1].prediction.stop)
-    return final, looked
+        final[k] = replace(episode[-1].prediction, earlier=[t.prediction for t in episode[:-1]])
+    return final
 
 
-def refinement_summary(looked: Sequence[Looked], turns: int) -> dict:
-    """The evaluation summary's `refinement` entry: turns asked, mean turns taken, stop rate, mean turn-1 IoU."""
-    n = max(1, len(looked))
-    first = [x.iou_turn1 for x in looked if x.iou_turn1 is not None]
+def refinement_summary(results: Sequence, turns: int) -> dict:
+    """The `refinement` entry of a summary (evaluation, validation) from its SampleResults: turns asked, mean
+    turns taken, stop rate, mean IoU of the first turn's masks (the summary's mean_iou is the last turn's)."""
+    n = max(1, len(results))
     return {
         "turns": turns,
-        "turns_mean": sum(x.turns for x in looked) / n,
-        "stop_rate": sum(x.stop for x in looked) / n,
-        "turn1_mean_iou": float(np.mean(first)) if first else None,
+        "turns_mean": sum(r.turns for r in results) / n,
+        "stop_rate": sum(r.stop for r in results) / n,
+        "turn1_mean_iou": float(np.mean([r.iou_turn1 for r in results])) if results else None,
     }

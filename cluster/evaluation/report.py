@@ -39,6 +39,12 @@ def markdown_report(summary: dict, title: str = "Seg-R1 evaluation") -> str:
         f"| {summary['n']} | {_fmt(summary['parse_rate'])} | {_fmt(summary['mean_iou'])} | "
         f"{_fmt(summary['s_measure'])} | {_fmt(summary['box_iou'])} | {summary['missing']} |\n"
     )
+    if r := summary.get("refinement"):
+        parts.append(
+            f"Looking again (up to {r['turns']} turns): {r['turns_mean']:.2f} turns per sample, stop rate "
+            f"{r['stop_rate']:.2f}, mean IoU at turn 1 {_fmt(r['turn1_mean_iou'])} -> last "
+            f"{_fmt(summary['mean_iou'])}.\n"
+        )
     if summary.get("constant_baseline"):
         parts.append("Constant answers through the same segmenter (mean IoU): " + ", ".join(
             f"{k.replace('_', ' ')} box {_fmt(v['mean_iou'])}" for k, v in summary["constant_baseline"].items()
@@ -66,6 +72,9 @@ EVAL_RESULTS_COLUMNS = (
     ("box_iou", "float64"),
     ("num_tokens", "int32"),
     ("finish_reason", "string"),
+    ("turns", "int32"),
+    ("stop", "bool_"),
+    ("iou_turn1", "float64"),
     ("mask_png", "binary"),
 )
 

@@ -155,6 +155,7 @@ class _ForcedEval(_Scripted):
 
 def test_evaluation_with_turns_reports_the_last_turn_and_the_first(pools):
     from cluster.evaluation.loop import evaluate_samples
+    from cluster.evaluation.pictures import render_grid
 
     rollout, predictor = pools
     samples = [_sample(0)[0], _sample(1)[0]]
@@ -172,5 +173,11 @@ def test_evaluation_with_turns_reports_the_last_turn_and_the_first(pools):
     assert r["turn1_mean_iou"] == pytest.approx(once.summary["mean_iou"])
     stopped, moved = looked.results
     assert stopped.iou == once.results[0].iou  # a stop keeps the mask it was shown
+    assert (stopped.turns, stopped.stop, moved.turns, moved.stop) == (2, True, 2, False)
+    for r, first in zip(looked.results, once.results, strict=True):  # each turn's mask kept for the grid
+        assert r.iou_turn1 == first.iou and r.earlier_png == [first.mask_png] and first.earlier_png == []
+    # grid.png: a panel per turn (two rows: best and worst, 18 px of caption under each 32 px panel)
+    assert render_grid(once.results, samples, k=2, size=32).shape == (2 * 50, 2 * 32, 3)
+    assert render_grid(looked.results, samples, k=2, size=32).shape == (2 * 50, 2 * 2 * 32, 3)
     assert moved.boxes != once.results[1].boxes and moved.parse_ok  # the second answer's own prompts
     assert 0 < moved.iou != once.results[1].iou > 0  # and its own mask

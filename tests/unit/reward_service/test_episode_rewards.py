@@ -99,3 +99,25 @@ def test_a_later_turn_with_the_previous_scores_segments_only_its_own_answers(wor
     assert (
         newest_only == 1 < every_turn
     )  # GOOD's one box of turn 2; the stop and the garbled answer have none
+
+
+def test_predict_gives_an_episode_its_last_mask_with_every_earlier_turn(worker):
+    """The evaluation path (validation during training predicts through the reward pool): an episode's prediction
+    is its last turn's mask, a stop's is the mask it was shown, a garbled turn has none; the earlier turns' are
+    kept in order, each equal to that answer's prediction alone; all turns of one image take one encode."""
+    sample, _, _ = _sample("s3", 3)
+    (part, good, garbled) = worker.predict([_group("s3", [PART, GOOD, "garbled"])], sample)[0]
+    group = _episodes(
+        "s3", [[PART, GOOD], [PART, format_stop("the mask covers it")], [PART, "garbled"], [GOOD]]
+    )
+    encodes = worker.segmenter.encode_calls
+    refined, stopped, broken, single = worker.predict([group], sample)[0]
+    assert worker.segmenter.encode_calls - encodes <= 1
+    for episode in (refined, stopped, broken):
+        assert episode.turns == 2 and np.array_equal(episode.first.mask, part.mask)
+        assert episode.first.boxes == part.boxes and episode.earlier[0].earlier == []
+    assert np.array_equal(refined.mask, good.mask) and refined.boxes == good.boxes and not refined.stop
+    assert stopped.stop and stopped.parse_ok and np.array_equal(stopped.mask, part.mask)
+    assert stopped.boxes == part.boxes
+    assert broken.mask is None and not broken.parse_ok and broken.failure == garbled.failure
+    assert single.turns == 1 and single.earlier == [] and np.array_equal(single.mask, good.mask)
