@@ -222,7 +222,9 @@ class Policy:
         self, batch: dict, model=None, temperature: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logprobs (N, T), mask (N, T)) of the completion tokens of `batch` at the sampling `temperature`,
-        right-aligned, T = longest completion. Gradients flow when called outside no_grad."""
+        right-aligned, T = longest completion. Gradients flow when called outside no_grad. A batch of episodes
+        (`episode_slots`) runs the lm_head only where the policy answered: its pictures and user turns, most of
+        an episode's tokens, never become vocab-wide logits."""
         model = self.model if model is None else model
         t = int(batch["completion_lengths"].max()) if len(batch["completion_lengths"]) else 0
         n = batch["input_ids"].shape[0]
@@ -230,12 +232,22 @@ class Policy:
             empty = torch.zeros((n, 0), device=self.device)
             return empty, empty
         inputs = self._model_inputs(batch, model)
-        with self.autocast():
-            out = model(**inputs, logits_to_keep=t + 1, use_cache=False)
-        logits = out.logits[:, :-1]  # (N, T, V): position W-T-1+j predicts completion slot j
-        tokens = inputs["input_ids"][:, -t:]  # (N, T)
         mask = batch["completion_mask"][:, -t:].to(self.device, torch.float32)  # (N, T)
-        logp = masked_logprobs_from_logits(logits, tokens, temperature, self.suppress_ids)  # (N, T)
+        tokens = inputs["input_ids"][:, -t:]  # (N, T)
+        slots = episode_slots(mask)  # (N, K) or None
+        with self.autocast(), _lm_head_at(model, slots):
+            out = model(**inputs, logits_to_keep=t + 1, use_cache=False)
+        if slots is None:
+            logits = out.logits[:, :-1]  # (N, T, V): position W-T-1+j predicts completion slot j
+            logp = masked_logprobs_from_logits(logits, tokens, temperature, self.suppress_ids)  # (N, T)
+        else:  # out.logits (N, K, V): slot slots[r, k]'s
+            picked = masked_logprobs_from_logits(
+                out.logits, tokens.gather(1, slots), temperature, self.suppress_ids
+            )
+            keep = mask.gather(1, slots) > 0  # (N, K): the padding of rows with fewer answer tokens adds 0
+            logp = torch.zeros_like(mask).scatter_add(
+                1, slots, torch.where(keep, picked, torch.zeros_like(picked))
+            )
         # padding slots hold -inf (a suppressed pad id) or NaN (a fully masked attention row): zero them, so a
         # masked sum (x * mask) is the sum over real tokens, not NaN (their gradient was already 0)
         return torch.where(mask > 0, logp, torch.zeros_like(logp)), mask
@@ -335,3 +347,34 @@ def _apply_lora(model, learner: LearnerConfig):
         bias="none",
     )
     return peft.get_peft_model(model, lcfg)
+
+
+def episode_slots(mask: torch.Tensor) -> torch.Tensor | None:
+    """The completion slots a batch's logits are needed at, when that saves work: (N, K) slot indices, each row's
+    loss-masked slots first in order (then slots it does not need, as padding), K = the most any row needs; None
+    when the masked slots fill each row's completion (answers of one turn): every slot is scored."""
+    m = mask > 0  # (N, T)
+    counts = m.sum(1)
+    span = m.int().cumsum(1).gt(0).sum(1)  # slots from each row's first masked one to the window's end
+    if bool((counts == span).all()):
+        return None
+    k = int(counts.max())
+    return torch.argsort((~m).int(), dim=1, stable=True)[:, :k]  # (N, K)
+
+
+@contextlib.contextmanager
+def _lm_head_at(model, slots: torch.Tensor | None):
+    """While active, the model's lm_head sees only the hidden states of `slots` (N, K) (None: all of them)."""
+    if slots is None:
+        yield
+        return
+
+    def pick(_module, args):
+        hidden = args[0]  # (N, T + 1, H): the window logits_to_keep kept
+        return (hidden.gather(1, slots[..., None].expand(-1, -1, hidden.shape[-1])), *args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(pick)
+    try:
+        yield
+    finally:
+        handle.remove()

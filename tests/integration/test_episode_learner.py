@@ -88,6 +88,35 @@ def test_the_learner_scores_exactly_the_sequence_the_engine_saw(episodes):
     torch.testing.assert_close(logp * mask, behaviour[:, -t:] * mask, atol=2e-4, rtol=0)
 
 
+def test_episode_logits_are_made_only_where_the_policy_answered(episodes):
+    """The lm_head runs on the answer slots alone (K of them, not the T + 1 of the whole span with the picture and
+    the user turn), and the logprobs equal those of the full window's logits."""
+    from learner.grpo import masked_logprobs_from_logits
+
+    cfg, sample, _, _, group = episodes
+    policy = Learner(cfg.learner_spec()).policy
+    batch = policy.episode_batch([sample] * 2, [group.prompt_token_ids] * 2, group.completions)
+    shapes = []
+    head = policy.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda _m, _a, out: shapes.append(tuple(out.shape)))
+    with torch.no_grad():
+        logp, mask = policy.logprobs(batch)
+        t = logp.shape[1]
+        full = policy.model(
+            **policy._model_inputs(batch, policy.model), logits_to_keep=t + 1, use_cache=False
+        )
+    handle.remove()
+    k = int(mask.sum(1).max())
+    assert (
+        shapes[0][:2] == (2, k) and k < t // 2 and shapes[1][:2] == (2, t + 1)
+    )  # a picture is most of a span
+    tokens = batch["input_ids"][:, -t:]
+    expected = masked_logprobs_from_logits(full.logits[:, :-1], tokens, 1.0, policy.suppress_ids)
+    answered = mask > 0  # elsewhere the full window has -inf (the picture's tokens are never sampled)
+    torch.testing.assert_close(logp[answered], expected[answered], atol=1e-6, rtol=0)
+    assert logp[~answered].abs().max() == 0  # nothing outside the answers
+
+
 def test_a_grpo_step_on_two_turn_episodes_covers_only_the_policys_tokens(episodes):
     cfg, sample, _, _, group = episodes
     learner = Learner(cfg.learner_spec())

@@ -76,3 +76,55 @@ def scored_groups(
         rewards = [round(rng.uniform(0.0, 2.0), 3) for _ in range(group_size)]
         groups.append(ScoredGroup(group=group, scores=[reward(r) for r in rewards]))
     return groups
+
+
+@torch.no_grad()
+def episode_groups(
+    policy: Policy,
+    samples: Sequence[Sample],
+    group_size: int,
+    seed: int = 0,
+    max_tokens: int = 24,
+    every: int = 2,
+) -> list[ScoredGroup]:
+    """`scored_groups` with every `every`-th completion (the first included) an episode of two turns, joined as the rollout workers join
+    them (runtime.turns.join_turns): its answer, the picture of a mask (the image's top-left quarter) after the
+    refine turn, a second answer. Behaviour logprobs are the policy's own over the whole episode."""
+    import numpy as np
+
+    from runtime.images import decode_image, encode_png, resize_for_policy
+    from runtime.overlay import feedback_image
+    from runtime.qwen_vl import encode_prompt_ids
+    from runtime.turns import join_turns, next_turn_ids
+
+    tok, size = policy.processor.tokenizer, policy.spec.image_size
+    refine = policy.spec.prompt.refine_text(size)
+    out = []
+    for k, (scored, sample) in enumerate(
+        zip(scored_groups(policy, samples, group_size, seed, max_tokens), samples, strict=True)
+    ):
+        group, rgb = scored.group, decode_image(sample.image)  # (H, W, 3)
+        h, w = rgb.shape[:2]
+        mask = np.zeros((h, w), bool)
+        mask[: h // 2, : w // 2] = True
+        picture = feedback_image(rgb, mask, size, [[0, 0, w // 2, h // 2]], [], [])
+        comps = list(group.completions)
+        for c in range(0, group_size, every):
+            ids = next_turn_ids(tok, group.prompt_token_ids, comps[c].token_ids, refine)
+            images = [[resize_for_policy(sample.image, size), picture]]
+            prompt = unpadded_ids(encode_prompt_ids(policy.processor, images, [ids], collapsed=True))[0]
+            text = answer_texts(1, seed * 1000 + k * group_size + c, size)[0]
+            answer = tok.encode(text, add_special_tokens=False)[:max_tokens]
+            second = Completion(text=tok.decode(answer), token_ids=answer, logprobs=[0.0] * len(answer))
+            turns = [(group.prompt_token_ids, comps[c]), (prompt, second)]
+            comps[c] = join_turns(turns, [encode_png(np.asarray(picture))])
+        batch = policy.episode_batch([sample] * group_size, [group.prompt_token_ids] * group_size, comps)
+        logp, in_loss = policy.logprobs(batch)  # (G, T) right-aligned
+        comps = [
+            c.model_copy(
+                update={"logprobs": (logp[r] * in_loss[r])[logp.shape[1] - len(c.token_ids) :].tolist()}
+            )
+            for r, c in enumerate(comps)
+        ]
+        out.append(scored.model_copy(update={"group": group.model_copy(update={"completions": comps})}))
+    return out

@@ -200,3 +200,15 @@ def test_logprobs_from_logits_use_the_sampling_temperature():
         z = [v / temp for v in (2.0, 0.0, -1.0)]
         want = z[0] - math.log(sum(math.exp(v) for v in z))
         assert masked_logprobs_from_logits(logits, tokens, temp).item() == pytest.approx(want, abs=1e-6)
+
+
+def test_episode_slots_pick_the_answer_slots_only_where_a_row_has_a_gap():
+    from learner.policy import episode_slots
+
+    one_turn = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]], dtype=torch.float32)  # right-aligned answers
+    assert episode_slots(one_turn) is None  # every slot from an answer's start is scored: no saving
+    episodes = torch.tensor([[1, 1, 0, 0, 0, 1], [0, 0, 0, 1, 1, 1], [1, 0, 0, 0, 1, 1]], dtype=torch.float32)
+    slots = episode_slots(episodes)
+    assert slots.tolist() == [[0, 1, 5], [3, 4, 5], [0, 4, 5]]  # each row's answer slots, in order
+    padded = episode_slots(torch.tensor([[1, 0, 0, 1], [0, 0, 0, 1]], dtype=torch.float32))
+    assert padded.shape == (2, 2) and padded[0].tolist() == [0, 3] and padded[1, 0] == 3

@@ -1,7 +1,8 @@
 """The sharded learner (FSDP2 over a real gloo group of 2 processes, torch.multiprocessing spawn, no Ray) against
 the plain 1-rank learner on the same start weights and batches: the updated weights are equal within float32
 tolerance (one update per batch, three updates per batch with a rank that has an empty micro-batch, LoRA);
-every rank returns the same StepStats; rank 0's weight-sync sender sends the gathered weights bucket by bucket;
+every rank returns the same StepStats; episodes of two turns (two images in a row, the logits at the answers only)
+step alike; rank 0's weight-sync sender sends the gathered weights bucket by bucket;
 a checkpoint or a send that fails on rank 0 alone raises without leaving rank 1 in a collective; a checkpoint written by 2 ranks loads into 1 rank and one written by 1
 rank into 2, with the same weights and optimiser state, and the next step equals the uninterrupted one."""
 
@@ -19,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from cluster.data.synth import generate_samples
 from learner.learner import Learner
 from runtime.weights.inprocess import InProcessChannel
-from tests.support.synthetic import scored_groups
+from tests.support.synthetic import episode_groups, scored_groups
 
 torch.set_num_threads(2)
 TOL = {"rtol": 1e-5, "atol": 2e-6}
@@ -45,7 +46,7 @@ def _optimizer_tensors(learner: Learner) -> dict[str, torch.Tensor]:
     return out
 
 
-def _rank(rank: int, port: int, policy_dir: str, out: str, batches) -> None:
+def _rank(rank: int, port: int, policy_dir: str, out: str, batches, episodes) -> None:
     """One rank of the 2-rank group: a fresh learner's two steps (weights, stats, a checkpoint after the first),
     then a learner resumed from the 1-rank checkpoint and its next step, then three updates per batch."""
     torch.set_num_threads(1)
@@ -91,6 +92,9 @@ def _rank(rank: int, port: int, policy_dir: str, out: str, batches) -> None:
     d = Learner(_cfg(policy_dir, str(out / "ckpt4"), lora_rank=4).learner_spec(), rank, 2, init)
     d.step(g1, *s1)
     save("two_lora", d.export_weights())
+    e = Learner(_cfg(policy_dir, str(out / "ckpt5")).learner_spec(), rank, 2, init)
+    stats.append(e.step(*_args(episodes)).model_dump())
+    save("two_episodes", e.export_weights())
     (out / f"stats{rank}.json").write_text(json.dumps(stats))
 
 
@@ -119,6 +123,8 @@ def runs(tiny_policy_dir, tmp_path_factory):
     batches = [
         (s, scored_groups(one.policy, s, group_size=4, seed=k, max_tokens=24)) for k, s in enumerate(samples)
     ]
+    more = list(generate_samples(2, seed=2, size=64))
+    episodes = (more, episode_groups(one.policy, more, group_size=4, seed=2, max_tokens=16))
     ref = {"stats1": one.step(*_args(batches[0])).model_dump()}
     ref["w1"], ref["opt1"] = one.export_weights(), _optimizer_tensors(one)
     one.save_checkpoint(data_cursor={"at": 1})
@@ -130,7 +136,10 @@ def runs(tiny_policy_dir, tmp_path_factory):
     lora = Learner(_cfg(policy_dir, str(out / "ckpt4"), lora_rank=4).learner_spec())
     lora.step(*_args(batches[0]))
     ref["lora"] = lora.export_weights()
-    tmp.spawn(_rank, args=(_free_port(), policy_dir, str(out), batches), nprocs=2, join=True)
+    ep = Learner(_cfg(policy_dir, str(out / "ckpt5")).learner_spec())
+    ref["stats_episodes"] = ep.step(*_args(episodes)).model_dump()
+    ref["episodes"] = ep.export_weights()
+    tmp.spawn(_rank, args=(_free_port(), policy_dir, str(out), batches, episodes), nprocs=2, join=True)
     return out, ref, batches
 
 
@@ -167,7 +176,15 @@ def test_two_ranks_step_equals_one_rank_and_ranks_agree(runs):
     _assert_weights_close(load_file(str(out / "two_w2.safetensors")), ref["w2"])
     _assert_weights_close(load_file(str(out / "two_u3.safetensors")), ref["u3"])
     _assert_weights_close(load_file(str(out / "two_lora.safetensors")), ref["lora"])
-    for got, want in ((s0[0], ref["stats1"]), (s0[1], ref["stats2"]), (s0[5], ref["stats_u3"])):
+    _assert_weights_close(load_file(str(out / "two_episodes.safetensors")), ref["episodes"])
+    pairs = (
+        (s0[0], ref["stats1"]),
+        (s0[1], ref["stats2"]),
+        (s0[5], ref["stats_u3"]),
+        (s0[6], ref["stats_episodes"]),
+    )
+    assert ref["stats_episodes"]["num_tokens"] > 0 and ref["episodes"] != {}
+    for got, want in pairs:
         for key in ("loss", "grad_norm", "kl", "entropy", "ratio_mean", "num_tokens", "is_weight_mean"):
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
         assert got["num_updates"] == want["num_updates"] and got["policy_version"] == want["policy_version"]
