@@ -12,8 +12,12 @@ Learner (per rank; learner.ranks ranks, FSDP2 sharding parameters, gradients and
                holds unsharded (the issue's mixed-precision policy: bf16 gathered parameters)
   activations  per decoder layer and token (text) / vision block and patch, learner.gradient_checkpointing keeps
                only each layer's float32 input and recomputes one layer at a time
-  logits       rows x (max_tokens + 1) x vocab x (compute bytes + 12): the lm_head output, the float32 log-softmax
-               input kept for backward, and its gradient with softmax in backward
+  logits       rows x (answer slots + 1) x vocab x (compute bytes + 12): the lm_head output, the float32
+               log-softmax input kept for backward, and its gradient with softmax in backward; answer slots =
+               max_tokens, or T x max_tokens for episodes of rollout.max_turns T (the lm_head runs only where
+               the policy answered, learner/policy.py episode_slots)
+  attention    on CPU without checkpointing: rows x heads x L^2 x 4 per layer (SDPA's math path with a padding
+               mask keeps the weights; GPU kernels keep O(L))
   reference    P x model.dtype bytes / ranks: sharded like the policy (grpo.beta > 0, not under LoRA without
                model.reference)
   overhead     CUDA context + allocator slack on a GPU
@@ -46,6 +50,9 @@ ALLOCATOR_SLACK = 0.05  # fraction of the torch allocations lost to fragmentatio
 VLLM_DEFAULT_MAX_MODEL_LEN = 8192  # actors/config.py: max_model_len None -> 8192
 VLLM_BATCHED_TOKENS = 8192  # tokens of vLLM's profiling forward (its max_num_batched_tokens)
 TEMPLATE_TOKENS = 30  # chat template tokens around the system and user texts
+LATER_TURN_TOKENS = (
+    12  # a later user turn's template: turn end, user header, vision start / end, assistant header
+)
 CHARS_PER_TOKEN = 3.0  # the prompt text's characters per token (English BPE runs ~4: this overestimates)
 SAM2_ENCODE_BATCH = 16  # reward_service/segmenters/hf_sam2.py encode_batch_size on CUDA
 
@@ -83,25 +90,40 @@ class PoolPlan:
 
 @dataclass(frozen=True)
 class Sequence:
-    """Token counts of one training row: the prompt (image tokens + text) and the completion."""
+    """Token counts of one training row: the prompt (image tokens + text) and the completion; with `turns` > 1
+    (rollout.max_turns) the row is an episode: after each answer but the last, a user turn of `refine_tokens`
+    with one more picture of `image_tokens` (every episode taking every turn: the longest row)."""
 
     image_patches: int
     image_tokens: int
     text_tokens: int
     completion: int
+    turns: int = 1
+    refine_tokens: int = 0
 
     @property
     def prompt(self) -> int:
         return self.image_tokens + self.text_tokens
 
     @property
+    def span(self) -> int:
+        """Tokens after the first prompt: the learner's completion span (its logits)."""
+        return self.turns * self.completion + (self.turns - 1) * (self.image_tokens + self.refine_tokens)
+
+    @property
     def total(self) -> int:
-        return self.prompt + self.completion
+        return self.prompt + self.span
+
+    @property
+    def answers(self) -> int:
+        """The policy's own tokens of a row (every turn's answer): the slots the learner makes logits at."""
+        return self.turns * self.completion
 
 
 def estimate_sequence(cfg, s: PolicyShapes) -> Sequence:
     """Prompt and completion lengths of cfg: image tokens exact (processor rounding), text estimated from the
-    characters of the rendered training prompt, completion rollout.sampling.max_tokens."""
+    characters of the rendered training prompt (and of the refine turn), completion rollout.sampling.max_tokens,
+    rollout.max_turns turns."""
     from protos.answer import default_instruction
 
     fmt, size = cfg.reward.answer_format, cfg.data.image_size
@@ -111,7 +133,11 @@ def estimate_sequence(cfg, s: PolicyShapes) -> Sequence:
     )
     patches, img = image_tokens(s, size)
     words = math.ceil(len(text) / CHARS_PER_TOKEN) + TEMPLATE_TOKENS
-    return Sequence(patches, img, words, cfg.rollout.sampling.max_tokens)
+    turns = cfg.rollout.max_turns
+    refine = (
+        math.ceil(len(prompts.refine_text(size)) / CHARS_PER_TOKEN) + LATER_TURN_TOKENS if turns > 1 else 0
+    )
+    return Sequence(patches, img, words, cfg.rollout.sampling.max_tokens, turns, refine)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -170,12 +196,14 @@ def rows_per_forward(cfg) -> int:
     return min(lc.micro_batch_size, mine)
 
 
-def images_per_forward(cfg, rows: int) -> int:
+def images_per_forward(cfg, rows: int, turns: int = 1) -> int:
     """Distinct images of a forward: the vision tower runs once per group's image when one rank holds the whole
-    policy (learner/policy.py share_vision); FSDP2 ranks run it once per row."""
+    policy (learner/policy.py share_vision); FSDP2 ranks run it once per row. Each picture of a later turn is
+    its row's own (`turns`: rollout.max_turns)."""
+    pictures = rows * (turns - 1)
     if cfg.learner.ranks > 1:
-        return rows
-    return min(rows, math.ceil((rows - 1) / cfg.grpo.group_size) + 1)
+        return rows + pictures
+    return min(rows, math.ceil((rows - 1) / cfg.grpo.group_size) + 1) + pictures
 
 
 def learner_precision(cfg) -> tuple[int, bool]:
@@ -212,18 +240,22 @@ def learner_plan(cfg, s: PolicyShapes, seq: Sequence) -> PoolPlan:
         gathered = (root + root_grads + 2 * counts["max_block"]) * compute
         pool.add("fsdp2 gathered", gathered, f"(root {root:,} + its grads + 2 x block) x {compute} B")
     rows = rows_per_forward(cfg)
-    images = images_per_forward(cfg, rows)
+    images = images_per_forward(cfg, rows, seq.turns)
     ckpt = lc.gradient_checkpointing
     text, vision = activation_bytes(s, rows, seq.total, images, seq.image_patches, compute, ckpt)
     other = activation_bytes(s, rows, seq.total, images, seq.image_patches, compute, not ckpt)
     how = "checkpointed (without: {:.1f} GB)" if ckpt else "all layers kept (checkpointed: {:.1f} GB)"
-    what = f"{rows} rows x {seq.total} tokens x {s.layers} layers, {how.format(other[0] / GB)}"
+    episodes = f" (episodes of {seq.turns} turns)" if seq.turns > 1 else ""
+    what = f"{rows} rows x {seq.total} tokens{episodes} x {s.layers} layers, {how.format(other[0] / GB)}"
     pool.add("activations text", text, what)
     what = f"{images} images x {seq.image_patches} patches, {how.format(other[1] / GB)}"
     pool.add("activations vision", vision, what)
-    pool.add(
-        "logits", logits_bytes(s, rows, seq.completion, compute), f"{rows} x {seq.completion + 1} x {s.vocab}"
-    )
+    pool.add("logits", logits_bytes(s, rows, seq.answers, compute), f"{rows} x {seq.answers + 1} x {s.vocab}")
+    if not on_gpu and not ckpt:
+        # CPU SDPA with a padding mask: its math path keeps each layer's (rows, heads, L, L) weights for backward
+        # (checkpointed: one layer's at a time, while the logits are already freed)
+        what = f"{rows} rows x {s.heads} heads x {seq.total}^2 x 4 B x {s.layers} layers (CPU attention)"
+        pool.add("attention", rows * s.heads * seq.total**2 * 4 * s.layers, what)
     if cfg.grpo.beta > 0 and not (lc.lora_rank > 0 and cfg.model.reference is None):
         ref = reference_bytes_per_param(cfg, on_gpu)
         what = f"{total:,} x {ref} B / {ranks}, sharded (grpo.beta={cfg.grpo.beta})"
@@ -267,7 +299,8 @@ def rollout_plan(cfg, s: PolicyShapes, seq: Sequence, gpu_bytes: int) -> PoolPla
     fit = kv_tokens // seq.total
     pool.notes.append(
         f"KV: {per_token:,} B a token -> {kv_tokens:,} tokens = {fit} sequences of {seq.prompt} prompt + "
-        f"{seq.completion} completion tokens (one generate call batches {seqs})"
+        f"{seq.span} completion tokens{f' (episodes of {seq.turns} turns)' if seq.turns > 1 else ''} "
+        f"(one generate call batches {seqs})"
     )
     pool.notes.append(
         f"vision encoder profiled at one data.image_size image ({seq.image_tokens} tokens; the engine's "
@@ -310,8 +343,9 @@ def sample_bytes(cfg) -> int:
 
 
 def group_bytes(cfg, seq: Sequence) -> int:
-    """One RolloutGroup: G completions of max_tokens (id + logprob each) and the prompt ids."""
-    return cfg.grpo.group_size * seq.completion * TOKEN_BYTES + seq.prompt * 8
+    """One RolloutGroup: G completions of max_tokens (id + logprob each; episodes: their whole span) and the
+    prompt ids."""
+    return cfg.grpo.group_size * seq.span * TOKEN_BYTES + seq.prompt * 8
 
 
 def object_store_plan(cfg, s: PolicyShapes, seq: Sequence) -> list[PoolPlan]:

@@ -116,6 +116,14 @@ def _check(cfg, plan: MemoryPlan, model_shapes: str | None) -> None:
             f"max_model_len {need:,}; vLLM refuses to start"
         )
         plan.advice.append(_rollout_advice(cfg, plan, need, model_shapes))
+    if cfg.rollout.engine == "vllm" and plan.sequence.total > need:
+        seq = plan.sequence
+        what = f"an episode of rollout.max_turns={seq.turns} turns" if seq.turns > 1 else "a sequence"
+        plan.failures.append(
+            f"rollout: {what} runs to about {seq.total:,} tokens ({seq.prompt:,} prompt + {seq.span:,}), more "
+            f"than rollout.max_model_len {need:,}: vLLM refuses it; raise rollout.max_model_len, or lower "
+            "rollout.max_turns / data.image_size / rollout.sampling.max_tokens"
+        )
 
 
 def with_overrides(cfg, *overrides: str):
@@ -196,7 +204,12 @@ def format_plan(cfg, plan: MemoryPlan) -> str:
         f"# memory plan ({where})",
         *(f"#   {src}" for src in plan.sources),
         f"#   a row: {s.image_tokens} image tokens ({s.image_patches} patches) + ~{s.text_tokens} text tokens + "
-        f"{s.completion} completion tokens = {s.total}",
+        + (
+            f"{s.completion} completion tokens = {s.total}"
+            if s.turns == 1
+            else f"{s.turns} x {s.completion} answer tokens + {s.turns - 1} x ({s.image_tokens} picture + "
+            f"~{s.refine_tokens} refine) tokens = {s.total} (an episode taking every turn)"
+        ),
     ]
     for p in plan.pools:
         unit = ("per GPU" if p.on_gpu else "per process") + f", {p.actors} actor(s)"

@@ -87,6 +87,31 @@ def test_qwen7b_fits_with_its_ranks_and_one_rank_names_the_learner_and_the_fix(c
     assert "\n# memory plan (per GPU of 80 GB)\n" in capsys.readouterr().out
 
 
+def test_episodes_are_planned_at_their_longest_and_a_too_long_one_is_refused(capsys):
+    """rollout.max_turns T: a row holds T answers, T images and T - 1 user turns; the logits only the answers'
+    slots; an episode longer than vLLM's max_model_len fails the plan, naming the fields to change."""
+    from cluster.config import load_config
+    from cluster.plan.report import build_plan
+
+    qwen7b = str(CONFIGS / "qwen7b-8gpu.yaml")
+    one, two = (build_plan(load_config(qwen7b, [f"rollout.max_turns={t}"])) for t in (1, 2))
+    a, b = one.sequence, two.sequence
+    assert (a.turns, b.turns, a.refine_tokens) == (1, 2, 0) and b.refine_tokens > 0
+    assert (
+        b.total == a.total + a.image_tokens + b.refine_tokens + a.completion and b.answers == 2 * a.completion
+    )
+    terms = [{t.name: t for t in p.pools[0].terms} for p in (one, two)]
+    assert terms[1]["logits"].bytes == pytest.approx(terms[0]["logits"].bytes * (2 * 400 + 1) / 401)
+    assert "(episodes of 2 turns)" in terms[1]["activations text"].formula
+    assert not one.failures and two.failures == [] or "learner" in two.failures[0]
+    assert main(["plan", "--config", qwen7b, "rollout.max_turns=8"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        "an episode of rollout.max_turns=8 turns runs to about" in err
+        and "rollout.max_model_len 8,192" in err
+    )
+
+
 def test_plan_says_what_each_pods_object_store_must_hold(capsys):
     """Ray's object store per node (cluster/k8s sizes /dev/shm from it): a rollout pod holds one weight version
     in the rollout dtype, more than the 0.95 x 16 GiB a 16Gi /dev/shm gives Ray (issue 29)."""
@@ -221,20 +246,25 @@ def _storage_bytes(tensors) -> int:
     return sum(t.untyped_storage().nbytes() for t in tensors)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_learner_terms_agree_with_a_measured_cpu_step(tiny_policy_dir, checkpointing):
+@pytest.mark.parametrize(("checkpointing", "turns"), [(False, 1), (True, 1), (False, 2)])
+def test_learner_terms_agree_with_a_measured_cpu_step(tiny_policy_dir, checkpointing, turns):
     """Static terms (parameters, AdamW states, the reference) equal the storages after a step; the dynamic ones
     (gradients + activations + logits) are within 25% of the step's allocation peak. Step 2 is measured, so the
-    AdamW states already exist and the peak is the forward/backward's."""
+    AdamW states already exist and the peak is the forward/backward's. `turns` 2: every completion an episode of
+    two turns (two images a row, a picture and a user turn between the answers)."""
     from cluster.data.synth import generate_samples
     from learner.learner import Learner
-    from tests.support.synthetic import scored_groups
+    from tests.support.synthetic import episode_groups, scored_groups
     from tests.unit.learner.test_learner import make_cfg
 
     cfg = make_cfg(tiny_policy_dir, micro_batch_size=16, gradient_checkpointing=checkpointing)
     samples = list(generate_samples(4, seed=0, size=64))
     learner = Learner(cfg.learner_spec())
-    groups = scored_groups(learner.policy, samples, group_size=4, seed=1, max_tokens=48)
+    if turns == 1:
+        groups = scored_groups(learner.policy, samples, group_size=4, seed=1, max_tokens=48)
+    else:
+        groups = episode_groups(learner.policy, samples, group_size=4, seed=1, max_tokens=24, every=1)
+    answer = max(len(t) for g in groups for c in g.group.completions for t in _answers(c))
     seen = []
     logprobs = learner.policy.logprobs
 
@@ -249,7 +279,10 @@ def test_learner_terms_agree_with_a_measured_cpu_step(tiny_policy_dir, checkpoin
     rows, width, completion = seen[-1]
     shapes = load_policy_shapes(str(tiny_policy_dir))[0]
     patches, img = image_tokens(shapes, cfg.data.image_size)
-    plan = learner_plan(cfg, shapes, Sequence(patches, img, width - completion - img, completion))
+    refine = completion - turns * answer - (turns - 1) * img  # the user turns' tokens between the answers
+    seq = Sequence(patches, img, width - completion - img, answer, turns, refine)
+    assert seq.total == width and seq.span == completion
+    plan = learner_plan(cfg, shapes, seq)
     terms = {t.name: t.bytes for t in plan.terms}
     assert rows == 16 and not plan.on_gpu
 
@@ -259,9 +292,25 @@ def test_learner_terms_agree_with_a_measured_cpu_step(tiny_policy_dir, checkpoin
     assert terms["parameters"] == _storage_bytes(learner.policy.model.parameters())
     assert terms["reference"] == _storage_bytes(learner.policy.reference.parameters())
     assert math.isclose(terms["optimiser"], optimiser, rel_tol=1e-3)  # + AdamW's step counters
-    dynamic = sum(terms[k] for k in ("gradients", "activations text", "activations vision", "logits"))
+    dynamic = sum(
+        terms.get(k, 0)
+        for k in ("gradients", "activations text", "activations vision", "logits", "attention")
+    )
     ratio = dynamic / peak
     print(
-        f"checkpointing={checkpointing}: plan {dynamic:,} B, measured peak {peak:,} B, plan/measured {ratio:.3f}"
+        f"checkpointing={checkpointing} turns={turns}: plan {dynamic:,} B, measured peak {peak:,} B, "
+        f"plan/measured {ratio:.3f}"
     )
     assert 0.75 <= ratio <= 1.25
+
+
+def _answers(completion) -> list[list[int]]:
+    """Each turn's answer tokens of a completion (runs of policy_mask 1)."""
+    mask = completion.policy_mask or [1] * len(completion.token_ids)
+    runs, run = [], []
+    for tok, m in zip(completion.token_ids, mask, strict=True):
+        if m:
+            run.append(tok)
+        elif run:
+            runs, run = [*runs, run], []
+    return [*runs, run] if run else runs
