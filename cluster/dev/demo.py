@@ -103,14 +103,18 @@ def evaluate_policy(
     ecfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"policy": str(policy)})})
     samples = load_samples(held_out)
     settings = settings_from_config(ecfg, greedy=True)
-    run = evaluate_samples(
-        RolloutWorker(ecfg.policy_spec("eval"), ecfg.rollout, "eval-rollout"),
-        Predictor(ecfg.policy_spec("eval"), ecfg.reward, "eval-0"),
-        samples,
-        baselines=baselines,
-        progress=desc,
-        **settings,
-    )
+    rollout = RolloutWorker(ecfg.policy_spec("eval"), ecfg.rollout, "eval-rollout")
+    try:
+        run = evaluate_samples(
+            rollout,
+            Predictor(ecfg.policy_spec("eval"), ecfg.reward, "eval-0"),
+            samples,
+            baselines=baselines,
+            progress=desc,
+            **settings,
+        )
+    finally:  # the engine's KV cache and model, before the next evaluation builds its own
+        rollout.close()
     image = render_grid(run.results, samples)
     if image is not None:
         grid.write_bytes(encode_png(image))
