@@ -45,6 +45,8 @@ def next_turns(
     turns: list[NextTurn] = []
     where: list[tuple[int, int, bytes]] = []
     for g, (req, group, shown, sample) in enumerate(zip(requests, groups, pictures, samples, strict=True)):
+        if all(png is None for png in shown):  # none of the group's episodes goes on
+            continue
         image = resize_for_policy(sample.image, image_size)
         for c, (episode, png) in enumerate(zip(group.completions, shown, strict=True)):
             if png is None:
