@@ -4,6 +4,8 @@ distractors).
 
     python bench/refine_evidence.py --out bench/results/refine_evidence_cpu.json [--steps 16] [--seeds 0,1,2]
 
+Run again with the same --out and --work, it keeps the seeds already measured and adds the others.
+
 One SFT policy (the demo's tiny policy, `segr1 sft --turns 2`: it knows the answer and the refine format), then
 for each RL seed three runs of the demo config (local Ray, vLLM rollout, GrabCut reward):
 - `one_turn`:          rollout.max_turns=1, --steps GRPO steps;
@@ -106,6 +108,16 @@ def _summary(runs: list[dict]) -> dict:
     return out
 
 
+def _resumed(out: Path, kind: str, steps: int, image_size: int) -> dict | None:
+    """The runs already in `out` when it measured the same comparison (kind, steps, image size): a later call
+    with the same --work adds the seeds it lacks (each call is a fresh process)."""
+    if not out.is_file():
+        return None
+    old = json.loads(out.read_text())
+    same = (old.get("kind"), old.get("steps"), old.get("image_size")) == (kind, steps, image_size)
+    return old if same else None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON file to write")
@@ -147,12 +159,15 @@ def main(argv: list[str] | None = None) -> int:
             f"SFT (two-turn examples on half): {r.steps} steps, loss {r.first_loss:.2f} -> {r.last_loss:.2f}"
         )
     cfg = _with(cfg, {"model.policy": str(sft)})
-    result: dict = {"command": " ".join(["python bench/refine_evidence.py", *(argv or sys.argv[1:])]),
-                    "load_avg_start": os.getloadavg(), "kind": args.kind, "steps": args.steps,
-                    "image_size": cfg.data.image_size,
-                    "sft": {"eval_1turn": _eval(cfg, sft, held_out, 1), "eval_2turns": _eval(cfg, sft, held_out, 2)},
-                    "runs": []}  # fmt: skip
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    result = _resumed(Path(args.out), args.kind, args.steps, cfg.data.image_size)
+    if result is None:
+        result = {"command": " ".join(["python bench/refine_evidence.py", *(argv or sys.argv[1:])]),
+                  "load_avg_start": os.getloadavg(), "kind": args.kind, "steps": args.steps,
+                  "image_size": cfg.data.image_size,
+                  "sft": {"eval_1turn": _eval(cfg, sft, held_out, 1), "eval_2turns": _eval(cfg, sft, held_out, 2)},
+                  "runs": []}  # fmt: skip
+    done = {r["seed"] for r in result["runs"]}
+    for seed in [int(s) for s in args.seeds.split(",") if int(s) not in done]:
         run: dict = {"seed": seed}
         plan = [("two_turns", 2, args.steps), ("one_turn", 1, args.steps)]
         for arm, turns, steps in plan:
