@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -61,6 +62,8 @@ def _train(cfg, run_dir: Path, seed: int, turns: int, steps: int) -> tuple[Path,
     from cluster.launch import run_training
     from cluster.pools.topology import init_ray
 
+    if run_dir.exists():  # a run left by an earlier call: its metrics lines would be counted with ours
+        shutil.rmtree(run_dir)
     rcfg = _with(
         cfg,
         {
