@@ -7,7 +7,9 @@ The batch is `tests.support.synthetic.scored_groups`: answer-shaped completions 
 behaviour logprobs computed by the policy itself. Two steps on CUDA (the first pays for kernel selection and
 the allocator; the second is the figure), one with --tiny. Peak memory is torch.cuda.max_memory_allocated over
 the steps (weights, reference, gradients, AdamW state and activations). `segr1 plan`'s prediction (the same
-override) is printed beside it.
+override) is printed beside it. Then one step on episodes of two turns (`tests.support.synthetic.episode_groups`:
+half the completions answer twice around the picture of a mask, two images in their rows; the lm_head only at the
+answers): its seconds and peak memory, beside the plan's prediction for rollout.max_turns=2.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ def run(ctx: Context) -> dict:
     figures = {"step_s": round(steps[-1][0], 3), **peak_memory(ctx)}
     if len(steps) > 1:
         figures["first_step_s"] = round(steps[0][0], 3)
+    episodes = _episode_step(ctx, cfg, learner, samples)
+    figures.update({f"episode_{k}": v for k, v in episodes.pop("figures").items()})
     lc = cfg.learner
     stats = steps[-1][1]
     detail = {
@@ -88,15 +92,50 @@ def run(ctx: Context) -> dict:
         "synthetic_groups_s": round(groups_s, 2),
         "loss": stats.loss,
         "grad_norm": stats.grad_norm,
+        "episodes": episodes,
     }
     return {"figures": figures, "detail": detail}
 
 
-def plan_prediction() -> str:
+def _episode_step(ctx: Context, cfg, learner, samples) -> dict:
+    """One GRPO step on two-turn episodes of the same samples: figures (seconds, peak memory) and detail."""
+    from tests.support.synthetic import episode_groups
+
+    groups = episode_groups(
+        learner.policy, samples, cfg.grpo.group_size, seed=2, max_tokens=cfg.rollout.sampling.max_tokens
+    )
+    reset_peak_memory(ctx)
+    t0 = time.perf_counter()
+    stats = learner.step(groups, *samples)
+    synchronize(ctx)
+    if stats.skipped_non_finite or not stats.grad_norm > 0:
+        raise RuntimeError(f"episode step: grad_norm {stats.grad_norm}, skipped {stats.skipped_non_finite}")
+    return {
+        "figures": {"step_s": round(time.perf_counter() - t0, 3), **peak_memory(ctx)},
+        "turns": 2,
+        "completions": stats.num_completions,
+        "policy_tokens": stats.num_tokens,
+        "longest_row_tokens": max(
+            len(g.group.prompt_token_ids) + len(c.token_ids) for g in groups for c in g.group.completions
+        ),
+        "plan": plan_prediction("rollout.max_turns=2"),
+    }
+
+
+def plan_prediction(*extra: str) -> str:
     """What `segr1 plan --config cluster/configs/qwen3b-1gpu.yaml` predicts, or "not available"."""
     if importlib.util.find_spec("cluster.commands.plan") is None:
         return "not available (no `segr1 plan` command in this checkout)"
-    cmd = [sys.executable, "-m", "cluster.cli", "plan", "--config", str(ONE_GPU_CONFIG), *FULL_FINE_TUNING]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cluster.cli",
+        "plan",
+        "--config",
+        str(ONE_GPU_CONFIG),
+        *FULL_FINE_TUNING,
+        *extra,
+    ]
     try:
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:

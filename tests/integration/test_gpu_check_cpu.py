@@ -67,6 +67,8 @@ def test_cpu_mode_runs_every_part_it_can(tmp_path):
     reward_figures = {"grouped_masks_per_s", "naive_masks_per_s", "grouped_over_naive"}
     assert set(parts["reward_hf_sam2"]["figures"]) == reward_figures  # grouped and naive both measured
     assert parts["learner_step"]["detail"]["gradient_checkpointing"]  # the 1-GPU config's settings
+    episodes = parts["learner_step"]["detail"]["episodes"]  # a step on two-turn episodes, the plan beside it
+    assert episodes["policy_tokens"] > 0 and "episodes of 2 turns" in episodes["plan"]
     assert parts["ipc_publish"]["detail"]["gloo"]["gb_per_s"] > 0  # the two-process harness itself ran
     gpu_tests = parts["pytest_gpu"]["detail"]
     assert gpu_tests["tests"] >= 7 and gpu_tests["skipped"] == gpu_tests["tests"] and gpu_tests["failed"] == 0
