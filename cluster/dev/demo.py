@@ -57,7 +57,10 @@ def run_sft_stage(cfg: TrainConfig, out: Path, steps: int, time_limit_s: float) 
     from cluster.data.reader import DatasetReader
     from learner.sft import run_sft
 
-    folder = out / "sft-policy"
+    turns = (
+        2 if cfg.rollout.max_turns > 1 else 1
+    )  # with episodes: the refine format too (segr1 sft's default)
+    folder = out / ("sft-policy" if turns == 1 else "sft-policy-2turn")
     if (folder / "config.json").is_file():
         _say(phase(2, f"SFT warm-up: the policy of an earlier run, {folder}"))
         return folder
@@ -76,6 +79,7 @@ def run_sft_stage(cfg: TrainConfig, out: Path, steps: int, time_limit_s: float) 
         lr=3e-3,
         progress=progress,
         time_limit_s=time_limit_s,
+        turns=turns,
     )
     bar.set_postfix(loss=f"{result.first_loss:.3f} -> {result.last_loss:.3f}")
     bar.close()
@@ -168,8 +172,8 @@ def _smooth(values: list[float], k: int = 5) -> list[float]:
 
 
 def _eval_figures(summary: dict) -> dict:
-    keys = ("mean_iou", "s_measure", "parse_rate", "box_iou", "n", "missing")
-    return {k: summary.get(k) for k in keys}
+    keys = ("mean_iou", "s_measure", "parse_rate", "box_iou", "n", "missing", "refinement")
+    return {k: summary[k] for k in keys if k in summary}
 
 
 def run_demo(
@@ -299,6 +303,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=KINDS,
         help="synthetic data kind (single: one red object, what the ~2M-parameter policy learns to find in minutes)",
     )
+    p.add_argument(
+        "--turns",
+        type=int,
+        default=None,
+        help="rollout.max_turns: 2 lets the policy see the mask its answer made and answer again (SFT teaches "
+        "the refine turn too; the evaluations report turn 1 and the last; docs/refinement.md)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     return p
 
@@ -326,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_demo_process()
     # the libraries' INFO lines (Ray's, matplotlib's) are not for the demo's reader; warnings and errors are
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config, args.overrides)
+    turns = [f"rollout.max_turns={args.turns}"] if args.turns else []
+    cfg = load_config(args.config, [*args.overrides, *turns])
     result = run_demo(
         cfg,
         Path(args.out),

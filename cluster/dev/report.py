@@ -51,11 +51,24 @@ def summary_lines(result: dict, out: Path) -> list[str]:
         f"  {box}: {base['mean_iou']:.3f}, the demo's bar: after RL is {verdict} it",
         f"  parse rate: {_rate(before)} before, {_rate(after)} after; GRPO: {train['steps']} steps, "
         f"{train['groups_trained']} of {train['groups_generated']} groups trained, {train['groups_lost']} lost",
+        *_looking_again(before, after),
         f"  pictures:    {out / 'grid_before_rl.png'}, grid_after_rl.png, reward_curve.png",
         f"  metrics:     {out / 'metrics.jsonl'} (per step), eval.json (these figures), summary.json (the job)",
         f"  TensorBoard: tensorboard --logdir {out}",
     ]
     return lines
+
+
+def _looking_again(before: dict, after: dict) -> list[str]:
+    """With rollout.max_turns > 1: the first turn's IoU against the last's, before and after RL."""
+    if "refinement" not in after:
+        return []
+    b, a = before.get("refinement", {}), after["refinement"]
+    first = lambda r, last: f"{r.get('turn1_mean_iou') or 0.0:.3f} -> {last or 0.0:.3f}"  # noqa: E731
+    return [
+        f"  turn 1 -> last (up to {a['turns']} turns): {first(b, before.get('mean_iou'))} before RL, "
+        f"{first(a, after.get('mean_iou'))} after; {a['turns_mean']:.2f} turns a sample, {a['stop_rate']:.2f} stop"
+    ]
 
 
 def _rate(figures: dict) -> str:

@@ -42,12 +42,16 @@ def _tile(result: SampleResult, sample: Sample, size: int) -> np.ndarray:
     panels = []
     for t, png in enumerate(result.earlier_png, start=1):
         mask = decode_mask(png) if png is not None else None
-        panels.append(_panel(overlay(image, mask, [], gt=gt), size, f"turn {t} IoU {iou(mask, gt):.2f}"))
+        caption = (
+            f"{name} turn {t} IoU {iou(mask, gt):.2f}" if t == 1 else f"turn {t} IoU {iou(mask, gt):.2f}"
+        )
+        panels.append(_panel(overlay(image, mask, [], gt=gt), size, caption))
     mask = decode_mask(result.mask_png) if result.mask_png is not None else None
-    last = f"turn {result.turns}{' stop' if result.stop else ''} " if result.earlier_png else ""
-    panels.append(
-        _panel(overlay(image, mask, result.boxes, gt=gt), size, f"{last}IoU {result.iou:.2f} {name}")
-    )
+    stop = " stop" if result.stop else ""
+    caption = f"turn {result.turns}{stop} IoU {result.iou:.2f}" if panels else f"IoU {result.iou:.2f} {name}"
+    panels.append(_panel(overlay(image, mask, result.boxes, gt=gt), size, caption))
+    if len(panels) > 1:  # a white gap after the sample's turns, before the next sample's
+        panels.append(np.full((size + 18, 6, 3), 255, np.uint8))
     return np.concatenate(panels, axis=1)
 
 

@@ -178,6 +178,10 @@ def test_evaluation_with_turns_reports_the_last_turn_and_the_first(pools):
         assert r.iou_turn1 == first.iou and r.earlier_png == [first.mask_png] and first.earlier_png == []
     # grid.png: a panel per turn (two rows: best and worst, 18 px of caption under each 32 px panel)
     assert render_grid(once.results, samples, k=2, size=32).shape == (2 * 50, 2 * 32, 3)
-    assert render_grid(looked.results, samples, k=2, size=32).shape == (2 * 50, 2 * 2 * 32, 3)
+    assert render_grid(looked.results, samples, k=2, size=32).shape == (
+        2 * 50,
+        2 * (2 * 32 + 6),
+        3,
+    )  # + a gap
     assert moved.boxes != once.results[1].boxes and moved.parse_ok  # the second answer's own prompts
     assert 0 < moved.iou != once.results[1].iou > 0  # and its own mask

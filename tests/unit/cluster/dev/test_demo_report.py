@@ -56,6 +56,28 @@ def test_summary_of_a_run_without_parsed_figures():
     assert "0.315 before RL -> 0.000 after" in lines[1] and "1.00 before, n/a after" in lines[3]
 
 
+def test_summary_of_a_run_that_looks_again_gives_turn_one_and_the_last():
+    result = _result()
+    result["before_rl"]["refinement"] = {
+        "turns": 2,
+        "turns_mean": 1.9,
+        "stop_rate": 0.0,
+        "turn1_mean_iou": 0.3,
+    }
+    result["after_rl"]["refinement"] = {
+        "turns": 2,
+        "turns_mean": 1.5,
+        "stop_rate": 0.5,
+        "turn1_mean_iou": 0.5,
+    }
+    lines = summary_lines(result, Path("runs/demo-2turn"))
+    assert lines[4] == (
+        "  turn 1 -> last (up to 2 turns): 0.300 -> 0.315 before RL, 0.500 -> 0.524 after; 1.50 turns a sample, "
+        "0.50 stop"
+    )
+    assert len(lines) == len(summary_lines(_result(), Path("runs/demo"))) + 1 and len(lines[4]) <= 120
+
+
 def test_phase_labels():
     assert PHASES == 6 and phase(4, "RL (GRPO sync)") == "[4/6] RL (GRPO sync)"
 
