@@ -28,6 +28,12 @@ MAX_SHIFT = 0.6  # the shift's bound per axis, as a fraction of the object's box
 STOP_THINK = "the mask covers the object"
 
 
+def default_turns(max_turns: int) -> int:
+    """The SFT's turns for a job of rollout.max_turns: with episodes of several turns, two-turn examples too (the
+    refine format before RL), else one."""
+    return 2 if max_turns > 1 else 1
+
+
 @dataclass(frozen=True)
 class RefineExample:
     """The two answers of a two-turn example and the picture shown between them (PIL, NxN)."""

@@ -251,23 +251,29 @@ class Predictor:
             for item in items
         ]
 
-    def _item(self, sample: Sample, texts: list[str], allow_stop: bool = False) -> Item:
+    def _parsing(self, sample: Sample):
+        """(the decoded image, its key, `parse(text, allow_stop)` in its pixels), or None when it does not decode."""
         image = _decode_image(sample)
         if image is None:
-            return Item(None, b"", [], failure="corrupt_sample")
+            return None
         h, w = image.shape[:2]
         size = self.policy.image_size
-        return Item(image, _image_key(sample), [self.parse(t, w, h, size, allow_stop) for t in texts])
+        return image, _image_key(sample), lambda text, allow_stop: self.parse(text, w, h, size, allow_stop)
+
+    def _item(self, sample: Sample, texts: list[str], allow_stop: bool = False) -> Item:
+        on = self._parsing(sample)
+        if on is None:
+            return Item(None, b"", [], failure="corrupt_sample")
+        image, key, parse = on
+        return Item(image, key, [parse(t, allow_stop) for t in texts])
 
     def _turn_items(self, sample: Sample, episodes: Sequence[Sequence[str]]) -> list[Item]:
         """`turn_items` of episodes' answers on `sample` (one item, failed, when the image does not decode)."""
-        image = _decode_image(sample)
-        if image is None:
+        on = self._parsing(sample)
+        if on is None:
             return [Item(None, b"", [], failure="corrupt_sample")]
-        h, w = image.shape[:2]
-        size = self.policy.image_size
-        parse = lambda text, allow_stop: self.parse(text, w, h, size, allow_stop)  # noqa: E731
-        return turn_items(parse, episodes, image, _image_key(sample))
+        image, key, parse = on
+        return turn_items(parse, episodes, image, key)
 
     def baseline_masks(self, kind: str, *samples: Sample) -> list[np.ndarray | None]:
         """Masks of a constant answer: the whole-image box, or the centre box (middle half of each side)."""
@@ -333,6 +339,12 @@ def turn_items(parse, episodes: Sequence[Sequence[str]], image, key: bytes) -> l
     ]
 
 
+def kept_on_stop(shown: CompletionPrediction, stop: CompletionPrediction) -> CompletionPrediction:
+    """A later turn that answered stop: the mask and prompts it was shown stand, marked stop, with the stop
+    answer's own parse result."""
+    return replace(shown, stop=True, parse_ok=stop.parse_ok, failure=stop.failure)
+
+
 def episode_prediction(items: Sequence[Item], c: int) -> CompletionPrediction:
     """Episode c's prediction from its `turn_items`, segmented: its last turn's (a stop: the mask and prompts it
     was shown, marked stop) with the turns before it in `earlier`."""
@@ -342,9 +354,7 @@ def episode_prediction(items: Sequence[Item], c: int) -> CompletionPrediction:
         if answer is NO_TURN:
             break
         pred = _prediction(answer, item.masks[c], item.failure)
-        if answer.stop and turns:
-            pred = replace(turns[-1], stop=True, parse_ok=answer.ok, failure=pred.failure)
-        turns.append(pred)
+        turns.append(kept_on_stop(turns[-1], pred) if answer.stop and turns else pred)
     return replace(turns[-1], earlier=turns[:-1]) if len(turns) > 1 else turns[0]
 
 

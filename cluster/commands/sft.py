@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cluster.data.reader import DatasetError, DatasetReader
     from learner.sft import run_sft
+    from learner.sft_turns import default_turns
 
     out = Path(args.out) if args.out else Path(cfg.metrics.run_dir) / "sft-policy"
     if not Path(cfg.model.policy).is_dir():
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             warmup_steps=args.warmup_steps,
             n_fg=args.fg_points,
             n_bg=args.bg_points,
-            turns=args.turns or (2 if cfg.rollout.max_turns > 1 else 1),
+            turns=args.turns or default_turns(cfg.rollout.max_turns),
             refine_share=args.refine_share,
         )
     except DatasetError as err:

@@ -56,10 +56,9 @@ def run_sft_stage(cfg: TrainConfig, out: Path, steps: int, time_limit_s: float) 
 
     from cluster.data.reader import DatasetReader
     from learner.sft import run_sft
+    from learner.sft_turns import default_turns
 
-    turns = (
-        2 if cfg.rollout.max_turns > 1 else 1
-    )  # with episodes: the refine format too (segr1 sft's default)
+    turns = default_turns(cfg.rollout.max_turns)  # with episodes, the refine turn too (as `segr1 sft`)
     folder = out / ("sft-policy" if turns == 1 else "sft-policy-2turn")
     if (folder / "config.json").is_file():
         _say(phase(2, f"SFT warm-up: the policy of an earlier run, {folder}"))

@@ -76,6 +76,7 @@ def score_sample(
     completion = group.completions[0] if group is not None else None
     mask = pred.mask if pred is not None else None
     earlier = pred.earlier if pred is not None else []
+    last_iou = iou(mask, gt)
     true_box = mask_bbox(gt)
     b_iou = None
     if true_box is not None and answer_format == "full":
@@ -91,7 +92,7 @@ def score_sample(
         parse_ok=bool(pred is not None and pred.parse_ok),
         parse_failure=(pred.failure if pred is not None else "generation_failed"),
         missing=mask is None,
-        iou=iou(mask, gt),
+        iou=last_iou,
         s_measure=s_measure(mask, gt),
         box_iou=b_iou,
         boxes=list(pred.boxes) if pred is not None else [],
@@ -100,7 +101,7 @@ def score_sample(
         mask_png=None if mask is None else encode_png(mask),
         turns=len(earlier) + 1,
         stop=bool(pred is not None and pred.stop),
-        iou_turn1=iou(earlier[0].mask, gt) if earlier else iou(mask, gt),
+        iou_turn1=iou(earlier[0].mask, gt) if earlier else last_iou,
         earlier_png=[None if p.mask is None else encode_png(p.mask) for p in earlier],
     )
 

@@ -1,6 +1,7 @@
-"""Episodes of several turns in-process (`segr1 predict --turns N`, `segr1 eval` with rollout.max_turns > 1): after each answer the policy sees the
-mask its prompts made (runtime/overlay.feedback_image: the mask and the prompts on the image, never the ground
-truth) with the refine text, and answers again: new prompts, or a stop that keeps the mask it was shown.
+"""Episodes of several turns in-process (`segr1 predict --turns N`, `segr1 eval` with rollout.max_turns > 1):
+after each answer the policy sees the mask its prompts made (runtime/overlay.feedback_image: the mask and the
+prompts on the image, never the ground truth) with the refine text, and answers again: new prompts, or a stop that
+keeps the mask it was shown.
 
 An episode ends at a stop, at its N-th answer, or at an answer that does not parse (that turn has no mask, as
 an unparsable single answer has none). Each next turn is built from the ids the engine reported and generated
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from protos import RolloutGroup, Sample, SamplingConfig
+from reward_service.predictor import kept_on_stop
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +81,7 @@ def refine(
         for k, i in enumerate(active):
             pred = preds[k]
             if pred.stop:  # the mask shown stands
-                shown = episodes[i][-1].prediction
-                pred = replace(shown, stop=True, failure=pred.failure, parse_ok=pred.parse_ok)
+                pred = kept_on_stop(episodes[i][-1].prediction, pred)
             answer = list(batch.completions[k][0].token_ids)
             episodes[i].append(Turn(texts[k], pred, batch.prompt_token_ids[k], answer, pictures[i][-1]))
     return episodes

@@ -50,9 +50,8 @@ ALLOCATOR_SLACK = 0.05  # fraction of the torch allocations lost to fragmentatio
 VLLM_DEFAULT_MAX_MODEL_LEN = 8192  # actors/config.py: max_model_len None -> 8192
 VLLM_BATCHED_TOKENS = 8192  # tokens of vLLM's profiling forward (its max_num_batched_tokens)
 TEMPLATE_TOKENS = 30  # chat template tokens around the system and user texts
-LATER_TURN_TOKENS = (
-    12  # a later user turn's template: turn end, user header, vision start / end, assistant header
-)
+# a later user turn's template tokens: turn end, user header, vision start / end, assistant header
+LATER_TURN_TOKENS = 12
 CHARS_PER_TOKEN = 3.0  # the prompt text's characters per token (English BPE runs ~4: this overestimates)
 SAM2_ENCODE_BATCH = 16  # reward_service/segmenters/hf_sam2.py encode_batch_size on CUDA
 
