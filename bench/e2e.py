@@ -12,6 +12,8 @@ What is compared (same policy, data, reward, B, G, sampling and seeds in all thr
   workers, the learner, the driver actor; gloo weight broadcast), grpo.mode=sync / async (max_staleness 1).
 - sync_hf / async_hf (not in the default --modes): sync / async with the transformers rollout engine
   (rollout.engine=hf) instead of vLLM, to compare the shipped engine with the fallback in the same run.
+- sync_compiled / async_compiled (not in the default --modes): sync / async with vLLM compiled
+  (rollout.enforce_eager=false: torch.compile of the model, as on a GPU) instead of eager, the CPU default.
 - sync_val / async_val (not in the default --modes): the same with validation during training, eval.every=10 on
   eval.samples=32 held-out samples (cluster/driver/validation.py), to show what validating costs the training throughput
   (`--modes async,async_val`); their figures add the validations' val/seconds.
@@ -61,6 +63,8 @@ MODES = (
     "async",
     "sync_hf",
     "async_hf",
+    "sync_compiled",
+    "async_compiled",
     "sync_val",
     "async_val",
     "sync_2turn",
@@ -443,6 +447,8 @@ def measure(mode: str, policy: Path, data: Path, run_dir: Path, s: dict) -> dict
     overrides = [f"grpo.mode={mode.split('_')[0]}"]
     if mode.endswith("_hf"):
         overrides.append("rollout.engine=hf")
+    if mode.endswith("_compiled"):
+        overrides.append("rollout.enforce_eager=false")
     if mode.endswith("_val"):
         overrides += [f"data.eval={data.parent / 'eval'}", "eval.every=10", "eval.samples=32"]
     if mode.endswith("_2turn"):

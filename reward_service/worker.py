@@ -14,7 +14,8 @@ traceback. All are counted (segr1_reward_parse_failures) and logged.
 
 Timings (GroupScores.encode_s / decode_s / total_s) are each group's share of the batched call (encode: split over
 the groups that share an image; decode: by number of prompts; total: by number of completions), so summing them
-over a call's groups gives the call's measured times.
+over a call's groups gives the call's measured times. A later turn's (the request carries the previous turn's
+scores) add the earlier turns', so an episode's scores hold its reward seconds over every turn.
 """
 
 from __future__ import annotations
@@ -255,13 +256,15 @@ class RewardWorker:
             m.REWARD.observe(getattr(rewards, term), worker=self.name, term=term)
 
     def _with_timings(self, jobs: list[_Job], out: list[GroupScores], total_s: float) -> list[GroupScores]:
+        """Each group's share of the call; a later turn's (a request with `previous`) adds its earlier turns', so
+        an episode's scores carry its reward seconds over every turn."""
         n = sum(job.request.group.group_size for job in jobs) or 1
         return [
             gs.model_copy(
                 update={
-                    "encode_s": sum(item.encode_s for item in job.items),
-                    "decode_s": sum(item.decode_s for item in job.items),
-                    "total_s": total_s * job.request.group.group_size / n,
+                    "encode_s": sum(item.encode_s for item in job.items) + _earlier(job, "encode_s"),
+                    "decode_s": sum(item.decode_s for item in job.items) + _earlier(job, "decode_s"),
+                    "total_s": total_s * job.request.group.group_size / n + _earlier(job, "total_s"),
                 }
             )
             for job, gs in zip(jobs, out, strict=True)
@@ -290,3 +293,8 @@ def _mask_counts(masks: list, truth: GroundTruth) -> list[np.ndarray | None]:
     for k, row in zip(with_mask, mask_counts_torch(unions, truth), strict=True):
         out[k] = row
     return out
+
+
+def _earlier(job: _Job, timing: str) -> float:
+    previous = job.request.previous
+    return getattr(previous, timing) if previous is not None else 0.0

@@ -34,6 +34,14 @@ def register(sub) -> None:
     p.add_argument(
         "--gpus", type=int, default=None, metavar="N", help="with --throughput: the best splits of N GPUs"
     )
+    p.add_argument(
+        "--turns-mean",
+        type=float,
+        default=None,
+        metavar="T",
+        help="with --throughput and rollout.max_turns > 1: the turns an episode takes on average (a run's "
+        "episode_turns_mean); default rollout.max_turns, every episode taking every turn",
+    )
     p.set_defaults(func=run)
 
 

@@ -28,7 +28,11 @@ def run_throughput(cfg, args: argparse.Namespace) -> int:
     cpu_profile_for_gpu = on_gpu and profile.cores is not None
     if cpu_profile_for_gpu:  # on GPUs each pool owns its devices: no shared cores, whatever the profile saw
         profile = replace(profile, cores=None)
-    out = {"prediction": predict(Shape.from_config(cfg), profile).to_json(), "profile": args.profile}
+    try:
+        shape = Shape.from_config(cfg, args.turns_mean, args.model_shapes)
+    except ValueError as err:
+        raise CommandError(f"--turns-mean: {err}", exit_code=2) from None
+    out = {"prediction": predict(shape, profile).to_json(), "profile": args.profile}
     out["cpu_profile_for_gpu_config"] = cpu_profile_for_gpu
     if args.gpus is not None:
         if args.gpus < 1:
@@ -36,7 +40,7 @@ def run_throughput(cfg, args: argparse.Namespace) -> int:
                 f"--gpus {args.gpus}: pass the number of GPUs to split, e.g. --gpus 8", exit_code=2
             )
         try:
-            splits = best_splits(cfg, profile, args.gpus, _learner_fits(cfg, args))
+            splits = best_splits(shape, cfg, profile, args.gpus, _learner_fits(cfg, args))
         except ValueError as err:
             raise CommandError(f"--gpus {args.gpus}: {err}", exit_code=2) from None
         out["splits"] = [
@@ -70,6 +74,7 @@ def format_throughput(cfg, profile, out: dict) -> str:
         f"  busy per step: rollout {busy['rollout']:.3g} s x {shape['rollout_workers']} workers, reward "
         f"{busy['reward']:.3g} s x {shape['reward_workers']}, learner {busy['learner']:.3g} s x "
         f"{shape['learner_ranks']} ranks",
+        *_turn_lines(shape),
         f"  profile: {out['profile']} ({profile.source or 'measured'}; "
         + (
             f"CPU, {profile.cores:g} shared cores)"
@@ -93,3 +98,12 @@ def format_throughput(cfg, profile, out: dict) -> str:
         if not out["splits"]:
             lines.append("  none fits: see `segr1 plan` for what does not fit in memory")
     return "\n".join(lines)
+
+
+def _turn_lines(shape: dict) -> list[str]:
+    if shape["max_turns"] <= 1:
+        return []
+    return [
+        f"  episodes: {shape['turns']:g} turns on average of rollout.max_turns={shape['max_turns']} (--turns-mean); "
+        f"a later turn adds {shape['later_turn_tokens']:.2f}x a one-turn row's tokens to the learner's rows"
+    ]

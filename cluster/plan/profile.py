@@ -8,6 +8,8 @@ The stage lines are fitted from synchronous steps, where each call runs alone wh
 reward worker (with none, from every step: on GPUs each pool owns its devices, so a call's time does not depend on
 what overlaps it); two or more batch sizes give each stage its fixed and per-prompt parts (one size:
 proportional).
+A run of episodes (rollout.max_turns > 1) is fitted with the turns its lines measured (`episode_turns_mean`): a
+chunk's calls at chunk x turns prompts and the learner's rows at their longer length (`Shape.episode_tokens`).
 What a mode's steps take beyond the stages (the driver, Ray's calls and transfers) is that mode's overhead: the
 mean over its steps, seconds per step (a per-prompt term fitted on one-worker runs over-charged larger batches in
 bench/plan_validation.py).
@@ -23,14 +25,16 @@ Run = tuple[Shape, list[dict]]  # a config's shape and its steady-state metrics.
 
 
 def fit_profile(runs: list[Run], cores: float | None, source: str = "") -> Profile:
-    steps = [(shape, line) for shape, lines in runs for line in lines]
+    steps = [(_as_measured(shape, line), line) for shape, lines in runs for line in lines]
     if not steps:
         raise ValueError("no measured step to fit a profile from")
     sync = [(shape, line) for shape, line in steps if shape.mode == "sync"] or steps
     stages = Profile(
-        rollout=Linear.fit([(s.chunk, x["generate_s"]) for s, x in sync]),
-        reward=Linear.fit([(s.chunk, x["score_s"] / s.calls) for s, x in sync]),
-        learner=Linear.fit([(s.batch_size / s.learner_ranks, x["learner_s"]) for s, x in sync]),
+        rollout=Linear.fit([(s.chunk * s.turns, x["generate_s"]) for s, x in sync]),
+        reward=Linear.fit([(s.chunk * s.turns, x["score_s"] / s.calls) for s, x in sync]),
+        learner=Linear.fit(
+            [(s.batch_size / s.learner_ranks * s.episode_tokens, x["learner_s"]) for s, x in sync]
+        ),
         weight_sync=Linear.fit([(s.rollout_workers, x["weight_sync_s"]) for s, x in sync]),
         overhead={},
         cores=cores,
@@ -38,7 +42,7 @@ def fit_profile(runs: list[Run], cores: float | None, source: str = "") -> Profi
     overhead = {}
     for mode in sorted({shape.mode for shape, _ in runs}):
         extra = [
-            max(0.0, x["step_s"] - predict(shape, stages).step_s)
+            max(0.0, x["step_s"] - predict(_as_measured(shape, x), stages).step_s)
             for shape, lines in runs
             if shape.mode == mode
             for x in lines
@@ -49,3 +53,12 @@ def fit_profile(runs: list[Run], cores: float | None, source: str = "") -> Profi
         for s, lines in runs
     }
     return replace(stages, overhead=overhead, source=source, measured={"steps": measured})
+
+
+def _as_measured(shape: Shape, line: dict) -> Shape:
+    """The shape with the turns per episode the step measured (episodes of several turns)."""
+    if shape.max_turns <= 1:
+        return shape
+    return replace(
+        shape, turns=min(shape.max_turns, max(1.0, float(line.get("episode_turns_mean", shape.turns))))
+    )

@@ -29,13 +29,16 @@ def gpus_per_actor(cfg) -> tuple[float, float, float]:
     return rollout, cfg.reward.resources.num_gpus, learner
 
 
-def best_splits(cfg, profile: Profile, gpus: int, learner_fits=None, top: int = 5) -> list[Split]:
-    """The splits of `gpus` GPUs, most samples/s first (fewer GPUs first on a tie). `learner_fits(ranks)` says
-    whether the learner fits in memory at that many ranks (default: always)."""
+def best_splits(
+    shape: Shape, cfg, profile: Profile, gpus: int, learner_fits=None, top: int = 5
+) -> list[Split]:
+    """The splits of `gpus` GPUs for cfg's `shape` (Shape.from_config), most samples/s first (fewer GPUs first
+    on a tie). `learner_fits(ranks)` says whether the learner fits in memory at that many ranks (default:
+    always)."""
     per = gpus_per_actor(cfg)
     if min(per) <= 0:
         raise ValueError("a split of GPUs needs a GPU config: every pool with resources.num_gpus > 0")
-    shape, out = Shape.from_config(cfg), []
+    out = []
     for ranks in range(1, int(gpus / per[2]) + 1):
         if learner_fits is not None and not learner_fits(ranks):
             continue

@@ -3,12 +3,14 @@ stages and the shape of a config, the seconds of one step, samples/s and the bot
 
     profile = Profile.load("preflight.json")         # or bench/plan_validation.py's profile on CPU
     p = predict(Shape.from_config(cfg), profile)    # p.samples_per_s, p.bottleneck, p.busy_s
-    best_splits(cfg, profile, gpus=8)               # rollout / reward / learner GPU splits, best first
+    best_splits(shape, cfg, profile, gpus=8)        # rollout / reward / learner GPU splits, best first
 
 Every stage cost is a line, seconds = fixed + per_unit x units: a generate call of c prompts (G completions each)
 on one rollout worker, a score call of c prompts on one reward worker, an optimiser step of B prompts on the
 learner (split over its ranks), a weight publish to n receivers, and the driver's share of a step (Ray's calls
-and transfers) in each mode. On a CPU profile every process shares the machine's `cores`: a phase in which k
+and transfers) in each mode. Episodes of several turns (rollout.max_turns > 1) add, per chunk, a generate and a
+score call for each later turn over the completions still going (`Shape.turns`: expected turns per episode), and
+make the learner's rows longer (`Shape.episode_tokens`). On a CPU profile every process shares the machine's `cores`: a phase in which k
 single-threaded workers run at once takes max(1, k / cores) times longer, and no step is shorter than the CPU
 seconds it needs divided by the cores. A GPU profile has no such term: each pool owns its GPUs.
 """
@@ -125,12 +127,25 @@ class Shape:
     rollout_threads: int = 1  # on CPU: the threads of one worker of each pool (OMP_NUM_THREADS)
     reward_threads: int = 1
     learner_threads: int = 1
+    max_turns: int = 1  # rollout.max_turns
+    turns: float = 1.0  # expected turns per episode, 1 .. max_turns
+    later_turn_tokens: float = 0.0  # the tokens a later turn adds to a row, over a one-turn row's
 
     @classmethod
-    def from_config(cls, cfg) -> Shape:
+    def from_config(cls, cfg, turns: float | None = None, model_shapes: str | None = None) -> Shape:
+        """`turns`: the expected turns per episode; None: rollout.max_turns (every episode takes every turn,
+        the most work). With max_turns > 1 the policy's shapes are read (the token counts of a later turn:
+        cluster/plan/memory.py `estimate_sequence`)."""
+
         def threads(res) -> int:
             return max(1, int(res.num_cpus))
 
+        max_turns = cfg.rollout.max_turns
+        expected = float(max_turns if turns is None else turns)
+        if not 1 <= expected <= max_turns:
+            raise ValueError(
+                f"expected turns per episode {expected:g} is outside 1 .. rollout.max_turns={max_turns}"
+            )
         return cls(
             mode=cfg.grpo.mode,
             batch_size=cfg.grpo.batch_size,
@@ -143,6 +158,9 @@ class Shape:
             rollout_threads=threads(cfg.rollout.resources),
             reward_threads=threads(cfg.reward.resources),
             learner_threads=threads(cfg.learner.resources),
+            max_turns=max_turns,
+            turns=expected,
+            later_turn_tokens=later_turn_tokens(cfg, model_shapes) if max_turns > 1 else 0.0,
         )
 
     @property
@@ -153,6 +171,29 @@ class Shape:
     @property
     def calls(self) -> int:
         return math.ceil(self.batch_size / self.chunk)
+
+    @property
+    def episode_tokens(self) -> float:
+        """The learner's row width over a one-turn row's: its rows are padded to the longest of the batch, taken
+        as an episode of max_turns turns once any episode goes on (an upper bound; exact for max_turns 2)."""
+        return 1.0 + (self.max_turns - 1) * self.later_turn_tokens if self.turns > 1.0 else 1.0
+
+    def episode(self, line: Linear, units: float) -> float:
+        """Seconds of a call of `units` prompts with every later turn: one more call per turn while any
+        episode goes on, over the (turns - 1) x units prompts' completions still going in all."""
+        if self.turns <= 1.0:
+            return line(units)
+        return line(units) + (self.max_turns - 1) * line.fixed + line.per_unit * units * (self.turns - 1.0)
+
+
+def later_turn_tokens(cfg, model_shapes: str | None = None) -> float:
+    """What a later turn adds to a row (its picture, the refine turn's text, one more answer) over a one-turn
+    row's prompt and answer, from the memory plan's token counts of cfg."""
+    from cluster.plan.memory import estimate_sequence
+    from cluster.plan.model_shapes import load_policy_shapes
+
+    seq = estimate_sequence(cfg, load_policy_shapes(cfg.model.policy, model_shapes)[0])
+    return (seq.image_tokens + seq.refine_tokens + seq.completion) / (seq.prompt + seq.completion)
 
 
 @dataclass
@@ -177,8 +218,8 @@ def _slow(workers: float, threads: int, cores: float | None) -> float:
 def predict(shape: Shape, profile: Profile) -> Prediction:
     """Seconds of one step and samples/s of `shape` under `profile` (docs/scaling.md, "Throughput model")."""
     s, cores = shape, profile.cores
-    gen, score = profile.rollout(s.chunk), profile.reward(s.chunk)
-    learn = profile.learner(s.batch_size / s.learner_ranks)
+    gen, score = s.episode(profile.rollout, s.chunk), s.episode(profile.reward, s.chunk)
+    learn = profile.learner(s.batch_size / s.learner_ranks * s.episode_tokens)
     publish = profile.weight_sync(s.rollout_workers)
     busy = {  # the work of one worker of each pool per step (the learner's with its publish)
         "rollout": s.calls * gen / s.rollout_workers,
@@ -186,7 +227,8 @@ def predict(shape: Shape, profile: Profile) -> Prediction:
         "learner": learn + publish,
     }
     overhead = profile.overhead.get(s.mode, Linear(0.0, 0.0))(s.batch_size)
-    # a step's chain: generate (rounds of R calls), score the last round's calls, learn, publish, in turn
+    # a step's chain: generate (rounds of R calls), score the last round's calls, learn, publish, in turn (with
+    # later turns each chunk alternates generate and score: all its turns' scoring is on the chain)
     at_once = min(s.rollout_workers, s.calls)
     rounds = math.ceil(s.calls / s.rollout_workers)
     gen_s = rounds * gen * _slow(at_once, s.rollout_threads, cores)

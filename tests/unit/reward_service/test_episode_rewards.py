@@ -99,6 +99,9 @@ def test_a_later_turn_with_the_previous_scores_segments_only_its_own_answers(wor
     assert (
         newest_only == 1 < every_turn
     )  # GOOD's one box of turn 2; the stop and the garbled answer have none
+    # the episode's reward seconds: the first turn's and this call's (what a step's score_s sums)
+    assert continued.total_s > first[0].total_s > 0
+    assert continued.decode_s >= first[0].decode_s and continued.encode_s >= first[0].encode_s
 
 
 def test_predict_gives_an_episode_its_last_mask_with_every_earlier_turn(worker):

@@ -75,17 +75,19 @@ def test_a_cpu_profile_shares_its_cores():
 
 
 def _lines(shape: Shape, profile: Profile, n: int = 3) -> list[dict]:
-    """Steps as the driver writes them, from what `profile` says they take."""
+    """Steps as the driver writes them, from what `profile` says they take (an episode's calls summed over its
+    turns, as the workers report them)."""
     step = predict(shape, profile).step_s
-    gen, score = profile.rollout(shape.chunk), profile.reward(shape.chunk)
+    gen, score = shape.episode(profile.rollout, shape.chunk), shape.episode(profile.reward, shape.chunk)
     return [
         {
             "generate_s": gen,
             "score_s": score * shape.calls,
-            "learner_s": profile.learner(shape.batch_size / shape.learner_ranks),
+            "learner_s": profile.learner(shape.batch_size / shape.learner_ranks * shape.episode_tokens),
             "weight_sync_s": profile.weight_sync(shape.rollout_workers),
             "step_s": step,
             "groups": shape.batch_size,
+            "episode_turns_mean": shape.turns,
         }
     ] * n
 
@@ -107,6 +109,47 @@ def test_a_profile_fitted_from_steps_predicts_those_steps():
     assert again == fitted
 
 
+def test_episodes_add_a_call_per_later_turn_and_longer_learner_rows():
+    two = replace(_shape("sync"), max_turns=2, turns=1.5, later_turn_tokens=0.8)
+    # a chunk of 4: generate 3 s + a second call (fixed 1 s) over half the completions (0.5 x 4 x 0.5 s);
+    # score 0.6 + 0.2 + 0.1 x 4 x 0.5; the learner's 8 prompts count 1 + (2 - 1) x 0.8 = 1.8 times (its rows
+    # padded to a whole episode's)
+    p = predict(two, GPU)
+    assert p.busy_s["rollout"] == pytest.approx(5.0) and p.busy_s["reward"] == pytest.approx(2 * 1.0)
+    assert p.step_s == pytest.approx(5.0 + 2 * 1.0 + (0.5 + 0.25 * 8 * 1.8) + 0.2 + 0.3)
+    # no episode going on: one-turn work, whatever max_turns allows
+    assert predict(replace(two, turns=1.0), GPU).step_s == pytest.approx(predict(_shape("sync"), GPU).step_s)
+
+
+def test_a_config_of_episodes_reads_its_turns_and_token_counts(tmp_path, capsys):
+    one = load_config(CONFIGS / "qwen3b-1gpu.yaml")
+    two = load_config(CONFIGS / "qwen3b-1gpu.yaml", ["rollout.max_turns=2"])
+    assert (Shape.from_config(one).turns, Shape.from_config(one).later_turn_tokens) == (1.0, 0.0)
+    worst, half = Shape.from_config(two), Shape.from_config(two, turns=1.5)
+    assert worst.turns == 2.0 and half.turns == 1.5 and 0.0 < worst.later_turn_tokens < 2.0
+    assert predict(worst, GPU).samples_per_s < predict(half, GPU).samples_per_s
+    with pytest.raises(ValueError, match=r"outside 1 .. rollout.max_turns=2"):
+        Shape.from_config(two, turns=3)
+    config = ["plan", "--config", str(CONFIGS / "qwen3b-1gpu.yaml"), "rollout.max_turns=2", "--throughput"]
+    assert main([*config, "--profile", _profile_file(tmp_path, None), "--turns-mean", "1.5"]) == 0
+    assert "episodes: 1.5 turns on average of rollout.max_turns=2" in capsys.readouterr().out
+    assert main([*config, "--profile", _profile_file(tmp_path, None), "--turns-mean", "3"]) == 2
+    assert "--turns-mean" in capsys.readouterr().err
+
+
+def test_a_profile_fitted_from_episodes_reads_their_measured_turns():
+    true = Profile(**{**GPU.__dict__, "rollout": Linear(0.0, 0.5), "reward": Linear(0.0, 0.1)})
+    shape = replace(_shape("sync", 4, 1, 1), max_turns=2, later_turn_tokens=0.8)
+    runs = [
+        (replace(shape, batch_size=b), _lines(replace(shape, batch_size=b, turns=t), true))
+        for b, t in ((4, 1.25), (12, 1.75))
+    ]
+    fitted = fit_profile(runs, cores=None)  # the shapes say max_turns 2; the lines say how many were taken
+    for stage in ("rollout", "reward", "learner"):
+        got, want = getattr(fitted, stage), getattr(true, stage)
+        assert (got.fixed, got.per_unit) == pytest.approx((want.fixed, want.per_unit))
+
+
 def test_a_profile_that_is_not_one_is_named_with_the_fix(tmp_path):
     bad = tmp_path / "preflight.json"
     bad.write_text(json.dumps({"passed": True, "profile": {"rollout": {"fixed": 1}}}))
@@ -121,7 +164,7 @@ def test_a_profile_that_is_not_one_is_named_with_the_fix(tmp_path):
 def test_gpu_splits_fit_in_the_gpus_and_memory_and_beat_the_written_split():
     cfg = load_config(CONFIGS / "qwen7b-8gpu.yaml")
     written = predict(Shape.from_config(cfg), GPU)
-    splits = best_splits(cfg, GPU, 8, learner_fits=lambda ranks: ranks >= 2, top=50)
+    splits = best_splits(Shape.from_config(cfg), cfg, GPU, 8, learner_fits=lambda ranks: ranks >= 2, top=50)
     assert splits and all(s.gpus <= 8 and s.learner_ranks >= 2 for s in splits)
     rates = [s.prediction.samples_per_s for s in splits]
     assert rates == sorted(rates, reverse=True)
