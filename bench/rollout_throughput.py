@@ -13,7 +13,10 @@ included, plus one sampled token), and the timed full call. Tokens are every gen
 included); completions stop at <|im_end|> at random (random weights), so both engines generate about, not
 exactly, the same number of tokens. Besides wall clock the JSON has tokens per second of this process's CPU time
 (`*_tokens_per_cpu_s`): on a shared machine the wall clock mostly measures the other jobs. vLLM runs in-process
-(VLLM_ENABLE_V1_MULTIPROCESSING=0), eager, with the project's plugin (actors/vllm_plugin.py).
+(VLLM_ENABLE_V1_MULTIPROCESSING=0), eager, with the project's plugin (actors/vllm_plugin.py). After each round
+every engine loads the policy's weights again as a new version (`*_reload_cpu_s`: what a weight update costs the
+rollout worker, once per training step; vLLM's in-place layer-wise reload vs the transformers engine's copy).
+--compiled adds a third engine, vLLM compiled (enforce_eager=False: torch.compile, as on a GPU), with its start time.
 
 GPU (`--gpu`, unverified on the CPU machines): the transformers engine with a random Qwen2.5-VL-3B-shaped model
 (bf16, built in memory, the tiny byte-level tokenizer: ids the tokenizer lacks are suppressed) on 768x768 images,
@@ -91,13 +94,15 @@ def _images(n: int, size: int, seed: int):
     return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
 
 
-def _cpu_rounds(engines: dict, args) -> tuple[dict[str, list[dict]], dict[str, list[float]]]:
-    """Per round, fresh images; per engine a 1-token call (time to first token of the batch), then the timed
-    full call; engines interleaved so load from other processes spreads over both."""
+def _cpu_rounds(engines: dict, args, weights: list) -> tuple[dict, dict, dict]:
+    """Per round, fresh images; per engine a 1-token call (time to first token of the batch), the timed full
+    call, then a reload of `weights` as the next version (CPU s); engines interleaved so load from other
+    processes spreads over all of them."""
     import torch
 
     runs: dict[str, list[dict]] = {name: [] for name in engines}
     ttft: dict[str, list[float]] = {name: [] for name in engines}
+    reload: dict[str, list[float]] = {name: [] for name in engines}
     for k in range(args.rounds):
         images = _images(args.requests, args.image_size, seed=100 + k)
         first = _requests(args.requests, 1, seed0=5000 + 100 * k)
@@ -106,7 +111,34 @@ def _cpu_rounds(engines: dict, args) -> tuple[dict[str, list[dict]], dict[str, l
             torch.set_num_threads(args.threads)
             ttft[name].append(_timed(engine, first, images)["wall_s"])
             runs[name].append(_timed(engine, requests, images))
-    return runs, ttft
+            cpu0 = time.process_time()
+            engine.load_weights(weights, k + 1)
+            reload[name].append(time.process_time() - cpu0)
+    return runs, ttft, reload
+
+
+def _weights(folder: Path) -> list:
+    """(name, tensor) of every tensor in the policy folder: what a weight update carries."""
+    from safetensors.torch import load_file
+
+    return [item for f in sorted(folder.glob("*.safetensors")) for item in load_file(str(f)).items()]
+
+
+def _vllm(folder: Path, args, enforce_eager: bool | None = None):
+    from actors.vllm_engine import VLLMEngine
+    from protos.answer import COMPACT
+
+    t0 = time.perf_counter()
+    engine = VLLMEngine(
+        folder,
+        max_model_len=2048,
+        seed=0,
+        prompts=COMPACT,
+        image_size=args.image_size,
+        enable_prefix_caching=True,
+        enforce_eager=enforce_eager,
+    )
+    return engine, time.perf_counter() - t0
 
 
 def bench_cpu(args) -> dict:
@@ -120,25 +152,25 @@ def bench_cpu(args) -> dict:
     folder = build_tiny_policy(
         Path(tempfile.mkdtemp(prefix="segr1-bench-")) / "policy", seed=0, preset="demo"
     )
-    hf = HFEngine(folder, device="cpu", prompts=COMPACT, image_size=args.image_size)
-    t0 = time.perf_counter()
-    from actors.vllm_engine import VLLMEngine
-
-    vllm = VLLMEngine(
-        folder,
-        max_model_len=2048,
-        seed=0,
-        prompts=COMPACT,
-        image_size=args.image_size,
-        enable_prefix_caching=True,
-    )
-    vllm_init_s = time.perf_counter() - t0
+    engines = {"hf": HFEngine(folder, device="cpu", prompts=COMPACT, image_size=args.image_size)}
+    engines["vllm"], vllm_init_s = _vllm(folder, args)
+    extra = {}
+    if args.compiled:
+        engines["vllm_compiled"], extra["vllm_compiled_init_s"] = _vllm(folder, args, enforce_eager=False)
     warm = _requests(1, 8)
-    for engine in (hf, vllm):
+    for engine in engines.values():
         engine.generate_batch(warm, _images(1, args.image_size, seed=99))
-    runs, ttft = _cpu_rounds({"hf": hf, "vllm": vllm}, args)
-    vllm.close()
+    runs, ttft, reload = _cpu_rounds(engines, args, _weights(folder))
+    for name in ("vllm", "vllm_compiled"):
+        if name in engines:
+            engines[name].close()
     hf_s, vllm_s = _summary(runs["hf"]), _summary(runs["vllm"])
+    extra |= {f"{name}_reload_cpu_s": round(sum(v) / len(v), 4) for name, v in reload.items()}
+    if args.compiled:
+        extra |= {
+            "vllm_compiled_tokens_per_cpu_s": _summary(runs["vllm_compiled"])["tokens_per_cpu_s"],
+            "vllm_compiled": _summary(runs["vllm_compiled"]),
+        }
     return {
         "device": "cpu",
         "model": "tiny Qwen2.5-VL (demo preset: vision tower + hidden 128 LM, merge 4), random weights, float32",
@@ -164,6 +196,7 @@ def bench_cpu(args) -> dict:
         "vllm_init_s": round(vllm_init_s, 2),
         "hf": hf_s,
         "vllm": vllm_s,
+        **{k: round(v, 2) if k.endswith("_init_s") else v for k, v in extra.items()},
     }
 
 
@@ -229,6 +262,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--image-size", type=int, default=112, help="CPU run: NxN images (default 112: 4 image tokens)"
     )
+    p.add_argument("--compiled", action="store_true", help="also vLLM compiled (enforce_eager=False)")
     p.add_argument("--out", required=True, help="JSON file to write")
     args = p.parse_args(argv)
     args.requests = args.requests or (8 if args.quick else 16)
@@ -262,7 +296,8 @@ def main(argv=None) -> int:
     print(
         f"cpu: hf {c['hf_tokens_per_s']} tok/s ({c['hf_tokens_per_cpu_s']} per cpu-s), "
         f"vllm {c['vllm_tokens_per_s']} tok/s ({c['vllm_tokens_per_cpu_s']} per cpu-s); "
-        f"time to first token hf {c['hf_ttft_s']} s, vllm {c['vllm_ttft_s']} s; "
+        f"time to first token hf {c['hf_ttft_s']} s, vllm {c['vllm_ttft_s']} s; reload CPU s hf "
+        f"{c['hf_reload_cpu_s']}, vllm {c['vllm_reload_cpu_s']}; "
         f"batch {c['batch']['requests']}x{GROUP_SIZE}, {c['batch']['max_tokens']} tokens -> {out}"
     )
     if "gpu" in result:
