@@ -225,8 +225,9 @@ def rollout_tokens_per_s(steps: list[dict]) -> float:
 
 
 def masks_per_s(steps: list[dict], group_size: int) -> float:
-    """Masks scored (one per completion) over the seconds the reward workers spent scoring them."""
-    masks = sum(s["groups"] * group_size for s in steps)
+    """Masks scored (one per completion and turn: score_s holds every turn's scoring) over the seconds the reward
+    workers spent scoring them."""
+    masks = sum(s["groups"] * group_size * s.get("episode_turns_mean", 1.0) for s in steps)
     seconds = sum(s["score_s"] for s in steps)
     return masks / seconds if seconds > 0 else 0.0
 

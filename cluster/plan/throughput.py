@@ -10,9 +10,10 @@ on one rollout worker, a score call of c prompts on one reward worker, an optimi
 learner (split over its ranks), a weight publish to n receivers, and the driver's share of a step (Ray's calls
 and transfers) in each mode. Episodes of several turns (rollout.max_turns > 1) add, per chunk, a generate and a
 score call for each later turn over the completions still going (`Shape.turns`: expected turns per episode), and
-make the learner's rows longer (`Shape.episode_tokens`). On a CPU profile every process shares the machine's `cores`: a phase in which k
-single-threaded workers run at once takes max(1, k / cores) times longer, and no step is shorter than the CPU
-seconds it needs divided by the cores. A GPU profile has no such term: each pool owns its GPUs.
+make the learner's rows longer (`Shape.episode_tokens`). On a CPU profile every process shares the machine's
+`cores`: a phase in which k single-threaded workers run at once takes max(1, k / cores) times longer, and no step
+is shorter than the CPU seconds it needs divided by the cores. A GPU profile has no such term: each pool owns its
+GPUs.
 """
 
 from __future__ import annotations

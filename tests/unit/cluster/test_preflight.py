@@ -13,7 +13,13 @@ import pytest
 from ray.exceptions import ActorDiedError, RayTaskError
 
 from cluster.commands.common import CommandError
-from cluster.commands.preflight import build_report, format_report, preflight_overrides, weight_sync_figures
+from cluster.commands.preflight import (
+    build_report,
+    format_report,
+    masks_per_s,
+    preflight_overrides,
+    weight_sync_figures,
+)
 from cluster.config import load_config
 from cluster.plan.report import build_plan
 from cluster.preflight import describe, model_file_problems
@@ -84,6 +90,13 @@ def test_report_puts_each_actor_beside_its_pools_plan_and_computes_the_rates(tin
     profile = report["profile"]
     assert profile["rollout"] == {"fixed": 0.0, "per_unit": 0.25} and profile["learner"]["per_unit"] == 0.5
     assert profile["cores"] == os.cpu_count()  # a CPU config: its processes share this machine's cores
+
+
+def test_masks_per_s_counts_every_turn_of_an_episode():
+    one = {"groups": 4, "score_s": 2.0}
+    assert masks_per_s([one, one], group_size=8) == 16.0  # 64 masks in 4 s
+    # two-turn episodes: score_s holds both turns' scoring, and 1.5 turns each scored 1.5 masks a completion
+    assert masks_per_s([{**one, "episode_turns_mean": 1.5}], group_size=8) == 24.0
 
 
 def test_weight_sync_figures_per_transport():
