@@ -204,12 +204,11 @@ def run_all(args, runs: list[tuple[tuple, int]]) -> dict[tuple, dict]:
 
 def _row(run: tuple, shape, profile, lines: list[dict], done: dict) -> dict:
     """A run's prediction (episodes: at the turns they measured, and at max_turns) against its measurement."""
-    from dataclasses import replace
 
     from cluster.plan.throughput import predict
 
     turns = sum(x.get("episode_turns_mean", 1.0) for x in lines) / len(lines)
-    pred, meas = predict(replace(shape, turns=min(shape.max_turns, turns)), profile), measured(shape, lines)
+    pred, meas = predict(shape.at_measured_turns(turns), profile), measured(shape, lines)
     out = {
         "mode": run[0],
         "batch_size": run[1],

@@ -156,14 +156,15 @@ def bench_cpu(args) -> dict:
     engines["vllm"], vllm_init_s = _vllm(folder, args)
     extra = {}
     if args.compiled:
-        engines["vllm_compiled"], extra["vllm_compiled_init_s"] = _vllm(folder, args, enforce_eager=False)
+        engines["vllm_compiled"], init_s = _vllm(folder, args, enforce_eager=False)
+        extra["vllm_compiled_init_s"] = round(init_s, 2)
     warm = _requests(1, 8)
     for engine in engines.values():
         engine.generate_batch(warm, _images(1, args.image_size, seed=99))
     runs, ttft, reload = _cpu_rounds(engines, args, _weights(folder))
-    for name in ("vllm", "vllm_compiled"):
-        if name in engines:
-            engines[name].close()
+    for name, engine in engines.items():
+        if name != "hf":  # the vLLM engines
+            engine.close()
     hf_s, vllm_s = _summary(runs["hf"]), _summary(runs["vllm"])
     extra |= {f"{name}_reload_cpu_s": round(sum(v) / len(v), 4) for name, v in reload.items()}
     if args.compiled:
@@ -196,7 +197,7 @@ def bench_cpu(args) -> dict:
         "vllm_init_s": round(vllm_init_s, 2),
         "hf": hf_s,
         "vllm": vllm_s,
-        **{k: round(v, 2) if k.endswith("_init_s") else v for k, v in extra.items()},
+        **extra,
     }
 
 

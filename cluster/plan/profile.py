@@ -57,8 +57,4 @@ def fit_profile(runs: list[Run], cores: float | None, source: str = "") -> Profi
 
 def _as_measured(shape: Shape, line: dict) -> Shape:
     """The shape with the turns per episode the step measured (episodes of several turns)."""
-    if shape.max_turns <= 1:
-        return shape
-    return replace(
-        shape, turns=min(shape.max_turns, max(1.0, float(line.get("episode_turns_mean", shape.turns))))
-    )
+    return shape.at_measured_turns(float(line.get("episode_turns_mean", shape.turns)))

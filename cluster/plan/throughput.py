@@ -179,6 +179,12 @@ class Shape:
         as an episode of max_turns turns once any episode goes on (an upper bound; exact for max_turns 2)."""
         return 1.0 + (self.max_turns - 1) * self.later_turn_tokens if self.turns > 1.0 else 1.0
 
+    def at_measured_turns(self, turns: float) -> Shape:
+        """This shape at the turns per episode a run measured (its `episode_turns_mean`), within 1..max_turns."""
+        if self.max_turns <= 1:
+            return self
+        return replace(self, turns=min(float(self.max_turns), max(1.0, turns)))
+
     def episode(self, line: Linear, units: float) -> float:
         """Seconds of a call of `units` prompts with every later turn: one more call per turn while any
         episode goes on, over the (turns - 1) x units prompts' completions still going in all."""
